@@ -1,0 +1,1402 @@
+"""mmoref: a self-hostable MMOLove Referral Kit ingest server, in one file.
+
+Run it:        python mmoref_server.py          (serves http://127.0.0.1:5000, ./referrals.db)
+Commands:      python mmoref_server.py --help
+Embed it:      app.register_blueprint(mmoref_server.referrals, url_prefix="/mmoref")
+The contract:  SPEC.md (summarised in README.md). Sections below follow the data:
+configuration, signing, tokens, storage, state machine, ingest pipeline, share link,
+dashboard, app factory, CLI, kit-side sender, main.
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime
+import hashlib
+import hmac
+import json
+import logging
+import math
+import os
+import re
+import secrets
+import sqlite3
+import sys
+import threading
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import click
+from flask import Blueprint, Flask, current_app, redirect, request
+from itsdangerous import BadSignature, URLSafeTimedSerializer
+from itsdangerous.timed import TimestampSigner
+from werkzeug.exceptions import RequestEntityTooLarge
+from werkzeug.middleware.proxy_fix import ProxyFix
+
+__version__ = "1.0.0"
+log = logging.getLogger("mmoref")
+
+
+# Configuration ###############################################################
+# Every setting can come from an MMOREF_* environment variable; CLI flags win.
+
+SETTINGS: dict[str, tuple[Callable[[str], Any], Any, str]] = {
+    # name: (parser, default, what it is)
+    "MMOREF_DB": (str, "referrals.db", "SQLite database file"),
+    "MMOREF_HOST": (str, "127.0.0.1", "address `serve` binds to"),
+    "MMOREF_PORT": (int, 5000, "port `serve` listens on"),
+    "MMOREF_REPLAY_WINDOW": (int, 300, "seconds a signature timestamp may be off, past or future"),
+    "MMOREF_TOKEN_TTL": (int, 90 * 24 * 3600, "seconds an mmref token (and a clicked referral) lives"),
+    "MMOREF_SYNCHRONOUS": (str, "FULL", "SQLite synchronous mode: FULL (durable) or NORMAL"),
+    "MMOREF_TRUST_PROXY": (lambda v: v.strip().lower() in ("1", "true", "yes", "on"), False,
+                           "trust X-Forwarded-* headers from a TLS-terminating proxy"),
+    "MMOREF_ADMIN_PASSWORD": (str, None, "dashboard password (else generated on first run)"),
+    "MMOREF_THREADS": (int, 8, "waitress worker threads"),
+}
+MAX_BODY_BYTES = 64 * 1024          # larger bodies get 413
+MAX_FIELD_CHARS = 256               # string fields, after trimming
+REJECTED_KEPT_PER_SERVER = 200      # rejected-requests list length (per server, and installation-wide)
+DEFAULT_GRACE_SECONDS = 24 * 3600   # how long a rotated-out secret stays valid
+EVENTS = ("registered", "qualified", "reversed")
+IDENTITY_FIELDS = ("username", "account", "character", "email")
+NAME_PATTERN = re.compile(r"[A-Za-z0-9_.-]{1,64}")  # referrer codes, server ids, game slugs
+LOCAL_HOSTS = ("localhost", "127.0.0.1", "::1")  # as urlsplit().hostname gives them
+
+
+class ConfigError(Exception):
+    """A setting or argument the owner must fix; the message says how."""
+
+
+def load_settings(environ: Mapping[str, str] = os.environ) -> dict[str, Any]:
+    """Settings from MMOREF_* environment variables, defaults for the rest."""
+    settings = {}
+    for name, (parse, default, _) in SETTINGS.items():
+        raw = environ.get(name)
+        if raw is None or raw == "":
+            settings[name] = default
+            continue
+        try:
+            settings[name] = parse(raw)
+        except ValueError:
+            raise ConfigError(f"{name}={raw!r} is not valid: expected {parse.__name__}") from None
+    if settings["MMOREF_SYNCHRONOUS"].upper() not in ("FULL", "NORMAL", "EXTRA"):
+        raise ConfigError("MMOREF_SYNCHRONOUS must be FULL, NORMAL or EXTRA")
+    return settings
+
+
+def now() -> int:
+    """The server clock in Unix seconds (tests replace it)."""
+    return int(time.time())
+
+
+def iso_utc(unix_seconds: int | None) -> str | None:
+    """2026-11-23T12:00:00Z, or None."""
+    if unix_seconds is None:
+        return None
+    moment = datetime.datetime.fromtimestamp(unix_seconds, datetime.timezone.utc)
+    return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def check_registration_url(url: str) -> str:
+    """The URL, trimmed, if it is https (or http on a loopback host); else ConfigError."""
+    url = url.strip()
+    parts = urllib.parse.urlsplit(url)
+    local_http = parts.scheme == "http" and parts.hostname in LOCAL_HOSTS
+    if not parts.hostname or not (parts.scheme == "https" or local_http):
+        raise ConfigError(
+            f"registration URL {url!r} must start with https:// "
+            "(http:// is allowed only for localhost, 127.0.0.1 and [::1])")
+    return url
+
+
+def check_name(kind: str, value: str) -> str:
+    """A server id, game or referrer code: 1-64 of A-Z a-z 0-9 _ . -"""
+    if not NAME_PATTERN.fullmatch(value):
+        raise ConfigError(f"{kind} {value!r} must be 1-64 characters of A-Z, a-z, 0-9, _ . -")
+    return value
+
+
+# Signing (SPEC 1.1, 1.2) #####################################################
+# Pure functions over bytes: no Flask in here, so the kit side and tests share them.
+
+SIGNATURE_HEADER = "X-MMOLove-Signature"
+_MAC_PATTERN = re.compile(r"sha256=([0-9a-fA-F]{64})")
+_DIGITS = re.compile(r"[0-9]+")
+
+
+class SignatureError(Exception):
+    """A signature header that cannot be accepted.
+
+    `reason` is `missing` or `malformed` (both 400), or one of the 401 reasons
+    `stale_timestamp`, `unknown_kid`, `mac_mismatch`.
+    """
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class ParsedSignature:
+    t: str                  # the timestamp text exactly as sent: it is what was signed
+    macs: tuple[str, ...]   # every v1 value, lower-case hex
+    kid: str | None
+
+    @property
+    def timestamp(self) -> int:
+        digits = self.t.lstrip("0")
+        # A timestamp longer than 18 digits is centuries away: stale, not a parse problem.
+        return int(digits) if len(digits) <= 18 else 10**18
+
+
+def sign(secret: str, t: int | str, raw_body: bytes) -> str:
+    """HMAC-SHA256 of "<t>.<raw_body>" under `secret`, as lower-case hex."""
+    message = str(t).encode("ascii") + b"." + raw_body
+    return hmac.new(secret.encode("utf-8"), message, hashlib.sha256).hexdigest()
+
+
+def signature_header(secret: str, raw_body: bytes, t: int | None = None, kid: str | None = None) -> str:
+    """A valid X-MMOLove-Signature value for `raw_body` (for senders and tests)."""
+    t = now() if t is None else t
+    header = f"t={t},v1=sha256={sign(secret, t, raw_body)}"
+    return f"{header},kid={kid}" if kid else header
+
+
+def parse_signature_header(header: str | None) -> ParsedSignature:
+    """Parse `t=<unix>,v1=sha256=<hex>[,kid=<id>]`; raise SignatureError (400 reasons)."""
+    if header is None or not header.strip():
+        raise SignatureError("missing", f"send the {SIGNATURE_HEADER} header")
+    t_values, macs, kids = [], [], []
+    for part in header.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        if "=" not in part:
+            raise SignatureError("malformed", f"every part must be key=value; {part[:40]!r} is not")
+        key, value = (piece.strip() for piece in part.split("=", 1))
+        if key == "t":
+            t_values.append(value)
+        elif key == "v1":
+            match = _MAC_PATTERN.fullmatch(value)
+            if not match:
+                raise SignatureError("malformed", "v1 must be sha256= followed by 64 hex digits")
+            macs.append(match.group(1).lower())
+        elif key == "kid":
+            kids.append(value)
+    if len(t_values) != 1:
+        raise SignatureError("malformed", "the header needs exactly one t=<unix seconds>")
+    t = t_values[0]
+    if not _DIGITS.fullmatch(t) or not t.strip("0"):
+        raise SignatureError("malformed", "t must be a positive integer of Unix seconds")
+    if not macs:
+        raise SignatureError("malformed", "the header needs v1=sha256=<64 hex digits>")
+    if len(kids) > 1 or (kids and not kids[0]):
+        raise SignatureError("malformed", "kid may appear once, with a value")
+    return ParsedSignature(t=t, macs=tuple(macs), kid=kids[0] if kids else None)
+
+
+def verify(header: ParsedSignature | str, raw_body: bytes, live_secrets: Sequence[tuple[str, str]],
+           at: int, window: int) -> str:
+    """Return the kid of the live secret that signed `raw_body`; raise SignatureError.
+
+    `live_secrets` is [(kid, secret), ...], current first. Checks, in SPEC order:
+    the replay window (both directions), the kid, then the MAC in constant time.
+    """
+    parsed = header if isinstance(header, ParsedSignature) else parse_signature_header(header)
+    if abs(at - parsed.timestamp) > window:
+        raise SignatureError("stale_timestamp", f"t is more than {window} s from the server clock")
+    candidates = [(kid, secret) for kid, secret in live_secrets if parsed.kid in (None, kid)]
+    if not candidates:
+        raise SignatureError("unknown_kid", "kid names no live secret of this server")
+    for kid, secret in candidates:
+        expected = sign(secret, parsed.t, raw_body)
+        if any(hmac.compare_digest(expected, mac) for mac in parsed.macs):
+            return kid
+    raise SignatureError("mac_mismatch", "no v1 matches the body")
+
+
+# Tokens (SPEC 3) #############################################################
+# An mmref token is itsdangerous-signed [server_id, referral_id] plus its issue time,
+# under a per-installation key: forgeries are caught without a database read.
+
+
+class _IssuedAtSigner(TimestampSigner):
+    """A TimestampSigner that can stamp a given issue time (the demo mints old tokens)."""
+
+    def __init__(self, *args: Any, issued_at: int | None = None, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.issued_at = issued_at
+
+    def get_timestamp(self) -> int:
+        return now() if self.issued_at is None else self.issued_at
+
+
+def _token_serializer(key: str, issued_at: int | None = None) -> URLSafeTimedSerializer:
+    return URLSafeTimedSerializer(key, salt="mmref-token", signer=_IssuedAtSigner,
+                                  signer_kwargs={"issued_at": issued_at})
+
+
+def mint_token(key: str, server_id: str, referral_id: str, issued_at: int) -> str:
+    """A URL-safe token (at most about 170 characters) naming the referral."""
+    return _token_serializer(key, issued_at).dumps([server_id, referral_id])
+
+
+@dataclass(frozen=True)
+class TokenClaims:
+    server_id: str
+    referral_id: str
+    issued_at: int
+
+
+def read_token(key: str, token: str) -> TokenClaims | None:
+    """The claims of a genuine token, or None for anything forged or garbled."""
+    try:
+        payload, issued = _token_serializer(key).loads(token, return_timestamp=True)
+    except (BadSignature, ValueError, TypeError):
+        return None
+    if not (isinstance(payload, list) and len(payload) == 2 and all(isinstance(p, str) for p in payload)):
+        return None
+    return TokenClaims(payload[0], payload[1], int(issued.timestamp()))
+
+
+def mask(value: str | None, keep_start: int = 4, keep_end: int = 0) -> str:
+    """A PII-light view: 'player-7842' -> 'pl…42' style, never the whole value."""
+    if not value:
+        return ""
+    if len(value) <= keep_start + keep_end + 2:
+        return value[:1] + "…"
+    return value[:keep_start] + "…" + (value[-keep_end:] if keep_end else "")
+
+
+# Storage #####################################################################
+# Standard-library sqlite3, WAL, one connection per thread (and per process, for
+# forking servers). Writers use BEGIN IMMEDIATE, so the UNIQUE constraints and the
+# read-then-write checks hold across threads and worker processes.
+
+MIGRATIONS: list[list[str]] = [
+    [  # v1: servers, secrets, referrals, anchors, delivery log, rejected requests
+        "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
+        """CREATE TABLE servers (
+            server_id TEXT PRIMARY KEY, game TEXT NOT NULL, name TEXT NOT NULL DEFAULT '',
+            registration_url TEXT, identity_field TEXT NOT NULL DEFAULT 'username',
+            referrals_enabled INTEGER NOT NULL DEFAULT 1, created_at INTEGER NOT NULL)""",
+        # expires_at NULL: the current secret; otherwise valid until then (<= now: revoked)
+        """CREATE TABLE secrets (
+            kid TEXT PRIMARY KEY, server_id TEXT NOT NULL, secret TEXT NOT NULL,
+            created_at INTEGER NOT NULL, expires_at INTEGER)""",
+        "CREATE INDEX secrets_by_server ON secrets (server_id, created_at)",
+        """CREATE TABLE referrals (
+            referral_id TEXT PRIMARY KEY, server_id TEXT NOT NULL, referrer_code TEXT NOT NULL,
+            state TEXT NOT NULL, referee_identity TEXT, issued_at INTEGER NOT NULL,
+            updated_at INTEGER NOT NULL, ip_hash TEXT, user_agent TEXT)""",
+        "CREATE INDEX referrals_by_server ON referrals (server_id, issued_at)",
+        """CREATE TABLE anchors (
+            server_id TEXT NOT NULL, referee_identity TEXT NOT NULL, referral_id TEXT NOT NULL,
+            created_at INTEGER NOT NULL, PRIMARY KEY (server_id, referee_identity)) WITHOUT ROWID""",
+        # token_referral_id is the referral the request's token names: one token = one
+        # referral, so (token_referral_id, event, server_event_id) is the idempotency key.
+        """CREATE TABLE delivery_log (
+            id INTEGER PRIMARY KEY, server_id TEXT NOT NULL, referral_id TEXT NOT NULL,
+            token_referral_id TEXT, event TEXT NOT NULL, server_event_id TEXT,
+            outcome TEXT NOT NULL, received_at INTEGER NOT NULL, payload TEXT,
+            UNIQUE (token_referral_id, event, server_event_id))""",
+        "CREATE INDEX delivery_log_by_server ON delivery_log (server_id, id)",
+        """CREATE TABLE rejected_requests (
+            id INTEGER PRIMARY KEY, server_id TEXT, status INTEGER NOT NULL, error TEXT NOT NULL,
+            reason TEXT, hint TEXT, diagnosis TEXT, snippet TEXT, received_at INTEGER NOT NULL)""",
+        "CREATE INDEX rejected_by_server ON rejected_requests (server_id, id)",
+    ],
+    [  # v2: counters kept in the same transaction as each change, for analytics
+        """CREATE TABLE daily_counts (
+            server_id TEXT NOT NULL, day TEXT NOT NULL, clicked INTEGER NOT NULL DEFAULT 0,
+            registered INTEGER NOT NULL DEFAULT 0, qualified INTEGER NOT NULL DEFAULT 0,
+            reversed INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (server_id, day)) WITHOUT ROWID""",
+        """CREATE TABLE referrer_counts (
+            server_id TEXT NOT NULL, referrer_code TEXT NOT NULL, clicked INTEGER NOT NULL DEFAULT 0,
+            registered INTEGER NOT NULL DEFAULT 0, qualified INTEGER NOT NULL DEFAULT 0,
+            reversed INTEGER NOT NULL DEFAULT 0,
+            PRIMARY KEY (server_id, referrer_code)) WITHOUT ROWID""",
+        # backfill from what v1 recorded
+        """INSERT INTO daily_counts (server_id, day, clicked)
+            SELECT server_id, date(issued_at, 'unixepoch'), count(*) FROM referrals GROUP BY 1, 2""",
+        """INSERT INTO daily_counts (server_id, day, registered, qualified, reversed)
+            SELECT server_id, date(received_at, 'unixepoch'), sum(event = 'registered'),
+                   sum(event = 'qualified'), sum(event = 'reversed')
+            FROM delivery_log WHERE outcome IN ('advanced', 'owner_action') GROUP BY 1, 2
+            ON CONFLICT (server_id, day) DO UPDATE SET registered = excluded.registered,
+                qualified = excluded.qualified, reversed = excluded.reversed""",
+        """INSERT INTO referrer_counts (server_id, referrer_code, clicked, registered, qualified, reversed)
+            SELECT server_id, referrer_code, count(*),
+                   sum(state IN ('registered', 'qualified', 'reversed')),
+                   sum(state = 'qualified'), sum(state = 'reversed')
+            FROM referrals GROUP BY 1, 2""",
+    ],
+]
+SCHEMA_VERSION = len(MIGRATIONS)
+COUNTED = ("clicked", "registered", "qualified", "reversed")
+
+
+class StoreError(Exception):
+    """The database cannot be used as it is; the message says why."""
+
+
+def _create_private_file(path: str) -> None:
+    """Create the database file owner-only (0600) before SQLite touches it."""
+    if path == ":memory:" or os.path.exists(path):
+        return
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        raise StoreError(f"cannot create {path}: folder {directory} does not exist")
+    os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
+
+
+class Store:
+    """The SQLite store: schema, connections and every read and write of the server."""
+
+    def __init__(self, path: str, synchronous: str = "FULL"):
+        self.path = path
+        self.synchronous = synchronous.upper()
+        self._local = threading.local()
+        self._pid = os.getpid()
+        self._keys: dict[str, str] = {}
+        _create_private_file(path)
+        self._migrate()
+
+    # connections and transactions
+
+    def connect(self) -> sqlite3.Connection:
+        """This thread's connection (a forked worker opens its own)."""
+        if os.getpid() != self._pid:
+            self._local, self._pid = threading.local(), os.getpid()
+        db = getattr(self._local, "db", None)
+        if db is None:
+            try:
+                db = sqlite3.connect(self.path, isolation_level=None, timeout=30)
+                db.row_factory = sqlite3.Row
+                db.execute("PRAGMA journal_mode = WAL")
+                db.execute(f"PRAGMA synchronous = {self.synchronous}")
+            except sqlite3.DatabaseError as exc:
+                raise StoreError(f"{self.path} is not a usable SQLite database ({exc})") from None
+            self._local.db = db
+        return db
+
+    def close(self) -> None:
+        """Close this thread's connection."""
+        db = getattr(self._local, "db", None)
+        if db is not None:
+            db.close()
+            self._local.db = None
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """BEGIN IMMEDIATE ... COMMIT, rolled back on any exception."""
+        db = self.connect()
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            yield db
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
+
+    def _migrate(self) -> None:
+        with self.transaction() as db:
+            version = db.execute("PRAGMA user_version").fetchone()[0]
+            if version > SCHEMA_VERSION:
+                raise StoreError(
+                    f"{self.path} was written by a newer mmoref (schema v{version}; this one "
+                    f"knows up to v{SCHEMA_VERSION}): upgrade mmoref_server.py")
+            for number in range(version, SCHEMA_VERSION):
+                for statement in MIGRATIONS[number]:
+                    db.execute(statement)
+            db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+    def installation_key(self, name: str) -> str:
+        """A random per-installation value (token key, session key, IP salt), made once."""
+        if name not in self._keys:
+            with self.transaction() as db:
+                db.execute("INSERT OR IGNORE INTO meta (key, value) VALUES (?, ?)",
+                           (name, secrets.token_urlsafe(32)))
+                self._keys[name] = db.execute("SELECT value FROM meta WHERE key = ?", (name,)).fetchone()[0]
+        return self._keys[name]
+
+    @property
+    def token_key(self) -> str:
+        return self.installation_key("token_key")
+
+    # servers and secrets
+
+    def server(self, server_id: str) -> sqlite3.Row | None:
+        return self.connect().execute("SELECT * FROM servers WHERE server_id = ?", (server_id,)).fetchone()
+
+    def servers(self) -> list[sqlite3.Row]:
+        return self.connect().execute("SELECT * FROM servers ORDER BY game, server_id").fetchall()
+
+    def add_server(self, server_id: str, game: str, name: str = "", registration_url: str | None = None,
+                   identity_field: str = "username") -> tuple[str, str]:
+        """Create a server with referrals enabled; return its first (secret, kid)."""
+        check_name("server id", server_id)
+        check_name("game", game)
+        if registration_url:
+            registration_url = check_registration_url(registration_url)
+        if identity_field not in IDENTITY_FIELDS:
+            raise ConfigError(f"identity field must be one of {', '.join(IDENTITY_FIELDS)}")
+        with self.transaction() as db:
+            if db.execute("SELECT 1 FROM servers WHERE server_id = ?", (server_id,)).fetchone():
+                raise ConfigError(f"server {server_id!r} already exists")
+            db.execute("INSERT INTO servers (server_id, game, name, registration_url, identity_field,"
+                       " referrals_enabled, created_at) VALUES (?, ?, ?, ?, ?, 1, ?)",
+                       (server_id, game, name, registration_url or None, identity_field, now()))
+            return self._new_secret(db, server_id, grace=0)
+
+    def update_server(self, server_id: str, **changes: Any) -> None:
+        """Set registration_url, identity_field, name or referrals_enabled."""
+        allowed = {"registration_url", "identity_field", "name", "referrals_enabled"}
+        if not changes or not set(changes) <= allowed:
+            raise ValueError(f"can only change {sorted(allowed)}")
+        assignments = ", ".join(f"{column} = ?" for column in changes)
+        with self.transaction() as db:
+            db.execute(f"UPDATE servers SET {assignments} WHERE server_id = ?", (*changes.values(), server_id))
+
+    def rotate_secret(self, server_id: str, grace: int = DEFAULT_GRACE_SECONDS) -> tuple[str, str]:
+        """A new current secret; the old one stays valid `grace` seconds (0 = revoked now)."""
+        if grace < 0:
+            raise ConfigError("grace must be 0 (revoke now) or a positive number of seconds")
+        with self.transaction() as db:
+            if not db.execute("SELECT 1 FROM servers WHERE server_id = ?", (server_id,)).fetchone():
+                raise ConfigError(f"unknown server {server_id!r}")
+            return self._new_secret(db, server_id, grace)
+
+    @staticmethod
+    def _new_secret(db: sqlite3.Connection, server_id: str, grace: int) -> tuple[str, str]:
+        at = now()
+        # at most two live secrets: one still in its grace period is revoked now
+        db.execute("UPDATE secrets SET expires_at = ? WHERE server_id = ? AND expires_at > ?",
+                   (at, server_id, at))
+        db.execute("UPDATE secrets SET expires_at = ? WHERE server_id = ? AND expires_at IS NULL",
+                   (at + grace, server_id))
+        secret, kid = "mmsk_" + secrets.token_urlsafe(32), "k_" + secrets.token_hex(4)
+        db.execute("INSERT INTO secrets (kid, server_id, secret, created_at) VALUES (?, ?, ?, ?)",
+                   (kid, server_id, secret, at))
+        return secret, kid
+
+    def secrets_of(self, server_id: str, at: int) -> tuple[list[tuple[str, str]], list[str]]:
+        """([(kid, secret), ...] live, current first; [secret, ...] revoked, newest first)."""
+        rows = self.connect().execute(
+            "SELECT kid, secret, expires_at FROM secrets WHERE server_id = ? ORDER BY created_at DESC, rowid DESC",
+            (server_id,)).fetchall()
+        live = [(r["kid"], r["secret"]) for r in rows if r["expires_at"] is None or r["expires_at"] > at]
+        revoked = [r["secret"] for r in rows if r["expires_at"] is not None and r["expires_at"] <= at]
+        return live, revoked
+
+    def secret_summaries(self, server_id: str) -> list[sqlite3.Row]:
+        """kid, last four characters and validity of each secret: never the secret itself."""
+        return self.connect().execute(
+            "SELECT kid, substr(secret, -4) AS last4, created_at, expires_at FROM secrets"
+            " WHERE server_id = ? ORDER BY created_at DESC, rowid DESC", (server_id,)).fetchall()
+
+    # referrals
+
+    def mint_referral(self, server_id: str, referrer_code: str, ip_hash: str | None = None,
+                      user_agent: str | None = None, issued_at: int | None = None) -> tuple[str, str]:
+        """Record a click and return (token, referral_id)."""
+        check_name("referrer code", referrer_code)
+        issued_at = now() if issued_at is None else issued_at
+        referral_id = "ref_" + secrets.token_urlsafe(9)
+        with self.transaction() as db:
+            if not db.execute("SELECT 1 FROM servers WHERE server_id = ?", (server_id,)).fetchone():
+                raise ConfigError(f"unknown server {server_id!r}")
+            db.execute("INSERT INTO referrals (referral_id, server_id, referrer_code, state, issued_at,"
+                       " updated_at, ip_hash, user_agent) VALUES (?, ?, ?, 'clicked', ?, ?, ?, ?)",
+                       (referral_id, server_id, referrer_code, issued_at, issued_at, ip_hash,
+                        (user_agent or "")[:200] or None))
+            _count(db, server_id, referrer_code, "clicked", issued_at)
+        return mint_token(self.token_key, server_id, referral_id, issued_at), referral_id
+
+    def referral(self, referral_id: str) -> sqlite3.Row | None:
+        return self.connect().execute("SELECT * FROM referrals WHERE referral_id = ?", (referral_id,)).fetchone()
+
+    # delivery log and rejected requests
+
+    def delivery_log(self, server_id: str, limit: int = 100, before_id: int | None = None) -> list[sqlite3.Row]:
+        """Accepted events, newest first, each with its referral's current state."""
+        return self.connect().execute(
+            "SELECT l.*, r.state, r.referrer_code, r.referee_identity FROM delivery_log l"
+            " JOIN referrals r ON r.referral_id = l.referral_id"
+            " WHERE l.server_id = ? AND l.id < ? ORDER BY l.id DESC LIMIT ?",
+            (server_id, before_id if before_id is not None else 2**63 - 1, limit)).fetchall()
+
+    def record_rejected(self, server_id: str | None, status: int, error: str, reason: str | None,
+                        hint: str, diagnosis: str | None, snippet: str) -> None:
+        """Remember a refused request, keeping only the newest per server."""
+        with self.transaction() as db:
+            db.execute("INSERT INTO rejected_requests (server_id, status, error, reason, hint, diagnosis,"
+                       " snippet, received_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                       (server_id, status, error, reason, hint, diagnosis, snippet, now()))
+            db.execute("DELETE FROM rejected_requests WHERE server_id IS ? AND id <= ("
+                       " SELECT id FROM rejected_requests WHERE server_id IS ? ORDER BY id DESC"
+                       " LIMIT 1 OFFSET ?)", (server_id, server_id, REJECTED_KEPT_PER_SERVER))
+
+    def rejected_requests(self, server_id: str | None, limit: int = 50) -> list[sqlite3.Row]:
+        return self.connect().execute(
+            "SELECT * FROM rejected_requests WHERE server_id IS ? ORDER BY id DESC LIMIT ?",
+            (server_id, limit)).fetchall()
+
+
+def _count(db: sqlite3.Connection, server_id: str, referrer_code: str, column: str, at: int) -> None:
+    """Bump the analytics counters for one click or transition (same transaction)."""
+    day = datetime.datetime.fromtimestamp(at, datetime.timezone.utc).strftime("%Y-%m-%d")
+    db.execute(f"INSERT INTO daily_counts (server_id, day, {column}) VALUES (?, ?, 1)"
+               f" ON CONFLICT (server_id, day) DO UPDATE SET {column} = {column} + 1", (server_id, day))
+    db.execute(f"INSERT INTO referrer_counts (server_id, referrer_code, {column}) VALUES (?, ?, 1)"
+               f" ON CONFLICT (server_id, referrer_code) DO UPDATE SET {column} = {column} + 1",
+               (server_id, referrer_code))
+
+
+# State machine (SPEC 2) ######################################################
+# The table says what each event does in each state; `apply_event` applies it in one
+# transaction together with the delivery-log row and the idempotency key.
+
+NO_OP, INVALID = "no_op", "invalid"
+TERMINAL = ("reversed", "expired", "rejected")
+TRANSITIONS: dict[str, dict[str, str]] = {
+    #  state         event "registered"   event "qualified"   event "reversed"
+    "clicked":    {"registered": "registered", "qualified": INVALID, "reversed": INVALID},
+    "registered": {"registered": NO_OP, "qualified": "qualified", "reversed": "reversed"},
+    "qualified":  {"registered": NO_OP, "qualified": NO_OP, "reversed": "reversed"},
+    "reversed":   {"registered": INVALID, "qualified": INVALID, "reversed": NO_OP},
+    "expired":    {"registered": INVALID, "qualified": INVALID, "reversed": INVALID},
+    "rejected":   {"registered": INVALID, "qualified": INVALID, "reversed": INVALID},
+}
+# Owner actions (dashboard, CLI): the states they apply to and the state they set.
+OWNER_ACTIONS: dict[str, tuple[tuple[str, ...], str]] = {
+    "reverse": (("registered", "qualified"), "reversed"),
+    "reject": (("clicked", "registered", "qualified"), "rejected"),
+}
+
+
+class ApiError(Exception):
+    """One error answer: status, stable `error` string, a hint that teaches the fix, extras."""
+
+    def __init__(self, status: int, error: str, hint: str, **extra: Any):
+        super().__init__(error)
+        self.status, self.error, self.hint, self.extra = status, error, hint, extra
+        self.diagnosis: str | None = None    # for mac_mismatch: why it probably failed
+
+    def body(self) -> dict[str, Any]:
+        return {"ok": False, "error": self.error, "hint": self.hint, **self.extra}
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """A verified, well-formed event, ready for the state machine."""
+    server_id: str
+    event: str
+    token_claims: TokenClaims
+    server_event_id: str
+    referee_identity: str | None
+    raw_body: bytes
+
+
+def apply_event(store: Store, delivery: Delivery, ttl: int) -> dict[str, Any]:
+    """Steps 8-10 of SPEC 1.4 in one BEGIN IMMEDIATE transaction; return the 200 body.
+
+    A UNIQUE violation means a concurrent writer won a race that our reads could not
+    see (another process); the retry then reads its result and answers accordingly.
+    """
+    for attempt in (1, 2):
+        try:
+            with store.transaction() as db:
+                outcome = _decide_and_write(db, delivery, ttl)
+        except sqlite3.IntegrityError:
+            if attempt == 2:
+                raise
+            continue
+        if isinstance(outcome, ApiError):
+            raise outcome  # after COMMIT: a detected expiry is stored, nothing else was written
+        return outcome
+    raise AssertionError("unreachable")
+
+
+def _decide_and_write(db: sqlite3.Connection, d: Delivery, ttl: int) -> dict[str, Any] | ApiError:
+    at = now()
+    referral = db.execute("SELECT * FROM referrals WHERE referral_id = ?", (d.token_claims.referral_id,)).fetchone()
+    if referral is None or referral["server_id"] != d.server_id:
+        return ApiError(404, "unknown token", HINTS["unknown token"])
+    if db.execute("SELECT 1 FROM delivery_log WHERE token_referral_id = ? AND event = ? AND server_event_id = ?",
+                  (referral["referral_id"], d.event, d.server_event_id)).fetchone():
+        return {"ok": True, "duplicate": True}
+    state = referral["state"]
+    if state == "clicked" and at - d.token_claims.issued_at > ttl:
+        db.execute("UPDATE referrals SET state = 'expired', updated_at = ? WHERE referral_id = ?",
+                   (at, referral["referral_id"]))
+        return _invalid_transition("expired", d.event)
+    next_state = TRANSITIONS[state][d.event]
+    if d.event == "registered" and next_state == NO_OP and referral["referee_identity"] != d.referee_identity:
+        return ApiError(422, "invalid transition", HINTS["other referee"], state=state, event=d.event)
+    if next_state == INVALID:
+        return _invalid_transition(state, d.event)
+    if state == "clicked" and d.event == "registered":
+        return _register(db, d, referral, at)
+    if next_state == NO_OP:
+        return _log_and_answer(db, d, referral, "no_op", state, at)
+    _advance(db, referral, next_state, at)
+    return _log_and_answer(db, d, referral, "advanced", next_state, at)
+
+
+def _register(db: sqlite3.Connection, d: Delivery, referral: sqlite3.Row, at: int) -> dict[str, Any]:
+    """`registered` on a clicked referral: mint the anchor, unless first touch says otherwise."""
+    anchored = db.execute(
+        "SELECT r.* FROM anchors a JOIN referrals r ON r.referral_id = a.referral_id"
+        " WHERE a.server_id = ? AND a.referee_identity = ?", (d.server_id, d.referee_identity)).fetchone()
+    if anchored is None:
+        db.execute("INSERT INTO anchors (server_id, referee_identity, referral_id, created_at) VALUES (?, ?, ?, ?)",
+                   (d.server_id, d.referee_identity, referral["referral_id"], at))
+        db.execute("UPDATE referrals SET referee_identity = ? WHERE referral_id = ?",
+                   (d.referee_identity, referral["referral_id"]))
+        _advance(db, referral, "registered", at)
+        return _log_and_answer(db, d, referral, "advanced", "registered", at)
+    if anchored["referrer_code"] != referral["referrer_code"]:
+        _log(db, d, referral["referral_id"], "first_touch_conflict", at)
+        return {"ok": True, "ignored": "first_touch_conflict"}
+    # the same referrer's link clicked twice: answer with the existing anchor
+    return _log_and_answer(db, d, anchored, "no_op", anchored["state"], at)
+
+
+def _advance(db: sqlite3.Connection, referral: sqlite3.Row, next_state: str, at: int) -> None:
+    db.execute("UPDATE referrals SET state = ?, updated_at = ? WHERE referral_id = ?",
+               (next_state, at, referral["referral_id"]))
+    if next_state in COUNTED:
+        _count(db, referral["server_id"], referral["referrer_code"], next_state, at)
+
+
+def _log(db: sqlite3.Connection, d: Delivery, referral_id: str, outcome: str, at: int) -> None:
+    db.execute("INSERT INTO delivery_log (server_id, referral_id, token_referral_id, event, server_event_id,"
+               " outcome, received_at, payload) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+               (d.server_id, referral_id, d.token_claims.referral_id, d.event, d.server_event_id, outcome, at,
+                _masked_snippet(d.raw_body, limit=2000)))
+
+
+def _log_and_answer(db: sqlite3.Connection, d: Delivery, referral: sqlite3.Row, outcome: str, state: str,
+                    at: int) -> dict[str, Any]:
+    _log(db, d, referral["referral_id"], outcome, at)
+    return {"ok": True, "referral_id": referral["referral_id"], "state": state}
+
+
+def _invalid_transition(state: str, event: str) -> ApiError:
+    return ApiError(422, "invalid transition", HINTS["invalid transition"].format(state=state, event=event),
+                    state=state, event=event)
+
+
+def owner_action(store: Store, referral_id: str, action: str) -> str:
+    """Reverse or reject a referral as the owner; log it; return the new state."""
+    allowed_from, next_state = OWNER_ACTIONS[action]
+    at = now()
+    with store.transaction() as db:
+        referral = db.execute("SELECT * FROM referrals WHERE referral_id = ?", (referral_id,)).fetchone()
+        if referral is None:
+            raise ConfigError(f"unknown referral {referral_id!r}")
+        if referral["state"] not in allowed_from:
+            raise ConfigError(f"cannot {action} referral {referral_id} in state {referral['state']!r}"
+                              f" (only from {', '.join(allowed_from)})")
+        _advance(db, referral, next_state, at)
+        db.execute("INSERT INTO delivery_log (server_id, referral_id, event, outcome, received_at)"
+                   " VALUES (?, ?, ?, 'owner_action', ?)", (referral["server_id"], referral_id, next_state, at))
+    return next_state
+
+
+# Ingest pipeline (SPEC 1.4) ##################################################
+# One function, its steps in the order of SPEC 1.4, each failing early with ApiError.
+
+HINTS = {
+    "body too large": f"send at most {MAX_BODY_BYTES // 1024} KiB of JSON",
+    "missing signature header": (f"sign the body and send {SIGNATURE_HEADER}: "
+                                 "t=<unix seconds>,v1=sha256=<hex of HMAC-SHA256(secret, \"<t>.<rawBody>\")>"),
+    "malformed signature header": "expected t=<unix seconds>,v1=sha256=<64 hex digits>[,kid=<key id>]",
+    "body is not valid JSON": "send one UTF-8 JSON object, e.g. {\"event\": \"registered\", ...}",
+    "body must be a JSON object": "wrap the fields in {...}: event, token, server_id, server_event_id",
+    "duplicate key": "each key may appear once in the body",
+    "unknown server": "server_id must be the id shown on your dashboard's Referrals tab",
+    "referrals not enabled": "enable referrals for this server on its Referrals tab",
+    "no signing secret": "generate a secret on the server's Referrals tab",
+    "stale_timestamp": ("t must be the current Unix time in seconds (within {window} s of the server clock);"
+                        " check the sender's clock and sign each request anew"),
+    "unknown_kid": "kid names no live secret of this server: drop kid or use the kid shown on the Referrals tab",
+    "mac_mismatch": ("sign \"<t>.<rawBody>\" with the server's secret over the exact bytes you send;"
+                     " a trailing newline or re-serialised JSON changes the MAC"),
+    "unknown token": ("send the mmref token exactly as the share link minted it for this server"
+                      " (from the mmref cookie or query parameter)"),
+    "invalid transition": "a {state} referral cannot take a {event} event (see the state machine in the README)",
+    "other referee": "this token already anchors another referee_identity; one token refers one player",
+    "method not allowed": "POST the event as JSON",
+    "internal error": "the server failed; retry later with the same server_event_id (it is idempotent)",
+}
+
+
+def _field_error(error: str, field: str, hint: str) -> ApiError:
+    return ApiError(400, error, hint, field=field)
+
+
+class _DuplicateKey(Exception):
+    def __init__(self, key: str):
+        super().__init__(key)
+        self.key = key
+
+
+def _object_without_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in obj:
+            raise _DuplicateKey(key)
+        obj[key] = value
+    return obj
+
+
+def _reject_constant(name: str) -> None:
+    raise ValueError(f"{name} is not JSON")
+
+
+def parse_body(raw_body: bytes) -> dict[str, Any]:
+    """Strict JSON: UTF-8, no NaN/Infinity, no duplicate keys, an object at the top."""
+    try:
+        body = json.loads(raw_body.decode("utf-8"), object_pairs_hook=_object_without_duplicates,
+                          parse_constant=_reject_constant)
+    except _DuplicateKey as exc:
+        raise _field_error("duplicate key", exc.key, HINTS["duplicate key"]) from None
+    except (ValueError, RecursionError):  # bad UTF-8, bad JSON, too deep, too many digits
+        raise ApiError(400, "body is not valid JSON", HINTS["body is not valid JSON"]) from None
+    if not isinstance(body, dict):
+        raise ApiError(400, "body must be a JSON object", HINTS["body must be a JSON object"])
+    return body
+
+
+def _is_valid_unicode(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate such as "\ud800"
+        return False
+    return True
+
+
+def _all_strings_valid(value: Any) -> bool:
+    pending = [value]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, str):
+            if not _is_valid_unicode(item):
+                return False
+        elif isinstance(item, dict):
+            pending.extend(item.keys())
+            pending.extend(item.values())
+        elif isinstance(item, list):
+            pending.extend(item)
+    return True
+
+
+def _string_field(body: dict[str, Any], name: str) -> str:
+    value = body.get(name)
+    if value is None or (isinstance(value, str) and not value.strip()):
+        raise _field_error("missing field", name, f"{name} is required: a non-empty string")
+    if not isinstance(value, str) or not _is_valid_unicode(value):
+        raise _field_error("invalid field", name, f"{name} must be a string of valid Unicode")
+    value = value.strip()
+    if len(value) > MAX_FIELD_CHARS:
+        raise _field_error("invalid field", name, f"{name} must be at most {MAX_FIELD_CHARS} characters")
+    return value
+
+
+@dataclass(frozen=True)
+class EventFields:
+    event: str
+    token: str
+    server_id: str
+    server_event_id: str
+    referee_identity: str | None
+    ts: int | float | None
+    test: bool
+
+
+def read_fields(body: dict[str, Any]) -> EventFields:
+    """Check the SPEC 1.3 field table, in table order; the first problem is the answer."""
+    event = _string_field(body, "event")
+    if event not in EVENTS:
+        raise _field_error("invalid field", "event", "event must be registered, qualified or reversed")
+    token = _string_field(body, "token")
+    server_id = _string_field(body, "server_id")
+    server_event_id = _string_field(body, "server_event_id")
+    referee_identity = _string_field(body, "referee_identity") if event == "registered" else None
+    ts = body.get("ts")
+    ts_is_number = isinstance(ts, (int, float)) and not isinstance(ts, bool)
+    if ts is not None and not (ts_is_number and math.isfinite(ts) and -(2**63) <= ts < 2**63):
+        raise _field_error("invalid field", "ts", "ts must be a finite number of Unix seconds (64-bit)")
+    test = body.get("test")
+    if test is not None and not isinstance(test, bool):
+        raise _field_error("invalid field", "test", "test must be true or false (a JSON boolean)")
+    for key, value in body.items():
+        if key != "referee_identity" and not _all_strings_valid([key, value]):
+            raise _field_error("invalid field", key, "strings must be valid Unicode (no lone surrogates)")
+    return EventFields(event, token, server_id, server_event_id, referee_identity, ts, bool(test))
+
+
+def _masked_snippet(raw_body: bytes, limit: int = 300) -> str:
+    """The body as text with the token value masked, cut to `limit` characters."""
+    text = raw_body[: limit * 4].decode("utf-8", "replace")
+    text = re.sub(r'("token"\s*:\s*")([^"]*)(")', lambda m: m.group(1) + mask(m.group(2)) + m.group(3), text)
+    return text[:limit]
+
+
+def diagnose_mac_mismatch(parsed: ParsedSignature, raw_body: bytes, live: Sequence[tuple[str, str]],
+                          revoked: Sequence[str], body_ts: Any) -> str | None:
+    """Why a MAC probably failed, when one of the usual mistakes explains it."""
+    def matches(secret: str, t: str, body: bytes) -> bool:
+        return any(hmac.compare_digest(sign(secret, t, body), mac) for mac in parsed.macs)
+
+    live_secrets = [secret for _, secret in live]
+    trimmed = raw_body.rstrip(b"\r\n")
+    if trimmed != raw_body and any(matches(s, parsed.t, trimmed) for s in live_secrets):
+        return "the MAC matches this body without its trailing newline: sign the exact bytes you send"
+    other_t = str(body_ts) if isinstance(body_ts, int) and not isinstance(body_ts, bool) else parsed.t
+    if other_t != parsed.t and any(matches(s, other_t, raw_body) for s in live_secrets):
+        return "the MAC matches a different t (the body's ts): sign with the t you put in the header"
+    if any(matches(s, parsed.t, raw_body) for s in revoked):
+        return "this MAC was made with a previous, revoked secret: use the current secret"
+    return None
+
+
+def process_event(store: Store, raw_body: bytes, header: str | None, *, window: int, ttl: int) -> dict[str, Any]:
+    """Steps 2-10 of SPEC 1.4 (step 1, the size cap, happens before the body is read).
+
+    Returns the 200 body or raises ApiError. Used by the HTTP route and the dashboard's
+    "Send test event" button alike.
+    """
+    # 2. signature header present and well-formed
+    try:
+        parsed = parse_signature_header(header)
+    except SignatureError as exc:
+        error = "missing signature header" if exc.reason == "missing" else "malformed signature header"
+        raise ApiError(400, error, f"{exc}; {HINTS['malformed signature header']}") from None
+    # 3. body is a JSON object; 4. fields have the documented shape
+    fields = read_fields(parse_body(raw_body))
+    # 5. the server exists, takes referrals and has a secret
+    server = store.server(fields.server_id)
+    if server is None:
+        raise ApiError(404, "unknown server", HINTS["unknown server"])
+    return _verified_event(store, server, fields, parsed, raw_body, window, ttl)
+
+
+def _verified_event(store: Store, server: sqlite3.Row, fields: EventFields, parsed: ParsedSignature,
+                    raw_body: bytes, window: int, ttl: int) -> dict[str, Any]:
+    if not server["referrals_enabled"]:
+        raise ApiError(404, "referrals not enabled", HINTS["referrals not enabled"])
+    at = now()
+    live, revoked = store.secrets_of(fields.server_id, at)
+    if not live:
+        raise ApiError(404, "no signing secret", HINTS["no signing secret"])
+    # 6. timestamp window, kid, MAC
+    try:
+        verify(parsed, raw_body, live, at, window)
+    except SignatureError as exc:
+        error = ApiError(401, "bad_signature", HINTS[exc.reason].format(window=window), reason=exc.reason)
+        if exc.reason == "mac_mismatch":
+            error.diagnosis = diagnose_mac_mismatch(parsed, raw_body, live, revoked, fields.ts)
+            if error.diagnosis:
+                error.hint = f"{error.hint} ({error.diagnosis})"
+        raise error from None
+    # 7. a verified dry run stops here
+    if fields.test:
+        return {"ok": True, "test": True}
+    # 8. the token is genuine and minted for this server (no database read needed)
+    claims = read_token(store.token_key, fields.token)
+    if claims is None or claims.server_id != fields.server_id:
+        raise ApiError(404, "unknown token", HINTS["unknown token"])
+    # 9-10. duplicate check and state machine, in one transaction
+    delivery = Delivery(fields.server_id, fields.event, claims, fields.server_event_id,
+                        fields.referee_identity, raw_body)
+    return apply_event(store, delivery, ttl)
+
+
+def handle_ingest(store: Store, raw_body: bytes, header: str | None, *, window: int, ttl: int) -> tuple[int, dict]:
+    """Run the pipeline; remember refusals; log one line; return (status, body)."""
+    try:
+        body, status = process_event(store, raw_body, header, window=window, ttl=ttl), 200
+    except ApiError as exc:
+        body, status = exc.body(), exc.status
+        if status in (400, 401, 404, 422):
+            _remember_rejection(store, exc, raw_body)
+    except Exception:  # 11. anything unexpected: the transaction rolled back
+        log.exception("ingest failed")
+        status, body = 500, ApiError(500, "internal error", HINTS["internal error"]).body()
+    token = _token_in(raw_body)
+    log.info("ingest status=%s error=%s reason=%s outcome=%s token=%s", status, body.get("error", "-"),
+             body.get("reason", "-"), _outcome_word(body), mask(token) or "-")
+    return status, body
+
+
+def _outcome_word(body: dict[str, Any]) -> str:
+    if not body.get("ok"):
+        return "-"
+    for word in ("duplicate", "test", "ignored"):
+        if word in body:
+            return word if word != "ignored" else body["ignored"]
+    return body.get("state", "-")
+
+
+def _token_in(raw_body: bytes) -> str | None:
+    match = re.search(rb'"token"\s*:\s*"([^"]{1,256})"', raw_body[:4096])
+    return match.group(1).decode("utf-8", "replace") if match else None
+
+
+def _named_server(store: Store, raw_body: bytes) -> str | None:
+    """The known server a refused body names, if any (else the installation-wide list)."""
+    try:
+        server_id = json.loads(raw_body.decode("utf-8")).get("server_id")
+    except (ValueError, RecursionError, AttributeError):
+        return None
+    if not isinstance(server_id, str) or store.server(server_id.strip()) is None:
+        return None
+    return server_id.strip()
+
+
+def _remember_rejection(store: Store, exc: ApiError, raw_body: bytes) -> None:
+    """Keep the refusal for the dashboard: reason, hint, a masked snippet, never a secret."""
+    server_id = _named_server(store, raw_body)
+    snippet = _masked_snippet(raw_body)
+    if server_id:  # a sender may paste its secret into the body by mistake
+        live, revoked = store.secrets_of(server_id, now())
+        for secret in [secret for _, secret in live] + revoked:
+            snippet = snippet.replace(secret, "[secret]")
+    try:
+        store.record_rejected(server_id, exc.status, exc.error, exc.extra.get("reason"), exc.hint,
+                              exc.diagnosis, snippet)
+    except sqlite3.Error:
+        log.exception("could not record a rejected request")
+
+
+# Routes: ingest, share link, health ##########################################
+
+referrals = Blueprint("mmoref", __name__)
+
+
+def _apply_default_settings(state: Any) -> None:
+    """Give a host app that registers the blueprint the MMOREF_* settings it lacks."""
+    for name, value in load_settings().items():
+        state.app.config.setdefault(name, value)
+
+
+referrals.record_once(_apply_default_settings)
+
+
+_store_lock = threading.Lock()
+
+
+def get_store() -> Store:
+    """The app's Store, opened (and migrated) on first use."""
+    extensions = current_app.extensions
+    if "mmoref" not in extensions:
+        with _store_lock:
+            if "mmoref" not in extensions:
+                extensions["mmoref"] = Store(current_app.config["MMOREF_DB"], current_app.config["MMOREF_SYNCHRONOUS"])
+    return extensions["mmoref"]
+
+
+def json_response(body: dict[str, Any], status: int = 200) -> Any:
+    """JSON in the field order SPEC shows ("ok" first), whatever the host app's JSON settings."""
+    return current_app.response_class(json.dumps(body), status=status, mimetype="application/json")
+
+
+@referrals.errorhandler(ApiError)
+def _api_error(exc: ApiError) -> Any:
+    """Errors raised outside the pipeline (405, 413); the pipeline's own go through handle_ingest."""
+    log.info("ingest status=%s error=%s", exc.status, exc.error)
+    response = json_response(exc.body(), exc.status)
+    if exc.status == 405:
+        response.headers["Allow"] = "POST"
+    return response
+
+
+@referrals.route("/api/referral/events", methods=["GET", "HEAD", "PUT", "PATCH", "DELETE", "POST"])
+def ingest() -> Any:
+    if request.method != "POST":
+        raise ApiError(405, "method not allowed", HINTS["method not allowed"])
+    # 1. the size cap, from Content-Length before reading, else while reading
+    if request.content_length is not None and request.content_length > MAX_BODY_BYTES:
+        raise ApiError(413, "body too large", HINTS["body too large"])
+    request.max_content_length = MAX_BODY_BYTES
+    try:
+        raw_body = request.get_data(cache=False)
+    except RequestEntityTooLarge:
+        raise ApiError(413, "body too large", HINTS["body too large"]) from None
+    config = current_app.config
+    status, body = handle_ingest(get_store(), raw_body, request.headers.get(SIGNATURE_HEADER),
+                                 window=config["MMOREF_REPLAY_WINDOW"], ttl=config["MMOREF_TOKEN_TTL"])
+    return json_response(body, status)
+
+
+NOT_FOUND_PAGE = ("<!doctype html><meta charset=utf-8><title>Link not found</title>"
+                  "<p>This referral link is not valid.</p>")
+
+
+@referrals.get("/r/<server_id>")
+def share_link(server_id: str) -> Any:
+    """Record a click, mint a token, set the mmref cookie, send the player to register."""
+    code = request.args.get("ref", "")
+    store = get_store()
+    server = store.server(server_id) if NAME_PATTERN.fullmatch(code) else None
+    if server is None or not server["referrals_enabled"] or not server["registration_url"]:
+        return NOT_FOUND_PAGE, 404, {"Content-Type": "text/html; charset=utf-8"}
+    token, _ = store.mint_referral(server_id, code, ip_hash=_ip_hash(store, request.remote_addr),
+                                   user_agent=request.user_agent.string)
+    response = redirect(_with_query(server["registration_url"], mmref=token), 302)
+    response.set_cookie("mmref", token, max_age=current_app.config["MMOREF_TOKEN_TTL"], samesite="Lax",
+                        httponly=True, secure=request.is_secure)
+    return response
+
+
+def _ip_hash(store: Store, ip: str | None) -> str | None:
+    if not ip:
+        return None
+    return hmac.new(store.installation_key("ip_salt").encode(), ip.encode(), hashlib.sha256).hexdigest()[:16]
+
+
+def _with_query(url: str, **params: str) -> str:
+    """`url` with `params` set in its query string, other parameters kept."""
+    parts = urllib.parse.urlsplit(url)
+    query = [(k, v) for k, v in urllib.parse.parse_qsl(parts.query, keep_blank_values=True) if k not in params]
+    query.extend(params.items())
+    return urllib.parse.urlunsplit(parts._replace(query=urllib.parse.urlencode(query)))
+
+
+@referrals.get("/healthz")
+def healthz() -> Any:
+    try:
+        get_store().connect().execute("SELECT count(*) FROM meta").fetchone()
+    except (sqlite3.Error, StoreError):
+        return json_response({"ok": False, "error": "database unavailable",
+                              "hint": "check that the database file exists and is readable"}, 503)
+    return json_response({"ok": True})
+
+
+# Dashboard (SPEC 4) ##########################################################
+# See the next section of the README; built on the same store and pipeline.
+
+
+# App factory #################################################################
+
+
+def create_app(config: Mapping[str, Any] | None = None) -> Flask:
+    """The standalone server: settings from MMOREF_* env, then `config`, then the blueprint."""
+    app = Flask(__name__)
+    app.config.update(load_settings())
+    app.config.update(config or {})
+    if app.config["MMOREF_TRUST_PROXY"]:
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=1, x_proto=1, x_host=1, x_port=1)  # type: ignore[method-assign]
+    app.register_blueprint(referrals)
+    with app.app_context():
+        get_store()  # create or migrate the schema now; refuse a newer database at start-up
+    return app
+
+
+# Command line (SPEC 5) #######################################################
+
+
+class _OneLineErrors(click.Group):
+    """A click group whose user errors are one line on stderr and a non-zero exit."""
+
+    def main(self, args: Any = None, prog_name: Any = None, **extra: Any) -> Any:
+        extra.pop("standalone_mode", None)
+        try:
+            result = super().main(args, prog_name, standalone_mode=False, **extra)
+        except click.exceptions.Abort:
+            click.echo("error: aborted", err=True)
+            sys.exit(1)
+        except click.ClickException as exc:
+            usage = getattr(exc, "ctx", None)
+            more = f" (see {usage.command_path} --help)" if usage is not None else ""
+            click.echo(f"error: {exc.format_message()}{more}", err=True)
+            sys.exit(exc.exit_code)
+        except (ConfigError, StoreError) as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(1)
+        sys.exit(result if isinstance(result, int) else 0)
+
+
+def _open_store(db_path: str | None) -> Store:
+    settings = load_settings()
+    return Store(db_path or settings["MMOREF_DB"], settings["MMOREF_SYNCHRONOUS"])
+
+
+def _db_option(command: Callable) -> Callable:
+    return click.option("--db", "db_path", metavar="PATH",
+                        help="database file [env MMOREF_DB; ./referrals.db]")(command)
+
+
+def _json_option(command: Callable) -> Callable:
+    return click.option("--json", "as_json", is_flag=True, help="machine-readable output")(command)
+
+
+def _emit(as_json: bool, data: Any, text: str) -> None:
+    click.echo(json.dumps(data) if as_json else text)
+
+
+@click.group(cls=_OneLineErrors, invoke_without_command=True)
+@click.version_option(__version__, prog_name="mmoref")
+@click.pass_context
+def cli(ctx: click.Context) -> None:
+    """mmoref: the MMOLove Referral Kit ingest server. With no command: serve."""
+    if ctx.invoked_subcommand is None:
+        ctx.invoke(serve)
+
+
+@cli.command()
+@_db_option
+@click.option("--host", help="address to bind [env MMOREF_HOST; 127.0.0.1]")
+@click.option("--port", type=int, help="port [env MMOREF_PORT; 5000]")
+def serve(db_path: str | None = None, host: str | None = None, port: int | None = None) -> None:
+    """Serve the ingest endpoint, share links and dashboard (waitress)."""
+    import waitress
+
+    settings = load_settings()
+    overrides = {"MMOREF_DB": db_path or settings["MMOREF_DB"]}
+    app = create_app(overrides)
+    host, port = host or settings["MMOREF_HOST"], port or settings["MMOREF_PORT"]
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    click.echo(_banner(app, host, port))
+    waitress.serve(app, host=host, port=port, threads=settings["MMOREF_THREADS"],
+                   max_request_body_size=4 * MAX_BODY_BYTES, ident="mmoref")
+
+
+def _banner(app: Flask, host: str, port: int) -> str:
+    shown_host = f"[{host}]" if ":" in host else host
+    base = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else shown_host}:{port}"
+    lines = [
+        f"mmoref {__version__}: referral ingest server",
+        f"  ingest     POST {base}/api/referral/events",
+        f"  dashboard  {base}/dashboard",
+        f"  database   {os.path.abspath(app.config['MMOREF_DB'])}",
+        f"  try        curl -i {base}/api/referral/events -d '{{}}'    "
+        "# 400 missing signature header: the server is up",
+    ]
+    lines.extend(_login_lines(app))
+    return "\n".join(lines)
+
+
+def _login_lines(app: Flask) -> list[str]:
+    """How to log in to the dashboard (filled in by the dashboard section)."""
+    return []
+
+
+@cli.command("add-server")
+@click.argument("server_id")
+@click.option("--game", required=True, help="game slug, used in dashboard URLs")
+@click.option("--name", default="", help="display name")
+@click.option("--registration-url", help="where the share link sends players (https://)")
+@click.option("--identity-field", type=click.Choice(IDENTITY_FIELDS), default="username", show_default=True)
+@_db_option
+@_json_option
+def add_server(server_id: str, game: str, name: str, registration_url: str | None, identity_field: str,
+               db_path: str | None, as_json: bool) -> None:
+    """Create a server with referrals enabled; print its first secret once."""
+    secret, kid = _open_store(db_path).add_server(server_id, game, name, registration_url, identity_field)
+    _emit(as_json, {"server_id": server_id, "game": game, "secret": secret, "kid": kid},
+          f"server {server_id} created (game {game}), referrals enabled\n"
+          f"signing secret (shown once, store it in your game server's config):\n  {secret}\nkid: {kid}")
+
+
+@cli.command("rotate-secret")
+@click.argument("server_id")
+@click.option("--grace", type=int, default=DEFAULT_GRACE_SECONDS, show_default=True,
+              help="seconds the previous secret stays valid; 0 revokes it now")
+@_db_option
+@_json_option
+def rotate_secret(server_id: str, grace: int, db_path: str | None, as_json: bool) -> None:
+    """Make a new signing secret; print it once."""
+    secret, kid = _open_store(db_path).rotate_secret(server_id, grace)
+    previous = "revoked now" if grace == 0 else f"valid for {grace} more seconds"
+    _emit(as_json, {"secret": secret, "kid": kid},
+          f"new signing secret (shown once):\n  {secret}\nkid: {kid}\nprevious secret: {previous}")
+
+
+@cli.command("mint-token")
+@click.argument("server_id")
+@click.option("--ref", "code", required=True, help="the referrer's code")
+@_db_option
+@_json_option
+def mint_token_command(server_id: str, code: str, db_path: str | None, as_json: bool) -> None:
+    """Mint an mmref token as if the share link were followed."""
+    token, referral_id = _open_store(db_path).mint_referral(server_id, code)
+    _emit(as_json, {"token": token, "referral_id": referral_id}, f"token: {token}\nreferral: {referral_id}")
+
+
+@cli.command("log")
+@click.argument("server_id")
+@click.option("--limit", type=click.IntRange(1, 10_000), default=100, show_default=True)
+@_db_option
+@_json_option
+def log_command(server_id: str, limit: int, db_path: str | None, as_json: bool) -> None:
+    """Print the delivery log, newest first."""
+    store = _open_store(db_path)
+    if store.server(server_id) is None:
+        raise ConfigError(f"unknown server {server_id!r}")
+    rows = [{"id": r["id"], "event": r["event"], "state": r["state"], "outcome": r["outcome"],
+             "server_event_id": r["server_event_id"], "received_at": iso_utc(r["received_at"]),
+             "referral_id": r["referral_id"]} for r in store.delivery_log(server_id, limit)]
+    if as_json:
+        click.echo(json.dumps(rows))
+        return
+    for row in rows:
+        click.echo(f"{row['received_at']}  {row['event']:<10} {row['outcome']:<20} {row['state']:<10} "
+                   f"{row['referral_id']}  {row['server_event_id'] or '-'}")
+    if not rows:
+        click.echo("(no events yet)")
+
+
+def _owner_command(action: str) -> Callable:
+    @_db_option
+    @_json_option
+    @click.argument("referral_id")
+    def command(referral_id: str, db_path: str | None, as_json: bool) -> None:
+        state = owner_action(_open_store(db_path), referral_id, action)
+        _emit(as_json, {"referral_id": referral_id, "state": state}, f"{referral_id} is now {state}")
+    command.__doc__ = f"{action.capitalize()} a referral as the owner (logged as an owner action)."
+    return cli.command(action)(command)
+
+
+for _action in OWNER_ACTIONS:
+    _owner_command(_action)
+
+
+@cli.command()
+@click.argument("event", type=click.Choice(EVENTS))
+@click.option("--endpoint", required=True, help="e.g. http://127.0.0.1:5000/api/referral/events")
+@click.option("--server-id", required=True)
+@click.option("--secret", required=True)
+@click.option("--token", required=True, help="the player's mmref token")
+@click.option("--referee-identity", help="the new player's identity (required by registered)")
+@click.option("--server-event-id", help="idempotency key [default: a new random one]")
+@click.option("--kid", help="which secret signs (optional)")
+@click.option("--test", is_flag=True, help="dry run: verified, nothing written")
+@_json_option
+def send(event: str, endpoint: str, server_id: str, secret: str, token: str, referee_identity: str | None,
+         server_event_id: str | None, kid: str | None, test: bool, as_json: bool) -> None:
+    """Sign and POST one event, like a game server's kit would; exit 0 on 2xx."""
+    body = build_body(event, token, server_id, server_event_id or f"evt-{secrets.token_hex(6)}",
+                      referee_identity=referee_identity, test=test)
+    result = send_event(endpoint, secret, body, kid=kid)
+    if result["error"]:
+        raise ConfigError(result["error"])
+    if as_json:
+        click.echo(json.dumps({"status": result["status"], "body": result["body"]}))
+    else:
+        shown = json.dumps(result["body"]) if not isinstance(result["body"], str) else result["body"]
+        click.echo(f"HTTP {result['status']}\n{shown}")
+    if not 200 <= result["status"] < 300:
+        sys.exit(1)
+
+
+@cli.command()
+@click.argument("path")
+@click.option("--force", is_flag=True, help="replace PATH if it exists")
+def demo(path: str, force: bool) -> None:
+    """Write a demo database (how referrals.db.example is made)."""
+    write_demo_database(path, force)
+    click.echo(f"demo database written to {path}; demo server {DEMO_SERVER_ID}, demo secret {DEMO_SECRET}")
+
+
+DEMO_SERVER_ID, DEMO_GAME, DEMO_SECRET = "demo-server", "demo-game", "demo-secret-not-for-production"
+
+
+def write_demo_database(path: str, force: bool = False) -> None:
+    """A database with a demo server, referrals in every state, log rows and rejections.
+
+    Everything goes through the real store and pipeline, so the demo shows exactly what
+    the server writes.
+    """
+    if os.path.exists(path):
+        if not force:
+            raise ConfigError(f"{path} exists; pass --force to replace it")
+        for suffix in ("", "-wal", "-shm"):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(path + suffix)
+    store = Store(path)
+    store.add_server(DEMO_SERVER_ID, DEMO_GAME, "Demo Server", "http://localhost:8080/register", "username")
+    with store.transaction() as db:  # a well-known secret, so the README can show it
+        db.execute("UPDATE secrets SET secret = ? WHERE server_id = ?", (DEMO_SECRET, DEMO_SERVER_ID))
+    ttl = SETTINGS["MMOREF_TOKEN_TTL"][1]
+
+    def deliver(token: str, event: str, event_id: str, referee: str | None = None, secret: str = DEMO_SECRET) -> None:
+        body = build_body(event, token, DEMO_SERVER_ID, event_id, referee_identity=referee)
+        handle_ingest(store, body, signature_header(secret, body), window=300, ttl=ttl)
+
+    plan = [("alice", "clicked"), ("alice", "registered"), ("alice", "qualified"), ("bob", "qualified"),
+            ("bob", "reversed"), ("carol", "registered"), ("dave", "rejected")]
+    for number, (code, final_state) in enumerate(plan):
+        token, referral_id = store.mint_referral(DEMO_SERVER_ID, code)
+        steps = {"clicked": [], "registered": ["registered"], "qualified": ["registered", "qualified"],
+                 "reversed": ["registered", "qualified", "reversed"], "rejected": ["registered"]}[final_state]
+        for event in steps:
+            deliver(token, event, f"{event[:3]}-{number}", referee=f"player-{1000 + number}")
+        if final_state == "rejected":
+            owner_action(store, referral_id, "reject")
+    old_token, _ = store.mint_referral(DEMO_SERVER_ID, "erin", issued_at=now() - ttl - 3600)
+    deliver(old_token, "registered", "reg-old", referee="player-late")           # -> expired (422)
+    rival, _ = store.mint_referral(DEMO_SERVER_ID, "frank")
+    deliver(rival, "registered", "reg-rival", referee="player-1001")             # first-touch conflict
+    deliver(rival, "qualified", "qua-rival", secret="wrong-secret")             # 401 mac_mismatch
+    deliver("forged-token", "registered", "reg-forged", referee="player-x")     # 404 unknown token
+    handle_ingest(store, b'{"event":"registered"}', None, window=300, ttl=ttl)  # 400, installation-wide
+    store.close()
+
+
+# Kit-side sender #############################################################
+# What a game server does, in the shape of the PHP vote-callback drop-ins owners know.
+
+
+def build_body(event: str, token: str, server_id: str, server_event_id: str, *,
+               referee_identity: str | None = None, test: bool = False, ts: int | None = None) -> bytes:
+    """Serialise the event once; sign and send exactly these bytes."""
+    body: dict[str, Any] = {"event": event, "token": token, "server_id": server_id,
+                            "server_event_id": server_event_id, "ts": now() if ts is None else ts}
+    if referee_identity is not None:
+        body["referee_identity"] = referee_identity
+    if test:
+        body["test"] = True
+    return json.dumps(body, separators=(",", ":")).encode("utf-8")
+
+
+def send_event(endpoint: str, secret: str, body: bytes, *, kid: str | None = None,
+               timeout: float = 10.0) -> dict[str, Any]:
+    """POST a signed body; return {"status": int | None, "body": parsed JSON or text, "error": str | None}.
+
+    Worked example (runs as-is against `python mmoref_server.py` after
+    `python mmoref_server.py add-server srv_123 --game mygame` and `mint-token srv_123 --ref alice`):
+
+        body = build_body("registered", TOKEN, "srv_123", "reg-7842", referee_identity="player-7842")
+        result = send_event("http://127.0.0.1:5000/api/referral/events", SECRET, body)
+        # {"status": 200, "body": {"ok": True, "referral_id": "ref_…", "state": "registered"}, "error": None}
+    """
+    request_ = urllib.request.Request(endpoint, data=body, method="POST", headers={
+        "Content-Type": "application/json", SIGNATURE_HEADER: signature_header(secret, body, kid=kid)})
+    try:
+        with urllib.request.urlopen(request_, timeout=timeout) as response:
+            status, raw = response.status, response.read()
+    except urllib.error.HTTPError as exc:
+        status, raw = exc.code, exc.read()
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", exc)
+        return {"status": None, "body": None, "error": f"cannot reach {endpoint}: {reason}"}
+    text = raw.decode("utf-8", "replace")
+    try:
+        parsed: Any = json.loads(text)
+    except ValueError:
+        parsed = text
+    return {"status": status, "body": parsed, "error": None}
+
+
+# main ########################################################################
+
+if __name__ == "__main__":
+    cli(prog_name="mmoref_server.py")
