@@ -10,9 +10,11 @@ dashboard, app factory, CLI, kit-side sender, main.
 from __future__ import annotations
 
 import contextlib
+import csv
 import datetime
 import hashlib
 import hmac
+import io
 import json
 import logging
 import math
@@ -31,11 +33,26 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 import click
-from flask import Blueprint, Flask, current_app, redirect, request
+import jinja2
+from flask import (
+    Blueprint,
+    Flask,
+    abort,
+    current_app,
+    flash,
+    get_flashed_messages,
+    redirect,
+    request,
+    session,
+    stream_with_context,
+    url_for,
+)
+from flask.sessions import SecureCookieSessionInterface
 from itsdangerous import BadSignature, URLSafeTimedSerializer
 from itsdangerous.timed import TimestampSigner
 from werkzeug.exceptions import RequestEntityTooLarge
 from werkzeug.middleware.proxy_fix import ProxyFix
+from werkzeug.security import check_password_hash, generate_password_hash
 
 __version__ = "1.0.0"
 log = logging.getLogger("mmoref")
@@ -335,6 +352,14 @@ MIGRATIONS: list[list[str]] = [
                    sum(state = 'qualified'), sum(state = 'reversed')
             FROM referrals GROUP BY 1, 2""",
     ],
+    [  # v3: indexes behind the dashboard's filtered, keyset-paged delivery log and leaderboard
+        "CREATE INDEX delivery_log_by_event ON delivery_log (server_id, event, id)",
+        "CREATE INDEX delivery_log_by_outcome ON delivery_log (server_id, outcome, id)",
+        "CREATE INDEX delivery_log_by_event_id ON delivery_log (server_id, server_event_id)",
+        "CREATE INDEX delivery_log_by_referral ON delivery_log (referral_id)",
+        "CREATE INDEX referrals_by_code ON referrals (server_id, referrer_code)",
+        "CREATE INDEX referrer_counts_by_qualified ON referrer_counts (server_id, qualified)",
+    ],
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 COUNTED = ("clicked", "registered", "qualified", "reversed")
@@ -522,13 +547,53 @@ class Store:
 
     # delivery log and rejected requests
 
-    def delivery_log(self, server_id: str, limit: int = 100, before_id: int | None = None) -> list[sqlite3.Row]:
-        """Accepted events, newest first, each with its referral's current state."""
-        return self.connect().execute(
-            "SELECT l.*, r.state, r.referrer_code, r.referee_identity FROM delivery_log l"
-            " JOIN referrals r ON r.referral_id = l.referral_id"
-            " WHERE l.server_id = ? AND l.id < ? ORDER BY l.id DESC LIMIT ?",
-            (server_id, before_id if before_id is not None else 2**63 - 1, limit)).fetchall()
+    _LOG_SELECT = ("SELECT l.*, r.state, r.referrer_code, r.referee_identity FROM delivery_log l"
+                   " JOIN referrals r ON r.referral_id = l.referral_id")
+
+    def delivery_log(self, server_id: str, limit: int = 100, before_id: int | None = None,
+                     after_id: int | None = None, event: str | None = None, outcome: str | None = None,
+                     q: str | None = None) -> list[sqlite3.Row]:
+        """Accepted events, newest first, each with its referral's current state.
+
+        Keyset-paged: `before_id` gives older rows, `after_id` newer ones. `q` matches a
+        server_event_id or a referrer code exactly.
+        """
+        where, params = ["l.server_id = ?"], [server_id]
+        for clause, value in (("l.id < ?", before_id), ("l.id > ?", after_id), ("l.event = ?", event),
+                              ("l.outcome = ?", outcome)):
+            if value is not None and value != "":
+                where.append(clause)
+                params.append(value)
+        if q:
+            where.append("(l.server_event_id = ? OR l.referral_id IN"
+                         " (SELECT referral_id FROM referrals WHERE server_id = ? AND referrer_code = ?))")
+            params.extend((q, server_id, q))
+        order = "ASC" if after_id is not None else "DESC"
+        rows = self.connect().execute(f"{self._LOG_SELECT} WHERE {' AND '.join(where)} ORDER BY l.id {order}"
+                                      " LIMIT ?", (*params, limit)).fetchall()
+        return rows if order == "DESC" else rows[::-1]
+
+    def delivery_log_row(self, server_id: str, row_id: int) -> sqlite3.Row | None:
+        return self.connect().execute(f"{self._LOG_SELECT} WHERE l.server_id = ? AND l.id = ?",
+                                      (server_id, row_id)).fetchone()
+
+    def referral_history(self, referral_id: str) -> list[sqlite3.Row]:
+        """Every log row about a referral, oldest first (including second clicks of its token)."""
+        return self.connect().execute(f"{self._LOG_SELECT} WHERE l.referral_id = ? OR l.token_referral_id = ?"
+                                      " ORDER BY l.id", (referral_id, referral_id)).fetchall()
+
+    # dashboard password
+
+    def admin_password_hash(self) -> str | None:
+        row = self.connect().execute("SELECT value FROM meta WHERE key = 'admin_password_hash'").fetchone()
+        return row[0] if row else None
+
+    def set_admin_password(self, password: str) -> None:
+        if len(password) < 8:
+            raise ConfigError("the dashboard password must have at least 8 characters")
+        with self.transaction() as db:
+            db.execute("INSERT INTO meta (key, value) VALUES ('admin_password_hash', ?) ON CONFLICT (key)"
+                       " DO UPDATE SET value = excluded.value", (generate_password_hash(password),))
 
     def record_rejected(self, server_id: str | None, status: int, error: str, reason: str | None,
                         hint: str, diagnosis: str | None, snippet: str) -> None:
@@ -956,7 +1021,7 @@ def _named_server(store: Store, raw_body: bytes) -> str | None:
         server_id = json.loads(raw_body.decode("utf-8")).get("server_id")
     except (ValueError, RecursionError, AttributeError):
         return None
-    if not isinstance(server_id, str) or store.server(server_id.strip()) is None:
+    if not isinstance(server_id, str) or not _is_valid_unicode(server_id) or store.server(server_id.strip()) is None:
         return None
     return server_id.strip()
 
@@ -964,11 +1029,14 @@ def _named_server(store: Store, raw_body: bytes) -> str | None:
 def _remember_rejection(store: Store, exc: ApiError, raw_body: bytes) -> None:
     """Keep the refusal for the dashboard: reason, hint, a masked snippet, never a secret."""
     server_id = _named_server(store, raw_body)
-    snippet = _masked_snippet(raw_body)
-    if server_id:  # a sender may paste its secret into the body by mistake
-        live, revoked = store.secrets_of(server_id, now())
+    # A sender may paste a secret into the body by mistake, and a body that does not parse
+    # names no server: scrub every secret of the installation, before cutting the snippet.
+    snippet = _masked_snippet(raw_body, limit=MAX_BODY_BYTES)
+    for server in store.servers():
+        live, revoked = store.secrets_of(server["server_id"], now())
         for secret in [secret for _, secret in live] + revoked:
             snippet = snippet.replace(secret, "[secret]")
+    snippet = snippet[:300]
     try:
         store.record_rejected(server_id, exc.status, exc.error, exc.extra.get("reason"), exc.hint,
                               exc.diagnosis, snippet)
@@ -1080,8 +1148,597 @@ def healthz() -> Any:
     return json_response({"ok": True})
 
 
-# Dashboard (SPEC 4) ##########################################################
-# See the next section of the README; built on the same store and pipeline.
+# Dashboard (SPEC 4, 6) #######################################################
+# Server-rendered pages under /dashboard: login, servers, the Referrals tab with
+# secrets, "Send test event", delivery log, rejected requests and analytics. They use
+# the same store and the same ingest pipeline as the HTTP route; templates autoescape.
+
+dashboard = Blueprint("dashboard", __name__, url_prefix="/dashboard")
+LOG_PAGE_SIZE = 50
+LOGIN_FREE_FAILURES = 5          # then each failure doubles the wait, up to LOGIN_MAX_WAIT
+LOGIN_MAX_WAIT = 300
+GRACE_CHOICES = {"0": "revoke now", "3600": "1 hour", "86400": "24 hours", "604800": "7 days"}
+OUTCOMES = ("advanced", "no_op", "first_touch_conflict", "owner_action")
+LOG_EVENTS = EVENTS + ("rejected",)  # owner rejections are logged as their own event
+
+
+def _is_logged_in() -> bool:
+    return session.get("mmoref_login") == _password_fingerprint()
+
+
+def _password_fingerprint() -> str | None:
+    """Changes when the password changes, which logs every session out."""
+    configured = current_app.config.get("MMOREF_ADMIN_PASSWORD")
+    stored = get_store().admin_password_hash()
+    basis = f"env:{configured}" if configured else stored
+    return hashlib.sha256(basis.encode()).hexdigest()[:16] if basis else None
+
+
+def csrf_token() -> str:
+    if "mmoref_csrf" not in session:
+        session["mmoref_csrf"] = secrets.token_urlsafe(32)
+    return session["mmoref_csrf"]
+
+
+@dashboard.before_request
+def _guard() -> Any:
+    """Every POST carries the session's CSRF token; every page but login needs a login."""
+    if request.method == "POST":
+        sent = request.form.get("csrf_token", "")
+        if not hmac.compare_digest(sent.encode(), session.get("mmoref_csrf", "").encode()) or not sent:
+            return _page("message.html", 400, title="Form expired",
+                         message="This form's security token is missing or out of date: go back and reload the page.")
+    if request.endpoint != "mmoref.dashboard.login" and not _is_logged_in():
+        return redirect(url_for("mmoref.dashboard.login", next=request.full_path))
+    return None
+
+
+@dashboard.after_request
+def _no_store(response: Any) -> Any:
+    response.headers["Cache-Control"] = "no-store"  # pages can show a secret once
+    response.headers.setdefault("X-Frame-Options", "DENY")
+    return response
+
+
+class _LoginThrottle:
+    """Failed logins per client: after a few, each try must wait longer (per process)."""
+
+    def __init__(self) -> None:
+        self._failures: dict[str, tuple[int, int]] = {}
+        self._lock = threading.Lock()
+
+    def wait_seconds(self, client: str) -> int:
+        count, last = self._failures.get(client, (0, 0))
+        if count < LOGIN_FREE_FAILURES:
+            return 0
+        wait = min(2 ** (count - LOGIN_FREE_FAILURES), LOGIN_MAX_WAIT)
+        return max(0, last + wait - now())
+
+    def failed(self, client: str) -> None:
+        with self._lock:
+            if len(self._failures) > 10_000:
+                self._failures.clear()
+            count, _ = self._failures.get(client, (0, 0))
+            self._failures[client] = (count + 1, now())
+
+    def succeeded(self, client: str) -> None:
+        self._failures.pop(client, None)
+
+
+login_throttle = _LoginThrottle()
+
+
+def check_password(password: str) -> bool:
+    """Constant-time check against MMOREF_ADMIN_PASSWORD or the stored hash."""
+    configured = current_app.config.get("MMOREF_ADMIN_PASSWORD")
+    if configured:
+        return hmac.compare_digest(password.encode(), configured.encode())
+    stored = get_store().admin_password_hash()
+    return bool(stored) and check_password_hash(stored, password)
+
+
+@dashboard.route("/login", methods=["GET", "POST"])
+def login() -> Any:
+    client = request.remote_addr or "-"
+    error, status = None, 200
+    if request.method == "POST":
+        wait = login_throttle.wait_seconds(client)
+        if wait:
+            error, status = f"Too many failed logins: wait {wait} s and try again.", 429
+        elif check_password(request.form.get("password", "")):
+            login_throttle.succeeded(client)
+            session.clear()
+            session["mmoref_login"] = _password_fingerprint()
+            target = request.args.get("next", "")
+            safe = target.startswith(url_for("mmoref.dashboard.index")) and "//" not in target
+            return redirect(target if safe else url_for("mmoref.dashboard.index"))
+        else:
+            login_throttle.failed(client)
+            error, status = "Wrong password.", 401
+    no_password = not current_app.config.get("MMOREF_ADMIN_PASSWORD") and not get_store().admin_password_hash()
+    return _page("login.html", status, title="Log in", error=error, no_password=no_password)
+
+
+@dashboard.post("/logout")
+def logout() -> Any:
+    session.clear()
+    return redirect(url_for("mmoref.dashboard.login"))
+
+
+@dashboard.get("/")
+def index() -> Any:
+    return _index_page()
+
+
+@dashboard.post("/servers")
+def add_server_form() -> Any:
+    form = request.form
+    try:
+        secret, kid = get_store().add_server(form.get("server_id", "").strip(), form.get("game", "").strip(),
+                                             form.get("name", "").strip(), form.get("registration_url", "").strip(),
+                                             form.get("identity_field", "username"))
+    except ConfigError as exc:
+        return _index_page(error=str(exc), status=400)
+    return _index_page(new_secret={"server_id": form["server_id"].strip(), "game": form["game"].strip(),
+                                   "secret": secret, "kid": kid})
+
+
+def _index_page(status: int = 200, **extra: Any) -> Any:
+    store = get_store()
+    funnels = {row["server_id"]: row for row in store.connect().execute(
+        "SELECT server_id, sum(clicked) AS clicked, sum(registered) AS registered, sum(qualified) AS qualified,"
+        " sum(reversed) AS reversed FROM daily_counts GROUP BY server_id")}
+    return _page("index.html", status, title="Servers", servers=store.servers(), funnels=funnels,
+                 rejected=store.rejected_requests(None, 20), identity_fields=IDENTITY_FIELDS,
+                 form=request.form, **extra)
+
+
+def _server_or_404(game: str, server_id: str) -> sqlite3.Row:
+    server = get_store().server(server_id)
+    if server is None or server["game"] != game:
+        abort(404)
+    return server
+
+
+def _tab_url(server: sqlite3.Row, **params: Any) -> str:
+    return url_for("mmoref.dashboard.referrals_tab", game=server["game"], server_id=server["server_id"], **params)
+
+
+@dashboard.get("/<game>/<server_id>/referrals")
+def referrals_tab(game: str, server_id: str, **shown_once: Any) -> Any:
+    """The Referrals tab; `shown_once` carries a new secret, token or test result into the page."""
+    server = _server_or_404(game, server_id)
+    store = get_store()
+    filters = _log_filters()
+    before, after = request.args.get("before", type=int), request.args.get("after", type=int)
+    rows = store.delivery_log(server_id, limit=LOG_PAGE_SIZE + 1, before_id=before, after_id=after, **filters)
+    has_more = len(rows) > LOG_PAGE_SIZE
+    rows = rows[:LOG_PAGE_SIZE] if after is None else rows[-LOG_PAGE_SIZE:]
+    older = rows and (has_more or after is not None)
+    newer = rows and (before is not None or (after is not None and has_more))
+    live, _ = store.secrets_of(server_id, now())
+    return _page("referrals.html", 200, title=f"Referrals · {server['name'] or server_id}", server=server,
+                 secrets=store.secret_summaries(server_id), has_secret=bool(live), now=now(),
+                 log_rows=[_log_view(row) for row in rows], filters=filters,
+                 older_url=_tab_url(server, before=rows[-1]["id"], **filters) if older else None,
+                 newer_url=_tab_url(server, after=rows[0]["id"], **filters) if newer else None,
+                 csv_url=url_for("mmoref.dashboard.log_csv", game=game, server_id=server_id, **filters),
+                 rejected=store.rejected_requests(server_id, 20), analytics=analytics(store, server_id),
+                 share_link=url_for("mmoref.share_link", server_id=server_id, _external=True) + "?ref=",
+                 grace_choices=GRACE_CHOICES, identity_fields=IDENTITY_FIELDS, log_events=LOG_EVENTS,
+                 outcomes=OUTCOMES, **shown_once)
+
+
+def _log_filters() -> dict[str, str]:
+    """The delivery-log filters of this request that are valid, for queries and links."""
+    args = request.args
+    filters = {"event": args.get("event", ""), "outcome": args.get("outcome", ""), "q": args.get("q", "").strip()}
+    if filters["event"] not in LOG_EVENTS:
+        filters["event"] = ""
+    if filters["outcome"] not in OUTCOMES:
+        filters["outcome"] = ""
+    return {key: value[:MAX_FIELD_CHARS] for key, value in filters.items() if value}
+
+
+def _log_view(row: sqlite3.Row) -> dict[str, Any]:
+    """A delivery-log row for display: PII-light."""
+    try:
+        payload = json.loads(row["payload"] or "{}")
+    except ValueError:
+        payload = {}
+    referee = payload.get("referee_identity") if isinstance(payload, dict) else None
+    return {**dict(row), "received": iso_utc(row["received_at"]),
+            "referee_masked": mask(referee if isinstance(referee, str) else row["referee_identity"], 2, 2),
+            "token_masked": payload.get("token", "") if isinstance(payload, dict) else ""}
+
+
+@dashboard.post("/<game>/<server_id>/referrals/enabled")
+def set_enabled(game: str, server_id: str) -> Any:
+    server = _server_or_404(game, server_id)
+    enable = request.form.get("enabled") == "1"
+    store = get_store()
+    store.update_server(server_id, referrals_enabled=int(enable))
+    if enable and not store.secrets_of(server_id, now())[0]:  # enabling mints the first secret
+        secret, kid = store.rotate_secret(server_id, grace=0)
+        return referrals_tab(game, server_id, new_secret={"secret": secret, "kid": kid})
+    flash("Referrals enabled." if enable else "Referrals disabled: events now get 404 referrals not enabled.")
+    return redirect(_tab_url(server))
+
+
+@dashboard.post("/<game>/<server_id>/referrals/secret")
+def rotate_secret_form(game: str, server_id: str) -> Any:
+    _server_or_404(game, server_id)
+    grace = request.form.get("grace", str(DEFAULT_GRACE_SECONDS))
+    if grace not in GRACE_CHOICES:
+        abort(400)
+    secret, kid = get_store().rotate_secret(server_id, int(grace))
+    return referrals_tab(game, server_id, new_secret={"secret": secret, "kid": kid, "grace": GRACE_CHOICES[grace]})
+
+
+@dashboard.post("/<game>/<server_id>/referrals/settings")
+def settings_form(game: str, server_id: str) -> Any:
+    server = _server_or_404(game, server_id)
+    url = request.form.get("registration_url", "").strip()
+    identity_field = request.form.get("identity_field", "")
+    try:
+        if identity_field not in IDENTITY_FIELDS:
+            raise ConfigError(f"identity field must be one of {', '.join(IDENTITY_FIELDS)}")
+        get_store().update_server(server_id, registration_url=check_registration_url(url) if url else None,
+                                  identity_field=identity_field)
+    except ConfigError as exc:
+        flash(str(exc))
+    else:
+        flash("Settings saved.")
+    return redirect(_tab_url(server))
+
+
+@dashboard.post("/<game>/<server_id>/referrals/token")
+def mint_token_form(game: str, server_id: str) -> Any:
+    server = _server_or_404(game, server_id)
+    try:
+        token, referral_id = get_store().mint_referral(server_id, request.form.get("ref", "").strip())
+    except ConfigError as exc:
+        flash(str(exc))
+        return redirect(_tab_url(server))
+    return referrals_tab(game, server_id, new_token={"token": token, "referral_id": referral_id})
+
+
+@dashboard.post("/<game>/<server_id>/referrals/test-event")
+def send_test_event(game: str, server_id: str) -> Any:
+    """Sign a test `registered` with the current secret, exactly as the kit does, and run
+    it through the same pipeline as POST /api/referral/events."""
+    _server_or_404(game, server_id)
+    store = get_store()
+    live, _ = store.secrets_of(server_id, now())
+    if not live:
+        flash("Generate a secret first: the test event is signed with it.")
+        return redirect(url_for("mmoref.dashboard.referrals_tab", game=game, server_id=server_id))
+    kid, secret = live[0]
+    body = build_body("registered", "dashboard-test-token", server_id, f"test-{secrets.token_hex(4)}",
+                      referee_identity="dashboard-test-player", test=True)
+    config = current_app.config
+    status, answer = handle_ingest(store, body, signature_header(secret, body, kid=kid),
+                                   window=config["MMOREF_REPLAY_WINDOW"], ttl=config["MMOREF_TOKEN_TTL"])
+    return referrals_tab(game, server_id, test_result={"status": status, "body": json.dumps(answer, indent=2)})
+
+
+@dashboard.get("/<game>/<server_id>/referrals/log.csv")
+def log_csv(game: str, server_id: str) -> Any:
+    """The filtered delivery log as CSV, streamed in keyset-paged chunks."""
+    _server_or_404(game, server_id)
+    store, filters = get_store(), _log_filters()
+
+    def lines() -> Iterator[str]:
+        out = io.StringIO()
+        writer = csv.writer(out)
+        writer.writerow(["id", "received_at", "event", "outcome", "state", "referral_id", "referrer_code",
+                         "referee_identity", "server_event_id"])
+        before = None
+        while True:
+            rows = store.delivery_log(server_id, limit=1000, before_id=before, **filters)
+            for row in rows:
+                writer.writerow([_csv_cell(value) for value in (
+                    row["id"], iso_utc(row["received_at"]), row["event"], row["outcome"], row["state"],
+                    row["referral_id"], row["referrer_code"], row["referee_identity"], row["server_event_id"])])
+            yield out.getvalue()
+            out.seek(0)
+            out.truncate()
+            if len(rows) < 1000:
+                return
+            before = rows[-1]["id"]
+
+    filename = f"delivery-log-{server_id}.csv"
+    return current_app.response_class(stream_with_context(lines()), mimetype="text/csv", headers={
+        "Content-Disposition": f'attachment; filename="{filename}"'})
+
+
+def _csv_cell(value: Any) -> Any:
+    """Neutralise spreadsheet formulas: identities and codes come from players."""
+    if isinstance(value, str) and value[:1] in ("=", "+", "-", "@", "\t", "\r"):
+        return "'" + value
+    return value
+
+
+@dashboard.get("/<game>/<server_id>/referrals/log/<int:row_id>")
+def log_detail(game: str, server_id: str, row_id: int) -> Any:
+    server = _server_or_404(game, server_id)
+    store = get_store()
+    row = store.delivery_log_row(server_id, row_id)
+    if row is None:
+        abort(404)
+    referral = store.referral(row["referral_id"])
+    try:
+        payload = json.dumps(json.loads(row["payload"]), indent=2) if row["payload"] else None
+    except ValueError:
+        payload = row["payload"]
+    actions = [action for action, (allowed, _) in OWNER_ACTIONS.items() if referral["state"] in allowed]
+    return _page("detail.html", 200, title=f"Event {row_id}", server=server, row=_log_view(row), payload=payload,
+                 referral=referral, history=[_log_view(r) for r in store.referral_history(row["referral_id"])],
+                 actions=actions)
+
+
+@dashboard.post("/<game>/<server_id>/referrals/referral/<referral_id>/<action>")
+def owner_action_form(game: str, server_id: str, referral_id: str, action: str) -> Any:
+    server = _server_or_404(game, server_id)
+    referral = get_store().referral(referral_id)
+    if action not in OWNER_ACTIONS or referral is None or referral["server_id"] != server_id:
+        abort(404)
+    try:
+        flash(f"Referral {referral_id} is now {owner_action(get_store(), referral_id, action)}.")
+    except ConfigError as exc:
+        flash(str(exc))
+    back = request.form.get("back", "")
+    return redirect(back if back.startswith(_tab_url(server)) and "//" not in back else _tab_url(server))
+
+
+def analytics(store: Store, server_id: str, days: int = 30) -> dict[str, Any]:
+    """Funnel, leaderboard and daily series from the counter tables (no row scans)."""
+    db = store.connect()
+    funnel = db.execute("SELECT coalesce(sum(clicked), 0) AS clicked, coalesce(sum(registered), 0) AS registered,"
+                        " coalesce(sum(qualified), 0) AS qualified, coalesce(sum(reversed), 0) AS reversed"
+                        " FROM daily_counts WHERE server_id = ?", (server_id,)).fetchone()
+    leaders = db.execute("SELECT referrer_code, clicked, registered, qualified FROM referrer_counts"
+                         " WHERE server_id = ? AND qualified > 0 ORDER BY qualified DESC, referrer_code LIMIT 20",
+                         (server_id,)).fetchall()
+    today = datetime.datetime.fromtimestamp(now(), datetime.timezone.utc).date()
+    first = today - datetime.timedelta(days=days - 1)
+    counted = {row["day"]: row for row in db.execute(
+        "SELECT day, clicked, registered, qualified FROM daily_counts WHERE server_id = ? AND day >= ?",
+        (server_id, first.isoformat()))}
+    series = []
+    for offset in range(days):
+        day = (first + datetime.timedelta(days=offset)).isoformat()
+        row = counted.get(day)
+        series.append({"day": day, **{k: row[k] if row else 0 for k in ("clicked", "registered", "qualified")}})
+    return {"funnel": funnel, "leaders": leaders, "series": series,
+            "registered_rate": _rate(funnel["registered"], funnel["clicked"]),
+            "qualified_rate": _rate(funnel["qualified"], funnel["registered"]), "chart": _chart(series)}
+
+
+def _rate(part: int, whole: int) -> str:
+    return f"{100 * part / whole:.1f}%" if whole else "–"
+
+
+def _chart(series: list[dict[str, Any]]) -> dict[str, Any]:
+    """Bar geometry for the inline SVG: one group of three bars a day."""
+    peak = max([1] + [day[k] for day in series for k in ("clicked", "registered", "qualified")])
+    bars = []
+    for index, day in enumerate(series):
+        for offset, kind in enumerate(("clicked", "registered", "qualified")):
+            height = round(100 * day[kind] / peak, 1)
+            bars.append({"x": index * 20 + offset * 6, "y": 110 - height, "height": height, "kind": kind,
+                         "label": f"{day['day']}: {day[kind]} {kind}"})
+    return {"bars": bars, "peak": peak, "width": len(series) * 20}
+
+
+def _page(template: str, status: int, **context: Any) -> Any:
+    html = TEMPLATES.get_template(template).render(
+        url_for=url_for, csrf_token=csrf_token, logged_in=_is_logged_in(), messages=get_flashed_messages(),
+        mask=mask, iso_utc=iso_utc, **context)
+    return current_app.response_class(html, status=status, mimetype="text/html")
+
+
+STYLE_SHEET = """
+:root{--ink:#1d2330;--muted:#5c6475;--line:#d9dde5;--bg:#f6f7f9;--accent:#2f5bd3;--ok:#1c7c3a;--bad:#b3261e}
+*{box-sizing:border-box}body{margin:0;font:15px/1.5 system-ui,sans-serif;color:var(--ink);background:var(--bg)}
+header{display:flex;justify-content:space-between;align-items:center;padding:.6rem 1rem;background:#fff;
+border-bottom:1px solid var(--line)}header a{font-weight:700;text-decoration:none;color:var(--ink)}
+main{max-width:72rem;margin:0 auto;padding:1rem}section{background:#fff;border:1px solid var(--line);
+border-radius:8px;padding:1rem;margin:0 0 1rem}h1{font-size:1.4rem;margin:.2rem 0 1rem}
+h2{font-size:1.1rem;margin:0 0 .6rem}
+label{display:block;margin:.4rem 0 .1rem;font-weight:600}input,select{font:inherit;padding:.35rem .5rem;
+border:1px solid var(--line);border-radius:4px;max-width:100%}button{font:inherit;padding:.35rem .8rem;
+border:1px solid var(--accent);background:var(--accent);color:#fff;border-radius:4px;cursor:pointer}
+button.plain{background:#fff;color:var(--accent)}button:disabled{opacity:.5;cursor:not-allowed}
+.row{display:flex;flex-wrap:wrap;gap:.6rem;align-items:end}.row>*{margin:0}
+.scroll{overflow-x:auto}table{border-collapse:collapse;width:100%;font-size:.9rem}
+th,td{text-align:left;padding:.3rem .5rem;border-bottom:1px solid var(--line);white-space:nowrap}
+.secret{font:1rem ui-monospace,monospace;background:#fff7d6;border:1px solid #e6c84f;padding:.6rem;
+word-break:break-all}.flash{background:#eef3ff;border:1px solid #c9d6fb;padding:.5rem;border-radius:4px}
+.error{color:var(--bad)}.ok{color:var(--ok)}.muted{color:var(--muted)}pre{background:var(--bg);
+padding:.6rem;overflow-x:auto}.funnel{display:flex;gap:1rem;flex-wrap:wrap}.funnel div{min-width:7rem}
+.funnel strong{display:block;font-size:1.5rem}svg .clicked{fill:#9fb4ee}svg .registered{fill:#2f5bd3}
+svg .qualified{fill:#1c7c3a}.pager{display:flex;gap:1rem;margin-top:.5rem}
+"""
+
+TEMPLATES = jinja2.Environment(autoescape=True, loader=jinja2.DictLoader({
+    "base.html": """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
+<title>{{ title }} · mmoref</title><style>""" + STYLE_SHEET + """</style></head>
+<body><header><a href="{{ url_for('mmoref.dashboard.index') }}">mmoref</a>
+{% if logged_in %}<form method="post" action="{{ url_for('mmoref.dashboard.logout') }}">
+<input type="hidden" name="csrf_token" value="{{ csrf_token() }}"><button class="plain">Log out</button></form>
+{% endif %}
+</header><main>{% for message in messages %}<p class="flash" role="status">{{ message }}</p>{% endfor %}
+{% block main %}{% endblock %}</main></body></html>""",
+
+    "message.html": """{% extends "base.html" %}{% block main %}<section><h1>{{ title }}</h1>
+<p>{{ message }}</p></section>{% endblock %}""",
+
+    "login.html": """{% extends "base.html" %}{% block main %}<section><h1>Log in</h1>
+{% if error %}<p class="error" role="alert">{{ error }}</p>{% endif %}
+{% if no_password %}<p class="error">No dashboard password is set yet: run
+<code>python mmoref_server.py set-password</code> or set <code>MMOREF_ADMIN_PASSWORD</code>.</p>{% endif %}
+<form method="post"><input type="hidden" name="csrf_token" value="{{ csrf_token() }}">
+<label for="password">Password</label><input id="password" name="password" type="password"
+autocomplete="current-password" required autofocus> <button>Log in</button></form></section>{% endblock %}""",
+
+    "index.html": """{% extends "base.html" %}{% block main %}<h1>Servers</h1>
+{% if new_secret %}<section id="new-secret"><h2>Server {{ new_secret.server_id }} created</h2>
+<p>Its signing secret, shown <strong>once</strong>: copy it into your game server's config now.</p>
+<p class="secret" id="secret-value">{{ new_secret.secret }}</p><p class="muted">kid {{ new_secret.kid }}</p>
+<p><a href="{{ url_for('mmoref.dashboard.referrals_tab', game=new_secret.game, server_id=new_secret.server_id) }}">
+Open its Referrals tab</a></p></section>{% endif %}
+<section><div class="scroll"><table id="servers"><thead><tr><th>Server</th><th>Game</th><th>Referrals</th>
+<th>Funnel: clicks → registered → qualified (reversed)</th></tr></thead><tbody>
+{% for server in servers %}{% set f = funnels.get(server.server_id) %}<tr data-server="{{ server.server_id }}">
+<td><a href="{{ url_for('mmoref.dashboard.referrals_tab', game=server.game, server_id=server.server_id) }}">
+{{ server.name or server.server_id }}</a> <span class="muted">{{ server.server_id }}</span></td>
+<td>{{ server.game }}</td>
+<td>{{ "on" if server.referrals_enabled else "off" }}</td>
+<td>{{ f.clicked if f else 0 }} → {{ f.registered if f else 0 }} → {{ f.qualified if f else 0 }}
+({{ f.reversed if f else 0 }})</td></tr>
+{% else %}<tr><td colspan="4">No servers yet: add one below.</td></tr>{% endfor %}</tbody></table></div></section>
+<section><h2>Add server</h2>{% if error %}<p class="error" role="alert">{{ error }}</p>{% endif %}
+<form method="post" action="{{ url_for('mmoref.dashboard.add_server_form') }}" class="row">
+<input type="hidden" name="csrf_token" value="{{ csrf_token() }}">
+<div><label for="server_id">Server id</label><input id="server_id" name="server_id" required
+pattern="[A-Za-z0-9_.\\-]{1,64}" value="{{ form.server_id or '' }}"></div>
+<div><label for="game">Game</label><input id="game" name="game" required pattern="[A-Za-z0-9_.\\-]{1,64}"
+value="{{ form.game or '' }}"></div>
+<div><label for="name">Name</label><input id="name" name="name" value="{{ form.name or '' }}"></div>
+<div><label for="registration_url">Registration URL</label><input id="registration_url" name="registration_url"
+type="url" placeholder="https://yourgame.example/register" value="{{ form.registration_url or '' }}"></div>
+<div><label for="identity_field">Identity field</label><select id="identity_field" name="identity_field">
+{% for f in identity_fields %}<option>{{ f }}</option>{% endfor %}</select></div>
+<div><button>Add server</button></div></form></section>
+<section><h2>Rejected requests naming no known server</h2>
+{% with rows = rejected %}{% include "rejected.html" %}{% endwith %}</section>{% endblock %}""",
+
+    "rejected.html": """{% if rows %}<div class="scroll"><table class="rejected"><thead><tr><th>Time</th>
+<th>Status</th><th>Error</th><th>Reason</th><th>Hint</th><th>Body</th></tr></thead><tbody>
+{% for r in rows %}<tr data-status="{{ r.status }}"><td>{{ iso_utc(r.received_at) }}</td><td>{{ r.status }}</td>
+<td>{{ r.error }}</td><td>{{ r.reason or "" }}</td><td style="white-space:normal">{{ r.hint }}
+{% if r.diagnosis %}<br><strong class="diagnosis">{{ r.diagnosis }}</strong>{% endif %}</td>
+<td><code>{{ r.snippet[:120] }}</code></td></tr>{% endfor %}</tbody></table></div>
+{% else %}<p class="muted">None.</p>{% endif %}""",
+
+    "referrals.html": """{% extends "base.html" %}{% block main %}
+<h1>{{ server.name or server.server_id }} <span class="muted">· {{ server.game }} · Referrals</span></h1>
+{% if new_secret %}<section id="new-secret"><h2>New signing secret</h2>
+<p>Shown <strong>once</strong>: copy it into your game server's config now.
+{% if new_secret.grace %}The previous secret: {{ new_secret.grace }}.{% endif %}</p>
+<p class="secret" id="secret-value">{{ new_secret.secret }}</p><p class="muted">kid {{ new_secret.kid }}</p></section>
+{% endif %}
+{% if new_token %}<section id="new-token"><h2>Test token for referral {{ new_token.referral_id }}</h2>
+<p class="secret" id="token-value">{{ new_token.token }}</p></section>{% endif %}
+
+<section id="status"><h2>Status</h2><form method="post" action="{{ url_for('mmoref.dashboard.set_enabled',
+game=server.game, server_id=server.server_id) }}"><input type="hidden" name="csrf_token" value="{{ csrf_token() }}">
+{% if server.referrals_enabled %}<p class="ok">Referrals are enabled.</p><input type="hidden" name="enabled" value="0">
+<button class="plain">Disable referrals</button>{% else %}<p class="error">Referrals are disabled.</p>
+<input type="hidden" name="enabled" value="1"><button>Enable referrals</button>{% endif %}</form></section>
+
+<section id="secrets"><h2>Signing secret</h2><div class="scroll"><table><thead><tr><th>kid</th><th>Secret</th>
+<th>Status</th></tr></thead><tbody>{% for s in secrets[:5] %}<tr><td>{{ s.kid }}</td><td>…{{ s.last4 }}</td><td>
+{% if s.expires_at is none %}current{% elif s.expires_at > now %}valid until {{ iso_utc(s.expires_at) }}
+{% else %}revoked{% endif %}</td></tr>{% else %}<tr><td colspan="3">No secret yet.</td></tr>{% endfor %}
+</tbody></table></div>
+<form method="post" class="row" action="{{ url_for('mmoref.dashboard.rotate_secret_form', game=server.game,
+server_id=server.server_id) }}"><input type="hidden" name="csrf_token" value="{{ csrf_token() }}">
+<div><label for="grace">The previous secret</label><select id="grace" name="grace">{% for value, label in
+grace_choices.items() %}<option value="{{ value }}"{% if value == "86400" %} selected{% endif %}>{% if value == "0"
+%}revoke now{% else %}stays valid {{ label }}{% endif %}</option>{% endfor %}</select></div>
+<div><button>{{ "Rotate secret" if has_secret else "Generate secret" }}</button></div></form></section>
+
+<section id="settings"><h2>Registration</h2><form method="post" class="row" action="{{
+url_for('mmoref.dashboard.settings_form', game=server.game, server_id=server.server_id) }}">
+<input type="hidden" name="csrf_token" value="{{ csrf_token() }}">
+<div><label for="registration_url">Registration URL</label><input id="registration_url" name="registration_url"
+size="40" value="{{ server.registration_url or '' }}" placeholder="https://yourgame.example/register"></div>
+<div><label for="identity_field">Identity field</label><select id="identity_field" name="identity_field">
+{% for f in identity_fields %}<option{% if f == server.identity_field %} selected{% endif %}>{{ f }}</option>
+{% endfor %}</select></div><div><button>Save</button></div></form>
+<label for="share-link">Share link (players add their code)</label>
+<input id="share-link" readonly size="50" value="{{ share_link }}PLAYERCODE">
+<form method="post" class="row" action="{{ url_for('mmoref.dashboard.mint_token_form', game=server.game,
+server_id=server.server_id) }}"><input type="hidden" name="csrf_token" value="{{ csrf_token() }}">
+<div><label for="ref">Referrer code</label><input id="ref" name="ref" required value="tester"></div>
+<div><button class="plain">Mint a test token</button></div></form></section>
+
+<section id="test-event"><h2>Send test event</h2>
+<p class="muted">Signs a <code>"test": true</code> registered event with the current secret and runs it through the
+real ingest pipeline. Nothing is written to the delivery log.</p>
+<form method="post" action="{{ url_for('mmoref.dashboard.send_test_event', game=server.game,
+server_id=server.server_id) }}"><input type="hidden" name="csrf_token" value="{{ csrf_token() }}">
+<button id="send-test-event"{% if not has_secret %} disabled{% endif %}>Send test event</button>
+{% if not has_secret %}<span class="muted">Generate a secret first: the test event is signed with it.</span>
+{% endif %}</form>{% if test_result %}<div id="test-result" data-status="{{ test_result.status }}">
+<p class="{{ 'ok' if test_result.status == 200 else 'error' }}">HTTP {{ test_result.status }}</p>
+<pre>{{ test_result.body }}</pre></div>{% endif %}</section>
+
+<section id="analytics"><h2>Analytics</h2>{% set f = analytics.funnel %}<div class="funnel">
+<div>Clicks<strong id="funnel-clicked">{{ f.clicked }}</strong></div>
+<div>Registered<strong id="funnel-registered">{{ f.registered }}</strong>{{ analytics.registered_rate }} of clicks</div>
+<div>Qualified<strong id="funnel-qualified">{{ f.qualified }}</strong>{{ analytics.qualified_rate }} of registered</div>
+<div>Reversed<strong id="funnel-reversed">{{ f.reversed }}</strong></div></div>
+<h3>Last 30 days</h3><svg id="daily-chart" role="img" aria-label="Daily clicks, registrations and qualifications"
+viewBox="0 0 {{ analytics.chart.width }} 112" width="100%" height="140" preserveAspectRatio="none">
+{% for bar in analytics.chart.bars %}<rect class="{{ bar.kind }}" x="{{ bar.x }}" y="{{ bar.y }}" width="5"
+height="{{ bar.height }}"><title>{{ bar.label }}</title></rect>{% endfor %}</svg>
+<p class="muted">Bars per day: clicks (light), registered (blue), qualified (green);
+peak {{ analytics.chart.peak }}.</p>
+<h3>Top referrers (by qualified)</h3><div class="scroll"><table id="leaderboard"><thead><tr><th>Referrer</th>
+<th>Clicks</th><th>Registered</th><th>Qualified</th></tr></thead><tbody>{% for r in analytics.leaders %}<tr>
+<td>{{ r.referrer_code }}</td><td>{{ r.clicked }}</td><td>{{ r.registered }}</td><td>{{ r.qualified }}</td></tr>
+{% else %}<tr><td colspan="4">No qualified referrals yet.</td></tr>{% endfor %}</tbody></table></div></section>
+
+<section id="log"><h2>Delivery log</h2><form method="get" class="row">
+<div><label for="f-event">Event</label><select id="f-event" name="event"><option value="">any</option>
+{% for e in log_events %}<option{% if filters.event == e %} selected{% endif %}>{{ e }}</option>{% endfor %}
+</select></div><div><label for="f-outcome">Outcome</label><select id="f-outcome" name="outcome">
+<option value="">any</option>{% for o in outcomes %}<option{% if filters.outcome == o %} selected{% endif %}>{{ o }}
+</option>{% endfor %}</select></div><div><label for="f-q">server_event_id or referrer code</label>
+<input id="f-q" name="q" value="{{ filters.q or '' }}"></div><div><button class="plain">Filter</button></div>
+<div><a href="{{ csv_url }}">Export CSV</a></div></form>
+<div class="scroll"><table id="delivery-log"><thead><tr><th>Received</th><th>Event</th><th>State now</th>
+<th>Outcome</th><th>server_event_id</th><th>Referrer</th><th>Referee</th><th>Token</th><th></th></tr></thead><tbody>
+{% for row in log_rows %}<tr data-id="{{ row.id }}" data-event="{{ row.event }}" data-state="{{ row.state }}"
+data-outcome="{{ row.outcome }}"><td>{{ row.received }}</td><td>{{ row.event }}</td><td>{{ row.state }}</td>
+<td>{{ row.outcome }}</td><td>{{ row.server_event_id or "" }}</td><td>{{ row.referrer_code }}</td>
+<td>{{ row.referee_masked }}</td><td>{{ row.token_masked }}</td><td><a class="detail" href="{{
+url_for('mmoref.dashboard.log_detail', game=server.game, server_id=server.server_id, row_id=row.id) }}">details</a>
+</td></tr>{% else %}<tr><td colspan="9">No events{{ " match these filters" if filters else " yet" }}.</td></tr>
+{% endfor %}</tbody></table></div><nav class="pager">{% if newer_url %}<a id="newer" href="{{ newer_url }}">← newer
+</a>{% endif %}{% if older_url %}<a id="older" href="{{ older_url }}">older →</a>{% endif %}</nav></section>
+
+<section id="rejected"><h2>Rejected requests</h2>{% with rows = rejected %}{% include "rejected.html" %}
+{% endwith %}</section>{% endblock %}""",
+
+    "detail.html": """{% extends "base.html" %}{% block main %}
+<p><a href="{{ url_for('mmoref.dashboard.referrals_tab', game=server.game, server_id=server.server_id) }}">
+← Referrals</a></p><h1>Event {{ row.id }}: {{ row.event }}</h1><section><table id="event-detail">
+<tr><th>Received</th><td>{{ row.received }}</td></tr><tr><th>Outcome</th><td>{{ row.outcome }}</td></tr>
+<tr><th>server_event_id</th><td>{{ row.server_event_id or "" }}</td></tr>
+<tr><th>Referral</th><td>{{ referral.referral_id }} (referrer {{ referral.referrer_code }})</td></tr>
+<tr><th>Referral state now</th><td id="referral-state">{{ referral.state }}</td></tr>
+<tr><th>Referee</th><td>{{ referral.referee_identity or "" }}</td></tr></table>
+{% if payload %}<h2>Stored payload (token masked)</h2><pre>{{ payload }}</pre>{% endif %}</section>
+<section><h2>Owner actions</h2>{% for action in actions %}<form method="post" style="display:inline" action="{{
+url_for('mmoref.dashboard.owner_action_form', game=server.game, server_id=server.server_id,
+referral_id=referral.referral_id, action=action) }}"><input type="hidden" name="csrf_token" value="{{ csrf_token() }}">
+<input type="hidden" name="back" value="{{ url_for('mmoref.dashboard.log_detail', game=server.game,
+server_id=server.server_id, row_id=row.id) }}"><button class="plain" id="action-{{ action }}">{{ action|capitalize }}
+referral</button></form> {% else %}<p class="muted">None: a {{ referral.state }} referral is final or not yet
+registered.</p>{% endfor %}</section>
+<section><h2>History of this referral</h2><div class="scroll"><table id="history"><tbody>{% for h in history %}
+<tr data-event="{{ h.event }}" data-outcome="{{ h.outcome }}"><td>{{ h.received }}</td><td>{{ h.event }}</td>
+<td>{{ h.outcome }}</td><td>{{ h.server_event_id or "" }}</td></tr>{% endfor %}</tbody></table></div></section>
+{% endblock %}""",
+}))
+
+
+referrals.register_blueprint(dashboard)
 
 
 # App factory #################################################################
@@ -1091,13 +1748,24 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     """The standalone server: settings from MMOREF_* env, then `config`, then the blueprint."""
     app = Flask(__name__)
     app.config.update(load_settings())
+    app.config.update(SESSION_COOKIE_SAMESITE="Lax", SESSION_COOKIE_HTTPONLY=True)
     app.config.update(config or {})
     if app.config["MMOREF_TRUST_PROXY"]:
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=1, x_proto=1, x_host=1, x_port=1)  # type: ignore[method-assign]
+    app.session_interface = _SessionInterface()
     app.register_blueprint(referrals)
     with app.app_context():
-        get_store()  # create or migrate the schema now; refuse a newer database at start-up
+        store = get_store()  # create or migrate the schema now; refuse a newer database at start-up
+        if not app.config.get("SECRET_KEY"):  # per installation, never a constant
+            app.config["SECRET_KEY"] = store.installation_key("session_key")
     return app
+
+
+class _SessionInterface(SecureCookieSessionInterface):
+    """The session cookie is Secure whenever the request came over https."""
+
+    def get_cookie_secure(self, app: Flask) -> bool:
+        return bool(super().get_cookie_secure(app) or request.is_secure)
 
 
 # Command line (SPEC 5) #######################################################
@@ -1185,8 +1853,25 @@ def _banner(app: Flask, host: str, port: int) -> str:
 
 
 def _login_lines(app: Flask) -> list[str]:
-    """How to log in to the dashboard (filled in by the dashboard section)."""
-    return []
+    """How to log in to the dashboard; on first run, make a password and show it once."""
+    if app.config.get("MMOREF_ADMIN_PASSWORD"):
+        return ["  login      the password in MMOREF_ADMIN_PASSWORD"]
+    store = app.extensions["mmoref"]
+    if store.admin_password_hash():
+        return ["  login      your dashboard password (change it: python mmoref_server.py set-password)"]
+    password = secrets.token_urlsafe(12)
+    store.set_admin_password(password)
+    return [f"  login      password {password}   (shown once, stored hashed; change it with set-password)"]
+
+
+@cli.command("set-password")
+@_db_option
+@click.option("--password", prompt="New dashboard password", hide_input=True, confirmation_prompt=True,
+              help="the new password (prompted for when omitted)")
+def set_password(db_path: str | None, password: str) -> None:
+    """Set the dashboard password (stored as a salted hash); logs every session out."""
+    _open_store(db_path).set_admin_password(password)
+    click.echo("dashboard password changed")
 
 
 @cli.command("add-server")
