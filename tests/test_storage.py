@@ -1,0 +1,164 @@
+"""The SQLite file: permissions, durability settings, schema version, migrations, /healthz."""
+from __future__ import annotations
+
+import os
+import sqlite3
+import stat
+from pathlib import Path
+
+import pytest
+from support import assert_one_error_line, database, rows, scalar
+
+import mmoref_server as mm
+
+V1_TABLES = ("meta", "servers", "secrets", "referrals", "anchors", "delivery_log", "rejected_requests")
+COUNTER_TABLES = ("daily_counts", "referrer_counts")
+
+
+def mode(path: str | Path) -> int:
+    return stat.S_IMODE(os.stat(path).st_mode)
+
+
+def dump(path: str | Path, tables: tuple[str, ...]) -> dict[str, list[tuple]]:
+    return {table: sorted(rows(path, f"SELECT * FROM {table}"), key=repr) for table in tables}
+
+
+@pytest.fixture
+def permissive_umask():
+    """umask 0: any mode other than 0666 below comes from mmoref itself."""
+    previous = os.umask(0)
+    yield
+    os.umask(previous)
+
+
+@pytest.mark.parametrize("creator", ["create_app", "cli", "demo"])
+def test_database_file_is_created_owner_only(db_path, runner, permissive_umask, creator):
+    if creator == "create_app":
+        mm.create_app({"MMOREF_DB": db_path})
+    elif creator == "cli":
+        assert runner("add-server", "srv_1", "--game", "g").exit_code == 0
+    else:
+        assert runner("demo", db_path, db=False).exit_code == 0
+    assert mode(db_path) == 0o600
+
+
+@pytest.mark.parametrize(("env", "synchronous"), [({}, 2), ({"MMOREF_SYNCHRONOUS": "NORMAL"}, 1),
+                                                  ({"MMOREF_SYNCHRONOUS": "full"}, 2)])
+def test_wal_and_synchronous_mode(db_path, monkeypatch, env, synchronous):
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    app = mm.create_app({"MMOREF_DB": db_path})
+    with app.app_context():
+        connection = mm.get_store().connect()
+        assert connection.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert connection.execute("PRAGMA synchronous").fetchone()[0] == synchronous  # 2 FULL, 1 NORMAL
+    with database(db_path) as independent:  # WAL is a property of the file
+        assert independent.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_bad_synchronous_setting_is_one_error_line(runner, monkeypatch):
+    monkeypatch.setenv("MMOREF_SYNCHRONOUS", "OFF")
+    result = runner("add-server", "srv_1", "--game", "g")
+    assert_one_error_line(result.exit_code, result.stderr, "MMOREF_SYNCHRONOUS")
+
+
+def test_user_version_is_the_schema_version(app, db_path):
+    assert mm.SCHEMA_VERSION == len(mm.MIGRATIONS) >= 2
+    assert scalar(db_path, "PRAGMA user_version") == mm.SCHEMA_VERSION
+
+
+def build_v1_copy(source: str, target: str) -> None:
+    """`target`: only MIGRATIONS[0] applied, user_version 1, holding `source`'s v1 rows.
+
+    The v1 tables are written by the same code paths in v2, so copying them from a database
+    the real pipeline filled gives exactly the rows a v1 installation would have had.
+    """
+    with database(target) as db:
+        for statement in mm.MIGRATIONS[0]:
+            db.execute(statement)
+        db.execute("PRAGMA user_version = 1")
+        db.execute("ATTACH DATABASE ? AS source", (source,))
+        for table in V1_TABLES:
+            db.execute(f"INSERT INTO main.{table} SELECT * FROM source.{table}")
+        db.execute("DETACH DATABASE source")
+
+
+def test_v1_database_is_migrated_with_data_intact_and_counters_backfilled(tmp_path, runner):
+    source, target = str(tmp_path / "lived.db"), str(tmp_path / "v1.db")
+    assert runner("demo", source, db=False).exit_code == 0   # every state, through the real pipeline
+    build_v1_copy(source, target)
+    v1_rows = dump(target, V1_TABLES)
+    assert all(v1_rows[table] for table in ("servers", "referrals", "anchors", "delivery_log"))
+
+    mm.Store(target).close()
+
+    assert scalar(target, "PRAGMA user_version") == mm.SCHEMA_VERSION
+    assert dump(target, V1_TABLES) == v1_rows
+    # the backfill reproduces what the live code counted while the history happened
+    assert dump(target, COUNTER_TABLES) == dump(source, COUNTER_TABLES)
+
+
+def test_migrated_database_keeps_working(tmp_path, runner):
+    source, target = str(tmp_path / "lived.db"), str(tmp_path / "v1.db")
+    assert runner("demo", source, db=False).exit_code == 0
+    build_v1_copy(source, target)
+
+    minted = runner("mint-token", mm.DEMO_SERVER_ID, "--ref", "zed", "--json", "--db", target, db=False)
+    assert minted.exit_code == 0, minted.stderr
+    log = runner("log", mm.DEMO_SERVER_ID, "--json", "--db", target, db=False)
+    assert len(log.json()) == len(rows(source, "SELECT id FROM delivery_log"))
+    assert rows(target, "SELECT clicked FROM referrer_counts WHERE referrer_code = 'zed'") == [(1,)]
+
+
+@pytest.fixture
+def newer_database(db_path) -> str:
+    mm.Store(db_path).close()
+    with database(db_path) as db:
+        db.execute(f"PRAGMA user_version = {mm.SCHEMA_VERSION + 1}")
+    return db_path
+
+
+@pytest.mark.parametrize("opener", [mm.Store, lambda path: mm.create_app({"MMOREF_DB": path})],
+                         ids=["Store", "create_app"])
+def test_newer_database_is_refused(newer_database, opener):
+    with pytest.raises(mm.StoreError, match=rf"newer mmoref \(schema v{mm.SCHEMA_VERSION + 1}.*upgrade"):
+        opener(newer_database)
+    assert scalar(newer_database, "PRAGMA user_version") == mm.SCHEMA_VERSION + 1  # left untouched
+
+
+def test_newer_database_is_refused_by_the_cli(newer_database, runner):
+    result = runner("log", "srv_1")
+    assert_one_error_line(result.exit_code, result.stderr, "newer mmoref", "upgrade")
+
+
+def test_garbage_file_is_refused_by_the_cli(db_path, runner):
+    Path(db_path).write_bytes(b"this is not a database" * 100)
+    result = runner("log", "srv_1")
+    assert_one_error_line(result.exit_code, result.stderr, "not a usable SQLite database")
+
+
+def test_healthz_ok(client):
+    response = client.get("/healthz")
+    assert (response.status_code, response.json) == (200, {"ok": True})
+
+
+def _replace_with_garbage(store: mm.Store, monkeypatch) -> None:
+    store.close()  # the next request opens a fresh connection, as a new worker thread would
+    for suffix in ("-wal", "-shm"):
+        Path(store.path + suffix).unlink(missing_ok=True)
+    Path(store.path).write_bytes(b"garbage!" * 1024)
+
+
+def _make_the_store_fail(store: mm.Store, monkeypatch) -> None:
+    def broken() -> sqlite3.Connection:
+        raise sqlite3.OperationalError("disk I/O error")
+    monkeypatch.setattr(store, "connect", broken)
+
+
+@pytest.mark.parametrize("breakage", [_replace_with_garbage, _make_the_store_fail], ids=["garbage", "failing"])
+def test_healthz_503_when_the_database_is_unusable(client, store, monkeypatch, breakage):
+    breakage(store, monkeypatch)
+    response = client.get("/healthz")
+    assert response.status_code == 503
+    assert response.mimetype == "application/json"
+    assert (response.json["ok"], response.json["error"]) == (False, "database unavailable")
