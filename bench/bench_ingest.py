@@ -1,0 +1,383 @@
+"""Ingest benchmark: one command, numbers for the README's Performance table.
+
+    python bench/bench_ingest.py                 # full run (1,000,000 prefilled rows)
+    python bench/bench_ingest.py --rows 100000   # quicker
+
+In one run it:
+1. starts `python mmoref_server.py serve` on a fresh database on 127.0.0.1, mints unique
+   tokens through the share link, then alternates rounds of signed unique `registered`
+   events and `GET /healthz` (wrk when installed, else a keep-alive Python client), and
+   prints events/s, p50/p99 and the ratio ingest/healthz;
+2. prefills a second database with --rows delivery-log rows through the server's own
+   storage and transition code (in-process, batched), serves it, repeats the ingest
+   rounds and prints the ratio to the empty-database figure;
+3. times dashboard pages on the big database (server time from Server-Timing) and a
+   10,000-row CSV export; prints each server's peak RSS.
+
+Only 127.0.0.1; every load loop is bounded in count and time.
+"""
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.parse
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+import mmoref_server as mm  # noqa: E402
+
+SERVER_ID, GAME, PASSWORD = "bench", "benchgame", "bench-password-123"
+CODES = 100  # referrer codes: a prefill of 1,000,000 rows gives 10,000 per code (the CSV export)
+HOST = "127.0.0.1"
+
+
+# The server under test ########################################################
+
+class Server:
+    def __init__(self, db_path: Path, threads: int):
+        self.port = _free_port()
+        self.log = open(db_path.with_suffix(".log"), "w")  # noqa: SIM115 (closed in stop)
+        env = {**os.environ, "MMOREF_ADMIN_PASSWORD": PASSWORD, "MMOREF_THREADS": str(threads)}
+        self.process = subprocess.Popen(
+            [sys.executable, str(ROOT / "mmoref_server.py"), "serve", "--db", str(db_path), "--port", str(self.port)],
+            env=env, stdout=self.log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                if request("GET", self.port, "/healthz")[0] == 200:
+                    return
+            except OSError:
+                time.sleep(0.1)
+        raise SystemExit("the server did not start; see " + self.log.name)
+
+    def peak_rss_mb(self) -> float:
+        status = Path(f"/proc/{self.process.pid}/status").read_text()
+        return int(re.search(r"VmHWM:\s+(\d+) kB", status).group(1)) / 1024
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(timeout=20)
+        self.log.close()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind((HOST, 0))
+        return sock.getsockname()[1]
+
+
+def request(method: str, port: int, path: str, body: bytes | None = None,
+            headers: dict[str, str] | None = None, connection: http.client.HTTPConnection | None = None):
+    conn = connection or http.client.HTTPConnection(HOST, port, timeout=30)
+    conn.request(method, path, body=body, headers=headers or {})
+    response = conn.getresponse()
+    data = response.read()
+    if connection is None:
+        conn.close()
+    return response.status, data, response
+
+
+# Tokens through the share link ###############################################
+
+def mint_tokens(port: int, count: int, workers: int = 16) -> list[str]:
+    """Follow the share link `count` times; collect the mmref tokens from the redirects."""
+    def mint(indices: range) -> list[str]:
+        conn = http.client.HTTPConnection(HOST, port, timeout=30)
+        tokens = []
+        for n in indices:
+            status, _, response = request("GET", port, f"/r/{SERVER_ID}?ref=c{n % CODES}", connection=conn)
+            location = response.getheader("Location", "")
+            tokens.append(urllib.parse.parse_qs(urllib.parse.urlsplit(location).query)["mmref"][0])
+            assert status == 302, status
+        conn.close()
+        return tokens
+
+    chunks = [range(start, count, workers) for start in range(workers)]
+    with ThreadPoolExecutor(workers) as pool:
+        return [token for tokens in pool.map(mint, chunks) for token in tokens]
+
+
+# Load generators ##############################################################
+
+WRK_SCRIPT = """
+local bodies = {%(bodies)s}
+local signatures = {%(signatures)s}
+local index, step, sent, limit = 1, 1, 0, %(limit)d
+function setup(thread) thread:set("id", __next_id or 0); __next_id = (__next_id or 0) + 1 end
+function init(args) index = (id or 0) + 1; step = tonumber(args[1]) end
+function request()
+  sent = sent + 1
+  if #bodies == 0 then
+    if sent > limit then wrk.thread:stop() end
+    return wrk.format("GET", "/healthz")
+  end
+  if index > #bodies then wrk.thread:stop(); index = #bodies end
+  local body, signature = bodies[index], signatures[index]
+  index = index + step
+  return wrk.format("POST", "/api/referral/events",
+                    {["X-MMOLove-Signature"] = signature, ["Content-Type"] = "application/json"}, body)
+end
+function done(summary, latency, requests)
+  io.write(string.format('RESULT {"requests": %%d, "seconds": %%f, "bad_status": %%d, "socket_errors": %%d, ' ..
+    '"p50_ms": %%f, "p99_ms": %%f}\\n', summary.requests, summary.duration / 1e6, summary.errors.status,
+    summary.errors.connect + summary.errors.read + summary.errors.write + summary.errors.timeout,
+    latency:percentile(50) / 1000, latency:percentile(99) / 1000))
+end
+"""
+
+
+def signed_events(tokens: list[str], secret: str, label: str) -> list[tuple[bytes, str]]:
+    events = []
+    for n, token in enumerate(tokens):
+        body = mm.build_body("registered", token, SERVER_ID, f"{label}-{n}", referee_identity=f"{label}-player-{n}")
+        events.append((body, mm.signature_header(secret, body)))
+    return events
+
+
+def run_wrk(port: int, events: list[tuple[bytes, str]], seconds: float, connections: int,
+            workdir: Path, limit: int = 200_000) -> dict:
+    threads = 2
+    script = workdir / "load.lua"
+    script.write_text(WRK_SCRIPT % {
+        "bodies": ",".join(json.dumps(body.decode()) for body, _ in events),
+        "signatures": ",".join(json.dumps(signature) for _, signature in events),
+        "limit": limit // threads})
+    path = "/api/referral/events" if events else "/healthz"
+    output = subprocess.run(
+        ["wrk", f"-t{threads}", f"-c{connections}", f"-d{max(1, round(seconds))}s", "--latency", "-s", str(script),
+         f"http://{HOST}:{port}{path}", "--", str(threads)],
+        capture_output=True, text=True, timeout=seconds + 60)
+    if "RESULT " not in output.stdout:
+        raise SystemExit(f"wrk failed:\n{output.stdout}\n{output.stderr}")
+    result = json.loads(output.stdout.split("RESULT ", 1)[1])
+    result["rate"] = result["requests"] / result["seconds"]
+    return result
+
+
+def run_python_client(port: int, events: list[tuple[bytes, str]], seconds: float, connections: int,
+                      workdir: Path, limit: int = 200_000) -> dict:
+    """The fallback without wrk: keep-alive connections on threads, bounded by count and time."""
+    latencies: list[float] = []
+    bad = [0]
+    lock = threading.Lock()
+    pending = iter(events) if events else None
+    deadline = time.monotonic() + seconds
+
+    def worker() -> None:
+        conn = http.client.HTTPConnection(HOST, port, timeout=30)
+        mine = []
+        for _ in range(limit // connections):
+            if time.monotonic() > deadline:
+                break
+            if pending is None:
+                method, path, body, headers = "GET", "/healthz", None, {}
+            else:
+                with lock:
+                    item = next(pending, None)
+                if item is None:
+                    break
+                method, path, body, headers = "POST", "/api/referral/events", item[0], {mm.SIGNATURE_HEADER: item[1]}
+            started = time.perf_counter()
+            status, _, _ = request(method, port, path, body, headers, connection=conn)
+            mine.append(time.perf_counter() - started)
+            if status != 200:
+                bad[0] += 1
+        conn.close()
+        with lock:
+            latencies.extend(mine)
+
+    started = time.monotonic()
+    workers = [threading.Thread(target=worker) for _ in range(connections)]
+    for thread in workers:
+        thread.start()
+    for thread in workers:
+        thread.join(seconds + 60)
+    elapsed = time.monotonic() - started
+    latencies.sort()
+    pick = lambda q: latencies[min(len(latencies) - 1, int(q * len(latencies)))] * 1000 if latencies else 0.0  # noqa: E731
+    return {"requests": len(latencies), "seconds": elapsed, "bad_status": bad[0], "socket_errors": 0,
+            "p50_ms": pick(0.50), "p99_ms": pick(0.99), "rate": len(latencies) / elapsed}
+
+
+# Stages ########################################################################
+
+def measure_ingest(server: Server, secret: str, args: argparse.Namespace, workdir: Path, label: str,
+                   with_healthz: bool) -> dict:
+    """Alternate ingest and healthz rounds; medians of each."""
+    load = run_wrk if shutil.which("wrk") and not args.python_client else run_python_client
+    ingest_rounds, health_rounds = [], []
+    for round_number in range(args.rounds):
+        tokens = mint_tokens(server.port, args.events)
+        events = signed_events(tokens, secret, f"{label}{round_number}")
+        ingest_rounds.append(load(server.port, events, args.seconds, args.connections, workdir))
+        if ingest_rounds[-1]["bad_status"] or ingest_rounds[-1]["socket_errors"]:
+            raise SystemExit(f"ingest round failed: {ingest_rounds[-1]}")
+        if with_healthz:
+            health_rounds.append(load(server.port, [], args.seconds, args.connections, workdir))
+    summary = {"ingest": _median_round(ingest_rounds), "rounds": ingest_rounds}
+    if with_healthz:
+        summary["healthz"] = _median_round(health_rounds)
+    return summary
+
+
+def _median_round(rounds: list[dict]) -> dict:
+    return {key: statistics.median(r[key] for r in rounds) for key in ("rate", "p50_ms", "p99_ms", "requests")}
+
+
+def prefill(db_path: Path, rows: int) -> tuple[str, float]:
+    """Write `rows` registered events through the server's own storage and transition code."""
+    store = mm.Store(str(db_path))
+    secret, _ = store.add_server(SERVER_ID, GAME, "Bench", "http://localhost:8080/register")
+    ttl = mm.SETTINGS["MMOREF_TOKEN_TTL"][1]
+    started = time.perf_counter()
+    for start in range(0, rows, 10_000):
+        with store.transaction() as db:
+            for n in range(start, min(rows, start + 10_000)):
+                issued = mm.now()
+                referral_id = mm.insert_referral(db, SERVER_ID, f"c{n % CODES}", issued)
+                body = mm.build_body("registered", "prefilled", SERVER_ID, f"pre-{n}", referee_identity=f"pre-{n}")
+                delivery = mm.Delivery(SERVER_ID, "registered", mm.TokenClaims(SERVER_ID, referral_id, issued),
+                                       f"pre-{n}", f"pre-{n}", body)
+                mm._decide_and_write(db, delivery, ttl)  # the transition code the server runs
+    store.close()
+    return secret, time.perf_counter() - started
+
+
+class Dashboard:
+    """A logged-in keep-alive session for timing pages."""
+
+    def __init__(self, port: int):
+        self.conn = http.client.HTTPConnection(HOST, port, timeout=120)
+        self.cookie = ""
+        page = self.get("/dashboard/login")[1]
+        self.post("/dashboard/login", {"password": PASSWORD, "csrf_token": _csrf(page)})
+
+    def _send(self, method: str, path: str, body: bytes | None, headers: dict) -> tuple[int, str, float, float]:
+        started = time.perf_counter()
+        self.conn.request(method, path, body=body, headers={**headers, "Cookie": self.cookie})
+        response = self.conn.getresponse()
+        text = response.read().decode()
+        wall = (time.perf_counter() - started) * 1000
+        cookie = response.getheader("Set-Cookie")
+        if cookie:
+            self.cookie = cookie.split(";", 1)[0]
+        timing = re.search(r"dur=([\d.]+)", response.getheader("Server-Timing", "") or "")
+        return response.status, text, float(timing.group(1)) if timing else wall, wall
+
+    def get(self, path: str):
+        return self._send("GET", path, None, {})
+
+    def post(self, path: str, form: dict):
+        body = urllib.parse.urlencode(form).encode()
+        return self._send("POST", path, body, {"Content-Type": "application/x-www-form-urlencoded"})
+
+
+def _csrf(page: str) -> str:
+    return re.search(r'name="csrf_token" value="([^"]+)"', page).group(1)
+
+
+def time_pages(port: int) -> dict:
+    dash = Dashboard(port)
+    tab = f"/dashboard/{GAME}/{SERVER_ID}/referrals"
+    best = lambda path: min(dash.get(path)[2] for _ in range(5))  # noqa: E731
+    first = best(tab)
+    path, deep_times = tab, []
+    for _ in range(50):  # follow "older" 50 pages deep (2,500 rows back)
+        status, page, server_ms, _ = dash.get(path)
+        deep_times.append(server_ms)
+        older = re.search(r'id="older" href="([^"]+)"', page)
+        if status != 200 or not older:
+            break
+        path = older.group(1).replace("&amp;", "&")
+    filtered = best(f"{tab}?event=registered&outcome=advanced&q=c7")
+    search = best(f"{tab}?q=pre-4242")
+    csv_started = time.perf_counter()
+    status, text, _, _ = dash.get(f"{tab}/log.csv?q=c7")
+    csv_ms = (time.perf_counter() - csv_started) * 1000
+    return {"tab_first_page_ms": first, "deep_page_ms": deep_times[-1], "deep_pages_max_ms": max(deep_times),
+            "deep_pages_followed": len(deep_times), "filtered_page_ms": filtered, "search_page_ms": search,
+            "csv_ms": csv_ms, "csv_rows": text.count("\n") - 1}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--rows", type=int, default=1_000_000, help="prefilled delivery-log rows")
+    parser.add_argument("--seconds", type=int, default=4, help="length of each load round")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--events", type=int, default=8000, help="unique events minted per ingest round")
+    parser.add_argument("--connections", type=int, default=16)
+    parser.add_argument("--threads", type=int, default=8, help="waitress threads")
+    parser.add_argument("--python-client", action="store_true", help="don't use wrk even if installed")
+    parser.add_argument("--json", action="store_true", help="print the results as JSON too")
+    args = parser.parse_args()
+    results: dict = {"client": "wrk" if shutil.which("wrk") and not args.python_client else "python",
+                     "cpus": os.cpu_count()}
+    with tempfile.TemporaryDirectory(prefix="mmoref-bench-") as tmp:
+        workdir = Path(tmp)
+        empty_db = workdir / "empty.db"
+        store = mm.Store(str(empty_db))
+        secret, _ = store.add_server(SERVER_ID, GAME, "Bench", "http://localhost:8080/register")
+        store.close()
+        server = Server(empty_db, args.threads)
+        try:
+            results["empty"] = measure_ingest(server, secret, args, workdir, "e", with_healthz=True)
+            results["empty_peak_rss_mb"] = server.peak_rss_mb()
+        finally:
+            server.stop()
+        _report_empty(results)
+
+        big_db = workdir / "big.db"
+        secret, seconds = prefill(big_db, args.rows)
+        results["prefill"] = {"rows": args.rows, "seconds": seconds, "db_mb": big_db.stat().st_size / 2**20}
+        print(f"prefilled {args.rows:,} rows in {seconds:.0f} s ({results['prefill']['db_mb']:.0f} MB)", flush=True)
+        server = Server(big_db, args.threads)
+        try:
+            results["big"] = measure_ingest(server, secret, args, workdir, "b", with_healthz=False)
+            results["pages"] = time_pages(server.port)
+            results["big_peak_rss_mb"] = server.peak_rss_mb()
+        finally:
+            server.stop()
+    _report_big(results)
+    if args.json:
+        print(json.dumps(results, indent=2))
+
+
+def _report_empty(r: dict) -> None:
+    ingest, health = r["empty"]["ingest"], r["empty"]["healthz"]
+    print(f"client: {r['client']}, {r['cpus']} CPUs")
+    print(f"ingest (empty db)  {ingest['rate']:8.0f} events/s  p50 {ingest['p50_ms']:.1f} ms  p99 {ingest['p99_ms']:.1f} ms")
+    print(f"healthz            {health['rate']:8.0f} req/s     p50 {health['p50_ms']:.1f} ms  p99 {health['p99_ms']:.1f} ms")
+    print(f"ratio ingest/healthz        {ingest['rate'] / health['rate']:.2f}   (target >= 0.8)", flush=True)
+
+
+def _report_big(r: dict) -> None:
+    big, empty, pages = r["big"]["ingest"], r["empty"]["ingest"], r["pages"]
+    rows = r["prefill"]["rows"]
+    print(f"ingest ({rows:,} rows) {big['rate']:8.0f} events/s  p50 {big['p50_ms']:.1f} ms  p99 {big['p99_ms']:.1f} ms")
+    print(f"ratio big/empty             {big['rate'] / empty['rate']:.2f}   (target >= 0.9)")
+    print(f"Referrals tab, first page   {pages['tab_first_page_ms']:.1f} ms server time (target <= 20; includes analytics)")
+    print(f"deep page ({pages['deep_pages_followed']} x older)     {pages['deep_page_ms']:.1f} ms "
+          f"(max {pages['deep_pages_max_ms']:.1f})")
+    print(f"filtered page               {pages['filtered_page_ms']:.1f} ms")
+    print(f"search by server_event_id   {pages['search_page_ms']:.1f} ms")
+    print(f"CSV export                  {pages['csv_ms']:.0f} ms for {pages['csv_rows']:,} rows (wall time)")
+    print(f"peak RSS                    {r['empty_peak_rss_mb']:.0f} MB empty, {r['big_peak_rss_mb']:.0f} MB big"
+          " (target <= 80)")
+
+
+if __name__ == "__main__":
+    main()
