@@ -372,6 +372,10 @@ MIGRATIONS: list[list[str]] = [
         "CREATE INDEX delivery_log_by_referral ON delivery_log (referral_id)",
         "CREATE INDEX referrals_by_code ON referrals (server_id, referrer_code)",
         "CREATE INDEX referrer_counts_by_qualified ON referrer_counts (server_id, qualified)",
+        # the sender's own event time, stored as sent (never used for the window)
+        "ALTER TABLE delivery_log ADD COLUMN ts NUMERIC",
+        # a second click by the same referrer: its token follows the referee's anchored referral
+        "ALTER TABLE referrals ADD COLUMN anchor_referral_id TEXT",
     ],
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -587,6 +591,10 @@ class Store:
         revoked = [r["secret"] for r in rows if r["expires_at"] is not None and r["expires_at"] <= at]
         return live, revoked
 
+    def all_secrets(self) -> list[str]:
+        """Every secret of the installation, live or not: what a stored snippet must never hold."""
+        return [row[0] for row in self.connect().execute("SELECT secret FROM secrets")]
+
     def secret_summaries(self, server_id: str) -> list[sqlite3.Row]:
         """kid, last four characters and validity of each secret: never the secret itself."""
         return self.connect().execute(
@@ -745,7 +753,8 @@ class Delivery:
     token_claims: TokenClaims
     server_event_id: str
     referee_identity: str | None
-    raw_body: bytes
+    ts: int | float | None
+    payload: str  # the body for the log: token masked, secrets scrubbed, cut to 2,000 characters
 
 
 def apply_event(store: Store, delivery: Delivery, ttl: int) -> dict[str, Any]:
@@ -775,6 +784,9 @@ def _decide_and_write(db: sqlite3.Connection, d: Delivery, ttl: int) -> dict[str
     if db.execute("SELECT 1 FROM delivery_log WHERE token_referral_id = ? AND event = ? AND server_event_id = ?",
                   (referral["referral_id"], d.event, d.server_event_id)).fetchone():
         return {"ok": True, "duplicate": True}
+    if referral["anchor_referral_id"]:  # a second click's token: events apply to the anchored referral
+        referral = db.execute("SELECT * FROM referrals WHERE referral_id = ?",
+                              (referral["anchor_referral_id"],)).fetchone()
     state = referral["state"]
     if state == "clicked" and at - d.token_claims.issued_at > ttl:
         db.execute("UPDATE referrals SET state = 'expired', updated_at = ? WHERE referral_id = ?",
@@ -808,7 +820,10 @@ def _register(db: sqlite3.Connection, d: Delivery, referral: sqlite3.Row, at: in
     if anchored["referrer_code"] != referral["referrer_code"]:
         _log(db, d, referral["referral_id"], "first_touch_conflict", at)
         return {"ok": True, "ignored": "first_touch_conflict"}
-    # the same referrer's link clicked twice: answer with the existing anchor
+    # the same referrer's link clicked twice: answer with the existing anchor, and let this
+    # token's later events (qualified, reversed) reach that anchored referral too
+    db.execute("UPDATE referrals SET anchor_referral_id = ? WHERE referral_id = ?",
+               (anchored["referral_id"], referral["referral_id"]))
     return _log_and_answer(db, d, anchored, "no_op", anchored["state"], at)
 
 
@@ -821,9 +836,9 @@ def _advance(db: sqlite3.Connection, referral: sqlite3.Row, next_state: str, at:
 
 def _log(db: sqlite3.Connection, d: Delivery, referral_id: str, outcome: str, at: int) -> None:
     db.execute("INSERT INTO delivery_log (server_id, referral_id, token_referral_id, event, server_event_id,"
-               " outcome, received_at, payload) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+               " outcome, received_at, payload, ts) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                (d.server_id, referral_id, d.token_claims.referral_id, d.event, d.server_event_id, outcome, at,
-                _masked_snippet(d.raw_body, limit=2000)))
+                d.payload, d.ts))
 
 
 def _log_and_answer(db: sqlite3.Connection, d: Delivery, referral: sqlite3.Row, outcome: str, state: str,
@@ -875,7 +890,8 @@ HINTS = {
                      " a trailing newline or re-serialised JSON changes the MAC"),
     "unknown token": ("send the mmref token exactly as the share link minted it for this server"
                       " (from the mmref cookie or query parameter)"),
-    "invalid transition": "a {state} referral cannot take a {event} event (see the state machine in the README)",
+    "invalid transition": ("a referral in state {state} cannot take a {event} event"
+                           " (see the state machine in the README)"),
     "other referee": "this token already anchors another referee_identity; one token refers one player",
     "method not allowed": "POST the event as JSON",
     "internal error": "the server failed; retry later with the same server_event_id (it is idempotent)",
@@ -994,6 +1010,15 @@ def read_fields(body: dict[str, Any], may_hold_surrogates: bool = True) -> Event
     return EventFields(event, token, server_id, server_event_id, referee_identity, ts, bool(test))
 
 
+def _scrubbed_snippet(raw_body: bytes, secrets_to_hide: Sequence[str], limit: int) -> str:
+    """The body for storage: token masked, any secret replaced (before cutting), `limit` long."""
+    text = _masked_snippet(raw_body, limit=MAX_BODY_BYTES)
+    for secret in secrets_to_hide:
+        if secret in text:
+            text = text.replace(secret, "[secret]")
+    return text[:limit]
+
+
 def _masked_snippet(raw_body: bytes, limit: int = 300) -> str:
     """The body as text with the token value masked, cut to `limit` characters."""
     text = raw_body[: limit * 4].decode("utf-8", "replace")
@@ -1066,8 +1091,8 @@ def _verified_event(store: Store, server: sqlite3.Row, fields: EventFields, pars
     if claims is None or claims.server_id != fields.server_id:
         raise ApiError(404, "unknown token", HINTS["unknown token"])
     # 9-10. duplicate check and state machine, in one transaction
-    delivery = Delivery(fields.server_id, fields.event, claims, fields.server_event_id,
-                        fields.referee_identity, raw_body)
+    delivery = Delivery(fields.server_id, fields.event, claims, fields.server_event_id, fields.referee_identity,
+                        fields.ts, _scrubbed_snippet(raw_body, [secret for _, secret in live], limit=2000))
     return apply_event(store, delivery, ttl)
 
 
@@ -1118,12 +1143,7 @@ def _remember_rejection(store: Store, exc: ApiError, raw_body: bytes) -> None:
     server_id = _named_server(store, raw_body)
     # A sender may paste a secret into the body by mistake, and a body that does not parse
     # names no server: scrub every secret of the installation, before cutting the snippet.
-    snippet = _masked_snippet(raw_body, limit=MAX_BODY_BYTES)
-    for server in store.servers():
-        live, revoked = store.secrets_of(server["server_id"], now())
-        for secret in [secret for _, secret in live] + revoked:
-            snippet = snippet.replace(secret, "[secret]")
-    snippet = snippet[:300]
+    snippet = _scrubbed_snippet(raw_body, store.all_secrets(), limit=300)
     try:
         store.record_rejected(server_id, exc.status, exc.error, exc.extra.get("reason"), exc.hint,
                               exc.diagnosis, snippet)
@@ -1163,6 +1183,15 @@ def json_response(body: dict[str, Any], status: int = 200) -> Any:
     return current_app.response_class(json.dumps(body), status=status, mimetype="application/json")
 
 
+@referrals.app_errorhandler(405)
+def _method_not_allowed(exc: Exception) -> Any:
+    """Methods the route does not list (e.g. PROPFIND) are refused by routing, outside the
+    blueprint: answer them in JSON too on the ingest path, and leave the host's paths alone."""
+    if request.path.endswith(INGEST_PATH):
+        return _api_error(ApiError(405, "method not allowed", HINTS["method not allowed"]))
+    return exc
+
+
 @referrals.errorhandler(ApiError)
 def _api_error(exc: ApiError) -> Any:
     """Errors raised outside the pipeline (405, 413); the pipeline's own go through handle_ingest."""
@@ -1173,7 +1202,11 @@ def _api_error(exc: ApiError) -> Any:
     return response
 
 
-@referrals.route("/api/referral/events", methods=["GET", "HEAD", "PUT", "PATCH", "DELETE", "POST"])
+INGEST_PATH = "/api/referral/events"
+
+
+@referrals.route(INGEST_PATH, methods=["GET", "HEAD", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "POST"],
+                 provide_automatic_options=False)
 def ingest() -> Any:
     if request.method != "POST":
         raise ApiError(405, "method not allowed", HINTS["method not allowed"])
@@ -1382,7 +1415,7 @@ def _index_page(status: int = 200, **extra: Any) -> Any:
         " sum(reversed) AS reversed FROM daily_counts GROUP BY server_id")}
     return _page("index.html", status, title="Servers", servers=store.servers(), funnels=funnels,
                  rejected=store.rejected_requests(None, 20), identity_fields=IDENTITY_FIELDS,
-                 form=request.form, **extra)
+                 form=request.form if extra.get("error") else {}, **extra)  # refill the form only to fix it
 
 
 def _server_or_404(game: str, server_id: str) -> sqlite3.Row:
@@ -1560,7 +1593,7 @@ def log_detail(game: str, server_id: str, row_id: int) -> Any:
         abort(404)
     referral = store.referral(row["referral_id"])
     try:
-        payload = json.dumps(json.loads(row["payload"]), indent=2) if row["payload"] else None
+        payload = json.dumps(json.loads(row["payload"]), indent=2, ensure_ascii=False) if row["payload"] else None
     except ValueError:
         payload = row["payload"]
     actions = [action for action, (allowed, _) in OWNER_ACTIONS.items() if referral["state"] in allowed]
@@ -1651,8 +1684,8 @@ word-break:break-all}.flash{background:#eef3ff;border:1px solid #c9d6fb;padding:
 padding:.6rem;overflow-x:auto}.funnel{display:flex;gap:1rem;flex-wrap:wrap}.funnel div{min-width:7rem}
 .funnel strong{display:block;font-size:1.5rem}svg .clicked{fill:#9fb4ee}svg .registered{fill:#2f5bd3}
 svg .qualified{fill:#1c7c3a}.pager{display:flex;gap:1rem;margin-top:.5rem}
-.rejected td{white-space:normal;vertical-align:top}.rejected td:nth-child(n+5){min-width:14rem}
-.rejected code{word-break:break-all}
+.rejected td{white-space:normal;vertical-align:top}.rejected td:first-child{white-space:nowrap}
+.rejected td:nth-child(n+5){min-width:14rem}.rejected code{word-break:break-all}
 """
 
 TEMPLATES = jinja2.Environment(autoescape=True, loader=jinja2.DictLoader({
@@ -1704,7 +1737,8 @@ value="{{ form.game or '' }}"></div>
 <div><label for="registration_url">Registration URL</label><input id="registration_url" name="registration_url"
 type="url" placeholder="https://yourgame.example/register" value="{{ form.registration_url or '' }}"></div>
 <div><label for="identity_field">Identity field</label><select id="identity_field" name="identity_field">
-{% for f in identity_fields %}<option>{{ f }}</option>{% endfor %}</select></div>
+{% for f in identity_fields %}<option{% if f == form.identity_field %} selected{% endif %}>{{ f }}</option>{% endfor %}
+</select></div>
 <div><button>Add server</button></div></form></section>
 <section><h2>Rejected requests naming no known server</h2>
 {% with rows = rejected %}{% include "rejected.html" %}{% endwith %}</section>{% endblock %}""",
