@@ -1022,6 +1022,13 @@ def _scrubbed_snippet(raw_body: bytes, secrets_to_hide: Sequence[str], limit: in
 def _masked_snippet(raw_body: bytes, limit: int = 300) -> str:
     """The body as text with the token value masked, cut to `limit` characters."""
     text = raw_body[: limit * 4].decode("utf-8", "replace")
+    if "\\u" in text:  # a key spelt "\u0074oken" escapes the pattern below: mask the parsed value instead
+        try:
+            body = json.loads(raw_body)
+        except (ValueError, RecursionError):
+            body = None
+        if isinstance(body, dict) and "token" in body:
+            return json.dumps({**body, "token": mask(str(body["token"]))})[:limit]
     text = re.sub(r'("token"\s*:\s*")([^"]*)(")', lambda m: m.group(1) + mask(m.group(2)) + m.group(3), text)
     return text[:limit]
 
@@ -1213,11 +1220,14 @@ def ingest() -> Any:
     # 1. the size cap, from Content-Length before reading, else while reading
     if request.content_length is not None and request.content_length > MAX_BODY_BYTES:
         raise ApiError(413, "body too large", HINTS["body too large"])
-    request.max_content_length = MAX_BODY_BYTES
+    # Werkzeug stops a streamed body at the limit without raising: read one byte past the cap.
+    request.max_content_length = MAX_BODY_BYTES + 1
     try:
         raw_body = request.get_data(cache=False)
     except RequestEntityTooLarge:
         raise ApiError(413, "body too large", HINTS["body too large"]) from None
+    if len(raw_body) > MAX_BODY_BYTES:
+        raise ApiError(413, "body too large", HINTS["body too large"])
     config = current_app.config
     status, body = handle_ingest(get_store(), raw_body, request.headers.get(SIGNATURE_HEADER),
                                  window=config["MMOREF_REPLAY_WINDOW"], ttl=config["MMOREF_TOKEN_TTL"])

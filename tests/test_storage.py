@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import sqlite3
 import stat
 from pathlib import Path
@@ -19,8 +20,12 @@ def mode(path: str | Path) -> int:
     return stat.S_IMODE(os.stat(path).st_mode)
 
 
-def dump(path: str | Path, tables: tuple[str, ...]) -> dict[str, list[tuple]]:
-    return {table: sorted(rows(path, f"SELECT * FROM {table}"), key=repr) for table in tables}
+def dump(path: str | Path, tables: tuple[str, ...], columns_of: str | Path | None = None) -> dict[str, list[tuple]]:
+    """Every row of `tables`, limited to the columns the tables have in `columns_of`."""
+    def columns(table: str) -> str:
+        return ", ".join(row[1] for row in rows(columns_of or path, f"PRAGMA table_info({table})"))
+
+    return {table: sorted(rows(path, f"SELECT {columns(table)} FROM {table}"), key=repr) for table in tables}
 
 
 @pytest.fixture
@@ -70,8 +75,8 @@ def test_user_version_is_the_schema_version(app, db_path):
 def build_v1_copy(source: str, target: str) -> None:
     """`target`: only MIGRATIONS[0] applied, user_version 1, holding `source`'s v1 rows.
 
-    The v1 tables are written by the same code paths in v2, so copying them from a database
-    the real pipeline filled gives exactly the rows a v1 installation would have had.
+    The v1 tables are written by the same code paths later, so copying their v1 columns from
+    a database the real pipeline filled gives the rows a v1 installation would have had.
     """
     with database(target) as db:
         for statement in mm.MIGRATIONS[0]:
@@ -79,7 +84,8 @@ def build_v1_copy(source: str, target: str) -> None:
         db.execute("PRAGMA user_version = 1")
         db.execute("ATTACH DATABASE ? AS source", (source,))
         for table in V1_TABLES:
-            db.execute(f"INSERT INTO main.{table} SELECT * FROM source.{table}")
+            columns = ", ".join(row[1] for row in db.execute(f"PRAGMA main.table_info({table})"))
+            db.execute(f"INSERT INTO main.{table} ({columns}) SELECT {columns} FROM source.{table}")
         db.execute("DETACH DATABASE source")
 
 
@@ -87,13 +93,15 @@ def test_v1_database_is_migrated_with_data_intact_and_counters_backfilled(tmp_pa
     source, target = str(tmp_path / "lived.db"), str(tmp_path / "v1.db")
     assert runner("demo", source, db=False).exit_code == 0   # every state, through the real pipeline
     build_v1_copy(source, target)
+    v1_copy = str(tmp_path / "v1-untouched.db")
+    shutil.copy(target, v1_copy)
     v1_rows = dump(target, V1_TABLES)
     assert all(v1_rows[table] for table in ("servers", "referrals", "anchors", "delivery_log"))
 
     mm.Store(target).close()
 
     assert scalar(target, "PRAGMA user_version") == mm.SCHEMA_VERSION
-    assert dump(target, V1_TABLES) == v1_rows
+    assert dump(target, V1_TABLES, columns_of=v1_copy) == v1_rows
     # the backfill reproduces what the live code counted while the history happened
     assert dump(target, COUNTER_TABLES) == dump(source, COUNTER_TABLES)
 
