@@ -489,8 +489,10 @@ class Store:
                     try:
                         item.result = item.work(db)
                     except Exception as exc:
-                        db.execute("ROLLBACK TO work")
                         item.error = exc
+                        if not db.in_transaction:  # SQLite rolled everything back (disk full, I/O error)
+                            raise
+                        db.execute("ROLLBACK TO work")
                     db.execute("RELEASE work")
         except BaseException as exc:  # BEGIN or COMMIT failed: nothing of the batch was written
             for item in batch:

@@ -1,0 +1,110 @@
+"""Races across 4 gunicorn worker processes sharing one database file (SPEC 2: UNIQUE + BEGIN IMMEDIATE)."""
+from __future__ import annotations
+
+import collections
+import re
+import sys
+import time
+
+import pytest
+from helpers import (
+    REFEREE,
+    SERVER_ID,
+    add_server,
+    event_body,
+    log_rows_for,
+    mint_tokens,
+    poster,
+    query,
+    race,
+    referral_id_of,
+    scalar,
+)
+
+if sys.platform == "win32":
+    pytest.skip("gunicorn runs on POSIX only", allow_module_level=True)
+pytest.importorskip("gunicorn", reason="gunicorn is not installed (pip install gunicorn)")
+
+pytestmark = pytest.mark.slow
+
+WORKERS = 4
+GUNICORN = [sys.executable, "-m", "gunicorn", "-w", str(WORKERS), "-b", "127.0.0.1:{port}",
+            "mmoref_server:create_app()"]
+
+
+@pytest.fixture
+def workers(live_server, store):
+    """(server, secret): gunicorn with WORKERS processes on the test's database file."""
+    secret = add_server(store)
+    server = live_server(command=GUNICORN)
+    deadline = time.monotonic() + 20
+    while len(re.findall(r"Booting worker with pid", server.output())) < WORKERS:
+        assert time.monotonic() < deadline, f"gunicorn did not boot {WORKERS} workers:\n{server.output()}"
+        time.sleep(0.1)
+    yield server, secret
+    output = server.stop()
+    assert "Traceback" not in output, output
+
+
+def test_identical_deliveries_are_logged_once(workers, store, db_path):
+    server, secret = workers
+    token = mint_tokens(store, ["alice"])[0]
+    body = event_body("registered", token, "reg-1")
+
+    answers = race(server.port, [poster(secret, body)] * 100)
+
+    assert collections.Counter(status for status, _ in answers) == {200: 100}
+    bodies = [answer for _, answer in answers]
+    assert bodies.count({"ok": True, "duplicate": True}) == 99
+    advanced = [b for b in bodies if b != {"ok": True, "duplicate": True}]
+    assert advanced == [{"ok": True, "referral_id": referral_id_of(store, token), "state": "registered"}]
+    assert log_rows_for(db_path, referral_id_of(store, token), "registered", "reg-1") == 1
+    assert scalar(db_path, "SELECT count(*) FROM delivery_log") == 1
+
+
+def test_referrers_racing_for_one_referee_make_one_anchor(workers, store, db_path):
+    server, secret = workers
+    codes = [f"referrer{i}" for i in range(20)]
+    tokens = mint_tokens(store, codes)
+    bodies = [event_body("registered", token, f"reg-{i}") for i, token in enumerate(tokens)]
+
+    answers = race(server.port, [poster(secret, body) for body in bodies])
+
+    assert [status for status, _ in answers] == [200] * 20
+    conflicts = [b for _, b in answers if b == {"ok": True, "ignored": "first_touch_conflict"}]
+    winners = [b for _, b in answers if b.get("state") == "registered"]
+    assert len(conflicts) == 19 and len(winners) == 1
+    assert query(db_path, "SELECT referral_id FROM anchors WHERE server_id = ? AND referee_identity = ?",
+                 SERVER_ID, REFEREE) == [(winners[0]["referral_id"],)]
+    assert query(db_path, "SELECT state, count(*) FROM referrals GROUP BY state ORDER BY state") == [
+        ("clicked", 19), ("registered", 1)]
+    assert query(db_path, "SELECT outcome, count(*) FROM delivery_log GROUP BY outcome ORDER BY outcome") == [
+        ("advanced", 1), ("first_touch_conflict", 19)]
+
+
+def test_registered_and_qualified_racing_end_consistent(workers, store, db_path):
+    server, secret = workers
+    outcomes = collections.Counter()
+    for round_ in range(20):
+        token = mint_tokens(store, [f"racer{round_}"])[0]
+        referral_id = referral_id_of(store, token)
+        registered = event_body("registered", token, "reg", referee=f"player-{round_}")
+        qualified = event_body("qualified", token, "qual")
+
+        (reg_status, reg_body), (qual_status, qual_body) = race(
+            server.port, [poster(secret, registered), poster(secret, qualified)])
+
+        assert (reg_status, reg_body) == (200, {"ok": True, "referral_id": referral_id, "state": "registered"})
+        state = scalar(db_path, "SELECT state FROM referrals WHERE referral_id = ?", referral_id)
+        assert log_rows_for(db_path, referral_id, "registered", "reg") == 1
+        if qual_status == 200:
+            assert qual_body == {"ok": True, "referral_id": referral_id, "state": "qualified"}
+            assert state == "qualified"
+            assert log_rows_for(db_path, referral_id, "qualified", "qual") == 1
+        else:
+            assert qual_status == 422, qual_body
+            assert qual_body["error"] == "invalid transition" and qual_body["state"] == "clicked"
+            assert state == "registered"
+            assert log_rows_for(db_path, referral_id, "qualified", "qual") == 0
+        outcomes[qual_status] += 1
+    assert sum(outcomes.values()) == 20
