@@ -261,6 +261,13 @@ def _token_serializer(key: str, issued_at: int | None = None) -> URLSafeTimedSer
                                   signer_kwargs={"issued_at": issued_at})
 
 
+@functools.lru_cache(maxsize=8)
+def _token_reader(key: str) -> tuple[URLSafeTimedSerializer, TimestampSigner]:
+    """The serializer and its signer, made once per key (loads() would rebuild the signer)."""
+    serializer = _token_serializer(key)
+    return serializer, serializer.make_signer(serializer.salt)
+
+
 def mint_token(key: str, server_id: str, referral_id: str, issued_at: int) -> str:
     """A URL-safe token (at most about 170 characters) naming the referral."""
     return _token_serializer(key, issued_at).dumps([server_id, referral_id])
@@ -275,12 +282,16 @@ class TokenClaims:
 
 def read_token(key: str, token: str) -> TokenClaims | None:
     """The claims of a genuine token, or None for anything forged or garbled."""
-    # base64 decoding forgives spare low bits and stray characters: accept only the
-    # canonical spelling of every part, i.e. exactly the string that was minted
+    # The HMAC covers "payload.timestamp" as text, so those parts cannot be respelled; the
+    # signature is compared after base64 decoding, which forgives spare low bits and stray
+    # characters. Accept only its canonical spelling: exactly the string that was minted.
     try:
-        if any(base64_encode(base64_decode(part)) != part.encode("ascii") for part in token.split(".")):
+        signature = token.rsplit(".", 1)[-1]
+        if base64_encode(base64_decode(signature)) != signature.encode("ascii"):
             return None
-        payload, issued = _token_serializer(key).loads(token, return_timestamp=True)
+        serializer, signer = _token_reader(key)
+        signed_payload, issued = signer.unsign(token, return_timestamp=True)
+        payload = serializer.load_payload(signed_payload)
     except (BadData, ValueError, TypeError):
         return None
     if not (isinstance(payload, list) and len(payload) == 2 and all(isinstance(p, str) for p in payload)):
@@ -371,7 +382,6 @@ MIGRATIONS: list[list[str]] = [
         "CREATE INDEX delivery_log_by_event_id ON delivery_log (server_id, server_event_id)",
         "CREATE INDEX delivery_log_by_referral ON delivery_log (referral_id)",
         "CREATE INDEX referrals_by_code ON referrals (server_id, referrer_code)",
-        "CREATE INDEX referrer_counts_by_qualified ON referrer_counts (server_id, qualified)",
         # the sender's own event time, stored as sent (never used for the window)
         "ALTER TABLE delivery_log ADD COLUMN ts NUMERIC",
         # a second click by the same referrer: its token follows the referee's anchored referral
@@ -703,9 +713,15 @@ def insert_referral(db: sqlite3.Connection, server_id: str, referrer_code: str, 
     return referral_id
 
 
+@functools.lru_cache(maxsize=4)
+def _utc_date(day_number: int) -> str:
+    """YYYY-MM-DD of a day counted from 1970-01-01 (UTC)."""
+    return (datetime.date(1970, 1, 1) + datetime.timedelta(days=day_number)).isoformat()
+
+
 def _count(db: sqlite3.Connection, server_id: str, referrer_code: str, column: str, at: int) -> None:
     """Bump the analytics counters for one click or transition (same transaction)."""
-    day = datetime.datetime.fromtimestamp(at, datetime.timezone.utc).strftime("%Y-%m-%d")
+    day = _utc_date(at // 86400)
     db.execute(f"INSERT INTO daily_counts (server_id, day, {column}) VALUES (?, ?, 1)"
                f" ON CONFLICT (server_id, day) DO UPDATE SET {column} = {column} + 1", (server_id, day))
     db.execute(f"INSERT INTO referrer_counts (server_id, referrer_code, {column}) VALUES (?, ?, 1)"
@@ -780,11 +796,13 @@ def apply_event(store: Store, delivery: Delivery, ttl: int) -> dict[str, Any]:
 
 def _decide_and_write(db: sqlite3.Connection, d: Delivery, ttl: int) -> dict[str, Any] | ApiError:
     at = now()
-    referral = db.execute("SELECT * FROM referrals WHERE referral_id = ?", (d.token_claims.referral_id,)).fetchone()
+    referral = db.execute(
+        "SELECT r.*, EXISTS (SELECT 1 FROM delivery_log l WHERE l.token_referral_id = r.referral_id"
+        " AND l.event = ? AND l.server_event_id = ?) AS seen FROM referrals r WHERE r.referral_id = ?",
+        (d.event, d.server_event_id, d.token_claims.referral_id)).fetchone()
     if referral is None or referral["server_id"] != d.server_id:
         return ApiError(404, "unknown token", HINTS["unknown token"])
-    if db.execute("SELECT 1 FROM delivery_log WHERE token_referral_id = ? AND event = ? AND server_event_id = ?",
-                  (referral["referral_id"], d.event, d.server_event_id)).fetchone():
+    if referral["seen"]:  # the idempotency key (token, event, server_event_id) was used
         return {"ok": True, "duplicate": True}
     if referral["anchor_referral_id"]:  # a second click's token: events apply to the anchored referral
         referral = db.execute("SELECT * FROM referrals WHERE referral_id = ?",
@@ -815,9 +833,7 @@ def _register(db: sqlite3.Connection, d: Delivery, referral: sqlite3.Row, at: in
     if anchored is None:
         db.execute("INSERT INTO anchors (server_id, referee_identity, referral_id, created_at) VALUES (?, ?, ?, ?)",
                    (d.server_id, d.referee_identity, referral["referral_id"], at))
-        db.execute("UPDATE referrals SET referee_identity = ? WHERE referral_id = ?",
-                   (d.referee_identity, referral["referral_id"]))
-        _advance(db, referral, "registered", at)
+        _advance(db, referral, "registered", at, referee_identity=d.referee_identity)
         return _log_and_answer(db, d, referral, "advanced", "registered", at)
     if anchored["referrer_code"] != referral["referrer_code"]:
         _log(db, d, referral["referral_id"], "first_touch_conflict", at)
@@ -829,9 +845,11 @@ def _register(db: sqlite3.Connection, d: Delivery, referral: sqlite3.Row, at: in
     return _log_and_answer(db, d, anchored, "no_op", anchored["state"], at)
 
 
-def _advance(db: sqlite3.Connection, referral: sqlite3.Row, next_state: str, at: int) -> None:
-    db.execute("UPDATE referrals SET state = ?, updated_at = ? WHERE referral_id = ?",
-               (next_state, at, referral["referral_id"]))
+def _advance(db: sqlite3.Connection, referral: sqlite3.Row, next_state: str, at: int,
+             referee_identity: str | None = None) -> None:
+    """Move the referral to `next_state` (recording its referee on registration) and count it."""
+    db.execute("UPDATE referrals SET state = ?, updated_at = ?, referee_identity = coalesce(?, referee_identity)"
+               " WHERE referral_id = ?", (next_state, at, referee_identity, referral["referral_id"]))
     if next_state in COUNTED:
         _count(db, referral["server_id"], referral["referrer_code"], next_state, at)
 
@@ -1972,6 +1990,7 @@ def serve(db_path: str | None = None, host: str | None = None, port: int | None 
     app = create_app(overrides)
     host, port = host or settings["MMOREF_HOST"], port or settings["MMOREF_PORT"]
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("waitress.queue").setLevel(logging.ERROR)  # "Task queue depth is N" on every busy request
     click.echo(_banner(app, host, port))
     waitress.serve(app, host=host, port=port, threads=settings["MMOREF_THREADS"],
                    max_request_body_size=4 * MAX_BODY_BYTES, ident="mmoref")

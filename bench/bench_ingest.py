@@ -356,20 +356,25 @@ def main() -> None:
         print(json.dumps(results, indent=2))
 
 
+def _latency(result: dict) -> str:
+    return f"p50 {result['p50_ms']:.1f} ms  p99 {result['p99_ms']:.1f} ms"
+
+
 def _report_empty(r: dict) -> None:
     ingest, health = r["empty"]["ingest"], r["empty"]["healthz"]
     print(f"client: {r['client']}, {r['cpus']} CPUs")
-    print(f"ingest (empty db)  {ingest['rate']:8.0f} events/s  p50 {ingest['p50_ms']:.1f} ms  p99 {ingest['p99_ms']:.1f} ms")
-    print(f"healthz            {health['rate']:8.0f} req/s     p50 {health['p50_ms']:.1f} ms  p99 {health['p99_ms']:.1f} ms")
+    print(f"ingest (empty db)  {ingest['rate']:8.0f} events/s  {_latency(ingest)}")
+    print(f"healthz            {health['rate']:8.0f} req/s     {_latency(health)}")
     print(f"ratio ingest/healthz        {ingest['rate'] / health['rate']:.2f}   (target >= 0.8)", flush=True)
 
 
 def _report_big(r: dict) -> None:
     big, empty, pages = r["big"]["ingest"], r["empty"]["ingest"], r["pages"]
     rows = r["prefill"]["rows"]
-    print(f"ingest ({rows:,} rows) {big['rate']:8.0f} events/s  p50 {big['p50_ms']:.1f} ms  p99 {big['p99_ms']:.1f} ms")
+    print(f"ingest ({rows:,} rows) {big['rate']:8.0f} events/s  {_latency(big)}")
     print(f"ratio big/empty             {big['rate'] / empty['rate']:.2f}   (target >= 0.9)")
-    print(f"Referrals tab, first page   {pages['tab_first_page_ms']:.1f} ms server time (target <= 20; includes analytics)")
+    print(f"Referrals tab, first page   {pages['tab_first_page_ms']:.1f} ms server time"
+          " (target <= 20; includes analytics)")
     print(f"deep page ({pages['deep_pages_followed']} x older)     {pages['deep_page_ms']:.1f} ms "
           f"(max {pages['deep_pages_max_ms']:.1f})")
     print(f"filtered page               {pages['filtered_page_ms']:.1f} ms")
