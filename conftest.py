@@ -18,7 +18,7 @@ import mmoref_server as mm
 
 ROOT = Path(__file__).resolve().parent
 SERVER_SCRIPT = ROOT / "mmoref_server.py"
-INGEST = "/api/referral/events"
+INGEST = mm.INGEST_PATH
 
 
 @pytest.fixture(autouse=True)

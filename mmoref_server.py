@@ -376,12 +376,16 @@ MIGRATIONS: list[list[str]] = [
                 ON l.referral_id = r.referral_id AND l.outcome IN ('advanced', 'owner_action')
             GROUP BY 1, 2""",
     ],
-    [  # v3: indexes behind the dashboard's filtered, keyset-paged delivery log and leaderboard
+    [  # v3: what the dashboard's filtered, keyset-paged delivery log searches by, indexed
+        # the referral's referrer code (it never changes), so a search by code is one index scan
+        "ALTER TABLE delivery_log ADD COLUMN referrer_code TEXT",
+        """UPDATE delivery_log SET referrer_code =
+            (SELECT referrer_code FROM referrals r WHERE r.referral_id = delivery_log.referral_id)""",
         "CREATE INDEX delivery_log_by_event ON delivery_log (server_id, event, id)",
         "CREATE INDEX delivery_log_by_outcome ON delivery_log (server_id, outcome, id)",
-        "CREATE INDEX delivery_log_by_event_id ON delivery_log (server_id, server_event_id)",
+        "CREATE INDEX delivery_log_by_event_id ON delivery_log (server_id, server_event_id, id)",
+        "CREATE INDEX delivery_log_by_code ON delivery_log (server_id, referrer_code, id)",
         "CREATE INDEX delivery_log_by_referral ON delivery_log (referral_id)",
-        "CREATE INDEX referrals_by_code ON referrals (server_id, referrer_code)",
         # the sender's own event time, stored as sent (never used for the window)
         "ALTER TABLE delivery_log ADD COLUMN ts NUMERIC",
         # a second click by the same referrer: its token follows the referee's anchored referral
@@ -645,20 +649,25 @@ class Store:
         Keyset-paged: `before_id` gives older rows, `after_id` newer ones. `q` matches a
         server_event_id or a referrer code exactly.
         """
-        where, params = ["l.server_id = ?"], [server_id]
-        for clause, value in (("l.id < ?", before_id), ("l.id > ?", after_id), ("l.event = ?", event),
-                              ("l.outcome = ?", outcome)):
-            if value is not None and value != "":
-                where.append(clause)
-                params.append(value)
-        if q:
-            where.append("(l.server_event_id = ? OR l.referral_id IN"
-                         " (SELECT referral_id FROM referrals WHERE server_id = ? AND referrer_code = ?))")
-            params.extend((q, server_id, q))
-        order = "ASC" if after_id is not None else "DESC"
-        rows = self.connect().execute(f"{self._LOG_SELECT} WHERE {' AND '.join(where)} ORDER BY l.id {order}"
-                                      " LIMIT ?", (*params, limit)).fetchall()
-        return rows if order == "DESC" else rows[::-1]
+        conditions = [("l.server_id = ?", server_id)] + [
+            (clause, value) for clause, value in (("l.id < ?", before_id), ("l.id > ?", after_id),
+                                                  ("l.event = ?", event), ("l.outcome = ?", outcome))
+            if value is not None and value != ""]
+        if not q:
+            return self._log_page(conditions, newer=after_id is not None, limit=limit)
+        # a server_event_id or a referrer code: two index range scans, merged
+        pages = [self._log_page(conditions + [(clause, q)], newer=after_id is not None, limit=limit)
+                 for clause in ("l.server_event_id = ?", "l.referrer_code = ?")]
+        rows = sorted({row["id"]: row for page in pages for row in page}.values(), key=lambda row: -row["id"])
+        return rows[-limit:] if after_id is not None else rows[:limit]
+
+    def _log_page(self, conditions: list[tuple[str, Any]], newer: bool, limit: int) -> list[sqlite3.Row]:
+        """Up to `limit` rows matching every condition, newest first; `newer`: those just above `l.id > ?`."""
+        where = " AND ".join(clause for clause, _ in conditions)
+        order = "ASC" if newer else "DESC"
+        rows = self.connect().execute(f"{self._LOG_SELECT} WHERE {where} ORDER BY l.id {order} LIMIT ?",
+                                      (*(value for _, value in conditions), limit)).fetchall()
+        return rows[::-1] if newer else rows
 
     def delivery_log_row(self, server_id: str, row_id: int) -> sqlite3.Row | None:
         return self.connect().execute(f"{self._LOG_SELECT} WHERE l.server_id = ? AND l.id = ?",
@@ -836,7 +845,7 @@ def _register(db: sqlite3.Connection, d: Delivery, referral: sqlite3.Row, at: in
         _advance(db, referral, "registered", at, referee_identity=d.referee_identity)
         return _log_and_answer(db, d, referral, "advanced", "registered", at)
     if anchored["referrer_code"] != referral["referrer_code"]:
-        _log(db, d, referral["referral_id"], "first_touch_conflict", at)
+        _log(db, d, referral, "first_touch_conflict", at)
         return {"ok": True, "ignored": "first_touch_conflict"}
     # the same referrer's link clicked twice: answer with the existing anchor, and let this
     # token's later events (qualified, reversed) reach that anchored referral too
@@ -854,16 +863,16 @@ def _advance(db: sqlite3.Connection, referral: sqlite3.Row, next_state: str, at:
         _count(db, referral["server_id"], referral["referrer_code"], next_state, at)
 
 
-def _log(db: sqlite3.Connection, d: Delivery, referral_id: str, outcome: str, at: int) -> None:
-    db.execute("INSERT INTO delivery_log (server_id, referral_id, token_referral_id, event, server_event_id,"
-               " outcome, received_at, payload, ts) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-               (d.server_id, referral_id, d.token_claims.referral_id, d.event, d.server_event_id, outcome, at,
-                d.payload, d.ts))
+def _log(db: sqlite3.Connection, d: Delivery, referral: sqlite3.Row, outcome: str, at: int) -> None:
+    db.execute("INSERT INTO delivery_log (server_id, referral_id, referrer_code, token_referral_id, event,"
+               " server_event_id, outcome, received_at, payload, ts) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+               (d.server_id, referral["referral_id"], referral["referrer_code"], d.token_claims.referral_id,
+                d.event, d.server_event_id, outcome, at, d.payload, d.ts))
 
 
 def _log_and_answer(db: sqlite3.Connection, d: Delivery, referral: sqlite3.Row, outcome: str, state: str,
                     at: int) -> dict[str, Any]:
-    _log(db, d, referral["referral_id"], outcome, at)
+    _log(db, d, referral, outcome, at)
     return {"ok": True, "referral_id": referral["referral_id"], "state": state}
 
 
@@ -884,8 +893,9 @@ def owner_action(store: Store, referral_id: str, action: str) -> str:
             raise ConfigError(f"cannot {action} referral {referral_id} in state {referral['state']!r}"
                               f" (only from {', '.join(allowed_from)})")
         _advance(db, referral, next_state, at)
-        db.execute("INSERT INTO delivery_log (server_id, referral_id, event, outcome, received_at)"
-                   " VALUES (?, ?, ?, 'owner_action', ?)", (referral["server_id"], referral_id, next_state, at))
+        db.execute("INSERT INTO delivery_log (server_id, referral_id, referrer_code, event, outcome, received_at)"
+                   " VALUES (?, ?, ?, ?, 'owner_action', ?)",
+                   (referral["server_id"], referral_id, referral["referrer_code"], next_state, at))
     return next_state
 
 

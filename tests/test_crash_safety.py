@@ -7,14 +7,14 @@ import sqlite3
 import threading
 
 import pytest
-from helpers import (
+from support import (
     HttpClient,
     add_server,
     event_body,
     log_rows_for,
     mint_tokens,
-    query,
     referral_id_of,
+    rows,
     scalar,
 )
 
@@ -109,9 +109,9 @@ def snapshot(db_path: str) -> dict[str, object]:
     return {
         "anchors": scalar(db_path, "SELECT count(*) FROM anchors"),
         "log": scalar(db_path, "SELECT count(*) FROM delivery_log"),
-        "states": query(db_path, "SELECT state, count(*) FROM referrals GROUP BY state ORDER BY state"),
-        "daily": query(db_path, "SELECT sum(clicked), sum(registered), sum(qualified) FROM daily_counts"),
-        "referrers": query(db_path, "SELECT sum(registered), sum(qualified) FROM referrer_counts"),
+        "states": rows(db_path, "SELECT state, count(*) FROM referrals GROUP BY state ORDER BY state"),
+        "daily": rows(db_path, "SELECT sum(clicked), sum(registered), sum(qualified) FROM daily_counts"),
+        "referrers": rows(db_path, "SELECT sum(registered), sum(qualified) FROM referrer_counts"),
     }
 
 

@@ -827,6 +827,30 @@ def test_delivery_log_filters_and_search(owner: Owner, log_scenario: dict, query
     assert page.by_id("f-q").attrs["value"] == query.get("q", "")
 
 
+def test_search_merges_event_ids_and_referrer_codes_across_pages(owner: Owner, kit: Any) -> None:
+    """"zed" is a referrer code and also another referral's server_event_id: both kinds of row
+    match, merged newest first, and the older/newer links page through the merge."""
+    zed, other = kit.token("zed"), kit.token("other")
+    send_ok(kit, "registered", other, "o-reg", referee_identity="p-other")
+    expected = []
+    for n in range(110):  # zed's rows match by code; two of other's rows match by server_event_id
+        send_ok(kit, "registered", zed, f"zed-{n:02}", referee_identity="p-zed")
+        expected.append(f"zed-{n:02}")
+        if n == 60:
+            send_ok(kit, "qualified", other, "zed")
+            expected.append("zed")
+        send_ok(kit, "registered", other, f"o-{n:02}", referee_identity="p-other")  # matches neither
+    send_ok(kit, "reversed", other, "zed")
+    expected.append("zed")
+    expected.reverse()
+
+    older = pages_of(owner, f"{TAB}?q=zed", "older")
+    assert [len(log_rows(page)) for page in older] == [50, 50, 12]
+    assert [event_id for page in older for event_id in event_ids(page)] == expected
+    newer = pages_of(owner, older[-1].by_id("newer").attrs["href"], "newer")
+    assert [event_ids(page) for page in newer] == [event_ids(older[1]), event_ids(older[0])]
+
+
 @pytest.mark.parametrize("token_key", ['"token"', '"\\u0074oken"'], ids=["plain-key", "escaped-key"])
 def test_delivery_log_masks_referee_and_token(owner: Owner, kit: Any, token_key: str) -> None:
     identity = "player-with-a-rather-long-name"

@@ -7,7 +7,7 @@ import sys
 import time
 
 import pytest
-from helpers import (
+from support import (
     REFEREE,
     SERVER_ID,
     add_server,
@@ -15,9 +15,9 @@ from helpers import (
     log_rows_for,
     mint_tokens,
     poster,
-    query,
     race,
     referral_id_of,
+    rows,
     scalar,
 )
 
@@ -74,11 +74,11 @@ def test_referrers_racing_for_one_referee_make_one_anchor(workers, store, db_pat
     conflicts = [b for _, b in answers if b == {"ok": True, "ignored": "first_touch_conflict"}]
     winners = [b for _, b in answers if b.get("state") == "registered"]
     assert len(conflicts) == 19 and len(winners) == 1
-    assert query(db_path, "SELECT referral_id FROM anchors WHERE server_id = ? AND referee_identity = ?",
+    assert rows(db_path, "SELECT referral_id FROM anchors WHERE server_id = ? AND referee_identity = ?",
                  SERVER_ID, REFEREE) == [(winners[0]["referral_id"],)]
-    assert query(db_path, "SELECT state, count(*) FROM referrals GROUP BY state ORDER BY state") == [
+    assert rows(db_path, "SELECT state, count(*) FROM referrals GROUP BY state ORDER BY state") == [
         ("clicked", 19), ("registered", 1)]
-    assert query(db_path, "SELECT outcome, count(*) FROM delivery_log GROUP BY outcome ORDER BY outcome") == [
+    assert rows(db_path, "SELECT outcome, count(*) FROM delivery_log GROUP BY outcome ORDER BY outcome") == [
         ("advanced", 1), ("first_touch_conflict", 19)]
 
 

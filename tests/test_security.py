@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import pytest
-from helpers import INGEST, query
+from support import INGEST, rows
 
 import mmoref_server as mm
 
@@ -226,13 +226,13 @@ def test_secrets_never_leak(owner, kit, store, db_path, caplog):
     assert [a.status_code for a in answers] == [200, 401, 401, 400, 400, 404]
     test_event = owner.post(f"{tab}/test-event", data={"csrf_token": csrf}).get_data(as_text=True)
     assert "&#34;test&#34;: true" in test_event or '"test": true' in test_event
-    detail_id = query(db_path, "SELECT id FROM delivery_log")[0][0]
+    detail_id = rows(db_path, "SELECT id FROM delivery_log")[0][0]
     pages = [owner.get(path).get_data(as_text=True) for path in (
         tab, "/dashboard/", f"{tab}/log.csv", f"{tab}/log/{detail_id}")]
-    rejected = json.dumps(query(db_path, "SELECT * FROM rejected_requests"))
+    rejected = json.dumps(rows(db_path, "SELECT * FROM rejected_requests"))
     logged = caplog.text + json.dumps([[r.getMessage(), str(r.args)] for r in caplog.records])
 
-    assert len(query(db_path, "SELECT * FROM rejected_requests")) == 5
+    assert len(rows(db_path, "SELECT * FROM rejected_requests")) == 5
     for secret in (old_secret, new_secret):
         assert secret not in logged
         assert not any(secret in a.get_data(as_text=True) for a in answers)
