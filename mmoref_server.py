@@ -1144,9 +1144,9 @@ def handle_ingest(store: Store, raw_body: bytes, header: str | None, *, window: 
     except Exception:  # 11. anything unexpected: the transaction rolled back
         log.exception("ingest failed")
         status, body = 500, ApiError(500, "internal error", HINTS["internal error"]).body()
-    token = _token_in(raw_body)
-    log.info("ingest status=%s error=%s reason=%s outcome=%s token=%s", status, body.get("error", "-"),
-             body.get("reason", "-"), _outcome_word(body), mask(token) or "-")
+    log.info("ingest status=%s error=%s reason=%s outcome=%s server=%s token=%s", status, body.get("error", "-"),
+             body.get("reason", "-"), _outcome_word(body), _logged_value(_LOGGED_SERVER, raw_body) or "-",
+             mask(_logged_value(_LOGGED_TOKEN, raw_body)) or "-")
     return status, body
 
 
@@ -1159,9 +1159,15 @@ def _outcome_word(body: dict[str, Any]) -> str:
     return body.get("state", "-")
 
 
-def _token_in(raw_body: bytes) -> str | None:
-    match = re.search(rb'"token"\s*:\s*"([^"]{1,256})"', raw_body[:4096])
-    return match.group(1).decode("utf-8", "replace") if match else None
+# For the log line, found without parsing; only characters a real value has, so a hostile
+# body cannot write anything else (a newline, say) into the log.
+_LOGGED_SERVER = re.compile(rb'"server_id"\s*:\s*"\s*([A-Za-z0-9_.-]{1,64})\s*"')
+_LOGGED_TOKEN = re.compile(rb'"token"\s*:\s*"\s*([A-Za-z0-9_.-]{1,256})\s*"')
+
+
+def _logged_value(pattern: re.Pattern[bytes], raw_body: bytes) -> str | None:
+    match = pattern.search(raw_body[:4096])
+    return match.group(1).decode("ascii") if match else None
 
 
 def _named_server(store: Store, raw_body: bytes) -> str | None:
