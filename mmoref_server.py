@@ -1042,25 +1042,24 @@ def read_fields(body: dict[str, Any], may_hold_surrogates: bool = True) -> Event
 
 def _scrubbed_snippet(raw_body: bytes, secrets_to_hide: Sequence[str], limit: int) -> str:
     """The body for storage: token masked, any secret replaced (before cutting), `limit` long."""
-    text = _masked_snippet(raw_body, limit=MAX_BODY_BYTES)
+    text = _with_token_masked(raw_body)
     for secret in secrets_to_hide:
         if secret in text:
             text = text.replace(secret, "[secret]")
     return text[:limit]
 
 
-def _masked_snippet(raw_body: bytes, limit: int = 300) -> str:
-    """The body as text with the token value masked, cut to `limit` characters."""
-    text = raw_body[: limit * 4].decode("utf-8", "replace")
+def _with_token_masked(raw_body: bytes) -> str:
+    """The body as text with the token's value masked."""
+    text = raw_body.decode("utf-8", "replace")
     if "\\u" in text:  # a key spelt "\u0074oken" escapes the pattern below: mask the parsed value instead
         try:
             body = json.loads(raw_body)
         except (ValueError, RecursionError):
             body = None
         if isinstance(body, dict) and "token" in body:
-            return json.dumps({**body, "token": mask(str(body["token"]))})[:limit]
-    text = re.sub(r'("token"\s*:\s*")([^"]*)(")', lambda m: m.group(1) + mask(m.group(2)) + m.group(3), text)
-    return text[:limit]
+            return json.dumps({**body, "token": mask(str(body["token"]))})
+    return re.sub(r'("token"\s*:\s*")([^"]*)(")', lambda m: m.group(1) + mask(m.group(2)) + m.group(3), text)
 
 
 def diagnose_mac_mismatch(parsed: ParsedSignature, raw_body: bytes, live: Sequence[tuple[str, str]],
