@@ -66,7 +66,15 @@ class Runner:
 
     def __call__(self, *args: str, db: bool = True) -> CliResult:
         argv = list(args) + (["--db", self.db_path] if db else [])
-        return CliResult(CliRunner().invoke(mm.cli, argv, prog_name="mmoref_server.py"))
+        return CliResult(_stderr_apart_runner().invoke(mm.cli, argv, prog_name="mmoref_server.py"))
+
+
+def _stderr_apart_runner() -> CliRunner:
+    """A CliRunner keeping stderr apart: click 8.1 (Python 3.9) needs asking; 8.2 removed the option."""
+    try:
+        return CliRunner(mix_stderr=False)
+    except TypeError:
+        return CliRunner()
 
 
 @pytest.fixture
