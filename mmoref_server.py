@@ -598,14 +598,17 @@ class Store:
                    (kid, server_id, secret, at))
         return secret, kid
 
-    def secrets_of(self, server_id: str, at: int) -> tuple[list[tuple[str, str]], list[str]]:
-        """([(kid, secret), ...] live, current first; [secret, ...] revoked, newest first)."""
-        rows = self.connect().execute(
-            "SELECT kid, secret, expires_at FROM secrets WHERE server_id = ? ORDER BY created_at DESC, rowid DESC",
-            (server_id,)).fetchall()
-        live = [(r["kid"], r["secret"]) for r in rows if r["expires_at"] is None or r["expires_at"] > at]
-        revoked = [r["secret"] for r in rows if r["expires_at"] is not None and r["expires_at"] <= at]
-        return live, revoked
+    def live_secrets(self, server_id: str, at: int) -> list[tuple[str, str]]:
+        """[(kid, secret), ...] valid at `at`, current first (at most two)."""
+        return [(row["kid"], row["secret"]) for row in self.connect().execute(
+            "SELECT kid, secret FROM secrets WHERE server_id = ? AND (expires_at IS NULL OR expires_at > ?)"
+            " ORDER BY created_at DESC, rowid DESC", (server_id, at))]
+
+    def revoked_secrets(self, server_id: str, at: int, limit: int = 5) -> list[str]:
+        """The newest secrets no longer valid at `at` (to explain a MAC made with one)."""
+        return [row[0] for row in self.connect().execute(
+            "SELECT secret FROM secrets WHERE server_id = ? AND expires_at <= ?"
+            " ORDER BY created_at DESC, rowid DESC LIMIT ?", (server_id, at, limit))]
 
     def all_secrets(self) -> list[str]:
         """Every secret of the installation, live or not: what a stored snippet must never hold."""
@@ -1106,7 +1109,7 @@ def _verified_event(store: Store, server: sqlite3.Row, fields: EventFields, pars
     if not server["referrals_enabled"]:
         raise ApiError(404, "referrals not enabled", HINTS["referrals not enabled"])
     at = now()
-    live, revoked = store.secrets_of(fields.server_id, at)
+    live = store.live_secrets(fields.server_id, at)
     if not live:
         raise ApiError(404, "no signing secret", HINTS["no signing secret"])
     # 6. timestamp window, kid, MAC
@@ -1115,6 +1118,7 @@ def _verified_event(store: Store, server: sqlite3.Row, fields: EventFields, pars
     except SignatureError as exc:
         error = ApiError(401, "bad_signature", HINTS[exc.reason].format(window=window), reason=exc.reason)
         if exc.reason == "mac_mismatch":
+            revoked = store.revoked_secrets(fields.server_id, at)
             error.diagnosis = diagnose_mac_mismatch(parsed, raw_body, live, revoked, fields.ts)
             if error.diagnosis:
                 error.hint = f"{error.hint} ({error.diagnosis})"
@@ -1486,7 +1490,7 @@ def referrals_tab(game: str, server_id: str, **shown_once: Any) -> Any:
     rows = rows[:LOG_PAGE_SIZE] if after is None else rows[-LOG_PAGE_SIZE:]
     older = rows and (has_more or after is not None)
     newer = rows and (before is not None or (after is not None and has_more))
-    live, _ = store.secrets_of(server_id, now())
+    live = store.live_secrets(server_id, now())
     return _page("referrals.html", 200, title=f"Referrals · {server['name'] or server_id}", server=server,
                  secrets=store.secret_summaries(server_id), has_secret=bool(live), now=now(),
                  log_rows=[_log_view(row) for row in rows], filters=filters,
@@ -1528,7 +1532,7 @@ def set_enabled(game: str, server_id: str) -> Any:
     enable = request.form.get("enabled") == "1"
     store = get_store()
     store.update_server(server_id, referrals_enabled=int(enable))
-    if enable and not store.secrets_of(server_id, now())[0]:  # enabling mints the first secret
+    if enable and not store.live_secrets(server_id, now()):  # enabling mints the first secret
         secret, kid = store.rotate_secret(server_id, grace=0)
         return referrals_tab(game, server_id, new_secret={"secret": secret, "kid": kid})
     flash("Referrals enabled." if enable else "Referrals disabled: events now get 404 referrals not enabled.")
@@ -1577,12 +1581,12 @@ def mint_token_form(game: str, server_id: str) -> Any:
 def send_test_event(game: str, server_id: str) -> Any:
     """Sign a test `registered` with the current secret, exactly as the kit does, and run
     it through the same pipeline as POST /api/referral/events."""
-    _server_or_404(game, server_id)
+    server = _server_or_404(game, server_id)
     store = get_store()
-    live, _ = store.secrets_of(server_id, now())
+    live = store.live_secrets(server_id, now())
     if not live:
         flash("Generate a secret first: the test event is signed with it.")
-        return redirect(url_for("mmoref.dashboard.referrals_tab", game=game, server_id=server_id))
+        return redirect(_tab_url(server))
     kid, secret = live[0]
     body = build_body("registered", "dashboard-test-token", server_id, f"test-{secrets.token_hex(4)}",
                       referee_identity="dashboard-test-player", test=True)
