@@ -1075,11 +1075,15 @@ def diagnose_mac_mismatch(parsed: ParsedSignature, raw_body: bytes, live: Sequen
     trimmed = raw_body.rstrip(b"\r\n")
     if trimmed != raw_body and any(matches(s, parsed.t, trimmed) for s in live_secrets):
         return "the MAC matches this body without its trailing newline: sign the exact bytes you send"
-    other_t = str(body_ts) if isinstance(body_ts, int) and not isinstance(body_ts, bool) else parsed.t
-    if other_t != parsed.t and any(matches(s, other_t, raw_body) for s in live_secrets):
+    ts = body_ts if isinstance(body_ts, (int, float)) and not isinstance(body_ts, bool) else None
+    ts_differs = ts is not None and ts != parsed.timestamp
+    if ts_differs and isinstance(ts, int) and any(matches(s, str(ts), raw_body) for s in live_secrets):
         return "the MAC matches a different t (the body's ts): sign with the t you put in the header"
     if any(matches(s, parsed.t, raw_body) for s in revoked):
         return "this MAC was made with a previous, revoked secret: use the current secret"
+    if ts_differs:  # not proof, but the usual slip when nothing else explains it
+        return (f"the header's t ({parsed.t}) differs from the body's ts ({ts}): "
+                "the MAC must be made with the header's t")
     return None
 
 

@@ -972,6 +972,16 @@ def test_diagnosis_header_t_differs_from_body_ts(kit, clock):
     assert "different t" in rejected(kit.server_id, kit.store)[0]["diagnosis"]
 
 
+def test_diagnosis_names_a_header_t_that_differs_from_the_body_ts(kit, clock):
+    """Even when nothing else explains the mismatch (here: a wrong secret), SPEC 4 asks to say so."""
+    body = raw(dry_run(kit, ts=clock.t - 60))
+    response = kit.post(body, secret="not-the-secret", t=clock.t)
+    assert reply(response) == MISMATCH
+    expected = f"the header's t ({clock.t}) differs from the body's ts ({clock.t - 60})"
+    assert expected in rejected(kit.server_id, kit.store)[0]["diagnosis"]
+    assert expected in response.get_json()["hint"]
+
+
 def test_diagnosis_revoked_secret(kit, clock):
     kit.store.rotate_secret(kit.server_id, grace=0)
     assert as_test(kit, kit.secret) == MISMATCH
