@@ -1341,11 +1341,12 @@ def _is_logged_in() -> bool:
 
 
 def _password_fingerprint() -> str | None:
-    """Changes when the password changes, which logs every session out."""
-    configured = current_app.config.get("MMOREF_ADMIN_PASSWORD")
-    stored = get_store().admin_password_hash()
-    basis = f"env:{configured}" if configured else stored
-    return hashlib.sha256(basis.encode()).hexdigest()[:16] if basis else None
+    """Changes when the password changes, which logs every session out (read once a request)."""
+    if "mmoref_fingerprint" not in g:
+        configured = current_app.config.get("MMOREF_ADMIN_PASSWORD")
+        basis = f"env:{configured}" if configured else get_store().admin_password_hash()
+        g.mmoref_fingerprint = hashlib.sha256(basis.encode()).hexdigest()[:16] if basis else None
+    return g.mmoref_fingerprint
 
 
 def csrf_token() -> str:
