@@ -1,26 +1,175 @@
-"""Helpers shared by the tests in this folder: signed posts, CLI error checks, database peeks,
-a small keep-alive HTTP client and thread races against a real server."""
+"""The one helper module of the tests: answers, a clock, the CLI, a kit, database peeks, dashboard
+pages and logins, and real server processes on 127.0.0.1. Fixtures built on these live in conftest.py."""
 from __future__ import annotations
 
 import contextlib
 import http.client
 import json
+import os
 import re
 import socket
 import sqlite3
+import subprocess
 import sys
 import threading
+import time
+import urllib.request
 from collections.abc import Iterator, Sequence
+from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any, Callable
+from urllib.parse import urlencode
+
+from click.testing import CliRunner
 
 import mmoref_server as mm
-from conftest import free_port  # noqa: F401 (re-exported for the tests here)
 
-SERVER_SCRIPT = Path(mm.__file__).resolve()
+ROOT = Path(mm.__file__).resolve().parent
+SERVER_SCRIPT = ROOT / "mmoref_server.py"
+PYTHON = sys.executable
 INGEST = mm.INGEST_PATH
 ISO_UTC = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}Z")
-PYTHON = sys.executable
+PASSWORD = "correct horse battery staple"   # the dashboard password of the `app` fixture
+HTTP_TIMEOUT = 20.0     # seconds any one request to a real server may take before the test fails
+
+
+# JSON answers of the ingest endpoint ##########################################
+
+UNFILLED_PLACEHOLDER = re.compile(r"\{[A-Za-z_]\w*\}")   # "{window}", not the "{...}" a hint may show
+
+
+def hint_facts(body: dict[str, Any]) -> list[str]:
+    """What an error's hint must name, read from the error body itself."""
+    facts = [str(body[name]) for name in ("field", "state", "event") if name in body]
+    if body["error"] == "missing signature header":
+        facts.append(mm.SIGNATURE_HEADER)
+    if body["error"] == "body too large":
+        facts.append(f"{mm.MAX_BODY_BYTES // 1024} KiB")
+    if body.get("reason") == "stale_timestamp":
+        facts.append(" s of the server clock")
+    return facts
+
+
+def assert_good_hint(body: dict[str, Any]) -> str:
+    """An error body's hint: one line of text, every placeholder filled, naming the key facts."""
+    hint = body.get("hint")
+    assert isinstance(hint, str) and hint.strip() and "\n" not in hint, body
+    assert not UNFILLED_PLACEHOLDER.search(hint), f"unfilled placeholder in hint: {hint!r}"
+    if body["error"] == "invalid transition" and hint == mm.HINTS["other referee"]:
+        return hint   # the one 422 whose fix is not about the state
+    for fact in hint_facts(body):
+        assert fact in hint, f"hint {hint!r} does not name {fact!r}"
+    return hint
+
+
+def reply(response: Any) -> tuple[int, dict[str, Any]]:
+    """(status, JSON body); an error's `hint` is checked by assert_good_hint and removed."""
+    body = response.get_json()
+    assert isinstance(body, dict), response.get_data()
+    if body.get("ok") is False:
+        assert_good_hint(body)
+        del body["hint"]
+    return response.status_code, body
+
+
+def error(status: int, message: str, **extra: Any) -> tuple[int, dict[str, Any]]:
+    return status, {"ok": False, "error": message, **extra}
+
+
+def ok(**fields: Any) -> tuple[int, dict[str, Any]]:
+    return 200, {"ok": True, **fields}
+
+
+TEST_OK = ok(test=True)
+
+
+# The clock ####################################################################
+
+class Clock:
+    """Stands in for mm.now: a fixed Unix time the test moves by hand (`clock.t += 10`)."""
+
+    def __init__(self, t: int):
+        self.t = t
+
+    def __call__(self) -> int:
+        return self.t
+
+
+# The CLI ######################################################################
+
+class CliResult:
+    def __init__(self, result: Any):
+        self.exit_code, self.stdout, self.stderr = result.exit_code, result.stdout, result.stderr
+
+    def json(self) -> Any:
+        return json.loads(self.stdout)
+
+
+def _stderr_apart_runner() -> CliRunner:
+    """A CliRunner keeping stderr apart: click 8.1 (Python 3.9) needs asking; 8.2 removed the option."""
+    try:
+        return CliRunner(mix_stderr=False)
+    except TypeError:
+        return CliRunner()
+
+
+class Runner:
+    """Runs `mmoref_server.py COMMAND ...` in-process against the test database."""
+
+    def __init__(self, db_path: str):
+        self.db_path = db_path
+
+    def __call__(self, *args: str, db: bool = True) -> CliResult:
+        argv = list(args) + (["--db", self.db_path] if db else [])
+        return CliResult(_stderr_apart_runner().invoke(mm.cli, argv, prog_name="mmoref_server.py"))
+
+
+def assert_one_error_line(exit_code: int, stderr: str, *fragments: str) -> str:
+    """A user mistake: non-zero exit, exactly one `error: ...` line on stderr, no traceback."""
+    assert exit_code != 0
+    assert "Traceback" not in stderr
+    lines = stderr.splitlines()
+    assert len(lines) == 1, stderr
+    assert lines[0].startswith("error: "), lines[0]
+    for fragment in fragments:
+        assert fragment in lines[0]
+    return lines[0]
+
+
+# A game server's side: signed posts ###########################################
+
+KIT_SERVER_ID, KIT_GAME = "srv_123", "mygame"
+KIT_REGISTRATION_URL = "https://game.example/register?lang=en"
+KIT_TAB = f"/dashboard/{KIT_GAME}/{KIT_SERVER_ID}/referrals"   # the kit server's Referrals tab
+
+
+class Kit:
+    """A game server's side of the contract: one server, its secret, signed posts."""
+
+    def __init__(self, client: Any, store: mm.Store, server_id: str = KIT_SERVER_ID):
+        self.client, self.store, self.server_id = client, store, server_id
+        self.secret, self.kid = store.add_server(server_id, KIT_GAME, "My Server", KIT_REGISTRATION_URL)
+
+    def token(self, code: str = "alice", server_id: str | None = None) -> str:
+        return self.store.mint_referral(server_id or self.server_id, code)[0]
+
+    def body(self, event: str, token: str, event_id: str, **extra: Any) -> dict[str, Any]:
+        body = {"event": event, "token": token, "server_id": self.server_id, "server_event_id": event_id}
+        if event == "registered":
+            body["referee_identity"] = "player-7842"
+        body.update(extra)
+        return {k: v for k, v in body.items() if v is not ...}  # `...` drops a field
+
+    def post(self, body: dict | bytes | str, *, secret: str | None = None, t: int | None = None,
+             kid: str | None = None, header: str | None = None, **headers: str) -> Any:
+        raw = body if isinstance(body, bytes) else (body if isinstance(body, str) else json.dumps(body)).encode()
+        if header is None:
+            header = mm.signature_header(secret or self.secret, raw, t=t, kid=kid)
+        headers = {mm.SIGNATURE_HEADER: header, **headers} if header else headers
+        return self.client.post(INGEST, data=raw, headers=headers)
+
+    def send(self, event: str, token: str, event_id: str, **extra: Any) -> Any:
+        return self.post(self.body(event, token, event_id, **extra))
 
 
 def signed_post(client: Any, secret: str, raw_body: bytes, path: str = INGEST, **headers: str) -> Any:
@@ -36,50 +185,8 @@ def send(client: Any, secret: str, event: str, token: str, server_id: str, serve
     return signed_post(client, secret, body, path)
 
 
-def assert_one_error_line(exit_code: int, stderr: str, *fragments: str) -> str:
-    """A user mistake: non-zero exit, exactly one `error: ...` line on stderr, no traceback."""
-    assert exit_code != 0
-    assert "Traceback" not in stderr
-    lines = stderr.splitlines()
-    assert len(lines) == 1, stderr
-    assert lines[0].startswith("error: "), lines[0]
-    for fragment in fragments:
-        assert fragment in lines[0]
-    return lines[0]
-
-
-@contextlib.contextmanager
-def database(path: str | Path, *, read_only: bool = False) -> Iterator[sqlite3.Connection]:
-    """A plain sqlite3 connection to `path`, closed afterwards (read_only: touches no file)."""
-    target = f"file:{Path(path).resolve()}?mode=ro&immutable=1" if read_only else str(path)
-    db = sqlite3.connect(target, uri=read_only, isolation_level=None)
-    try:
-        yield db
-    finally:
-        db.close()
-
-
-def rows(path: str | Path, sql: str, *params: Any) -> list[tuple]:
-    """All rows of one query against the database at `path`."""
-    with database(path) as db:
-        return db.execute(sql, params).fetchall()
-
-
-def scalar(path: str | Path, sql: str, *params: Any) -> Any:
-    return rows(path, sql, *params)[0][0]
-
-
-@contextlib.contextmanager
-def refused_port() -> Iterator[int]:
-    """A 127.0.0.1 port held bound but not listening: connecting to it is refused."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        yield sock.getsockname()[1]
-
-
 SERVER_ID = "srv_robust"
 REFEREE = "player-7842"
-HTTP_TIMEOUT = 20.0     # seconds any one request to a real server may take before the test fails
 
 
 def add_server(store: mm.Store, server_id: str = SERVER_ID) -> str:
@@ -104,6 +211,333 @@ def referral_id_of(store: mm.Store, token: str) -> str:
     claims = mm.read_token(store.token_key, token)
     assert claims is not None
     return claims.referral_id
+
+
+# Database peeks ###############################################################
+
+@contextlib.contextmanager
+def database(path: str | Path, *, read_only: bool = False) -> Iterator[sqlite3.Connection]:
+    """A plain sqlite3 connection to `path`, closed afterwards (read_only: touches no file)."""
+    target = f"file:{Path(path).resolve()}?mode=ro&immutable=1" if read_only else str(path)
+    db = sqlite3.connect(target, uri=read_only, isolation_level=None)
+    try:
+        yield db
+    finally:
+        db.close()
+
+
+def rows(path: str | Path, sql: str, *params: Any) -> list[tuple]:
+    """All rows of one query against the database at `path`."""
+    with database(path) as db:
+        return db.execute(sql, params).fetchall()
+
+
+def scalar(path: str | Path, sql: str, *params: Any) -> Any:
+    return rows(path, sql, *params)[0][0]
+
+
+def snapshot(db_path: str | Path) -> dict[str, list[tuple]]:
+    """Every row of every table: to show a refused request changed nothing."""
+    with database(db_path) as db:
+        tables = [row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name")]
+        return {table: db.execute(f"SELECT * FROM {table} ORDER BY 1").fetchall() for table in tables}
+
+
+def log_rows_for(db_path: str | Path, referral_id: str, event: str, server_event_id: str) -> int:
+    """How many delivery-log rows carry this idempotency key."""
+    return scalar(db_path, "SELECT count(*) FROM delivery_log WHERE token_referral_id = ? AND event = ?"
+                           " AND server_event_id = ?", referral_id, event, server_event_id)
+
+
+# Dashboard pages: a tiny HTML tree ##########################################
+
+VOID = {"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "source", "track", "wbr"}
+
+
+class Node:
+    def __init__(self, tag: str, attrs: list[tuple[str, str | None]], parent: Node | None = None):
+        self.tag, self.attrs, self.parent = tag, dict(attrs), parent
+        self.children: list[Node | str] = []
+
+    def iter(self):
+        for child in self.children:
+            if isinstance(child, Node):
+                yield child
+                yield from child.iter()
+
+    def all(self, tag: str | None = None, **attrs: str) -> list[Node]:
+        """Descendants with this tag and these attribute values (data_event= is data-event=)."""
+        wanted = {name.rstrip("_").replace("_", "-"): value for name, value in attrs.items()}
+        return [node for node in self.iter() if (tag is None or node.tag == tag)
+                and all(node.attrs.get(name) == value for name, value in wanted.items())]
+
+    def one(self, tag: str | None = None, **attrs: str) -> Node:
+        found = self.all(tag, **attrs)
+        assert len(found) == 1, f"expected one <{tag or '*'} {attrs}>, found {len(found)}"
+        return found[0]
+
+    @property
+    def raw_text(self) -> str:
+        return "".join(child if isinstance(child, str) else child.raw_text for child in self.children)
+
+    @property
+    def text(self) -> str:
+        """The text content with whitespace collapsed."""
+        parts = [child if isinstance(child, str) else child.text for child in self.children]
+        return " ".join(" ".join(parts).split())
+
+    def ancestor(self, tag: str) -> Node:
+        node = self.parent
+        while node is not None and node.tag != tag:
+            node = node.parent
+        assert node is not None, f"no <{tag}> around <{self.tag}>"
+        return node
+
+
+class _TreeBuilder(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__()
+        self.root = self.current = Node("#document", [])
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        node = Node(tag, attrs, self.current)
+        self.current.children.append(node)
+        if tag not in VOID:
+            self.current = node
+
+    def handle_startendtag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        self.current.children.append(Node(tag, attrs, self.current))
+
+    def handle_endtag(self, tag: str) -> None:
+        node = self.current
+        while node is not None and node.tag != tag:
+            node = node.parent
+        if node is not None and node.parent is not None:
+            self.current = node.parent
+
+    def handle_data(self, data: str) -> None:
+        self.current.children.append(data)
+
+
+class Doc(Node):
+    """A parsed HTML page that keeps its raw text (for "never appears" checks)."""
+
+    def __init__(self, raw: str):
+        builder = _TreeBuilder()
+        builder.feed(raw)
+        builder.close()
+        super().__init__("#document", [])
+        self.children, self.raw = builder.root.children, raw
+
+    def by_id(self, element_id: str) -> Node:
+        return self.one(id=element_id)
+
+    def has_id(self, element_id: str) -> bool:
+        return bool(self.all(id=element_id))
+
+    @property
+    def flashes(self) -> list[str]:
+        return [node.text for node in self.all("p", class_="flash")]
+
+
+def html(response: Any, status: int = 200) -> Doc:
+    """The response as a parsed page, after checking its status and type."""
+    assert response.status_code == status, response.get_data(as_text=True)[:500]
+    assert response.mimetype == "text/html"
+    return Doc(response.get_data(as_text=True))
+
+
+def csrf(page: Doc) -> str:
+    """The CSRF token of a page's forms (all forms of one page carry the same one)."""
+    values = {node.attrs["value"] for node in page.all("input", name="csrf_token")}
+    assert len(values) == 1, values
+    return values.pop()
+
+
+def location(response: Any) -> str:
+    assert response.status_code == 302, response.get_data(as_text=True)[:500]
+    return response.headers["Location"]
+
+
+def html(response: Any, status: int = 200) -> Doc:
+    """The response as a parsed page, after checking its status and type."""
+    assert response.status_code == status, response.get_data(as_text=True)[:500]
+    assert response.mimetype == "text/html"
+    return Doc(response.get_data(as_text=True))
+
+
+def location(response: Any) -> str:
+    assert response.status_code == 302, response.get_data(as_text=True)[:500]
+    return response.headers["Location"]
+
+
+# Logging in: the one login and CSRF helper ####################################
+
+def csrf(page: Doc) -> str:
+    """The CSRF token of a page's forms (all forms of one page carry the same one)."""
+    values = {node.attrs["value"] for node in page.all("input", name="csrf_token")}
+    assert len(values) == 1, values
+    return values.pop()
+
+
+def login(client: Any, password: str = PASSWORD, next_url: str | None = None, **request: Any) -> Any:
+    """Open the login page (for its CSRF token) and post the password; the answer."""
+    url = "/dashboard/login" + (f"?{urlencode({'next': next_url})}" if next_url is not None else "")
+    token = csrf(html(client.get(url, **request)))
+    return client.post(url, data={"csrf_token": token, "password": password}, **request)
+
+
+def is_logged_in(client: Any) -> bool:
+    response = client.get("/dashboard/")
+    assert response.status_code in (200, 302)
+    return response.status_code == 200
+
+
+class Owner:
+    """A logged-in test client: pages, and form posts carrying the session's CSRF token."""
+
+    def __init__(self, client: Any):
+        self.client = client
+        self.csrf = csrf(self.page("/dashboard/"))  # login cleared the session: read the new token
+
+    def page(self, path: str, status: int = 200) -> Doc:
+        return html(self.client.get(path), status)
+
+    def post(self, path: str, **form: str) -> Any:
+        return self.client.post(path, data={"csrf_token": self.csrf, **form})
+
+    def post_page(self, path: str, status: int = 200, **form: str) -> Doc:
+        return html(self.post(path, **form), status)
+
+    def follow(self, response: Any) -> Doc:
+        """The page a 302 leads to (where its flashed message shows)."""
+        return self.page(location(response))
+
+
+# Reading the dashboard's tables ###############################################
+
+def log_rows(page: Doc) -> list[dict[str, Any]]:
+    """The delivery-log rows of a Referrals tab, top to bottom."""
+    found = []
+    for tr in page.by_id("delivery-log").all("tr"):
+        if "data-id" in tr.attrs:
+            cells = [td.text for td in tr.all("td")]
+            found.append({"id": int(tr.attrs["data-id"]), "event": tr.attrs["data-event"],
+                         "state": tr.attrs["data-state"], "outcome": tr.attrs["data-outcome"],
+                         "received": cells[0], "server_event_id": cells[4], "referrer": cells[5],
+                         "referee": cells[6], "token": cells[7], "detail": tr.one("a", class_="detail").attrs["href"]})
+    return found
+
+
+def event_ids(page: Doc) -> list[str]:
+    return [row["server_event_id"] for row in log_rows(page)]
+
+
+def rejected_rows(page: Doc) -> list[dict[str, Any]]:
+    """The rejected-requests table of a page (tab or index), newest first."""
+    tables = page.all("table", class_="rejected")
+    if not tables:
+        return []
+    found = []
+    for tr in tables[0].all("tr"):
+        if "data-status" in tr.attrs:
+            cells = tr.all("td")
+            diagnosis = cells[4].all("strong", class_="diagnosis")
+            found.append({"status": int(tr.attrs["data-status"]), "error": cells[2].text, "reason": cells[3].text,
+                         "hint": cells[4].text, "diagnosis": diagnosis[0].text if diagnosis else None,
+                         "snippet": cells[5].text})
+    return found
+
+
+def selected(select: Node) -> list[str]:
+    """The texts of a <select>'s selected options."""
+    return [option.text for option in select.all("option") if "selected" in option.attrs]
+
+
+def detail_table(page: Doc) -> dict[str, str]:
+    return {tr.one("th").text: tr.one("td").text for tr in page.by_id("event-detail").all("tr")}
+
+
+# Real server processes on 127.0.0.1 ###########################################
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextlib.contextmanager
+def refused_port() -> Iterator[int]:
+    """A 127.0.0.1 port held bound but not listening: connecting to it is refused."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        yield sock.getsockname()[1]
+
+
+class LiveServer:
+    """A server process on a free 127.0.0.1 port, started and waited for until /healthz answers.
+
+    `command` defaults to `python mmoref_server.py serve --port {port}`; "{port}" in the command
+    or in an `env` value becomes the port. `db_path` (MMOREF_DB) None leaves the server its default.
+    """
+
+    def __init__(self, db_path: str | None, log_dir: Path, *, env: dict[str, str] | None = None,
+                 command: list[str] | None = None, cwd: Path = ROOT):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        full_env = {**os.environ, **({"MMOREF_DB": db_path} if db_path else {}), **(env or {})}
+        full_env = {name: value.replace("{port}", str(self.port)) for name, value in full_env.items()}
+        argv = command or [PYTHON, str(SERVER_SCRIPT), "serve", "--port", "{port}"]
+        argv = [part.replace("{port}", str(self.port)) for part in argv]
+        self.log_path = log_dir / f"server-{self.port}.log"
+        with open(self.log_path, "w") as log_file:  # a file, not a pipe: a full pipe would block the server
+            self.process = subprocess.Popen(argv, cwd=cwd, env=full_env, stdout=log_file, stderr=subprocess.STDOUT)
+        self._wait_until_healthy()
+
+    def _wait_until_healthy(self, seconds: float = 20) -> None:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"server exited early:\n{self.output()}")
+            try:
+                with urllib.request.urlopen(self.url + "/healthz", timeout=1) as response:
+                    if response.status == 200 and json.loads(response.read()) == {"ok": True}:
+                        return
+            except OSError:
+                time.sleep(0.1)
+        self.stop()
+        raise RuntimeError(f"server did not become healthy in {seconds} s:\n{self.output()}")
+
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self) -> str:
+        """Stop the server; return everything it printed."""
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        return self.output()
+
+
+LOOPBACK_HEX = "0100007F"   # 127.0.0.1 as /proc/net/tcp writes it
+
+
+def listening_addresses(port: int) -> set[str]:
+    """The local addresses (as /proc/net/tcp{,6} write them) with a LISTEN socket on `port`. Linux only."""
+    found = set()
+    for table in (Path("/proc/net/tcp"), Path("/proc/net/tcp6")):
+        if not table.exists():
+            continue
+        for line in table.read_text().splitlines()[1:]:
+            local, state = line.split()[1], line.split()[3]
+            address, _, port_hex = local.rpartition(":")
+            if state == "0A" and int(port_hex, 16) == port:
+                found.add(address)
+    return found
 
 
 class HttpClient:
@@ -166,9 +600,3 @@ def race(port: int, actions: Sequence[Callable[[HttpClient], Any]], timeout: flo
     if errors:
         raise errors[0]
     return results
-
-
-def log_rows_for(db_path: str | Path, referral_id: str, event: str, server_event_id: str) -> int:
-    """How many delivery-log rows carry this idempotency key."""
-    return scalar(db_path, "SELECT count(*) FROM delivery_log WHERE token_referral_id = ? AND event = ?"
-                           " AND server_event_id = ?", referral_id, event, server_event_id)

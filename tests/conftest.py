@@ -1,0 +1,107 @@
+"""The fixtures of every test (the top-level conftest.py loads this file for test_mmoref_server.py too).
+
+Helpers the fixtures build on live in support.py.
+"""
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import mmoref_server as mm
+from tests.support import PASSWORD, Clock, Kit, LiveServer, Owner, Runner, location, login
+
+
+@pytest.fixture(autouse=True)
+def _clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tests never see the machine's MMOREF_* settings."""
+    for name in list(os.environ):
+        if name.startswith("MMOREF_"):
+            monkeypatch.delenv(name)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_login_throttle(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The login throttle is module state: each test starts with no failed logins."""
+    monkeypatch.setattr(mm, "login_throttle", mm._LoginThrottle())
+
+
+@pytest.fixture
+def db_path(tmp_path: Path) -> str:
+    return str(tmp_path / "referrals.db")
+
+
+@pytest.fixture
+def app(db_path: str) -> Any:
+    """The app under test; its dashboard password is support.PASSWORD (MMOREF_ADMIN_PASSWORD)."""
+    return mm.create_app({"MMOREF_DB": db_path, "TESTING": True, "MMOREF_ADMIN_PASSWORD": PASSWORD})
+
+
+@pytest.fixture
+def bare_app(db_path: str) -> Any:
+    """An installation with no password configured (the stored-hash and first-run paths)."""
+    return mm.create_app({"MMOREF_DB": db_path, "TESTING": True})
+
+
+@pytest.fixture
+def client(app: Any) -> Any:
+    return app.test_client()
+
+
+@pytest.fixture
+def store(app: Any) -> mm.Store:
+    with app.app_context():
+        return mm.get_store()
+
+
+@pytest.fixture
+def runner(db_path: str) -> Runner:
+    return Runner(db_path)
+
+
+@pytest.fixture
+def kit(client: Any, store: mm.Store) -> Kit:
+    return Kit(client, store)
+
+
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
+    """Freeze the server clock (mm.now) at the current time; tests move it by hand."""
+    frozen = Clock(int(time.time()))
+    monkeypatch.setattr(mm, "now", frozen)
+    return frozen
+
+
+@pytest.fixture
+def owner(client: Any) -> Owner:
+    """The test client, logged in to the dashboard."""
+    assert location(login(client)) == "/dashboard/"
+    return Owner(client)
+
+
+@pytest.fixture
+def registered(kit: Kit) -> dict[str, Any]:
+    """A referral of alice's, registered by player-7842 (delivery-log row 1)."""
+    token = kit.token("alice")
+    response = kit.send("registered", token, "reg-1")
+    assert response.status_code == 200 and response.get_json()["state"] == "registered"
+    return {"token": token, "referral_id": response.get_json()["referral_id"]}
+
+
+@pytest.fixture
+def live_server(db_path: str, tmp_path: Path) -> Iterator[Callable[..., LiveServer]]:
+    """Start with `live_server()` (optionally env=, command=, cwd=, db_path=); stopped after the test."""
+    started: list[LiveServer] = []
+
+    def start(*, db_path: str | None = db_path, **kwargs: Any) -> LiveServer:
+        server = LiveServer(db_path, tmp_path, **kwargs)
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.stop()
