@@ -38,9 +38,14 @@ HTTP_TIMEOUT = 20.0     # seconds any one request to a real server may take befo
 UNFILLED_PLACEHOLDER = re.compile(r"\{[A-Za-z_]\w*\}")   # "{window}", not the "{...}" a hint may show
 
 
+BODY_FIELDS = ("event", "token", "server_id", "server_event_id", "referee_identity", "ts", "test")
+
+
 def hint_facts(body: dict[str, Any]) -> list[str]:
     """What an error's hint must name, read from the error body itself."""
-    facts = [str(body[name]) for name in ("field", "state", "event") if name in body]
+    facts = [str(body[name]) for name in ("state", "event") if name in body]
+    if body["error"] in ("missing field", "invalid field") and body["field"] in BODY_FIELDS:
+        facts.append(body["field"])
     if body["error"] == "missing signature header":
         facts.append(mm.SIGNATURE_HEADER)
     if body["error"] == "body too large":

@@ -6,7 +6,7 @@ import urllib.parse
 
 import pytest
 from flask import Flask
-from support import INGEST, send, signed_post
+from tests.support import INGEST, send, signed_post
 
 import mmoref_server as mm
 

@@ -5,7 +5,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from support import INGEST, ISO_UTC, PYTHON, SERVER_SCRIPT, assert_one_error_line, refused_port, send
+from tests.support import INGEST, ISO_UTC, PYTHON, SERVER_SCRIPT, assert_one_error_line, refused_port, send
 
 import mmoref_server as mm
 

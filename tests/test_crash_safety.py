@@ -7,7 +7,7 @@ import sqlite3
 import threading
 
 import pytest
-from support import (
+from tests.support import (
     HttpClient,
     add_server,
     event_body,

@@ -15,7 +15,7 @@ from typing import Any
 from urllib.parse import parse_qs, urlencode, urlsplit
 
 import pytest
-from support import database, signed_post
+from tests.support import database, signed_post
 from werkzeug.security import check_password_hash
 
 import mmoref_server as mm

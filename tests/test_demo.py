@@ -6,7 +6,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from support import PYTHON, SERVER_SCRIPT, database, rows, send
+from tests.support import PYTHON, SERVER_SCRIPT, database, rows, send
 
 import mmoref_server as mm
 

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
-from support import INGEST, SERVER_ID, HttpClient, add_server, event_body, mint_tokens
+from tests.support import INGEST, SERVER_ID, HttpClient, add_server, event_body, mint_tokens
 
 import mmoref_server as mm
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import pytest
-from support import INGEST, PYTHON, SERVER_SCRIPT, free_port, rows
+from tests.support import INGEST, PYTHON, SERVER_SCRIPT, free_port, rows
 
 import mmoref_server as mm
 

@@ -7,7 +7,7 @@ import sys
 import time
 
 import pytest
-from support import (
+from tests.support import (
     REFEREE,
     SERVER_ID,
     add_server,

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import pytest
-from support import INGEST, rows
+from tests.support import INGEST, rows
 
 import mmoref_server as mm
 

@@ -6,7 +6,7 @@ import re
 import urllib.parse
 
 import pytest
-from support import scalar, send
+from tests.support import scalar, send
 
 import mmoref_server as mm
 

@@ -8,7 +8,7 @@ import stat
 from pathlib import Path
 
 import pytest
-from support import assert_one_error_line, database, rows, scalar
+from tests.support import assert_one_error_line, database, rows, scalar
 
 import mmoref_server as mm
 
