@@ -13,7 +13,7 @@ import pytest
 from werkzeug.test import EnvironBuilder, run_wsgi_app
 
 import mmoref_server as mm
-from tests.support import INGEST, TEST_OK, Kit, assert_good_hint, error, ok, reply
+from tests.support import INGEST, TEST_OK, Kit, assert_good_hint, error, ok, reply, revoke_every_secret
 
 SPEC_BODY = (b'{"event":"registered","token":"tok_abc","server_id":"srv_123","referee_identity":"player-7842",'
              b'"server_event_id":"reg-7842","ts":1733500000}')
@@ -342,8 +342,7 @@ def test_referrals_not_enabled_is_404_before_the_signature(kit):
 
 
 def test_no_signing_secret_is_404(kit):
-    with kit.store.transaction() as db:  # no public way to end up here: every secret has lapsed
-        db.execute("UPDATE secrets SET expires_at = 1 WHERE server_id = ?", (kit.server_id,))
+    revoke_every_secret(kit.store, kit.server_id)
     assert reply(kit.post(dry_run(kit))) == error(404, "no signing secret")
 
 

@@ -218,6 +218,19 @@ def referral_id_of(store: mm.Store, token: str) -> str:
     return claims.referral_id
 
 
+def revoke_every_secret(store: mm.Store, server_id: str) -> None:
+    """No public path leaves a server without a live secret (add-server mints one): set it up in SQL."""
+    with store.transaction() as db:
+        db.execute("UPDATE secrets SET expires_at = ? WHERE server_id = ?", (mm.now(), server_id))
+
+
+def send_ok(kit: Kit, event: str, token: str, event_id: str, **extra: Any) -> dict[str, Any]:
+    """Send through the kit; the answer must be a 200, whose JSON body is returned."""
+    response = kit.send(event, token, event_id, **extra)
+    assert response.status_code == 200, response.get_json()
+    return response.get_json()
+
+
 # Database peeks ###############################################################
 
 @contextlib.contextmanager
@@ -343,25 +356,6 @@ class Doc(Node):
     @property
     def flashes(self) -> list[str]:
         return [node.text for node in self.all("p", class_="flash")]
-
-
-def html(response: Any, status: int = 200) -> Doc:
-    """The response as a parsed page, after checking its status and type."""
-    assert response.status_code == status, response.get_data(as_text=True)[:500]
-    assert response.mimetype == "text/html"
-    return Doc(response.get_data(as_text=True))
-
-
-def csrf(page: Doc) -> str:
-    """The CSRF token of a page's forms (all forms of one page carry the same one)."""
-    values = {node.attrs["value"] for node in page.all("input", name="csrf_token")}
-    assert len(values) == 1, values
-    return values.pop()
-
-
-def location(response: Any) -> str:
-    assert response.status_code == 302, response.get_data(as_text=True)[:500]
-    return response.headers["Location"]
 
 
 def html(response: Any, status: int = 200) -> Doc:

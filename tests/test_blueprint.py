@@ -6,9 +6,9 @@ import urllib.parse
 
 import pytest
 from flask import Flask
-from tests.support import INGEST, send, signed_post
 
 import mmoref_server as mm
+from tests.support import INGEST, send, signed_post
 
 PREFIX = "/mmoref"
 SERVER = "srv_1"

@@ -5,9 +5,9 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from tests.support import INGEST, ISO_UTC, PYTHON, SERVER_SCRIPT, assert_one_error_line, refused_port, send
 
 import mmoref_server as mm
+from tests.support import INGEST, ISO_UTC, PYTHON, SERVER_SCRIPT, assert_one_error_line, refused_port, send
 
 SERVER = "srv_1"
 REGISTRATION_URL = "https://game.example/join?lang=en"

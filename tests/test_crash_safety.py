@@ -7,6 +7,8 @@ import sqlite3
 import threading
 
 import pytest
+
+import mmoref_server as mm
 from tests.support import (
     HttpClient,
     add_server,
@@ -17,8 +19,6 @@ from tests.support import (
     rows,
     scalar,
 )
-
-import mmoref_server as mm
 
 SENDERS = 4
 EVENTS_PER_SENDER = 60

@@ -6,9 +6,9 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from tests.support import PYTHON, SERVER_SCRIPT, database, rows, send
 
 import mmoref_server as mm
+from tests.support import PYTHON, SERVER_SCRIPT, database, rows, send
 
 EXAMPLE = SERVER_SCRIPT.parent / "referrals.db.example"
 ALL_STATES = {"clicked", "registered", "qualified", "reversed", "expired", "rejected"}

@@ -10,9 +10,9 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
-from tests.support import INGEST, SERVER_ID, HttpClient, add_server, event_body, mint_tokens
 
 import mmoref_server as mm
+from tests.support import INGEST, SERVER_ID, HttpClient, add_server, event_body, mint_tokens
 
 FUZZ = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 VALID_HEADER = mm.signature_header("test-secret", b"{}", t=1733500000, kid="k_1")

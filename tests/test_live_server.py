@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 import pytest
-from tests.support import INGEST, PYTHON, SERVER_SCRIPT, free_port, rows
 
 import mmoref_server as mm
+from tests.support import INGEST, PYTHON, SERVER_SCRIPT, free_port, rows
 
 pytestmark = pytest.mark.slow
 

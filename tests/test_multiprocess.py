@@ -7,6 +7,7 @@ import sys
 import time
 
 import pytest
+
 from tests.support import (
     REFEREE,
     SERVER_ID,

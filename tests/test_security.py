@@ -17,9 +17,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 import pytest
-from tests.support import INGEST, rows
 
 import mmoref_server as mm
+from tests.support import INGEST, rows
 
 PASSWORD = "correct horse battery staple"
 

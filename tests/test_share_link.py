@@ -6,9 +6,9 @@ import re
 import urllib.parse
 
 import pytest
-from tests.support import scalar, send
 
 import mmoref_server as mm
+from tests.support import scalar, send
 
 SERVER = "srv_123"   # the conftest kit's server
 REGISTRATION = urllib.parse.urlsplit("https://game.example/register?lang=en")

@@ -8,9 +8,9 @@ import stat
 from pathlib import Path
 
 import pytest
-from tests.support import assert_one_error_line, database, rows, scalar
 
 import mmoref_server as mm
+from tests.support import assert_one_error_line, database, rows, scalar
 
 V1_TABLES = ("meta", "servers", "secrets", "referrals", "anchors", "delivery_log", "rejected_requests")
 COUNTER_TABLES = ("daily_counts", "referrer_counts")
