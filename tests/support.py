@@ -261,6 +261,16 @@ def snapshot(db_path: str | Path) -> dict[str, list[tuple]]:
         return {table: db.execute(f"SELECT * FROM {table} ORDER BY 1").fetchall() for table in tables}
 
 
+@contextlib.contextmanager
+def permissive_umask() -> Iterator[None]:
+    """Umask 0: files would be world-readable unless mmoref creates them 0600 on purpose."""
+    previous = os.umask(0)
+    try:
+        yield
+    finally:
+        os.umask(previous)
+
+
 def log_rows_for(db_path: str | Path, referral_id: str, event: str, server_event_id: str) -> int:
     """How many delivery-log rows carry this idempotency key."""
     return scalar(db_path, "SELECT count(*) FROM delivery_log WHERE token_referral_id = ? AND event = ?"

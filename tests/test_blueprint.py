@@ -8,7 +8,7 @@ import pytest
 from flask import Flask
 
 import mmoref_server as mm
-from tests.support import INGEST, send, signed_post
+from tests.support import INGEST, assert_good_hint, send, signed_post
 
 PREFIX = "/mmoref"
 SERVER = "srv_1"
@@ -70,6 +70,7 @@ def test_error_bodies_keep_ok_first_despite_sort_keys(client, secret, token):
     assert response.status_code == 401
     assert keys_in_order(response) == ["ok", "error", "hint", "reason"]
     assert (response.json["error"], response.json["reason"]) == ("bad_signature", "mac_mismatch")
+    assert_good_hint(response.json)
 
 
 def test_method_not_allowed_under_the_prefix(client):
@@ -78,6 +79,7 @@ def test_method_not_allowed_under_the_prefix(client):
     assert response.headers["Allow"] == "POST"
     assert keys_in_order(response)[0] == "ok"
     assert response.json["error"] == "method not allowed"
+    assert_good_hint(response.json)
 
 
 def test_share_link_under_the_prefix(client, secret):

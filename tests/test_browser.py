@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,20 +19,17 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 
 import mmoref_server as mm
+from tests.support import INGEST, PASSWORD, PYTHON, ROOT, SERVER_SCRIPT
 
 pytestmark = pytest.mark.browser
 
-ROOT = Path(mm.__file__).resolve().parent
-SERVER_SCRIPT = ROOT / "mmoref_server.py"
 DOCS_SCREENSHOT = ROOT / "docs" / "dashboard.png"
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                  "--disable-sync", "--no-first-run"]
-PASSWORD = "correct horse battery staple"
 ENV = {"MMOREF_ADMIN_PASSWORD": PASSWORD}
 WAIT_MS = 10_000
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-INGEST = "/api/referral/events"
 # Read at import: conftest hides every MMOREF_* variable from the tests themselves.
 UPDATE_DOCS = os.environ.get("MMOREF_UPDATE_DOCS") == "1"
 
@@ -89,6 +85,7 @@ def page(browser: Any) -> Iterator[Any]:
 # Helpers ##########################################################################################
 
 def login(page: Any, base_url: str, password: str = PASSWORD) -> None:
+    """Log in as a person does (support.login is the same for the Flask test client)."""
     page.goto(base_url + "/dashboard/")
     page.fill("#password", password)
     follow(page.get_by_role("button", name="Log in"))
@@ -109,7 +106,7 @@ def screenshot(page: Any, path: Path, **options: Any) -> Path:
 
 def cli(*args: str, db: str) -> Any:
     """Run the CLI as a subprocess on the live server's database (WAL makes sharing it safe)."""
-    done = subprocess.run([sys.executable, str(SERVER_SCRIPT), *args, "--json", "--db", db], cwd=ROOT,
+    done = subprocess.run([PYTHON, str(SERVER_SCRIPT), *args, "--json", "--db", db], cwd=ROOT,
                           capture_output=True, text=True, timeout=30, env={**os.environ, "MMOREF_DB": db})
     assert done.returncode == 0, done.stderr
     return json.loads(done.stdout)
@@ -332,7 +329,7 @@ def test_delivery_log_pages_and_filters(page: Any, live_server: Any, db_path: st
 
 def test_docs_screenshot_of_demo_dashboard(page: Any, live_server: Any, tmp_path: Path) -> None:
     demo_db = tmp_path / "demo.db"
-    done = subprocess.run([sys.executable, str(SERVER_SCRIPT), "demo", str(demo_db)], cwd=ROOT,
+    done = subprocess.run([PYTHON, str(SERVER_SCRIPT), "demo", str(demo_db)], cwd=ROOT,
                           capture_output=True, text=True, timeout=30)
     assert done.returncode == 0, done.stderr
     server = live_server(env={**ENV, "MMOREF_DB": str(demo_db)})

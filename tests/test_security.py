@@ -5,7 +5,6 @@ The loopback bind is checked in test_live_server.py, login throttling in test_da
 from __future__ import annotations
 
 import ast
-import contextlib
 import hmac
 import inspect
 import json
@@ -14,14 +13,13 @@ import os
 import socket
 import stat
 import textwrap
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Callable
 
 import pytest
 
 import mmoref_server as mm
-from tests.support import INGEST, KIT_TAB, PASSWORD, csrf, html, location, login, rows
+from tests.support import INGEST, KIT_TAB, PASSWORD, csrf, html, location, login, permissive_umask, rows
 
 
 class Spy:
@@ -126,16 +124,6 @@ def test_stored_password_goes_through_check_password_hash(bare_app, monkeypatch)
 
 
 # The database file is owner-only ##############################################
-
-@contextlib.contextmanager
-def permissive_umask() -> Iterator[None]:
-    """Umask 0: files would be world-readable unless created 0600 on purpose."""
-    previous = os.umask(0)
-    try:
-        yield
-    finally:
-        os.umask(previous)
-
 
 def assert_owner_only(db_path: str) -> None:
     files = [Path(db_path + suffix) for suffix in ("", "-wal", "-shm")]

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 import mmoref_server as mm
-from tests.support import assert_one_error_line, database, rows, scalar
+from tests.support import assert_one_error_line, database, permissive_umask, rows, scalar
 
 V1_TABLES = ("meta", "servers", "secrets", "referrals", "anchors", "delivery_log", "rejected_requests")
 COUNTER_TABLES = ("daily_counts", "referrer_counts")
@@ -28,22 +28,15 @@ def dump(path: str | Path, tables: tuple[str, ...], columns_of: str | Path | Non
     return {table: sorted(rows(path, f"SELECT {columns(table)} FROM {table}"), key=repr) for table in tables}
 
 
-@pytest.fixture
-def permissive_umask():
-    """umask 0: any mode other than 0666 below comes from mmoref itself."""
-    previous = os.umask(0)
-    yield
-    os.umask(previous)
-
-
 @pytest.mark.parametrize("creator", ["create_app", "cli", "demo"])
-def test_database_file_is_created_owner_only(db_path, runner, permissive_umask, creator):
-    if creator == "create_app":
-        mm.create_app({"MMOREF_DB": db_path})
-    elif creator == "cli":
-        assert runner("add-server", "srv_1", "--game", "g").exit_code == 0
-    else:
-        assert runner("demo", db_path, db=False).exit_code == 0
+def test_database_file_is_created_owner_only(db_path, runner, creator):
+    with permissive_umask():
+        if creator == "create_app":
+            mm.create_app({"MMOREF_DB": db_path})
+        elif creator == "cli":
+            assert runner("add-server", "srv_1", "--game", "g").exit_code == 0
+        else:
+            assert runner("demo", db_path, db=False).exit_code == 0
     assert mode(db_path) == 0o600
 
 
