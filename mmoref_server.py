@@ -418,8 +418,91 @@ class _Pending:
 
     __slots__ = ("work", "result", "error", "done")
 
-    def __init__(self, work: Callable[[sqlite3.Connection], Any]):
+    def __init__(self, work: Callable[[Transaction], Any]):
         self.work, self.result, self.error, self.done = work, None, None, False
+
+
+@functools.lru_cache(maxsize=4)
+def _utc_date(day_number: int) -> str:
+    """YYYY-MM-DD of a day counted from 1970-01-01 (UTC)."""
+    return (datetime.date(1970, 1, 1) + datetime.timedelta(days=day_number)).isoformat()
+
+
+class Transaction:
+    """The reads and writes the state machine makes, inside one write transaction.
+
+    `Store.transaction()` and `Store.group_commit()` hand one to their work. The state
+    machine decides; these methods only read and write. Rows are mappings by column name.
+    """
+
+    __slots__ = ("db",)
+
+    def __init__(self, db: sqlite3.Connection):
+        self.db = db
+
+    def server_exists(self, server_id: str) -> bool:
+        return self.db.execute("SELECT 1 FROM servers WHERE server_id = ?", (server_id,)).fetchone() is not None
+
+    def referral(self, referral_id: str) -> sqlite3.Row | None:
+        return self.db.execute("SELECT * FROM referrals WHERE referral_id = ?", (referral_id,)).fetchone()
+
+    def referral_for_event(self, referral_id: str, event: str, server_event_id: str) -> sqlite3.Row | None:
+        """The referral, with `seen` true when the idempotency key (token, event, server_event_id) is used."""
+        return self.db.execute(
+            "SELECT r.*, EXISTS (SELECT 1 FROM delivery_log l WHERE l.token_referral_id = r.referral_id"
+            " AND l.event = ? AND l.server_event_id = ?) AS seen FROM referrals r WHERE r.referral_id = ?",
+            (event, server_event_id, referral_id)).fetchone()
+
+    def anchored_referral(self, server_id: str, referee_identity: str | None) -> sqlite3.Row | None:
+        """The referral that anchors this referee on this server, if any."""
+        return self.db.execute(
+            "SELECT r.* FROM anchors a JOIN referrals r ON r.referral_id = a.referral_id"
+            " WHERE a.server_id = ? AND a.referee_identity = ?", (server_id, referee_identity)).fetchone()
+
+    def insert_anchor(self, server_id: str, referee_identity: str | None, referral_id: str, at: int) -> None:
+        self.db.execute("INSERT INTO anchors (server_id, referee_identity, referral_id, created_at)"
+                        " VALUES (?, ?, ?, ?)", (server_id, referee_identity, referral_id, at))
+
+    def follow_anchor(self, referral_id: str, anchor_referral_id: str) -> None:
+        """Let a second click's token reach the referral that anchors its referee."""
+        self.db.execute("UPDATE referrals SET anchor_referral_id = ? WHERE referral_id = ?",
+                        (anchor_referral_id, referral_id))
+
+    def set_state(self, referral_id: str, state: str, at: int, referee_identity: str | None = None) -> None:
+        """Set the referral's state (and its referee, when given)."""
+        self.db.execute("UPDATE referrals SET state = ?, updated_at = ?,"
+                        " referee_identity = coalesce(?, referee_identity) WHERE referral_id = ?",
+                        (state, at, referee_identity, referral_id))
+
+    def insert_referral(self, server_id: str, referrer_code: str, issued_at: int,
+                        ip_hash: str | None = None, user_agent: str | None = None) -> str:
+        """Write one clicked referral (and its click counters); return its new id."""
+        referral_id = "ref_" + secrets.token_urlsafe(9)
+        self.db.execute("INSERT INTO referrals (referral_id, server_id, referrer_code, state, issued_at,"
+                        " updated_at, ip_hash, user_agent) VALUES (?, ?, ?, 'clicked', ?, ?, ?, ?)",
+                        (referral_id, server_id, referrer_code, issued_at, issued_at, ip_hash,
+                         (user_agent or "")[:200] or None))
+        self.count(server_id, referrer_code, "clicked", issued_at)
+        return referral_id
+
+    def log_delivery(self, referral: sqlite3.Row, event: str, outcome: str, at: int, *,
+                     token_referral_id: str | None = None, server_event_id: str | None = None,
+                     payload: str | None = None, ts: int | float | None = None) -> None:
+        """Append a delivery-log row about `referral` (an owner action has no token, key or payload)."""
+        self.db.execute(
+            "INSERT INTO delivery_log (server_id, referral_id, referrer_code, token_referral_id, event,"
+            " server_event_id, outcome, received_at, payload, ts) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (referral["server_id"], referral["referral_id"], referral["referrer_code"], token_referral_id,
+             event, server_event_id, outcome, at, payload, ts))
+
+    def count(self, server_id: str, referrer_code: str, column: str, at: int) -> None:
+        """Bump the analytics counters for one click or transition (`column`: one of COUNTED)."""
+        day = _utc_date(at // 86400)
+        self.db.execute(f"INSERT INTO daily_counts (server_id, day, {column}) VALUES (?, ?, 1)"
+                        f" ON CONFLICT (server_id, day) DO UPDATE SET {column} = {column} + 1", (server_id, day))
+        self.db.execute(f"INSERT INTO referrer_counts (server_id, referrer_code, {column}) VALUES (?, ?, 1)"
+                        f" ON CONFLICT (server_id, referrer_code) DO UPDATE SET {column} = {column} + 1",
+                        (server_id, referrer_code))
 
 
 class Store:
@@ -462,7 +545,13 @@ class Store:
             self._local.db = None
 
     @contextlib.contextmanager
-    def transaction(self) -> Iterator[sqlite3.Connection]:
+    def transaction(self) -> Iterator[Transaction]:
+        """One write transaction, for the state machine's reads and writes."""
+        with self._immediate() as db:
+            yield Transaction(db)
+
+    @contextlib.contextmanager
+    def _immediate(self) -> Iterator[sqlite3.Connection]:
         """BEGIN IMMEDIATE ... COMMIT, rolled back on any exception (a failed COMMIT too)."""
         db = self.connect()
         db.execute("BEGIN IMMEDIATE")
@@ -474,8 +563,8 @@ class Store:
                 db.execute("ROLLBACK")
             raise
 
-    def group_commit(self, work: Callable[[sqlite3.Connection], T]) -> T:
-        """Run `work(db)` in a write transaction shared with concurrent callers; return its result.
+    def group_commit(self, work: Callable[[Transaction], T]) -> T:
+        """Run `work(transaction)` in a write transaction shared with concurrent callers; return its result.
 
         With synchronous=FULL each COMMIT waits for the disk (about 0.8 ms here), so one
         commit per event caps ingest near 1/fsync. Instead callers queue their work, and
@@ -497,11 +586,12 @@ class Store:
 
     def _commit_batch(self, batch: list[_Pending]) -> None:
         try:
-            with self.transaction() as db:
+            with self._immediate() as db:
+                transaction = Transaction(db)
                 for item in batch:
                     db.execute("SAVEPOINT work")
                     try:
-                        item.result = item.work(db)
+                        item.result = item.work(transaction)
                     except Exception as exc:
                         item.error = exc
                         if not db.in_transaction:  # SQLite rolled everything back (disk full, I/O error)
@@ -518,7 +608,7 @@ class Store:
                 item.done = True
 
     def _migrate(self) -> None:
-        with self.transaction() as db:
+        with self._immediate() as db:
             version = db.execute("PRAGMA user_version").fetchone()[0]
             if version > SCHEMA_VERSION:
                 raise StoreError(
@@ -532,7 +622,7 @@ class Store:
     def installation_key(self, name: str) -> str:
         """A random per-installation value (token key, session key, IP salt), made once."""
         if name not in self._keys:
-            with self.transaction() as db:
+            with self._immediate() as db:
                 db.execute("INSERT OR IGNORE INTO meta (key, value) VALUES (?, ?)",
                            (name, secrets.token_urlsafe(32)))
                 self._keys[name] = db.execute("SELECT value FROM meta WHERE key = ?", (name,)).fetchone()[0]
@@ -559,13 +649,13 @@ class Store:
             registration_url = check_registration_url(registration_url)
         if identity_field not in IDENTITY_FIELDS:
             raise ConfigError(f"identity field must be one of {', '.join(IDENTITY_FIELDS)}")
-        with self.transaction() as db:
-            if db.execute("SELECT 1 FROM servers WHERE server_id = ?", (server_id,)).fetchone():
+        with self.transaction() as transaction:
+            if transaction.server_exists(server_id):
                 raise ConfigError(f"server {server_id!r} already exists")
-            db.execute("INSERT INTO servers (server_id, game, name, registration_url, identity_field,"
-                       " referrals_enabled, created_at) VALUES (?, ?, ?, ?, ?, 1, ?)",
-                       (server_id, game, name, registration_url or None, identity_field, now()))
-            return self._new_secret(db, server_id, grace=0)
+            transaction.db.execute("INSERT INTO servers (server_id, game, name, registration_url, identity_field,"
+                                   " referrals_enabled, created_at) VALUES (?, ?, ?, ?, ?, 1, ?)",
+                                   (server_id, game, name, registration_url or None, identity_field, now()))
+            return self._new_secret(transaction.db, server_id, grace=0)
 
     def update_server(self, server_id: str, **changes: Any) -> None:
         """Set registration_url, identity_field, name or referrals_enabled."""
@@ -573,17 +663,17 @@ class Store:
         if not changes or not set(changes) <= allowed:
             raise ValueError(f"can only change {sorted(allowed)}")
         assignments = ", ".join(f"{column} = ?" for column in changes)
-        with self.transaction() as db:
+        with self._immediate() as db:
             db.execute(f"UPDATE servers SET {assignments} WHERE server_id = ?", (*changes.values(), server_id))
 
     def rotate_secret(self, server_id: str, grace: int = DEFAULT_GRACE_SECONDS) -> tuple[str, str]:
         """A new current secret; the old one stays valid `grace` seconds (0 = revoked now)."""
         if grace < 0:
             raise ConfigError("grace must be 0 (revoke now) or a positive number of seconds")
-        with self.transaction() as db:
-            if not db.execute("SELECT 1 FROM servers WHERE server_id = ?", (server_id,)).fetchone():
+        with self.transaction() as transaction:
+            if not transaction.server_exists(server_id):
                 raise ConfigError(f"unknown server {server_id!r}")
-            return self._new_secret(db, server_id, grace)
+            return self._new_secret(transaction.db, server_id, grace)
 
     @staticmethod
     def _new_secret(db: sqlite3.Connection, server_id: str, grace: int) -> tuple[str, str]:
@@ -597,6 +687,11 @@ class Store:
         db.execute("INSERT INTO secrets (kid, server_id, secret, created_at) VALUES (?, ?, ?, ?)",
                    (kid, server_id, secret, at))
         return secret, kid
+
+    def set_secret(self, server_id: str, secret: str) -> None:
+        """Give the server's secrets this value (the demo's well-known secret)."""
+        with self._immediate() as db:
+            db.execute("UPDATE secrets SET secret = ? WHERE server_id = ?", (secret, server_id))
 
     def live_secrets(self, server_id: str, at: int) -> list[tuple[str, str]]:
         """[(kid, secret), ...] valid at `at`, current first (at most two)."""
@@ -628,10 +723,10 @@ class Store:
         check_name("referrer code", referrer_code)
         issued_at = now() if issued_at is None else issued_at
 
-        def click(db: sqlite3.Connection) -> str:
-            if not db.execute("SELECT 1 FROM servers WHERE server_id = ?", (server_id,)).fetchone():
+        def click(transaction: Transaction) -> str:
+            if not transaction.server_exists(server_id):
                 raise ConfigError(f"unknown server {server_id!r}")
-            return insert_referral(db, server_id, referrer_code, issued_at, ip_hash, user_agent)
+            return transaction.insert_referral(server_id, referrer_code, issued_at, ip_hash, user_agent)
 
         referral_id = self.group_commit(click)
         return mint_token(self.token_key, server_id, referral_id, issued_at), referral_id
@@ -681,6 +776,38 @@ class Store:
         return self.connect().execute(f"{self._LOG_SELECT} WHERE l.referral_id = ? OR l.token_referral_id = ?"
                                       " ORDER BY l.id", (referral_id, referral_id)).fetchall()
 
+    # analytics: the counter tables, kept in the same transaction as each change
+
+    def funnels(self) -> dict[str, sqlite3.Row]:
+        """Every server's all-time clicked, registered, qualified and reversed counts, by server id."""
+        return {row["server_id"]: row for row in self.connect().execute(
+            "SELECT server_id, sum(clicked) AS clicked, sum(registered) AS registered, sum(qualified) AS qualified,"
+            " sum(reversed) AS reversed FROM daily_counts GROUP BY server_id")}
+
+    def funnel(self, server_id: str) -> sqlite3.Row:
+        """One server's all-time clicked, registered, qualified and reversed counts (0 when none)."""
+        return self.connect().execute(
+            "SELECT coalesce(sum(clicked), 0) AS clicked, coalesce(sum(registered), 0) AS registered,"
+            " coalesce(sum(qualified), 0) AS qualified, coalesce(sum(reversed), 0) AS reversed"
+            " FROM daily_counts WHERE server_id = ?", (server_id,)).fetchone()
+
+    def leaders(self, server_id: str, limit: int = 20) -> list[sqlite3.Row]:
+        """The referrers with qualified referrals, most first."""
+        return self.connect().execute(
+            "SELECT referrer_code, clicked, registered, qualified FROM referrer_counts"
+            " WHERE server_id = ? AND qualified > 0 ORDER BY qualified DESC, referrer_code LIMIT ?",
+            (server_id, limit)).fetchall()
+
+    def daily_counts(self, server_id: str, first_day: str) -> dict[str, sqlite3.Row]:
+        """Clicked, registered and qualified per UTC day (YYYY-MM-DD) from `first_day`; days without any are absent."""
+        return {row["day"]: row for row in self.connect().execute(
+            "SELECT day, clicked, registered, qualified FROM daily_counts WHERE server_id = ? AND day >= ?",
+            (server_id, first_day))}
+
+    def check(self) -> None:
+        """Read the database once; raise sqlite3.Error or StoreError when it cannot be used."""
+        self.connect().execute("SELECT count(*) FROM meta").fetchone()
+
     # dashboard password
 
     def admin_password_hash(self) -> str | None:
@@ -690,14 +817,15 @@ class Store:
     def set_admin_password(self, password: str) -> None:
         if len(password) < 8:
             raise ConfigError("the dashboard password must have at least 8 characters")
-        with self.transaction() as db:
+        with self._immediate() as db:
             db.execute("INSERT INTO meta (key, value) VALUES ('admin_password_hash', ?) ON CONFLICT (key)"
                        " DO UPDATE SET value = excluded.value", (generate_password_hash(password),))
 
     def record_rejected(self, server_id: str | None, status: int, error: str, reason: str | None,
                         hint: str, diagnosis: str | None, snippet: str) -> None:
         """Remember a refused request, keeping only the newest per server."""
-        def remember(db: sqlite3.Connection) -> None:
+        def remember(transaction: Transaction) -> None:
+            db = transaction.db
             db.execute("INSERT INTO rejected_requests (server_id, status, error, reason, hint, diagnosis,"
                        " snippet, received_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                        (server_id, status, error, reason, hint, diagnosis, snippet, now()))
@@ -711,34 +839,6 @@ class Store:
         return self.connect().execute(
             "SELECT * FROM rejected_requests WHERE server_id IS ? ORDER BY id DESC LIMIT ?",
             (server_id, limit)).fetchall()
-
-
-def insert_referral(db: sqlite3.Connection, server_id: str, referrer_code: str, issued_at: int,
-                    ip_hash: str | None = None, user_agent: str | None = None) -> str:
-    """Write one clicked referral (and its click counters); return its new id."""
-    referral_id = "ref_" + secrets.token_urlsafe(9)
-    db.execute("INSERT INTO referrals (referral_id, server_id, referrer_code, state, issued_at,"
-               " updated_at, ip_hash, user_agent) VALUES (?, ?, ?, 'clicked', ?, ?, ?, ?)",
-               (referral_id, server_id, referrer_code, issued_at, issued_at, ip_hash,
-                (user_agent or "")[:200] or None))
-    _count(db, server_id, referrer_code, "clicked", issued_at)
-    return referral_id
-
-
-@functools.lru_cache(maxsize=4)
-def _utc_date(day_number: int) -> str:
-    """YYYY-MM-DD of a day counted from 1970-01-01 (UTC)."""
-    return (datetime.date(1970, 1, 1) + datetime.timedelta(days=day_number)).isoformat()
-
-
-def _count(db: sqlite3.Connection, server_id: str, referrer_code: str, column: str, at: int) -> None:
-    """Bump the analytics counters for one click or transition (same transaction)."""
-    day = _utc_date(at // 86400)
-    db.execute(f"INSERT INTO daily_counts (server_id, day, {column}) VALUES (?, ?, 1)"
-               f" ON CONFLICT (server_id, day) DO UPDATE SET {column} = {column} + 1", (server_id, day))
-    db.execute(f"INSERT INTO referrer_counts (server_id, referrer_code, {column}) VALUES (?, ?, 1)"
-               f" ON CONFLICT (server_id, referrer_code) DO UPDATE SET {column} = {column} + 1",
-               (server_id, referrer_code))
 
 
 # State machine (SPEC 2) ######################################################
@@ -795,7 +895,7 @@ def apply_event(store: Store, delivery: Delivery, ttl: int) -> dict[str, Any]:
     """
     for attempt in (1, 2):
         try:
-            outcome = store.group_commit(lambda db: _decide_and_write(db, delivery, ttl))
+            outcome = store.group_commit(lambda transaction: _decide_and_write(transaction, delivery, ttl))
         except sqlite3.IntegrityError:
             if attempt == 2:
                 raise
@@ -806,23 +906,18 @@ def apply_event(store: Store, delivery: Delivery, ttl: int) -> dict[str, Any]:
     raise AssertionError("unreachable")
 
 
-def _decide_and_write(db: sqlite3.Connection, d: Delivery, ttl: int) -> dict[str, Any] | ApiError:
+def _decide_and_write(transaction: Transaction, d: Delivery, ttl: int) -> dict[str, Any] | ApiError:
     at = now()
-    referral = db.execute(
-        "SELECT r.*, EXISTS (SELECT 1 FROM delivery_log l WHERE l.token_referral_id = r.referral_id"
-        " AND l.event = ? AND l.server_event_id = ?) AS seen FROM referrals r WHERE r.referral_id = ?",
-        (d.event, d.server_event_id, d.token_claims.referral_id)).fetchone()
+    referral = transaction.referral_for_event(d.token_claims.referral_id, d.event, d.server_event_id)
     if referral is None or referral["server_id"] != d.server_id:
         return ApiError(404, "unknown token", HINTS["unknown token"])
     if referral["seen"]:  # the idempotency key (token, event, server_event_id) was used
         return {"ok": True, "duplicate": True}
     if referral["anchor_referral_id"]:  # a second click's token: events apply to the anchored referral
-        referral = db.execute("SELECT * FROM referrals WHERE referral_id = ?",
-                              (referral["anchor_referral_id"],)).fetchone()
+        referral = transaction.referral(referral["anchor_referral_id"])
     state = referral["state"]
     if state == "clicked" and at - d.token_claims.issued_at > ttl:
-        db.execute("UPDATE referrals SET state = 'expired', updated_at = ? WHERE referral_id = ?",
-                   (at, referral["referral_id"]))
+        transaction.set_state(referral["referral_id"], "expired", at)
         return _invalid_transition("expired", d.event)
     next_state = TRANSITIONS[state][d.event]
     if d.event == "registered" and next_state == NO_OP and referral["referee_identity"] != d.referee_identity:
@@ -830,52 +925,45 @@ def _decide_and_write(db: sqlite3.Connection, d: Delivery, ttl: int) -> dict[str
     if next_state == INVALID:
         return _invalid_transition(state, d.event)
     if state == "clicked" and d.event == "registered":
-        return _register(db, d, referral, at)
+        return _register(transaction, d, referral, at)
     if next_state == NO_OP:
-        return _log_and_answer(db, d, referral, "no_op", state, at)
-    _advance(db, referral, next_state, at)
-    return _log_and_answer(db, d, referral, "advanced", next_state, at)
+        return _log_and_answer(transaction, d, referral, "no_op", state, at)
+    _advance(transaction, referral, next_state, at)
+    return _log_and_answer(transaction, d, referral, "advanced", next_state, at)
 
 
-def _register(db: sqlite3.Connection, d: Delivery, referral: sqlite3.Row, at: int) -> dict[str, Any]:
+def _register(transaction: Transaction, d: Delivery, referral: sqlite3.Row, at: int) -> dict[str, Any]:
     """`registered` on a clicked referral: mint the anchor, unless first touch says otherwise."""
-    anchored = db.execute(
-        "SELECT r.* FROM anchors a JOIN referrals r ON r.referral_id = a.referral_id"
-        " WHERE a.server_id = ? AND a.referee_identity = ?", (d.server_id, d.referee_identity)).fetchone()
+    anchored = transaction.anchored_referral(d.server_id, d.referee_identity)
     if anchored is None:
-        db.execute("INSERT INTO anchors (server_id, referee_identity, referral_id, created_at) VALUES (?, ?, ?, ?)",
-                   (d.server_id, d.referee_identity, referral["referral_id"], at))
-        _advance(db, referral, "registered", at, referee_identity=d.referee_identity)
-        return _log_and_answer(db, d, referral, "advanced", "registered", at)
+        transaction.insert_anchor(d.server_id, d.referee_identity, referral["referral_id"], at)
+        _advance(transaction, referral, "registered", at, referee_identity=d.referee_identity)
+        return _log_and_answer(transaction, d, referral, "advanced", "registered", at)
     if anchored["referrer_code"] != referral["referrer_code"]:
-        _log(db, d, referral, "first_touch_conflict", at)
+        _log(transaction, d, referral, "first_touch_conflict", at)
         return {"ok": True, "ignored": "first_touch_conflict"}
     # the same referrer's link clicked twice: answer with the existing anchor, and let this
     # token's later events (qualified, reversed) reach that anchored referral too
-    db.execute("UPDATE referrals SET anchor_referral_id = ? WHERE referral_id = ?",
-               (anchored["referral_id"], referral["referral_id"]))
-    return _log_and_answer(db, d, anchored, "no_op", anchored["state"], at)
+    transaction.follow_anchor(referral["referral_id"], anchored["referral_id"])
+    return _log_and_answer(transaction, d, anchored, "no_op", anchored["state"], at)
 
 
-def _advance(db: sqlite3.Connection, referral: sqlite3.Row, next_state: str, at: int,
+def _advance(transaction: Transaction, referral: sqlite3.Row, next_state: str, at: int,
              referee_identity: str | None = None) -> None:
     """Move the referral to `next_state` (recording its referee on registration) and count it."""
-    db.execute("UPDATE referrals SET state = ?, updated_at = ?, referee_identity = coalesce(?, referee_identity)"
-               " WHERE referral_id = ?", (next_state, at, referee_identity, referral["referral_id"]))
+    transaction.set_state(referral["referral_id"], next_state, at, referee_identity)
     if next_state in COUNTED:
-        _count(db, referral["server_id"], referral["referrer_code"], next_state, at)
+        transaction.count(referral["server_id"], referral["referrer_code"], next_state, at)
 
 
-def _log(db: sqlite3.Connection, d: Delivery, referral: sqlite3.Row, outcome: str, at: int) -> None:
-    db.execute("INSERT INTO delivery_log (server_id, referral_id, referrer_code, token_referral_id, event,"
-               " server_event_id, outcome, received_at, payload, ts) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-               (d.server_id, referral["referral_id"], referral["referrer_code"], d.token_claims.referral_id,
-                d.event, d.server_event_id, outcome, at, d.payload, d.ts))
+def _log(transaction: Transaction, d: Delivery, referral: sqlite3.Row, outcome: str, at: int) -> None:
+    transaction.log_delivery(referral, d.event, outcome, at, token_referral_id=d.token_claims.referral_id,
+                             server_event_id=d.server_event_id, payload=d.payload, ts=d.ts)
 
 
-def _log_and_answer(db: sqlite3.Connection, d: Delivery, referral: sqlite3.Row, outcome: str, state: str,
+def _log_and_answer(transaction: Transaction, d: Delivery, referral: sqlite3.Row, outcome: str, state: str,
                     at: int) -> dict[str, Any]:
-    _log(db, d, referral, outcome, at)
+    _log(transaction, d, referral, outcome, at)
     return {"ok": True, "referral_id": referral["referral_id"], "state": state}
 
 
@@ -888,17 +976,15 @@ def owner_action(store: Store, referral_id: str, action: str) -> str:
     """Reverse or reject a referral as the owner; log it; return the new state."""
     allowed_from, next_state = OWNER_ACTIONS[action]
     at = now()
-    with store.transaction() as db:
-        referral = db.execute("SELECT * FROM referrals WHERE referral_id = ?", (referral_id,)).fetchone()
+    with store.transaction() as transaction:
+        referral = transaction.referral(referral_id)
         if referral is None:
             raise ConfigError(f"unknown referral {referral_id!r}")
         if referral["state"] not in allowed_from:
             raise ConfigError(f"cannot {action} referral {referral_id} in state {referral['state']!r}"
                               f" (only from {', '.join(allowed_from)})")
-        _advance(db, referral, next_state, at)
-        db.execute("INSERT INTO delivery_log (server_id, referral_id, referrer_code, event, outcome, received_at)"
-                   " VALUES (?, ?, ?, ?, 'owner_action', ?)",
-                   (referral["server_id"], referral_id, referral["referrer_code"], next_state, at))
+        _advance(transaction, referral, next_state, at)
+        transaction.log_delivery(referral, next_state, "owner_action", at)
     return next_state
 
 
@@ -1314,7 +1400,7 @@ def _with_query(url: str, **params: str) -> str:
 @referrals.get("/healthz")
 def healthz() -> Any:
     try:
-        get_store().connect().execute("SELECT count(*) FROM meta").fetchone()
+        get_store().check()
     except (sqlite3.Error, StoreError):
         return json_response({"ok": False, "error": "database unavailable",
                               "hint": "check that the database file exists and is readable"}, 503)
@@ -1464,10 +1550,7 @@ def add_server_form() -> Any:
 
 def _index_page(status: int = 200, **extra: Any) -> Any:
     store = get_store()
-    funnels = {row["server_id"]: row for row in store.connect().execute(
-        "SELECT server_id, sum(clicked) AS clicked, sum(registered) AS registered, sum(qualified) AS qualified,"
-        " sum(reversed) AS reversed FROM daily_counts GROUP BY server_id")}
-    return _page("index.html", status, title="Servers", servers=store.servers(), funnels=funnels,
+    return _page("index.html", status, title="Servers", servers=store.servers(), funnels=store.funnels(),
                  rejected=store.rejected_requests(None, 20), identity_fields=IDENTITY_FIELDS,
                  form=request.form if extra.get("error") else {}, **extra)  # refill the form only to fix it
 
@@ -1672,24 +1755,16 @@ def owner_action_form(game: str, server_id: str, referral_id: str, action: str) 
 
 def analytics(store: Store, server_id: str, days: int = 30) -> dict[str, Any]:
     """Funnel, leaderboard and daily series from the counter tables (no row scans)."""
-    db = store.connect()
-    funnel = db.execute("SELECT coalesce(sum(clicked), 0) AS clicked, coalesce(sum(registered), 0) AS registered,"
-                        " coalesce(sum(qualified), 0) AS qualified, coalesce(sum(reversed), 0) AS reversed"
-                        " FROM daily_counts WHERE server_id = ?", (server_id,)).fetchone()
-    leaders = db.execute("SELECT referrer_code, clicked, registered, qualified FROM referrer_counts"
-                         " WHERE server_id = ? AND qualified > 0 ORDER BY qualified DESC, referrer_code LIMIT 20",
-                         (server_id,)).fetchall()
+    funnel = store.funnel(server_id)
     today = datetime.datetime.fromtimestamp(now(), datetime.timezone.utc).date()
     first = today - datetime.timedelta(days=days - 1)
-    counted = {row["day"]: row for row in db.execute(
-        "SELECT day, clicked, registered, qualified FROM daily_counts WHERE server_id = ? AND day >= ?",
-        (server_id, first.isoformat()))}
+    counted = store.daily_counts(server_id, first.isoformat())
     series = []
     for offset in range(days):
         day = (first + datetime.timedelta(days=offset)).isoformat()
         row = counted.get(day)
         series.append({"day": day, **{k: row[k] if row else 0 for k in ("clicked", "registered", "qualified")}})
-    return {"funnel": funnel, "leaders": leaders, "series": series,
+    return {"funnel": funnel, "leaders": store.leaders(server_id), "series": series,
             "registered_rate": _rate(funnel["registered"], funnel["clicked"]),
             "qualified_rate": _rate(funnel["qualified"], funnel["registered"]), "chart": _chart(series)}
 
@@ -2191,8 +2266,7 @@ def write_demo_database(path: str, force: bool = False) -> None:
                 os.remove(path + suffix)
     store = Store(path)
     store.add_server(DEMO_SERVER_ID, DEMO_GAME, "Demo Server", "http://localhost:8080/register", "username")
-    with store.transaction() as db:  # a well-known secret, so the README can show it
-        db.execute("UPDATE secrets SET secret = ? WHERE server_id = ?", (DEMO_SECRET, DEMO_SERVER_ID))
+    store.set_secret(DEMO_SERVER_ID, DEMO_SECRET)  # a well-known secret, so the README can show it
     ttl = SETTINGS["MMOREF_TOKEN_TTL"][1]
 
     def deliver(token: str, event: str, event_id: str, referee: str | None = None, secret: str = DEMO_SECRET) -> None:

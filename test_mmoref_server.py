@@ -377,8 +377,8 @@ def test_referrals_not_enabled_is_404_before_the_signature(kit):
 
 
 def test_no_signing_secret_is_404(kit):
-    with kit.store.transaction() as db:  # no public way to end up here: every secret has lapsed
-        db.execute("UPDATE secrets SET expires_at = 1 WHERE server_id = ?", (kit.server_id,))
+    with kit.store.transaction() as transaction:  # no public way to end up here: every secret has lapsed
+        transaction.db.execute("UPDATE secrets SET expires_at = 1 WHERE server_id = ?", (kit.server_id,))
     assert reply(kit.post(dry_run(kit))) == error(404, "no signing secret")
 
 
