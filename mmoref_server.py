@@ -2,8 +2,8 @@
 
 Run it:        python mmoref_server.py          (serves http://127.0.0.1:5000, ./referrals.db)
 Commands:      python mmoref_server.py --help
-Embed it:      app.register_blueprint(mmoref_server.referrals, url_prefix="/mmoref")
-The contract:  SPEC.md (summarised in README.md). Sections below follow the data:
+Embed it:      app.register_blueprint(mmoref_server.blueprint, url_prefix="/mmoref")
+The contract:  docs/contract.md (summarised in README.md). Sections below follow the data:
 configuration, signing, tokens, storage, state machine, ingest pipeline, share link,
 dashboard, app factory, CLI, kit-side sender, main.
 """
@@ -140,7 +140,7 @@ def check_name(kind: str, value: str) -> str:
     return value
 
 
-# Signing (SPEC 1.1, 1.2) #####################################################
+# Signing (docs/contract.md §1.1, §1.2) ######################################
 # Pure functions over bytes: no Flask in here, so the kit side and tests share them.
 
 SIGNATURE_HEADER = "X-MMOLove-Signature"
@@ -223,7 +223,7 @@ def verify(header: ParsedSignature | str, raw_body: bytes, live_secrets: Sequenc
            at: int, window: int) -> str:
     """Return the kid of the live secret that signed `raw_body`; raise SignatureError.
 
-    `live_secrets` is [(kid, secret), ...], current first. Checks, in SPEC order:
+    `live_secrets` is [(kid, secret), ...], current first. Checks, in the order of docs/contract.md §1.4:
     the replay window (both directions), the kid, then the MAC in constant time.
     """
     parsed = header if isinstance(header, ParsedSignature) else parse_signature_header(header)
@@ -239,7 +239,7 @@ def verify(header: ParsedSignature | str, raw_body: bytes, live_secrets: Sequenc
     raise SignatureError("mac_mismatch", "no v1 matches the body")
 
 
-# Tokens (SPEC 3) #############################################################
+# Tokens (docs/contract.md §3) ################################################
 # An mmref token is itsdangerous-signed [server_id, referral_id] plus its issue time,
 # under a per-installation key: forgeries are caught without a database read.
 
@@ -300,7 +300,9 @@ def read_token(key: str, token: str) -> TokenClaims | None:
 
 
 def mask(value: str | None, keep_start: int = 4, keep_end: int = 0) -> str:
-    """A PII-light view: 'player-7842' -> 'pl…42' style, never the whole value."""
+    """A PII-light view, never the whole value: the first `keep_start` and last `keep_end`
+    characters around "…" ('player-7842' -> 'play…'; with 2, 2 -> 'pl…42'), or only the
+    first character of a value too short to hide anything."""
     if not value:
         return ""
     if len(value) <= keep_start + keep_end + 2:
@@ -841,12 +843,11 @@ class Store:
             (server_id, limit)).fetchall()
 
 
-# State machine (SPEC 2) ######################################################
+# State machine (docs/contract.md §2) #########################################
 # The table says what each event does in each state; `apply_event` applies it in one
 # transaction together with the delivery-log row and the idempotency key.
 
 NO_OP, INVALID = "no_op", "invalid"
-TERMINAL = ("reversed", "expired", "rejected")
 TRANSITIONS: dict[str, dict[str, str]] = {
     #  state         event "registered"   event "qualified"   event "reversed"
     "clicked":    {"registered": "registered", "qualified": INVALID, "reversed": INVALID},
@@ -864,12 +865,18 @@ OWNER_ACTIONS: dict[str, tuple[tuple[str, ...], str]] = {
 
 
 class ApiError(Exception):
-    """One error answer: status, stable `error` string, a hint that teaches the fix, extras."""
+    """One error answer: status, stable `error` string, a hint that teaches the fix, extras.
 
-    def __init__(self, status: int, error: str, hint: str, **extra: Any):
+    Only `ok`, `error`, `hint` and the extras are the answer's body; `diagnosis` and
+    `server_id` are for the rejected-requests list.
+    """
+
+    def __init__(self, status: int, error: str, hint: str, *, diagnosis: str | None = None,
+                 server_id: str | None = None, **extra: Any):
         super().__init__(error)
         self.status, self.error, self.hint, self.extra = status, error, hint, extra
-        self.diagnosis: str | None = None    # for mac_mismatch: why it probably failed
+        self.diagnosis = diagnosis    # for mac_mismatch: why it probably failed (the hint says it too)
+        self.server_id = server_id    # the known server the refused request names: whose list it goes to
 
     def body(self) -> dict[str, Any]:
         return {"ok": False, "error": self.error, "hint": self.hint, **self.extra}
@@ -888,7 +895,7 @@ class Delivery:
 
 
 def apply_event(store: Store, delivery: Delivery, ttl: int) -> dict[str, Any]:
-    """Steps 8-10 of SPEC 1.4 in one BEGIN IMMEDIATE transaction; return the 200 body.
+    """Steps 9-10 of docs/contract.md §1.4 in one BEGIN IMMEDIATE transaction; return the 200 body.
 
     A UNIQUE violation means a concurrent writer won a race that our reads could not
     see (another process); the retry then reads its result and answers accordingly.
@@ -906,46 +913,47 @@ def apply_event(store: Store, delivery: Delivery, ttl: int) -> dict[str, Any]:
     raise AssertionError("unreachable")
 
 
-def _decide_and_write(transaction: Transaction, d: Delivery, ttl: int) -> dict[str, Any] | ApiError:
-    at = now()
-    referral = transaction.referral_for_event(d.token_claims.referral_id, d.event, d.server_event_id)
-    if referral is None or referral["server_id"] != d.server_id:
-        return ApiError(404, "unknown token", HINTS["unknown token"])
+def _decide_and_write(transaction: Transaction, delivery: Delivery, ttl: int) -> dict[str, Any] | ApiError:
+    at, event = now(), delivery.event
+    referral = transaction.referral_for_event(delivery.token_claims.referral_id, event, delivery.server_event_id)
+    if referral is None or referral["server_id"] != delivery.server_id:
+        return ApiError(404, "unknown token", HINTS["unknown token"], server_id=delivery.server_id)
     if referral["seen"]:  # the idempotency key (token, event, server_event_id) was used
         return {"ok": True, "duplicate": True}
     if referral["anchor_referral_id"]:  # a second click's token: events apply to the anchored referral
         referral = transaction.referral(referral["anchor_referral_id"])
     state = referral["state"]
-    if state == "clicked" and at - d.token_claims.issued_at > ttl:
+    if state == "clicked" and at - delivery.token_claims.issued_at > ttl:
         transaction.set_state(referral["referral_id"], "expired", at)
-        return _invalid_transition("expired", d.event)
-    next_state = TRANSITIONS[state][d.event]
-    if d.event == "registered" and next_state == NO_OP and referral["referee_identity"] != d.referee_identity:
-        return ApiError(422, "invalid transition", HINTS["other referee"], state=state, event=d.event)
+        return _invalid_transition(delivery, "expired")
+    next_state = TRANSITIONS[state][event]
+    if event == "registered" and next_state == NO_OP and referral["referee_identity"] != delivery.referee_identity:
+        return ApiError(422, "invalid transition", HINTS["other referee"], server_id=delivery.server_id,
+                        state=state, event=event)
     if next_state == INVALID:
-        return _invalid_transition(state, d.event)
-    if state == "clicked" and d.event == "registered":
-        return _register(transaction, d, referral, at)
+        return _invalid_transition(delivery, state)
+    if state == "clicked" and event == "registered":
+        return _register(transaction, delivery, referral, at)
     if next_state == NO_OP:
-        return _log_and_answer(transaction, d, referral, "no_op", state, at)
+        return _log_and_answer(transaction, delivery, referral, "no_op", state, at)
     _advance(transaction, referral, next_state, at)
-    return _log_and_answer(transaction, d, referral, "advanced", next_state, at)
+    return _log_and_answer(transaction, delivery, referral, "advanced", next_state, at)
 
 
-def _register(transaction: Transaction, d: Delivery, referral: sqlite3.Row, at: int) -> dict[str, Any]:
+def _register(transaction: Transaction, delivery: Delivery, referral: sqlite3.Row, at: int) -> dict[str, Any]:
     """`registered` on a clicked referral: mint the anchor, unless first touch says otherwise."""
-    anchored = transaction.anchored_referral(d.server_id, d.referee_identity)
+    anchored = transaction.anchored_referral(delivery.server_id, delivery.referee_identity)
     if anchored is None:
-        transaction.insert_anchor(d.server_id, d.referee_identity, referral["referral_id"], at)
-        _advance(transaction, referral, "registered", at, referee_identity=d.referee_identity)
-        return _log_and_answer(transaction, d, referral, "advanced", "registered", at)
+        transaction.insert_anchor(delivery.server_id, delivery.referee_identity, referral["referral_id"], at)
+        _advance(transaction, referral, "registered", at, referee_identity=delivery.referee_identity)
+        return _log_and_answer(transaction, delivery, referral, "advanced", "registered", at)
     if anchored["referrer_code"] != referral["referrer_code"]:
-        _log(transaction, d, referral, "first_touch_conflict", at)
+        _log(transaction, delivery, referral, "first_touch_conflict", at)
         return {"ok": True, "ignored": "first_touch_conflict"}
     # the same referrer's link clicked twice: answer with the existing anchor, and let this
     # token's later events (qualified, reversed) reach that anchored referral too
     transaction.follow_anchor(referral["referral_id"], anchored["referral_id"])
-    return _log_and_answer(transaction, d, anchored, "no_op", anchored["state"], at)
+    return _log_and_answer(transaction, delivery, anchored, "no_op", anchored["state"], at)
 
 
 def _advance(transaction: Transaction, referral: sqlite3.Row, next_state: str, at: int,
@@ -956,20 +964,20 @@ def _advance(transaction: Transaction, referral: sqlite3.Row, next_state: str, a
         transaction.count(referral["server_id"], referral["referrer_code"], next_state, at)
 
 
-def _log(transaction: Transaction, d: Delivery, referral: sqlite3.Row, outcome: str, at: int) -> None:
-    transaction.log_delivery(referral, d.event, outcome, at, token_referral_id=d.token_claims.referral_id,
-                             server_event_id=d.server_event_id, payload=d.payload, ts=d.ts)
+def _log(transaction: Transaction, delivery: Delivery, referral: sqlite3.Row, outcome: str, at: int) -> None:
+    transaction.log_delivery(referral, delivery.event, outcome, at, token_referral_id=delivery.token_claims.referral_id,
+                             server_event_id=delivery.server_event_id, payload=delivery.payload, ts=delivery.ts)
 
 
-def _log_and_answer(transaction: Transaction, d: Delivery, referral: sqlite3.Row, outcome: str, state: str,
+def _log_and_answer(transaction: Transaction, delivery: Delivery, referral: sqlite3.Row, outcome: str, state: str,
                     at: int) -> dict[str, Any]:
-    _log(transaction, d, referral, outcome, at)
+    _log(transaction, delivery, referral, outcome, at)
     return {"ok": True, "referral_id": referral["referral_id"], "state": state}
 
 
-def _invalid_transition(state: str, event: str) -> ApiError:
-    return ApiError(422, "invalid transition", HINTS["invalid transition"].format(state=state, event=event),
-                    state=state, event=event)
+def _invalid_transition(delivery: Delivery, state: str) -> ApiError:
+    hint = HINTS["invalid transition"].format(state=state, event=delivery.event)
+    return ApiError(422, "invalid transition", hint, server_id=delivery.server_id, state=state, event=delivery.event)
 
 
 def owner_action(store: Store, referral_id: str, action: str) -> str:
@@ -988,8 +996,8 @@ def owner_action(store: Store, referral_id: str, action: str) -> str:
     return next_state
 
 
-# Ingest pipeline (SPEC 1.4) ##################################################
-# One function, its steps in the order of SPEC 1.4, each failing early with ApiError.
+# Ingest pipeline (docs/contract.md §1.4) #####################################
+# One function, its steps in the order of docs/contract.md §1.4, each failing early with ApiError.
 
 HINTS = {
     "body too large": f"send at most {MAX_BODY_BYTES // 1024} KiB of JSON",
@@ -1104,7 +1112,7 @@ class EventFields:
 
 
 def read_fields(body: dict[str, Any], may_hold_surrogates: bool = True) -> EventFields:
-    """Check the SPEC 1.3 field table, in table order; the first problem is the answer.
+    """Check the docs/contract.md §1.3 field table, in table order; the first problem is the answer.
 
     `may_hold_surrogates=False` (the raw text has no surrogate escape) skips the walk over
     every string of the body: a lone surrogate can only come from a \\uD800-\\uDFFF escape.
@@ -1174,9 +1182,10 @@ def diagnose_mac_mismatch(parsed: ParsedSignature, raw_body: bytes, live: Sequen
 
 
 def process_event(store: Store, raw_body: bytes, header: str | None, *, window: int, ttl: int) -> dict[str, Any]:
-    """Steps 2-10 of SPEC 1.4 (step 1, the size cap, happens before the body is read).
+    """Steps 2-10 of docs/contract.md §1.4 (step 1, the size cap, happens before the body is read).
 
-    Returns the 200 body or raises ApiError. Used by the HTTP route and the dashboard's
+    Returns the 200 body or raises ApiError, whose `server_id` names the known server the
+    request is about (None: it names none). Used by the HTTP route and the dashboard's
     "Send test event" button alike.
     """
     # 2. signature header present and well-formed
@@ -1184,46 +1193,75 @@ def process_event(store: Store, raw_body: bytes, header: str | None, *, window: 
         parsed = parse_signature_header(header)
     except SignatureError as exc:
         error = "missing signature header" if exc.reason == "missing" else "malformed signature header"
-        raise ApiError(400, error, f"{exc}; {HINTS['malformed signature header']}") from None
+        raise ApiError(400, error, f"{exc}; {HINTS['malformed signature header']}",
+                       server_id=_server_named_in(store, raw_body)) from None
     # 3. body is a JSON object; 4. fields have the documented shape
-    fields = read_fields(parse_body(raw_body), _SURROGATE_ESCAPE.search(raw_body) is not None)
+    fields = _event_fields(store, raw_body)
+    server_id = fields.server_id
     # 5. the server exists, takes referrals and has a secret
-    server = store.server(fields.server_id)
+    server = store.server(server_id)
     if server is None:
         raise ApiError(404, "unknown server", HINTS["unknown server"])
-    return _verified_event(store, server, fields, parsed, raw_body, window, ttl)
-
-
-def _verified_event(store: Store, server: sqlite3.Row, fields: EventFields, parsed: ParsedSignature,
-                    raw_body: bytes, window: int, ttl: int) -> dict[str, Any]:
     if not server["referrals_enabled"]:
-        raise ApiError(404, "referrals not enabled", HINTS["referrals not enabled"])
+        raise ApiError(404, "referrals not enabled", HINTS["referrals not enabled"], server_id=server_id)
     at = now()
-    live = store.live_secrets(fields.server_id, at)
+    live = store.live_secrets(server_id, at)
     if not live:
-        raise ApiError(404, "no signing secret", HINTS["no signing secret"])
+        raise ApiError(404, "no signing secret", HINTS["no signing secret"], server_id=server_id)
     # 6. timestamp window, kid, MAC
     try:
         verify(parsed, raw_body, live, at, window)
     except SignatureError as exc:
-        error = ApiError(401, "bad_signature", HINTS[exc.reason].format(window=window), reason=exc.reason)
-        if exc.reason == "mac_mismatch":
-            revoked = store.revoked_secrets(fields.server_id, at)
-            error.diagnosis = diagnose_mac_mismatch(parsed, raw_body, live, revoked, fields.ts)
-            if error.diagnosis:
-                error.hint = f"{error.hint} ({error.diagnosis})"
-        raise error from None
+        raise _bad_signature(store, exc, parsed, raw_body, live, fields, at, window) from None
     # 7. a verified dry run stops here
     if fields.test:
         return {"ok": True, "test": True}
     # 8. the token is genuine and minted for this server (no database read needed)
     claims = read_token(store.token_key, fields.token)
-    if claims is None or claims.server_id != fields.server_id:
-        raise ApiError(404, "unknown token", HINTS["unknown token"])
+    if claims is None or claims.server_id != server_id:
+        raise ApiError(404, "unknown token", HINTS["unknown token"], server_id=server_id)
     # 9-10. duplicate check and state machine, in one transaction
-    delivery = Delivery(fields.server_id, fields.event, claims, fields.server_event_id, fields.referee_identity,
+    delivery = Delivery(server_id, fields.event, claims, fields.server_event_id, fields.referee_identity,
                         fields.ts, _scrubbed_snippet(raw_body, [secret for _, secret in live], limit=2000))
     return apply_event(store, delivery, ttl)
+
+
+def _event_fields(store: Store, raw_body: bytes) -> EventFields:
+    """Steps 3 and 4: the body, parsed once, and its fields; a refusal names the body's known server."""
+    body = parse_body(raw_body)
+    try:
+        return read_fields(body, _SURROGATE_ESCAPE.search(raw_body) is not None)
+    except ApiError as exc:
+        raise ApiError(exc.status, exc.error, exc.hint, server_id=_known_server_id(store, body), **exc.extra) from None
+
+
+def _server_named_in(store: Store, raw_body: bytes) -> str | None:
+    """For a request refused before step 3: the known server its body names, if the body parses."""
+    try:
+        body = parse_body(raw_body)
+    except ApiError:
+        return None
+    return _known_server_id(store, body)
+
+
+def _known_server_id(store: Store, body: dict[str, Any]) -> str | None:
+    """The body's server_id, trimmed, if it names a known server (else the installation-wide list)."""
+    server_id = body.get("server_id")
+    if not isinstance(server_id, str) or not _is_valid_unicode(server_id) or store.server(server_id.strip()) is None:
+        return None
+    return server_id.strip()
+
+
+def _bad_signature(store: Store, exc: SignatureError, parsed: ParsedSignature, raw_body: bytes,
+                   live: Sequence[tuple[str, str]], fields: EventFields, at: int, window: int) -> ApiError:
+    """The 401 for a signature that fails step 6; a MAC mismatch says why, when a usual mistake explains it."""
+    hint = HINTS[exc.reason].format(window=window)
+    diagnosis = None
+    if exc.reason == "mac_mismatch":
+        revoked = store.revoked_secrets(fields.server_id, at)
+        diagnosis = diagnose_mac_mismatch(parsed, raw_body, live, revoked, fields.ts)
+    return ApiError(401, "bad_signature", f"{hint} ({diagnosis})" if diagnosis else hint, diagnosis=diagnosis,
+                    server_id=fields.server_id, reason=exc.reason)
 
 
 def handle_ingest(store: Store, raw_body: bytes, header: str | None, *, window: int, ttl: int) -> tuple[int, dict]:
@@ -1263,25 +1301,13 @@ def _logged_value(pattern: re.Pattern[bytes], raw_body: bytes) -> str | None:
     return match.group(1).decode("ascii") if match else None
 
 
-def _named_server(store: Store, raw_body: bytes) -> str | None:
-    """The known server a refused body names, if any (else the installation-wide list)."""
-    try:
-        server_id = json.loads(raw_body.decode("utf-8")).get("server_id")
-    except (ValueError, RecursionError, AttributeError):
-        return None
-    if not isinstance(server_id, str) or not _is_valid_unicode(server_id) or store.server(server_id.strip()) is None:
-        return None
-    return server_id.strip()
-
-
 def _remember_rejection(store: Store, exc: ApiError, raw_body: bytes) -> None:
     """Keep the refusal for the dashboard: reason, hint, a masked snippet, never a secret."""
-    server_id = _named_server(store, raw_body)
     # A sender may paste a secret into the body by mistake, and a body that does not parse
     # names no server: scrub every secret of the installation, before cutting the snippet.
     snippet = _scrubbed_snippet(raw_body, store.all_secrets(), limit=300)
     try:
-        store.record_rejected(server_id, exc.status, exc.error, exc.extra.get("reason"), exc.hint,
+        store.record_rejected(exc.server_id, exc.status, exc.error, exc.extra.get("reason"), exc.hint,
                               exc.diagnosis, snippet)
     except sqlite3.Error:
         log.exception("could not record a rejected request")
@@ -1289,7 +1315,7 @@ def _remember_rejection(store: Store, exc: ApiError, raw_body: bytes) -> None:
 
 # Routes: ingest, share link, health ##########################################
 
-referrals = Blueprint("mmoref", __name__)
+blueprint = Blueprint("mmoref", __name__)
 
 
 def _apply_default_settings(state: Any) -> None:
@@ -1298,7 +1324,7 @@ def _apply_default_settings(state: Any) -> None:
         state.app.config.setdefault(name, value)
 
 
-referrals.record_once(_apply_default_settings)
+blueprint.record_once(_apply_default_settings)
 
 
 _store_lock = threading.Lock()
@@ -1315,11 +1341,11 @@ def get_store() -> Store:
 
 
 def json_response(body: dict[str, Any], status: int = 200) -> Any:
-    """JSON in the field order SPEC shows ("ok" first), whatever the host app's JSON settings."""
+    """JSON in the field order docs/contract.md shows ("ok" first), whatever the host app's JSON settings."""
     return current_app.response_class(json.dumps(body), status=status, mimetype="application/json")
 
 
-@referrals.app_errorhandler(405)
+@blueprint.app_errorhandler(405)
 def _method_not_allowed(exc: Exception) -> Any:
     """Methods the route does not list (e.g. PROPFIND) are refused by routing, outside the
     blueprint: answer them in JSON too on the ingest path, and leave the host's paths alone."""
@@ -1328,7 +1354,7 @@ def _method_not_allowed(exc: Exception) -> Any:
     return exc
 
 
-@referrals.errorhandler(ApiError)
+@blueprint.errorhandler(ApiError)
 def _api_error(exc: ApiError) -> Any:
     """Errors raised outside the pipeline (405, 413); the pipeline's own go through handle_ingest."""
     log.info("ingest status=%s error=%s", exc.status, exc.error)
@@ -1341,7 +1367,7 @@ def _api_error(exc: ApiError) -> Any:
 INGEST_PATH = "/api/referral/events"
 
 
-@referrals.route(INGEST_PATH, methods=["GET", "HEAD", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "POST"],
+@blueprint.route(INGEST_PATH, methods=["GET", "HEAD", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "POST"],
                  provide_automatic_options=False)
 def ingest() -> Any:
     if request.method != "POST":
@@ -1367,7 +1393,7 @@ NOT_FOUND_PAGE = ("<!doctype html><meta charset=utf-8><title>Link not found</tit
                   "<p>This referral link is not valid.</p>")
 
 
-@referrals.get("/r/<server_id>")
+@blueprint.get("/r/<server_id>")
 def share_link(server_id: str) -> Any:
     """Record a click, mint a token, set the mmref cookie, send the player to register."""
     code = request.args.get("ref", "")
@@ -1397,7 +1423,7 @@ def _with_query(url: str, **params: str) -> str:
     return urllib.parse.urlunsplit(parts._replace(query=urllib.parse.urlencode(query)))
 
 
-@referrals.get("/healthz")
+@blueprint.get("/healthz")
 def healthz() -> Any:
     try:
         get_store().check()
@@ -1407,7 +1433,7 @@ def healthz() -> Any:
     return json_response({"ok": True})
 
 
-# Dashboard (SPEC 4, 6) #######################################################
+# Dashboard views (docs/contract.md §4, §6) ###################################
 # Server-rendered pages under /dashboard: login, servers, the Referrals tab with
 # secrets, "Send test event", delivery log, rejected requests and analytics. They use
 # the same store and the same ingest pipeline as the HTTP route; templates autoescape.
@@ -1995,7 +2021,7 @@ registered.</p>{% endfor %}</section>
 }))
 
 
-referrals.register_blueprint(dashboard)
+blueprint.register_blueprint(dashboard)
 
 
 # App factory #################################################################
@@ -2010,7 +2036,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     if app.config["MMOREF_TRUST_PROXY"]:
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=1, x_proto=1, x_host=1, x_port=1)  # type: ignore[method-assign]
     app.session_interface = _SessionInterface()
-    app.register_blueprint(referrals)
+    app.register_blueprint(blueprint)
     with app.app_context():
         store = get_store()  # create or migrate the schema now; refuse a newer database at start-up
         if not app.config.get("SECRET_KEY"):  # per installation, never a constant
@@ -2025,7 +2051,7 @@ class _SessionInterface(SecureCookieSessionInterface):
         return bool(super().get_cookie_secure(app) or request.is_secure)
 
 
-# Command line (SPEC 5) #######################################################
+# Command line (docs/contract.md §5) ##########################################
 
 
 class _OneLineErrors(click.Group):
@@ -2073,14 +2099,14 @@ def _emit(as_json: bool, data: Any, text: str) -> None:
 def cli(ctx: click.Context) -> None:
     """mmoref: the MMOLove Referral Kit ingest server. With no command: serve."""
     if ctx.invoked_subcommand is None:
-        ctx.invoke(serve)
+        ctx.invoke(serve_command)
 
 
-@cli.command()
+@cli.command("serve")
 @_db_option
 @click.option("--host", help="address to bind [env MMOREF_HOST; 127.0.0.1]")
 @click.option("--port", type=int, help="port [env MMOREF_PORT; 5000]")
-def serve(db_path: str | None = None, host: str | None = None, port: int | None = None) -> None:
+def serve_command(db_path: str | None = None, host: str | None = None, port: int | None = None) -> None:
     """Serve the ingest endpoint, share links and dashboard (waitress)."""
     import waitress
 
@@ -2126,7 +2152,7 @@ def _login_lines(app: Flask) -> list[str]:
 @_db_option
 @click.option("--password", prompt="New dashboard password", hide_input=True, confirmation_prompt=True,
               help="the new password (prompted for when omitted)")
-def set_password(db_path: str | None, password: str) -> None:
+def set_password_command(db_path: str | None, password: str) -> None:
     """Set the dashboard password (stored as a salted hash); logs every session out."""
     _open_store(db_path).set_admin_password(password)
     click.echo("dashboard password changed")
@@ -2140,8 +2166,8 @@ def set_password(db_path: str | None, password: str) -> None:
 @click.option("--identity-field", type=click.Choice(IDENTITY_FIELDS), default="username", show_default=True)
 @_db_option
 @_json_option
-def add_server(server_id: str, game: str, name: str, registration_url: str | None, identity_field: str,
-               db_path: str | None, as_json: bool) -> None:
+def add_server_command(server_id: str, game: str, name: str, registration_url: str | None, identity_field: str,
+                       db_path: str | None, as_json: bool) -> None:
     """Create a server with referrals enabled; print its first secret once."""
     secret, kid = _open_store(db_path).add_server(server_id, game, name, registration_url, identity_field)
     _emit(as_json, {"server_id": server_id, "game": game, "secret": secret, "kid": kid},
@@ -2155,7 +2181,7 @@ def add_server(server_id: str, game: str, name: str, registration_url: str | Non
               help="seconds the previous secret stays valid; 0 revokes it now")
 @_db_option
 @_json_option
-def rotate_secret(server_id: str, grace: int, db_path: str | None, as_json: bool) -> None:
+def rotate_secret_command(server_id: str, grace: int, db_path: str | None, as_json: bool) -> None:
     """Make a new signing secret; print it once."""
     secret, kid = _open_store(db_path).rotate_secret(server_id, grace)
     previous = "revoked now" if grace == 0 else f"valid for {grace} more seconds"
@@ -2201,18 +2227,18 @@ def _owner_command(action: str) -> Callable:
     @_db_option
     @_json_option
     @click.argument("referral_id")
-    def command(referral_id: str, db_path: str | None, as_json: bool) -> None:
+    def owner_action_command(referral_id: str, db_path: str | None, as_json: bool) -> None:
         state = owner_action(_open_store(db_path), referral_id, action)
         _emit(as_json, {"referral_id": referral_id, "state": state}, f"{referral_id} is now {state}")
-    command.__doc__ = f"{action.capitalize()} a referral as the owner (logged as an owner action)."
-    return cli.command(action)(command)
+    owner_action_command.__doc__ = f"{action.capitalize()} a referral as the owner (logged as an owner action)."
+    return cli.command(action)(owner_action_command)
 
 
 for _action in OWNER_ACTIONS:
     _owner_command(_action)
 
 
-@cli.command()
+@cli.command("send")
 @click.argument("event", type=click.Choice(EVENTS))
 @click.option("--endpoint", required=True, help="e.g. http://127.0.0.1:5000/api/referral/events")
 @click.option("--server-id", required=True)
@@ -2223,8 +2249,8 @@ for _action in OWNER_ACTIONS:
 @click.option("--kid", help="which secret signs (optional)")
 @click.option("--test", is_flag=True, help="dry run: verified, nothing written")
 @_json_option
-def send(event: str, endpoint: str, server_id: str, secret: str, token: str, referee_identity: str | None,
-         server_event_id: str | None, kid: str | None, test: bool, as_json: bool) -> None:
+def send_command(event: str, endpoint: str, server_id: str, secret: str, token: str, referee_identity: str | None,
+                 server_event_id: str | None, kid: str | None, test: bool, as_json: bool) -> None:
     """Sign and POST one event, like a game server's kit would; exit 0 on 2xx."""
     body = build_body(event, token, server_id, server_event_id or f"evt-{secrets.token_hex(6)}",
                       referee_identity=referee_identity, test=test)
@@ -2240,10 +2266,10 @@ def send(event: str, endpoint: str, server_id: str, secret: str, token: str, ref
         sys.exit(1)
 
 
-@cli.command()
+@cli.command("demo")
 @click.argument("path")
 @click.option("--force", is_flag=True, help="replace PATH if it exists")
-def demo(path: str, force: bool) -> None:
+def demo_command(path: str, force: bool) -> None:
     """Write a demo database (how referrals.db.example is made)."""
     write_demo_database(path, force)
     click.echo(f"demo database written to {path}; demo server {DEMO_SERVER_ID}, demo secret {DEMO_SECRET}")
