@@ -1,11 +1,12 @@
 """mmoref: a self-hostable MMOLove Referral Kit ingest server, in one file.
 
 Run it:        python mmoref_server.py          (serves http://127.0.0.1:5000, ./referrals.db)
-Commands:      python mmoref_server.py --help
+Commands:      python mmoref_server.py --help   (or: flask --app mmoref_server --help)
 Embed it:      app.register_blueprint(mmoref_server.blueprint, url_prefix="/mmoref")
 The contract:  docs/contract.md (summarised in README.md). Sections below follow the data:
-configuration, signing, tokens, storage, state machine, ingest pipeline, share link,
-dashboard, app factory, CLI, kit-side sender, main.
+configuration, errors and hints, signing, tokens, storage, state machine, ingest pipeline,
+routes, dashboard views, app factory, CLI, kit-side sender, main; the templates and the
+style sheet come last.
 """
 from __future__ import annotations
 
@@ -85,10 +86,8 @@ EVENTS = ("registered", "qualified", "reversed")
 IDENTITY_FIELDS = ("username", "account", "character", "email")
 NAME_PATTERN = re.compile(r"[A-Za-z0-9_.-]{1,64}")  # referrer codes, server ids, game slugs
 LOCAL_HOSTS = ("localhost", "127.0.0.1", "::1")  # as urlsplit().hostname gives them
-
-
-class ConfigError(Exception):
-    """A setting or argument the owner must fix; the message says how."""
+SIGNATURE_HEADER = "X-MMOLove-Signature"
+INGEST_PATH = "/api/referral/events"
 
 
 def load_settings(environ: Mapping[str, str] = os.environ) -> dict[str, Any]:
@@ -140,12 +139,53 @@ def check_name(kind: str, value: str) -> str:
     return value
 
 
-# Signing (docs/contract.md §1.1, §1.2) ######################################
-# Pure functions over bytes: no Flask in here, so the kit side and tests share them.
+# Errors and hints ############################################################
+# ApiError is every refused ingest request: one handler turns it into JSON. HINTS teach
+# the fix; the other exceptions say what the sender, the database or the owner must fix.
 
-SIGNATURE_HEADER = "X-MMOLove-Signature"
-_MAC_PATTERN = re.compile(r"sha256=([0-9a-fA-F]{64})")
-_DIGITS = re.compile(r"[0-9]+")
+
+class ApiError(Exception):
+    """One error answer: status, stable `error` string, a hint that teaches the fix, extras.
+
+    Only `ok`, `error`, `hint` and the extras are the answer's body; `diagnosis` and
+    `server_id` are for the rejected-requests list.
+    """
+
+    def __init__(self, status: int, error: str, hint: str, *, diagnosis: str | None = None,
+                 server_id: str | None = None, **extra: Any):
+        super().__init__(error)
+        self.status, self.error, self.hint, self.extra = status, error, hint, extra
+        self.diagnosis = diagnosis    # for mac_mismatch: why it probably failed (the hint says it too)
+        self.server_id = server_id    # the known server the refused request names: whose list it goes to
+
+    def body(self) -> dict[str, Any]:
+        return {"ok": False, "error": self.error, "hint": self.hint, **self.extra}
+
+
+HINTS = {
+    "body too large": f"send at most {MAX_BODY_BYTES // 1024} KiB of JSON",
+    "missing signature header": (f"sign the body and send {SIGNATURE_HEADER}: "
+                                 "t=<unix seconds>,v1=sha256=<hex of HMAC-SHA256(secret, \"<t>.<rawBody>\")>"),
+    "malformed signature header": "expected t=<unix seconds>,v1=sha256=<64 hex digits>[,kid=<key id>]",
+    "body is not valid JSON": "send one UTF-8 JSON object, e.g. {\"event\": \"registered\", ...}",
+    "body must be a JSON object": "wrap the fields in {...}: event, token, server_id, server_event_id",
+    "duplicate key": "each key may appear once in the body",
+    "unknown server": "server_id must be the id shown on your dashboard's Referrals tab",
+    "referrals not enabled": "enable referrals for this server on its Referrals tab",
+    "no signing secret": "generate a secret on the server's Referrals tab",
+    "stale_timestamp": ("t must be the current Unix time in seconds (within {window} s of the server clock);"
+                        " check the sender's clock and sign each request anew"),
+    "unknown_kid": "kid names no live secret of this server: drop kid or use the kid shown on the Referrals tab",
+    "mac_mismatch": ("sign \"<t>.<rawBody>\" with the server's secret over the exact bytes you send;"
+                     " a trailing newline or re-serialised JSON changes the MAC"),
+    "unknown token": ("send the mmref token exactly as the share link minted it for this server"
+                      " (from the mmref cookie or query parameter)"),
+    "invalid transition": ("a referral in state {state} cannot take a {event} event"
+                           " (see the state machine in the README)"),
+    "other referee": "this token already anchors another referee_identity; one token refers one player",
+    "method not allowed": "POST the event as JSON",
+    "internal error": "the server failed; retry later with the same server_event_id (it is idempotent)",
+}
 
 
 class SignatureError(Exception):
@@ -158,6 +198,21 @@ class SignatureError(Exception):
     def __init__(self, reason: str, message: str):
         super().__init__(message)
         self.reason = reason
+
+
+class StoreError(Exception):
+    """The database cannot be used as it is; the message says why."""
+
+
+class ConfigError(Exception):
+    """A setting or argument the owner must fix; the message says how."""
+
+
+# Signing (docs/contract.md §1.1, §1.2) #######################################
+# Pure functions over bytes: no Flask in here, so the kit side and tests share them.
+
+_MAC_PATTERN = re.compile(r"sha256=([0-9a-fA-F]{64})")
+_DIGITS = re.compile(r"[0-9]+")
 
 
 @dataclass(frozen=True)
@@ -313,7 +368,8 @@ def mask(value: str | None, keep_start: int = 4, keep_end: int = 0) -> str:
 # Storage #####################################################################
 # Standard-library sqlite3, WAL, one connection per thread (and per process, for
 # forking servers). Writers use BEGIN IMMEDIATE, so the UNIQUE constraints and the
-# read-then-write checks hold across threads and worker processes.
+# read-then-write checks hold across threads and worker processes. Every SQL statement
+# of the server is in Store and Transaction: a second engine implements their methods.
 
 MIGRATIONS: list[list[str]] = [
     [  # v1: servers, secrets, referrals, anchors, delivery log, rejected requests
@@ -396,10 +452,6 @@ MIGRATIONS: list[list[str]] = [
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 COUNTED = ("clicked", "registered", "qualified", "reversed")
-
-
-class StoreError(Exception):
-    """The database cannot be used as it is; the message says why."""
 
 
 def _create_private_file(path: str) -> None:
@@ -845,7 +897,8 @@ class Store:
 
 # State machine (docs/contract.md §2) #########################################
 # The table says what each event does in each state; `apply_event` applies it in one
-# transaction together with the delivery-log row and the idempotency key.
+# transaction together with the delivery-log row and the idempotency key. It decides;
+# the Transaction it is given reads and writes.
 
 NO_OP, INVALID = "no_op", "invalid"
 TRANSITIONS: dict[str, dict[str, str]] = {
@@ -862,24 +915,6 @@ OWNER_ACTIONS: dict[str, tuple[tuple[str, ...], str]] = {
     "reverse": (("registered", "qualified"), "reversed"),
     "reject": (("clicked", "registered", "qualified"), "rejected"),
 }
-
-
-class ApiError(Exception):
-    """One error answer: status, stable `error` string, a hint that teaches the fix, extras.
-
-    Only `ok`, `error`, `hint` and the extras are the answer's body; `diagnosis` and
-    `server_id` are for the rejected-requests list.
-    """
-
-    def __init__(self, status: int, error: str, hint: str, *, diagnosis: str | None = None,
-                 server_id: str | None = None, **extra: Any):
-        super().__init__(error)
-        self.status, self.error, self.hint, self.extra = status, error, hint, extra
-        self.diagnosis = diagnosis    # for mac_mismatch: why it probably failed (the hint says it too)
-        self.server_id = server_id    # the known server the refused request names: whose list it goes to
-
-    def body(self) -> dict[str, Any]:
-        return {"ok": False, "error": self.error, "hint": self.hint, **self.extra}
 
 
 @dataclass(frozen=True)
@@ -999,30 +1034,88 @@ def owner_action(store: Store, referral_id: str, action: str) -> str:
 # Ingest pipeline (docs/contract.md §1.4) #####################################
 # One function, its steps in the order of docs/contract.md §1.4, each failing early with ApiError.
 
-HINTS = {
-    "body too large": f"send at most {MAX_BODY_BYTES // 1024} KiB of JSON",
-    "missing signature header": (f"sign the body and send {SIGNATURE_HEADER}: "
-                                 "t=<unix seconds>,v1=sha256=<hex of HMAC-SHA256(secret, \"<t>.<rawBody>\")>"),
-    "malformed signature header": "expected t=<unix seconds>,v1=sha256=<64 hex digits>[,kid=<key id>]",
-    "body is not valid JSON": "send one UTF-8 JSON object, e.g. {\"event\": \"registered\", ...}",
-    "body must be a JSON object": "wrap the fields in {...}: event, token, server_id, server_event_id",
-    "duplicate key": "each key may appear once in the body",
-    "unknown server": "server_id must be the id shown on your dashboard's Referrals tab",
-    "referrals not enabled": "enable referrals for this server on its Referrals tab",
-    "no signing secret": "generate a secret on the server's Referrals tab",
-    "stale_timestamp": ("t must be the current Unix time in seconds (within {window} s of the server clock);"
-                        " check the sender's clock and sign each request anew"),
-    "unknown_kid": "kid names no live secret of this server: drop kid or use the kid shown on the Referrals tab",
-    "mac_mismatch": ("sign \"<t>.<rawBody>\" with the server's secret over the exact bytes you send;"
-                     " a trailing newline or re-serialised JSON changes the MAC"),
-    "unknown token": ("send the mmref token exactly as the share link minted it for this server"
-                      " (from the mmref cookie or query parameter)"),
-    "invalid transition": ("a referral in state {state} cannot take a {event} event"
-                           " (see the state machine in the README)"),
-    "other referee": "this token already anchors another referee_identity; one token refers one player",
-    "method not allowed": "POST the event as JSON",
-    "internal error": "the server failed; retry later with the same server_event_id (it is idempotent)",
-}
+
+def process_event(store: Store, raw_body: bytes, header: str | None, *, window: int, ttl: int) -> dict[str, Any]:
+    """Steps 2-10 of docs/contract.md §1.4 (step 1, the size cap, happens before the body is read).
+
+    Returns the 200 body or raises ApiError, whose `server_id` names the known server the
+    request is about (None: it names none). Used by the HTTP route and the dashboard's
+    "Send test event" button alike.
+    """
+    # 2. signature header present and well-formed
+    try:
+        parsed = parse_signature_header(header)
+    except SignatureError as exc:
+        error = "missing signature header" if exc.reason == "missing" else "malformed signature header"
+        raise ApiError(400, error, f"{exc}; {HINTS['malformed signature header']}",
+                       server_id=_server_named_in(store, raw_body)) from None
+    # 3. body is a JSON object; 4. fields have the documented shape
+    fields = _event_fields(store, raw_body)
+    server_id = fields.server_id
+    # 5. the server exists, takes referrals and has a secret
+    server = store.server(server_id)
+    if server is None:
+        raise ApiError(404, "unknown server", HINTS["unknown server"])
+    if not server["referrals_enabled"]:
+        raise ApiError(404, "referrals not enabled", HINTS["referrals not enabled"], server_id=server_id)
+    at = now()
+    live = store.live_secrets(server_id, at)
+    if not live:
+        raise ApiError(404, "no signing secret", HINTS["no signing secret"], server_id=server_id)
+    # 6. timestamp window, kid, MAC
+    try:
+        verify(parsed, raw_body, live, at, window)
+    except SignatureError as exc:
+        raise _bad_signature(store, exc, parsed, raw_body, live, fields, at, window) from None
+    # 7. a verified dry run stops here
+    if fields.test:
+        return {"ok": True, "test": True}
+    # 8. the token is genuine and minted for this server (no database read needed)
+    claims = read_token(store.token_key, fields.token)
+    if claims is None or claims.server_id != server_id:
+        raise ApiError(404, "unknown token", HINTS["unknown token"], server_id=server_id)
+    # 9-10. duplicate check and state machine, in one transaction
+    delivery = Delivery(server_id, fields.event, claims, fields.server_event_id, fields.referee_identity,
+                        fields.ts, _scrubbed_snippet(raw_body, [secret for _, secret in live], limit=2000))
+    return apply_event(store, delivery, ttl)
+
+
+def _event_fields(store: Store, raw_body: bytes) -> EventFields:
+    """Steps 3 and 4: the body, parsed once, and its fields; a refusal names the body's known server."""
+    body = parse_body(raw_body)
+    try:
+        return read_fields(body, _SURROGATE_ESCAPE.search(raw_body) is not None)
+    except ApiError as exc:
+        raise ApiError(exc.status, exc.error, exc.hint, server_id=_known_server_id(store, body), **exc.extra) from None
+
+
+def _server_named_in(store: Store, raw_body: bytes) -> str | None:
+    """For a request refused before step 3: the known server its body names, if the body parses."""
+    try:
+        body = parse_body(raw_body)
+    except ApiError:
+        return None
+    return _known_server_id(store, body)
+
+
+def _known_server_id(store: Store, body: dict[str, Any]) -> str | None:
+    """The body's server_id, trimmed, if it names a known server (else the installation-wide list)."""
+    server_id = body.get("server_id")
+    if not isinstance(server_id, str) or not _is_valid_unicode(server_id) or store.server(server_id.strip()) is None:
+        return None
+    return server_id.strip()
+
+
+def _bad_signature(store: Store, exc: SignatureError, parsed: ParsedSignature, raw_body: bytes,
+                   live: Sequence[tuple[str, str]], fields: EventFields, at: int, window: int) -> ApiError:
+    """The 401 for a signature that fails step 6; a MAC mismatch says why, when a usual mistake explains it."""
+    hint = HINTS[exc.reason].format(window=window)
+    diagnosis = None
+    if exc.reason == "mac_mismatch":
+        revoked = store.revoked_secrets(fields.server_id, at)
+        diagnosis = diagnose_mac_mismatch(parsed, raw_body, live, revoked, fields.ts)
+    return ApiError(401, "bad_signature", f"{hint} ({diagnosis})" if diagnosis else hint, diagnosis=diagnosis,
+                    server_id=fields.server_id, reason=exc.reason)
 
 
 def _field_error(error: str, field: str, hint: str) -> ApiError:
@@ -1181,89 +1274,6 @@ def diagnose_mac_mismatch(parsed: ParsedSignature, raw_body: bytes, live: Sequen
     return None
 
 
-def process_event(store: Store, raw_body: bytes, header: str | None, *, window: int, ttl: int) -> dict[str, Any]:
-    """Steps 2-10 of docs/contract.md §1.4 (step 1, the size cap, happens before the body is read).
-
-    Returns the 200 body or raises ApiError, whose `server_id` names the known server the
-    request is about (None: it names none). Used by the HTTP route and the dashboard's
-    "Send test event" button alike.
-    """
-    # 2. signature header present and well-formed
-    try:
-        parsed = parse_signature_header(header)
-    except SignatureError as exc:
-        error = "missing signature header" if exc.reason == "missing" else "malformed signature header"
-        raise ApiError(400, error, f"{exc}; {HINTS['malformed signature header']}",
-                       server_id=_server_named_in(store, raw_body)) from None
-    # 3. body is a JSON object; 4. fields have the documented shape
-    fields = _event_fields(store, raw_body)
-    server_id = fields.server_id
-    # 5. the server exists, takes referrals and has a secret
-    server = store.server(server_id)
-    if server is None:
-        raise ApiError(404, "unknown server", HINTS["unknown server"])
-    if not server["referrals_enabled"]:
-        raise ApiError(404, "referrals not enabled", HINTS["referrals not enabled"], server_id=server_id)
-    at = now()
-    live = store.live_secrets(server_id, at)
-    if not live:
-        raise ApiError(404, "no signing secret", HINTS["no signing secret"], server_id=server_id)
-    # 6. timestamp window, kid, MAC
-    try:
-        verify(parsed, raw_body, live, at, window)
-    except SignatureError as exc:
-        raise _bad_signature(store, exc, parsed, raw_body, live, fields, at, window) from None
-    # 7. a verified dry run stops here
-    if fields.test:
-        return {"ok": True, "test": True}
-    # 8. the token is genuine and minted for this server (no database read needed)
-    claims = read_token(store.token_key, fields.token)
-    if claims is None or claims.server_id != server_id:
-        raise ApiError(404, "unknown token", HINTS["unknown token"], server_id=server_id)
-    # 9-10. duplicate check and state machine, in one transaction
-    delivery = Delivery(server_id, fields.event, claims, fields.server_event_id, fields.referee_identity,
-                        fields.ts, _scrubbed_snippet(raw_body, [secret for _, secret in live], limit=2000))
-    return apply_event(store, delivery, ttl)
-
-
-def _event_fields(store: Store, raw_body: bytes) -> EventFields:
-    """Steps 3 and 4: the body, parsed once, and its fields; a refusal names the body's known server."""
-    body = parse_body(raw_body)
-    try:
-        return read_fields(body, _SURROGATE_ESCAPE.search(raw_body) is not None)
-    except ApiError as exc:
-        raise ApiError(exc.status, exc.error, exc.hint, server_id=_known_server_id(store, body), **exc.extra) from None
-
-
-def _server_named_in(store: Store, raw_body: bytes) -> str | None:
-    """For a request refused before step 3: the known server its body names, if the body parses."""
-    try:
-        body = parse_body(raw_body)
-    except ApiError:
-        return None
-    return _known_server_id(store, body)
-
-
-def _known_server_id(store: Store, body: dict[str, Any]) -> str | None:
-    """The body's server_id, trimmed, if it names a known server (else the installation-wide list)."""
-    server_id = body.get("server_id")
-    if not isinstance(server_id, str) or not _is_valid_unicode(server_id) or store.server(server_id.strip()) is None:
-        return None
-    return server_id.strip()
-
-
-def _bad_signature(store: Store, exc: SignatureError, parsed: ParsedSignature, raw_body: bytes,
-                   live: Sequence[tuple[str, str]], fields: EventFields, at: int, window: int) -> ApiError:
-    """The 401 for a signature that fails step 6; a MAC mismatch says why, when a usual mistake explains it."""
-    hint = HINTS[exc.reason].format(window=window)
-    diagnosis = None
-    if exc.reason == "mac_mismatch":
-        revoked = store.revoked_secrets(fields.server_id, at)
-        diagnosis = diagnose_mac_mismatch(parsed, raw_body, live, revoked, fields.ts)
-    return ApiError(401, "bad_signature", f"{hint} ({diagnosis})" if diagnosis else hint, diagnosis=diagnosis,
-                    server_id=fields.server_id, reason=exc.reason)
-
-
 def handle_ingest(store: Store, raw_body: bytes, header: str | None, *, window: int, ttl: int) -> tuple[int, dict]:
     """Run the pipeline; remember refusals; log one line; return (status, body)."""
     try:
@@ -1325,8 +1335,6 @@ def _apply_default_settings(state: Any) -> None:
 
 
 blueprint.record_once(_apply_default_settings)
-
-
 _store_lock = threading.Lock()
 
 
@@ -1362,9 +1370,6 @@ def _api_error(exc: ApiError) -> Any:
     if exc.status == 405:
         response.headers["Allow"] = "POST"
     return response
-
-
-INGEST_PATH = "/api/referral/events"
 
 
 @blueprint.route(INGEST_PATH, methods=["GET", "HEAD", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "POST"],
@@ -1818,209 +1823,6 @@ def _page(template: str, status: int, **context: Any) -> Any:
     return current_app.response_class(html, status=status, mimetype="text/html")
 
 
-STYLE_SHEET = """
-:root{--ink:#1d2330;--muted:#5c6475;--line:#d9dde5;--bg:#f6f7f9;--accent:#2f5bd3;--ok:#1c7c3a;--bad:#b3261e}
-*{box-sizing:border-box}body{margin:0;font:15px/1.5 system-ui,sans-serif;color:var(--ink);background:var(--bg)}
-header{display:flex;justify-content:space-between;align-items:center;padding:.6rem 1rem;background:#fff;
-border-bottom:1px solid var(--line)}header a{font-weight:700;text-decoration:none;color:var(--ink)}
-main{max-width:72rem;margin:0 auto;padding:1rem}section{background:#fff;border:1px solid var(--line);
-border-radius:8px;padding:1rem;margin:0 0 1rem}h1{font-size:1.4rem;margin:.2rem 0 1rem}
-h2{font-size:1.1rem;margin:0 0 .6rem}
-label{display:block;margin:.4rem 0 .1rem;font-weight:600}input,select{font:inherit;padding:.35rem .5rem;
-border:1px solid var(--line);border-radius:4px;max-width:100%}button{font:inherit;padding:.35rem .8rem;
-border:1px solid var(--accent);background:var(--accent);color:#fff;border-radius:4px;cursor:pointer}
-button.plain{background:#fff;color:var(--accent)}button:disabled{opacity:.5;cursor:not-allowed}
-.row{display:flex;flex-wrap:wrap;gap:.6rem;align-items:end}.row>*{margin:0;max-width:100%}
-.scroll{overflow-x:auto}table{border-collapse:collapse;width:100%;font-size:.9rem}
-th,td{text-align:left;padding:.3rem .5rem;border-bottom:1px solid var(--line);white-space:nowrap}
-.secret{font:1rem ui-monospace,monospace;background:#fff7d6;border:1px solid #e6c84f;padding:.6rem;
-word-break:break-all}.flash{background:#eef3ff;border:1px solid #c9d6fb;padding:.5rem;border-radius:4px}
-.error{color:var(--bad)}.ok{color:var(--ok)}.muted{color:var(--muted)}pre{background:var(--bg);
-padding:.6rem;overflow-x:auto}.funnel{display:flex;gap:1rem;flex-wrap:wrap}.funnel div{min-width:7rem}
-.funnel strong{display:block;font-size:1.5rem}svg .clicked{fill:#9fb4ee}svg .registered{fill:#2f5bd3}
-svg .qualified{fill:#1c7c3a}.pager{display:flex;gap:1rem;margin-top:.5rem}
-.rejected td{white-space:normal;vertical-align:top}.rejected td:first-child{white-space:nowrap}
-.rejected td:nth-child(n+5){min-width:14rem}.rejected code{word-break:break-all}
-"""
-
-TEMPLATES = jinja2.Environment(autoescape=True, loader=jinja2.DictLoader({
-    "base.html": """<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
-<title>{{ title }} · mmoref</title><style>""" + STYLE_SHEET + """</style></head>
-<body><header><a href="{{ url_for('mmoref.dashboard.index') }}">mmoref</a>
-{% if logged_in %}<form method="post" action="{{ url_for('mmoref.dashboard.logout') }}">
-<input type="hidden" name="csrf_token" value="{{ csrf_token() }}"><button class="plain">Log out</button></form>
-{% endif %}
-</header><main>{% for message in messages %}<p class="flash" role="status">{{ message }}</p>{% endfor %}
-{% block main %}{% endblock %}</main></body></html>""",
-
-    "message.html": """{% extends "base.html" %}{% block main %}<section><h1>{{ title }}</h1>
-<p>{{ message }}</p></section>{% endblock %}""",
-
-    "login.html": """{% extends "base.html" %}{% block main %}<section><h1>Log in</h1>
-{% if error %}<p class="error" role="alert">{{ error }}</p>{% endif %}
-{% if no_password %}<p class="error">No dashboard password is set yet: run
-<code>python mmoref_server.py set-password</code> or set <code>MMOREF_ADMIN_PASSWORD</code>.</p>{% endif %}
-<form method="post"><input type="hidden" name="csrf_token" value="{{ csrf_token() }}">
-<label for="password">Password</label><input id="password" name="password" type="password"
-autocomplete="current-password" required autofocus> <button>Log in</button></form></section>{% endblock %}""",
-
-    "index.html": """{% extends "base.html" %}{% block main %}<h1>Servers</h1>
-{% if new_secret %}<section id="new-secret"><h2>Server {{ new_secret.server_id }} created</h2>
-<p>Its signing secret, shown <strong>once</strong>: copy it into your game server's config now.</p>
-<p class="secret" id="secret-value">{{ new_secret.secret }}</p><p class="muted">kid {{ new_secret.kid }}</p>
-<p><a href="{{ url_for('mmoref.dashboard.referrals_tab', game=new_secret.game, server_id=new_secret.server_id) }}">
-Open its Referrals tab</a></p></section>{% endif %}
-<section><div class="scroll"><table id="servers"><thead><tr><th>Server</th><th>Game</th><th>Referrals</th>
-<th>Funnel: clicks → registered → qualified (reversed)</th></tr></thead><tbody>
-{% for server in servers %}{% set f = funnels.get(server.server_id) %}<tr data-server="{{ server.server_id }}">
-<td><a href="{{ url_for('mmoref.dashboard.referrals_tab', game=server.game, server_id=server.server_id) }}">
-{{ server.name or server.server_id }}</a> <span class="muted">{{ server.server_id }}</span></td>
-<td>{{ server.game }}</td>
-<td>{{ "on" if server.referrals_enabled else "off" }}</td>
-<td>{{ f.clicked if f else 0 }} → {{ f.registered if f else 0 }} → {{ f.qualified if f else 0 }}
-({{ f.reversed if f else 0 }})</td></tr>
-{% else %}<tr><td colspan="4">No servers yet: add one below.</td></tr>{% endfor %}</tbody></table></div></section>
-<section><h2>Add server</h2>{% if error %}<p class="error" role="alert">{{ error }}</p>{% endif %}
-<form method="post" action="{{ url_for('mmoref.dashboard.add_server_form') }}" class="row">
-<input type="hidden" name="csrf_token" value="{{ csrf_token() }}">
-<div><label for="server_id">Server id</label><input id="server_id" name="server_id" required
-pattern="[A-Za-z0-9_.\\-]{1,64}" value="{{ form.server_id or '' }}"></div>
-<div><label for="game">Game</label><input id="game" name="game" required pattern="[A-Za-z0-9_.\\-]{1,64}"
-value="{{ form.game or '' }}"></div>
-<div><label for="name">Name</label><input id="name" name="name" value="{{ form.name or '' }}"></div>
-<div><label for="registration_url">Registration URL</label><input id="registration_url" name="registration_url"
-type="url" placeholder="https://yourgame.example/register" value="{{ form.registration_url or '' }}"></div>
-<div><label for="identity_field">Identity field</label><select id="identity_field" name="identity_field">
-{% for f in identity_fields %}<option{% if f == form.identity_field %} selected{% endif %}>{{ f }}</option>{% endfor %}
-</select></div>
-<div><button>Add server</button></div></form></section>
-<section><h2>Rejected requests naming no known server</h2>
-{% with rows = rejected %}{% include "rejected.html" %}{% endwith %}</section>{% endblock %}""",
-
-    "rejected.html": """{% if rows %}<div class="scroll"><table class="rejected"><thead><tr><th>Time</th>
-<th>Status</th><th>Error</th><th>Reason</th><th>Hint</th><th>Body</th></tr></thead><tbody>
-{% for r in rows %}<tr data-status="{{ r.status }}"><td>{{ iso_utc(r.received_at) }}</td><td>{{ r.status }}</td>
-<td>{{ r.error }}</td><td>{{ r.reason or "" }}</td><td style="white-space:normal">{{ r.hint }}
-{% if r.diagnosis %}<br><strong class="diagnosis">{{ r.diagnosis }}</strong>{% endif %}</td>
-<td><code>{{ r.snippet[:120] }}</code></td></tr>{% endfor %}</tbody></table></div>
-{% else %}<p class="muted">None.</p>{% endif %}""",
-
-    "referrals.html": """{% extends "base.html" %}{% block main %}
-<h1>{{ server.name or server.server_id }} <span class="muted">· {{ server.game }} · Referrals</span></h1>
-{% if new_secret %}<section id="new-secret"><h2>New signing secret</h2>
-<p>Shown <strong>once</strong>: copy it into your game server's config now.
-{% if new_secret.grace %}The previous secret: {{ new_secret.grace }}.{% endif %}</p>
-<p class="secret" id="secret-value">{{ new_secret.secret }}</p><p class="muted">kid {{ new_secret.kid }}</p></section>
-{% endif %}
-{% if new_token %}<section id="new-token"><h2>Test token for referral {{ new_token.referral_id }}</h2>
-<p class="secret" id="token-value">{{ new_token.token }}</p></section>{% endif %}
-
-<section id="status"><h2>Status</h2><form method="post" action="{{ url_for('mmoref.dashboard.set_enabled',
-game=server.game, server_id=server.server_id) }}"><input type="hidden" name="csrf_token" value="{{ csrf_token() }}">
-{% if server.referrals_enabled %}<p class="ok">Referrals are enabled.</p><input type="hidden" name="enabled" value="0">
-<button class="plain">Disable referrals</button>{% else %}<p class="error">Referrals are disabled.</p>
-<input type="hidden" name="enabled" value="1"><button>Enable referrals</button>{% endif %}</form></section>
-
-<section id="secrets"><h2>Signing secret</h2><div class="scroll"><table><thead><tr><th>kid</th><th>Secret</th>
-<th>Status</th></tr></thead><tbody>{% for s in secrets[:5] %}<tr><td>{{ s.kid }}</td><td>…{{ s.last4 }}</td><td>
-{% if s.expires_at is none %}current{% elif s.expires_at > now %}valid until {{ iso_utc(s.expires_at) }}
-{% else %}revoked{% endif %}</td></tr>{% else %}<tr><td colspan="3">No secret yet.</td></tr>{% endfor %}
-</tbody></table></div>
-<form method="post" class="row" action="{{ url_for('mmoref.dashboard.rotate_secret_form', game=server.game,
-server_id=server.server_id) }}"><input type="hidden" name="csrf_token" value="{{ csrf_token() }}">
-<div><label for="grace">The previous secret</label><select id="grace" name="grace">{% for value, label in
-grace_choices.items() %}<option value="{{ value }}"{% if value == "86400" %} selected{% endif %}>{% if value == "0"
-%}revoke now{% else %}stays valid {{ label }}{% endif %}</option>{% endfor %}</select></div>
-<div><button>{{ "Rotate secret" if has_secret else "Generate secret" }}</button></div></form></section>
-
-<section id="settings"><h2>Registration</h2><form method="post" class="row" action="{{
-url_for('mmoref.dashboard.settings_form', game=server.game, server_id=server.server_id) }}">
-<input type="hidden" name="csrf_token" value="{{ csrf_token() }}">
-<div><label for="registration_url">Registration URL</label><input id="registration_url" name="registration_url"
-size="40" value="{{ server.registration_url or '' }}" placeholder="https://yourgame.example/register"></div>
-<div><label for="identity_field">Identity field</label><select id="identity_field" name="identity_field">
-{% for f in identity_fields %}<option{% if f == server.identity_field %} selected{% endif %}>{{ f }}</option>
-{% endfor %}</select></div><div><button>Save</button></div></form>
-<label for="share-link">Share link (players add their code)</label>
-<input id="share-link" readonly size="50" value="{{ share_link }}PLAYERCODE">
-<form method="post" class="row" action="{{ url_for('mmoref.dashboard.mint_token_form', game=server.game,
-server_id=server.server_id) }}"><input type="hidden" name="csrf_token" value="{{ csrf_token() }}">
-<div><label for="ref">Referrer code</label><input id="ref" name="ref" required value="tester"></div>
-<div><button class="plain">Mint a test token</button></div></form></section>
-
-<section id="test-event"><h2>Send test event</h2>
-<p class="muted">Signs a <code>"test": true</code> registered event with the current secret and runs it through the
-real ingest pipeline. Nothing is written to the delivery log.</p>
-<form method="post" action="{{ url_for('mmoref.dashboard.send_test_event', game=server.game,
-server_id=server.server_id) }}"><input type="hidden" name="csrf_token" value="{{ csrf_token() }}">
-<button id="send-test-event"{% if not has_secret %} disabled{% endif %}>Send test event</button>
-{% if not has_secret %}<span class="muted">Generate a secret first: the test event is signed with it.</span>
-{% endif %}</form>{% if test_result %}<div id="test-result" data-status="{{ test_result.status }}">
-<p class="{{ 'ok' if test_result.status == 200 else 'error' }}">HTTP {{ test_result.status }}</p>
-<pre>{{ test_result.body }}</pre></div>{% endif %}</section>
-
-<section id="analytics"><h2>Analytics</h2>{% set f = analytics.funnel %}<div class="funnel">
-<div>Clicks<strong id="funnel-clicked">{{ f.clicked }}</strong></div>
-<div>Registered<strong id="funnel-registered">{{ f.registered }}</strong>{{ analytics.registered_rate }} of clicks</div>
-<div>Qualified<strong id="funnel-qualified">{{ f.qualified }}</strong>{{ analytics.qualified_rate }} of registered</div>
-<div>Reversed<strong id="funnel-reversed">{{ f.reversed }}</strong></div></div>
-<h3>Last 30 days</h3><svg id="daily-chart" role="img" aria-label="Daily clicks, registrations and qualifications"
-viewBox="0 0 {{ analytics.chart.width }} 112" width="100%" height="140" preserveAspectRatio="none">
-{% for bar in analytics.chart.bars %}<rect class="{{ bar.kind }}" x="{{ bar.x }}" y="{{ bar.y }}" width="5"
-height="{{ bar.height }}"><title>{{ bar.label }}</title></rect>{% endfor %}</svg>
-<p class="muted">Bars per day: clicks (light), registered (blue), qualified (green);
-peak {{ analytics.chart.peak }}.</p>
-<h3>Top referrers (by qualified)</h3><div class="scroll"><table id="leaderboard"><thead><tr><th>Referrer</th>
-<th>Clicks</th><th>Registered</th><th>Qualified</th></tr></thead><tbody>{% for r in analytics.leaders %}<tr>
-<td>{{ r.referrer_code }}</td><td>{{ r.clicked }}</td><td>{{ r.registered }}</td><td>{{ r.qualified }}</td></tr>
-{% else %}<tr><td colspan="4">No qualified referrals yet.</td></tr>{% endfor %}</tbody></table></div></section>
-
-<section id="log"><h2>Delivery log</h2><form method="get" class="row">
-<div><label for="f-event">Event</label><select id="f-event" name="event"><option value="">any</option>
-{% for e in log_events %}<option{% if filters.event == e %} selected{% endif %}>{{ e }}</option>{% endfor %}
-</select></div><div><label for="f-outcome">Outcome</label><select id="f-outcome" name="outcome">
-<option value="">any</option>{% for o in outcomes %}<option{% if filters.outcome == o %} selected{% endif %}>{{ o }}
-</option>{% endfor %}</select></div><div><label for="f-q">server_event_id or referrer code</label>
-<input id="f-q" name="q" value="{{ filters.q or '' }}"></div><div><button class="plain">Filter</button></div>
-<div><a href="{{ csv_url }}">Export CSV</a></div></form>
-<div class="scroll"><table id="delivery-log"><thead><tr><th>Received</th><th>Event</th><th>State now</th>
-<th>Outcome</th><th>server_event_id</th><th>Referrer</th><th>Referee</th><th>Token</th><th></th></tr></thead><tbody>
-{% for row in log_rows %}<tr data-id="{{ row.id }}" data-event="{{ row.event }}" data-state="{{ row.state }}"
-data-outcome="{{ row.outcome }}"><td>{{ row.received }}</td><td>{{ row.event }}</td><td>{{ row.state }}</td>
-<td>{{ row.outcome }}</td><td>{{ row.server_event_id or "" }}</td><td>{{ row.referrer_code }}</td>
-<td>{{ row.referee_masked }}</td><td>{{ row.token_masked }}</td><td><a class="detail" href="{{
-url_for('mmoref.dashboard.log_detail', game=server.game, server_id=server.server_id, row_id=row.id) }}">details</a>
-</td></tr>{% else %}<tr><td colspan="9">No events{{ " match these filters" if filters else " yet" }}.</td></tr>
-{% endfor %}</tbody></table></div><nav class="pager">{% if newer_url %}<a id="newer" href="{{ newer_url }}">← newer
-</a>{% endif %}{% if older_url %}<a id="older" href="{{ older_url }}">older →</a>{% endif %}</nav></section>
-
-<section id="rejected"><h2>Rejected requests</h2>{% with rows = rejected %}{% include "rejected.html" %}
-{% endwith %}</section>{% endblock %}""",
-
-    "detail.html": """{% extends "base.html" %}{% block main %}
-<p><a href="{{ url_for('mmoref.dashboard.referrals_tab', game=server.game, server_id=server.server_id) }}">
-← Referrals</a></p><h1>Event {{ row.id }}: {{ row.event }}</h1><section><table id="event-detail">
-<tr><th>Received</th><td>{{ row.received }}</td></tr><tr><th>Outcome</th><td>{{ row.outcome }}</td></tr>
-<tr><th>server_event_id</th><td>{{ row.server_event_id or "" }}</td></tr>
-<tr><th>Referral</th><td>{{ referral.referral_id }} (referrer {{ referral.referrer_code }})</td></tr>
-<tr><th>Referral state now</th><td id="referral-state">{{ referral.state }}</td></tr>
-<tr><th>Referee</th><td>{{ referral.referee_identity or "" }}</td></tr></table>
-{% if payload %}<h2>Stored payload (token masked)</h2><pre>{{ payload }}</pre>{% endif %}</section>
-<section><h2>Owner actions</h2>{% for action in actions %}<form method="post" style="display:inline" action="{{
-url_for('mmoref.dashboard.owner_action_form', game=server.game, server_id=server.server_id,
-referral_id=referral.referral_id, action=action) }}"><input type="hidden" name="csrf_token" value="{{ csrf_token() }}">
-<input type="hidden" name="back" value="{{ url_for('mmoref.dashboard.log_detail', game=server.game,
-server_id=server.server_id, row_id=row.id) }}"><button class="plain" id="action-{{ action }}">{{ action|capitalize }}
-referral</button></form> {% else %}<p class="muted">None: a {{ referral.state }} referral is final or not yet
-registered.</p>{% endfor %}</section>
-<section><h2>History of this referral</h2><div class="scroll"><table id="history"><tbody>{% for h in history %}
-<tr data-event="{{ h.event }}" data-outcome="{{ h.outcome }}"><td>{{ h.received }}</td><td>{{ h.event }}</td>
-<td>{{ h.outcome }}</td><td>{{ h.server_event_id or "" }}</td></tr>{% endfor %}</tbody></table></div></section>
-{% endblock %}""",
-}))
-
-
 blueprint.register_blueprint(dashboard)
 
 
@@ -2041,6 +1843,8 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
         store = get_store()  # create or migrate the schema now; refuse a newer database at start-up
         if not app.config.get("SECRET_KEY"):  # per installation, never a constant
             app.config["SECRET_KEY"] = store.installation_key("session_key")
+    for command in cli.commands.values():  # so `flask --app mmoref_server add-server ...` works too
+        app.cli.add_command(command)
     return app
 
 
@@ -2054,8 +1858,20 @@ class _SessionInterface(SecureCookieSessionInterface):
 # Command line (docs/contract.md §5) ##########################################
 
 
+class _Command(click.Command):
+    """A command whose ConfigError or StoreError is a click error: one line, under `flask` too."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (ConfigError, StoreError) as exc:
+            raise click.ClickException(str(exc)) from None
+
+
 class _OneLineErrors(click.Group):
     """A click group whose user errors are one line on stderr and a non-zero exit."""
+
+    command_class = _Command
 
     def main(self, args: Any = None, prog_name: Any = None, **extra: Any) -> Any:
         extra.pop("standalone_mode", None)
@@ -2069,7 +1885,7 @@ class _OneLineErrors(click.Group):
             more = f" (see {usage.command_path} --help)" if usage is not None else ""
             click.echo(f"error: {exc.format_message()}{more}", err=True)
             sys.exit(exc.exit_code)
-        except (ConfigError, StoreError) as exc:
+        except (ConfigError, StoreError) as exc:  # from `serve`, run when no command is named
             click.echo(f"error: {exc}", err=True)
             sys.exit(1)
         sys.exit(result if isinstance(result, int) else 0)
@@ -2266,6 +2082,9 @@ def send_command(event: str, endpoint: str, server_id: str, secret: str, token: 
         sys.exit(1)
 
 
+DEMO_SERVER_ID, DEMO_GAME, DEMO_SECRET = "demo-server", "demo-game", "demo-secret-not-for-production"
+
+
 @cli.command("demo")
 @click.argument("path")
 @click.option("--force", is_flag=True, help="replace PATH if it exists")
@@ -2273,9 +2092,6 @@ def demo_command(path: str, force: bool) -> None:
     """Write a demo database (how referrals.db.example is made)."""
     write_demo_database(path, force)
     click.echo(f"demo database written to {path}; demo server {DEMO_SERVER_ID}, demo secret {DEMO_SECRET}")
-
-
-DEMO_SERVER_ID, DEMO_GAME, DEMO_SECRET = "demo-server", "demo-game", "demo-secret-not-for-production"
 
 
 def write_demo_database(path: str, force: bool = False) -> None:
@@ -2362,6 +2178,211 @@ def send_event(endpoint: str, secret: str, body: bytes, *, kid: str | None = Non
     except ValueError:
         parsed = text
     return {"status": status, "body": parsed, "error": None}
+
+
+# Templates and style sheet ###################################################
+# Jinja templates (autoescaped), one per page, a block per section; the style sheet first, as they include it.
+
+STYLE_SHEET = """
+:root{--ink:#1d2330;--muted:#5c6475;--line:#d9dde5;--bg:#f6f7f9;--accent:#2f5bd3;--ok:#1c7c3a;--bad:#b3261e}
+*{box-sizing:border-box}body{margin:0;font:15px/1.5 system-ui,sans-serif;color:var(--ink);background:var(--bg)}
+header{display:flex;justify-content:space-between;align-items:center;padding:.6rem 1rem;background:#fff;
+border-bottom:1px solid var(--line)}header a{font-weight:700;text-decoration:none;color:var(--ink)}
+main{max-width:72rem;margin:0 auto;padding:1rem}section{background:#fff;border:1px solid var(--line);
+border-radius:8px;padding:1rem;margin:0 0 1rem}h1{font-size:1.4rem;margin:.2rem 0 1rem}
+h2{font-size:1.1rem;margin:0 0 .6rem}
+label{display:block;margin:.4rem 0 .1rem;font-weight:600}input,select{font:inherit;padding:.35rem .5rem;
+border:1px solid var(--line);border-radius:4px;max-width:100%}button{font:inherit;padding:.35rem .8rem;
+border:1px solid var(--accent);background:var(--accent);color:#fff;border-radius:4px;cursor:pointer}
+button.plain{background:#fff;color:var(--accent)}button:disabled{opacity:.5;cursor:not-allowed}
+.row{display:flex;flex-wrap:wrap;gap:.6rem;align-items:end}.row>*{margin:0;max-width:100%}
+.scroll{overflow-x:auto}table{border-collapse:collapse;width:100%;font-size:.9rem}
+th,td{text-align:left;padding:.3rem .5rem;border-bottom:1px solid var(--line);white-space:nowrap}
+.secret{font:1rem ui-monospace,monospace;background:#fff7d6;border:1px solid #e6c84f;padding:.6rem;
+word-break:break-all}.flash{background:#eef3ff;border:1px solid #c9d6fb;padding:.5rem;border-radius:4px}
+.error{color:var(--bad)}.ok{color:var(--ok)}.muted{color:var(--muted)}pre{background:var(--bg);
+padding:.6rem;overflow-x:auto}.funnel{display:flex;gap:1rem;flex-wrap:wrap}.funnel div{min-width:7rem}
+.funnel strong{display:block;font-size:1.5rem}svg .clicked{fill:#9fb4ee}svg .registered{fill:#2f5bd3}
+svg .qualified{fill:#1c7c3a}.pager{display:flex;gap:1rem;margin-top:.5rem}
+.rejected td{white-space:normal;vertical-align:top}.rejected td:first-child{white-space:nowrap}
+.rejected td:nth-child(n+5){min-width:14rem}.rejected code{word-break:break-all}
+"""
+TEMPLATES = jinja2.Environment(autoescape=True, loader=jinja2.DictLoader({
+    "base.html": """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
+<title>{{ title }} · mmoref</title><style>""" + STYLE_SHEET + """</style></head>
+<body><header><a href="{{ url_for('mmoref.dashboard.index') }}">mmoref</a>
+{% if logged_in %}<form method="post" action="{{ url_for('mmoref.dashboard.logout') }}">
+<input type="hidden" name="csrf_token" value="{{ csrf_token() }}"><button class="plain">Log out</button></form>
+{% endif %}
+</header><main>{% for message in messages %}<p class="flash" role="status">{{ message }}</p>{% endfor %}
+{% block main %}{% endblock %}</main></body></html>""",
+
+    "message.html": """{% extends "base.html" %}{% block main %}<section><h1>{{ title }}</h1>
+<p>{{ message }}</p></section>{% endblock %}""",
+
+    "login.html": """{% extends "base.html" %}{% block main %}<section><h1>Log in</h1>
+{% if error %}<p class="error" role="alert">{{ error }}</p>{% endif %}
+{% if no_password %}<p class="error">No dashboard password is set yet: run
+<code>python mmoref_server.py set-password</code> or set <code>MMOREF_ADMIN_PASSWORD</code>.</p>{% endif %}
+<form method="post"><input type="hidden" name="csrf_token" value="{{ csrf_token() }}">
+<label for="password">Password</label><input id="password" name="password" type="password"
+autocomplete="current-password" required autofocus> <button>Log in</button></form></section>{% endblock %}""",
+
+    "index.html": """{% extends "base.html" %}{% block main %}<h1>Servers</h1>
+{% if new_secret %}<section id="new-secret"><h2>Server {{ new_secret.server_id }} created</h2>
+<p>Its signing secret, shown <strong>once</strong>: copy it into your game server's config now.</p>
+<p class="secret" id="secret-value">{{ new_secret.secret }}</p><p class="muted">kid {{ new_secret.kid }}</p>
+<p><a href="{{ url_for('mmoref.dashboard.referrals_tab', game=new_secret.game, server_id=new_secret.server_id) }}">
+Open its Referrals tab</a></p></section>{% endif %}
+<section><div class="scroll"><table id="servers"><thead><tr><th>Server</th><th>Game</th><th>Referrals</th>
+<th>Funnel: clicks → registered → qualified (reversed)</th></tr></thead><tbody>
+{% for server in servers %}{% set f = funnels.get(server.server_id) %}<tr data-server="{{ server.server_id }}">
+<td><a href="{{ url_for('mmoref.dashboard.referrals_tab', game=server.game, server_id=server.server_id) }}">
+{{ server.name or server.server_id }}</a> <span class="muted">{{ server.server_id }}</span></td>
+<td>{{ server.game }}</td>
+<td>{{ "on" if server.referrals_enabled else "off" }}</td>
+<td>{{ f.clicked if f else 0 }} → {{ f.registered if f else 0 }} → {{ f.qualified if f else 0 }}
+({{ f.reversed if f else 0 }})</td></tr>
+{% else %}<tr><td colspan="4">No servers yet: add one below.</td></tr>{% endfor %}</tbody></table></div></section>
+<section><h2>Add server</h2>{% if error %}<p class="error" role="alert">{{ error }}</p>{% endif %}
+<form method="post" action="{{ url_for('mmoref.dashboard.add_server_form') }}" class="row">
+<input type="hidden" name="csrf_token" value="{{ csrf_token() }}">
+<div><label for="server_id">Server id</label><input id="server_id" name="server_id" required
+pattern="[A-Za-z0-9_.\\-]{1,64}" value="{{ form.server_id or '' }}"></div>
+<div><label for="game">Game</label><input id="game" name="game" required pattern="[A-Za-z0-9_.\\-]{1,64}"
+value="{{ form.game or '' }}"></div>
+<div><label for="name">Name</label><input id="name" name="name" value="{{ form.name or '' }}"></div>
+<div><label for="registration_url">Registration URL</label><input id="registration_url" name="registration_url"
+type="url" placeholder="https://yourgame.example/register" value="{{ form.registration_url or '' }}"></div>
+<div><label for="identity_field">Identity field</label><select id="identity_field" name="identity_field">
+{% for f in identity_fields %}<option{% if f == form.identity_field %} selected{% endif %}>{{ f }}</option>{% endfor %}
+</select></div>
+<div><button>Add server</button></div></form></section>
+<section><h2>Rejected requests naming no known server</h2>
+{% with rows = rejected %}{% include "rejected.html" %}{% endwith %}</section>{% endblock %}""",
+
+    "rejected.html": """{% if rows %}<div class="scroll"><table class="rejected"><thead><tr><th>Time</th>
+<th>Status</th><th>Error</th><th>Reason</th><th>Hint</th><th>Body</th></tr></thead><tbody>
+{% for r in rows %}<tr data-status="{{ r.status }}"><td>{{ iso_utc(r.received_at) }}</td><td>{{ r.status }}</td>
+<td>{{ r.error }}</td><td>{{ r.reason or "" }}</td><td style="white-space:normal">{{ r.hint }}
+{% if r.diagnosis %}<br><strong class="diagnosis">{{ r.diagnosis }}</strong>{% endif %}</td>
+<td><code>{{ r.snippet[:120] }}</code></td></tr>{% endfor %}</tbody></table></div>
+{% else %}<p class="muted">None.</p>{% endif %}""",
+
+    "referrals.html": """{% extends "base.html" %}{% block main %}
+<h1>{{ server.name or server.server_id }} <span class="muted">· {{ server.game }} · Referrals</span></h1>
+{% if new_secret %}<section id="new-secret"><h2>New signing secret</h2>
+<p>Shown <strong>once</strong>: copy it into your game server's config now.
+{% if new_secret.grace %}The previous secret: {{ new_secret.grace }}.{% endif %}</p>
+<p class="secret" id="secret-value">{{ new_secret.secret }}</p><p class="muted">kid {{ new_secret.kid }}</p></section>
+{% endif %}
+{% if new_token %}<section id="new-token"><h2>Test token for referral {{ new_token.referral_id }}</h2>
+<p class="secret" id="token-value">{{ new_token.token }}</p></section>{% endif %}
+
+<section id="status"><h2>Status</h2><form method="post" action="{{ url_for('mmoref.dashboard.set_enabled',
+game=server.game, server_id=server.server_id) }}"><input type="hidden" name="csrf_token" value="{{ csrf_token() }}">
+{% if server.referrals_enabled %}<p class="ok">Referrals are enabled.</p><input type="hidden" name="enabled" value="0">
+<button class="plain">Disable referrals</button>{% else %}<p class="error">Referrals are disabled.</p>
+<input type="hidden" name="enabled" value="1"><button>Enable referrals</button>{% endif %}</form></section>
+
+<section id="secrets"><h2>Signing secret</h2><div class="scroll"><table><thead><tr><th>kid</th><th>Secret</th>
+<th>Status</th></tr></thead><tbody>{% for s in secrets[:5] %}<tr><td>{{ s.kid }}</td><td>…{{ s.last4 }}</td><td>
+{% if s.expires_at is none %}current{% elif s.expires_at > now %}valid until {{ iso_utc(s.expires_at) }}
+{% else %}revoked{% endif %}</td></tr>{% else %}<tr><td colspan="3">No secret yet.</td></tr>{% endfor %}
+</tbody></table></div>
+<form method="post" class="row" action="{{ url_for('mmoref.dashboard.rotate_secret_form', game=server.game,
+server_id=server.server_id) }}"><input type="hidden" name="csrf_token" value="{{ csrf_token() }}">
+<div><label for="grace">The previous secret</label><select id="grace" name="grace">{% for value, label in
+grace_choices.items() %}<option value="{{ value }}"{% if value == "86400" %} selected{% endif %}>{% if value == "0"
+%}revoke now{% else %}stays valid {{ label }}{% endif %}</option>{% endfor %}</select></div>
+<div><button>{{ "Rotate secret" if has_secret else "Generate secret" }}</button></div></form></section>
+
+<section id="settings"><h2>Registration</h2><form method="post" class="row" action="{{
+url_for('mmoref.dashboard.settings_form', game=server.game, server_id=server.server_id) }}">
+<input type="hidden" name="csrf_token" value="{{ csrf_token() }}">
+<div><label for="registration_url">Registration URL</label><input id="registration_url" name="registration_url"
+size="40" value="{{ server.registration_url or '' }}" placeholder="https://yourgame.example/register"></div>
+<div><label for="identity_field">Identity field</label><select id="identity_field" name="identity_field">
+{% for f in identity_fields %}<option{% if f == server.identity_field %} selected{% endif %}>{{ f }}</option>
+{% endfor %}</select></div><div><button>Save</button></div></form>
+<label for="share-link">Share link (players add their code)</label>
+<input id="share-link" readonly size="50" value="{{ share_link }}PLAYERCODE">
+<form method="post" class="row" action="{{ url_for('mmoref.dashboard.mint_token_form', game=server.game,
+server_id=server.server_id) }}"><input type="hidden" name="csrf_token" value="{{ csrf_token() }}">
+<div><label for="ref">Referrer code</label><input id="ref" name="ref" required value="tester"></div>
+<div><button class="plain">Mint a test token</button></div></form></section>
+
+<section id="test-event"><h2>Send test event</h2>
+<p class="muted">Signs a <code>"test": true</code> registered event with the current secret and runs it through the
+real ingest pipeline. Nothing is written to the delivery log.</p>
+<form method="post" action="{{ url_for('mmoref.dashboard.send_test_event', game=server.game,
+server_id=server.server_id) }}"><input type="hidden" name="csrf_token" value="{{ csrf_token() }}">
+<button id="send-test-event"{% if not has_secret %} disabled{% endif %}>Send test event</button>
+{% if not has_secret %}<span class="muted">Generate a secret first: the test event is signed with it.</span>
+{% endif %}</form>{% if test_result %}<div id="test-result" data-status="{{ test_result.status }}">
+<p class="{{ 'ok' if test_result.status == 200 else 'error' }}">HTTP {{ test_result.status }}</p>
+<pre>{{ test_result.body }}</pre></div>{% endif %}</section>
+
+<section id="analytics"><h2>Analytics</h2>{% set f = analytics.funnel %}<div class="funnel">
+<div>Clicks<strong id="funnel-clicked">{{ f.clicked }}</strong></div>
+<div>Registered<strong id="funnel-registered">{{ f.registered }}</strong>{{ analytics.registered_rate }} of clicks</div>
+<div>Qualified<strong id="funnel-qualified">{{ f.qualified }}</strong>{{ analytics.qualified_rate }} of registered</div>
+<div>Reversed<strong id="funnel-reversed">{{ f.reversed }}</strong></div></div>
+<h3>Last 30 days</h3><svg id="daily-chart" role="img" aria-label="Daily clicks, registrations and qualifications"
+viewBox="0 0 {{ analytics.chart.width }} 112" width="100%" height="140" preserveAspectRatio="none">
+{% for bar in analytics.chart.bars %}<rect class="{{ bar.kind }}" x="{{ bar.x }}" y="{{ bar.y }}" width="5"
+height="{{ bar.height }}"><title>{{ bar.label }}</title></rect>{% endfor %}</svg>
+<p class="muted">Bars per day: clicks (light), registered (blue), qualified (green);
+peak {{ analytics.chart.peak }}.</p>
+<h3>Top referrers (by qualified)</h3><div class="scroll"><table id="leaderboard"><thead><tr><th>Referrer</th>
+<th>Clicks</th><th>Registered</th><th>Qualified</th></tr></thead><tbody>{% for r in analytics.leaders %}<tr>
+<td>{{ r.referrer_code }}</td><td>{{ r.clicked }}</td><td>{{ r.registered }}</td><td>{{ r.qualified }}</td></tr>
+{% else %}<tr><td colspan="4">No qualified referrals yet.</td></tr>{% endfor %}</tbody></table></div></section>
+
+<section id="log"><h2>Delivery log</h2><form method="get" class="row">
+<div><label for="f-event">Event</label><select id="f-event" name="event"><option value="">any</option>
+{% for e in log_events %}<option{% if filters.event == e %} selected{% endif %}>{{ e }}</option>{% endfor %}
+</select></div><div><label for="f-outcome">Outcome</label><select id="f-outcome" name="outcome">
+<option value="">any</option>{% for o in outcomes %}<option{% if filters.outcome == o %} selected{% endif %}>{{ o }}
+</option>{% endfor %}</select></div><div><label for="f-q">server_event_id or referrer code</label>
+<input id="f-q" name="q" value="{{ filters.q or '' }}"></div><div><button class="plain">Filter</button></div>
+<div><a href="{{ csv_url }}">Export CSV</a></div></form>
+<div class="scroll"><table id="delivery-log"><thead><tr><th>Received</th><th>Event</th><th>State now</th>
+<th>Outcome</th><th>server_event_id</th><th>Referrer</th><th>Referee</th><th>Token</th><th></th></tr></thead><tbody>
+{% for row in log_rows %}<tr data-id="{{ row.id }}" data-event="{{ row.event }}" data-state="{{ row.state }}"
+data-outcome="{{ row.outcome }}"><td>{{ row.received }}</td><td>{{ row.event }}</td><td>{{ row.state }}</td>
+<td>{{ row.outcome }}</td><td>{{ row.server_event_id or "" }}</td><td>{{ row.referrer_code }}</td>
+<td>{{ row.referee_masked }}</td><td>{{ row.token_masked }}</td><td><a class="detail" href="{{
+url_for('mmoref.dashboard.log_detail', game=server.game, server_id=server.server_id, row_id=row.id) }}">details</a>
+</td></tr>{% else %}<tr><td colspan="9">No events{{ " match these filters" if filters else " yet" }}.</td></tr>
+{% endfor %}</tbody></table></div><nav class="pager">{% if newer_url %}<a id="newer" href="{{ newer_url }}">← newer
+</a>{% endif %}{% if older_url %}<a id="older" href="{{ older_url }}">older →</a>{% endif %}</nav></section>
+
+<section id="rejected"><h2>Rejected requests</h2>{% with rows = rejected %}{% include "rejected.html" %}
+{% endwith %}</section>{% endblock %}""",
+
+    "detail.html": """{% extends "base.html" %}{% block main %}
+<p><a href="{{ url_for('mmoref.dashboard.referrals_tab', game=server.game, server_id=server.server_id) }}">
+← Referrals</a></p><h1>Event {{ row.id }}: {{ row.event }}</h1><section><table id="event-detail">
+<tr><th>Received</th><td>{{ row.received }}</td></tr><tr><th>Outcome</th><td>{{ row.outcome }}</td></tr>
+<tr><th>server_event_id</th><td>{{ row.server_event_id or "" }}</td></tr>
+<tr><th>Referral</th><td>{{ referral.referral_id }} (referrer {{ referral.referrer_code }})</td></tr>
+<tr><th>Referral state now</th><td id="referral-state">{{ referral.state }}</td></tr>
+<tr><th>Referee</th><td>{{ referral.referee_identity or "" }}</td></tr></table>
+{% if payload %}<h2>Stored payload (token masked)</h2><pre>{{ payload }}</pre>{% endif %}</section>
+<section><h2>Owner actions</h2>{% for action in actions %}<form method="post" style="display:inline" action="{{
+url_for('mmoref.dashboard.owner_action_form', game=server.game, server_id=server.server_id,
+referral_id=referral.referral_id, action=action) }}"><input type="hidden" name="csrf_token" value="{{ csrf_token() }}">
+<input type="hidden" name="back" value="{{ url_for('mmoref.dashboard.log_detail', game=server.game,
+server_id=server.server_id, row_id=row.id) }}"><button class="plain" id="action-{{ action }}">{{ action|capitalize }}
+referral</button></form> {% else %}<p class="muted">None: a {{ referral.state }} referral is final or not yet
+registered.</p>{% endfor %}</section>
+<section><h2>History of this referral</h2><div class="scroll"><table id="history"><tbody>{% for h in history %}
+<tr data-event="{{ h.event }}" data-outcome="{{ h.outcome }}"><td>{{ h.received }}</td><td>{{ h.event }}</td>
+<td>{{ h.outcome }}</td><td>{{ h.server_event_id or "" }}</td></tr>{% endfor %}</tbody></table></div></section>
+{% endblock %}""",
+}))
 
 
 # main ########################################################################
