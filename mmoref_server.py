@@ -1598,10 +1598,13 @@ def _tab_url(server: sqlite3.Row, **params: Any) -> str:
 
 
 @dashboard.get("/<game>/<server_id>/referrals")
-def referrals_tab(game: str, server_id: str, **shown_once: Any) -> Any:
+def referrals_tab(game: str, server_id: str) -> Any:
+    return _render_tab(_server_or_404(game, server_id))
+
+
+def _render_tab(server: sqlite3.Row, **shown_once: Any) -> Any:
     """The Referrals tab; `shown_once` carries a new secret, token or test result into the page."""
-    server = _server_or_404(game, server_id)
-    store = get_store()
+    store, server_id, game = get_store(), server["server_id"], server["game"]
     filters = _log_filters()
     before, after = request.args.get("before", type=int), request.args.get("after", type=int)
     rows = store.delivery_log(server_id, limit=LOG_PAGE_SIZE + 1, before_id=before, after_id=after, **filters)
@@ -1653,19 +1656,19 @@ def set_enabled(game: str, server_id: str) -> Any:
     store.update_server(server_id, referrals_enabled=int(enable))
     if enable and not store.live_secrets(server_id, now()):  # enabling mints the first secret
         secret, kid = store.rotate_secret(server_id, grace=0)
-        return referrals_tab(game, server_id, new_secret={"secret": secret, "kid": kid})
+        return _render_tab(server, new_secret={"secret": secret, "kid": kid})
     flash("Referrals enabled." if enable else "Referrals disabled: events now get 404 referrals not enabled.")
     return redirect(_tab_url(server))
 
 
 @dashboard.post("/<game>/<server_id>/referrals/secret")
 def rotate_secret_form(game: str, server_id: str) -> Any:
-    _server_or_404(game, server_id)
+    server = _server_or_404(game, server_id)
     grace = request.form.get("grace", str(DEFAULT_GRACE_SECONDS))
     if grace not in GRACE_CHOICES:
         abort(400)
     secret, kid = get_store().rotate_secret(server_id, int(grace))
-    return referrals_tab(game, server_id, new_secret={"secret": secret, "kid": kid, "grace": GRACE_CHOICES[grace]})
+    return _render_tab(server, new_secret={"secret": secret, "kid": kid, "grace": GRACE_CHOICES[grace]})
 
 
 @dashboard.post("/<game>/<server_id>/referrals/settings")
@@ -1693,7 +1696,7 @@ def mint_token_form(game: str, server_id: str) -> Any:
     except ConfigError as exc:
         flash(str(exc))
         return redirect(_tab_url(server))
-    return referrals_tab(game, server_id, new_token={"token": token, "referral_id": referral_id})
+    return _render_tab(server, new_token={"token": token, "referral_id": referral_id})
 
 
 @dashboard.post("/<game>/<server_id>/referrals/test-event")
@@ -1712,7 +1715,7 @@ def send_test_event(game: str, server_id: str) -> Any:
     config = current_app.config
     status, answer = handle_ingest(store, body, signature_header(secret, body, kid=kid),
                                    window=config["MMOREF_REPLAY_WINDOW"], ttl=config["MMOREF_TOKEN_TTL"])
-    return referrals_tab(game, server_id, test_result={"status": status, "body": json.dumps(answer, indent=2)})
+    return _render_tab(server, test_result={"status": status, "body": json.dumps(answer, indent=2)})
 
 
 @dashboard.get("/<game>/<server_id>/referrals/log.csv")
