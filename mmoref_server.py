@@ -2187,204 +2187,583 @@ def send_event(endpoint: str, secret: str, body: bytes, *, kid: str | None = Non
 # Jinja templates (autoescaped), one per page, a block per section; the style sheet first, as they include it.
 
 STYLE_SHEET = """
-:root{--ink:#1d2330;--muted:#5c6475;--line:#d9dde5;--bg:#f6f7f9;--accent:#2f5bd3;--ok:#1c7c3a;--bad:#b3261e}
-*{box-sizing:border-box}body{margin:0;font:15px/1.5 system-ui,sans-serif;color:var(--ink);background:var(--bg)}
-header{display:flex;justify-content:space-between;align-items:center;padding:.6rem 1rem;background:#fff;
-border-bottom:1px solid var(--line)}header a{font-weight:700;text-decoration:none;color:var(--ink)}
-main{max-width:72rem;margin:0 auto;padding:1rem}section{background:#fff;border:1px solid var(--line);
-border-radius:8px;padding:1rem;margin:0 0 1rem}h1{font-size:1.4rem;margin:.2rem 0 1rem}
-h2{font-size:1.1rem;margin:0 0 .6rem}
-label{display:block;margin:.4rem 0 .1rem;font-weight:600}input,select{font:inherit;padding:.35rem .5rem;
-border:1px solid var(--line);border-radius:4px;max-width:100%}button{font:inherit;padding:.35rem .8rem;
-border:1px solid var(--accent);background:var(--accent);color:#fff;border-radius:4px;cursor:pointer}
-button.plain{background:#fff;color:var(--accent)}button:disabled{opacity:.5;cursor:not-allowed}
-.row{display:flex;flex-wrap:wrap;gap:.6rem;align-items:end}.row>*{margin:0;max-width:100%}
-.scroll{overflow-x:auto}table{border-collapse:collapse;width:100%;font-size:.9rem}
-th,td{text-align:left;padding:.3rem .5rem;border-bottom:1px solid var(--line);white-space:nowrap}
-.secret{font:1rem ui-monospace,monospace;background:#fff7d6;border:1px solid #e6c84f;padding:.6rem;
-word-break:break-all}.flash{background:#eef3ff;border:1px solid #c9d6fb;padding:.5rem;border-radius:4px}
-.error{color:var(--bad)}.ok{color:var(--ok)}.muted{color:var(--muted)}pre{background:var(--bg);
-padding:.6rem;overflow-x:auto}.funnel{display:flex;gap:1rem;flex-wrap:wrap}.funnel div{min-width:7rem}
-.funnel strong{display:block;font-size:1.5rem}svg .clicked{fill:#9fb4ee}svg .registered{fill:#2f5bd3}
-svg .qualified{fill:#1c7c3a}.pager{display:flex;gap:1rem;margin-top:.5rem}
-.rejected td{white-space:normal;vertical-align:top}.rejected td:first-child{white-space:nowrap}
-.rejected td:nth-child(n+5){min-width:14rem}.rejected code{word-break:break-all}
+:root { --ink: #1d2330; --muted: #5c6475; --line: #d9dde5; --bg: #f6f7f9; --accent: #2f5bd3; --ok: #1c7c3a;
+        --bad: #b3261e; }
+* { box-sizing: border-box; }
+body { margin: 0; font: 15px/1.5 system-ui, sans-serif; color: var(--ink); background: var(--bg); }
+header { display: flex; justify-content: space-between; align-items: center; padding: .6rem 1rem;
+         background: #fff; border-bottom: 1px solid var(--line); }
+header a { font-weight: 700; text-decoration: none; color: var(--ink); }
+main { max-width: 72rem; margin: 0 auto; padding: 1rem; }
+section { background: #fff; border: 1px solid var(--line); border-radius: 8px; padding: 1rem; margin: 0 0 1rem; }
+h1 { font-size: 1.4rem; margin: .2rem 0 1rem; }
+h2 { font-size: 1.1rem; margin: 0 0 .6rem; }
+label { display: block; margin: .4rem 0 .1rem; font-weight: 600; }
+input, select { font: inherit; padding: .35rem .5rem; border: 1px solid var(--line); border-radius: 4px;
+                max-width: 100%; }
+button { font: inherit; padding: .35rem .8rem; border: 1px solid var(--accent); background: var(--accent);
+         color: #fff; border-radius: 4px; cursor: pointer; }
+button.plain { background: #fff; color: var(--accent); }
+button:disabled { opacity: .5; cursor: not-allowed; }
+.row { display: flex; flex-wrap: wrap; gap: .6rem; align-items: end; }
+.row > * { margin: 0; max-width: 100%; }
+.scroll { overflow-x: auto; }
+table { border-collapse: collapse; width: 100%; font-size: .9rem; }
+th, td { text-align: left; padding: .3rem .5rem; border-bottom: 1px solid var(--line); white-space: nowrap; }
+.secret { font: 1rem ui-monospace, monospace; background: #fff7d6; border: 1px solid #e6c84f; padding: .6rem;
+          word-break: break-all; }
+.flash { background: #eef3ff; border: 1px solid #c9d6fb; padding: .5rem; border-radius: 4px; }
+.error { color: var(--bad); }
+.ok { color: var(--ok); }
+.muted { color: var(--muted); }
+pre { background: var(--bg); padding: .6rem; overflow-x: auto; }
+.funnel { display: flex; gap: 1rem; flex-wrap: wrap; }
+.funnel div { min-width: 7rem; }
+.funnel strong { display: block; font-size: 1.5rem; }
+svg .clicked { fill: #9fb4ee; }
+svg .registered { fill: #2f5bd3; }
+svg .qualified { fill: #1c7c3a; }
+.pager { display: flex; gap: 1rem; margin-top: .5rem; }
+.rejected td { white-space: normal; vertical-align: top; }
+.rejected td:first-child { white-space: nowrap; }
+.rejected td:nth-child(n+5) { min-width: 14rem; }
+.rejected code { word-break: break-all; }
 """
-TEMPLATES = jinja2.Environment(autoescape=True, loader=jinja2.DictLoader({
+
+# Every form carries the session's CSRF token; the templates below join this field in.
+_CSRF_FIELD = '<input type="hidden" name="csrf_token" value="{{ csrf_token() }}">'
+
+TEMPLATES = jinja2.Environment(autoescape=True, trim_blocks=True, lstrip_blocks=True, loader=jinja2.DictLoader({
     "base.html": """<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
-<title>{{ title }} · mmoref</title><style>""" + STYLE_SHEET + """</style></head>
-<body><header><a href="{{ url_for('mmoref.dashboard.index') }}">mmoref</a>
-{% if logged_in %}<form method="post" action="{{ url_for('mmoref.dashboard.logout') }}">
-<input type="hidden" name="csrf_token" value="{{ csrf_token() }}"><button class="plain">Log out</button></form>
+<html lang="en">
+<head>
+  <meta charset="utf-8">
+  <meta name="viewport" content="width=device-width, initial-scale=1">
+  <title>{{ title }} · mmoref</title>
+  <style>""" + STYLE_SHEET + """</style>
+</head>
+<body>
+<header>
+  <a href="{{ url_for('mmoref.dashboard.index') }}">mmoref</a>
+  {% if logged_in %}
+  <form method="post" action="{{ url_for('mmoref.dashboard.logout') }}">
+    """ + _CSRF_FIELD + """
+    <button class="plain">Log out</button>
+  </form>
+  {% endif %}
+</header>
+<main>
+  {% for message in messages %}
+  <p class="flash" role="status">{{ message }}</p>
+  {% endfor %}
+  {% block main %}{% endblock %}
+</main>
+</body>
+</html>
+""",
+
+    "message.html": """{% extends "base.html" %}
+{% block main %}
+<section>
+  <h1>{{ title }}</h1>
+  <p>{{ message }}</p>
+</section>
+{% endblock %}
+""",
+
+    "login.html": """{% extends "base.html" %}
+{% block main %}
+<section>
+  <h1>Log in</h1>
+  {% if error %}
+  <p class="error" role="alert">{{ error }}</p>
+  {% endif %}
+  {% if no_password %}
+  <p class="error">No dashboard password is set yet: run <code>python mmoref_server.py set-password</code>
+    or set <code>MMOREF_ADMIN_PASSWORD</code>.</p>
+  {% endif %}
+  <form method="post">
+    """ + _CSRF_FIELD + """
+    <label for="password">Password</label>
+    <input id="password" name="password" type="password" autocomplete="current-password" required autofocus>
+    <button>Log in</button>
+  </form>
+</section>
+{% endblock %}
+""",
+
+    "index.html": """{% extends "base.html" %}
+{% block main %}
+<h1>Servers</h1>
+{% block new_secret %}
+{% if new_secret %}
+<section id="new-secret">
+  <h2>Server {{ new_secret.server_id }} created</h2>
+  <p>Its signing secret, shown <strong>once</strong>: copy it into your game server's config now.</p>
+  <p class="secret" id="secret-value">{{ new_secret.secret }}</p>
+  <p class="muted">kid {{ new_secret.kid }}</p>
+  <p><a href="{{ url_for('mmoref.dashboard.referrals_tab', game=new_secret.game,
+                          server_id=new_secret.server_id) }}">Open its Referrals tab</a></p>
+</section>
 {% endif %}
-</header><main>{% for message in messages %}<p class="flash" role="status">{{ message }}</p>{% endfor %}
-{% block main %}{% endblock %}</main></body></html>""",
+{% endblock %}
 
-    "message.html": """{% extends "base.html" %}{% block main %}<section><h1>{{ title }}</h1>
-<p>{{ message }}</p></section>{% endblock %}""",
+{% block servers %}
+<section>
+  <div class="scroll">
+    <table id="servers">
+      <thead>
+        <tr>
+          <th>Server</th>
+          <th>Game</th>
+          <th>Referrals</th>
+          <th>Funnel: clicks → registered → qualified (reversed)</th>
+        </tr>
+      </thead>
+      <tbody>
+        {% for server in servers %}
+        {% set f = funnels.get(server.server_id) %}
+        <tr data-server="{{ server.server_id }}">
+          <td>
+            <a href="{{ url_for('mmoref.dashboard.referrals_tab', game=server.game, server_id=server.server_id) }}">
+              {{- server.name or server.server_id }}</a>
+            <span class="muted">{{ server.server_id }}</span>
+          </td>
+          <td>{{ server.game }}</td>
+          <td>{{ "on" if server.referrals_enabled else "off" }}</td>
+          <td>{{ f.clicked if f else 0 }} → {{ f.registered if f else 0 }} → {{ f.qualified if f else 0 }}
+            ({{ f.reversed if f else 0 }})</td>
+        </tr>
+        {% else %}
+        <tr><td colspan="4">No servers yet: add one below.</td></tr>
+        {% endfor %}
+      </tbody>
+    </table>
+  </div>
+</section>
+{% endblock %}
 
-    "login.html": """{% extends "base.html" %}{% block main %}<section><h1>Log in</h1>
-{% if error %}<p class="error" role="alert">{{ error }}</p>{% endif %}
-{% if no_password %}<p class="error">No dashboard password is set yet: run
-<code>python mmoref_server.py set-password</code> or set <code>MMOREF_ADMIN_PASSWORD</code>.</p>{% endif %}
-<form method="post"><input type="hidden" name="csrf_token" value="{{ csrf_token() }}">
-<label for="password">Password</label><input id="password" name="password" type="password"
-autocomplete="current-password" required autofocus> <button>Log in</button></form></section>{% endblock %}""",
+{% block add_server %}
+<section>
+  <h2>Add server</h2>
+  {% if error %}
+  <p class="error" role="alert">{{ error }}</p>
+  {% endif %}
+  <form method="post" action="{{ url_for('mmoref.dashboard.add_server_form') }}" class="row">
+    """ + _CSRF_FIELD + """
+    <div>
+      <label for="server_id">Server id</label>
+      <input id="server_id" name="server_id" required pattern="[A-Za-z0-9_.\\-]{1,64}"
+             value="{{ form.server_id or '' }}">
+    </div>
+    <div>
+      <label for="game">Game</label>
+      <input id="game" name="game" required pattern="[A-Za-z0-9_.\\-]{1,64}" value="{{ form.game or '' }}">
+    </div>
+    <div>
+      <label for="name">Name</label>
+      <input id="name" name="name" value="{{ form.name or '' }}">
+    </div>
+    <div>
+      <label for="registration_url">Registration URL</label>
+      <input id="registration_url" name="registration_url" type="url" placeholder="https://yourgame.example/register"
+             value="{{ form.registration_url or '' }}">
+    </div>
+    <div>
+      <label for="identity_field">Identity field</label>
+      <select id="identity_field" name="identity_field">
+        {% for f in identity_fields %}
+        <option{% if f == form.identity_field %} selected{% endif %}>{{ f }}</option>
+        {% endfor %}
+      </select>
+    </div>
+    <div><button>Add server</button></div>
+  </form>
+</section>
+{% endblock %}
 
-    "index.html": """{% extends "base.html" %}{% block main %}<h1>Servers</h1>
-{% if new_secret %}<section id="new-secret"><h2>Server {{ new_secret.server_id }} created</h2>
-<p>Its signing secret, shown <strong>once</strong>: copy it into your game server's config now.</p>
-<p class="secret" id="secret-value">{{ new_secret.secret }}</p><p class="muted">kid {{ new_secret.kid }}</p>
-<p><a href="{{ url_for('mmoref.dashboard.referrals_tab', game=new_secret.game, server_id=new_secret.server_id) }}">
-Open its Referrals tab</a></p></section>{% endif %}
-<section><div class="scroll"><table id="servers"><thead><tr><th>Server</th><th>Game</th><th>Referrals</th>
-<th>Funnel: clicks → registered → qualified (reversed)</th></tr></thead><tbody>
-{% for server in servers %}{% set f = funnels.get(server.server_id) %}<tr data-server="{{ server.server_id }}">
-<td><a href="{{ url_for('mmoref.dashboard.referrals_tab', game=server.game, server_id=server.server_id) }}">
-{{ server.name or server.server_id }}</a> <span class="muted">{{ server.server_id }}</span></td>
-<td>{{ server.game }}</td>
-<td>{{ "on" if server.referrals_enabled else "off" }}</td>
-<td>{{ f.clicked if f else 0 }} → {{ f.registered if f else 0 }} → {{ f.qualified if f else 0 }}
-({{ f.reversed if f else 0 }})</td></tr>
-{% else %}<tr><td colspan="4">No servers yet: add one below.</td></tr>{% endfor %}</tbody></table></div></section>
-<section><h2>Add server</h2>{% if error %}<p class="error" role="alert">{{ error }}</p>{% endif %}
-<form method="post" action="{{ url_for('mmoref.dashboard.add_server_form') }}" class="row">
-<input type="hidden" name="csrf_token" value="{{ csrf_token() }}">
-<div><label for="server_id">Server id</label><input id="server_id" name="server_id" required
-pattern="[A-Za-z0-9_.\\-]{1,64}" value="{{ form.server_id or '' }}"></div>
-<div><label for="game">Game</label><input id="game" name="game" required pattern="[A-Za-z0-9_.\\-]{1,64}"
-value="{{ form.game or '' }}"></div>
-<div><label for="name">Name</label><input id="name" name="name" value="{{ form.name or '' }}"></div>
-<div><label for="registration_url">Registration URL</label><input id="registration_url" name="registration_url"
-type="url" placeholder="https://yourgame.example/register" value="{{ form.registration_url or '' }}"></div>
-<div><label for="identity_field">Identity field</label><select id="identity_field" name="identity_field">
-{% for f in identity_fields %}<option{% if f == form.identity_field %} selected{% endif %}>{{ f }}</option>{% endfor %}
-</select></div>
-<div><button>Add server</button></div></form></section>
-<section><h2>Rejected requests naming no known server</h2>
-{% with rows = rejected %}{% include "rejected.html" %}{% endwith %}</section>{% endblock %}""",
+{% block rejected %}
+<section>
+  <h2>Rejected requests naming no known server</h2>
+  {% with rows = rejected %}{% include "rejected.html" %}{% endwith %}
+</section>
+{% endblock %}
+{% endblock %}
+""",
 
-    "rejected.html": """{% if rows %}<div class="scroll"><table class="rejected"><thead><tr><th>Time</th>
-<th>Status</th><th>Error</th><th>Reason</th><th>Hint</th><th>Body</th></tr></thead><tbody>
-{% for r in rows %}<tr data-status="{{ r.status }}"><td>{{ iso_utc(r.received_at) }}</td><td>{{ r.status }}</td>
-<td>{{ r.error }}</td><td>{{ r.reason or "" }}</td><td style="white-space:normal">{{ r.hint }}
-{% if r.diagnosis %}<br><strong class="diagnosis">{{ r.diagnosis }}</strong>{% endif %}</td>
-<td><code>{{ r.snippet[:120] }}</code></td></tr>{% endfor %}</tbody></table></div>
-{% else %}<p class="muted">None.</p>{% endif %}""",
+    "rejected.html": """{% if rows %}
+<div class="scroll">
+  <table class="rejected">
+    <thead>
+      <tr>
+        <th>Time</th>
+        <th>Status</th>
+        <th>Error</th>
+        <th>Reason</th>
+        <th>Hint</th>
+        <th>Body</th>
+      </tr>
+    </thead>
+    <tbody>
+      {% for r in rows %}
+      <tr data-status="{{ r.status }}">
+        <td>{{ iso_utc(r.received_at) }}</td>
+        <td>{{ r.status }}</td>
+        <td>{{ r.error }}</td>
+        <td>{{ r.reason or "" }}</td>
+        <td style="white-space:normal">{{ r.hint }}
+          {% if r.diagnosis %}<br><strong class="diagnosis">{{ r.diagnosis }}</strong>{% endif %}
+        </td>
+        <td><code>{{ r.snippet[:120] }}</code></td>
+      </tr>
+      {% endfor %}
+    </tbody>
+  </table>
+</div>
+{% else %}
+<p class="muted">None.</p>
+{% endif %}
+""",
 
-    "referrals.html": """{% extends "base.html" %}{% block main %}
+    "referrals.html": """{% extends "base.html" %}
+{% block main %}
 <h1>{{ server.name or server.server_id }} <span class="muted">· {{ server.game }} · Referrals</span></h1>
-{% if new_secret %}<section id="new-secret"><h2>New signing secret</h2>
-<p>Shown <strong>once</strong>: copy it into your game server's config now.
-{% if new_secret.grace %}The previous secret: {{ new_secret.grace }}.{% endif %}</p>
-<p class="secret" id="secret-value">{{ new_secret.secret }}</p><p class="muted">kid {{ new_secret.kid }}</p></section>
+{% block shown_once %}
+{% if new_secret %}
+<section id="new-secret">
+  <h2>New signing secret</h2>
+  <p>Shown <strong>once</strong>: copy it into your game server's config now.
+    {% if new_secret.grace %}The previous secret: {{ new_secret.grace }}.{% endif %}</p>
+  <p class="secret" id="secret-value">{{ new_secret.secret }}</p>
+  <p class="muted">kid {{ new_secret.kid }}</p>
+</section>
 {% endif %}
-{% if new_token %}<section id="new-token"><h2>Test token for referral {{ new_token.referral_id }}</h2>
-<p class="secret" id="token-value">{{ new_token.token }}</p></section>{% endif %}
+{% if new_token %}
+<section id="new-token">
+  <h2>Test token for referral {{ new_token.referral_id }}</h2>
+  <p class="secret" id="token-value">{{ new_token.token }}</p>
+</section>
+{% endif %}
+{% endblock %}
 
-<section id="status"><h2>Status</h2><form method="post" action="{{ url_for('mmoref.dashboard.set_enabled',
-game=server.game, server_id=server.server_id) }}"><input type="hidden" name="csrf_token" value="{{ csrf_token() }}">
-{% if server.referrals_enabled %}<p class="ok">Referrals are enabled.</p><input type="hidden" name="enabled" value="0">
-<button class="plain">Disable referrals</button>{% else %}<p class="error">Referrals are disabled.</p>
-<input type="hidden" name="enabled" value="1"><button>Enable referrals</button>{% endif %}</form></section>
+{% block status %}
+<section id="status">
+  <h2>Status</h2>
+  <form method="post" action="{{ url_for('mmoref.dashboard.set_enabled', game=server.game,
+                                         server_id=server.server_id) }}">
+    """ + _CSRF_FIELD + """
+    {% if server.referrals_enabled %}
+    <p class="ok">Referrals are enabled.</p>
+    <input type="hidden" name="enabled" value="0">
+    <button class="plain">Disable referrals</button>
+    {% else %}
+    <p class="error">Referrals are disabled.</p>
+    <input type="hidden" name="enabled" value="1">
+    <button>Enable referrals</button>
+    {% endif %}
+  </form>
+</section>
+{% endblock %}
 
-<section id="secrets"><h2>Signing secret</h2><div class="scroll"><table><thead><tr><th>kid</th><th>Secret</th>
-<th>Status</th></tr></thead><tbody>{% for s in secrets[:5] %}<tr><td>{{ s.kid }}</td><td>…{{ s.last4 }}</td><td>
-{% if s.expires_at is none %}current{% elif s.expires_at > now %}valid until {{ iso_utc(s.expires_at) }}
-{% else %}revoked{% endif %}</td></tr>{% else %}<tr><td colspan="3">No secret yet.</td></tr>{% endfor %}
-</tbody></table></div>
-<form method="post" class="row" action="{{ url_for('mmoref.dashboard.rotate_secret_form', game=server.game,
-server_id=server.server_id) }}"><input type="hidden" name="csrf_token" value="{{ csrf_token() }}">
-<div><label for="grace">The previous secret</label><select id="grace" name="grace">{% for value, label in
-grace_choices.items() %}<option value="{{ value }}"{% if value == "86400" %} selected{% endif %}>{% if value == "0"
-%}revoke now{% else %}stays valid {{ label }}{% endif %}</option>{% endfor %}</select></div>
-<div><button>{{ "Rotate secret" if has_secret else "Generate secret" }}</button></div></form></section>
+{% block secrets %}
+<section id="secrets">
+  <h2>Signing secret</h2>
+  <div class="scroll">
+    <table>
+      <thead>
+        <tr>
+          <th>kid</th>
+          <th>Secret</th>
+          <th>Status</th>
+        </tr>
+      </thead>
+      <tbody>
+        {% for s in secrets[:5] %}
+        <tr>
+          <td>{{ s.kid }}</td>
+          <td>…{{ s.last4 }}</td>
+          <td>
+            {%- if s.expires_at is none %}current
+            {%- elif s.expires_at > now %}valid until {{ iso_utc(s.expires_at) }}
+            {%- else %}revoked{% endif -%}
+          </td>
+        </tr>
+        {% else %}
+        <tr><td colspan="3">No secret yet.</td></tr>
+        {% endfor %}
+      </tbody>
+    </table>
+  </div>
+  <form method="post" class="row" action="{{ url_for('mmoref.dashboard.rotate_secret_form', game=server.game,
+                                                     server_id=server.server_id) }}">
+    """ + _CSRF_FIELD + """
+    <div>
+      <label for="grace">The previous secret</label>
+      <select id="grace" name="grace">
+        {% for value, label in grace_choices.items() %}
+        <option value="{{ value }}"{% if value == "86400" %} selected{% endif %}>
+          {{- "revoke now" if value == "0" else "stays valid " ~ label }}</option>
+        {% endfor %}
+      </select>
+    </div>
+    <div><button>{{ "Rotate secret" if has_secret else "Generate secret" }}</button></div>
+  </form>
+</section>
+{% endblock %}
 
-<section id="settings"><h2>Registration</h2><form method="post" class="row" action="{{
-url_for('mmoref.dashboard.settings_form', game=server.game, server_id=server.server_id) }}">
-<input type="hidden" name="csrf_token" value="{{ csrf_token() }}">
-<div><label for="registration_url">Registration URL</label><input id="registration_url" name="registration_url"
-size="40" value="{{ server.registration_url or '' }}" placeholder="https://yourgame.example/register"></div>
-<div><label for="identity_field">Identity field</label><select id="identity_field" name="identity_field">
-{% for f in identity_fields %}<option{% if f == server.identity_field %} selected{% endif %}>{{ f }}</option>
-{% endfor %}</select></div><div><button>Save</button></div></form>
-<label for="share-link">Share link (players add their code)</label>
-<input id="share-link" readonly size="50" value="{{ share_link }}PLAYERCODE">
-<form method="post" class="row" action="{{ url_for('mmoref.dashboard.mint_token_form', game=server.game,
-server_id=server.server_id) }}"><input type="hidden" name="csrf_token" value="{{ csrf_token() }}">
-<div><label for="ref">Referrer code</label><input id="ref" name="ref" required value="tester"></div>
-<div><button class="plain">Mint a test token</button></div></form></section>
+{% block settings %}
+<section id="settings">
+  <h2>Registration</h2>
+  <form method="post" class="row" action="{{ url_for('mmoref.dashboard.settings_form', game=server.game,
+                                                     server_id=server.server_id) }}">
+    """ + _CSRF_FIELD + """
+    <div>
+      <label for="registration_url">Registration URL</label>
+      <input id="registration_url" name="registration_url" size="40" value="{{ server.registration_url or '' }}"
+             placeholder="https://yourgame.example/register">
+    </div>
+    <div>
+      <label for="identity_field">Identity field</label>
+      <select id="identity_field" name="identity_field">
+        {% for f in identity_fields %}
+        <option{% if f == server.identity_field %} selected{% endif %}>{{ f }}</option>
+        {% endfor %}
+      </select>
+    </div>
+    <div><button>Save</button></div>
+  </form>
+  <label for="share-link">Share link (players add their code)</label>
+  <input id="share-link" readonly size="50" value="{{ share_link }}PLAYERCODE">
+  <form method="post" class="row" action="{{ url_for('mmoref.dashboard.mint_token_form', game=server.game,
+                                                     server_id=server.server_id) }}">
+    """ + _CSRF_FIELD + """
+    <div>
+      <label for="ref">Referrer code</label>
+      <input id="ref" name="ref" required value="tester">
+    </div>
+    <div><button class="plain">Mint a test token</button></div>
+  </form>
+</section>
+{% endblock %}
 
-<section id="test-event"><h2>Send test event</h2>
-<p class="muted">Signs a <code>"test": true</code> registered event with the current secret and runs it through the
-real ingest pipeline. Nothing is written to the delivery log.</p>
-<form method="post" action="{{ url_for('mmoref.dashboard.send_test_event', game=server.game,
-server_id=server.server_id) }}"><input type="hidden" name="csrf_token" value="{{ csrf_token() }}">
-<button id="send-test-event"{% if not has_secret %} disabled{% endif %}>Send test event</button>
-{% if not has_secret %}<span class="muted">Generate a secret first: the test event is signed with it.</span>
-{% endif %}</form>{% if test_result %}<div id="test-result" data-status="{{ test_result.status }}">
-<p class="{{ 'ok' if test_result.status == 200 else 'error' }}">HTTP {{ test_result.status }}</p>
-<pre>{{ test_result.body }}</pre></div>{% endif %}</section>
+{% block test_event %}
+<section id="test-event">
+  <h2>Send test event</h2>
+  <p class="muted">Signs a <code>"test": true</code> registered event with the current secret and runs it through
+    the real ingest pipeline. Nothing is written to the delivery log.</p>
+  <form method="post" action="{{ url_for('mmoref.dashboard.send_test_event', game=server.game,
+                                         server_id=server.server_id) }}">
+    """ + _CSRF_FIELD + """
+    <button id="send-test-event"{% if not has_secret %} disabled{% endif %}>Send test event</button>
+    {% if not has_secret %}
+    <span class="muted">Generate a secret first: the test event is signed with it.</span>
+    {% endif %}
+  </form>
+  {% if test_result %}
+  <div id="test-result" data-status="{{ test_result.status }}">
+    <p class="{{ 'ok' if test_result.status == 200 else 'error' }}">HTTP {{ test_result.status }}</p>
+    <pre>{{ test_result.body }}</pre>
+  </div>
+  {% endif %}
+</section>
+{% endblock %}
 
-<section id="analytics"><h2>Analytics</h2>{% set f = analytics.funnel %}<div class="funnel">
-<div>Clicks<strong id="funnel-clicked">{{ f.clicked }}</strong></div>
-<div>Registered<strong id="funnel-registered">{{ f.registered }}</strong>{{ analytics.registered_rate }} of clicks</div>
-<div>Qualified<strong id="funnel-qualified">{{ f.qualified }}</strong>{{ analytics.qualified_rate }} of registered</div>
-<div>Reversed<strong id="funnel-reversed">{{ f.reversed }}</strong></div></div>
-<h3>Last 30 days</h3><svg id="daily-chart" role="img" aria-label="Daily clicks, registrations and qualifications"
-viewBox="0 0 {{ analytics.chart.width }} 112" width="100%" height="140" preserveAspectRatio="none">
-{% for bar in analytics.chart.bars %}<rect class="{{ bar.kind }}" x="{{ bar.x }}" y="{{ bar.y }}" width="5"
-height="{{ bar.height }}"><title>{{ bar.label }}</title></rect>{% endfor %}</svg>
-<p class="muted">Bars per day: clicks (light), registered (blue), qualified (green);
-peak {{ analytics.chart.peak }}.</p>
-<h3>Top referrers (by qualified)</h3><div class="scroll"><table id="leaderboard"><thead><tr><th>Referrer</th>
-<th>Clicks</th><th>Registered</th><th>Qualified</th></tr></thead><tbody>{% for r in analytics.leaders %}<tr>
-<td>{{ r.referrer_code }}</td><td>{{ r.clicked }}</td><td>{{ r.registered }}</td><td>{{ r.qualified }}</td></tr>
-{% else %}<tr><td colspan="4">No qualified referrals yet.</td></tr>{% endfor %}</tbody></table></div></section>
+{% block analytics %}
+{% set f = analytics.funnel %}
+<section id="analytics">
+  <h2>Analytics</h2>
+  <div class="funnel">
+    <div>Clicks<strong id="funnel-clicked">{{ f.clicked }}</strong></div>
+    <div>Registered<strong id="funnel-registered">{{ f.registered }}</strong>
+      {{- analytics.registered_rate }} of clicks</div>
+    <div>Qualified<strong id="funnel-qualified">{{ f.qualified }}</strong>
+      {{- analytics.qualified_rate }} of registered</div>
+    <div>Reversed<strong id="funnel-reversed">{{ f.reversed }}</strong></div>
+  </div>
+  <h3>Last 30 days</h3>
+  <svg id="daily-chart" role="img" aria-label="Daily clicks, registrations and qualifications"
+       viewBox="0 0 {{ analytics.chart.width }} 112" width="100%" height="140" preserveAspectRatio="none">
+    {% for bar in analytics.chart.bars %}
+    <rect class="{{ bar.kind }}" x="{{ bar.x }}" y="{{ bar.y }}" width="5" height="{{ bar.height }}">
+      <title>{{ bar.label }}</title>
+    </rect>
+    {% endfor %}
+  </svg>
+  <p class="muted">Bars per day: clicks (light), registered (blue), qualified (green);
+    peak {{ analytics.chart.peak }}.</p>
+  <h3>Top referrers (by qualified)</h3>
+  <div class="scroll">
+    <table id="leaderboard">
+      <thead>
+        <tr>
+          <th>Referrer</th>
+          <th>Clicks</th>
+          <th>Registered</th>
+          <th>Qualified</th>
+        </tr>
+      </thead>
+      <tbody>
+        {% for r in analytics.leaders %}
+        <tr>
+          <td>{{ r.referrer_code }}</td>
+          <td>{{ r.clicked }}</td>
+          <td>{{ r.registered }}</td>
+          <td>{{ r.qualified }}</td>
+        </tr>
+        {% else %}
+        <tr><td colspan="4">No qualified referrals yet.</td></tr>
+        {% endfor %}
+      </tbody>
+    </table>
+  </div>
+</section>
+{% endblock %}
 
-<section id="log"><h2>Delivery log</h2><form method="get" class="row">
-<div><label for="f-event">Event</label><select id="f-event" name="event"><option value="">any</option>
-{% for e in log_events %}<option{% if filters.event == e %} selected{% endif %}>{{ e }}</option>{% endfor %}
-</select></div><div><label for="f-outcome">Outcome</label><select id="f-outcome" name="outcome">
-<option value="">any</option>{% for o in outcomes %}<option{% if filters.outcome == o %} selected{% endif %}>{{ o }}
-</option>{% endfor %}</select></div><div><label for="f-q">server_event_id or referrer code</label>
-<input id="f-q" name="q" value="{{ filters.q or '' }}"></div><div><button class="plain">Filter</button></div>
-<div><a href="{{ csv_url }}">Export CSV</a></div></form>
-<div class="scroll"><table id="delivery-log"><thead><tr><th>Received</th><th>Event</th><th>State now</th>
-<th>Outcome</th><th>server_event_id</th><th>Referrer</th><th>Referee</th><th>Token</th><th></th></tr></thead><tbody>
-{% for row in log_rows %}<tr data-id="{{ row.id }}" data-event="{{ row.event }}" data-state="{{ row.state }}"
-data-outcome="{{ row.outcome }}"><td>{{ row.received }}</td><td>{{ row.event }}</td><td>{{ row.state }}</td>
-<td>{{ row.outcome }}</td><td>{{ row.server_event_id or "" }}</td><td>{{ row.referrer_code }}</td>
-<td>{{ row.referee_masked }}</td><td>{{ row.token_masked }}</td><td><a class="detail" href="{{
-url_for('mmoref.dashboard.log_detail', game=server.game, server_id=server.server_id, row_id=row.id) }}">details</a>
-</td></tr>{% else %}<tr><td colspan="9">No events{{ " match these filters" if filters else " yet" }}.</td></tr>
-{% endfor %}</tbody></table></div><nav class="pager">{% if newer_url %}<a id="newer" href="{{ newer_url }}">← newer
-</a>{% endif %}{% if older_url %}<a id="older" href="{{ older_url }}">older →</a>{% endif %}</nav></section>
+{% block log %}
+<section id="log">
+  <h2>Delivery log</h2>
+  <form method="get" class="row">
+    <div>
+      <label for="f-event">Event</label>
+      <select id="f-event" name="event">
+        <option value="">any</option>
+        {% for e in log_events %}
+        <option{% if filters.event == e %} selected{% endif %}>{{ e }}</option>
+        {% endfor %}
+      </select>
+    </div>
+    <div>
+      <label for="f-outcome">Outcome</label>
+      <select id="f-outcome" name="outcome">
+        <option value="">any</option>
+        {% for o in outcomes %}
+        <option{% if filters.outcome == o %} selected{% endif %}>{{ o }}</option>
+        {% endfor %}
+      </select>
+    </div>
+    <div>
+      <label for="f-q">server_event_id or referrer code</label>
+      <input id="f-q" name="q" value="{{ filters.q or '' }}">
+    </div>
+    <div><button class="plain">Filter</button></div>
+    <div><a href="{{ csv_url }}">Export CSV</a></div>
+  </form>
+  <div class="scroll">
+    <table id="delivery-log">
+      <thead>
+        <tr>
+          <th>Received</th>
+          <th>Event</th>
+          <th>State now</th>
+          <th>Outcome</th>
+          <th>server_event_id</th>
+          <th>Referrer</th>
+          <th>Referee</th>
+          <th>Token</th>
+          <th></th>
+        </tr>
+      </thead>
+      <tbody>
+        {% for row in log_rows %}
+        <tr data-id="{{ row.id }}" data-event="{{ row.event }}" data-state="{{ row.state }}"
+            data-outcome="{{ row.outcome }}">
+          <td>{{ row.received }}</td>
+          <td>{{ row.event }}</td>
+          <td>{{ row.state }}</td>
+          <td>{{ row.outcome }}</td>
+          <td>{{ row.server_event_id or "" }}</td>
+          <td>{{ row.referrer_code }}</td>
+          <td>{{ row.referee_masked }}</td>
+          <td>{{ row.token_masked }}</td>
+          <td><a class="detail" href="{{ url_for('mmoref.dashboard.log_detail', game=server.game,
+                                                 server_id=server.server_id, row_id=row.id) }}">details</a></td>
+        </tr>
+        {% else %}
+        <tr><td colspan="9">No events{{ " match these filters" if filters else " yet" }}.</td></tr>
+        {% endfor %}
+      </tbody>
+    </table>
+  </div>
+  <nav class="pager">
+    {% if newer_url %}
+    <a id="newer" href="{{ newer_url }}">← newer</a>
+    {% endif %}
+    {% if older_url %}
+    <a id="older" href="{{ older_url }}">older →</a>
+    {% endif %}
+  </nav>
+</section>
+{% endblock %}
 
-<section id="rejected"><h2>Rejected requests</h2>{% with rows = rejected %}{% include "rejected.html" %}
-{% endwith %}</section>{% endblock %}""",
+{% block rejected %}
+<section id="rejected">
+  <h2>Rejected requests</h2>
+  {% with rows = rejected %}{% include "rejected.html" %}{% endwith %}
+</section>
+{% endblock %}
+{% endblock %}
+""",
 
-    "detail.html": """{% extends "base.html" %}{% block main %}
+    "detail.html": """{% extends "base.html" %}
+{% block main %}
 <p><a href="{{ url_for('mmoref.dashboard.referrals_tab', game=server.game, server_id=server.server_id) }}">
-← Referrals</a></p><h1>Event {{ row.id }}: {{ row.event }}</h1><section><table id="event-detail">
-<tr><th>Received</th><td>{{ row.received }}</td></tr><tr><th>Outcome</th><td>{{ row.outcome }}</td></tr>
-<tr><th>server_event_id</th><td>{{ row.server_event_id or "" }}</td></tr>
-<tr><th>Referral</th><td>{{ referral.referral_id }} (referrer {{ referral.referrer_code }})</td></tr>
-<tr><th>Referral state now</th><td id="referral-state">{{ referral.state }}</td></tr>
-<tr><th>Referee</th><td>{{ referral.referee_identity or "" }}</td></tr></table>
-{% if payload %}<h2>Stored payload (token masked)</h2><pre>{{ payload }}</pre>{% endif %}</section>
-<section><h2>Owner actions</h2>{% for action in actions %}<form method="post" style="display:inline" action="{{
-url_for('mmoref.dashboard.owner_action_form', game=server.game, server_id=server.server_id,
-referral_id=referral.referral_id, action=action) }}"><input type="hidden" name="csrf_token" value="{{ csrf_token() }}">
-<input type="hidden" name="back" value="{{ url_for('mmoref.dashboard.log_detail', game=server.game,
-server_id=server.server_id, row_id=row.id) }}"><button class="plain" id="action-{{ action }}">{{ action|capitalize }}
-referral</button></form> {% else %}<p class="muted">None: a {{ referral.state }} referral is final or not yet
-registered.</p>{% endfor %}</section>
-<section><h2>History of this referral</h2><div class="scroll"><table id="history"><tbody>{% for h in history %}
-<tr data-event="{{ h.event }}" data-outcome="{{ h.outcome }}"><td>{{ h.received }}</td><td>{{ h.event }}</td>
-<td>{{ h.outcome }}</td><td>{{ h.server_event_id or "" }}</td></tr>{% endfor %}</tbody></table></div></section>
-{% endblock %}""",
+  ← Referrals</a></p>
+<h1>Event {{ row.id }}: {{ row.event }}</h1>
+{% block event %}
+<section>
+  <table id="event-detail">
+    <tr><th>Received</th><td>{{ row.received }}</td></tr>
+    <tr><th>Outcome</th><td>{{ row.outcome }}</td></tr>
+    <tr><th>server_event_id</th><td>{{ row.server_event_id or "" }}</td></tr>
+    <tr><th>Referral</th><td>{{ referral.referral_id }} (referrer {{ referral.referrer_code }})</td></tr>
+    <tr><th>Referral state now</th><td id="referral-state">{{ referral.state }}</td></tr>
+    <tr><th>Referee</th><td>{{ referral.referee_identity or "" }}</td></tr>
+  </table>
+  {% if payload %}
+  <h2>Stored payload (token masked)</h2>
+  <pre>{{ payload }}</pre>
+  {% endif %}
+</section>
+{% endblock %}
+
+{% block owner_actions %}
+<section>
+  <h2>Owner actions</h2>
+  {% for action in actions %}
+  <form method="post" style="display:inline" action="{{ url_for('mmoref.dashboard.owner_action_form',
+      game=server.game, server_id=server.server_id, referral_id=referral.referral_id, action=action) }}">
+    """ + _CSRF_FIELD + """
+    <input type="hidden" name="back" value="{{ url_for('mmoref.dashboard.log_detail', game=server.game,
+                                                       server_id=server.server_id, row_id=row.id) }}">
+    <button class="plain" id="action-{{ action }}">{{ action|capitalize }} referral</button>
+  </form>
+  {% else %}
+  <p class="muted">None: a {{ referral.state }} referral is final or not yet registered.</p>
+  {% endfor %}
+</section>
+{% endblock %}
+
+{% block history %}
+<section>
+  <h2>History of this referral</h2>
+  <div class="scroll">
+    <table id="history">
+      <tbody>
+        {% for h in history %}
+        <tr data-event="{{ h.event }}" data-outcome="{{ h.outcome }}">
+          <td>{{ h.received }}</td>
+          <td>{{ h.event }}</td>
+          <td>{{ h.outcome }}</td>
+          <td>{{ h.server_event_id or "" }}</td>
+        </tr>
+        {% endfor %}
+      </tbody>
+    </table>
+  </div>
+</section>
+{% endblock %}
+{% endblock %}
+""",
 }))
 
 
