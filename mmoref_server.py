@@ -2369,14 +2369,7 @@ TEMPLATES = jinja2.Environment(autoescape=True, trim_blocks=True, lstrip_blocks=
       <input id="registration_url" name="registration_url" type="url" placeholder="https://yourgame.example/register"
              value="{{ form.registration_url or '' }}">
     </div>
-    <div>
-      <label for="identity_field">Identity field</label>
-      <select id="identity_field" name="identity_field">
-        {% for f in identity_fields %}
-        <option{% if f == form.identity_field %} selected{% endif %}>{{ f }}</option>
-        {% endfor %}
-      </select>
-    </div>
+    {% with chosen = form.identity_field %}{% include "identity_field.html" %}{% endwith %}
     <div><button>Add server</button></div>
   </form>
 </section>
@@ -2389,6 +2382,16 @@ TEMPLATES = jinja2.Environment(autoescape=True, trim_blocks=True, lstrip_blocks=
 </section>
 {% endblock %}
 {% endblock %}
+""",
+
+    "identity_field.html": """<div>
+  <label for="identity_field">Identity field</label>
+  <select id="identity_field" name="identity_field">
+    {% for f in identity_fields %}
+    <option{% if f == chosen %} selected{% endif %}>{{ f }}</option>
+    {% endfor %}
+  </select>
+</div>
 """,
 
     "rejected.html": """{% if rows %}
@@ -2522,14 +2525,7 @@ TEMPLATES = jinja2.Environment(autoescape=True, trim_blocks=True, lstrip_blocks=
       <input id="registration_url" name="registration_url" size="40" value="{{ server.registration_url or '' }}"
              placeholder="https://yourgame.example/register">
     </div>
-    <div>
-      <label for="identity_field">Identity field</label>
-      <select id="identity_field" name="identity_field">
-        {% for f in identity_fields %}
-        <option{% if f == server.identity_field %} selected{% endif %}>{{ f }}</option>
-        {% endfor %}
-      </select>
-    </div>
+    {% with chosen = server.identity_field %}{% include "identity_field.html" %}{% endwith %}
     <div><button>Save</button></div>
   </form>
   <label for="share-link">Share link (players add their code)</label>
