@@ -1,11 +1,12 @@
 """mmoref: a self-hostable MMOLove Referral Kit ingest server, in one file.
 
 Run it:        python mmoref_server.py          (serves http://127.0.0.1:5000, ./referrals.db)
-Commands:      python mmoref_server.py --help
-Embed it:      app.register_blueprint(mmoref_server.referrals, url_prefix="/mmoref")
-The contract:  SPEC.md (summarised in README.md). Sections below follow the data:
-configuration, signing, tokens, storage, state machine, ingest pipeline, share link,
-dashboard, app factory, CLI, kit-side sender, main.
+Commands:      python mmoref_server.py --help   (or: flask --app mmoref_server --help)
+Embed it:      app.register_blueprint(mmoref_server.blueprint, url_prefix="/mmoref")
+The contract:  docs/contract.md (summarised in README.md). Sections below follow the data:
+configuration, errors and hints, signing, tokens, storage, state machine, ingest pipeline,
+routes, dashboard views, app factory, CLI, kit-side sender, main; the templates and the
+style sheet come last.
 """
 from __future__ import annotations
 
@@ -85,10 +86,8 @@ EVENTS = ("registered", "qualified", "reversed")
 IDENTITY_FIELDS = ("username", "account", "character", "email")
 NAME_PATTERN = re.compile(r"[A-Za-z0-9_.-]{1,64}")  # referrer codes, server ids, game slugs
 LOCAL_HOSTS = ("localhost", "127.0.0.1", "::1")  # as urlsplit().hostname gives them
-
-
-class ConfigError(Exception):
-    """A setting or argument the owner must fix; the message says how."""
+SIGNATURE_HEADER = "X-MMOLove-Signature"
+INGEST_PATH = "/api/referral/events"
 
 
 def load_settings(environ: Mapping[str, str] = os.environ) -> dict[str, Any]:
@@ -140,12 +139,53 @@ def check_name(kind: str, value: str) -> str:
     return value
 
 
-# Signing (SPEC 1.1, 1.2) #####################################################
-# Pure functions over bytes: no Flask in here, so the kit side and tests share them.
+# Errors and hints ############################################################
+# ApiError is every refused ingest request: one handler turns it into JSON. HINTS teach
+# the fix; the other exceptions say what the sender, the database or the owner must fix.
 
-SIGNATURE_HEADER = "X-MMOLove-Signature"
-_MAC_PATTERN = re.compile(r"sha256=([0-9a-fA-F]{64})")
-_DIGITS = re.compile(r"[0-9]+")
+
+class ApiError(Exception):
+    """One error answer: status, stable `error` string, a hint that teaches the fix, extras.
+
+    Only `ok`, `error`, `hint` and the extras are the answer's body; `diagnosis` and
+    `server_id` are for the rejected-requests list.
+    """
+
+    def __init__(self, status: int, error: str, hint: str, *, diagnosis: str | None = None,
+                 server_id: str | None = None, **extra: Any):
+        super().__init__(error)
+        self.status, self.error, self.hint, self.extra = status, error, hint, extra
+        self.diagnosis = diagnosis    # for mac_mismatch: why it probably failed (the hint says it too)
+        self.server_id = server_id    # the known server the refused request names: whose list it goes to
+
+    def body(self) -> dict[str, Any]:
+        return {"ok": False, "error": self.error, "hint": self.hint, **self.extra}
+
+
+HINTS = {
+    "body too large": f"send at most {MAX_BODY_BYTES // 1024} KiB of JSON",
+    "missing signature header": (f"sign the body and send {SIGNATURE_HEADER}: "
+                                 "t=<unix seconds>,v1=sha256=<hex of HMAC-SHA256(secret, \"<t>.<rawBody>\")>"),
+    "malformed signature header": "expected t=<unix seconds>,v1=sha256=<64 hex digits>[,kid=<key id>]",
+    "body is not valid JSON": "send one UTF-8 JSON object, e.g. {\"event\": \"registered\", ...}",
+    "body must be a JSON object": "wrap the fields in {...}: event, token, server_id, server_event_id",
+    "duplicate key": "each key may appear once in the body",
+    "unknown server": "server_id must be the id shown on your dashboard's Referrals tab",
+    "referrals not enabled": "enable referrals for this server on its Referrals tab",
+    "no signing secret": "generate a secret on the server's Referrals tab",
+    "stale_timestamp": ("t must be the current Unix time in seconds (within {window} s of the server clock);"
+                        " check the sender's clock and sign each request anew"),
+    "unknown_kid": "kid names no live secret of this server: drop kid or use the kid shown on the Referrals tab",
+    "mac_mismatch": ("sign \"<t>.<rawBody>\" with the server's secret over the exact bytes you send;"
+                     " a trailing newline or re-serialised JSON changes the MAC"),
+    "unknown token": ("send the mmref token exactly as the share link minted it for this server"
+                      " (from the mmref cookie or query parameter)"),
+    "invalid transition": ("a referral in state {state} cannot take a {event} event"
+                           " (see the state machine in the README)"),
+    "other referee": "this token already anchors another referee_identity; one token refers one player",
+    "method not allowed": "POST the event as JSON",
+    "internal error": "the server failed; retry later with the same server_event_id (it is idempotent)",
+}
 
 
 class SignatureError(Exception):
@@ -158,6 +198,21 @@ class SignatureError(Exception):
     def __init__(self, reason: str, message: str):
         super().__init__(message)
         self.reason = reason
+
+
+class StoreError(Exception):
+    """The database cannot be used as it is; the message says why."""
+
+
+class ConfigError(Exception):
+    """A setting or argument the owner must fix; the message says how."""
+
+
+# Signing (docs/contract.md §1.1, §1.2) #######################################
+# Pure functions over bytes: no Flask in here, so the kit side and tests share them.
+
+_MAC_PATTERN = re.compile(r"sha256=([0-9a-fA-F]{64})")
+_DIGITS = re.compile(r"[0-9]+")
 
 
 @dataclass(frozen=True)
@@ -223,7 +278,7 @@ def verify(header: ParsedSignature | str, raw_body: bytes, live_secrets: Sequenc
            at: int, window: int) -> str:
     """Return the kid of the live secret that signed `raw_body`; raise SignatureError.
 
-    `live_secrets` is [(kid, secret), ...], current first. Checks, in SPEC order:
+    `live_secrets` is [(kid, secret), ...], current first. Checks, in the order of docs/contract.md §1.4:
     the replay window (both directions), the kid, then the MAC in constant time.
     """
     parsed = header if isinstance(header, ParsedSignature) else parse_signature_header(header)
@@ -239,7 +294,7 @@ def verify(header: ParsedSignature | str, raw_body: bytes, live_secrets: Sequenc
     raise SignatureError("mac_mismatch", "no v1 matches the body")
 
 
-# Tokens (SPEC 3) #############################################################
+# Tokens (docs/contract.md §3) ################################################
 # An mmref token is itsdangerous-signed [server_id, referral_id] plus its issue time,
 # under a per-installation key: forgeries are caught without a database read.
 
@@ -300,7 +355,9 @@ def read_token(key: str, token: str) -> TokenClaims | None:
 
 
 def mask(value: str | None, keep_start: int = 4, keep_end: int = 0) -> str:
-    """A PII-light view: 'player-7842' -> 'pl…42' style, never the whole value."""
+    """A PII-light view, never the whole value: the first `keep_start` and last `keep_end`
+    characters around "…" ('player-7842' -> 'play…'; with 2, 2 -> 'pl…42'), or only the
+    first character of a value too short to hide anything."""
     if not value:
         return ""
     if len(value) <= keep_start + keep_end + 2:
@@ -311,7 +368,8 @@ def mask(value: str | None, keep_start: int = 4, keep_end: int = 0) -> str:
 # Storage #####################################################################
 # Standard-library sqlite3, WAL, one connection per thread (and per process, for
 # forking servers). Writers use BEGIN IMMEDIATE, so the UNIQUE constraints and the
-# read-then-write checks hold across threads and worker processes.
+# read-then-write checks hold across threads and worker processes. Every SQL statement
+# of the server is in Store and Transaction: a second engine implements their methods.
 
 MIGRATIONS: list[list[str]] = [
     [  # v1: servers, secrets, referrals, anchors, delivery log, rejected requests
@@ -396,10 +454,6 @@ SCHEMA_VERSION = len(MIGRATIONS)
 COUNTED = ("clicked", "registered", "qualified", "reversed")
 
 
-class StoreError(Exception):
-    """The database cannot be used as it is; the message says why."""
-
-
 def _create_private_file(path: str) -> None:
     """Create the database file owner-only (0600) before SQLite touches it."""
     if path == ":memory:" or os.path.exists(path):
@@ -418,8 +472,91 @@ class _Pending:
 
     __slots__ = ("work", "result", "error", "done")
 
-    def __init__(self, work: Callable[[sqlite3.Connection], Any]):
+    def __init__(self, work: Callable[[Transaction], Any]):
         self.work, self.result, self.error, self.done = work, None, None, False
+
+
+@functools.lru_cache(maxsize=4)
+def _utc_date(day_number: int) -> str:
+    """YYYY-MM-DD of a day counted from 1970-01-01 (UTC)."""
+    return (datetime.date(1970, 1, 1) + datetime.timedelta(days=day_number)).isoformat()
+
+
+class Transaction:
+    """The reads and writes the state machine makes, inside one write transaction.
+
+    `Store.transaction()` and `Store.group_commit()` hand one to their work. The state
+    machine decides; these methods only read and write. Rows are mappings by column name.
+    """
+
+    __slots__ = ("db",)
+
+    def __init__(self, db: sqlite3.Connection):
+        self.db = db
+
+    def server_exists(self, server_id: str) -> bool:
+        return self.db.execute("SELECT 1 FROM servers WHERE server_id = ?", (server_id,)).fetchone() is not None
+
+    def referral(self, referral_id: str) -> sqlite3.Row | None:
+        return self.db.execute("SELECT * FROM referrals WHERE referral_id = ?", (referral_id,)).fetchone()
+
+    def referral_for_event(self, referral_id: str, event: str, server_event_id: str) -> sqlite3.Row | None:
+        """The referral, with `seen` true when the idempotency key (token, event, server_event_id) is used."""
+        return self.db.execute(
+            "SELECT r.*, EXISTS (SELECT 1 FROM delivery_log l WHERE l.token_referral_id = r.referral_id"
+            " AND l.event = ? AND l.server_event_id = ?) AS seen FROM referrals r WHERE r.referral_id = ?",
+            (event, server_event_id, referral_id)).fetchone()
+
+    def anchored_referral(self, server_id: str, referee_identity: str | None) -> sqlite3.Row | None:
+        """The referral that anchors this referee on this server, if any."""
+        return self.db.execute(
+            "SELECT r.* FROM anchors a JOIN referrals r ON r.referral_id = a.referral_id"
+            " WHERE a.server_id = ? AND a.referee_identity = ?", (server_id, referee_identity)).fetchone()
+
+    def insert_anchor(self, server_id: str, referee_identity: str | None, referral_id: str, at: int) -> None:
+        self.db.execute("INSERT INTO anchors (server_id, referee_identity, referral_id, created_at)"
+                        " VALUES (?, ?, ?, ?)", (server_id, referee_identity, referral_id, at))
+
+    def follow_anchor(self, referral_id: str, anchor_referral_id: str) -> None:
+        """Let a second click's token reach the referral that anchors its referee."""
+        self.db.execute("UPDATE referrals SET anchor_referral_id = ? WHERE referral_id = ?",
+                        (anchor_referral_id, referral_id))
+
+    def set_state(self, referral_id: str, state: str, at: int, referee_identity: str | None = None) -> None:
+        """Set the referral's state (and its referee, when given)."""
+        self.db.execute("UPDATE referrals SET state = ?, updated_at = ?,"
+                        " referee_identity = coalesce(?, referee_identity) WHERE referral_id = ?",
+                        (state, at, referee_identity, referral_id))
+
+    def insert_referral(self, server_id: str, referrer_code: str, issued_at: int,
+                        ip_hash: str | None = None, user_agent: str | None = None) -> str:
+        """Write one clicked referral (and its click counters); return its new id."""
+        referral_id = "ref_" + secrets.token_urlsafe(9)
+        self.db.execute("INSERT INTO referrals (referral_id, server_id, referrer_code, state, issued_at,"
+                        " updated_at, ip_hash, user_agent) VALUES (?, ?, ?, 'clicked', ?, ?, ?, ?)",
+                        (referral_id, server_id, referrer_code, issued_at, issued_at, ip_hash,
+                         (user_agent or "")[:200] or None))
+        self.count(server_id, referrer_code, "clicked", issued_at)
+        return referral_id
+
+    def log_delivery(self, referral: sqlite3.Row, event: str, outcome: str, at: int, *,
+                     token_referral_id: str | None = None, server_event_id: str | None = None,
+                     payload: str | None = None, ts: int | float | None = None) -> None:
+        """Append a delivery-log row about `referral` (an owner action has no token, key or payload)."""
+        self.db.execute(
+            "INSERT INTO delivery_log (server_id, referral_id, referrer_code, token_referral_id, event,"
+            " server_event_id, outcome, received_at, payload, ts) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (referral["server_id"], referral["referral_id"], referral["referrer_code"], token_referral_id,
+             event, server_event_id, outcome, at, payload, ts))
+
+    def count(self, server_id: str, referrer_code: str, column: str, at: int) -> None:
+        """Bump the analytics counters for one click or transition (`column`: one of COUNTED)."""
+        day = _utc_date(at // 86400)
+        self.db.execute(f"INSERT INTO daily_counts (server_id, day, {column}) VALUES (?, ?, 1)"
+                        f" ON CONFLICT (server_id, day) DO UPDATE SET {column} = {column} + 1", (server_id, day))
+        self.db.execute(f"INSERT INTO referrer_counts (server_id, referrer_code, {column}) VALUES (?, ?, 1)"
+                        f" ON CONFLICT (server_id, referrer_code) DO UPDATE SET {column} = {column} + 1",
+                        (server_id, referrer_code))
 
 
 class Store:
@@ -462,7 +599,13 @@ class Store:
             self._local.db = None
 
     @contextlib.contextmanager
-    def transaction(self) -> Iterator[sqlite3.Connection]:
+    def transaction(self) -> Iterator[Transaction]:
+        """One write transaction, for the state machine's reads and writes."""
+        with self._immediate() as db:
+            yield Transaction(db)
+
+    @contextlib.contextmanager
+    def _immediate(self) -> Iterator[sqlite3.Connection]:
         """BEGIN IMMEDIATE ... COMMIT, rolled back on any exception (a failed COMMIT too)."""
         db = self.connect()
         db.execute("BEGIN IMMEDIATE")
@@ -474,8 +617,8 @@ class Store:
                 db.execute("ROLLBACK")
             raise
 
-    def group_commit(self, work: Callable[[sqlite3.Connection], T]) -> T:
-        """Run `work(db)` in a write transaction shared with concurrent callers; return its result.
+    def group_commit(self, work: Callable[[Transaction], T]) -> T:
+        """Run `work(transaction)` in a write transaction shared with concurrent callers; return its result.
 
         With synchronous=FULL each COMMIT waits for the disk (about 0.8 ms here), so one
         commit per event caps ingest near 1/fsync. Instead callers queue their work, and
@@ -497,11 +640,12 @@ class Store:
 
     def _commit_batch(self, batch: list[_Pending]) -> None:
         try:
-            with self.transaction() as db:
+            with self._immediate() as db:
+                transaction = Transaction(db)
                 for item in batch:
                     db.execute("SAVEPOINT work")
                     try:
-                        item.result = item.work(db)
+                        item.result = item.work(transaction)
                     except Exception as exc:
                         item.error = exc
                         if not db.in_transaction:  # SQLite rolled everything back (disk full, I/O error)
@@ -518,7 +662,7 @@ class Store:
                 item.done = True
 
     def _migrate(self) -> None:
-        with self.transaction() as db:
+        with self._immediate() as db:
             version = db.execute("PRAGMA user_version").fetchone()[0]
             if version > SCHEMA_VERSION:
                 raise StoreError(
@@ -532,7 +676,7 @@ class Store:
     def installation_key(self, name: str) -> str:
         """A random per-installation value (token key, session key, IP salt), made once."""
         if name not in self._keys:
-            with self.transaction() as db:
+            with self._immediate() as db:
                 db.execute("INSERT OR IGNORE INTO meta (key, value) VALUES (?, ?)",
                            (name, secrets.token_urlsafe(32)))
                 self._keys[name] = db.execute("SELECT value FROM meta WHERE key = ?", (name,)).fetchone()[0]
@@ -559,13 +703,13 @@ class Store:
             registration_url = check_registration_url(registration_url)
         if identity_field not in IDENTITY_FIELDS:
             raise ConfigError(f"identity field must be one of {', '.join(IDENTITY_FIELDS)}")
-        with self.transaction() as db:
-            if db.execute("SELECT 1 FROM servers WHERE server_id = ?", (server_id,)).fetchone():
+        with self.transaction() as transaction:
+            if transaction.server_exists(server_id):
                 raise ConfigError(f"server {server_id!r} already exists")
-            db.execute("INSERT INTO servers (server_id, game, name, registration_url, identity_field,"
-                       " referrals_enabled, created_at) VALUES (?, ?, ?, ?, ?, 1, ?)",
-                       (server_id, game, name, registration_url or None, identity_field, now()))
-            return self._new_secret(db, server_id, grace=0)
+            transaction.db.execute("INSERT INTO servers (server_id, game, name, registration_url, identity_field,"
+                                   " referrals_enabled, created_at) VALUES (?, ?, ?, ?, ?, 1, ?)",
+                                   (server_id, game, name, registration_url or None, identity_field, now()))
+            return self._new_secret(transaction.db, server_id, grace=0)
 
     def update_server(self, server_id: str, **changes: Any) -> None:
         """Set registration_url, identity_field, name or referrals_enabled."""
@@ -573,17 +717,17 @@ class Store:
         if not changes or not set(changes) <= allowed:
             raise ValueError(f"can only change {sorted(allowed)}")
         assignments = ", ".join(f"{column} = ?" for column in changes)
-        with self.transaction() as db:
+        with self._immediate() as db:
             db.execute(f"UPDATE servers SET {assignments} WHERE server_id = ?", (*changes.values(), server_id))
 
     def rotate_secret(self, server_id: str, grace: int = DEFAULT_GRACE_SECONDS) -> tuple[str, str]:
         """A new current secret; the old one stays valid `grace` seconds (0 = revoked now)."""
         if grace < 0:
             raise ConfigError("grace must be 0 (revoke now) or a positive number of seconds")
-        with self.transaction() as db:
-            if not db.execute("SELECT 1 FROM servers WHERE server_id = ?", (server_id,)).fetchone():
+        with self.transaction() as transaction:
+            if not transaction.server_exists(server_id):
                 raise ConfigError(f"unknown server {server_id!r}")
-            return self._new_secret(db, server_id, grace)
+            return self._new_secret(transaction.db, server_id, grace)
 
     @staticmethod
     def _new_secret(db: sqlite3.Connection, server_id: str, grace: int) -> tuple[str, str]:
@@ -597,6 +741,11 @@ class Store:
         db.execute("INSERT INTO secrets (kid, server_id, secret, created_at) VALUES (?, ?, ?, ?)",
                    (kid, server_id, secret, at))
         return secret, kid
+
+    def set_secret(self, server_id: str, secret: str) -> None:
+        """Give the server's secrets this value (the demo's well-known secret)."""
+        with self._immediate() as db:
+            db.execute("UPDATE secrets SET secret = ? WHERE server_id = ?", (secret, server_id))
 
     def live_secrets(self, server_id: str, at: int) -> list[tuple[str, str]]:
         """[(kid, secret), ...] valid at `at`, current first (at most two)."""
@@ -628,10 +777,10 @@ class Store:
         check_name("referrer code", referrer_code)
         issued_at = now() if issued_at is None else issued_at
 
-        def click(db: sqlite3.Connection) -> str:
-            if not db.execute("SELECT 1 FROM servers WHERE server_id = ?", (server_id,)).fetchone():
+        def click(transaction: Transaction) -> str:
+            if not transaction.server_exists(server_id):
                 raise ConfigError(f"unknown server {server_id!r}")
-            return insert_referral(db, server_id, referrer_code, issued_at, ip_hash, user_agent)
+            return transaction.insert_referral(server_id, referrer_code, issued_at, ip_hash, user_agent)
 
         referral_id = self.group_commit(click)
         return mint_token(self.token_key, server_id, referral_id, issued_at), referral_id
@@ -681,6 +830,38 @@ class Store:
         return self.connect().execute(f"{self._LOG_SELECT} WHERE l.referral_id = ? OR l.token_referral_id = ?"
                                       " ORDER BY l.id", (referral_id, referral_id)).fetchall()
 
+    # analytics: the counter tables, kept in the same transaction as each change
+
+    def funnels(self) -> dict[str, sqlite3.Row]:
+        """Every server's all-time clicked, registered, qualified and reversed counts, by server id."""
+        return {row["server_id"]: row for row in self.connect().execute(
+            "SELECT server_id, sum(clicked) AS clicked, sum(registered) AS registered, sum(qualified) AS qualified,"
+            " sum(reversed) AS reversed FROM daily_counts GROUP BY server_id")}
+
+    def funnel(self, server_id: str) -> sqlite3.Row:
+        """One server's all-time clicked, registered, qualified and reversed counts (0 when none)."""
+        return self.connect().execute(
+            "SELECT coalesce(sum(clicked), 0) AS clicked, coalesce(sum(registered), 0) AS registered,"
+            " coalesce(sum(qualified), 0) AS qualified, coalesce(sum(reversed), 0) AS reversed"
+            " FROM daily_counts WHERE server_id = ?", (server_id,)).fetchone()
+
+    def leaders(self, server_id: str, limit: int = 20) -> list[sqlite3.Row]:
+        """The referrers with qualified referrals, most first."""
+        return self.connect().execute(
+            "SELECT referrer_code, clicked, registered, qualified FROM referrer_counts"
+            " WHERE server_id = ? AND qualified > 0 ORDER BY qualified DESC, referrer_code LIMIT ?",
+            (server_id, limit)).fetchall()
+
+    def daily_counts(self, server_id: str, first_day: str) -> dict[str, sqlite3.Row]:
+        """Clicked, registered and qualified per UTC day (YYYY-MM-DD) from `first_day`; days without any are absent."""
+        return {row["day"]: row for row in self.connect().execute(
+            "SELECT day, clicked, registered, qualified FROM daily_counts WHERE server_id = ? AND day >= ?",
+            (server_id, first_day))}
+
+    def check(self) -> None:
+        """Read the database once; raise sqlite3.Error or StoreError when it cannot be used."""
+        self.connect().execute("SELECT count(*) FROM meta").fetchone()
+
     # dashboard password
 
     def admin_password_hash(self) -> str | None:
@@ -690,14 +871,15 @@ class Store:
     def set_admin_password(self, password: str) -> None:
         if len(password) < 8:
             raise ConfigError("the dashboard password must have at least 8 characters")
-        with self.transaction() as db:
+        with self._immediate() as db:
             db.execute("INSERT INTO meta (key, value) VALUES ('admin_password_hash', ?) ON CONFLICT (key)"
                        " DO UPDATE SET value = excluded.value", (generate_password_hash(password),))
 
     def record_rejected(self, server_id: str | None, status: int, error: str, reason: str | None,
                         hint: str, diagnosis: str | None, snippet: str) -> None:
         """Remember a refused request, keeping only the newest per server."""
-        def remember(db: sqlite3.Connection) -> None:
+        def remember(transaction: Transaction) -> None:
+            db = transaction.db
             db.execute("INSERT INTO rejected_requests (server_id, status, error, reason, hint, diagnosis,"
                        " snippet, received_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                        (server_id, status, error, reason, hint, diagnosis, snippet, now()))
@@ -713,40 +895,12 @@ class Store:
             (server_id, limit)).fetchall()
 
 
-def insert_referral(db: sqlite3.Connection, server_id: str, referrer_code: str, issued_at: int,
-                    ip_hash: str | None = None, user_agent: str | None = None) -> str:
-    """Write one clicked referral (and its click counters); return its new id."""
-    referral_id = "ref_" + secrets.token_urlsafe(9)
-    db.execute("INSERT INTO referrals (referral_id, server_id, referrer_code, state, issued_at,"
-               " updated_at, ip_hash, user_agent) VALUES (?, ?, ?, 'clicked', ?, ?, ?, ?)",
-               (referral_id, server_id, referrer_code, issued_at, issued_at, ip_hash,
-                (user_agent or "")[:200] or None))
-    _count(db, server_id, referrer_code, "clicked", issued_at)
-    return referral_id
-
-
-@functools.lru_cache(maxsize=4)
-def _utc_date(day_number: int) -> str:
-    """YYYY-MM-DD of a day counted from 1970-01-01 (UTC)."""
-    return (datetime.date(1970, 1, 1) + datetime.timedelta(days=day_number)).isoformat()
-
-
-def _count(db: sqlite3.Connection, server_id: str, referrer_code: str, column: str, at: int) -> None:
-    """Bump the analytics counters for one click or transition (same transaction)."""
-    day = _utc_date(at // 86400)
-    db.execute(f"INSERT INTO daily_counts (server_id, day, {column}) VALUES (?, ?, 1)"
-               f" ON CONFLICT (server_id, day) DO UPDATE SET {column} = {column} + 1", (server_id, day))
-    db.execute(f"INSERT INTO referrer_counts (server_id, referrer_code, {column}) VALUES (?, ?, 1)"
-               f" ON CONFLICT (server_id, referrer_code) DO UPDATE SET {column} = {column} + 1",
-               (server_id, referrer_code))
-
-
-# State machine (SPEC 2) ######################################################
+# State machine (docs/contract.md §2) #########################################
 # The table says what each event does in each state; `apply_event` applies it in one
-# transaction together with the delivery-log row and the idempotency key.
+# transaction together with the delivery-log row and the idempotency key. It decides;
+# the Transaction it is given reads and writes.
 
 NO_OP, INVALID = "no_op", "invalid"
-TERMINAL = ("reversed", "expired", "rejected")
 TRANSITIONS: dict[str, dict[str, str]] = {
     #  state         event "registered"   event "qualified"   event "reversed"
     "clicked":    {"registered": "registered", "qualified": INVALID, "reversed": INVALID},
@@ -763,18 +917,6 @@ OWNER_ACTIONS: dict[str, tuple[tuple[str, ...], str]] = {
 }
 
 
-class ApiError(Exception):
-    """One error answer: status, stable `error` string, a hint that teaches the fix, extras."""
-
-    def __init__(self, status: int, error: str, hint: str, **extra: Any):
-        super().__init__(error)
-        self.status, self.error, self.hint, self.extra = status, error, hint, extra
-        self.diagnosis: str | None = None    # for mac_mismatch: why it probably failed
-
-    def body(self) -> dict[str, Any]:
-        return {"ok": False, "error": self.error, "hint": self.hint, **self.extra}
-
-
 @dataclass(frozen=True)
 class Delivery:
     """A verified, well-formed event, ready for the state machine."""
@@ -788,14 +930,14 @@ class Delivery:
 
 
 def apply_event(store: Store, delivery: Delivery, ttl: int) -> dict[str, Any]:
-    """Steps 8-10 of SPEC 1.4 in one BEGIN IMMEDIATE transaction; return the 200 body.
+    """Steps 9-10 of docs/contract.md §1.4 in one BEGIN IMMEDIATE transaction; return the 200 body.
 
     A UNIQUE violation means a concurrent writer won a race that our reads could not
     see (another process); the retry then reads its result and answers accordingly.
     """
     for attempt in (1, 2):
         try:
-            outcome = store.group_commit(lambda db: _decide_and_write(db, delivery, ttl))
+            outcome = store.group_commit(lambda transaction: _decide_and_write(transaction, delivery, ttl))
         except sqlite3.IntegrityError:
             if attempt == 2:
                 raise
@@ -806,129 +948,174 @@ def apply_event(store: Store, delivery: Delivery, ttl: int) -> dict[str, Any]:
     raise AssertionError("unreachable")
 
 
-def _decide_and_write(db: sqlite3.Connection, d: Delivery, ttl: int) -> dict[str, Any] | ApiError:
-    at = now()
-    referral = db.execute(
-        "SELECT r.*, EXISTS (SELECT 1 FROM delivery_log l WHERE l.token_referral_id = r.referral_id"
-        " AND l.event = ? AND l.server_event_id = ?) AS seen FROM referrals r WHERE r.referral_id = ?",
-        (d.event, d.server_event_id, d.token_claims.referral_id)).fetchone()
-    if referral is None or referral["server_id"] != d.server_id:
-        return ApiError(404, "unknown token", HINTS["unknown token"])
+def _decide_and_write(transaction: Transaction, delivery: Delivery, ttl: int) -> dict[str, Any] | ApiError:
+    at, event = now(), delivery.event
+    referral = transaction.referral_for_event(delivery.token_claims.referral_id, event, delivery.server_event_id)
+    if referral is None or referral["server_id"] != delivery.server_id:
+        return ApiError(404, "unknown token", HINTS["unknown token"], server_id=delivery.server_id)
     if referral["seen"]:  # the idempotency key (token, event, server_event_id) was used
         return {"ok": True, "duplicate": True}
     if referral["anchor_referral_id"]:  # a second click's token: events apply to the anchored referral
-        referral = db.execute("SELECT * FROM referrals WHERE referral_id = ?",
-                              (referral["anchor_referral_id"],)).fetchone()
+        referral = transaction.referral(referral["anchor_referral_id"])
     state = referral["state"]
-    if state == "clicked" and at - d.token_claims.issued_at > ttl:
-        db.execute("UPDATE referrals SET state = 'expired', updated_at = ? WHERE referral_id = ?",
-                   (at, referral["referral_id"]))
-        return _invalid_transition("expired", d.event)
-    next_state = TRANSITIONS[state][d.event]
-    if d.event == "registered" and next_state == NO_OP and referral["referee_identity"] != d.referee_identity:
-        return ApiError(422, "invalid transition", HINTS["other referee"], state=state, event=d.event)
+    if state == "clicked" and at - delivery.token_claims.issued_at > ttl:
+        transaction.set_state(referral["referral_id"], "expired", at)
+        return _invalid_transition(delivery, "expired")
+    next_state = TRANSITIONS[state][event]
+    if event == "registered" and next_state == NO_OP and referral["referee_identity"] != delivery.referee_identity:
+        return ApiError(422, "invalid transition", HINTS["other referee"], server_id=delivery.server_id,
+                        state=state, event=event)
     if next_state == INVALID:
-        return _invalid_transition(state, d.event)
-    if state == "clicked" and d.event == "registered":
-        return _register(db, d, referral, at)
+        return _invalid_transition(delivery, state)
+    if state == "clicked" and event == "registered":
+        return _register(transaction, delivery, referral, at)
     if next_state == NO_OP:
-        return _log_and_answer(db, d, referral, "no_op", state, at)
-    _advance(db, referral, next_state, at)
-    return _log_and_answer(db, d, referral, "advanced", next_state, at)
+        return _log_and_answer(transaction, delivery, referral, "no_op", state, at)
+    _advance(transaction, referral, next_state, at)
+    return _log_and_answer(transaction, delivery, referral, "advanced", next_state, at)
 
 
-def _register(db: sqlite3.Connection, d: Delivery, referral: sqlite3.Row, at: int) -> dict[str, Any]:
+def _register(transaction: Transaction, delivery: Delivery, referral: sqlite3.Row, at: int) -> dict[str, Any]:
     """`registered` on a clicked referral: mint the anchor, unless first touch says otherwise."""
-    anchored = db.execute(
-        "SELECT r.* FROM anchors a JOIN referrals r ON r.referral_id = a.referral_id"
-        " WHERE a.server_id = ? AND a.referee_identity = ?", (d.server_id, d.referee_identity)).fetchone()
+    anchored = transaction.anchored_referral(delivery.server_id, delivery.referee_identity)
     if anchored is None:
-        db.execute("INSERT INTO anchors (server_id, referee_identity, referral_id, created_at) VALUES (?, ?, ?, ?)",
-                   (d.server_id, d.referee_identity, referral["referral_id"], at))
-        _advance(db, referral, "registered", at, referee_identity=d.referee_identity)
-        return _log_and_answer(db, d, referral, "advanced", "registered", at)
+        transaction.insert_anchor(delivery.server_id, delivery.referee_identity, referral["referral_id"], at)
+        _advance(transaction, referral, "registered", at, referee_identity=delivery.referee_identity)
+        return _log_and_answer(transaction, delivery, referral, "advanced", "registered", at)
     if anchored["referrer_code"] != referral["referrer_code"]:
-        _log(db, d, referral, "first_touch_conflict", at)
+        _log(transaction, delivery, referral, "first_touch_conflict", at)
         return {"ok": True, "ignored": "first_touch_conflict"}
     # the same referrer's link clicked twice: answer with the existing anchor, and let this
     # token's later events (qualified, reversed) reach that anchored referral too
-    db.execute("UPDATE referrals SET anchor_referral_id = ? WHERE referral_id = ?",
-               (anchored["referral_id"], referral["referral_id"]))
-    return _log_and_answer(db, d, anchored, "no_op", anchored["state"], at)
+    transaction.follow_anchor(referral["referral_id"], anchored["referral_id"])
+    return _log_and_answer(transaction, delivery, anchored, "no_op", anchored["state"], at)
 
 
-def _advance(db: sqlite3.Connection, referral: sqlite3.Row, next_state: str, at: int,
+def _advance(transaction: Transaction, referral: sqlite3.Row, next_state: str, at: int,
              referee_identity: str | None = None) -> None:
     """Move the referral to `next_state` (recording its referee on registration) and count it."""
-    db.execute("UPDATE referrals SET state = ?, updated_at = ?, referee_identity = coalesce(?, referee_identity)"
-               " WHERE referral_id = ?", (next_state, at, referee_identity, referral["referral_id"]))
+    transaction.set_state(referral["referral_id"], next_state, at, referee_identity)
     if next_state in COUNTED:
-        _count(db, referral["server_id"], referral["referrer_code"], next_state, at)
+        transaction.count(referral["server_id"], referral["referrer_code"], next_state, at)
 
 
-def _log(db: sqlite3.Connection, d: Delivery, referral: sqlite3.Row, outcome: str, at: int) -> None:
-    db.execute("INSERT INTO delivery_log (server_id, referral_id, referrer_code, token_referral_id, event,"
-               " server_event_id, outcome, received_at, payload, ts) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-               (d.server_id, referral["referral_id"], referral["referrer_code"], d.token_claims.referral_id,
-                d.event, d.server_event_id, outcome, at, d.payload, d.ts))
+def _log(transaction: Transaction, delivery: Delivery, referral: sqlite3.Row, outcome: str, at: int) -> None:
+    transaction.log_delivery(referral, delivery.event, outcome, at, token_referral_id=delivery.token_claims.referral_id,
+                             server_event_id=delivery.server_event_id, payload=delivery.payload, ts=delivery.ts)
 
 
-def _log_and_answer(db: sqlite3.Connection, d: Delivery, referral: sqlite3.Row, outcome: str, state: str,
+def _log_and_answer(transaction: Transaction, delivery: Delivery, referral: sqlite3.Row, outcome: str, state: str,
                     at: int) -> dict[str, Any]:
-    _log(db, d, referral, outcome, at)
+    _log(transaction, delivery, referral, outcome, at)
     return {"ok": True, "referral_id": referral["referral_id"], "state": state}
 
 
-def _invalid_transition(state: str, event: str) -> ApiError:
-    return ApiError(422, "invalid transition", HINTS["invalid transition"].format(state=state, event=event),
-                    state=state, event=event)
+def _invalid_transition(delivery: Delivery, state: str) -> ApiError:
+    hint = HINTS["invalid transition"].format(state=state, event=delivery.event)
+    return ApiError(422, "invalid transition", hint, server_id=delivery.server_id, state=state, event=delivery.event)
 
 
 def owner_action(store: Store, referral_id: str, action: str) -> str:
     """Reverse or reject a referral as the owner; log it; return the new state."""
     allowed_from, next_state = OWNER_ACTIONS[action]
     at = now()
-    with store.transaction() as db:
-        referral = db.execute("SELECT * FROM referrals WHERE referral_id = ?", (referral_id,)).fetchone()
+    with store.transaction() as transaction:
+        referral = transaction.referral(referral_id)
         if referral is None:
             raise ConfigError(f"unknown referral {referral_id!r}")
         if referral["state"] not in allowed_from:
             raise ConfigError(f"cannot {action} referral {referral_id} in state {referral['state']!r}"
                               f" (only from {', '.join(allowed_from)})")
-        _advance(db, referral, next_state, at)
-        db.execute("INSERT INTO delivery_log (server_id, referral_id, referrer_code, event, outcome, received_at)"
-                   " VALUES (?, ?, ?, ?, 'owner_action', ?)",
-                   (referral["server_id"], referral_id, referral["referrer_code"], next_state, at))
+        _advance(transaction, referral, next_state, at)
+        transaction.log_delivery(referral, next_state, "owner_action", at)
     return next_state
 
 
-# Ingest pipeline (SPEC 1.4) ##################################################
-# One function, its steps in the order of SPEC 1.4, each failing early with ApiError.
+# Ingest pipeline (docs/contract.md §1.4) #####################################
+# One function, its steps in the order of docs/contract.md §1.4, each failing early with ApiError.
 
-HINTS = {
-    "body too large": f"send at most {MAX_BODY_BYTES // 1024} KiB of JSON",
-    "missing signature header": (f"sign the body and send {SIGNATURE_HEADER}: "
-                                 "t=<unix seconds>,v1=sha256=<hex of HMAC-SHA256(secret, \"<t>.<rawBody>\")>"),
-    "malformed signature header": "expected t=<unix seconds>,v1=sha256=<64 hex digits>[,kid=<key id>]",
-    "body is not valid JSON": "send one UTF-8 JSON object, e.g. {\"event\": \"registered\", ...}",
-    "body must be a JSON object": "wrap the fields in {...}: event, token, server_id, server_event_id",
-    "duplicate key": "each key may appear once in the body",
-    "unknown server": "server_id must be the id shown on your dashboard's Referrals tab",
-    "referrals not enabled": "enable referrals for this server on its Referrals tab",
-    "no signing secret": "generate a secret on the server's Referrals tab",
-    "stale_timestamp": ("t must be the current Unix time in seconds (within {window} s of the server clock);"
-                        " check the sender's clock and sign each request anew"),
-    "unknown_kid": "kid names no live secret of this server: drop kid or use the kid shown on the Referrals tab",
-    "mac_mismatch": ("sign \"<t>.<rawBody>\" with the server's secret over the exact bytes you send;"
-                     " a trailing newline or re-serialised JSON changes the MAC"),
-    "unknown token": ("send the mmref token exactly as the share link minted it for this server"
-                      " (from the mmref cookie or query parameter)"),
-    "invalid transition": ("a referral in state {state} cannot take a {event} event"
-                           " (see the state machine in the README)"),
-    "other referee": "this token already anchors another referee_identity; one token refers one player",
-    "method not allowed": "POST the event as JSON",
-    "internal error": "the server failed; retry later with the same server_event_id (it is idempotent)",
-}
+
+def process_event(store: Store, raw_body: bytes, header: str | None, *, window: int, ttl: int) -> dict[str, Any]:
+    """Steps 2-10 of docs/contract.md §1.4 (step 1, the size cap, happens before the body is read).
+
+    Returns the 200 body or raises ApiError, whose `server_id` names the known server the
+    request is about (None: it names none). Used by the HTTP route and the dashboard's
+    "Send test event" button alike.
+    """
+    # 2. signature header present and well-formed
+    try:
+        parsed = parse_signature_header(header)
+    except SignatureError as exc:
+        error = "missing signature header" if exc.reason == "missing" else "malformed signature header"
+        raise ApiError(400, error, f"{exc}; {HINTS['malformed signature header']}",
+                       server_id=_server_named_in(store, raw_body)) from None
+    # 3. body is a JSON object; 4. fields have the documented shape
+    fields = _event_fields(store, raw_body)
+    server_id = fields.server_id
+    # 5. the server exists, takes referrals and has a secret
+    server = store.server(server_id)
+    if server is None:
+        raise ApiError(404, "unknown server", HINTS["unknown server"])
+    if not server["referrals_enabled"]:
+        raise ApiError(404, "referrals not enabled", HINTS["referrals not enabled"], server_id=server_id)
+    at = now()
+    live = store.live_secrets(server_id, at)
+    if not live:
+        raise ApiError(404, "no signing secret", HINTS["no signing secret"], server_id=server_id)
+    # 6. timestamp window, kid, MAC
+    try:
+        verify(parsed, raw_body, live, at, window)
+    except SignatureError as exc:
+        raise _bad_signature(store, exc, parsed, raw_body, live, fields, at, window) from None
+    # 7. a verified dry run stops here
+    if fields.test:
+        return {"ok": True, "test": True}
+    # 8. the token is genuine and minted for this server (no database read needed)
+    claims = read_token(store.token_key, fields.token)
+    if claims is None or claims.server_id != server_id:
+        raise ApiError(404, "unknown token", HINTS["unknown token"], server_id=server_id)
+    # 9-10. duplicate check and state machine, in one transaction
+    delivery = Delivery(server_id, fields.event, claims, fields.server_event_id, fields.referee_identity,
+                        fields.ts, _scrubbed_snippet(raw_body, [secret for _, secret in live], limit=2000))
+    return apply_event(store, delivery, ttl)
+
+
+def _event_fields(store: Store, raw_body: bytes) -> EventFields:
+    """Steps 3 and 4: the body, parsed once, and its fields; a refusal names the body's known server."""
+    body = parse_body(raw_body)
+    try:
+        return read_fields(body, _SURROGATE_ESCAPE.search(raw_body) is not None)
+    except ApiError as exc:
+        raise ApiError(exc.status, exc.error, exc.hint, server_id=_known_server_id(store, body), **exc.extra) from None
+
+
+def _server_named_in(store: Store, raw_body: bytes) -> str | None:
+    """For a request refused before step 3: the known server its body names, if the body parses."""
+    try:
+        body = parse_body(raw_body)
+    except ApiError:
+        return None
+    return _known_server_id(store, body)
+
+
+def _known_server_id(store: Store, body: dict[str, Any]) -> str | None:
+    """The body's server_id, trimmed, if it names a known server (else the installation-wide list)."""
+    server_id = body.get("server_id")
+    if not isinstance(server_id, str) or not _is_valid_unicode(server_id) or store.server(server_id.strip()) is None:
+        return None
+    return server_id.strip()
+
+
+def _bad_signature(store: Store, exc: SignatureError, parsed: ParsedSignature, raw_body: bytes,
+                   live: Sequence[tuple[str, str]], fields: EventFields, at: int, window: int) -> ApiError:
+    """The 401 for a signature that fails step 6; a MAC mismatch says why, when a usual mistake explains it."""
+    hint = HINTS[exc.reason].format(window=window)
+    diagnosis = None
+    if exc.reason == "mac_mismatch":
+        revoked = store.revoked_secrets(fields.server_id, at)
+        diagnosis = diagnose_mac_mismatch(parsed, raw_body, live, revoked, fields.ts)
+    return ApiError(401, "bad_signature", f"{hint} ({diagnosis})" if diagnosis else hint, diagnosis=diagnosis,
+                    server_id=fields.server_id, reason=exc.reason)
 
 
 def _field_error(error: str, field: str, hint: str) -> ApiError:
@@ -1018,7 +1205,7 @@ class EventFields:
 
 
 def read_fields(body: dict[str, Any], may_hold_surrogates: bool = True) -> EventFields:
-    """Check the SPEC 1.3 field table, in table order; the first problem is the answer.
+    """Check the docs/contract.md §1.3 field table, in table order; the first problem is the answer.
 
     `may_hold_surrogates=False` (the raw text has no surrogate escape) skips the walk over
     every string of the body: a lone surrogate can only come from a \\uD800-\\uDFFF escape.
@@ -1087,59 +1274,6 @@ def diagnose_mac_mismatch(parsed: ParsedSignature, raw_body: bytes, live: Sequen
     return None
 
 
-def process_event(store: Store, raw_body: bytes, header: str | None, *, window: int, ttl: int) -> dict[str, Any]:
-    """Steps 2-10 of SPEC 1.4 (step 1, the size cap, happens before the body is read).
-
-    Returns the 200 body or raises ApiError. Used by the HTTP route and the dashboard's
-    "Send test event" button alike.
-    """
-    # 2. signature header present and well-formed
-    try:
-        parsed = parse_signature_header(header)
-    except SignatureError as exc:
-        error = "missing signature header" if exc.reason == "missing" else "malformed signature header"
-        raise ApiError(400, error, f"{exc}; {HINTS['malformed signature header']}") from None
-    # 3. body is a JSON object; 4. fields have the documented shape
-    fields = read_fields(parse_body(raw_body), _SURROGATE_ESCAPE.search(raw_body) is not None)
-    # 5. the server exists, takes referrals and has a secret
-    server = store.server(fields.server_id)
-    if server is None:
-        raise ApiError(404, "unknown server", HINTS["unknown server"])
-    return _verified_event(store, server, fields, parsed, raw_body, window, ttl)
-
-
-def _verified_event(store: Store, server: sqlite3.Row, fields: EventFields, parsed: ParsedSignature,
-                    raw_body: bytes, window: int, ttl: int) -> dict[str, Any]:
-    if not server["referrals_enabled"]:
-        raise ApiError(404, "referrals not enabled", HINTS["referrals not enabled"])
-    at = now()
-    live = store.live_secrets(fields.server_id, at)
-    if not live:
-        raise ApiError(404, "no signing secret", HINTS["no signing secret"])
-    # 6. timestamp window, kid, MAC
-    try:
-        verify(parsed, raw_body, live, at, window)
-    except SignatureError as exc:
-        error = ApiError(401, "bad_signature", HINTS[exc.reason].format(window=window), reason=exc.reason)
-        if exc.reason == "mac_mismatch":
-            revoked = store.revoked_secrets(fields.server_id, at)
-            error.diagnosis = diagnose_mac_mismatch(parsed, raw_body, live, revoked, fields.ts)
-            if error.diagnosis:
-                error.hint = f"{error.hint} ({error.diagnosis})"
-        raise error from None
-    # 7. a verified dry run stops here
-    if fields.test:
-        return {"ok": True, "test": True}
-    # 8. the token is genuine and minted for this server (no database read needed)
-    claims = read_token(store.token_key, fields.token)
-    if claims is None or claims.server_id != fields.server_id:
-        raise ApiError(404, "unknown token", HINTS["unknown token"])
-    # 9-10. duplicate check and state machine, in one transaction
-    delivery = Delivery(fields.server_id, fields.event, claims, fields.server_event_id, fields.referee_identity,
-                        fields.ts, _scrubbed_snippet(raw_body, [secret for _, secret in live], limit=2000))
-    return apply_event(store, delivery, ttl)
-
-
 def handle_ingest(store: Store, raw_body: bytes, header: str | None, *, window: int, ttl: int) -> tuple[int, dict]:
     """Run the pipeline; remember refusals; log one line; return (status, body)."""
     try:
@@ -1177,25 +1311,13 @@ def _logged_value(pattern: re.Pattern[bytes], raw_body: bytes) -> str | None:
     return match.group(1).decode("ascii") if match else None
 
 
-def _named_server(store: Store, raw_body: bytes) -> str | None:
-    """The known server a refused body names, if any (else the installation-wide list)."""
-    try:
-        server_id = json.loads(raw_body.decode("utf-8")).get("server_id")
-    except (ValueError, RecursionError, AttributeError):
-        return None
-    if not isinstance(server_id, str) or not _is_valid_unicode(server_id) or store.server(server_id.strip()) is None:
-        return None
-    return server_id.strip()
-
-
 def _remember_rejection(store: Store, exc: ApiError, raw_body: bytes) -> None:
     """Keep the refusal for the dashboard: reason, hint, a masked snippet, never a secret."""
-    server_id = _named_server(store, raw_body)
     # A sender may paste a secret into the body by mistake, and a body that does not parse
     # names no server: scrub every secret of the installation, before cutting the snippet.
     snippet = _scrubbed_snippet(raw_body, store.all_secrets(), limit=300)
     try:
-        store.record_rejected(server_id, exc.status, exc.error, exc.extra.get("reason"), exc.hint,
+        store.record_rejected(exc.server_id, exc.status, exc.error, exc.extra.get("reason"), exc.hint,
                               exc.diagnosis, snippet)
     except sqlite3.Error:
         log.exception("could not record a rejected request")
@@ -1203,7 +1325,7 @@ def _remember_rejection(store: Store, exc: ApiError, raw_body: bytes) -> None:
 
 # Routes: ingest, share link, health ##########################################
 
-referrals = Blueprint("mmoref", __name__)
+blueprint = Blueprint("mmoref", __name__)
 
 
 def _apply_default_settings(state: Any) -> None:
@@ -1212,9 +1334,7 @@ def _apply_default_settings(state: Any) -> None:
         state.app.config.setdefault(name, value)
 
 
-referrals.record_once(_apply_default_settings)
-
-
+blueprint.record_once(_apply_default_settings)
 _store_lock = threading.Lock()
 
 
@@ -1229,11 +1349,11 @@ def get_store() -> Store:
 
 
 def json_response(body: dict[str, Any], status: int = 200) -> Any:
-    """JSON in the field order SPEC shows ("ok" first), whatever the host app's JSON settings."""
+    """JSON in the field order docs/contract.md shows ("ok" first), whatever the host app's JSON settings."""
     return current_app.response_class(json.dumps(body), status=status, mimetype="application/json")
 
 
-@referrals.app_errorhandler(405)
+@blueprint.app_errorhandler(405)
 def _method_not_allowed(exc: Exception) -> Any:
     """Methods the route does not list (e.g. PROPFIND) are refused by routing, outside the
     blueprint: answer them in JSON too on the ingest path, and leave the host's paths alone."""
@@ -1242,7 +1362,7 @@ def _method_not_allowed(exc: Exception) -> Any:
     return exc
 
 
-@referrals.errorhandler(ApiError)
+@blueprint.errorhandler(ApiError)
 def _api_error(exc: ApiError) -> Any:
     """Errors raised outside the pipeline (405, 413); the pipeline's own go through handle_ingest."""
     log.info("ingest status=%s error=%s", exc.status, exc.error)
@@ -1252,10 +1372,7 @@ def _api_error(exc: ApiError) -> Any:
     return response
 
 
-INGEST_PATH = "/api/referral/events"
-
-
-@referrals.route(INGEST_PATH, methods=["GET", "HEAD", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "POST"],
+@blueprint.route(INGEST_PATH, methods=["GET", "HEAD", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "POST"],
                  provide_automatic_options=False)
 def ingest() -> Any:
     if request.method != "POST":
@@ -1281,7 +1398,7 @@ NOT_FOUND_PAGE = ("<!doctype html><meta charset=utf-8><title>Link not found</tit
                   "<p>This referral link is not valid.</p>")
 
 
-@referrals.get("/r/<server_id>")
+@blueprint.get("/r/<server_id>")
 def share_link(server_id: str) -> Any:
     """Record a click, mint a token, set the mmref cookie, send the player to register."""
     code = request.args.get("ref", "")
@@ -1311,17 +1428,17 @@ def _with_query(url: str, **params: str) -> str:
     return urllib.parse.urlunsplit(parts._replace(query=urllib.parse.urlencode(query)))
 
 
-@referrals.get("/healthz")
+@blueprint.get("/healthz")
 def healthz() -> Any:
     try:
-        get_store().connect().execute("SELECT count(*) FROM meta").fetchone()
+        get_store().check()
     except (sqlite3.Error, StoreError):
         return json_response({"ok": False, "error": "database unavailable",
                               "hint": "check that the database file exists and is readable"}, 503)
     return json_response({"ok": True})
 
 
-# Dashboard (SPEC 4, 6) #######################################################
+# Dashboard views (docs/contract.md §4, §6) ###################################
 # Server-rendered pages under /dashboard: login, servers, the Referrals tab with
 # secrets, "Send test event", delivery log, rejected requests and analytics. They use
 # the same store and the same ingest pipeline as the HTTP route; templates autoescape.
@@ -1464,10 +1581,7 @@ def add_server_form() -> Any:
 
 def _index_page(status: int = 200, **extra: Any) -> Any:
     store = get_store()
-    funnels = {row["server_id"]: row for row in store.connect().execute(
-        "SELECT server_id, sum(clicked) AS clicked, sum(registered) AS registered, sum(qualified) AS qualified,"
-        " sum(reversed) AS reversed FROM daily_counts GROUP BY server_id")}
-    return _page("index.html", status, title="Servers", servers=store.servers(), funnels=funnels,
+    return _page("index.html", status, title="Servers", servers=store.servers(), funnels=store.funnels(),
                  rejected=store.rejected_requests(None, 20), identity_fields=IDENTITY_FIELDS,
                  form=request.form if extra.get("error") else {}, **extra)  # refill the form only to fix it
 
@@ -1484,10 +1598,13 @@ def _tab_url(server: sqlite3.Row, **params: Any) -> str:
 
 
 @dashboard.get("/<game>/<server_id>/referrals")
-def referrals_tab(game: str, server_id: str, **shown_once: Any) -> Any:
+def referrals_tab(game: str, server_id: str) -> Any:
+    return _render_tab(_server_or_404(game, server_id))
+
+
+def _render_tab(server: sqlite3.Row, **shown_once: Any) -> Any:
     """The Referrals tab; `shown_once` carries a new secret, token or test result into the page."""
-    server = _server_or_404(game, server_id)
-    store = get_store()
+    store, server_id, game = get_store(), server["server_id"], server["game"]
     filters = _log_filters()
     before, after = request.args.get("before", type=int), request.args.get("after", type=int)
     rows = store.delivery_log(server_id, limit=LOG_PAGE_SIZE + 1, before_id=before, after_id=after, **filters)
@@ -1539,19 +1656,19 @@ def set_enabled(game: str, server_id: str) -> Any:
     store.update_server(server_id, referrals_enabled=int(enable))
     if enable and not store.live_secrets(server_id, now()):  # enabling mints the first secret
         secret, kid = store.rotate_secret(server_id, grace=0)
-        return referrals_tab(game, server_id, new_secret={"secret": secret, "kid": kid})
+        return _render_tab(server, new_secret={"secret": secret, "kid": kid})
     flash("Referrals enabled." if enable else "Referrals disabled: events now get 404 referrals not enabled.")
     return redirect(_tab_url(server))
 
 
 @dashboard.post("/<game>/<server_id>/referrals/secret")
 def rotate_secret_form(game: str, server_id: str) -> Any:
-    _server_or_404(game, server_id)
+    server = _server_or_404(game, server_id)
     grace = request.form.get("grace", str(DEFAULT_GRACE_SECONDS))
     if grace not in GRACE_CHOICES:
         abort(400)
     secret, kid = get_store().rotate_secret(server_id, int(grace))
-    return referrals_tab(game, server_id, new_secret={"secret": secret, "kid": kid, "grace": GRACE_CHOICES[grace]})
+    return _render_tab(server, new_secret={"secret": secret, "kid": kid, "grace": GRACE_CHOICES[grace]})
 
 
 @dashboard.post("/<game>/<server_id>/referrals/settings")
@@ -1579,7 +1696,7 @@ def mint_token_form(game: str, server_id: str) -> Any:
     except ConfigError as exc:
         flash(str(exc))
         return redirect(_tab_url(server))
-    return referrals_tab(game, server_id, new_token={"token": token, "referral_id": referral_id})
+    return _render_tab(server, new_token={"token": token, "referral_id": referral_id})
 
 
 @dashboard.post("/<game>/<server_id>/referrals/test-event")
@@ -1598,7 +1715,7 @@ def send_test_event(game: str, server_id: str) -> Any:
     config = current_app.config
     status, answer = handle_ingest(store, body, signature_header(secret, body, kid=kid),
                                    window=config["MMOREF_REPLAY_WINDOW"], ttl=config["MMOREF_TOKEN_TTL"])
-    return referrals_tab(game, server_id, test_result={"status": status, "body": json.dumps(answer, indent=2)})
+    return _render_tab(server, test_result={"status": status, "body": json.dumps(answer, indent=2)})
 
 
 @dashboard.get("/<game>/<server_id>/referrals/log.csv")
@@ -1672,24 +1789,16 @@ def owner_action_form(game: str, server_id: str, referral_id: str, action: str) 
 
 def analytics(store: Store, server_id: str, days: int = 30) -> dict[str, Any]:
     """Funnel, leaderboard and daily series from the counter tables (no row scans)."""
-    db = store.connect()
-    funnel = db.execute("SELECT coalesce(sum(clicked), 0) AS clicked, coalesce(sum(registered), 0) AS registered,"
-                        " coalesce(sum(qualified), 0) AS qualified, coalesce(sum(reversed), 0) AS reversed"
-                        " FROM daily_counts WHERE server_id = ?", (server_id,)).fetchone()
-    leaders = db.execute("SELECT referrer_code, clicked, registered, qualified FROM referrer_counts"
-                         " WHERE server_id = ? AND qualified > 0 ORDER BY qualified DESC, referrer_code LIMIT 20",
-                         (server_id,)).fetchall()
+    funnel = store.funnel(server_id)
     today = datetime.datetime.fromtimestamp(now(), datetime.timezone.utc).date()
     first = today - datetime.timedelta(days=days - 1)
-    counted = {row["day"]: row for row in db.execute(
-        "SELECT day, clicked, registered, qualified FROM daily_counts WHERE server_id = ? AND day >= ?",
-        (server_id, first.isoformat()))}
+    counted = store.daily_counts(server_id, first.isoformat())
     series = []
     for offset in range(days):
         day = (first + datetime.timedelta(days=offset)).isoformat()
         row = counted.get(day)
         series.append({"day": day, **{k: row[k] if row else 0 for k in ("clicked", "registered", "qualified")}})
-    return {"funnel": funnel, "leaders": leaders, "series": series,
+    return {"funnel": funnel, "leaders": store.leaders(server_id), "series": series,
             "registered_rate": _rate(funnel["registered"], funnel["clicked"]),
             "qualified_rate": _rate(funnel["qualified"], funnel["registered"]), "chart": _chart(series)}
 
@@ -1717,210 +1826,7 @@ def _page(template: str, status: int, **context: Any) -> Any:
     return current_app.response_class(html, status=status, mimetype="text/html")
 
 
-STYLE_SHEET = """
-:root{--ink:#1d2330;--muted:#5c6475;--line:#d9dde5;--bg:#f6f7f9;--accent:#2f5bd3;--ok:#1c7c3a;--bad:#b3261e}
-*{box-sizing:border-box}body{margin:0;font:15px/1.5 system-ui,sans-serif;color:var(--ink);background:var(--bg)}
-header{display:flex;justify-content:space-between;align-items:center;padding:.6rem 1rem;background:#fff;
-border-bottom:1px solid var(--line)}header a{font-weight:700;text-decoration:none;color:var(--ink)}
-main{max-width:72rem;margin:0 auto;padding:1rem}section{background:#fff;border:1px solid var(--line);
-border-radius:8px;padding:1rem;margin:0 0 1rem}h1{font-size:1.4rem;margin:.2rem 0 1rem}
-h2{font-size:1.1rem;margin:0 0 .6rem}
-label{display:block;margin:.4rem 0 .1rem;font-weight:600}input,select{font:inherit;padding:.35rem .5rem;
-border:1px solid var(--line);border-radius:4px;max-width:100%}button{font:inherit;padding:.35rem .8rem;
-border:1px solid var(--accent);background:var(--accent);color:#fff;border-radius:4px;cursor:pointer}
-button.plain{background:#fff;color:var(--accent)}button:disabled{opacity:.5;cursor:not-allowed}
-.row{display:flex;flex-wrap:wrap;gap:.6rem;align-items:end}.row>*{margin:0;max-width:100%}
-.scroll{overflow-x:auto}table{border-collapse:collapse;width:100%;font-size:.9rem}
-th,td{text-align:left;padding:.3rem .5rem;border-bottom:1px solid var(--line);white-space:nowrap}
-.secret{font:1rem ui-monospace,monospace;background:#fff7d6;border:1px solid #e6c84f;padding:.6rem;
-word-break:break-all}.flash{background:#eef3ff;border:1px solid #c9d6fb;padding:.5rem;border-radius:4px}
-.error{color:var(--bad)}.ok{color:var(--ok)}.muted{color:var(--muted)}pre{background:var(--bg);
-padding:.6rem;overflow-x:auto}.funnel{display:flex;gap:1rem;flex-wrap:wrap}.funnel div{min-width:7rem}
-.funnel strong{display:block;font-size:1.5rem}svg .clicked{fill:#9fb4ee}svg .registered{fill:#2f5bd3}
-svg .qualified{fill:#1c7c3a}.pager{display:flex;gap:1rem;margin-top:.5rem}
-.rejected td{white-space:normal;vertical-align:top}.rejected td:first-child{white-space:nowrap}
-.rejected td:nth-child(n+5){min-width:14rem}.rejected code{word-break:break-all}
-"""
-
-TEMPLATES = jinja2.Environment(autoescape=True, loader=jinja2.DictLoader({
-    "base.html": """<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
-<title>{{ title }} · mmoref</title><style>""" + STYLE_SHEET + """</style></head>
-<body><header><a href="{{ url_for('mmoref.dashboard.index') }}">mmoref</a>
-{% if logged_in %}<form method="post" action="{{ url_for('mmoref.dashboard.logout') }}">
-<input type="hidden" name="csrf_token" value="{{ csrf_token() }}"><button class="plain">Log out</button></form>
-{% endif %}
-</header><main>{% for message in messages %}<p class="flash" role="status">{{ message }}</p>{% endfor %}
-{% block main %}{% endblock %}</main></body></html>""",
-
-    "message.html": """{% extends "base.html" %}{% block main %}<section><h1>{{ title }}</h1>
-<p>{{ message }}</p></section>{% endblock %}""",
-
-    "login.html": """{% extends "base.html" %}{% block main %}<section><h1>Log in</h1>
-{% if error %}<p class="error" role="alert">{{ error }}</p>{% endif %}
-{% if no_password %}<p class="error">No dashboard password is set yet: run
-<code>python mmoref_server.py set-password</code> or set <code>MMOREF_ADMIN_PASSWORD</code>.</p>{% endif %}
-<form method="post"><input type="hidden" name="csrf_token" value="{{ csrf_token() }}">
-<label for="password">Password</label><input id="password" name="password" type="password"
-autocomplete="current-password" required autofocus> <button>Log in</button></form></section>{% endblock %}""",
-
-    "index.html": """{% extends "base.html" %}{% block main %}<h1>Servers</h1>
-{% if new_secret %}<section id="new-secret"><h2>Server {{ new_secret.server_id }} created</h2>
-<p>Its signing secret, shown <strong>once</strong>: copy it into your game server's config now.</p>
-<p class="secret" id="secret-value">{{ new_secret.secret }}</p><p class="muted">kid {{ new_secret.kid }}</p>
-<p><a href="{{ url_for('mmoref.dashboard.referrals_tab', game=new_secret.game, server_id=new_secret.server_id) }}">
-Open its Referrals tab</a></p></section>{% endif %}
-<section><div class="scroll"><table id="servers"><thead><tr><th>Server</th><th>Game</th><th>Referrals</th>
-<th>Funnel: clicks → registered → qualified (reversed)</th></tr></thead><tbody>
-{% for server in servers %}{% set f = funnels.get(server.server_id) %}<tr data-server="{{ server.server_id }}">
-<td><a href="{{ url_for('mmoref.dashboard.referrals_tab', game=server.game, server_id=server.server_id) }}">
-{{ server.name or server.server_id }}</a> <span class="muted">{{ server.server_id }}</span></td>
-<td>{{ server.game }}</td>
-<td>{{ "on" if server.referrals_enabled else "off" }}</td>
-<td>{{ f.clicked if f else 0 }} → {{ f.registered if f else 0 }} → {{ f.qualified if f else 0 }}
-({{ f.reversed if f else 0 }})</td></tr>
-{% else %}<tr><td colspan="4">No servers yet: add one below.</td></tr>{% endfor %}</tbody></table></div></section>
-<section><h2>Add server</h2>{% if error %}<p class="error" role="alert">{{ error }}</p>{% endif %}
-<form method="post" action="{{ url_for('mmoref.dashboard.add_server_form') }}" class="row">
-<input type="hidden" name="csrf_token" value="{{ csrf_token() }}">
-<div><label for="server_id">Server id</label><input id="server_id" name="server_id" required
-pattern="[A-Za-z0-9_.\\-]{1,64}" value="{{ form.server_id or '' }}"></div>
-<div><label for="game">Game</label><input id="game" name="game" required pattern="[A-Za-z0-9_.\\-]{1,64}"
-value="{{ form.game or '' }}"></div>
-<div><label for="name">Name</label><input id="name" name="name" value="{{ form.name or '' }}"></div>
-<div><label for="registration_url">Registration URL</label><input id="registration_url" name="registration_url"
-type="url" placeholder="https://yourgame.example/register" value="{{ form.registration_url or '' }}"></div>
-<div><label for="identity_field">Identity field</label><select id="identity_field" name="identity_field">
-{% for f in identity_fields %}<option{% if f == form.identity_field %} selected{% endif %}>{{ f }}</option>{% endfor %}
-</select></div>
-<div><button>Add server</button></div></form></section>
-<section><h2>Rejected requests naming no known server</h2>
-{% with rows = rejected %}{% include "rejected.html" %}{% endwith %}</section>{% endblock %}""",
-
-    "rejected.html": """{% if rows %}<div class="scroll"><table class="rejected"><thead><tr><th>Time</th>
-<th>Status</th><th>Error</th><th>Reason</th><th>Hint</th><th>Body</th></tr></thead><tbody>
-{% for r in rows %}<tr data-status="{{ r.status }}"><td>{{ iso_utc(r.received_at) }}</td><td>{{ r.status }}</td>
-<td>{{ r.error }}</td><td>{{ r.reason or "" }}</td><td style="white-space:normal">{{ r.hint }}
-{% if r.diagnosis %}<br><strong class="diagnosis">{{ r.diagnosis }}</strong>{% endif %}</td>
-<td><code>{{ r.snippet[:120] }}</code></td></tr>{% endfor %}</tbody></table></div>
-{% else %}<p class="muted">None.</p>{% endif %}""",
-
-    "referrals.html": """{% extends "base.html" %}{% block main %}
-<h1>{{ server.name or server.server_id }} <span class="muted">· {{ server.game }} · Referrals</span></h1>
-{% if new_secret %}<section id="new-secret"><h2>New signing secret</h2>
-<p>Shown <strong>once</strong>: copy it into your game server's config now.
-{% if new_secret.grace %}The previous secret: {{ new_secret.grace }}.{% endif %}</p>
-<p class="secret" id="secret-value">{{ new_secret.secret }}</p><p class="muted">kid {{ new_secret.kid }}</p></section>
-{% endif %}
-{% if new_token %}<section id="new-token"><h2>Test token for referral {{ new_token.referral_id }}</h2>
-<p class="secret" id="token-value">{{ new_token.token }}</p></section>{% endif %}
-
-<section id="status"><h2>Status</h2><form method="post" action="{{ url_for('mmoref.dashboard.set_enabled',
-game=server.game, server_id=server.server_id) }}"><input type="hidden" name="csrf_token" value="{{ csrf_token() }}">
-{% if server.referrals_enabled %}<p class="ok">Referrals are enabled.</p><input type="hidden" name="enabled" value="0">
-<button class="plain">Disable referrals</button>{% else %}<p class="error">Referrals are disabled.</p>
-<input type="hidden" name="enabled" value="1"><button>Enable referrals</button>{% endif %}</form></section>
-
-<section id="secrets"><h2>Signing secret</h2><div class="scroll"><table><thead><tr><th>kid</th><th>Secret</th>
-<th>Status</th></tr></thead><tbody>{% for s in secrets[:5] %}<tr><td>{{ s.kid }}</td><td>…{{ s.last4 }}</td><td>
-{% if s.expires_at is none %}current{% elif s.expires_at > now %}valid until {{ iso_utc(s.expires_at) }}
-{% else %}revoked{% endif %}</td></tr>{% else %}<tr><td colspan="3">No secret yet.</td></tr>{% endfor %}
-</tbody></table></div>
-<form method="post" class="row" action="{{ url_for('mmoref.dashboard.rotate_secret_form', game=server.game,
-server_id=server.server_id) }}"><input type="hidden" name="csrf_token" value="{{ csrf_token() }}">
-<div><label for="grace">The previous secret</label><select id="grace" name="grace">{% for value, label in
-grace_choices.items() %}<option value="{{ value }}"{% if value == "86400" %} selected{% endif %}>{% if value == "0"
-%}revoke now{% else %}stays valid {{ label }}{% endif %}</option>{% endfor %}</select></div>
-<div><button>{{ "Rotate secret" if has_secret else "Generate secret" }}</button></div></form></section>
-
-<section id="settings"><h2>Registration</h2><form method="post" class="row" action="{{
-url_for('mmoref.dashboard.settings_form', game=server.game, server_id=server.server_id) }}">
-<input type="hidden" name="csrf_token" value="{{ csrf_token() }}">
-<div><label for="registration_url">Registration URL</label><input id="registration_url" name="registration_url"
-size="40" value="{{ server.registration_url or '' }}" placeholder="https://yourgame.example/register"></div>
-<div><label for="identity_field">Identity field</label><select id="identity_field" name="identity_field">
-{% for f in identity_fields %}<option{% if f == server.identity_field %} selected{% endif %}>{{ f }}</option>
-{% endfor %}</select></div><div><button>Save</button></div></form>
-<label for="share-link">Share link (players add their code)</label>
-<input id="share-link" readonly size="50" value="{{ share_link }}PLAYERCODE">
-<form method="post" class="row" action="{{ url_for('mmoref.dashboard.mint_token_form', game=server.game,
-server_id=server.server_id) }}"><input type="hidden" name="csrf_token" value="{{ csrf_token() }}">
-<div><label for="ref">Referrer code</label><input id="ref" name="ref" required value="tester"></div>
-<div><button class="plain">Mint a test token</button></div></form></section>
-
-<section id="test-event"><h2>Send test event</h2>
-<p class="muted">Signs a <code>"test": true</code> registered event with the current secret and runs it through the
-real ingest pipeline. Nothing is written to the delivery log.</p>
-<form method="post" action="{{ url_for('mmoref.dashboard.send_test_event', game=server.game,
-server_id=server.server_id) }}"><input type="hidden" name="csrf_token" value="{{ csrf_token() }}">
-<button id="send-test-event"{% if not has_secret %} disabled{% endif %}>Send test event</button>
-{% if not has_secret %}<span class="muted">Generate a secret first: the test event is signed with it.</span>
-{% endif %}</form>{% if test_result %}<div id="test-result" data-status="{{ test_result.status }}">
-<p class="{{ 'ok' if test_result.status == 200 else 'error' }}">HTTP {{ test_result.status }}</p>
-<pre>{{ test_result.body }}</pre></div>{% endif %}</section>
-
-<section id="analytics"><h2>Analytics</h2>{% set f = analytics.funnel %}<div class="funnel">
-<div>Clicks<strong id="funnel-clicked">{{ f.clicked }}</strong></div>
-<div>Registered<strong id="funnel-registered">{{ f.registered }}</strong>{{ analytics.registered_rate }} of clicks</div>
-<div>Qualified<strong id="funnel-qualified">{{ f.qualified }}</strong>{{ analytics.qualified_rate }} of registered</div>
-<div>Reversed<strong id="funnel-reversed">{{ f.reversed }}</strong></div></div>
-<h3>Last 30 days</h3><svg id="daily-chart" role="img" aria-label="Daily clicks, registrations and qualifications"
-viewBox="0 0 {{ analytics.chart.width }} 112" width="100%" height="140" preserveAspectRatio="none">
-{% for bar in analytics.chart.bars %}<rect class="{{ bar.kind }}" x="{{ bar.x }}" y="{{ bar.y }}" width="5"
-height="{{ bar.height }}"><title>{{ bar.label }}</title></rect>{% endfor %}</svg>
-<p class="muted">Bars per day: clicks (light), registered (blue), qualified (green);
-peak {{ analytics.chart.peak }}.</p>
-<h3>Top referrers (by qualified)</h3><div class="scroll"><table id="leaderboard"><thead><tr><th>Referrer</th>
-<th>Clicks</th><th>Registered</th><th>Qualified</th></tr></thead><tbody>{% for r in analytics.leaders %}<tr>
-<td>{{ r.referrer_code }}</td><td>{{ r.clicked }}</td><td>{{ r.registered }}</td><td>{{ r.qualified }}</td></tr>
-{% else %}<tr><td colspan="4">No qualified referrals yet.</td></tr>{% endfor %}</tbody></table></div></section>
-
-<section id="log"><h2>Delivery log</h2><form method="get" class="row">
-<div><label for="f-event">Event</label><select id="f-event" name="event"><option value="">any</option>
-{% for e in log_events %}<option{% if filters.event == e %} selected{% endif %}>{{ e }}</option>{% endfor %}
-</select></div><div><label for="f-outcome">Outcome</label><select id="f-outcome" name="outcome">
-<option value="">any</option>{% for o in outcomes %}<option{% if filters.outcome == o %} selected{% endif %}>{{ o }}
-</option>{% endfor %}</select></div><div><label for="f-q">server_event_id or referrer code</label>
-<input id="f-q" name="q" value="{{ filters.q or '' }}"></div><div><button class="plain">Filter</button></div>
-<div><a href="{{ csv_url }}">Export CSV</a></div></form>
-<div class="scroll"><table id="delivery-log"><thead><tr><th>Received</th><th>Event</th><th>State now</th>
-<th>Outcome</th><th>server_event_id</th><th>Referrer</th><th>Referee</th><th>Token</th><th></th></tr></thead><tbody>
-{% for row in log_rows %}<tr data-id="{{ row.id }}" data-event="{{ row.event }}" data-state="{{ row.state }}"
-data-outcome="{{ row.outcome }}"><td>{{ row.received }}</td><td>{{ row.event }}</td><td>{{ row.state }}</td>
-<td>{{ row.outcome }}</td><td>{{ row.server_event_id or "" }}</td><td>{{ row.referrer_code }}</td>
-<td>{{ row.referee_masked }}</td><td>{{ row.token_masked }}</td><td><a class="detail" href="{{
-url_for('mmoref.dashboard.log_detail', game=server.game, server_id=server.server_id, row_id=row.id) }}">details</a>
-</td></tr>{% else %}<tr><td colspan="9">No events{{ " match these filters" if filters else " yet" }}.</td></tr>
-{% endfor %}</tbody></table></div><nav class="pager">{% if newer_url %}<a id="newer" href="{{ newer_url }}">← newer
-</a>{% endif %}{% if older_url %}<a id="older" href="{{ older_url }}">older →</a>{% endif %}</nav></section>
-
-<section id="rejected"><h2>Rejected requests</h2>{% with rows = rejected %}{% include "rejected.html" %}
-{% endwith %}</section>{% endblock %}""",
-
-    "detail.html": """{% extends "base.html" %}{% block main %}
-<p><a href="{{ url_for('mmoref.dashboard.referrals_tab', game=server.game, server_id=server.server_id) }}">
-← Referrals</a></p><h1>Event {{ row.id }}: {{ row.event }}</h1><section><table id="event-detail">
-<tr><th>Received</th><td>{{ row.received }}</td></tr><tr><th>Outcome</th><td>{{ row.outcome }}</td></tr>
-<tr><th>server_event_id</th><td>{{ row.server_event_id or "" }}</td></tr>
-<tr><th>Referral</th><td>{{ referral.referral_id }} (referrer {{ referral.referrer_code }})</td></tr>
-<tr><th>Referral state now</th><td id="referral-state">{{ referral.state }}</td></tr>
-<tr><th>Referee</th><td>{{ referral.referee_identity or "" }}</td></tr></table>
-{% if payload %}<h2>Stored payload (token masked)</h2><pre>{{ payload }}</pre>{% endif %}</section>
-<section><h2>Owner actions</h2>{% for action in actions %}<form method="post" style="display:inline" action="{{
-url_for('mmoref.dashboard.owner_action_form', game=server.game, server_id=server.server_id,
-referral_id=referral.referral_id, action=action) }}"><input type="hidden" name="csrf_token" value="{{ csrf_token() }}">
-<input type="hidden" name="back" value="{{ url_for('mmoref.dashboard.log_detail', game=server.game,
-server_id=server.server_id, row_id=row.id) }}"><button class="plain" id="action-{{ action }}">{{ action|capitalize }}
-referral</button></form> {% else %}<p class="muted">None: a {{ referral.state }} referral is final or not yet
-registered.</p>{% endfor %}</section>
-<section><h2>History of this referral</h2><div class="scroll"><table id="history"><tbody>{% for h in history %}
-<tr data-event="{{ h.event }}" data-outcome="{{ h.outcome }}"><td>{{ h.received }}</td><td>{{ h.event }}</td>
-<td>{{ h.outcome }}</td><td>{{ h.server_event_id or "" }}</td></tr>{% endfor %}</tbody></table></div></section>
-{% endblock %}""",
-}))
-
-
-referrals.register_blueprint(dashboard)
+blueprint.register_blueprint(dashboard)
 
 
 # App factory #################################################################
@@ -1935,11 +1841,13 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     if app.config["MMOREF_TRUST_PROXY"]:
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=1, x_proto=1, x_host=1, x_port=1)  # type: ignore[method-assign]
     app.session_interface = _SessionInterface()
-    app.register_blueprint(referrals)
+    app.register_blueprint(blueprint)
     with app.app_context():
         store = get_store()  # create or migrate the schema now; refuse a newer database at start-up
         if not app.config.get("SECRET_KEY"):  # per installation, never a constant
             app.config["SECRET_KEY"] = store.installation_key("session_key")
+    for command in cli.commands.values():  # so `flask --app mmoref_server add-server ...` works too
+        app.cli.add_command(command)
     return app
 
 
@@ -1950,11 +1858,23 @@ class _SessionInterface(SecureCookieSessionInterface):
         return bool(super().get_cookie_secure(app) or request.is_secure)
 
 
-# Command line (SPEC 5) #######################################################
+# Command line (docs/contract.md §5) ##########################################
+
+
+class _Command(click.Command):
+    """A command whose ConfigError or StoreError is a click error: one line, under `flask` too."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (ConfigError, StoreError) as exc:
+            raise click.ClickException(str(exc)) from None
 
 
 class _OneLineErrors(click.Group):
     """A click group whose user errors are one line on stderr and a non-zero exit."""
+
+    command_class = _Command
 
     def main(self, args: Any = None, prog_name: Any = None, **extra: Any) -> Any:
         extra.pop("standalone_mode", None)
@@ -1968,7 +1888,7 @@ class _OneLineErrors(click.Group):
             more = f" (see {usage.command_path} --help)" if usage is not None else ""
             click.echo(f"error: {exc.format_message()}{more}", err=True)
             sys.exit(exc.exit_code)
-        except (ConfigError, StoreError) as exc:
+        except (ConfigError, StoreError) as exc:  # from `serve`, run when no command is named
             click.echo(f"error: {exc}", err=True)
             sys.exit(1)
         sys.exit(result if isinstance(result, int) else 0)
@@ -1998,14 +1918,14 @@ def _emit(as_json: bool, data: Any, text: str) -> None:
 def cli(ctx: click.Context) -> None:
     """mmoref: the MMOLove Referral Kit ingest server. With no command: serve."""
     if ctx.invoked_subcommand is None:
-        ctx.invoke(serve)
+        ctx.invoke(serve_command)
 
 
-@cli.command()
+@cli.command("serve")
 @_db_option
 @click.option("--host", help="address to bind [env MMOREF_HOST; 127.0.0.1]")
 @click.option("--port", type=int, help="port [env MMOREF_PORT; 5000]")
-def serve(db_path: str | None = None, host: str | None = None, port: int | None = None) -> None:
+def serve_command(db_path: str | None = None, host: str | None = None, port: int | None = None) -> None:
     """Serve the ingest endpoint, share links and dashboard (waitress)."""
     import waitress
 
@@ -2051,7 +1971,7 @@ def _login_lines(app: Flask) -> list[str]:
 @_db_option
 @click.option("--password", prompt="New dashboard password", hide_input=True, confirmation_prompt=True,
               help="the new password (prompted for when omitted)")
-def set_password(db_path: str | None, password: str) -> None:
+def set_password_command(db_path: str | None, password: str) -> None:
     """Set the dashboard password (stored as a salted hash); logs every session out."""
     _open_store(db_path).set_admin_password(password)
     click.echo("dashboard password changed")
@@ -2065,8 +1985,8 @@ def set_password(db_path: str | None, password: str) -> None:
 @click.option("--identity-field", type=click.Choice(IDENTITY_FIELDS), default="username", show_default=True)
 @_db_option
 @_json_option
-def add_server(server_id: str, game: str, name: str, registration_url: str | None, identity_field: str,
-               db_path: str | None, as_json: bool) -> None:
+def add_server_command(server_id: str, game: str, name: str, registration_url: str | None, identity_field: str,
+                       db_path: str | None, as_json: bool) -> None:
     """Create a server with referrals enabled; print its first secret once."""
     secret, kid = _open_store(db_path).add_server(server_id, game, name, registration_url, identity_field)
     _emit(as_json, {"server_id": server_id, "game": game, "secret": secret, "kid": kid},
@@ -2080,7 +2000,7 @@ def add_server(server_id: str, game: str, name: str, registration_url: str | Non
               help="seconds the previous secret stays valid; 0 revokes it now")
 @_db_option
 @_json_option
-def rotate_secret(server_id: str, grace: int, db_path: str | None, as_json: bool) -> None:
+def rotate_secret_command(server_id: str, grace: int, db_path: str | None, as_json: bool) -> None:
     """Make a new signing secret; print it once."""
     secret, kid = _open_store(db_path).rotate_secret(server_id, grace)
     previous = "revoked now" if grace == 0 else f"valid for {grace} more seconds"
@@ -2126,18 +2046,18 @@ def _owner_command(action: str) -> Callable:
     @_db_option
     @_json_option
     @click.argument("referral_id")
-    def command(referral_id: str, db_path: str | None, as_json: bool) -> None:
+    def owner_action_command(referral_id: str, db_path: str | None, as_json: bool) -> None:
         state = owner_action(_open_store(db_path), referral_id, action)
         _emit(as_json, {"referral_id": referral_id, "state": state}, f"{referral_id} is now {state}")
-    command.__doc__ = f"{action.capitalize()} a referral as the owner (logged as an owner action)."
-    return cli.command(action)(command)
+    owner_action_command.__doc__ = f"{action.capitalize()} a referral as the owner (logged as an owner action)."
+    return cli.command(action)(owner_action_command)
 
 
 for _action in OWNER_ACTIONS:
     _owner_command(_action)
 
 
-@cli.command()
+@cli.command("send")
 @click.argument("event", type=click.Choice(EVENTS))
 @click.option("--endpoint", required=True, help="e.g. http://127.0.0.1:5000/api/referral/events")
 @click.option("--server-id", required=True)
@@ -2148,8 +2068,8 @@ for _action in OWNER_ACTIONS:
 @click.option("--kid", help="which secret signs (optional)")
 @click.option("--test", is_flag=True, help="dry run: verified, nothing written")
 @_json_option
-def send(event: str, endpoint: str, server_id: str, secret: str, token: str, referee_identity: str | None,
-         server_event_id: str | None, kid: str | None, test: bool, as_json: bool) -> None:
+def send_command(event: str, endpoint: str, server_id: str, secret: str, token: str, referee_identity: str | None,
+                 server_event_id: str | None, kid: str | None, test: bool, as_json: bool) -> None:
     """Sign and POST one event, like a game server's kit would; exit 0 on 2xx."""
     body = build_body(event, token, server_id, server_event_id or f"evt-{secrets.token_hex(6)}",
                       referee_identity=referee_identity, test=test)
@@ -2165,16 +2085,16 @@ def send(event: str, endpoint: str, server_id: str, secret: str, token: str, ref
         sys.exit(1)
 
 
-@cli.command()
+DEMO_SERVER_ID, DEMO_GAME, DEMO_SECRET = "demo-server", "demo-game", "demo-secret-not-for-production"
+
+
+@cli.command("demo")
 @click.argument("path")
 @click.option("--force", is_flag=True, help="replace PATH if it exists")
-def demo(path: str, force: bool) -> None:
+def demo_command(path: str, force: bool) -> None:
     """Write a demo database (how referrals.db.example is made)."""
     write_demo_database(path, force)
     click.echo(f"demo database written to {path}; demo server {DEMO_SERVER_ID}, demo secret {DEMO_SECRET}")
-
-
-DEMO_SERVER_ID, DEMO_GAME, DEMO_SECRET = "demo-server", "demo-game", "demo-secret-not-for-production"
 
 
 def write_demo_database(path: str, force: bool = False) -> None:
@@ -2191,8 +2111,7 @@ def write_demo_database(path: str, force: bool = False) -> None:
                 os.remove(path + suffix)
     store = Store(path)
     store.add_server(DEMO_SERVER_ID, DEMO_GAME, "Demo Server", "http://localhost:8080/register", "username")
-    with store.transaction() as db:  # a well-known secret, so the README can show it
-        db.execute("UPDATE secrets SET secret = ? WHERE server_id = ?", (DEMO_SECRET, DEMO_SERVER_ID))
+    store.set_secret(DEMO_SERVER_ID, DEMO_SECRET)  # a well-known secret, so the README can show it
     ttl = SETTINGS["MMOREF_TOKEN_TTL"][1]
 
     def deliver(token: str, event: str, event_id: str, referee: str | None = None, secret: str = DEMO_SECRET) -> None:
@@ -2262,6 +2181,586 @@ def send_event(endpoint: str, secret: str, body: bytes, *, kid: str | None = Non
     except ValueError:
         parsed = text
     return {"status": status, "body": parsed, "error": None}
+
+
+# Templates and style sheet ###################################################
+# Jinja templates (autoescaped), one per page, a block per section; the style sheet first, as they include it.
+
+STYLE_SHEET = """
+:root { --ink: #1d2330; --muted: #5c6475; --line: #d9dde5; --bg: #f6f7f9; --accent: #2f5bd3; --ok: #1c7c3a;
+        --bad: #b3261e; }
+* { box-sizing: border-box; }
+body { margin: 0; font: 15px/1.5 system-ui, sans-serif; color: var(--ink); background: var(--bg); }
+header { display: flex; justify-content: space-between; align-items: center; padding: .6rem 1rem;
+         background: #fff; border-bottom: 1px solid var(--line); }
+header a { font-weight: 700; text-decoration: none; color: var(--ink); }
+main { max-width: 72rem; margin: 0 auto; padding: 1rem; }
+section { background: #fff; border: 1px solid var(--line); border-radius: 8px; padding: 1rem; margin: 0 0 1rem; }
+h1 { font-size: 1.4rem; margin: .2rem 0 1rem; }
+h2 { font-size: 1.1rem; margin: 0 0 .6rem; }
+label { display: block; margin: .4rem 0 .1rem; font-weight: 600; }
+input, select { font: inherit; padding: .35rem .5rem; border: 1px solid var(--line); border-radius: 4px;
+                max-width: 100%; }
+button { font: inherit; padding: .35rem .8rem; border: 1px solid var(--accent); background: var(--accent);
+         color: #fff; border-radius: 4px; cursor: pointer; }
+button.plain { background: #fff; color: var(--accent); }
+button:disabled { opacity: .5; cursor: not-allowed; }
+.row { display: flex; flex-wrap: wrap; gap: .6rem; align-items: end; }
+.row > * { margin: 0; max-width: 100%; }
+.scroll { overflow-x: auto; }
+table { border-collapse: collapse; width: 100%; font-size: .9rem; }
+th, td { text-align: left; padding: .3rem .5rem; border-bottom: 1px solid var(--line); white-space: nowrap; }
+.secret { font: 1rem ui-monospace, monospace; background: #fff7d6; border: 1px solid #e6c84f; padding: .6rem;
+          word-break: break-all; }
+.flash { background: #eef3ff; border: 1px solid #c9d6fb; padding: .5rem; border-radius: 4px; }
+.error { color: var(--bad); }
+.ok { color: var(--ok); }
+.muted { color: var(--muted); }
+pre { background: var(--bg); padding: .6rem; overflow-x: auto; }
+.funnel { display: flex; gap: 1rem; flex-wrap: wrap; }
+.funnel div { min-width: 7rem; }
+.funnel strong { display: block; font-size: 1.5rem; }
+svg .clicked { fill: #9fb4ee; }
+svg .registered { fill: #2f5bd3; }
+svg .qualified { fill: #1c7c3a; }
+.pager { display: flex; gap: 1rem; margin-top: .5rem; }
+.rejected td { white-space: normal; vertical-align: top; }
+.rejected td:first-child { white-space: nowrap; }
+.rejected td:nth-child(n+5) { min-width: 14rem; }
+.rejected code { word-break: break-all; }
+"""
+
+# Every form carries the session's CSRF token; the templates below join this field in.
+_CSRF_FIELD = '<input type="hidden" name="csrf_token" value="{{ csrf_token() }}">'
+
+TEMPLATES = jinja2.Environment(autoescape=True, trim_blocks=True, lstrip_blocks=True, loader=jinja2.DictLoader({
+    "base.html": """<!doctype html>
+<html lang="en">
+<head>
+  <meta charset="utf-8">
+  <meta name="viewport" content="width=device-width, initial-scale=1">
+  <title>{{ title }} · mmoref</title>
+  <style>""" + STYLE_SHEET + """</style>
+</head>
+<body>
+<header>
+  <a href="{{ url_for('mmoref.dashboard.index') }}">mmoref</a>
+  {% if logged_in %}
+  <form method="post" action="{{ url_for('mmoref.dashboard.logout') }}">
+    """ + _CSRF_FIELD + """
+    <button class="plain">Log out</button>
+  </form>
+  {% endif %}
+</header>
+<main>
+  {% for message in messages %}
+  <p class="flash" role="status">{{ message }}</p>
+  {% endfor %}
+  {% block main %}{% endblock %}
+</main>
+</body>
+</html>
+""",
+
+    "message.html": """{% extends "base.html" %}
+{% block main %}
+<section>
+  <h1>{{ title }}</h1>
+  <p>{{ message }}</p>
+</section>
+{% endblock %}
+""",
+
+    "login.html": """{% extends "base.html" %}
+{% block main %}
+<section>
+  <h1>Log in</h1>
+  {% if error %}
+  <p class="error" role="alert">{{ error }}</p>
+  {% endif %}
+  {% if no_password %}
+  <p class="error">No dashboard password is set yet: run <code>python mmoref_server.py set-password</code>
+    or set <code>MMOREF_ADMIN_PASSWORD</code>.</p>
+  {% endif %}
+  <form method="post">
+    """ + _CSRF_FIELD + """
+    <label for="password">Password</label>
+    <input id="password" name="password" type="password" autocomplete="current-password" required autofocus>
+    <button>Log in</button>
+  </form>
+</section>
+{% endblock %}
+""",
+
+    "index.html": """{% extends "base.html" %}
+{% block main %}
+<h1>Servers</h1>
+{% block new_secret %}
+{% if new_secret %}
+<section id="new-secret">
+  <h2>Server {{ new_secret.server_id }} created</h2>
+  <p>Its signing secret, shown <strong>once</strong>: copy it into your game server's config now.</p>
+  <p class="secret" id="secret-value">{{ new_secret.secret }}</p>
+  <p class="muted">kid {{ new_secret.kid }}</p>
+  <p><a href="{{ url_for('mmoref.dashboard.referrals_tab', game=new_secret.game,
+                          server_id=new_secret.server_id) }}">Open its Referrals tab</a></p>
+</section>
+{% endif %}
+{% endblock %}
+
+{% block servers %}
+<section>
+  <div class="scroll">
+    <table id="servers">
+      <thead>
+        <tr>
+          <th>Server</th>
+          <th>Game</th>
+          <th>Referrals</th>
+          <th>Funnel: clicks → registered → qualified (reversed)</th>
+        </tr>
+      </thead>
+      <tbody>
+        {% for server in servers %}
+        {% set f = funnels.get(server.server_id) %}
+        <tr data-server="{{ server.server_id }}">
+          <td>
+            <a href="{{ url_for('mmoref.dashboard.referrals_tab', game=server.game, server_id=server.server_id) }}">
+              {{- server.name or server.server_id }}</a>
+            <span class="muted">{{ server.server_id }}</span>
+          </td>
+          <td>{{ server.game }}</td>
+          <td>{{ "on" if server.referrals_enabled else "off" }}</td>
+          <td>{{ f.clicked if f else 0 }} → {{ f.registered if f else 0 }} → {{ f.qualified if f else 0 }}
+            ({{ f.reversed if f else 0 }})</td>
+        </tr>
+        {% else %}
+        <tr><td colspan="4">No servers yet: add one below.</td></tr>
+        {% endfor %}
+      </tbody>
+    </table>
+  </div>
+</section>
+{% endblock %}
+
+{% block add_server %}
+<section>
+  <h2>Add server</h2>
+  {% if error %}
+  <p class="error" role="alert">{{ error }}</p>
+  {% endif %}
+  <form method="post" action="{{ url_for('mmoref.dashboard.add_server_form') }}" class="row">
+    """ + _CSRF_FIELD + """
+    <div>
+      <label for="server_id">Server id</label>
+      <input id="server_id" name="server_id" required pattern="[A-Za-z0-9_.\\-]{1,64}"
+             value="{{ form.server_id or '' }}">
+    </div>
+    <div>
+      <label for="game">Game</label>
+      <input id="game" name="game" required pattern="[A-Za-z0-9_.\\-]{1,64}" value="{{ form.game or '' }}">
+    </div>
+    <div>
+      <label for="name">Name</label>
+      <input id="name" name="name" value="{{ form.name or '' }}">
+    </div>
+    <div>
+      <label for="registration_url">Registration URL</label>
+      <input id="registration_url" name="registration_url" type="url" placeholder="https://yourgame.example/register"
+             value="{{ form.registration_url or '' }}">
+    </div>
+    {% with chosen = form.identity_field %}{% include "identity_field.html" %}{% endwith %}
+    <div><button>Add server</button></div>
+  </form>
+</section>
+{% endblock %}
+
+{% block rejected %}
+<section>
+  <h2>Rejected requests naming no known server</h2>
+  {% with rows = rejected %}{% include "rejected.html" %}{% endwith %}
+</section>
+{% endblock %}
+{% endblock %}
+""",
+
+    "identity_field.html": """<div>
+  <label for="identity_field">Identity field</label>
+  <select id="identity_field" name="identity_field">
+    {% for f in identity_fields %}
+    <option{% if f == chosen %} selected{% endif %}>{{ f }}</option>
+    {% endfor %}
+  </select>
+</div>
+""",
+
+    "rejected.html": """{% if rows %}
+<div class="scroll">
+  <table class="rejected">
+    <thead>
+      <tr>
+        <th>Time</th>
+        <th>Status</th>
+        <th>Error</th>
+        <th>Reason</th>
+        <th>Hint</th>
+        <th>Body</th>
+      </tr>
+    </thead>
+    <tbody>
+      {% for r in rows %}
+      <tr data-status="{{ r.status }}">
+        <td>{{ iso_utc(r.received_at) }}</td>
+        <td>{{ r.status }}</td>
+        <td>{{ r.error }}</td>
+        <td>{{ r.reason or "" }}</td>
+        <td style="white-space:normal">{{ r.hint }}
+          {% if r.diagnosis %}<br><strong class="diagnosis">{{ r.diagnosis }}</strong>{% endif %}
+        </td>
+        <td><code>{{ r.snippet[:120] }}</code></td>
+      </tr>
+      {% endfor %}
+    </tbody>
+  </table>
+</div>
+{% else %}
+<p class="muted">None.</p>
+{% endif %}
+""",
+
+    "referrals.html": """{% extends "base.html" %}
+{% block main %}
+<h1>{{ server.name or server.server_id }} <span class="muted">· {{ server.game }} · Referrals</span></h1>
+{% block shown_once %}
+{% if new_secret %}
+<section id="new-secret">
+  <h2>New signing secret</h2>
+  <p>Shown <strong>once</strong>: copy it into your game server's config now.
+    {% if new_secret.grace %}The previous secret: {{ new_secret.grace }}.{% endif %}</p>
+  <p class="secret" id="secret-value">{{ new_secret.secret }}</p>
+  <p class="muted">kid {{ new_secret.kid }}</p>
+</section>
+{% endif %}
+{% if new_token %}
+<section id="new-token">
+  <h2>Test token for referral {{ new_token.referral_id }}</h2>
+  <p class="secret" id="token-value">{{ new_token.token }}</p>
+</section>
+{% endif %}
+{% endblock %}
+
+{% block status %}
+<section id="status">
+  <h2>Status</h2>
+  <form method="post" action="{{ url_for('mmoref.dashboard.set_enabled', game=server.game,
+                                         server_id=server.server_id) }}">
+    """ + _CSRF_FIELD + """
+    {% if server.referrals_enabled %}
+    <p class="ok">Referrals are enabled.</p>
+    <input type="hidden" name="enabled" value="0">
+    <button class="plain">Disable referrals</button>
+    {% else %}
+    <p class="error">Referrals are disabled.</p>
+    <input type="hidden" name="enabled" value="1">
+    <button>Enable referrals</button>
+    {% endif %}
+  </form>
+</section>
+{% endblock %}
+
+{% block secrets %}
+<section id="secrets">
+  <h2>Signing secret</h2>
+  <div class="scroll">
+    <table>
+      <thead>
+        <tr>
+          <th>kid</th>
+          <th>Secret</th>
+          <th>Status</th>
+        </tr>
+      </thead>
+      <tbody>
+        {% for s in secrets[:5] %}
+        <tr>
+          <td>{{ s.kid }}</td>
+          <td>…{{ s.last4 }}</td>
+          <td>
+            {%- if s.expires_at is none %}current
+            {%- elif s.expires_at > now %}valid until {{ iso_utc(s.expires_at) }}
+            {%- else %}revoked{% endif -%}
+          </td>
+        </tr>
+        {% else %}
+        <tr><td colspan="3">No secret yet.</td></tr>
+        {% endfor %}
+      </tbody>
+    </table>
+  </div>
+  <form method="post" class="row" action="{{ url_for('mmoref.dashboard.rotate_secret_form', game=server.game,
+                                                     server_id=server.server_id) }}">
+    """ + _CSRF_FIELD + """
+    <div>
+      <label for="grace">The previous secret</label>
+      <select id="grace" name="grace">
+        {% for value, label in grace_choices.items() %}
+        <option value="{{ value }}"{% if value == "86400" %} selected{% endif %}>
+          {{- "revoke now" if value == "0" else "stays valid " ~ label }}</option>
+        {% endfor %}
+      </select>
+    </div>
+    <div><button>{{ "Rotate secret" if has_secret else "Generate secret" }}</button></div>
+  </form>
+</section>
+{% endblock %}
+
+{% block settings %}
+<section id="settings">
+  <h2>Registration</h2>
+  <form method="post" class="row" action="{{ url_for('mmoref.dashboard.settings_form', game=server.game,
+                                                     server_id=server.server_id) }}">
+    """ + _CSRF_FIELD + """
+    <div>
+      <label for="registration_url">Registration URL</label>
+      <input id="registration_url" name="registration_url" size="40" value="{{ server.registration_url or '' }}"
+             placeholder="https://yourgame.example/register">
+    </div>
+    {% with chosen = server.identity_field %}{% include "identity_field.html" %}{% endwith %}
+    <div><button>Save</button></div>
+  </form>
+  <label for="share-link">Share link (players add their code)</label>
+  <input id="share-link" readonly size="50" value="{{ share_link }}PLAYERCODE">
+  <form method="post" class="row" action="{{ url_for('mmoref.dashboard.mint_token_form', game=server.game,
+                                                     server_id=server.server_id) }}">
+    """ + _CSRF_FIELD + """
+    <div>
+      <label for="ref">Referrer code</label>
+      <input id="ref" name="ref" required value="tester">
+    </div>
+    <div><button class="plain">Mint a test token</button></div>
+  </form>
+</section>
+{% endblock %}
+
+{% block test_event %}
+<section id="test-event">
+  <h2>Send test event</h2>
+  <p class="muted">Signs a <code>"test": true</code> registered event with the current secret and runs it through
+    the real ingest pipeline. Nothing is written to the delivery log.</p>
+  <form method="post" action="{{ url_for('mmoref.dashboard.send_test_event', game=server.game,
+                                         server_id=server.server_id) }}">
+    """ + _CSRF_FIELD + """
+    <button id="send-test-event"{% if not has_secret %} disabled{% endif %}>Send test event</button>
+    {% if not has_secret %}
+    <span class="muted">Generate a secret first: the test event is signed with it.</span>
+    {% endif %}
+  </form>
+  {% if test_result %}
+  <div id="test-result" data-status="{{ test_result.status }}">
+    <p class="{{ 'ok' if test_result.status == 200 else 'error' }}">HTTP {{ test_result.status }}</p>
+    <pre>{{ test_result.body }}</pre>
+  </div>
+  {% endif %}
+</section>
+{% endblock %}
+
+{% block analytics %}
+{% set f = analytics.funnel %}
+<section id="analytics">
+  <h2>Analytics</h2>
+  <div class="funnel">
+    <div>Clicks<strong id="funnel-clicked">{{ f.clicked }}</strong></div>
+    <div>Registered<strong id="funnel-registered">{{ f.registered }}</strong>
+      {{- analytics.registered_rate }} of clicks</div>
+    <div>Qualified<strong id="funnel-qualified">{{ f.qualified }}</strong>
+      {{- analytics.qualified_rate }} of registered</div>
+    <div>Reversed<strong id="funnel-reversed">{{ f.reversed }}</strong></div>
+  </div>
+  <h3>Last 30 days</h3>
+  <svg id="daily-chart" role="img" aria-label="Daily clicks, registrations and qualifications"
+       viewBox="0 0 {{ analytics.chart.width }} 112" width="100%" height="140" preserveAspectRatio="none">
+    {% for bar in analytics.chart.bars %}
+    <rect class="{{ bar.kind }}" x="{{ bar.x }}" y="{{ bar.y }}" width="5" height="{{ bar.height }}">
+      <title>{{ bar.label }}</title>
+    </rect>
+    {% endfor %}
+  </svg>
+  <p class="muted">Bars per day: clicks (light), registered (blue), qualified (green);
+    peak {{ analytics.chart.peak }}.</p>
+  <h3>Top referrers (by qualified)</h3>
+  <div class="scroll">
+    <table id="leaderboard">
+      <thead>
+        <tr>
+          <th>Referrer</th>
+          <th>Clicks</th>
+          <th>Registered</th>
+          <th>Qualified</th>
+        </tr>
+      </thead>
+      <tbody>
+        {% for r in analytics.leaders %}
+        <tr>
+          <td>{{ r.referrer_code }}</td>
+          <td>{{ r.clicked }}</td>
+          <td>{{ r.registered }}</td>
+          <td>{{ r.qualified }}</td>
+        </tr>
+        {% else %}
+        <tr><td colspan="4">No qualified referrals yet.</td></tr>
+        {% endfor %}
+      </tbody>
+    </table>
+  </div>
+</section>
+{% endblock %}
+
+{% block log %}
+<section id="log">
+  <h2>Delivery log</h2>
+  <form method="get" class="row">
+    <div>
+      <label for="f-event">Event</label>
+      <select id="f-event" name="event">
+        <option value="">any</option>
+        {% for e in log_events %}
+        <option{% if filters.event == e %} selected{% endif %}>{{ e }}</option>
+        {% endfor %}
+      </select>
+    </div>
+    <div>
+      <label for="f-outcome">Outcome</label>
+      <select id="f-outcome" name="outcome">
+        <option value="">any</option>
+        {% for o in outcomes %}
+        <option{% if filters.outcome == o %} selected{% endif %}>{{ o }}</option>
+        {% endfor %}
+      </select>
+    </div>
+    <div>
+      <label for="f-q">server_event_id or referrer code</label>
+      <input id="f-q" name="q" value="{{ filters.q or '' }}">
+    </div>
+    <div><button class="plain">Filter</button></div>
+    <div><a href="{{ csv_url }}">Export CSV</a></div>
+  </form>
+  <div class="scroll">
+    <table id="delivery-log">
+      <thead>
+        <tr>
+          <th>Received</th>
+          <th>Event</th>
+          <th>State now</th>
+          <th>Outcome</th>
+          <th>server_event_id</th>
+          <th>Referrer</th>
+          <th>Referee</th>
+          <th>Token</th>
+          <th></th>
+        </tr>
+      </thead>
+      <tbody>
+        {% for row in log_rows %}
+        <tr data-id="{{ row.id }}" data-event="{{ row.event }}" data-state="{{ row.state }}"
+            data-outcome="{{ row.outcome }}">
+          <td>{{ row.received }}</td>
+          <td>{{ row.event }}</td>
+          <td>{{ row.state }}</td>
+          <td>{{ row.outcome }}</td>
+          <td>{{ row.server_event_id or "" }}</td>
+          <td>{{ row.referrer_code }}</td>
+          <td>{{ row.referee_masked }}</td>
+          <td>{{ row.token_masked }}</td>
+          <td><a class="detail" href="{{ url_for('mmoref.dashboard.log_detail', game=server.game,
+                                                 server_id=server.server_id, row_id=row.id) }}">details</a></td>
+        </tr>
+        {% else %}
+        <tr><td colspan="9">No events{{ " match these filters" if filters else " yet" }}.</td></tr>
+        {% endfor %}
+      </tbody>
+    </table>
+  </div>
+  <nav class="pager">
+    {% if newer_url %}
+    <a id="newer" href="{{ newer_url }}">← newer</a>
+    {% endif %}
+    {% if older_url %}
+    <a id="older" href="{{ older_url }}">older →</a>
+    {% endif %}
+  </nav>
+</section>
+{% endblock %}
+
+{% block rejected %}
+<section id="rejected">
+  <h2>Rejected requests</h2>
+  {% with rows = rejected %}{% include "rejected.html" %}{% endwith %}
+</section>
+{% endblock %}
+{% endblock %}
+""",
+
+    "detail.html": """{% extends "base.html" %}
+{% block main %}
+<p><a href="{{ url_for('mmoref.dashboard.referrals_tab', game=server.game, server_id=server.server_id) }}">
+  ← Referrals</a></p>
+<h1>Event {{ row.id }}: {{ row.event }}</h1>
+{% block event %}
+<section>
+  <table id="event-detail">
+    <tr><th>Received</th><td>{{ row.received }}</td></tr>
+    <tr><th>Outcome</th><td>{{ row.outcome }}</td></tr>
+    <tr><th>server_event_id</th><td>{{ row.server_event_id or "" }}</td></tr>
+    <tr><th>Referral</th><td>{{ referral.referral_id }} (referrer {{ referral.referrer_code }})</td></tr>
+    <tr><th>Referral state now</th><td id="referral-state">{{ referral.state }}</td></tr>
+    <tr><th>Referee</th><td>{{ referral.referee_identity or "" }}</td></tr>
+  </table>
+  {% if payload %}
+  <h2>Stored payload (token masked)</h2>
+  <pre>{{ payload }}</pre>
+  {% endif %}
+</section>
+{% endblock %}
+
+{% block owner_actions %}
+<section>
+  <h2>Owner actions</h2>
+  {% for action in actions %}
+  <form method="post" style="display:inline" action="{{ url_for('mmoref.dashboard.owner_action_form',
+      game=server.game, server_id=server.server_id, referral_id=referral.referral_id, action=action) }}">
+    """ + _CSRF_FIELD + """
+    <input type="hidden" name="back" value="{{ url_for('mmoref.dashboard.log_detail', game=server.game,
+                                                       server_id=server.server_id, row_id=row.id) }}">
+    <button class="plain" id="action-{{ action }}">{{ action|capitalize }} referral</button>
+  </form>
+  {% else %}
+  <p class="muted">None: a {{ referral.state }} referral is final or not yet registered.</p>
+  {% endfor %}
+</section>
+{% endblock %}
+
+{% block history %}
+<section>
+  <h2>History of this referral</h2>
+  <div class="scroll">
+    <table id="history">
+      <tbody>
+        {% for h in history %}
+        <tr data-event="{{ h.event }}" data-outcome="{{ h.outcome }}">
+          <td>{{ h.received }}</td>
+          <td>{{ h.event }}</td>
+          <td>{{ h.outcome }}</td>
+          <td>{{ h.server_event_id or "" }}</td>
+        </tr>
+        {% endfor %}
+      </tbody>
+    </table>
+  </div>
+</section>
+{% endblock %}
+{% endblock %}
+""",
+}))
 
 
 # main ########################################################################

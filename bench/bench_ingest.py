@@ -245,15 +245,15 @@ def prefill(db_path: Path, rows: int) -> tuple[str, float]:
     ttl = mm.SETTINGS["MMOREF_TOKEN_TTL"][1]
     started = time.perf_counter()
     for start in range(0, rows, 10_000):
-        with store.transaction() as db:
+        with store.transaction() as transaction:
             for n in range(start, min(rows, start + 10_000)):
                 issued = mm.now()
-                referral_id = mm.insert_referral(db, SERVER_ID, f"c{n % CODES}", issued)
+                referral_id = transaction.insert_referral(SERVER_ID, f"c{n % CODES}", issued)
                 body = mm.build_body("registered", "prefilled", SERVER_ID, f"pre-{n}", referee_identity=f"pre-{n}",
                                      ts=issued)
                 delivery = mm.Delivery(SERVER_ID, "registered", mm.TokenClaims(SERVER_ID, referral_id, issued),
                                        f"pre-{n}", f"pre-{n}", issued, mm._scrubbed_snippet(body, [secret], 2000))
-                mm._decide_and_write(db, delivery, ttl)  # the transition code the server runs
+                mm._decide_and_write(transaction, delivery, ttl)  # the transition code the server runs
     store.close()
     return secret, time.perf_counter() - started
 

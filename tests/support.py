@@ -220,8 +220,8 @@ def referral_id_of(store: mm.Store, token: str) -> str:
 
 def revoke_every_secret(store: mm.Store, server_id: str) -> None:
     """No public path leaves a server without a live secret (add-server mints one): set it up in SQL."""
-    with store.transaction() as db:
-        db.execute("UPDATE secrets SET expires_at = ? WHERE server_id = ?", (mm.now(), server_id))
+    with store.transaction() as transaction:
+        transaction.db.execute("UPDATE secrets SET expires_at = ? WHERE server_id = ?", (mm.now(), server_id))
 
 
 def send_ok(kit: Kit, event: str, token: str, event_id: str, **extra: Any) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""Embedding: an owner's own Flask app registers `mm.referrals` under /mmoref."""
+"""Embedding: an owner's own Flask app registers `mm.blueprint` under /mmoref."""
 from __future__ import annotations
 
 import json
@@ -30,7 +30,7 @@ def host(db_path) -> Flask:
     def status():
         return {"zeta": 1, "alpha": 2}
 
-    app.register_blueprint(mm.referrals, url_prefix=PREFIX)
+    app.register_blueprint(mm.blueprint, url_prefix=PREFIX)
     return app
 
 
@@ -110,7 +110,7 @@ def test_nothing_is_served_outside_the_prefix(client, secret, path):
 def test_mmoref_settings_default_without_overriding_the_hosts(db_path):
     app = Flask("owners_site")
     app.config.update(MMOREF_DB=db_path, MMOREF_TOKEN_TTL=60)
-    app.register_blueprint(mm.referrals, url_prefix=PREFIX)
+    app.register_blueprint(mm.blueprint, url_prefix=PREFIX)
     assert app.config["MMOREF_TOKEN_TTL"] == 60
     assert app.config["MMOREF_REPLAY_WINDOW"] == mm.SETTINGS["MMOREF_REPLAY_WINDOW"][1]
     with app.app_context():
