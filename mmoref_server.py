@@ -13,16 +13,19 @@ from __future__ import annotations
 import contextlib
 import csv
 import datetime
+import errno
 import functools
 import hashlib
 import hmac
 import io
+import ipaddress
 import json
 import logging
 import math
 import os
 import re
 import secrets
+import select
 import sqlite3
 import sys
 import threading
@@ -65,18 +68,57 @@ log = logging.getLogger("mmoref")
 # Configuration ###############################################################
 # Every setting can come from an MMOREF_* environment variable; CLI flags win.
 
+def _whole_number(low: int, high: int | None = None) -> Callable[[str], int]:
+    """A parser for a whole number in [low, high]; its ValueError says what is accepted."""
+    accepted = f"a whole number from {low} to {high}" if high is not None else f"a whole number, at least {low}"
+
+    def parse(raw: str) -> int:
+        try:
+            value = int(raw.strip())
+        except ValueError:
+            raise ValueError(accepted) from None
+        if value < low or (high is not None and value > high):
+            raise ValueError(accepted)
+        return value
+    return parse
+
+
+_BOOLEANS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
+
+
+def _boolean(raw: str) -> bool:
+    try:
+        return _BOOLEANS[raw.strip().lower()]
+    except KeyError:
+        raise ValueError(f"one of {', '.join(_BOOLEANS)}") from None
+
+
+def _synchronous_mode(raw: str) -> str:
+    if raw.strip().upper() not in ("FULL", "NORMAL", "EXTRA"):
+        raise ValueError("FULL, NORMAL or EXTRA")
+    return raw.strip().upper()
+
+
+def _ip_addresses(raw: str) -> tuple[str, ...]:
+    """Comma-separated IP addresses, written the way a server sees them in REMOTE_ADDR."""
+    try:
+        return tuple(str(ipaddress.ip_address(part.strip())) for part in raw.split(","))
+    except ValueError:
+        raise ValueError("IP addresses separated by commas, e.g. 127.0.0.1,::1") from None
+
+
 SETTINGS: dict[str, tuple[Callable[[str], Any], Any, str]] = {
     # name: (parser, default, what it is)
     "MMOREF_DB": (str, "referrals.db", "SQLite database file"),
     "MMOREF_HOST": (str, "127.0.0.1", "address `serve` binds to"),
-    "MMOREF_PORT": (int, 5000, "port `serve` listens on"),
-    "MMOREF_REPLAY_WINDOW": (int, 300, "seconds a signature timestamp may be off, past or future"),
-    "MMOREF_TOKEN_TTL": (int, 90 * 24 * 3600, "seconds an mmref token (and a clicked referral) lives"),
-    "MMOREF_SYNCHRONOUS": (str, "FULL", "SQLite synchronous mode: FULL (durable) or NORMAL"),
-    "MMOREF_TRUST_PROXY": (lambda v: v.strip().lower() in ("1", "true", "yes", "on"), False,
-                           "trust X-Forwarded-* headers from a TLS-terminating proxy"),
+    "MMOREF_PORT": (_whole_number(1, 65535), 5000, "port `serve` listens on"),
+    "MMOREF_REPLAY_WINDOW": (_whole_number(1), 300, "seconds a signature timestamp may be off, past or future"),
+    "MMOREF_TOKEN_TTL": (_whole_number(1), 90 * 24 * 3600, "seconds an mmref token (and a clicked referral) lives"),
+    "MMOREF_SYNCHRONOUS": (_synchronous_mode, "FULL", "SQLite synchronous mode: FULL (durable) or NORMAL"),
+    "MMOREF_TRUST_PROXY": (_boolean, False, "trust X-Forwarded-* headers from MMOREF_TRUSTED_PROXY"),
+    "MMOREF_TRUSTED_PROXY": (_ip_addresses, ("127.0.0.1", "::1"), "the proxy's address(es), as mmoref sees them"),
     "MMOREF_ADMIN_PASSWORD": (str, None, "dashboard password (else generated on first run)"),
-    "MMOREF_THREADS": (int, 8, "waitress worker threads"),
+    "MMOREF_THREADS": (_whole_number(1, 1000), 8, "waitress worker threads"),
 }
 MAX_BODY_BYTES = 64 * 1024          # larger bodies get 413
 MAX_FIELD_CHARS = 256               # string fields, after trimming
@@ -91,7 +133,7 @@ INGEST_PATH = "/api/referral/events"
 
 
 def load_settings(environ: Mapping[str, str] = os.environ) -> dict[str, Any]:
-    """Settings from MMOREF_* environment variables, defaults for the rest."""
+    """Settings from MMOREF_* environment variables, defaults for the rest; a bad value is a ConfigError."""
     settings = {}
     for name, (parse, default, _) in SETTINGS.items():
         raw = environ.get(name)
@@ -100,10 +142,8 @@ def load_settings(environ: Mapping[str, str] = os.environ) -> dict[str, Any]:
             continue
         try:
             settings[name] = parse(raw)
-        except ValueError:
-            raise ConfigError(f"{name}={raw!r} is not valid: expected {parse.__name__}") from None
-    if settings["MMOREF_SYNCHRONOUS"].upper() not in ("FULL", "NORMAL", "EXTRA"):
-        raise ConfigError("MMOREF_SYNCHRONOUS must be FULL, NORMAL or EXTRA")
+        except ValueError as accepted:
+            raise ConfigError(f"{name}={raw!r} is not valid: expected {accepted}") from None
     return settings
 
 
@@ -1839,7 +1879,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     app.config.update(SESSION_COOKIE_SAMESITE="Lax", SESSION_COOKIE_HTTPONLY=True)
     app.config.update(config or {})
     if app.config["MMOREF_TRUST_PROXY"]:
-        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=1, x_proto=1, x_host=1, x_port=1)  # type: ignore[method-assign]
+        app.wsgi_app = _ForwardedByTrustedProxy(app.wsgi_app, app.config["MMOREF_TRUSTED_PROXY"])  # type: ignore
     app.session_interface = _SessionInterface()
     app.register_blueprint(blueprint)
     with app.app_context():
@@ -1849,6 +1889,26 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     for command in cli.commands.values():  # so `flask --app mmoref_server add-server ...` works too
         app.cli.add_command(command)
     return app
+
+
+class _ForwardedByTrustedProxy:
+    """The one place X-Forwarded-* headers are read, the same under waitress, gunicorn or any WSGI server.
+
+    Only a request whose peer is a trusted proxy address has them applied, and of each header
+    only the last hop (the one that proxy appended): in `X-Forwarded-For: spoofed, real` only
+    `real` counts. A client connecting directly gets its headers ignored.
+    """
+
+    def __init__(self, wsgi_app: Callable, trusted_proxies: Sequence[str] | str):
+        self.direct = wsgi_app
+        self.proxied = ProxyFix(wsgi_app, x_for=1, x_proto=1, x_host=1, x_port=1)
+        self.trusted_proxies = _ip_addresses(trusted_proxies) if isinstance(trusted_proxies, str) \
+            else tuple(trusted_proxies)
+
+    def __call__(self, environ: dict[str, Any], start_response: Callable) -> Any:
+        if environ.get("REMOTE_ADDR") in self.trusted_proxies:
+            return self.proxied(environ, start_response)
+        return self.direct(environ, start_response)
 
 
 class _SessionInterface(SecureCookieSessionInterface):
@@ -1912,37 +1972,100 @@ def _emit(as_json: bool, data: Any, text: str) -> None:
     click.echo(json.dumps(data) if as_json else text)
 
 
-@click.group(cls=_OneLineErrors, invoke_without_command=True)
+class _ServeByDefault(_OneLineErrors):
+    """No command, or serve's options without it (`python mmoref_server.py --port 5055`), means `serve`."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        starts_with_option = bool(args) and args[0].startswith("-")
+        if not args or (starts_with_option and args[0] not in (*ctx.help_option_names, "--version")):
+            args = ["serve", *args]
+        return super().parse_args(ctx, args)
+
+
+@click.group(cls=_ServeByDefault)
 @click.version_option(__version__, prog_name="mmoref")
-@click.pass_context
-def cli(ctx: click.Context) -> None:
-    """mmoref: the MMOLove Referral Kit ingest server. With no command: serve."""
-    if ctx.invoked_subcommand is None:
-        ctx.invoke(serve_command)
+def cli() -> None:
+    """mmoref: the MMOLove Referral Kit ingest server.
+
+    With no command, or with only serve's options (--host, --port, --db): serve.
+    """
 
 
 @cli.command("serve")
 @_db_option
 @click.option("--host", help="address to bind [env MMOREF_HOST; 127.0.0.1]")
-@click.option("--port", type=int, help="port [env MMOREF_PORT; 5000]")
+@click.option("--port", type=click.IntRange(1, 65535), help="port [env MMOREF_PORT; 5000]")
 def serve_command(db_path: str | None = None, host: str | None = None, port: int | None = None) -> None:
     """Serve the ingest endpoint, share links and dashboard (waitress)."""
-    import waitress
-
     settings = load_settings()
-    overrides = {"MMOREF_DB": db_path or settings["MMOREF_DB"]}
-    app = create_app(overrides)
     host, port = host or settings["MMOREF_HOST"], port or settings["MMOREF_PORT"]
+    app = create_app({"MMOREF_DB": db_path or settings["MMOREF_DB"]})
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("waitress.queue").setLevel(logging.ERROR)  # "Task queue depth is N" on every busy request
-    click.echo(_banner(app, host, port))
-    waitress.serve(app, host=host, port=port, threads=settings["MMOREF_THREADS"],
-                   max_request_body_size=4 * MAX_BODY_BYTES, ident="mmoref")
+    server = _listen(app, host, port, settings["MMOREF_THREADS"])
+    click.echo(_banner(app, host, port))  # only now: a failed start never shows (or makes) a password
+    server.run()
+
+
+# waitress's defaults let ~100 idle connections stop the server for two minutes (it stops
+# accepting at 100 and closes an idle one after 120 s). These are chosen, not defaulted:
+WAITRESS_OPTIONS = {
+    # 400 open connections: room for many kits and browsers, and under the 512 sockets that
+    # select() handles on Windows. Idle ones cost a socket each, no thread.
+    "connection_limit": 400,
+    # A connection silent for 30 s is closed (checked every 10 s): a kit's keep-alive between
+    # events is shorter, and an abandoned socket holds its slot for at most ~40 s.
+    "channel_timeout": 30,
+    "cleanup_interval": 10,
+    # poll() has no 1024-descriptor ceiling; Windows has no poll() and keeps select().
+    "asyncore_use_poll": hasattr(select, "poll"),
+    # Forwarded headers reach the app, which trusts them only from MMOREF_TRUSTED_PROXY
+    # (see _ForwardedByTrustedProxy), instead of waitress deleting them first.
+    "clear_untrusted_proxy_headers": False,
+    "max_request_body_size": 4 * MAX_BODY_BYTES,
+    "ident": "mmoref",
+}
+# What waitress cannot do: a client that sends one byte every few seconds on each of 400
+# connections keeps them all open. Only a buffering proxy (nginx, Caddy) in front stops that.
+
+
+def _listen(app: Flask, host: str, port: int, threads: int) -> Any:
+    """A waitress server already bound to host:port (not yet serving); a failure is a ConfigError."""
+    import waitress
+
+    _allow_open_files(WAITRESS_OPTIONS["connection_limit"] + threads + 64)
+    try:
+        return waitress.create_server(app, host=host, port=port, threads=threads, **WAITRESS_OPTIONS)
+    except ValueError:  # waitress: getaddrinfo() found no such address
+        raise ConfigError(f"cannot listen on {host}: not a local address or host name: "
+                          "pass --host or set MMOREF_HOST") from None
+    except OSError as exc:
+        raise ConfigError(_listen_error(host, port, exc)) from None
+
+
+def _listen_error(host: str, port: int, exc: OSError) -> str:
+    if exc.errno == errno.EADDRINUSE:
+        return f"port {port} on {host} is in use: pass --port or set MMOREF_PORT"
+    if exc.errno == errno.EACCES:
+        return f"no permission to listen on port {port} on {host}: pass --port (above 1023) or set MMOREF_PORT"
+    return f"cannot listen on {host}: {exc.strerror or exc}: pass --host or set MMOREF_HOST"
+
+
+def _allow_open_files(wanted: int) -> None:
+    """Raise the soft open-file limit towards `wanted` (macOS starts at 256) where the OS lets us."""
+    try:
+        import resource
+    except ImportError:  # Windows: no such limit on sockets
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
 
 
 def _banner(app: Flask, host: str, port: int) -> str:
-    shown_host = f"[{host}]" if ":" in host else host
-    base = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else shown_host}:{port}"
+    base = f"http://{_browser_host(host)}:{port}"
     lines = [
         f"mmoref {__version__}: referral ingest server",
         f"  ingest     POST {base}/api/referral/events",
@@ -1952,7 +2075,38 @@ def _banner(app: Flask, host: str, port: int) -> str:
         "# 400 missing signature header: the server is up",
     ]
     lines.extend(_login_lines(app))
+    lines.extend(_exposure_lines(host, port))
     return "\n".join(lines)
+
+
+ANY_ADDRESS = {"0.0.0.0": "127.0.0.1", "::": "::1"}  # listening everywhere -> what this machine's browser uses
+
+
+def _browser_host(host: str) -> str:
+    """The host part of a URL a browser on this machine can open (IPv6 in brackets)."""
+    shown = ANY_ADDRESS.get(host, host)
+    return f"[{shown}]" if ":" in shown else shown
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _exposure_lines(host: str, port: int) -> list[str]:
+    """Listening beyond loopback: say how other machines reach it, and that they now can."""
+    if _is_loopback(host):
+        return []
+    lines = []
+    if host in ANY_ADDRESS:
+        lines.append(f"  note       listening on every network interface ({host}); other machines use "
+                     f"http://<this machine's address>:{port}")
+    lines.append(f"  warning    the dashboard and the ingest endpoint are reachable from the network on {host}, "
+                 "over plain HTTP: for anything public, listen on 127.0.0.1 behind a TLS proxy "
+                 "(README: Running in production)")
+    return lines
 
 
 def _login_lines(app: Flask) -> list[str]:

@@ -1,0 +1,146 @@
+"""MMOREF_TRUST_PROXY against a real `python mmoref_server.py` process behind a pretend TLS proxy.
+
+All traffic goes to 127.0.0.1 (the "proxy"); 203.0.113.x and 198.51.100.x are documentation
+addresses that only appear inside X-Forwarded-For headers.
+"""
+from __future__ import annotations
+
+import http.client
+import re
+from http.cookies import SimpleCookie
+
+import pytest
+from support import HTTP_TIMEOUT
+
+import mmoref_server as mm
+
+pytestmark = pytest.mark.slow
+
+SERVER = "srv_proxy"
+PASSWORD = "correct horse battery"
+FORWARDED_HTTPS = {"X-Forwarded-Proto": "https", "X-Forwarded-Host": "refer.game.example",
+                   "X-Forwarded-Port": "443"}
+
+
+class Browser:
+    """One client of the real server: keeps the session cookie whatever its Secure flag says."""
+
+    def __init__(self, port: int, **headers: str):
+        self.port, self.headers, self.cookie = port, headers, ""
+
+    def request(self, method: str, path: str, form: dict[str, str] | None = None,
+                **headers: str) -> tuple[int, http.client.HTTPMessage, str]:
+        connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=HTTP_TIMEOUT)
+        sent = {**self.headers, **headers, "Cookie": self.cookie}
+        body = None
+        if form is not None:
+            body = "&".join(f"{name}={value}" for name, value in form.items())
+            sent["Content-Type"] = "application/x-www-form-urlencoded"
+        try:
+            connection.request(method, path, body=body, headers=sent)
+            response = connection.getresponse()
+            text = response.read().decode("utf-8", "replace")
+        finally:
+            connection.close()
+        session = SimpleCookie(response.headers.get("Set-Cookie", "")).get("session")
+        if session is not None:
+            self.cookie = f"session={session.value}"
+        return response.status, response.headers, text
+
+    def log_in(self, password: str) -> tuple[int, http.client.HTTPMessage, str]:
+        status, _, page = self.request("GET", "/dashboard/login")
+        assert status == 200, page
+        csrf = re.search(r'name="csrf_token" value="([^"]+)"', page)
+        assert csrf is not None, page
+        return self.request("POST", "/dashboard/login", {"csrf_token": csrf.group(1), "password": password})
+
+
+@pytest.fixture
+def proxied_server(live_server, db_path):
+    """start(env) -> the port of a real server with srv_proxy and a known dashboard password."""
+    store = mm.Store(db_path)
+    store.add_server(SERVER, "mygame", "Proxy", "https://game.example/register")
+    store.set_admin_password(PASSWORD)
+
+    def start(**env: str) -> int:
+        return live_server(env=env).port
+    return start
+
+
+def set_cookie(headers: http.client.HTTPMessage, name: str) -> str:
+    """The Set-Cookie header that sets `name`."""
+    matching = [value for value in headers.get_all("Set-Cookie") or [] if value.startswith(f"{name}=")]
+    assert len(matching) == 1, headers.get_all("Set-Cookie")
+    return matching[0]
+
+
+def is_secure(set_cookie_header: str) -> bool:
+    return "secure" in [part.strip().lower() for part in set_cookie_header.split(";")]
+
+
+def lock_out(port: int, forwarded_for: str) -> None:
+    """Five wrong passwords from one client; the sixth try is refused with 429."""
+    browser = Browser(port, **{"X-Forwarded-For": forwarded_for})
+    for _ in range(mm.LOGIN_FREE_FAILURES):
+        status, _, page = browser.log_in("wrong password")
+        assert status == 401, page
+        assert "Wrong password." in page
+    status, _, page = browser.log_in(PASSWORD)
+    assert status == 429, page
+    assert "Too many failed logins" in page
+
+
+def test_share_link_cookie_is_secure_behind_the_trusted_proxy(proxied_server):
+    port = proxied_server(MMOREF_TRUST_PROXY="1")
+    status, headers, _ = Browser(port, **FORWARDED_HTTPS).request("GET", f"/r/{SERVER}?ref=alice")
+    assert status == 302
+    assert headers["Location"].startswith("https://game.example/register?mmref=")
+    assert is_secure(set_cookie(headers, "mmref"))
+
+
+def test_login_throttle_counts_the_forwarded_client(proxied_server):
+    port = proxied_server(MMOREF_TRUST_PROXY="1")
+    lock_out(port, "203.0.113.9")
+    owner = Browser(port, **{"X-Forwarded-For": "203.0.113.10"}, **FORWARDED_HTTPS)
+    status, headers, page = owner.log_in(PASSWORD)
+    assert status == 302, page
+    assert headers["Location"].endswith("/dashboard/")
+    assert is_secure(set_cookie(headers, "session"))
+
+
+def test_a_spoofed_hop_before_the_proxy_does_not_count(proxied_server):
+    """The proxy appends the real client; what a client put before it is ignored."""
+    port = proxied_server(MMOREF_TRUST_PROXY="1")
+    for spoofed in range(mm.LOGIN_FREE_FAILURES):
+        chain = f"198.51.100.{spoofed}, 203.0.113.20"
+        status, _, page = Browser(port, **{"X-Forwarded-For": chain}).log_in("wrong password")
+        assert status == 401, page
+    status, _, page = Browser(port, **{"X-Forwarded-For": "203.0.113.20"}).log_in(PASSWORD)
+    assert status == 429, page
+    assert "Too many failed logins" in page
+
+
+def test_dashboard_share_link_uses_the_forwarded_scheme_and_host(proxied_server):
+    port = proxied_server(MMOREF_TRUST_PROXY="1")
+    owner = Browser(port, **{"X-Forwarded-For": "203.0.113.9"}, **FORWARDED_HTTPS)
+    status, _, page = owner.log_in(PASSWORD)
+    assert status == 302, page
+    status, _, page = owner.request("GET", f"/dashboard/mygame/{SERVER}/referrals")
+    assert status == 200, page
+    assert f"https://refer.game.example/r/{SERVER}?ref=" in page
+    assert "127.0.0.1" not in page
+
+
+@pytest.mark.parametrize("env", [{}, {"MMOREF_TRUST_PROXY": "1", "MMOREF_TRUSTED_PROXY": "192.0.2.1"}],
+                         ids=["setting-off", "not-the-trusted-proxy"])
+def test_forwarded_headers_from_an_untrusted_peer_are_ignored(proxied_server, env):
+    port = proxied_server(**env)
+    status, headers, _ = Browser(port, **FORWARDED_HTTPS).request("GET", f"/r/{SERVER}?ref=alice")
+    assert status == 302
+    assert not is_secure(set_cookie(headers, "mmref"))
+    # every try counts against 127.0.0.1, whatever X-Forwarded-For says
+    for attempt in range(mm.LOGIN_FREE_FAILURES):
+        status, _, page = Browser(port, **{"X-Forwarded-For": f"203.0.113.{attempt}"}).log_in("wrong password")
+        assert status == 401, page
+    status, _, page = Browser(port, **{"X-Forwarded-For": "203.0.113.99"}).log_in(PASSWORD)
+    assert status == 429, page
