@@ -1,4 +1,4 @@
-"""Tests of the contract through HTTP and the CLI (see SPEC sections 1-3, 5, 6)."""
+"""Tests of the contract through HTTP and the CLI (see docs/contract.md §1-§3, §5, §6)."""
 from __future__ import annotations
 
 import hashlib
@@ -15,15 +15,15 @@ from werkzeug.test import EnvironBuilder, run_wsgi_app
 import mmoref_server as mm
 from tests.support import INGEST, TEST_OK, Kit, assert_good_hint, error, ok, reply, revoke_every_secret
 
-SPEC_BODY = (b'{"event":"registered","token":"tok_abc","server_id":"srv_123","referee_identity":"player-7842",'
+VECTOR_BODY = (b'{"event":"registered","token":"tok_abc","server_id":"srv_123","referee_identity":"player-7842",'
              b'"server_event_id":"reg-7842","ts":1733500000}')
 ZEROS = "0" * 64  # a well-formed v1 value that matches nothing
 
 
 def test_spec_test_vector():
     expected = "cad864e0418dc3421633cb0dc39358c84f8397f831787132bbf721f0ff77625b"
-    assert mm.sign("test-secret", 1733500000, SPEC_BODY) == expected
-    computed = hmac.new(b"test-secret", b"1733500000." + SPEC_BODY, hashlib.sha256).hexdigest()
+    assert mm.sign("test-secret", 1733500000, VECTOR_BODY) == expected
+    computed = hmac.new(b"test-secret", b"1733500000." + VECTOR_BODY, hashlib.sha256).hexdigest()
     assert computed == expected
 
 
@@ -68,7 +68,7 @@ def shared(tmp_path_factory):
         return Kit(app.test_client(), mm.get_store())
 
 
-# Signing: pure functions (SPEC 1.1, 1.2) ######################################
+# Signing: pure functions (docs/contract.md §1.1, §1.2) #######################
 
 
 def test_signature_header_has_the_documented_shape():
@@ -244,7 +244,7 @@ def test_wrong_secret_is_mac_mismatch_and_the_hint_teaches(shared):
     assert "trailing newline" in response.get_json()["hint"]
 
 
-# Replay window (SPEC 1.1) #####################################################
+# Replay window (docs/contract.md §1.1) #######################################
 
 
 STALE = error(401, "bad_signature", reason="stale_timestamp")
@@ -280,7 +280,7 @@ def test_replay_window_is_configurable(narrow_kit, clock, offset, status):
         assert "within 10 s of the server clock" in response.get_json()["hint"]  # the configured window
 
 
-# Order of checks (SPEC 1.4) ###################################################
+# Order of checks (docs/contract.md §1.4) #####################################
 
 
 OVERSIZED = {"pad": "x" * (mm.MAX_BODY_BYTES + 10)}
@@ -362,7 +362,7 @@ def test_unexpected_failure_is_500_with_no_partial_write(kit, monkeypatch, caplo
     assert reply(register(kit, token)) == ok(referral_id=referral_id, state="registered")
 
 
-# Responses: methods, size, content type (SPEC 1.3, 1.5) #######################
+# Responses: methods, size, content type (docs/contract.md §1.3, §1.5) ########
 
 
 @pytest.mark.parametrize("method", ["GET", "PUT", "DELETE", "PATCH"])
@@ -444,7 +444,7 @@ def test_chunked_body_without_content_length(kit, live_server):
     assert (status, body) == error(413, "body too large")
 
 
-# Body fields (SPEC 1.3) #######################################################
+# Body fields (docs/contract.md §1.3) #########################################
 
 
 REQUIRED = ["event", "token", "server_id", "server_event_id", "referee_identity"]
@@ -582,7 +582,7 @@ def test_body_must_be_an_object(shared, body):
     assert reply(shared.post(body)) == error(400, "body must be a JSON object")
 
 
-# Secret rotation (SPEC 1.2, 4) ################################################
+# Secret rotation (docs/contract.md §1.2, §4) #################################
 
 
 def as_test(kit, secret, kid=None):
@@ -634,7 +634,7 @@ def test_unknown_kid(shared):
     assert as_test(shared, shared.secret, kid="k_nothere") == UNKNOWN_KID
 
 
-# Test mode, duplicates, 422 and idempotency (SPEC 1.4, 2) #####################
+# Test mode, duplicates, 422 and idempotency (docs/contract.md §1.4, §2) ######
 
 
 def test_test_mode_writes_nothing(kit, runner):
@@ -683,7 +683,7 @@ def test_422_consumes_no_key_and_writes_no_log_row(kit, runner):
     assert rows[0]["received_at"].endswith("Z") and rows[0]["referral_id"] == referral_id
 
 
-# State machine (SPEC 2) #######################################################
+# State machine (docs/contract.md §2) #########################################
 
 
 def ttl_of(kit):
@@ -858,7 +858,7 @@ def test_forged_or_garbled_token_is_unknown(kit, mangle):
     assert log_rows(kit) == []
 
 
-# Rejected requests (SPEC 4) ###################################################
+# Rejected requests (docs/contract.md §4) #####################################
 
 
 def test_rejections_are_recorded_with_reason_and_hint(kit):
@@ -937,7 +937,7 @@ def test_diagnosis_header_t_differs_from_body_ts(kit, clock):
 
 
 def test_diagnosis_names_a_header_t_that_differs_from_the_body_ts(kit, clock):
-    """Even when nothing else explains the mismatch (here: a wrong secret), SPEC 4 asks to say so."""
+    """Even when nothing else explains the mismatch (here: a wrong secret), docs/contract.md §4 asks to say so."""
     body = raw(dry_run(kit, ts=clock.t - 60))
     response = kit.post(body, secret="not-the-secret", t=clock.t)
     assert reply(response) == MISMATCH

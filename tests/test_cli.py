@@ -1,4 +1,4 @@
-"""SPEC 5: every command through the in-process runner, a few through a real subprocess."""
+"""docs/contract.md §5: every command through the in-process runner, a few through a real subprocess."""
 from __future__ import annotations
 
 import subprocess

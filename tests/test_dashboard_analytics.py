@@ -1,4 +1,4 @@
-"""SPEC 4: the Referrals tab's funnel, leaderboard and daily chart, and the servers list's counts."""
+"""docs/contract.md §4: the Referrals tab's funnel, leaderboard and daily chart, and the servers list's counts."""
 from __future__ import annotations
 
 import datetime

@@ -1,4 +1,4 @@
-"""SPEC 4: the delivery log (paging, filters, search, masking, escaping), an event's detail page,
+"""docs/contract.md §4: the delivery log (paging, filters, search, masking, escaping), an event's detail page,
 the owner's reverse/reject actions, the CSV export and the rejected-requests lists."""
 from __future__ import annotations
 

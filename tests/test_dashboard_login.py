@@ -1,4 +1,4 @@
-"""SPEC 6: the dashboard's door: a login on every page and form, the password, CSRF, the session."""
+"""docs/contract.md §6: the dashboard's door: a login on every page and form, the password, CSRF, the session."""
 from __future__ import annotations
 
 import re

@@ -1,4 +1,4 @@
-"""SPEC 4: the servers list and a server's Referrals tab: add a server, enable, rotate the secret,
+"""docs/contract.md §4: the servers list and a server's Referrals tab: add a server, enable, rotate the secret,
 settings, the share link and test token, the "Send test event" button."""
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""SPEC 3: GET /r/<server_id>?ref=<code> records a click, mints a token, sets the cookie, redirects."""
+"""docs/contract.md §3: GET /r/<server_id>?ref=<code> records a click, mints a token, sets the cookie, redirects."""
 from __future__ import annotations
 
 import hashlib
