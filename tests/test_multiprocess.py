@@ -1,4 +1,4 @@
-"""Races across 4 gunicorn worker processes sharing one database file (docs/contract.md §2: UNIQUE + BEGIN IMMEDIATE)."""
+"""Races across 4 gunicorn workers sharing one database file (docs/contract.md §2: UNIQUE + BEGIN IMMEDIATE)."""
 from __future__ import annotations
 
 import collections

@@ -1,4 +1,4 @@
-"""Security (docs/contract.md §6): constant-time checks, the database file's mode, no leaked secrets, 413 before the body.
+"""Security (docs/contract.md §6): constant-time checks, the file mode, no leaked secrets, 413 before the body.
 
 The loopback bind is checked in test_live_server.py, login throttling in test_dashboard_login.py.
 """
