@@ -109,7 +109,7 @@ def _ip_addresses(raw: str) -> tuple[str, ...]:
 
 SETTINGS: dict[str, tuple[Callable[[str], Any], Any, str]] = {
     # name: (parser, default, what it is)
-    "MMOREF_DB": (str, "referrals.db", "SQLite database file"),
+    "MMOREF_DB": (str, "referrals.db", "SQLite database file, or postgresql://user:pass@host/dbname"),
     "MMOREF_HOST": (str, "127.0.0.1", "address `serve` binds to"),
     "MMOREF_PORT": (_whole_number(1, 65535), 5000, "port `serve` listens on"),
     "MMOREF_REPLAY_WINDOW": (_whole_number(1), 300, "seconds a signature timestamp may be off, past or future"),
@@ -225,6 +225,8 @@ HINTS = {
     "other referee": "this token already anchors another referee_identity; one token refers one player",
     "method not allowed": "POST the event as JSON",
     "internal error": "the server failed; retry later with the same server_event_id (it is idempotent)",
+    "database unavailable": ("the database is unreachable for now; retry in a few seconds with the same"
+                             " server_event_id (it is idempotent)"),
 }
 
 
@@ -242,6 +244,10 @@ class SignatureError(Exception):
 
 class StoreError(Exception):
     """The database cannot be used as it is; the message says why."""
+
+
+class StoreUnavailable(StoreError):
+    """The database server cannot be reached now (PostgreSQL down or restarting): retry later."""
 
 
 class ConfigError(Exception):
@@ -406,11 +412,11 @@ def mask(value: str | None, keep_start: int = 4, keep_end: int = 0) -> str:
 
 
 # Storage #####################################################################
-# Standard-library sqlite3, WAL, one connection per thread (and per process, for
-# forking servers). Writers use BEGIN IMMEDIATE, so the UNIQUE constraints and the
-# read-then-write checks hold across threads and worker processes. Every SQL statement
-# of the server is in Store and Transaction: a second engine implements their methods.
-
+# One Store interface, two engines: SQLite (the default, standard library only) and
+# PostgreSQL (psycopg 3, for many mmoref nodes sharing one database). Every SQL
+# statement of the server is in this section. Statements are written once, with ?
+# placeholders, where the dialects agree; the schema and the few statements that differ
+# are per engine. Rows are mappings by column name.
 MIGRATIONS: list[list[str]] = [
     [  # v1: servers, secrets, referrals, anchors, delivery log, rejected requests
         "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
@@ -493,6 +499,79 @@ MIGRATIONS: list[list[str]] = [
 SCHEMA_VERSION = len(MIGRATIONS)
 COUNTED = ("clicked", "registered", "qualified", "reversed")
 
+Row = Mapping[str, Any]  # a row by column name (Row, or a dict from psycopg)
+
+# PostgreSQL: the same tables, created at once (PostgreSQL support began at schema v3).
+# Each later version adds its statements to both MIGRATIONS and POSTGRES_MIGRATIONS.
+POSTGRES_SCHEMA: list[str] = [
+    "CREATE TABLE schema_version (version INTEGER NOT NULL)",
+    "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
+    """CREATE TABLE servers (
+        server_id TEXT PRIMARY KEY, game TEXT NOT NULL, name TEXT NOT NULL DEFAULT '',
+        registration_url TEXT, identity_field TEXT NOT NULL DEFAULT 'username',
+        referrals_enabled INTEGER NOT NULL DEFAULT 1, created_at BIGINT NOT NULL)""",
+    # rowid: the creation order, which SQLite keeps implicitly (secrets made in one second)
+    """CREATE TABLE secrets (
+        kid TEXT PRIMARY KEY, server_id TEXT NOT NULL, secret TEXT NOT NULL,
+        created_at BIGINT NOT NULL, expires_at BIGINT, rowid BIGSERIAL NOT NULL)""",
+    "CREATE INDEX secrets_by_server ON secrets (server_id, created_at)",
+    """CREATE TABLE referrals (
+        referral_id TEXT PRIMARY KEY, server_id TEXT NOT NULL, referrer_code TEXT NOT NULL,
+        state TEXT NOT NULL, referee_identity TEXT, issued_at BIGINT NOT NULL,
+        updated_at BIGINT NOT NULL, ip_hash TEXT, user_agent TEXT, anchor_referral_id TEXT)""",
+    "CREATE INDEX referrals_by_server ON referrals (server_id, issued_at)",
+    """CREATE TABLE anchors (
+        server_id TEXT NOT NULL, referee_identity TEXT NOT NULL, referral_id TEXT NOT NULL,
+        created_at BIGINT NOT NULL, PRIMARY KEY (server_id, referee_identity))""",
+    """CREATE TABLE delivery_log (
+        id BIGSERIAL PRIMARY KEY, server_id TEXT NOT NULL, referral_id TEXT NOT NULL,
+        token_referral_id TEXT, event TEXT NOT NULL, server_event_id TEXT,
+        outcome TEXT NOT NULL, received_at BIGINT NOT NULL, payload TEXT, referrer_code TEXT, ts NUMERIC,
+        UNIQUE (token_referral_id, event, server_event_id))""",
+    "CREATE INDEX delivery_log_by_server ON delivery_log (server_id, id)",
+    "CREATE INDEX delivery_log_by_event ON delivery_log (server_id, event, id)",
+    "CREATE INDEX delivery_log_by_outcome ON delivery_log (server_id, outcome, id)",
+    "CREATE INDEX delivery_log_by_event_id ON delivery_log (server_id, server_event_id, id)",
+    "CREATE INDEX delivery_log_by_code ON delivery_log (server_id, referrer_code, id)",
+    "CREATE INDEX delivery_log_by_referral ON delivery_log (referral_id)",
+    """CREATE TABLE rejected_requests (
+        id BIGSERIAL PRIMARY KEY, server_id TEXT, status INTEGER NOT NULL, error TEXT NOT NULL,
+        reason TEXT, hint TEXT, diagnosis TEXT, snippet TEXT, received_at BIGINT NOT NULL)""",
+    "CREATE INDEX rejected_by_server ON rejected_requests (server_id, id)",
+    """CREATE TABLE daily_counts (
+        server_id TEXT NOT NULL, day TEXT NOT NULL, clicked INTEGER NOT NULL DEFAULT 0,
+        registered INTEGER NOT NULL DEFAULT 0, qualified INTEGER NOT NULL DEFAULT 0,
+        reversed INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (server_id, day))""",
+    """CREATE TABLE referrer_counts (
+        server_id TEXT NOT NULL, referrer_code TEXT NOT NULL, clicked INTEGER NOT NULL DEFAULT 0,
+        registered INTEGER NOT NULL DEFAULT 0, qualified INTEGER NOT NULL DEFAULT 0,
+        reversed INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (server_id, referrer_code))""",
+]
+POSTGRES_SCHEMA_VERSION = 3
+POSTGRES_MIGRATIONS: dict[int, list[str]] = {}  # version: its statements, for every version after 3
+assert sorted(POSTGRES_MIGRATIONS) == list(range(POSTGRES_SCHEMA_VERSION + 1, SCHEMA_VERSION + 1)), \
+    "every migration needs its PostgreSQL form"
+# What copy-db moves (every table), parents first, each in an order that keeps ids and ties
+COPIED_TABLES = {"meta": "key", "servers": "server_id", "secrets": "created_at, rowid", "referrals": "referral_id",
+                 "anchors": "server_id, referee_identity", "delivery_log": "id", "rejected_requests": "id",
+                 "daily_counts": "server_id, day", "referrer_counts": "server_id, referrer_code"}
+POSTGRES_URL = re.compile(r"postgres(ql)?://", re.IGNORECASE)
+
+
+def is_postgres_url(location: str) -> bool:
+    """MMOREF_DB names a PostgreSQL database (a URL) rather than a SQLite file."""
+    return POSTGRES_URL.match(location) is not None
+
+
+def database_label(location: str) -> str:
+    """Where the data lives, to show: a SQLite file's full path, or the URL without its password."""
+    if not is_postgres_url(location):
+        return os.path.abspath(location)
+    parts = urllib.parse.urlsplit(location)
+    if parts.password is None:
+        return location
+    return urllib.parse.urlunsplit(parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", ":…@", 1)))
+
 
 def _create_private_file(path: str) -> None:
     """Create the database file owner-only (0600) before SQLite touches it."""
@@ -531,23 +610,23 @@ class Transaction:
 
     __slots__ = ("db",)
 
-    def __init__(self, db: sqlite3.Connection):
+    def __init__(self, db: Any):
         self.db = db
 
     def server_exists(self, server_id: str) -> bool:
         return self.db.execute("SELECT 1 FROM servers WHERE server_id = ?", (server_id,)).fetchone() is not None
 
-    def referral(self, referral_id: str) -> sqlite3.Row | None:
+    def referral(self, referral_id: str) -> Row | None:
         return self.db.execute("SELECT * FROM referrals WHERE referral_id = ?", (referral_id,)).fetchone()
 
-    def referral_for_event(self, referral_id: str, event: str, server_event_id: str) -> sqlite3.Row | None:
+    def referral_for_event(self, referral_id: str, event: str, server_event_id: str) -> Row | None:
         """The referral, with `seen` true when the idempotency key (token, event, server_event_id) is used."""
         return self.db.execute(
             "SELECT r.*, EXISTS (SELECT 1 FROM delivery_log l WHERE l.token_referral_id = r.referral_id"
             " AND l.event = ? AND l.server_event_id = ?) AS seen FROM referrals r WHERE r.referral_id = ?",
             (event, server_event_id, referral_id)).fetchone()
 
-    def anchored_referral(self, server_id: str, referee_identity: str | None) -> sqlite3.Row | None:
+    def anchored_referral(self, server_id: str, referee_identity: str | None) -> Row | None:
         """The referral that anchors this referee on this server, if any."""
         return self.db.execute(
             "SELECT r.* FROM anchors a JOIN referrals r ON r.referral_id = a.referral_id"
@@ -579,7 +658,7 @@ class Transaction:
         self.count(server_id, referrer_code, "clicked", issued_at)
         return referral_id
 
-    def log_delivery(self, referral: sqlite3.Row, event: str, outcome: str, at: int, *,
+    def log_delivery(self, referral: Row, event: str, outcome: str, at: int, *,
                      token_referral_id: str | None = None, server_event_id: str | None = None,
                      payload: str | None = None, ts: int | float | None = None) -> None:
         """Append a delivery-log row about `referral` (an owner action has no token, key or payload)."""
@@ -593,21 +672,325 @@ class Transaction:
         """Bump the analytics counters for one click or transition (`column`: one of COUNTED)."""
         day = _utc_date(at // 86400)
         self.db.execute(f"INSERT INTO daily_counts (server_id, day, {column}) VALUES (?, ?, 1)"
-                        f" ON CONFLICT (server_id, day) DO UPDATE SET {column} = {column} + 1", (server_id, day))
+                        f" ON CONFLICT (server_id, day) DO UPDATE SET {column} = daily_counts.{column} + 1",
+                        (server_id, day))
         self.db.execute(f"INSERT INTO referrer_counts (server_id, referrer_code, {column}) VALUES (?, ?, 1)"
-                        f" ON CONFLICT (server_id, referrer_code) DO UPDATE SET {column} = {column} + 1",
-                        (server_id, referrer_code))
+                        f" ON CONFLICT (server_id, referrer_code)"
+                        f" DO UPDATE SET {column} = referrer_counts.{column} + 1", (server_id, referrer_code))
 
 
 class Store:
-    """The SQLite store: schema, connections and every read and write of the server."""
+    """Every read and write of the server; `Store(location)` opens the engine the location names.
+
+    A path opens SQLiteStore, a postgresql:// URL PostgresStore. The statements here are
+    shared; each engine supplies connections, transactions, the schema and its few
+    differing statements.
+    """
+
+    NULL_SAFE_EQUAL = "IS"          # `a IS b`: equal, NULL equal to NULL
+    CONFLICTS: tuple[type[BaseException], ...] = ()   # errors after which a write is tried again
+    UNAVAILABLE_HINT = ""           # /healthz's hint when the database cannot be used
+    TRANSACTION: type[Transaction] = Transaction
+
+    def __new__(cls, location: str, synchronous: str = "FULL") -> Store:
+        if cls is Store:
+            cls = PostgresStore if is_postgres_url(location) else SQLiteStore
+        return super().__new__(cls)
+
+    def __init__(self, location: str, synchronous: str = "FULL"):
+        self.location = location
+        self._keys: dict[str, str] = {}
+
+    # what each engine supplies
+
+    def _reading(self) -> contextlib.AbstractContextManager[Any]:
+        """A connection for reads: `.execute(sql with ?, params)`."""
+        raise NotImplementedError
+
+    def _writing(self) -> contextlib.AbstractContextManager[Any]:
+        """A connection inside a write transaction, committed at the end, rolled back on any exception."""
+        raise NotImplementedError
+
+    def group_commit(self, work: Callable[[Transaction], T]) -> T:
+        """Run `work(transaction)` in a write transaction; return its result."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    # shared
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[Transaction]:
+        """One write transaction, for the state machine's reads and writes."""
+        with self._writing() as db:
+            yield self.TRANSACTION(db)
+
+    def _all(self, sql: str, params: Sequence[Any] = ()) -> list[Row]:
+        with self._reading() as db:
+            return db.execute(sql, params).fetchall()
+
+    def _one(self, sql: str, params: Sequence[Any] = ()) -> Row | None:
+        with self._reading() as db:
+            return db.execute(sql, params).fetchone()
+
+    def installation_key(self, name: str) -> str:
+        """A random per-installation value (token key, session key, IP salt), made once."""
+        if name not in self._keys:
+            with self._writing() as db:
+                db.execute("INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO NOTHING",
+                           (name, secrets.token_urlsafe(32)))
+                self._keys[name] = db.execute("SELECT value FROM meta WHERE key = ?", (name,)).fetchone()["value"]
+        return self._keys[name]
+
+    @property
+    def token_key(self) -> str:
+        return self.installation_key("token_key")
+
+    # servers and secrets
+
+    def server(self, server_id: str) -> Row | None:
+        return self._one("SELECT * FROM servers WHERE server_id = ?", (server_id,))
+
+    def servers(self) -> list[Row]:
+        return self._all("SELECT * FROM servers ORDER BY game, server_id")
+
+    def add_server(self, server_id: str, game: str, name: str = "", registration_url: str | None = None,
+                   identity_field: str = "username") -> tuple[str, str]:
+        """Create a server with referrals enabled; return its first (secret, kid)."""
+        check_name("server id", server_id)
+        check_name("game", game)
+        if registration_url:
+            registration_url = check_registration_url(registration_url)
+        if identity_field not in IDENTITY_FIELDS:
+            raise ConfigError(f"identity field must be one of {', '.join(IDENTITY_FIELDS)}")
+        with self.transaction() as transaction:
+            if transaction.server_exists(server_id):
+                raise ConfigError(f"server {server_id!r} already exists")
+            transaction.db.execute("INSERT INTO servers (server_id, game, name, registration_url, identity_field,"
+                                   " referrals_enabled, created_at) VALUES (?, ?, ?, ?, ?, 1, ?)",
+                                   (server_id, game, name, registration_url or None, identity_field, now()))
+            return self._new_secret(transaction.db, server_id, grace=0)
+
+    def update_server(self, server_id: str, **changes: Any) -> None:
+        """Set registration_url, identity_field, name or referrals_enabled."""
+        allowed = {"registration_url", "identity_field", "name", "referrals_enabled"}
+        if not changes or not set(changes) <= allowed:
+            raise ValueError(f"can only change {sorted(allowed)}")
+        assignments = ", ".join(f"{column} = ?" for column in changes)
+        with self._writing() as db:
+            db.execute(f"UPDATE servers SET {assignments} WHERE server_id = ?", (*changes.values(), server_id))
+
+    def rotate_secret(self, server_id: str, grace: int = DEFAULT_GRACE_SECONDS) -> tuple[str, str]:
+        """A new current secret; the old one stays valid `grace` seconds (0 = revoked now)."""
+        if grace < 0:
+            raise ConfigError("grace must be 0 (revoke now) or a positive number of seconds")
+        with self.transaction() as transaction:
+            if not transaction.server_exists(server_id):
+                raise ConfigError(f"unknown server {server_id!r}")
+            return self._new_secret(transaction.db, server_id, grace)
+
+    @staticmethod
+    def _new_secret(db: Any, server_id: str, grace: int) -> tuple[str, str]:
+        at = now()
+        # at most two live secrets: one still in its grace period is revoked now
+        db.execute("UPDATE secrets SET expires_at = ? WHERE server_id = ? AND expires_at > ?",
+                   (at, server_id, at))
+        db.execute("UPDATE secrets SET expires_at = ? WHERE server_id = ? AND expires_at IS NULL",
+                   (at + grace, server_id))
+        secret, kid = "mmsk_" + secrets.token_urlsafe(32), "k_" + secrets.token_hex(4)
+        db.execute("INSERT INTO secrets (kid, server_id, secret, created_at) VALUES (?, ?, ?, ?)",
+                   (kid, server_id, secret, at))
+        return secret, kid
+
+    def set_secret(self, server_id: str, secret: str) -> None:
+        """Give the server's secrets this value (the demo's well-known secret)."""
+        with self._writing() as db:
+            db.execute("UPDATE secrets SET secret = ? WHERE server_id = ?", (secret, server_id))
+
+    def live_secrets(self, server_id: str, at: int) -> list[tuple[str, str]]:
+        """[(kid, secret), ...] valid at `at`, current first (at most two)."""
+        return [(row["kid"], row["secret"]) for row in self._all(
+            "SELECT kid, secret FROM secrets WHERE server_id = ? AND (expires_at IS NULL OR expires_at > ?)"
+            " ORDER BY created_at DESC, rowid DESC", (server_id, at))]
+
+    def revoked_secrets(self, server_id: str, at: int, limit: int = 5) -> list[str]:
+        """The newest secrets no longer valid at `at` (to explain a MAC made with one)."""
+        return [row["secret"] for row in self._all(
+            "SELECT secret FROM secrets WHERE server_id = ? AND expires_at <= ?"
+            " ORDER BY created_at DESC, rowid DESC LIMIT ?", (server_id, at, limit))]
+
+    def all_secrets(self) -> list[str]:
+        """Every secret of the installation, live or not: what a stored snippet must never hold."""
+        return [row["secret"] for row in self._all("SELECT secret FROM secrets")]
+
+    def secret_summaries(self, server_id: str) -> list[Row]:
+        """kid, last four characters and validity of each secret: never the secret itself."""
+        return self._all(
+            "SELECT kid, substr(secret, length(secret) - 3) AS last4, created_at, expires_at FROM secrets"
+            " WHERE server_id = ? ORDER BY created_at DESC, rowid DESC", (server_id,))
+
+    # referrals
+
+    def mint_referral(self, server_id: str, referrer_code: str, ip_hash: str | None = None,
+                      user_agent: str | None = None, issued_at: int | None = None) -> tuple[str, str]:
+        """Record a click and return (token, referral_id)."""
+        check_name("referrer code", referrer_code)
+        issued_at = now() if issued_at is None else issued_at
+
+        def click(transaction: Transaction) -> str:
+            if not transaction.server_exists(server_id):
+                raise ConfigError(f"unknown server {server_id!r}")
+            return transaction.insert_referral(server_id, referrer_code, issued_at, ip_hash, user_agent)
+
+        referral_id = self.group_commit(click)
+        return mint_token(self.token_key, server_id, referral_id, issued_at), referral_id
+
+    def referral(self, referral_id: str) -> Row | None:
+        return self._one("SELECT * FROM referrals WHERE referral_id = ?", (referral_id,))
+
+    # delivery log and rejected requests
+
+    _LOG_SELECT = ("SELECT l.*, r.state, r.referrer_code, r.referee_identity FROM delivery_log l"
+                   " JOIN referrals r ON r.referral_id = l.referral_id")
+
+    def delivery_log(self, server_id: str, limit: int = 100, before_id: int | None = None,
+                     after_id: int | None = None, event: str | None = None, outcome: str | None = None,
+                     q: str | None = None) -> list[Row]:
+        """Accepted events, newest first, each with its referral's current state.
+
+        Keyset-paged: `before_id` gives older rows, `after_id` newer ones. `q` matches a
+        server_event_id or a referrer code exactly.
+        """
+        conditions = [("l.server_id = ?", server_id)] + [
+            (clause, value) for clause, value in (("l.id < ?", before_id), ("l.id > ?", after_id),
+                                                  ("l.event = ?", event), ("l.outcome = ?", outcome))
+            if value is not None and value != ""]
+        if not q:
+            return self._log_page(conditions, newer=after_id is not None, limit=limit)
+        # a server_event_id or a referrer code: two index range scans, merged
+        pages = [self._log_page(conditions + [(clause, q)], newer=after_id is not None, limit=limit)
+                 for clause in ("l.server_event_id = ?", "l.referrer_code = ?")]
+        rows = sorted({row["id"]: row for page in pages for row in page}.values(), key=lambda row: -row["id"])
+        return rows[-limit:] if after_id is not None else rows[:limit]
+
+    def _log_page(self, conditions: list[tuple[str, Any]], newer: bool, limit: int) -> list[Row]:
+        """Up to `limit` rows matching every condition, newest first; `newer`: those just above `l.id > ?`."""
+        where = " AND ".join(clause for clause, _ in conditions)
+        order = "ASC" if newer else "DESC"
+        rows = self._all(f"{self._LOG_SELECT} WHERE {where} ORDER BY l.id {order} LIMIT ?",
+                         (*(value for _, value in conditions), limit))
+        return rows[::-1] if newer else rows
+
+    def delivery_log_row(self, server_id: str, row_id: int) -> Row | None:
+        return self._one(f"{self._LOG_SELECT} WHERE l.server_id = ? AND l.id = ?", (server_id, row_id))
+
+    def referral_history(self, referral_id: str) -> list[Row]:
+        """Every log row about a referral, oldest first (including second clicks of its token)."""
+        return self._all(f"{self._LOG_SELECT} WHERE l.referral_id = ? OR l.token_referral_id = ?"
+                         " ORDER BY l.id", (referral_id, referral_id))
+
+    # analytics: the counter tables, kept in the same transaction as each change
+
+    def funnels(self) -> dict[str, Row]:
+        """Every server's all-time clicked, registered, qualified and reversed counts, by server id."""
+        return {row["server_id"]: row for row in self._all(
+            "SELECT server_id, sum(clicked) AS clicked, sum(registered) AS registered, sum(qualified) AS qualified,"
+            " sum(reversed) AS reversed FROM daily_counts GROUP BY server_id")}
+
+    def funnel(self, server_id: str) -> Row:
+        """One server's all-time clicked, registered, qualified and reversed counts (0 when none)."""
+        return self._one(
+            "SELECT coalesce(sum(clicked), 0) AS clicked, coalesce(sum(registered), 0) AS registered,"
+            " coalesce(sum(qualified), 0) AS qualified, coalesce(sum(reversed), 0) AS reversed"
+            " FROM daily_counts WHERE server_id = ?", (server_id,))
+
+    def leaders(self, server_id: str, limit: int = 20) -> list[Row]:
+        """The referrers with qualified referrals, most first."""
+        return self._all(
+            "SELECT referrer_code, clicked, registered, qualified FROM referrer_counts"
+            " WHERE server_id = ? AND qualified > 0 ORDER BY qualified DESC, referrer_code LIMIT ?",
+            (server_id, limit))
+
+    def daily_counts(self, server_id: str, first_day: str) -> dict[str, Row]:
+        """Clicked, registered and qualified per UTC day (YYYY-MM-DD) from `first_day`; days without any are absent."""
+        return {row["day"]: row for row in self._all(
+            "SELECT day, clicked, registered, qualified FROM daily_counts WHERE server_id = ? AND day >= ?",
+            (server_id, first_day))}
+
+    def check(self) -> None:
+        """Read the database once; raise StoreError (or sqlite3.Error) when it cannot be used."""
+        self._one("SELECT count(*) AS n FROM meta")
+
+    # dashboard password
+
+    def admin_password_hash(self) -> str | None:
+        row = self._one("SELECT value FROM meta WHERE key = 'admin_password_hash'")
+        return row["value"] if row else None
+
+    def set_admin_password(self, password: str) -> None:
+        if len(password) < 8:
+            raise ConfigError("the dashboard password must have at least 8 characters")
+        with self._writing() as db:
+            db.execute("INSERT INTO meta (key, value) VALUES ('admin_password_hash', ?) ON CONFLICT (key)"
+                       " DO UPDATE SET value = excluded.value", (generate_password_hash(password),))
+
+    def record_rejected(self, server_id: str | None, status: int, error: str, reason: str | None,
+                        hint: str, diagnosis: str | None, snippet: str) -> None:
+        """Remember a refused request, keeping only the newest per server."""
+        same_server = f"server_id {self.NULL_SAFE_EQUAL} ?"
+
+        def remember(transaction: Transaction) -> None:
+            db = transaction.db
+            db.execute("INSERT INTO rejected_requests (server_id, status, error, reason, hint, diagnosis,"
+                       " snippet, received_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                       (server_id, status, error, reason, hint, diagnosis, snippet, now()))
+            db.execute(f"DELETE FROM rejected_requests WHERE {same_server} AND id <= ("
+                       f" SELECT id FROM rejected_requests WHERE {same_server} ORDER BY id DESC"
+                       " LIMIT 1 OFFSET ?)", (server_id, server_id, REJECTED_KEPT_PER_SERVER))
+
+        self.group_commit(remember)
+
+    def rejected_requests(self, server_id: str | None, limit: int = 50) -> list[Row]:
+        return self._all(f"SELECT * FROM rejected_requests WHERE server_id {self.NULL_SAFE_EQUAL} ?"
+                         " ORDER BY id DESC LIMIT ?", (server_id, limit))
+
+    # copy-db: a whole installation, from one engine to the other
+
+    def is_empty(self) -> bool:
+        return all(self._one(f"SELECT 1 AS found FROM {table} LIMIT 1") is None for table in COPIED_TABLES)
+
+    def table_rows(self, table: str) -> list[Row]:
+        """Every row of one of COPIED_TABLES, in the order copy-db inserts them."""
+        return self._all(f"SELECT * FROM {table} ORDER BY {COPIED_TABLES[table]}")
+
+    def insert_rows(self, table: str, rows: Sequence[Mapping[str, Any]]) -> None:
+        """Insert rows as they were read from another store (the same schema version)."""
+        with self._writing() as db:
+            for row in rows:
+                columns = list(row.keys())  # (iterating a sqlite3.Row gives its values)
+                db.execute(f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})",
+                           tuple(row[column] for column in columns))
+            self._after_insert_rows(db, table)
+
+    def _after_insert_rows(self, db: Any, table: str) -> None:
+        """What the engine must do after rows came in with their own ids."""
+
+
+class SQLiteStore(Store):
+    """The default engine: one SQLite file, WAL, one connection per thread (and per process,
+    for forking servers). Writers use BEGIN IMMEDIATE, so the UNIQUE constraints and the
+    read-then-write checks hold across threads and worker processes."""
+
+    CONFLICTS = (sqlite3.IntegrityError,)
+    UNAVAILABLE_HINT = "check that the database file exists and is readable"
 
     def __init__(self, path: str, synchronous: str = "FULL"):
+        super().__init__(path, synchronous)
         self.path = path
         self.synchronous = synchronous.upper()
         self._local = threading.local()
         self._pid = os.getpid()
-        self._keys: dict[str, str] = {}
         self._queue: list[_Pending] = []
         self._queue_lock, self._commit_lock = threading.Lock(), threading.Lock()
         _create_private_file(path)
@@ -639,13 +1022,11 @@ class Store:
             self._local.db = None
 
     @contextlib.contextmanager
-    def transaction(self) -> Iterator[Transaction]:
-        """One write transaction, for the state machine's reads and writes."""
-        with self._immediate() as db:
-            yield Transaction(db)
+    def _reading(self) -> Iterator[sqlite3.Connection]:
+        yield self.connect()
 
     @contextlib.contextmanager
-    def _immediate(self) -> Iterator[sqlite3.Connection]:
+    def _writing(self) -> Iterator[sqlite3.Connection]:
         """BEGIN IMMEDIATE ... COMMIT, rolled back on any exception (a failed COMMIT too)."""
         db = self.connect()
         db.execute("BEGIN IMMEDIATE")
@@ -680,7 +1061,7 @@ class Store:
 
     def _commit_batch(self, batch: list[_Pending]) -> None:
         try:
-            with self._immediate() as db:
+            with self._writing() as db:
                 transaction = Transaction(db)
                 for item in batch:
                     db.execute("SAVEPOINT work")
@@ -702,7 +1083,7 @@ class Store:
                 item.done = True
 
     def _migrate(self) -> None:
-        with self._immediate() as db:
+        with self._writing() as db:
             version = db.execute("PRAGMA user_version").fetchone()[0]
             if version > SCHEMA_VERSION:
                 raise StoreError(
@@ -713,226 +1094,148 @@ class Store:
                     db.execute(statement)
             db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
-    def installation_key(self, name: str) -> str:
-        """A random per-installation value (token key, session key, IP salt), made once."""
-        if name not in self._keys:
-            with self._immediate() as db:
-                db.execute("INSERT OR IGNORE INTO meta (key, value) VALUES (?, ?)",
-                           (name, secrets.token_urlsafe(32)))
-                self._keys[name] = db.execute("SELECT value FROM meta WHERE key = ?", (name,)).fetchone()[0]
-        return self._keys[name]
 
-    @property
-    def token_key(self) -> str:
-        return self.installation_key("token_key")
+@functools.lru_cache(maxsize=1024)  # each statement is converted once
+def _postgres_sql(sql: str) -> str:
+    """A shared statement in psycopg's placeholder style: ? becomes %s (a literal % is doubled)."""
+    return sql.replace("%", "%%").replace("?", "%s")
 
-    # servers and secrets
 
-    def server(self, server_id: str) -> sqlite3.Row | None:
-        return self.connect().execute("SELECT * FROM servers WHERE server_id = ?", (server_id,)).fetchone()
+class _PostgresConnection:
+    """A psycopg connection that takes the statements as written for both engines."""
 
-    def servers(self) -> list[sqlite3.Row]:
-        return self.connect().execute("SELECT * FROM servers ORDER BY game, server_id").fetchall()
+    __slots__ = ("connection",)
 
-    def add_server(self, server_id: str, game: str, name: str = "", registration_url: str | None = None,
-                   identity_field: str = "username") -> tuple[str, str]:
-        """Create a server with referrals enabled; return its first (secret, kid)."""
-        check_name("server id", server_id)
-        check_name("game", game)
-        if registration_url:
-            registration_url = check_registration_url(registration_url)
-        if identity_field not in IDENTITY_FIELDS:
-            raise ConfigError(f"identity field must be one of {', '.join(IDENTITY_FIELDS)}")
+    def __init__(self, connection: Any):
+        self.connection = connection
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> Any:
+        return self.connection.execute(_postgres_sql(sql), params)
+
+
+class _PostgresTransaction(Transaction):
+    """Where SQLite's BEGIN IMMEDIATE serialises every writer, PostgreSQL locks the referral's row."""
+
+    __slots__ = ()
+
+    def referral(self, referral_id: str) -> Row | None:
+        return self.db.execute("SELECT * FROM referrals WHERE referral_id = ? FOR UPDATE", (referral_id,)).fetchone()
+
+    def referral_for_event(self, referral_id: str, event: str, server_event_id: str) -> Row | None:
+        # Lock first: the read that follows then sees whatever the lock's previous holder committed.
+        self.referral(referral_id)
+        return super().referral_for_event(referral_id, event, server_event_id)
+
+
+def _number(text: bytes | memoryview) -> int | float:
+    """A NUMERIC value (sum() of integers, the sender's ts) as the int or float SQLite would give."""
+    value = bytes(text).decode()
+    return int(value) if value.lstrip("-").isdigit() else float(value)
+
+
+class PostgresStore(Store):
+    """Many mmoref nodes on one PostgreSQL database: psycopg 3 and a connection pool.
+
+    Each write is its own READ COMMITTED transaction (PostgreSQL's own group commit batches
+    the fsyncs). The state machine's read-then-write holds because it locks the referral's
+    row first (SELECT ... FOR UPDATE); the UNIQUE constraints are the last line, and a
+    write that loses a race to one, to a deadlock or to a serialization failure is tried
+    again. Installation-wide values live in the database, so a node needs only the URL.
+    """
+
+    NULL_SAFE_EQUAL = "IS NOT DISTINCT FROM"
+    UNAVAILABLE_HINT = "check that PostgreSQL is running and reachable at the MMOREF_DB URL"
+    TRANSACTION = _PostgresTransaction
+    MIGRATION_LOCK = 0x6D6D6F72  # pg_advisory_xact_lock key: one node migrates, the others wait
+    POOL_SIZE = 16
+    WAIT_SECONDS = 3  # for a pooled connection before the request is answered 503
+
+    def __init__(self, url: str, synchronous: str = "FULL"):
+        super().__init__(url, synchronous)
+        try:
+            import psycopg
+            import psycopg_pool
+        except ImportError:
+            raise StoreError("a postgresql:// MMOREF_DB needs psycopg: pip install -r requirements-postgres.txt") \
+                from None
+        self._psycopg = psycopg
+        self.CONFLICTS = (psycopg.errors.UniqueViolation, psycopg.errors.TransactionRollback)
+        self._unavailable = (psycopg.OperationalError, psycopg_pool.PoolTimeout)
+
+        class NumberLoader(psycopg.adapt.Loader):
+            def load(self, data: bytes | memoryview) -> int | float:
+                return _number(data)
+
+        self._number_loader = NumberLoader
+        self._migrate()
+        self._pool = psycopg_pool.ConnectionPool(
+            url, min_size=1, max_size=self.POOL_SIZE, timeout=self.WAIT_SECONDS, open=True,
+            kwargs={"autocommit": True, "row_factory": psycopg.rows.dict_row},
+            configure=self._configure, check=psycopg_pool.ConnectionPool.check_connection)
+
+    def _configure(self, connection: Any) -> None:
+        connection.adapters.register_loader("numeric", self._number_loader)
+
+    def close(self) -> None:
+        self._pool.close()
+
+    @contextlib.contextmanager
+    def _connection(self) -> Iterator[_PostgresConnection]:
+        """A pooled connection; PostgreSQL out of reach is a StoreUnavailable."""
+        try:
+            with self._pool.connection() as connection:
+                yield _PostgresConnection(connection)
+        except self._psycopg.errors.TransactionRollback:
+            raise  # a deadlock or serialization failure: the caller tries again
+        except self._unavailable as exc:
+            raise StoreUnavailable(f"PostgreSQL is unavailable ({str(exc).strip() or type(exc).__name__})") \
+                from exc
+
+    _reading = _connection
+
+    @contextlib.contextmanager
+    def _writing(self) -> Iterator[_PostgresConnection]:
+        with self._connection() as db, db.connection.transaction():
+            yield db
+
+    def group_commit(self, work: Callable[[Transaction], T]) -> T:
         with self.transaction() as transaction:
-            if transaction.server_exists(server_id):
-                raise ConfigError(f"server {server_id!r} already exists")
-            transaction.db.execute("INSERT INTO servers (server_id, game, name, registration_url, identity_field,"
-                                   " referrals_enabled, created_at) VALUES (?, ?, ?, ?, ?, 1, ?)",
-                                   (server_id, game, name, registration_url or None, identity_field, now()))
-            return self._new_secret(transaction.db, server_id, grace=0)
+            return work(transaction)
 
-    def update_server(self, server_id: str, **changes: Any) -> None:
-        """Set registration_url, identity_field, name or referrals_enabled."""
-        allowed = {"registration_url", "identity_field", "name", "referrals_enabled"}
-        if not changes or not set(changes) <= allowed:
-            raise ValueError(f"can only change {sorted(allowed)}")
-        assignments = ", ".join(f"{column} = ?" for column in changes)
-        with self._immediate() as db:
-            db.execute(f"UPDATE servers SET {assignments} WHERE server_id = ?", (*changes.values(), server_id))
+    def _migrate(self) -> None:
+        """Bring the schema up to date, once, however many nodes start together."""
+        psycopg = self._psycopg
+        try:
+            connection = psycopg.connect(self.location, autocommit=True, connect_timeout=10)
+        except psycopg.Error as exc:
+            raise StoreError(f"cannot connect to {database_label(self.location)}: {str(exc).strip()}") from None
+        with connection, connection.transaction():
+            connection.execute("SELECT pg_advisory_xact_lock(%s)", (self.MIGRATION_LOCK,))
+            version = 0
+            if connection.execute("SELECT to_regclass('schema_version')").fetchone()[0] is not None:
+                version = connection.execute("SELECT version FROM schema_version").fetchone()[0]
+            if version > SCHEMA_VERSION:
+                raise StoreError(
+                    f"{database_label(self.location)} was written by a newer mmoref (schema v{version}; this one "
+                    f"knows up to v{SCHEMA_VERSION}): upgrade mmoref_server.py")
+            if version == 0:
+                for statement in POSTGRES_SCHEMA:
+                    connection.execute(statement)
+                connection.execute("INSERT INTO schema_version VALUES (%s)", (POSTGRES_SCHEMA_VERSION,))
+                version = POSTGRES_SCHEMA_VERSION
+            for number in range(version + 1, SCHEMA_VERSION + 1):
+                for statement in POSTGRES_MIGRATIONS[number]:
+                    connection.execute(statement)
+            connection.execute("UPDATE schema_version SET version = %s", (SCHEMA_VERSION,))
 
-    def rotate_secret(self, server_id: str, grace: int = DEFAULT_GRACE_SECONDS) -> tuple[str, str]:
-        """A new current secret; the old one stays valid `grace` seconds (0 = revoked now)."""
-        if grace < 0:
-            raise ConfigError("grace must be 0 (revoke now) or a positive number of seconds")
-        with self.transaction() as transaction:
-            if not transaction.server_exists(server_id):
-                raise ConfigError(f"unknown server {server_id!r}")
-            return self._new_secret(transaction.db, server_id, grace)
+    _SERIAL_COLUMNS = {"secrets": "rowid", "delivery_log": "id", "rejected_requests": "id"}
 
-    @staticmethod
-    def _new_secret(db: sqlite3.Connection, server_id: str, grace: int) -> tuple[str, str]:
-        at = now()
-        # at most two live secrets: one still in its grace period is revoked now
-        db.execute("UPDATE secrets SET expires_at = ? WHERE server_id = ? AND expires_at > ?",
-                   (at, server_id, at))
-        db.execute("UPDATE secrets SET expires_at = ? WHERE server_id = ? AND expires_at IS NULL",
-                   (at + grace, server_id))
-        secret, kid = "mmsk_" + secrets.token_urlsafe(32), "k_" + secrets.token_hex(4)
-        db.execute("INSERT INTO secrets (kid, server_id, secret, created_at) VALUES (?, ?, ?, ?)",
-                   (kid, server_id, secret, at))
-        return secret, kid
-
-    def set_secret(self, server_id: str, secret: str) -> None:
-        """Give the server's secrets this value (the demo's well-known secret)."""
-        with self._immediate() as db:
-            db.execute("UPDATE secrets SET secret = ? WHERE server_id = ?", (secret, server_id))
-
-    def live_secrets(self, server_id: str, at: int) -> list[tuple[str, str]]:
-        """[(kid, secret), ...] valid at `at`, current first (at most two)."""
-        return [(row["kid"], row["secret"]) for row in self.connect().execute(
-            "SELECT kid, secret FROM secrets WHERE server_id = ? AND (expires_at IS NULL OR expires_at > ?)"
-            " ORDER BY created_at DESC, rowid DESC", (server_id, at))]
-
-    def revoked_secrets(self, server_id: str, at: int, limit: int = 5) -> list[str]:
-        """The newest secrets no longer valid at `at` (to explain a MAC made with one)."""
-        return [row[0] for row in self.connect().execute(
-            "SELECT secret FROM secrets WHERE server_id = ? AND expires_at <= ?"
-            " ORDER BY created_at DESC, rowid DESC LIMIT ?", (server_id, at, limit))]
-
-    def all_secrets(self) -> list[str]:
-        """Every secret of the installation, live or not: what a stored snippet must never hold."""
-        return [row[0] for row in self.connect().execute("SELECT secret FROM secrets")]
-
-    def secret_summaries(self, server_id: str) -> list[sqlite3.Row]:
-        """kid, last four characters and validity of each secret: never the secret itself."""
-        return self.connect().execute(
-            "SELECT kid, substr(secret, -4) AS last4, created_at, expires_at FROM secrets"
-            " WHERE server_id = ? ORDER BY created_at DESC, rowid DESC", (server_id,)).fetchall()
-
-    # referrals
-
-    def mint_referral(self, server_id: str, referrer_code: str, ip_hash: str | None = None,
-                      user_agent: str | None = None, issued_at: int | None = None) -> tuple[str, str]:
-        """Record a click and return (token, referral_id)."""
-        check_name("referrer code", referrer_code)
-        issued_at = now() if issued_at is None else issued_at
-
-        def click(transaction: Transaction) -> str:
-            if not transaction.server_exists(server_id):
-                raise ConfigError(f"unknown server {server_id!r}")
-            return transaction.insert_referral(server_id, referrer_code, issued_at, ip_hash, user_agent)
-
-        referral_id = self.group_commit(click)
-        return mint_token(self.token_key, server_id, referral_id, issued_at), referral_id
-
-    def referral(self, referral_id: str) -> sqlite3.Row | None:
-        return self.connect().execute("SELECT * FROM referrals WHERE referral_id = ?", (referral_id,)).fetchone()
-
-    # delivery log and rejected requests
-
-    _LOG_SELECT = ("SELECT l.*, r.state, r.referrer_code, r.referee_identity FROM delivery_log l"
-                   " JOIN referrals r ON r.referral_id = l.referral_id")
-
-    def delivery_log(self, server_id: str, limit: int = 100, before_id: int | None = None,
-                     after_id: int | None = None, event: str | None = None, outcome: str | None = None,
-                     q: str | None = None) -> list[sqlite3.Row]:
-        """Accepted events, newest first, each with its referral's current state.
-
-        Keyset-paged: `before_id` gives older rows, `after_id` newer ones. `q` matches a
-        server_event_id or a referrer code exactly.
-        """
-        conditions = [("l.server_id = ?", server_id)] + [
-            (clause, value) for clause, value in (("l.id < ?", before_id), ("l.id > ?", after_id),
-                                                  ("l.event = ?", event), ("l.outcome = ?", outcome))
-            if value is not None and value != ""]
-        if not q:
-            return self._log_page(conditions, newer=after_id is not None, limit=limit)
-        # a server_event_id or a referrer code: two index range scans, merged
-        pages = [self._log_page(conditions + [(clause, q)], newer=after_id is not None, limit=limit)
-                 for clause in ("l.server_event_id = ?", "l.referrer_code = ?")]
-        rows = sorted({row["id"]: row for page in pages for row in page}.values(), key=lambda row: -row["id"])
-        return rows[-limit:] if after_id is not None else rows[:limit]
-
-    def _log_page(self, conditions: list[tuple[str, Any]], newer: bool, limit: int) -> list[sqlite3.Row]:
-        """Up to `limit` rows matching every condition, newest first; `newer`: those just above `l.id > ?`."""
-        where = " AND ".join(clause for clause, _ in conditions)
-        order = "ASC" if newer else "DESC"
-        rows = self.connect().execute(f"{self._LOG_SELECT} WHERE {where} ORDER BY l.id {order} LIMIT ?",
-                                      (*(value for _, value in conditions), limit)).fetchall()
-        return rows[::-1] if newer else rows
-
-    def delivery_log_row(self, server_id: str, row_id: int) -> sqlite3.Row | None:
-        return self.connect().execute(f"{self._LOG_SELECT} WHERE l.server_id = ? AND l.id = ?",
-                                      (server_id, row_id)).fetchone()
-
-    def referral_history(self, referral_id: str) -> list[sqlite3.Row]:
-        """Every log row about a referral, oldest first (including second clicks of its token)."""
-        return self.connect().execute(f"{self._LOG_SELECT} WHERE l.referral_id = ? OR l.token_referral_id = ?"
-                                      " ORDER BY l.id", (referral_id, referral_id)).fetchall()
-
-    # analytics: the counter tables, kept in the same transaction as each change
-
-    def funnels(self) -> dict[str, sqlite3.Row]:
-        """Every server's all-time clicked, registered, qualified and reversed counts, by server id."""
-        return {row["server_id"]: row for row in self.connect().execute(
-            "SELECT server_id, sum(clicked) AS clicked, sum(registered) AS registered, sum(qualified) AS qualified,"
-            " sum(reversed) AS reversed FROM daily_counts GROUP BY server_id")}
-
-    def funnel(self, server_id: str) -> sqlite3.Row:
-        """One server's all-time clicked, registered, qualified and reversed counts (0 when none)."""
-        return self.connect().execute(
-            "SELECT coalesce(sum(clicked), 0) AS clicked, coalesce(sum(registered), 0) AS registered,"
-            " coalesce(sum(qualified), 0) AS qualified, coalesce(sum(reversed), 0) AS reversed"
-            " FROM daily_counts WHERE server_id = ?", (server_id,)).fetchone()
-
-    def leaders(self, server_id: str, limit: int = 20) -> list[sqlite3.Row]:
-        """The referrers with qualified referrals, most first."""
-        return self.connect().execute(
-            "SELECT referrer_code, clicked, registered, qualified FROM referrer_counts"
-            " WHERE server_id = ? AND qualified > 0 ORDER BY qualified DESC, referrer_code LIMIT ?",
-            (server_id, limit)).fetchall()
-
-    def daily_counts(self, server_id: str, first_day: str) -> dict[str, sqlite3.Row]:
-        """Clicked, registered and qualified per UTC day (YYYY-MM-DD) from `first_day`; days without any are absent."""
-        return {row["day"]: row for row in self.connect().execute(
-            "SELECT day, clicked, registered, qualified FROM daily_counts WHERE server_id = ? AND day >= ?",
-            (server_id, first_day))}
-
-    def check(self) -> None:
-        """Read the database once; raise sqlite3.Error or StoreError when it cannot be used."""
-        self.connect().execute("SELECT count(*) FROM meta").fetchone()
-
-    # dashboard password
-
-    def admin_password_hash(self) -> str | None:
-        row = self.connect().execute("SELECT value FROM meta WHERE key = 'admin_password_hash'").fetchone()
-        return row[0] if row else None
-
-    def set_admin_password(self, password: str) -> None:
-        if len(password) < 8:
-            raise ConfigError("the dashboard password must have at least 8 characters")
-        with self._immediate() as db:
-            db.execute("INSERT INTO meta (key, value) VALUES ('admin_password_hash', ?) ON CONFLICT (key)"
-                       " DO UPDATE SET value = excluded.value", (generate_password_hash(password),))
-
-    def record_rejected(self, server_id: str | None, status: int, error: str, reason: str | None,
-                        hint: str, diagnosis: str | None, snippet: str) -> None:
-        """Remember a refused request, keeping only the newest per server."""
-        def remember(transaction: Transaction) -> None:
-            db = transaction.db
-            db.execute("INSERT INTO rejected_requests (server_id, status, error, reason, hint, diagnosis,"
-                       " snippet, received_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                       (server_id, status, error, reason, hint, diagnosis, snippet, now()))
-            db.execute("DELETE FROM rejected_requests WHERE server_id IS ? AND id <= ("
-                       " SELECT id FROM rejected_requests WHERE server_id IS ? ORDER BY id DESC"
-                       " LIMIT 1 OFFSET ?)", (server_id, server_id, REJECTED_KEPT_PER_SERVER))
-
-        self.group_commit(remember)
-
-    def rejected_requests(self, server_id: str | None, limit: int = 50) -> list[sqlite3.Row]:
-        return self.connect().execute(
-            "SELECT * FROM rejected_requests WHERE server_id IS ? ORDER BY id DESC LIMIT ?",
-            (server_id, limit)).fetchall()
+    def _after_insert_rows(self, db: Any, table: str) -> None:
+        """Rows copied in kept their ids: move the table's id sequence past them."""
+        column = self._SERIAL_COLUMNS.get(table)
+        if column:
+            db.execute(f"SELECT setval(pg_get_serial_sequence('{table}', '{column}'),"
+                       f" coalesce(max({column}), 0) + 1, false) FROM {table}")
 
 
 # State machine (docs/contract.md §2) #########################################
@@ -969,17 +1272,21 @@ class Delivery:
     payload: str  # the body for the log: token masked, secrets scrubbed, cut to 2,000 characters
 
 
-def apply_event(store: Store, delivery: Delivery, ttl: int) -> dict[str, Any]:
-    """Steps 9-10 of docs/contract.md §1.4 in one BEGIN IMMEDIATE transaction; return the 200 body.
+WRITE_ATTEMPTS = 3  # a write that lost a race is tried again: first touch, a deadlock
 
-    A UNIQUE violation means a concurrent writer won a race that our reads could not
-    see (another process); the retry then reads its result and answers accordingly.
+
+def apply_event(store: Store, delivery: Delivery, ttl: int) -> dict[str, Any]:
+    """Steps 9-10 of docs/contract.md §1.4 in one write transaction; return the 200 body.
+
+    A UNIQUE violation (or, on PostgreSQL, a deadlock or serialization failure) means a
+    concurrent writer won a race that our reads could not see (another process or node);
+    the retry then reads its result and answers accordingly.
     """
-    for attempt in (1, 2):
+    for attempt in range(1, WRITE_ATTEMPTS + 1):
         try:
             outcome = store.group_commit(lambda transaction: _decide_and_write(transaction, delivery, ttl))
-        except sqlite3.IntegrityError:
-            if attempt == 2:
+        except store.CONFLICTS:
+            if attempt == WRITE_ATTEMPTS:
                 raise
             continue
         if isinstance(outcome, ApiError):
@@ -1015,7 +1322,7 @@ def _decide_and_write(transaction: Transaction, delivery: Delivery, ttl: int) ->
     return _log_and_answer(transaction, delivery, referral, "advanced", next_state, at)
 
 
-def _register(transaction: Transaction, delivery: Delivery, referral: sqlite3.Row, at: int) -> dict[str, Any]:
+def _register(transaction: Transaction, delivery: Delivery, referral: Row, at: int) -> dict[str, Any]:
     """`registered` on a clicked referral: mint the anchor, unless first touch says otherwise."""
     anchored = transaction.anchored_referral(delivery.server_id, delivery.referee_identity)
     if anchored is None:
@@ -1031,7 +1338,7 @@ def _register(transaction: Transaction, delivery: Delivery, referral: sqlite3.Ro
     return _log_and_answer(transaction, delivery, anchored, "no_op", anchored["state"], at)
 
 
-def _advance(transaction: Transaction, referral: sqlite3.Row, next_state: str, at: int,
+def _advance(transaction: Transaction, referral: Row, next_state: str, at: int,
              referee_identity: str | None = None) -> None:
     """Move the referral to `next_state` (recording its referee on registration) and count it."""
     transaction.set_state(referral["referral_id"], next_state, at, referee_identity)
@@ -1039,12 +1346,12 @@ def _advance(transaction: Transaction, referral: sqlite3.Row, next_state: str, a
         transaction.count(referral["server_id"], referral["referrer_code"], next_state, at)
 
 
-def _log(transaction: Transaction, delivery: Delivery, referral: sqlite3.Row, outcome: str, at: int) -> None:
+def _log(transaction: Transaction, delivery: Delivery, referral: Row, outcome: str, at: int) -> None:
     transaction.log_delivery(referral, delivery.event, outcome, at, token_referral_id=delivery.token_claims.referral_id,
                              server_event_id=delivery.server_event_id, payload=delivery.payload, ts=delivery.ts)
 
 
-def _log_and_answer(transaction: Transaction, delivery: Delivery, referral: sqlite3.Row, outcome: str, state: str,
+def _log_and_answer(transaction: Transaction, delivery: Delivery, referral: Row, outcome: str, state: str,
                     at: int) -> dict[str, Any]:
     _log(transaction, delivery, referral, outcome, at)
     return {"ok": True, "referral_id": referral["referral_id"], "state": state}
@@ -1349,6 +1656,9 @@ def handle_ingest(store: Store, raw_body: bytes, header: str | None, *, window: 
         body, status = exc.body(), exc.status
         if status in (400, 401, 404, 422):
             _remember_rejection(store, exc, raw_body)
+    except StoreUnavailable:  # PostgreSQL out of reach: nothing was acknowledged, the kit retries
+        log.warning("ingest: database unavailable", exc_info=True)
+        status, body = 503, ApiError(503, "database unavailable", HINTS["database unavailable"]).body()
     except Exception:  # 11. anything unexpected: the transaction rolled back
         log.exception("ingest failed")
         status, body = 500, ApiError(500, "internal error", HINTS["internal error"]).body()
@@ -1386,7 +1696,7 @@ def _remember_rejection(store: Store, exc: ApiError, raw_body: bytes) -> None:
     try:
         store.record_rejected(exc.server_id, exc.status, exc.error, exc.extra.get("reason"), exc.hint,
                               exc.diagnosis, snippet)
-    except sqlite3.Error:
+    except (sqlite3.Error, StoreError):
         log.exception("could not record a rejected request")
 
 
@@ -1500,8 +1810,8 @@ def healthz() -> Any:
     try:
         get_store().check()
     except (sqlite3.Error, StoreError):
-        return json_response({"ok": False, "error": "database unavailable",
-                              "hint": "check that the database file exists and is readable"}, 503)
+        engine = PostgresStore if is_postgres_url(current_app.config["MMOREF_DB"]) else SQLiteStore
+        return json_response({"ok": False, "error": "database unavailable", "hint": engine.UNAVAILABLE_HINT}, 503)
     return json_response({"ok": True})
 
 
@@ -1653,14 +1963,14 @@ def _index_page(status: int = 200, **extra: Any) -> Any:
                  form=request.form if extra.get("error") else {}, **extra)  # refill the form only to fix it
 
 
-def _server_or_404(game: str, server_id: str) -> sqlite3.Row:
+def _server_or_404(game: str, server_id: str) -> Row:
     server = get_store().server(server_id)
     if server is None or server["game"] != game:
         abort(404)
     return server
 
 
-def _tab_url(server: sqlite3.Row, **params: Any) -> str:
+def _tab_url(server: Row, **params: Any) -> str:
     return url_for("mmoref.dashboard.referrals_tab", game=server["game"], server_id=server["server_id"], **params)
 
 
@@ -1669,7 +1979,7 @@ def referrals_tab(game: str, server_id: str) -> Any:
     return _render_tab(_server_or_404(game, server_id))
 
 
-def _render_tab(server: sqlite3.Row, **shown_once: Any) -> Any:
+def _render_tab(server: Row, **shown_once: Any) -> Any:
     """The Referrals tab; `shown_once` carries a new secret, token or test result into the page."""
     store, server_id, game = get_store(), server["server_id"], server["game"]
     filters = _log_filters()
@@ -1703,7 +2013,7 @@ def _log_filters() -> dict[str, str]:
     return {key: value[:MAX_FIELD_CHARS] for key, value in filters.items() if value}
 
 
-def _log_view(row: sqlite3.Row) -> dict[str, Any]:
+def _log_view(row: Row) -> dict[str, Any]:
     """A delivery-log row for display: PII-light."""
     try:
         payload = json.loads(row["payload"] or "{}")
@@ -1987,8 +2297,8 @@ def _open_store(db_path: str | None) -> Store:
 
 
 def _db_option(command: Callable) -> Callable:
-    return click.option("--db", "db_path", metavar="PATH",
-                        help="database file [env MMOREF_DB; ./referrals.db]")(command)
+    return click.option("--db", "db_path", metavar="PATH|URL",
+                        help="SQLite file or postgresql:// URL [env MMOREF_DB; ./referrals.db]")(command)
 
 
 def _json_option(command: Callable) -> Callable:
@@ -2097,7 +2407,7 @@ def _banner(app: Flask, host: str, port: int) -> str:
         f"mmoref {__version__}: referral ingest server",
         f"  ingest     POST {base}/api/referral/events",
         f"  dashboard  {base}/dashboard",
-        f"  database   {os.path.abspath(app.config['MMOREF_DB'])}",
+        f"  database   {database_label(app.config['MMOREF_DB'])}",
         f"  try        curl -i {base}/api/referral/events -d '{{}}'    "
         "# 400 missing signature header: the server is up",
     ]
