@@ -15,6 +15,8 @@ from werkzeug.test import EnvironBuilder, run_wsgi_app
 import mmoref_server as mm
 from tests.support import INGEST, TEST_OK, Kit, assert_good_hint, error, ok, reply, revoke_every_secret
 
+pytestmark = pytest.mark.both_engines  # docs/contract.md holds on SQLite and on PostgreSQL
+
 VECTOR_BODY = (b'{"event":"registered","token":"tok_abc","server_id":"srv_123","referee_identity":"player-7842",'
              b'"server_event_id":"reg-7842","ts":1733500000}')
 ZEROS = "0" * 64  # a well-formed v1 value that matches nothing

@@ -13,7 +13,19 @@ from typing import Any
 import pytest
 
 import mmoref_server as mm
-from tests.support import PASSWORD, Clock, Kit, LiveServer, Owner, Runner, location, login
+from tests.support import (
+    PASSWORD,
+    POSTGRES_MISSING,
+    Clock,
+    Kit,
+    LiveServer,
+    Owner,
+    PostgresCluster,
+    Runner,
+    location,
+    login,
+    postgres_bin,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -30,8 +42,41 @@ def _fresh_login_throttle(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(mm, "login_throttle", mm._LoginThrottle())
 
 
+ENGINES = ("sqlite", "postgresql")
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Tests of a `both_engines` module run on each engine (except those marked `sqlite_only`)."""
+    definition = metafunc.definition
+    if ("engine" in metafunc.fixturenames and definition.get_closest_marker("both_engines")
+            and not definition.get_closest_marker("sqlite_only")):
+        metafunc.parametrize("engine", ENGINES, indirect=True)
+
+
 @pytest.fixture
-def db_path(tmp_path: Path) -> str:
+def engine(request: pytest.FixtureRequest) -> str:
+    """The store's engine: SQLite unless the test runs on both."""
+    return getattr(request, "param", "sqlite")
+
+
+@pytest.fixture(scope="session")
+def postgres_cluster() -> Iterator[PostgresCluster]:
+    """One throwaway cluster for the session. Without PostgreSQL: skip, but fail under CI."""
+    bin_dir = postgres_bin()
+    if bin_dir is None:
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail(f"CI must run the PostgreSQL tests: {POSTGRES_MISSING}")
+        pytest.skip(POSTGRES_MISSING)
+    cluster = PostgresCluster(bin_dir)
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture
+def db_path(engine: str, tmp_path: Path, request: pytest.FixtureRequest) -> str:
+    """MMOREF_DB: a SQLite file in the test's folder, or a fresh database on the PostgreSQL cluster."""
+    if engine == "postgresql":
+        return request.getfixturevalue("postgres_cluster").new_database()
     return str(tmp_path / "referrals.db")
 
 

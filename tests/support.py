@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import contextlib
 import http.client
+import itertools
 import json
 import os
 import re
+import shutil
 import socket
 import sqlite3
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.request
@@ -245,9 +248,23 @@ def database(path: str | Path, *, read_only: bool = False) -> Iterator[sqlite3.C
 
 
 def rows(path: str | Path, sql: str, *params: Any) -> list[tuple]:
-    """All rows of one query against the database at `path`."""
+    """All rows of one query (written with ? placeholders) against the SQLite file or PostgreSQL URL."""
+    if mm.is_postgres_url(str(path)):
+        import psycopg
+        with psycopg.connect(str(path), autocommit=True) as db:
+            return [tuple(_as_sqlite_value(value) for value in row)
+                    for row in db.execute(mm._postgres_sql(sql), params).fetchall()]
     with database(path) as db:
         return db.execute(sql, params).fetchall()
+
+
+def _as_sqlite_value(value: Any) -> Any:
+    """PostgreSQL's sum() is NUMERIC and EXISTS boolean: compare them as SQLite gives them."""
+    if isinstance(value, bool):
+        return int(value)
+    if type(value).__name__ == "Decimal":
+        return int(value) if value == value.to_integral_value() else float(value)
+    return value
 
 
 def scalar(path: str | Path, sql: str, *params: Any) -> Any:
@@ -256,9 +273,12 @@ def scalar(path: str | Path, sql: str, *params: Any) -> Any:
 
 def snapshot(db_path: str | Path) -> dict[str, list[tuple]]:
     """Every row of every table: to show a refused request changed nothing."""
-    with database(db_path) as db:
-        tables = [row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name")]
-        return {table: db.execute(f"SELECT * FROM {table} ORDER BY 1").fetchall() for table in tables}
+    if mm.is_postgres_url(str(db_path)):
+        tables = [row[0] for row in rows(db_path, "SELECT table_name FROM information_schema.tables"
+                                                  " WHERE table_schema = 'public' ORDER BY table_name")]
+    else:
+        tables = [row[0] for row in rows(db_path, "SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name")]
+    return {table: rows(db_path, f"SELECT * FROM {table} ORDER BY 1") for table in tables}
 
 
 @contextlib.contextmanager
@@ -609,3 +629,86 @@ def race(port: int, actions: Sequence[Callable[[HttpClient], Any]], timeout: flo
     if errors:
         raise errors[0]
     return results
+
+
+# A throwaway PostgreSQL cluster ###############################################
+
+POSTGRES_BIN_GLOB = "/usr/lib/postgresql/*/bin"
+POSTGRES_MISSING = ("PostgreSQL tests need the server binaries (Debian: apt-get install postgresql)"
+                    " and psycopg (pip install -r requirements-postgres.txt)")
+
+
+def postgres_bin() -> Path | None:
+    """The newest Debian PostgreSQL bin folder with initdb, or the one on PATH; None without psycopg too."""
+    try:
+        import psycopg  # noqa: F401
+        import psycopg_pool  # noqa: F401
+    except ImportError:
+        return None
+    found = sorted(Path("/").glob(POSTGRES_BIN_GLOB.lstrip("/")), key=lambda path: int(path.parent.name))
+    folders = [path for path in found if (path / "initdb").exists()]
+    on_path = shutil.which("initdb")
+    return folders[-1] if folders else (Path(on_path).parent if on_path else None)
+
+
+class PostgresCluster:
+    """initdb + pg_ctl in a temporary folder, on a free 127.0.0.1 port; as the `postgres` user when we
+    are root (PostgreSQL refuses root).
+
+    A commit is acknowledged after PostgreSQL wrote its WAL (synchronous_commit on), as in
+    production; fsync is off because no test crashes the machine itself (a SIGKILLed node or a
+    fast restart loses nothing either way), and flushing hundreds of test databases would take
+    minutes. The benchmark's cluster keeps fsync on.
+    """
+
+    def __init__(self, bin_dir: Path, *, durable: bool = False):
+        self.bin_dir, self.durable = bin_dir, durable
+        self.root = Path(tempfile.mkdtemp(prefix="mmoref-pg-"))
+        self.data, self.sockets = self.root / "data", self.root / "sockets"
+        self.sockets.mkdir()
+        self.port = free_port()
+        self._names = itertools.count(1)
+        if os.geteuid() == 0:
+            os.chmod(self.root, 0o755)
+            shutil.chown(self.root, "postgres")
+            shutil.chown(self.sockets, "postgres")
+        self._run("initdb", "-D", str(self.data), "-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-sync")
+        self.start()
+
+    def _run(self, program: str, *args: str) -> None:
+        argv = [str(self.bin_dir / program), *args]
+        if os.geteuid() == 0:
+            argv = ["runuser", "-u", "postgres", "--", *argv]
+        completed = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+        if completed.returncode != 0:
+            raise RuntimeError(f"{program} failed:\n{completed.stdout}\n{completed.stderr}")
+
+    def _pg_ctl(self, action: str, *args: str) -> None:
+        options = (f"-k {self.sockets} -p {self.port} -c listen_addresses=127.0.0.1 -c max_connections=400"
+                   f" -c fsync={'on' if self.durable else 'off'} -c synchronous_commit=on")
+        self._run("pg_ctl", action, "-D", str(self.data), "-l", str(self.root / "server.log"), "-w",
+                  "-t", "60", "-o", options, *args)
+
+    def start(self) -> None:
+        self._pg_ctl("start")
+
+    def restart(self) -> None:
+        """`pg_ctl restart -m fast`: every connection is cut, the server is back a moment later."""
+        self._pg_ctl("restart", "-m", "fast")
+
+    def url(self, database: str = "postgres") -> str:
+        return f"postgresql://postgres@127.0.0.1:{self.port}/{database}"
+
+    def new_database(self) -> str:
+        """A fresh, empty database; its URL."""
+        import psycopg
+        name = f"mmoref_test_{os.getpid()}_{next(self._names)}"
+        with psycopg.connect(self.url(), autocommit=True) as admin:
+            admin.execute(f"CREATE DATABASE {name}")
+        return self.url(name)
+
+    def stop(self) -> None:
+        """Stop at once (no checkpoint: the folder is deleted next)."""
+        with contextlib.suppress(RuntimeError):
+            self._pg_ctl("stop", "-m", "immediate")
+        shutil.rmtree(self.root, ignore_errors=True)

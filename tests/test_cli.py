@@ -9,6 +9,8 @@ import pytest
 import mmoref_server as mm
 from tests.support import INGEST, ISO_UTC, PYTHON, SERVER_SCRIPT, assert_one_error_line, refused_port, send
 
+pytestmark = pytest.mark.both_engines  # docs/contract.md holds on SQLite and on PostgreSQL
+
 SERVER = "srv_1"
 REGISTRATION_URL = "https://game.example/join?lang=en"
 

@@ -20,6 +20,8 @@ from tests.support import (
     scalar,
 )
 
+pytestmark = pytest.mark.both_engines  # docs/contract.md holds on SQLite and on PostgreSQL
+
 SENDERS = 4
 EVENTS_PER_SENDER = 60
 KILL_AFTER_ACKS = 40

@@ -26,7 +26,7 @@ if sys.platform == "win32":
     pytest.skip("gunicorn runs on POSIX only", allow_module_level=True)
 pytest.importorskip("gunicorn", reason="gunicorn is not installed (pip install gunicorn)")
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.both_engines]
 
 WORKERS = 4
 GUNICORN = [sys.executable, "-m", "gunicorn", "-w", str(WORKERS), "-b", "127.0.0.1:{port}",

@@ -12,6 +12,8 @@ import pytest
 import mmoref_server as mm
 from tests.support import assert_one_error_line, database, permissive_umask, rows, scalar
 
+pytestmark = pytest.mark.both_engines  # docs/contract.md holds on SQLite and on PostgreSQL
+
 V1_TABLES = ("meta", "servers", "secrets", "referrals", "anchors", "delivery_log", "rejected_requests")
 COUNTER_TABLES = ("daily_counts", "referrer_counts")
 
