@@ -42,17 +42,6 @@ def _fresh_login_throttle(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(mm, "login_throttle", mm._LoginThrottle())
 
 
-ENGINES = ("sqlite", "postgresql")
-
-
-def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
-    """Tests of a `both_engines` module run on each engine (except those marked `sqlite_only`)."""
-    definition = metafunc.definition
-    if ("engine" in metafunc.fixturenames and definition.get_closest_marker("both_engines")
-            and not definition.get_closest_marker("sqlite_only")):
-        metafunc.parametrize("engine", ENGINES, indirect=True)
-
-
 @pytest.fixture
 def engine(request: pytest.FixtureRequest) -> str:
     """The store's engine: SQLite unless the test runs on both."""

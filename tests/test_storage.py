@@ -1,4 +1,6 @@
-"""The SQLite file: permissions, durability settings, schema version, migrations, /healthz."""
+"""The store: the SQLite file (permissions, durability settings, schema version, migrations), /healthz.
+
+PostgreSQL's own schema checks are in test_postgres.py."""
 from __future__ import annotations
 
 import os
@@ -30,6 +32,7 @@ def dump(path: str | Path, tables: tuple[str, ...], columns_of: str | Path | Non
     return {table: sorted(rows(path, f"SELECT {columns(table)} FROM {table}"), key=repr) for table in tables}
 
 
+@pytest.mark.sqlite_only
 @pytest.mark.parametrize("creator", ["create_app", "cli", "demo"])
 def test_database_file_is_created_owner_only(db_path, runner, creator):
     with permissive_umask():
@@ -42,6 +45,7 @@ def test_database_file_is_created_owner_only(db_path, runner, creator):
     assert mode(db_path) == 0o600
 
 
+@pytest.mark.sqlite_only
 @pytest.mark.parametrize(("env", "synchronous"), [({}, 2), ({"MMOREF_SYNCHRONOUS": "NORMAL"}, 1),
                                                   ({"MMOREF_SYNCHRONOUS": "full"}, 2)])
 def test_wal_and_synchronous_mode(db_path, monkeypatch, env, synchronous):
@@ -62,6 +66,7 @@ def test_bad_synchronous_setting_is_one_error_line(runner, monkeypatch):
     assert_one_error_line(result.exit_code, result.stderr, "MMOREF_SYNCHRONOUS")
 
 
+@pytest.mark.sqlite_only
 def test_user_version_is_the_schema_version(app, db_path):
     assert mm.SCHEMA_VERSION == len(mm.MIGRATIONS) >= 2
     assert scalar(db_path, "PRAGMA user_version") == mm.SCHEMA_VERSION
@@ -121,6 +126,7 @@ def newer_database(db_path) -> str:
     return db_path
 
 
+@pytest.mark.sqlite_only
 @pytest.mark.parametrize("opener", [mm.Store, lambda path: mm.create_app({"MMOREF_DB": path})],
                          ids=["Store", "create_app"])
 def test_newer_database_is_refused(newer_database, opener):
@@ -129,11 +135,13 @@ def test_newer_database_is_refused(newer_database, opener):
     assert scalar(newer_database, "PRAGMA user_version") == mm.SCHEMA_VERSION + 1  # left untouched
 
 
+@pytest.mark.sqlite_only
 def test_newer_database_is_refused_by_the_cli(newer_database, runner):
     result = runner("log", "srv_1")
     assert_one_error_line(result.exit_code, result.stderr, "newer mmoref", "upgrade")
 
 
+@pytest.mark.sqlite_only
 def test_garbage_file_is_refused_by_the_cli(db_path, runner):
     Path(db_path).write_bytes(b"this is not a database" * 100)
     result = runner("log", "srv_1")
@@ -158,6 +166,7 @@ def _make_the_store_fail(store: mm.Store, monkeypatch) -> None:
     monkeypatch.setattr(store, "connect", broken)
 
 
+@pytest.mark.sqlite_only
 @pytest.mark.parametrize("breakage", [_replace_with_garbage, _make_the_store_fail], ids=["garbage", "failing"])
 def test_healthz_503_when_the_database_is_unusable(client, store, monkeypatch, breakage):
     breakage(store, monkeypatch)
