@@ -249,7 +249,7 @@ def test_delivery_log_shows_current_state_and_owner_can_reverse(page: Any, live_
     rows = log_rows(page)  # newest first, each with the referral's state *now*
     assert [(r["event"], r["state"], r["outcome"]) for r in rows] == [
         ("qualified", "qualified", "advanced"), ("registered", "qualified", "advanced")]
-    assert page.locator("#funnel-qualified").inner_text() == "1"
+    assert page.locator("#funnel-qualified").inner_text() == "0"  # a dashboard test token counts nowhere
     screenshot(page, tmp_path / "delivery-log.png", full_page=True)
 
     follow(page.locator(f'#delivery-log tr[data-id="{rows[1]["id"]}"] a.detail'))
@@ -259,7 +259,10 @@ def test_delivery_log_shows_current_state_and_owner_can_reverse(page: Any, live_
     assert page.locator("#action-reverse").is_visible() and page.locator("#action-reject").is_visible()
     payload = page.locator("pre").inner_text()
     assert '"token": "' + token[:4] + '…"' in payload and token not in payload  # masked, readable
-    follow(page.locator("#action-reverse"))
+    follow(page.locator("#action-reverse"))  # final: a page asks first
+    assert page.locator("h1").inner_text().startswith("Reverse referral")
+    assert page.locator("#referral-state").count() == 0
+    follow(page.locator("#confirm-action"))
     page.wait_for_url(f"**/referrals/log/{rows[1]['id']}")
     assert page.locator("#referral-state").inner_text() == "reversed"
     assert "is now reversed" in page.get_by_role("status").inner_text()
