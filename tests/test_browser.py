@@ -335,11 +335,15 @@ def test_docs_screenshot_of_demo_dashboard(page: Any, live_server: Any, tmp_path
     done = subprocess.run([PYTHON, str(SERVER_SCRIPT), "demo", str(demo_db)], cwd=ROOT,
                           capture_output=True, text=True, timeout=30)
     assert done.returncode == 0, done.stderr
-    server = live_server(env={**ENV, "MMOREF_DB": str(demo_db)})
+    server = live_server(env={**ENV, "MMOREF_DB": str(demo_db), "MMOREF_TRUST_PROXY": "1"})
     login(page, server.url)
+    # as behind an https proxy: the URLs shown (share link, ingest URL) carry a public address, no test port
+    page.set_extra_http_headers({"X-Forwarded-Proto": "https", "X-Forwarded-Host": "referrals.example.org"})
     tab = f"/dashboard/{mm.DEMO_GAME}/{mm.DEMO_SERVER_ID}/referrals"
     page.goto(server.url + tab)
     assert page.locator("h1").inner_text().startswith("Demo Server")
+    assert page.locator("#connect-url").inner_text() == "https://referrals.example.org" + INGEST
+    assert f":{server.port}" not in page.locator("main").inner_text()
     assert {r["state"] for r in log_rows(page)} >= {"qualified", "reversed", "rejected", "registered"}
     assert page.locator("table.rejected tbody tr").count() >= 2
 
