@@ -179,6 +179,15 @@ def check_name(kind: str, value: str) -> str:
     return value
 
 
+def check_path_segment(kind: str, value: str) -> str:
+    """A server id or game, which dashboard URLs carry as a path segment: a name, and not only dots
+    (browsers drop a `.` or `..` segment, so its pages could never be reached)."""
+    check_name(kind, value)
+    if not value.strip("."):
+        raise ConfigError(f"{kind} {value!r} must not be only dots: browsers drop such a part of a URL")
+    return value
+
+
 # Errors and hints ############################################################
 # ApiError is every refused ingest request: one handler turns it into JSON. HINTS teach
 # the fix; the other exceptions say what the sender, the database or the owner must fix.
@@ -489,6 +498,15 @@ MIGRATIONS: list[list[str]] = [
         # a second click by the same referrer: its token follows the referee's anchored referral
         "ALTER TABLE referrals ADD COLUMN anchor_referral_id TEXT",
     ],
+    [  # v4: the dashboard's test tokens, and rotations made once per form submission
+        # a referral minted by the dashboard's "Mint a test token": left out of every counter
+        "ALTER TABLE referrals ADD COLUMN test INTEGER NOT NULL DEFAULT 0",
+        # the rotate form's one-time value: a re-sent form finds its rotation instead of rotating again
+        "ALTER TABLE secrets ADD COLUMN rotation_nonce TEXT",
+        "CREATE UNIQUE INDEX secrets_by_rotation_nonce ON secrets (server_id, rotation_nonce)",
+        # when the dashboard showed the secret (its one time); NULL: not shown there yet
+        "ALTER TABLE secrets ADD COLUMN revealed_at INTEGER",
+    ],
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 COUNTED = ("clicked", "registered", "qualified", "reversed")
@@ -569,14 +587,15 @@ class Transaction:
                         (state, at, referee_identity, referral_id))
 
     def insert_referral(self, server_id: str, referrer_code: str, issued_at: int,
-                        ip_hash: str | None = None, user_agent: str | None = None) -> str:
-        """Write one clicked referral (and its click counters); return its new id."""
+                        ip_hash: str | None = None, user_agent: str | None = None, test: bool = False) -> str:
+        """Write one clicked referral (and, unless it is a test, its click counters); return its new id."""
         referral_id = "ref_" + secrets.token_urlsafe(9)
         self.db.execute("INSERT INTO referrals (referral_id, server_id, referrer_code, state, issued_at,"
-                        " updated_at, ip_hash, user_agent) VALUES (?, ?, ?, 'clicked', ?, ?, ?, ?)",
+                        " updated_at, ip_hash, user_agent, test) VALUES (?, ?, ?, 'clicked', ?, ?, ?, ?, ?)",
                         (referral_id, server_id, referrer_code, issued_at, issued_at, ip_hash,
-                         (user_agent or "")[:200] or None))
-        self.count(server_id, referrer_code, "clicked", issued_at)
+                         (user_agent or "")[:200] or None, int(test)))
+        if not test:
+            self.count(server_id, referrer_code, "clicked", issued_at)
         return referral_id
 
     def log_delivery(self, referral: sqlite3.Row, event: str, outcome: str, at: int, *,
@@ -737,8 +756,8 @@ class Store:
     def add_server(self, server_id: str, game: str, name: str = "", registration_url: str | None = None,
                    identity_field: str = "username") -> tuple[str, str]:
         """Create a server with referrals enabled; return its first (secret, kid)."""
-        check_name("server id", server_id)
-        check_name("game", game)
+        check_path_segment("server id", server_id)
+        check_path_segment("game", game)
         if registration_url:
             registration_url = check_registration_url(registration_url)
         if identity_field not in IDENTITY_FIELDS:
@@ -769,8 +788,30 @@ class Store:
                 raise ConfigError(f"unknown server {server_id!r}")
             return self._new_secret(transaction.db, server_id, grace)
 
+    def rotate_secret_once(self, server_id: str, grace: int, nonce: str) -> tuple[str, bool]:
+        """Rotate unless a rotation with this form's `nonce` was made: (its kid, whether it is new).
+
+        The nonce is written with the new secret in the same transaction, so a form sent twice,
+        by two clicks or two worker processes, rotates once."""
+        with self.transaction() as transaction:
+            if not transaction.server_exists(server_id):
+                raise ConfigError(f"unknown server {server_id!r}")
+            made = transaction.db.execute("SELECT kid FROM secrets WHERE server_id = ? AND rotation_nonce = ?",
+                                          (server_id, nonce)).fetchone()
+            if made is not None:
+                return made["kid"], False
+            return self._new_secret(transaction.db, server_id, grace, nonce)[1], True
+
+    def reveal_secret(self, server_id: str, kid: str) -> str | None:
+        """The secret `kid` names the first time the dashboard asks for it; None ever after."""
+        with self._immediate() as db:
+            rows = db.execute("UPDATE secrets SET revealed_at = ? WHERE server_id = ? AND kid = ?"
+                              " AND revealed_at IS NULL RETURNING secret", (now(), server_id, kid)).fetchall()
+        return rows[0][0] if rows else None
+
     @staticmethod
-    def _new_secret(db: sqlite3.Connection, server_id: str, grace: int) -> tuple[str, str]:
+    def _new_secret(db: sqlite3.Connection, server_id: str, grace: int,
+                    nonce: str | None = None) -> tuple[str, str]:
         at = now()
         # at most two live secrets: one still in its grace period is revoked now
         db.execute("UPDATE secrets SET expires_at = ? WHERE server_id = ? AND expires_at > ?",
@@ -778,8 +819,8 @@ class Store:
         db.execute("UPDATE secrets SET expires_at = ? WHERE server_id = ? AND expires_at IS NULL",
                    (at + grace, server_id))
         secret, kid = "mmsk_" + secrets.token_urlsafe(32), "k_" + secrets.token_hex(4)
-        db.execute("INSERT INTO secrets (kid, server_id, secret, created_at) VALUES (?, ?, ?, ?)",
-                   (kid, server_id, secret, at))
+        db.execute("INSERT INTO secrets (kid, server_id, secret, created_at, rotation_nonce) VALUES (?, ?, ?, ?, ?)",
+                   (kid, server_id, secret, at, nonce))
         return secret, kid
 
     def set_secret(self, server_id: str, secret: str) -> None:
@@ -812,15 +853,16 @@ class Store:
     # referrals
 
     def mint_referral(self, server_id: str, referrer_code: str, ip_hash: str | None = None,
-                      user_agent: str | None = None, issued_at: int | None = None) -> tuple[str, str]:
-        """Record a click and return (token, referral_id)."""
+                      user_agent: str | None = None, issued_at: int | None = None,
+                      test: bool = False) -> tuple[str, str]:
+        """Record a click and return (token, referral_id); a `test` one is left out of analytics."""
         check_name("referrer code", referrer_code)
         issued_at = now() if issued_at is None else issued_at
 
         def click(transaction: Transaction) -> str:
             if not transaction.server_exists(server_id):
                 raise ConfigError(f"unknown server {server_id!r}")
-            return transaction.insert_referral(server_id, referrer_code, issued_at, ip_hash, user_agent)
+            return transaction.insert_referral(server_id, referrer_code, issued_at, ip_hash, user_agent, test)
 
         referral_id = self.group_commit(click)
         return mint_token(self.token_key, server_id, referral_id, issued_at), referral_id
@@ -1035,7 +1077,7 @@ def _advance(transaction: Transaction, referral: sqlite3.Row, next_state: str, a
              referee_identity: str | None = None) -> None:
     """Move the referral to `next_state` (recording its referee on registration) and count it."""
     transaction.set_state(referral["referral_id"], next_state, at, referee_identity)
-    if next_state in COUNTED:
+    if next_state in COUNTED and not referral["test"]:  # the dashboard's test tokens count nowhere
         transaction.count(referral["server_id"], referral["referrer_code"], next_state, at)
 
 
@@ -1429,6 +1471,16 @@ def _method_not_allowed(exc: Exception) -> Any:
     return exc
 
 
+@blueprint.app_errorhandler(404)
+def _not_found(exc: Exception) -> Any:
+    """Near misses of the ingest path (`/api/referral/event`, a trailing slash...) get JSON a kit can
+    read; every other path keeps the app's own 404."""
+    api_root = url_for("mmoref.ingest")[len(request.script_root):-len(INGEST_PATH)] + "/api/"
+    if request.path.startswith(api_root):
+        return json_response({"ok": False, "error": "not found", "hint": f"POST events to {INGEST_PATH}"}, 404)
+    return exc
+
+
 @blueprint.errorhandler(ApiError)
 def _api_error(exc: ApiError) -> Any:
     """Errors raised outside the pipeline (405, 413); the pipeline's own go through handle_ingest."""
@@ -1512,6 +1564,7 @@ def healthz() -> Any:
 
 dashboard = Blueprint("dashboard", __name__, url_prefix="/dashboard")
 LOG_PAGE_SIZE = 50
+MAX_ROW_ID = 2**63 - 1           # SQLite's largest integer: no log row has a larger id
 LOGIN_FREE_FAILURES = 5          # then each failure doubles the wait, up to LOGIN_MAX_WAIT
 LOGIN_MAX_WAIT = 300
 GRACE_CHOICES = {"0": "revoke now", "3600": "1 hour", "86400": "24 hours", "604800": "7 days"}
@@ -1549,14 +1602,23 @@ def _guard() -> Any:
             return _page("message.html", 400, title="Form expired",
                          message="This form's security token is missing or out of date: go back and reload the page.")
     if request.endpoint != "mmoref.dashboard.login" and not _is_logged_in():
-        return redirect(url_for("mmoref.dashboard.login", next=request.full_path))
+        here = request.full_path if request.query_string else request.path
+        return redirect(url_for("mmoref.dashboard.login", next=here))
     return None
 
 
 @dashboard.after_request
 def _no_store(response: Any) -> Any:
-    response.headers["Cache-Control"] = "no-store"  # pages can show a secret once
-    response.headers.setdefault("X-Frame-Options", "DENY")
+    """Pages can show a secret once: never cached, never framed, no other origin's content."""
+    headers = response.headers
+    headers["Cache-Control"] = "no-store"
+    headers.setdefault("X-Frame-Options", "DENY")
+    headers.setdefault("X-Content-Type-Options", "nosniff")
+    headers.setdefault("Referrer-Policy", "same-origin")
+    # the one <style> element carries this request's nonce; no scripts at all
+    style = f"'nonce-{g.mmoref_style_nonce}'" if "mmoref_style_nonce" in g else "'none'"
+    headers.setdefault("Content-Security-Policy", f"default-src 'none'; style-src {style}; img-src 'self';"
+                                                  " form-action 'self'; frame-ancestors 'none'; base-uri 'none'")
     started = g.get("mmoref_started")
     if started is not None:  # server time, for the benchmark and the browser's dev tools
         response.headers["Server-Timing"] = f"app;dur={(time.perf_counter() - started) * 1000:.1f}"
@@ -1612,14 +1674,21 @@ def login() -> Any:
             login_throttle.succeeded(client)
             session.clear()
             session["mmoref_login"] = _password_fingerprint()
-            target = request.args.get("next", "")
-            safe = target.startswith(url_for("mmoref.dashboard.index")) and "//" not in target
-            return redirect(target if safe else url_for("mmoref.dashboard.index"))
+            home = url_for("mmoref.dashboard.index")
+            return redirect(_local_target(request.args.get("next", ""), home) or home)
         else:
             login_throttle.failed(client)
             error, status = "Wrong password.", 401
     no_password = not current_app.config.get("MMOREF_ADMIN_PASSWORD") and not get_store().admin_password_hash()
     return _page("login.html", status, title="Log in", error=error, no_password=no_password)
+
+
+def _local_target(target: str, within: str) -> str | None:
+    """`target` when it is a path under `within` safe to redirect to (no other host, no control
+    characters), else None: `next` and `back` come from the request."""
+    if target.startswith(within) and "//" not in target and "\\" not in target and target.isprintable():
+        return target
+    return None
 
 
 @dashboard.post("/logout")
@@ -1642,15 +1711,48 @@ def add_server_form() -> Any:
                                              form.get("identity_field", "username"))
     except ConfigError as exc:
         return _index_page(error=str(exc), status=400)
-    return _index_page(new_secret={"server_id": form["server_id"].strip(), "game": form["game"].strip(),
-                                   "secret": secret, "kid": kid})
+    _keep_for_next_page(SERVERS_PAGE, new_secret={"server_id": form["server_id"].strip(),
+                                                  "game": form["game"].strip(), "kid": kid})
+    return redirect(url_for("mmoref.dashboard.index"))
 
 
 def _index_page(status: int = 200, **extra: Any) -> Any:
     store = get_store()
     return _page("index.html", status, title="Servers", servers=store.servers(), funnels=store.funnels(),
-                 rejected=store.rejected_requests(None, 20), identity_fields=IDENTITY_FIELDS,
-                 form=request.form if extra.get("error") else {}, **extra)  # refill the form only to fix it
+                 rejected=[_rejected_view(row) for row in store.rejected_requests(None, 20)],
+                 identity_fields=IDENTITY_FIELDS, form=request.form if extra.get("error") else {},
+                 **_shown_once(SERVERS_PAGE), **extra)  # refill the form only to fix it
+
+
+# Post/redirect/get: a form's result (a new secret, a test token, a test event's answer) waits in
+# the session for the one page the redirect leads to. A new secret waits as its kid only, and
+# Store.reveal_secret gives its value once, however many pages ask.
+SHOWN_ONCE = "mmoref_shown_once"
+SERVERS_PAGE = ""  # the servers list's key; a server's Referrals tab is keyed by its server id
+
+
+def _keep_for_next_page(page: str, **results: dict[str, Any]) -> None:
+    session[SHOWN_ONCE] = {"page": page, **results}
+
+
+def _shown_once(page: str) -> dict[str, Any]:
+    """The results waiting for `page`, taken out of the session; a new secret with its value, if still unseen."""
+    waiting = session.get(SHOWN_ONCE)
+    if not waiting or waiting.get("page") != page:
+        return {}
+    results = {name: value for name, value in session.pop(SHOWN_ONCE).items() if name != "page"}
+    new_secret = results.pop("new_secret", None)
+    if new_secret:
+        secret = get_store().reveal_secret(new_secret.get("server_id") or page, new_secret["kid"])
+        if secret is not None:
+            results["new_secret"] = {**new_secret, "secret": secret}
+    return results
+
+
+def _rejected_view(row: sqlite3.Row) -> dict[str, Any]:
+    """A rejected request for display: its hint without the diagnosis, which is shown on its own line."""
+    hint, diagnosis = row["hint"] or "", row["diagnosis"]
+    return {**dict(row), "hint": hint.removesuffix(f" ({diagnosis})") if diagnosis else hint}
 
 
 def _server_or_404(game: str, server_id: str) -> sqlite3.Row:
@@ -1664,32 +1766,69 @@ def _tab_url(server: sqlite3.Row, **params: Any) -> str:
     return url_for("mmoref.dashboard.referrals_tab", game=server["game"], server_id=server["server_id"], **params)
 
 
+def _to_tab(server: sqlite3.Row, anchor: str = "", **results: dict[str, Any]) -> Any:
+    """Redirect to the server's Referrals tab (at `anchor`, where the result shows), `results` waiting there."""
+    if results:
+        _keep_for_next_page(server["server_id"], **results)
+    return redirect(_tab_url(server) + (f"#{anchor}" if anchor else ""))
+
+
+def _row_id(text: str) -> int:
+    """A delivery-log id from the query string; ValueError (so: ignored) when no row could have it."""
+    value = int(text)
+    if not 0 < value <= MAX_ROW_ID:
+        raise ValueError(f"row id {text!r} out of range")
+    return value
+
+
 @dashboard.get("/<game>/<server_id>/referrals")
 def referrals_tab(game: str, server_id: str) -> Any:
     return _render_tab(_server_or_404(game, server_id))
 
 
-def _render_tab(server: sqlite3.Row, **shown_once: Any) -> Any:
-    """The Referrals tab; `shown_once` carries a new secret, token or test result into the page."""
+def _render_tab(server: sqlite3.Row) -> Any:
+    """The Referrals tab, with whatever result a form left for it (a new secret, token or test answer)."""
     store, server_id, game = get_store(), server["server_id"], server["game"]
     filters = _log_filters()
-    before, after = request.args.get("before", type=int), request.args.get("after", type=int)
+    before, after = request.args.get("before", type=_row_id), request.args.get("after", type=_row_id)
     rows = store.delivery_log(server_id, limit=LOG_PAGE_SIZE + 1, before_id=before, after_id=after, **filters)
     has_more = len(rows) > LOG_PAGE_SIZE
     rows = rows[:LOG_PAGE_SIZE] if after is None else rows[-LOG_PAGE_SIZE:]
     older = rows and (has_more or after is not None)
     newer = rows and (before is not None or (after is not None and has_more))
     live = store.live_secrets(server_id, now())
+    secret_rows = store.secret_summaries(server_id)
     return _page("referrals.html", 200, title=f"Referrals · {server['name'] or server_id}", server=server,
-                 secrets=store.secret_summaries(server_id), has_secret=bool(live), now=now(),
+                 secrets=secret_rows, has_secret=bool(live), now=now(), rotation_nonce=secrets.token_urlsafe(16),
+                 in_grace=[row for row in secret_rows if row["expires_at"] and row["expires_at"] > now()],
+                 connect=_connect_box(server_id, live[0][0] if live else None),
                  log_rows=[_log_view(row) for row in rows], filters=filters,
                  older_url=_tab_url(server, before=rows[-1]["id"], **filters) if older else None,
                  newer_url=_tab_url(server, after=rows[0]["id"], **filters) if newer else None,
                  csv_url=url_for("mmoref.dashboard.log_csv", game=game, server_id=server_id, **filters),
-                 rejected=store.rejected_requests(server_id, 20), analytics=analytics(store, server_id),
+                 rejected=[_rejected_view(row) for row in store.rejected_requests(server_id, 20)],
+                 analytics=analytics(store, server_id), tab_url=_tab_url(server),
                  share_link=url_for("mmoref.share_link", server_id=server_id, _external=True) + "?ref=",
                  grace_choices=GRACE_CHOICES, identity_fields=IDENTITY_FIELDS, log_events=LOG_EVENTS,
-                 outcomes=OUTCOMES, **shown_once)
+                 outcomes=OUTCOMES, **_shown_once(server_id))
+
+
+def _connect_box(server_id: str, kid: str | None) -> dict[str, str]:
+    """What a kit needs, as this request reached the server (prefix included): never the secret."""
+    url = url_for("mmoref.ingest", _external=True)
+    body = json.dumps({"event": "registered", "token": "TOKEN_FROM_THE_SHARE_LINK", "server_id": server_id,
+                       "server_event_id": "reg-1", "referee_identity": "player-1"}, separators=(",", ":"))
+    kid_part = f",kid={kid}" if kid else ""
+    shell = (f"SECRET='paste the signing secret here'\n"
+             f"BODY='{body}'\n"
+             "T=$(date +%s)\n"
+             "MAC=$(printf '%s.%s' \"$T\" \"$BODY\" | openssl dgst -sha256 -hmac \"$SECRET\" | sed 's/^.* //')\n"
+             f"curl -sS -X POST '{url}' -H 'Content-Type: application/json' \\\n"
+             f"  -H \"{SIGNATURE_HEADER}: t=$T,v1=sha256=$MAC{kid_part}\" --data \"$BODY\"")
+    python = (f"python mmoref_server.py send registered --endpoint '{url}' \\\n"
+              f"  --server-id {server_id} --secret \"$SECRET\"{f' --kid {kid}' if kid else ''} \\\n"
+              "  --token TOKEN_FROM_THE_SHARE_LINK --referee-identity player-1")
+    return {"url": url, "server_id": server_id, "kid": kid or "", "shell": shell, "python": python}
 
 
 def _log_filters() -> dict[str, str]:
@@ -1722,8 +1861,8 @@ def set_enabled(game: str, server_id: str) -> Any:
     store = get_store()
     store.update_server(server_id, referrals_enabled=int(enable))
     if enable and not store.live_secrets(server_id, now()):  # enabling mints the first secret
-        secret, kid = store.rotate_secret(server_id, grace=0)
-        return _render_tab(server, new_secret={"secret": secret, "kid": kid})
+        _, kid = store.rotate_secret(server_id, grace=0)
+        return _to_tab(server, new_secret={"kid": kid})
     flash("Referrals enabled." if enable else "Referrals disabled: events now get 404 referrals not enabled.")
     return redirect(_tab_url(server))
 
@@ -1734,8 +1873,11 @@ def rotate_secret_form(game: str, server_id: str) -> Any:
     grace = request.form.get("grace", str(DEFAULT_GRACE_SECONDS))
     if grace not in GRACE_CHOICES:
         abort(400)
-    secret, kid = get_store().rotate_secret(server_id, int(grace))
-    return _render_tab(server, new_secret={"secret": secret, "kid": kid, "grace": GRACE_CHOICES[grace]})
+    nonce = request.form.get("rotation", "")[:64] or secrets.token_urlsafe(16)  # a form without one rotates
+    kid, rotated = get_store().rotate_secret_once(server_id, int(grace), nonce)
+    if not rotated:
+        flash(f"This form was already sent: it made secret {kid}. Nothing was rotated again.")
+    return _to_tab(server, new_secret={"kid": kid, "grace": GRACE_CHOICES[grace]})
 
 
 @dashboard.post("/<game>/<server_id>/referrals/settings")
@@ -1759,11 +1901,11 @@ def settings_form(game: str, server_id: str) -> Any:
 def mint_token_form(game: str, server_id: str) -> Any:
     server = _server_or_404(game, server_id)
     try:
-        token, referral_id = get_store().mint_referral(server_id, request.form.get("ref", "").strip())
+        token, referral_id = get_store().mint_referral(server_id, request.form.get("ref", "").strip(), test=True)
     except ConfigError as exc:
         flash(str(exc))
         return redirect(_tab_url(server))
-    return _render_tab(server, new_token={"token": token, "referral_id": referral_id})
+    return _to_tab(server, new_token={"token": token, "referral_id": referral_id})
 
 
 @dashboard.post("/<game>/<server_id>/referrals/test-event")
@@ -1782,7 +1924,7 @@ def send_test_event(game: str, server_id: str) -> Any:
     config = current_app.config
     status, answer = handle_ingest(store, body, signature_header(secret, body, kid=kid),
                                    window=config["MMOREF_REPLAY_WINDOW"], ttl=config["MMOREF_TOKEN_TTL"])
-    return _render_tab(server, test_result={"status": status, "body": json.dumps(answer, indent=2)})
+    return _to_tab(server, "test-result", test_result={"status": status, "body": json.dumps(answer, indent=2)})
 
 
 @dashboard.get("/<game>/<server_id>/referrals/log.csv")
@@ -1822,7 +1964,7 @@ def _csv_cell(value: Any) -> Any:
     return value
 
 
-@dashboard.get("/<game>/<server_id>/referrals/log/<int:row_id>")
+@dashboard.get(f"/<game>/<server_id>/referrals/log/<int(max={MAX_ROW_ID}):row_id>")
 def log_detail(game: str, server_id: str, row_id: int) -> Any:
     server = _server_or_404(game, server_id)
     store = get_store()
@@ -1840,18 +1982,23 @@ def log_detail(game: str, server_id: str, row_id: int) -> Any:
                  actions=actions)
 
 
-@dashboard.post("/<game>/<server_id>/referrals/referral/<referral_id>/<action>")
+@dashboard.route("/<game>/<server_id>/referrals/referral/<referral_id>/<action>", methods=["GET", "POST"])
 def owner_action_form(game: str, server_id: str, referral_id: str, action: str) -> Any:
+    """Reverse or reject: final, so a page asks first (GET) and only its confirmed form acts (POST)."""
     server = _server_or_404(game, server_id)
     referral = get_store().referral(referral_id)
     if action not in OWNER_ACTIONS or referral is None or referral["server_id"] != server_id:
         abort(404)
+    source = request.form if request.method == "POST" else request.args
+    back = _local_target(source.get("back", ""), _tab_url(server)) or _tab_url(server)
+    if request.method == "GET" or source.get("confirmed") != "yes":
+        return _page("confirm.html", 200, title=f"{action.capitalize()} referral {referral_id}?", server=server,
+                     referral=referral, action=action, next_state=OWNER_ACTIONS[action][1], back=back)
     try:
         flash(f"Referral {referral_id} is now {owner_action(get_store(), referral_id, action)}.")
     except ConfigError as exc:
         flash(str(exc))
-    back = request.form.get("back", "")
-    return redirect(back if back.startswith(_tab_url(server)) and "//" not in back else _tab_url(server))
+    return redirect(back)
 
 
 def analytics(store: Store, server_id: str, days: int = 30) -> dict[str, Any]:
@@ -1875,21 +2022,24 @@ def _rate(part: int, whole: int) -> str:
 
 
 def _chart(series: list[dict[str, Any]]) -> dict[str, Any]:
-    """Bar geometry for the inline SVG: one group of three bars a day."""
-    peak = max([1] + [day[k] for day in series for k in ("clicked", "registered", "qualified")])
+    """Bar geometry for the inline SVG: one group of three bars a day; peak 0 when there is nothing to draw.
+    `axis` dates the first, middle and last day under it."""
+    peak = max([0] + [day[k] for day in series for k in ("clicked", "registered", "qualified")])
     bars = []
     for index, day in enumerate(series):
         for offset, kind in enumerate(("clicked", "registered", "qualified")):
-            height = round(100 * day[kind] / peak, 1)
+            height = round(100 * day[kind] / peak, 1) if peak else 0
             bars.append({"x": index * 20 + offset * 6, "y": 110 - height, "height": height, "kind": kind,
                          "label": f"{day['day']}: {day[kind]} {kind}"})
-    return {"bars": bars, "peak": peak, "width": len(series) * 20}
+    axis = [series[0]["day"], series[len(series) // 2]["day"], series[-1]["day"]] if series else []
+    return {"bars": bars, "peak": peak, "width": len(series) * 20, "axis": axis}
 
 
 def _page(template: str, status: int, **context: Any) -> Any:
+    g.mmoref_style_nonce = secrets.token_urlsafe(16)  # the Content-Security-Policy allows this style sheet only
     html = TEMPLATES.get_template(template).render(
         url_for=url_for, csrf_token=csrf_token, logged_in=_is_logged_in(), messages=get_flashed_messages(),
-        mask=mask, iso_utc=iso_utc, **context)
+        mask=mask, iso_utc=iso_utc, style_nonce=g.mmoref_style_nonce, **context)
     return current_app.response_class(html, status=status, mimetype="text/html")
 
 
@@ -1909,6 +2059,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
         app.wsgi_app = _ForwardedByTrustedProxy(app.wsgi_app, app.config["MMOREF_TRUSTED_PROXY"])  # type: ignore
     app.session_interface = _SessionInterface()
     app.register_blueprint(blueprint)
+    app.add_url_rule("/", "home", _home)
     with app.app_context():
         store = get_store()  # create or migrate the schema now; refuse a newer database at start-up
         if not app.config.get("SECRET_KEY"):  # per installation, never a constant
@@ -1916,6 +2067,11 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     for command in cli.commands.values():  # so `flask --app mmoref_server add-server ...` works too
         app.cli.add_command(command)
     return app
+
+
+def _home() -> Any:
+    """The standalone server's `/`: its dashboard (an app embedding the blueprint keeps its own `/`)."""
+    return redirect(url_for("mmoref.dashboard.index"))
 
 
 class _ForwardedByTrustedProxy:
@@ -2409,6 +2565,9 @@ svg .qualified { fill: #1c7c3a; }
 .rejected td:first-child { white-space: nowrap; }
 .rejected td:nth-child(n+5) { min-width: 14rem; }
 .rejected code { word-break: break-all; }
+table.wrap td { white-space: normal; overflow-wrap: anywhere; }
+form.inline { display: inline; }
+.axis { display: flex; justify-content: space-between; margin: 0; font-size: .8rem; }
 """
 
 # Every form carries the session's CSRF token; the templates below join this field in.
@@ -2421,7 +2580,7 @@ TEMPLATES = jinja2.Environment(autoescape=True, trim_blocks=True, lstrip_blocks=
   <meta charset="utf-8">
   <meta name="viewport" content="width=device-width, initial-scale=1">
   <title>{{ title }} · mmoref</title>
-  <style>""" + STYLE_SHEET + """</style>
+  <style nonce="{{ style_nonce }}">""" + STYLE_SHEET + """</style>
 </head>
 <body>
 <header>
@@ -2508,7 +2667,9 @@ TEMPLATES = jinja2.Environment(autoescape=True, trim_blocks=True, lstrip_blocks=
           <td>
             <a href="{{ url_for('mmoref.dashboard.referrals_tab', game=server.game, server_id=server.server_id) }}">
               {{- server.name or server.server_id }}</a>
+            {% if server.name %}
             <span class="muted">{{ server.server_id }}</span>
+            {% endif %}
           </td>
           <td>{{ server.game }}</td>
           <td>{{ "on" if server.referrals_enabled else "off" }}</td>
@@ -2595,7 +2756,7 @@ TEMPLATES = jinja2.Environment(autoescape=True, trim_blocks=True, lstrip_blocks=
         <td>{{ r.status }}</td>
         <td>{{ r.error }}</td>
         <td>{{ r.reason or "" }}</td>
-        <td style="white-space:normal">{{ r.hint }}
+        <td>{{ r.hint }}
           {% if r.diagnosis %}<br><strong class="diagnosis">{{ r.diagnosis }}</strong>{% endif %}
         </td>
         <td><code>{{ r.snippet[:120] }}</code></td>
@@ -2626,8 +2787,26 @@ TEMPLATES = jinja2.Environment(autoescape=True, trim_blocks=True, lstrip_blocks=
 <section id="new-token">
   <h2>Test token for referral {{ new_token.referral_id }}</h2>
   <p class="secret" id="token-value">{{ new_token.token }}</p>
+  <p class="muted">A test referral: its click and events are left out of the analytics.</p>
 </section>
 {% endif %}
+{% endblock %}
+
+{% block connect %}
+<section id="connect">
+  <h2>Connect your game server</h2>
+  <p>Your game server POSTs signed events to this address, with this server id and the secret shown once
+    when it was made (this page never shows it again).</p>
+  <table class="wrap">
+    <tr><th>Ingest URL</th><td><code id="connect-url">{{ connect.url }}</code></td></tr>
+    <tr><th>server_id</th><td><code id="connect-server-id">{{ connect.server_id }}</code></td></tr>
+    <tr><th>kid</th><td><code id="connect-kid">{{ connect.kid or "no secret yet" }}</code></td></tr>
+  </table>
+  <h3>With curl and openssl</h3>
+  <pre id="connect-shell">{{ connect.shell }}</pre>
+  <h3>With Python (this file's <code>send</code> command)</h3>
+  <pre id="connect-python">{{ connect.python }}</pre>
+</section>
 {% endblock %}
 
 {% block status %}
@@ -2678,9 +2857,14 @@ TEMPLATES = jinja2.Environment(autoescape=True, trim_blocks=True, lstrip_blocks=
       </tbody>
     </table>
   </div>
+  {% for s in in_grace %}
+  <p class="error" id="rotation-revokes">Rotating again now revokes secret {{ s.kid }} (ends in …{{ s.last4 }},
+    valid until {{ iso_utc(s.expires_at) }}) at once: game servers still signing with it will be refused.</p>
+  {% endfor %}
   <form method="post" class="row" action="{{ url_for('mmoref.dashboard.rotate_secret_form', game=server.game,
                                                      server_id=server.server_id) }}">
     """ + _CSRF_FIELD + """
+    <input type="hidden" name="rotation" value="{{ rotation_nonce }}">
     <div>
       <label for="grace">The previous secret</label>
       <select id="grace" name="grace">
@@ -2766,8 +2950,17 @@ TEMPLATES = jinja2.Environment(autoescape=True, trim_blocks=True, lstrip_blocks=
     </rect>
     {% endfor %}
   </svg>
-  <p class="muted">Bars per day: clicks (light), registered (blue), qualified (green);
+  <p class="axis muted" id="chart-axis">
+    {% for day in analytics.chart.axis %}
+    <span>{{ day }}</span>
+    {% endfor %}
+  </p>
+  {% if analytics.chart.peak %}
+  <p class="muted" id="chart-note">Bars per day: clicks (light), registered (blue), qualified (green);
     peak {{ analytics.chart.peak }}.</p>
+  {% else %}
+  <p class="muted" id="chart-note">No clicks, registrations or qualifications in the last 30 days.</p>
+  {% endif %}
   <h3>Top referrers (by qualified)</h3>
   <div class="scroll">
     <table id="leaderboard">
@@ -2799,7 +2992,7 @@ TEMPLATES = jinja2.Environment(autoescape=True, trim_blocks=True, lstrip_blocks=
 {% block log %}
 <section id="log">
   <h2>Delivery log</h2>
-  <form method="get" class="row">
+  <form method="get" class="row" action="{{ tab_url }}">
     <div>
       <label for="f-event">Event</label>
       <select id="f-event" name="event">
@@ -2881,6 +3074,23 @@ TEMPLATES = jinja2.Environment(autoescape=True, trim_blocks=True, lstrip_blocks=
 {% endblock %}
 """,
 
+    "confirm.html": """{% extends "base.html" %}
+{% block main %}
+<section id="confirm">
+  <h1>{{ action|capitalize }} referral {{ referral.referral_id }}?</h1>
+  <p>Referral {{ referral.referral_id }} (referrer {{ referral.referrer_code }}) is {{ referral.state }}.
+    It becomes <strong>{{ next_state }}</strong>: this is final and cannot be undone.</p>
+  <form method="post" class="row">
+    """ + _CSRF_FIELD + """
+    <input type="hidden" name="back" value="{{ back }}">
+    <input type="hidden" name="confirmed" value="yes">
+    <button id="confirm-action">Yes, {{ action }} referral</button>
+    <a href="{{ back }}">Cancel</a>
+  </form>
+</section>
+{% endblock %}
+""",
+
     "detail.html": """{% extends "base.html" %}
 {% block main %}
 <p><a href="{{ url_for('mmoref.dashboard.referrals_tab', game=server.game, server_id=server.server_id) }}">
@@ -2888,7 +3098,7 @@ TEMPLATES = jinja2.Environment(autoescape=True, trim_blocks=True, lstrip_blocks=
 <h1>Event {{ row.id }}: {{ row.event }}</h1>
 {% block event %}
 <section>
-  <table id="event-detail">
+  <table id="event-detail" class="wrap">
     <tr><th>Received</th><td>{{ row.received }}</td></tr>
     <tr><th>Outcome</th><td>{{ row.outcome }}</td></tr>
     <tr><th>server_event_id</th><td>{{ row.server_event_id or "" }}</td></tr>
@@ -2907,9 +3117,8 @@ TEMPLATES = jinja2.Environment(autoescape=True, trim_blocks=True, lstrip_blocks=
 <section>
   <h2>Owner actions</h2>
   {% for action in actions %}
-  <form method="post" style="display:inline" action="{{ url_for('mmoref.dashboard.owner_action_form',
+  <form method="get" class="inline" action="{{ url_for('mmoref.dashboard.owner_action_form',
       game=server.game, server_id=server.server_id, referral_id=referral.referral_id, action=action) }}">
-    """ + _CSRF_FIELD + """
     <input type="hidden" name="back" value="{{ url_for('mmoref.dashboard.log_detail', game=server.game,
                                                        server_id=server.server_id, row_id=row.id) }}">
     <button class="plain" id="action-{{ action }}">{{ action|capitalize }} referral</button>

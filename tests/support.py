@@ -416,7 +416,9 @@ class Owner:
         return self.client.post(path, data={"csrf_token": self.csrf, **form})
 
     def post_page(self, path: str, status: int = 200, **form: str) -> Doc:
-        return html(self.post(path, **form), status)
+        """The page a form post leads to: its redirect's target (post/redirect/get), or its own answer."""
+        response = self.post(path, **form)
+        return html(self.client.get(location(response)) if response.status_code == 302 else response, status)
 
     def follow(self, response: Any) -> Doc:
         """The page a 302 leads to (where its flashed message shows)."""
