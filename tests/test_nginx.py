@@ -268,3 +268,22 @@ def test_with_trust_proxy_off_forwarded_headers_are_ignored(behind_nginx):
     status, headers, _ = proxied.client(OWNER).request("GET", "/mmoref/dashboard/")
     assert status == 302
     assert urlsplit(headers["Location"]).path == "/dashboard/login"   # X-Forwarded-Prefix ignored
+
+
+def test_the_shipped_site_file_passes_nginx_t(tmp_path):
+    """deploy/nginx/mmoref.conf as installed, with the test's certificate where certbot's would be."""
+    make_certificate(tmp_path)
+    certbot = tmp_path / "letsencrypt"
+    certbot.mkdir()
+    shutil.copy(tmp_path / "cert.pem", certbot / "fullchain.pem")
+    shutil.copy(tmp_path / "key.pem", certbot / "privkey.pem")
+    shutil.copytree(SNIPPETS, tmp_path / "snippets")
+    site = (SNIPPETS.parent / "mmoref.conf").read_text()
+    (tmp_path / "mmoref.conf").write_text(site.replace("/etc/letsencrypt/live/refer.example.org", str(certbot)))
+    http_block = NGINX_CONF.split("    upstream mmoref")[0]   # the test's paths, then the shipped site
+    (tmp_path / "nginx.conf").write_text(http_block.format(user="", tmp=tmp_path) + "    include mmoref.conf;\n}\n")
+    result = subprocess.run([tool("nginx"), "-t", "-p", str(tmp_path), "-c", str(tmp_path / "nginx.conf"),
+                             "-e", str(tmp_path / "error.log")], capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+    assert "test is successful" in result.stderr
+    assert "[warn]" not in result.stderr and "[emerg]" not in result.stderr
