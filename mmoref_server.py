@@ -1537,7 +1537,7 @@ def _guard() -> Any:
             return _page("message.html", 400, title="Form expired",
                          message="This form's security token is missing or out of date: go back and reload the page.")
     if request.endpoint != "mmoref.dashboard.login" and not _is_logged_in():
-        return redirect(url_for("mmoref.dashboard.login", next=request.full_path))
+        return redirect(url_for("mmoref.dashboard.login", next=request.script_root + request.full_path))
     return None
 
 

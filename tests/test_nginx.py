@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass
 from http.cookies import SimpleCookie
 from pathlib import Path
-from urllib.parse import urlencode, urlsplit
+from urllib.parse import parse_qs, urlencode, urlsplit
 
 import pytest
 from support import HTTP_TIMEOUT, ROOT, Doc, csrf, free_port, rows
@@ -128,12 +128,12 @@ class TlsClient:
             self.cookie = f"session={session.value}"
         return response.status, response.headers, text
 
-    def log_in(self, prefix: str = "") -> tuple[int, http.client.HTTPMessage, str]:
-        status, _, page = self.request("GET", f"{prefix}/dashboard/login")
+    def log_in(self, prefix: str = "", next_url: str | None = None) -> tuple[int, http.client.HTTPMessage, str]:
+        url = f"{prefix}/dashboard/login" + (f"?{urlencode({'next': next_url})}" if next_url else "")
+        status, _, page = self.request("GET", url)
         assert status == 200, page
         form = urlencode({"csrf_token": csrf(Doc(page)), "password": PASSWORD}).encode()
-        return self.request("POST", f"{prefix}/dashboard/login", form,
-                            **{"Content-Type": "application/x-www-form-urlencoded"})
+        return self.request("POST", url, form, **{"Content-Type": "application/x-www-form-urlencoded"})
 
 
 @dataclass
@@ -251,10 +251,11 @@ def test_under_the_mmoref_prefix_links_and_redirects_carry_it(behind_nginx):
     assert status == 302
     login_url = urlsplit(headers["Location"])
     assert login_url.path == "/mmoref/dashboard/login", headers["Location"]
-    status, headers, page = owner.log_in(prefix="/mmoref")
+    assert parse_qs(login_url.query)["next"] == [f"/mmoref/dashboard/mygame/{SERVER}/referrals?"]
+    status, headers, page = owner.log_in(prefix="/mmoref", next_url=f"/mmoref/dashboard/mygame/{SERVER}/referrals")
     assert status == 302, page
-    assert headers["Location"] == "/mmoref/dashboard/"
-    status, _, page = owner.request("GET", f"/mmoref/dashboard/mygame/{SERVER}/referrals")
+    assert headers["Location"] == f"/mmoref/dashboard/mygame/{SERVER}/referrals"   # back where it was going
+    status, _, page = owner.request("GET", headers["Location"])
     assert status == 200, page
     assert f"https://127.0.0.1:{proxied.port}/mmoref/r/{SERVER}?ref=" in page
     assert 'action="/mmoref/dashboard/logout"' in page
