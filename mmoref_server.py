@@ -61,7 +61,7 @@ from werkzeug.exceptions import RequestEntityTooLarge
 from werkzeug.middleware.proxy_fix import ProxyFix
 from werkzeug.security import check_password_hash, generate_password_hash
 
-__version__ = "1.0.0"
+__version__ = "1.1.0"
 log = logging.getLogger("mmoref")
 
 
@@ -93,10 +93,16 @@ def _boolean(raw: str) -> bool:
         raise ValueError(f"one of {', '.join(_BOOLEANS)}") from None
 
 
-def _synchronous_mode(raw: str) -> str:
-    if raw.strip().upper() not in ("FULL", "NORMAL", "EXTRA"):
-        raise ValueError("FULL, NORMAL or EXTRA")
-    return raw.strip().upper()
+def _one_of(*choices: str) -> Callable[[str], str]:
+    """A parser for one of `choices`, in any case; it returns the choice as written here."""
+    accepted = f"{', '.join(choices[:-1])} or {choices[-1]}"
+
+    def parse(raw: str) -> str:
+        for choice in choices:
+            if raw.strip().lower() == choice.lower():
+                return choice
+        raise ValueError(accepted)
+    return parse
 
 
 def _ip_addresses(raw: str) -> tuple[str, ...]:
@@ -114,11 +120,13 @@ SETTINGS: dict[str, tuple[Callable[[str], Any], Any, str]] = {
     "MMOREF_PORT": (_whole_number(1, 65535), 5000, "port `serve` listens on"),
     "MMOREF_REPLAY_WINDOW": (_whole_number(1), 300, "seconds a signature timestamp may be off, past or future"),
     "MMOREF_TOKEN_TTL": (_whole_number(1), 90 * 24 * 3600, "seconds an mmref token (and a clicked referral) lives"),
-    "MMOREF_SYNCHRONOUS": (_synchronous_mode, "FULL", "SQLite synchronous mode: FULL (durable) or NORMAL"),
+    "MMOREF_SYNCHRONOUS": (_one_of("FULL", "NORMAL", "EXTRA"), "FULL",
+                           "SQLite synchronous mode: FULL (durable) or NORMAL"),
     "MMOREF_TRUST_PROXY": (_boolean, False, "trust X-Forwarded-* headers from MMOREF_TRUSTED_PROXY"),
     "MMOREF_TRUSTED_PROXY": (_ip_addresses, ("127.0.0.1", "::1"), "the proxy's address(es), as mmoref sees them"),
     "MMOREF_ADMIN_PASSWORD": (str, None, "dashboard password (else generated on first run)"),
     "MMOREF_THREADS": (_whole_number(1, 1000), 8, "waitress worker threads"),
+    "MMOREF_LOG_FORMAT": (_one_of("text", "json"), "text", "`serve`'s log lines: text, or json (one object a line)"),
 }
 MAX_BODY_BYTES = 64 * 1024          # larger bodies get 413
 MAX_FIELD_CHARS = 256               # string fields, after trimming
@@ -1394,19 +1402,26 @@ def handle_ingest(store: Store, raw_body: bytes, header: str | None, *, window: 
     except Exception:  # 11. anything unexpected: the transaction rolled back
         log.exception("ingest failed")
         status, body = 500, ApiError(500, "internal error", HINTS["internal error"]).body()
-    log.info("ingest status=%s error=%s reason=%s outcome=%s server=%s token=%s", status, body.get("error", "-"),
-             body.get("reason", "-"), _outcome_word(body), _logged_value(_LOGGED_SERVER, raw_body) or "-",
-             mask(_logged_value(_LOGGED_TOKEN, raw_body)) or "-")
+    _log_ingest(status, body.get("error"), reason=body.get("reason"), outcome=_outcome_word(body),
+               server=_logged_value(_LOGGED_SERVER, raw_body),
+               token=mask(_logged_value(_LOGGED_TOKEN, raw_body)) or None)
     return status, body
 
 
-def _outcome_word(body: dict[str, Any]) -> str:
+def _log_ingest(status: int, error: str | None, **more: str | None) -> None:
+    """The one log line of an ingest request: `key=value` words, or JSON keys (MMOREF_LOG_FORMAT=json)."""
+    fields = {"status": status, "error": error, **more}
+    words = " ".join(f"{name}={'-' if value is None else value}" for name, value in fields.items())
+    log.info("ingest %s", words, extra={"fields": fields})
+
+
+def _outcome_word(body: dict[str, Any]) -> str | None:
     if not body.get("ok"):
-        return "-"
+        return None
     for word in ("duplicate", "test", "ignored"):
         if word in body:
             return word if word != "ignored" else body["ignored"]
-    return body.get("state", "-")
+    return body.get("state")
 
 
 # For the log line, found without parsing; only characters a real value has, so a hostile
@@ -1484,7 +1499,7 @@ def _not_found(exc: Exception) -> Any:
 @blueprint.errorhandler(ApiError)
 def _api_error(exc: ApiError) -> Any:
     """Errors raised outside the pipeline (405, 413); the pipeline's own go through handle_ingest."""
-    log.info("ingest status=%s error=%s", exc.status, exc.error)
+    _log_ingest(exc.status, exc.error)
     response = json_response(exc.body(), exc.status)
     if exc.status == 405:
         response.headers["Allow"] = "POST"
@@ -1603,7 +1618,7 @@ def _guard() -> Any:
                          message="This form's security token is missing or out of date: go back and reload the page.")
     if request.endpoint != "mmoref.dashboard.login" and not _is_logged_in():
         here = request.full_path if request.query_string else request.path
-        return redirect(url_for("mmoref.dashboard.login", next=here))
+        return redirect(url_for("mmoref.dashboard.login", next=request.script_root + here))
     return None
 
 
@@ -2084,7 +2099,7 @@ class _ForwardedByTrustedProxy:
 
     def __init__(self, wsgi_app: Callable, trusted_proxies: Sequence[str] | str):
         self.direct = wsgi_app
-        self.proxied = ProxyFix(wsgi_app, x_for=1, x_proto=1, x_host=1, x_port=1)
+        self.proxied = ProxyFix(wsgi_app, x_for=1, x_proto=1, x_host=1, x_port=1, x_prefix=1)
         self.trusted_proxies = _ip_addresses(trusted_proxies) if isinstance(trusted_proxies, str) \
             else tuple(trusted_proxies)
 
@@ -2183,11 +2198,31 @@ def serve_command(db_path: str | None = None, host: str | None = None, port: int
     settings = load_settings()
     host, port = host or settings["MMOREF_HOST"], port or settings["MMOREF_PORT"]
     app = create_app({"MMOREF_DB": db_path or settings["MMOREF_DB"]})
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("waitress.queue").setLevel(logging.ERROR)  # "Task queue depth is N" on every busy request
+    _configure_logging(settings["MMOREF_LOG_FORMAT"])
     server = _listen(app, host, port, settings["MMOREF_THREADS"])
     click.echo(_banner(app, host, port))  # only now: a failed start never shows (or makes) a password
     server.run()
+
+
+def _configure_logging(log_format: str) -> None:
+    """`serve` logs to stderr: text lines, or one JSON object a line for log shippers."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(_JsonLines() if log_format == "json" else
+                         logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=logging.INFO, handlers=[handler])
+    logging.getLogger("waitress.queue").setLevel(logging.ERROR)  # "Task queue depth is N" on every busy request
+
+
+class _JsonLines(logging.Formatter):
+    """One JSON object a line: time, level, logger, message, and the ingest line's fields as keys."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        utc = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+        entry = {"time": f"{utc}.{int(record.msecs):03d}Z", "level": record.levelname, "logger": record.name,
+                 "message": record.getMessage(), **getattr(record, "fields", {})}
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
 
 
 # waitress's defaults let ~100 idle connections stop the server for two minutes (it stops
