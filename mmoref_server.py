@@ -225,7 +225,12 @@ HINTS = {
     "other referee": "this token already anchors another referee_identity; one token refers one player",
     "method not allowed": "POST the event as JSON",
     "internal error": "the server failed; retry later with the same server_event_id (it is idempotent)",
+    "database busy": ("another process holds the database's write lock; retry in a few seconds"
+                      " with the same server_event_id (it is idempotent)"),
+    "database unavailable": ("the database file was deleted or replaced while the server was running;"
+                             " the owner must restart it. Retry later with the same server_event_id"),
 }
+RETRY_AFTER_SECONDS = 5   # the Retry-After of a 503
 
 
 class SignatureError(Exception):
@@ -241,7 +246,12 @@ class SignatureError(Exception):
 
 
 class StoreError(Exception):
-    """The database cannot be used as it is; the message says why."""
+    """The database cannot be used as it is; the message says why and `problem` names the cause
+    (one of DATABASE_PROBLEMS, or "unusable")."""
+
+    def __init__(self, message: str, problem: str = "unusable"):
+        super().__init__(message)
+        self.problem = problem
 
 
 class ConfigError(Exception):
@@ -493,6 +503,73 @@ MIGRATIONS: list[list[str]] = [
 SCHEMA_VERSION = len(MIGRATIONS)
 COUNTED = ("clicked", "registered", "qualified", "reversed")
 
+# How long a write waits for another process's write lock (the sqlite3 shell, a backup, a
+# stuck worker): a request answers 503 "database busy" after REQUEST_BUSY_TIMEOUT instead of
+# holding its thread; a CLI command can afford to wait longer.
+REQUEST_BUSY_TIMEOUT = 3
+CLI_BUSY_TIMEOUT = 30
+HEALTH_READ_TIMEOUT_MS = 500     # /healthz reads with this busy timeout; it never takes the write lock
+LOW_DISK_BYTES = 1024 * 1024     # less free space than this on the database's filesystem: "disk full"
+LOCKED_REMEMBERED_SECONDS = 10   # /healthz reports a write that found the database locked for this long
+
+# The causes the owner must fix, each with the words SQLite uses for it and the one line
+# that says what to do. "deleted" and "replaced" are found by comparing the file's identity.
+DATABASE_PROBLEMS: dict[str, tuple[str | None, str]] = {
+    "locked": ("database is locked", "{path} is locked by another process (the sqlite3 shell, a backup,"
+                                     " another server?): wait for it or stop it"),
+    "read-only": ("readonly database", "{path} cannot be written (read-only file, folder or filesystem): mmoref"
+                                       " writes it and creates its -wal and -shm files next to it;"
+                                       " fix the permissions or the mount"),
+    "disk full": ("database or disk is full", "the disk holding {path} is full: free some space"),
+    "malformed": ("malformed", "{path} is damaged ({detail}): stop the server and restore a backup"),
+    "not a database": ("not a database", "{path} is not a usable SQLite database ({detail}):"
+                                         " pass --db with the right file or set MMOREF_DB"),
+    "deleted": (None, "{path} was deleted while the server was running: restore it, then restart the server"),
+    "replaced": (None, "{path} was replaced while the server was running: restart the server"
+                       " (stop the server before restoring a database)"),
+}
+
+
+def _file_identity(path: str) -> tuple[int, int] | None:
+    """(device, inode) of the file at `path`, None when there is none."""
+    try:
+        found = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return found.st_dev, found.st_ino
+
+
+def _cannot_write(path: str) -> bool:
+    """The file, its folder or its filesystem refuses writes (the -wal and -shm files go in the folder)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.access(path, os.W_OK) or not os.access(folder, os.W_OK):
+        return True
+    return hasattr(os, "statvfs") and bool(os.statvfs(folder).f_flag & os.ST_RDONLY)
+
+
+def _low_on_disk(path: str) -> bool:
+    if not hasattr(os, "statvfs"):
+        return False
+    found = os.statvfs(os.path.dirname(os.path.abspath(path)))
+    return found.f_bavail * found.f_frsize < LOW_DISK_BYTES
+
+
+def database_problem(path: str, exc: sqlite3.Error) -> str:
+    """Which of DATABASE_PROBLEMS an SQLite error means ("unusable" when none)."""
+    message = str(exc)
+    for problem, (words, _) in DATABASE_PROBLEMS.items():
+        if words and words in message:
+            return problem
+    if path != ":memory:" and _cannot_write(path):  # "unable to open database file", and the like
+        return "read-only"
+    return "unusable"
+
+
+def database_error(path: str, problem: str, detail: str = "") -> StoreError:
+    """A StoreError whose message is one line: which file, what is wrong, what to do."""
+    _, advice = DATABASE_PROBLEMS.get(problem, (None, "{path} cannot be used ({detail})"))
+    return StoreError(advice.format(path=os.path.abspath(path), detail=detail), problem)
+
 
 def _create_private_file(path: str) -> None:
     """Create the database file owner-only (0600) before SQLite touches it."""
@@ -501,7 +578,10 @@ def _create_private_file(path: str) -> None:
     directory = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(directory):
         raise StoreError(f"cannot create {path}: folder {directory} does not exist")
-    os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
+    try:
+        os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
+    except OSError as exc:
+        raise database_error(path, "read-only" if _cannot_write(path) else "unusable", exc.strerror) from None
 
 
 T = TypeVar("T")
@@ -602,16 +682,28 @@ class Transaction:
 class Store:
     """The SQLite store: schema, connections and every read and write of the server."""
 
-    def __init__(self, path: str, synchronous: str = "FULL"):
+    def __init__(self, path: str, synchronous: str = "FULL", busy_timeout: float = CLI_BUSY_TIMEOUT):
+        """Open (creating when missing), check and migrate the database; a StoreError says what is wrong."""
         self.path = path
         self.synchronous = synchronous.upper()
+        self.busy_timeout = busy_timeout
         self._local = threading.local()
         self._pid = os.getpid()
         self._keys: dict[str, str] = {}
         self._queue: list[_Pending] = []
         self._queue_lock, self._commit_lock = threading.Lock(), threading.Lock()
+        self._write_failure: tuple[str, float] | None = None   # (problem, monotonic time) of the last write
         _create_private_file(path)
-        self._migrate()
+        self._identity = None if path == ":memory:" else _file_identity(path)
+        try:
+            self._quick_check()
+            self._migrate()
+        except sqlite3.Error as exc:
+            raise self.error_for(exc) from None
+
+    def error_for(self, exc: sqlite3.Error) -> StoreError:
+        """The one-line StoreError for an SQLite error on this database."""
+        return database_error(self.path, database_problem(self.path, exc), str(exc))
 
     # connections and transactions
 
@@ -622,12 +714,11 @@ class Store:
         db = getattr(self._local, "db", None)
         if db is None:
             try:
-                db = sqlite3.connect(self.path, isolation_level=None, timeout=30)
+                db = sqlite3.connect(self.path, isolation_level=None, timeout=self.busy_timeout)
                 db.row_factory = sqlite3.Row
-                db.execute("PRAGMA journal_mode = WAL")
                 db.execute(f"PRAGMA synchronous = {self.synchronous}")
             except sqlite3.DatabaseError as exc:
-                raise StoreError(f"{self.path} is not a usable SQLite database ({exc})") from None
+                raise self.error_for(exc) from None
             self._local.db = db
         return db
 
@@ -646,16 +737,43 @@ class Store:
 
     @contextlib.contextmanager
     def _immediate(self) -> Iterator[sqlite3.Connection]:
-        """BEGIN IMMEDIATE ... COMMIT, rolled back on any exception (a failed COMMIT too)."""
+        """BEGIN IMMEDIATE ... COMMIT, rolled back on any exception (a failed COMMIT too).
+
+        Nothing is committed into a file the path no longer names (one os.stat, ~1 µs): a
+        restore by `mv` or a deletion while serving gets StoreError "replaced"/"deleted".
+        """
         db = self.connect()
-        db.execute("BEGIN IMMEDIATE")
         try:
-            yield db
-            db.execute("COMMIT")
-        except BaseException:
-            if db.in_transaction:  # SQLite may already have rolled back after an I/O error
-                db.execute("ROLLBACK")
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                yield db
+                self._refuse_moved_file()
+                db.execute("COMMIT")
+            except BaseException:
+                if db.in_transaction:  # SQLite may already have rolled back after an I/O error
+                    db.execute("ROLLBACK")
+                raise
+        except sqlite3.Error as exc:
+            if not isinstance(exc, sqlite3.IntegrityError):  # a constraint is the caller's business
+                self._write_failure = (database_problem(self.path, exc), time.monotonic())
             raise
+        self._write_failure = None
+
+    def _moved(self) -> str | None:
+        """"deleted" or "replaced" when the path no longer names the file opened at start, else None."""
+        if self._identity is None:
+            return None
+        identity = _file_identity(self.path)
+        if identity == self._identity:
+            return None
+        return "deleted" if identity is None else "replaced"
+
+    def _refuse_moved_file(self) -> None:
+        moved = self._moved()
+        if moved:
+            error = database_error(self.path, moved)
+            log.error("%s", error)
+            raise error
 
     def group_commit(self, work: Callable[[Transaction], T]) -> T:
         """Run `work(transaction)` in a write transaction shared with concurrent callers; return its result.
@@ -700,6 +818,14 @@ class Store:
         finally:
             for item in batch:
                 item.done = True
+
+    def _quick_check(self) -> None:
+        """PRAGMA quick_check: refuse a damaged file at start instead of serving it (~0.1 s per 100 MB)."""
+        db = self.connect()
+        db.execute("PRAGMA journal_mode = WAL")  # kept in the file: every later connection is in WAL mode
+        found = db.execute("PRAGMA quick_check(1)").fetchone()[0]
+        if found != "ok":
+            raise database_error(self.path, "malformed", f"quick_check: {found}")
 
     def _migrate(self) -> None:
         with self._immediate() as db:
@@ -898,9 +1024,35 @@ class Store:
             "SELECT day, clicked, registered, qualified FROM daily_counts WHERE server_id = ? AND day >= ?",
             (server_id, first_day))}
 
-    def check(self) -> None:
-        """Read the database once; raise sqlite3.Error or StoreError when it cannot be used."""
-        self.connect().execute("SELECT count(*) FROM meta").fetchone()
+    def health(self) -> StoreError | None:
+        """What keeps this database from taking writes now, found quickly and without the write lock."""
+        problem = self._moved() or self._recent_write_failure()
+        if problem is None and self._identity is not None:
+            problem = "read-only" if _cannot_write(self.path) else "disk full" if _low_on_disk(self.path) else None
+        if problem:
+            return database_error(self.path, problem)
+        try:
+            self._read_quickly()
+        except (sqlite3.Error, StoreError) as exc:
+            return exc if isinstance(exc, StoreError) else self.error_for(exc)
+        return None
+
+    def _recent_write_failure(self) -> str | None:
+        """The problem of the last write when it failed (a lock counts for LOCKED_REMEMBERED_SECONDS)."""
+        if self._write_failure is None:
+            return None
+        problem, at = self._write_failure
+        if problem == "locked" and time.monotonic() - at > LOCKED_REMEMBERED_SECONDS:
+            return None
+        return problem
+
+    def _read_quickly(self) -> None:
+        db = self.connect()
+        db.execute(f"PRAGMA busy_timeout = {HEALTH_READ_TIMEOUT_MS}")
+        try:
+            db.execute("SELECT count(*) FROM meta").fetchone()
+        finally:
+            db.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
 
     # dashboard password
 
@@ -1322,6 +1474,8 @@ def handle_ingest(store: Store, raw_body: bytes, header: str | None, *, window: 
         body, status = exc.body(), exc.status
         if status in (400, 401, 404, 422):
             _remember_rejection(store, exc, raw_body)
+    except (sqlite3.Error, StoreError) as exc:  # nothing was written
+        status, body = _database_failure(store, exc)
     except Exception:  # 11. anything unexpected: the transaction rolled back
         log.exception("ingest failed")
         status, body = 500, ApiError(500, "internal error", HINTS["internal error"]).body()
@@ -1329,6 +1483,17 @@ def handle_ingest(store: Store, raw_body: bytes, header: str | None, *, window: 
              body.get("reason", "-"), _outcome_word(body), _logged_value(_LOGGED_SERVER, raw_body) or "-",
              mask(_logged_value(_LOGGED_TOKEN, raw_body)) or "-")
     return status, body
+
+
+def _database_failure(store: Store, exc: sqlite3.Error | StoreError) -> tuple[int, dict]:
+    """503 when the database is locked by another process or no longer the file opened; else 500."""
+    problem = exc.problem if isinstance(exc, StoreError) else database_problem(store.path, exc)
+    if problem == "locked":
+        return 503, ApiError(503, "database busy", HINTS["database busy"]).body()
+    if problem in ("deleted", "replaced"):
+        return 503, ApiError(503, "database unavailable", HINTS["database unavailable"]).body()
+    log.exception("ingest failed: %s", exc if isinstance(exc, StoreError) else store.error_for(exc))
+    return 500, ApiError(500, "internal error", HINTS["internal error"]).body()
 
 
 def _outcome_word(body: dict[str, Any]) -> str:
@@ -1384,7 +1549,8 @@ def get_store() -> Store:
     if "mmoref" not in extensions:
         with _store_lock:
             if "mmoref" not in extensions:
-                extensions["mmoref"] = Store(current_app.config["MMOREF_DB"], current_app.config["MMOREF_SYNCHRONOUS"])
+                extensions["mmoref"] = Store(current_app.config["MMOREF_DB"], current_app.config["MMOREF_SYNCHRONOUS"],
+                                             busy_timeout=REQUEST_BUSY_TIMEOUT)
     return extensions["mmoref"]
 
 
@@ -1431,7 +1597,10 @@ def ingest() -> Any:
     config = current_app.config
     status, body = handle_ingest(get_store(), raw_body, request.headers.get(SIGNATURE_HEADER),
                                  window=config["MMOREF_REPLAY_WINDOW"], ttl=config["MMOREF_TOKEN_TTL"])
-    return json_response(body, status)
+    response = json_response(body, status)
+    if status == 503:
+        response.headers["Retry-After"] = str(RETRY_AFTER_SECONDS)
+    return response
 
 
 NOT_FOUND_PAGE = ("<!doctype html><meta charset=utf-8><title>Link not found</title>"
@@ -1470,12 +1639,15 @@ def _with_query(url: str, **params: str) -> str:
 
 @blueprint.get("/healthz")
 def healthz() -> Any:
+    """200 when the database can take writes; else 503 with the cause. Never waits for the write lock."""
     try:
-        get_store().check()
-    except (sqlite3.Error, StoreError):
-        return json_response({"ok": False, "error": "database unavailable",
-                              "hint": "check that the database file exists and is readable"}, 503)
-    return json_response({"ok": True})
+        problem = get_store().health()
+    except StoreError as exc:  # the database could not even be opened
+        problem = exc
+    if problem is None:
+        return json_response({"ok": True})
+    return json_response({"ok": False, "error": "database unavailable", "reason": problem.problem,
+                          "hint": str(problem)}, 503)
 
 
 # Dashboard views (docs/contract.md §4, §6) ###################################
