@@ -35,6 +35,7 @@ import urllib.parse
 import urllib.request
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, TypeVar
 
 import click
@@ -695,6 +696,8 @@ class Store:
         self._write_failure: tuple[str, float] | None = None   # (problem, monotonic time) of the last write
         _create_private_file(path)
         self._identity = None if path == ":memory:" else _file_identity(path)
+        # mode=rw: a deleted file is never silently re-created empty by a new thread's connection
+        self._uri = "file::memory:" if path == ":memory:" else Path(os.path.abspath(path)).as_uri() + "?mode=rw"
         try:
             self._quick_check()
             self._migrate()
@@ -714,7 +717,7 @@ class Store:
         db = getattr(self._local, "db", None)
         if db is None:
             try:
-                db = sqlite3.connect(self.path, isolation_level=None, timeout=self.busy_timeout)
+                db = sqlite3.connect(self._uri, uri=True, isolation_level=None, timeout=self.busy_timeout)
                 db.row_factory = sqlite3.Row
                 db.execute(f"PRAGMA synchronous = {self.synchronous}")
             except sqlite3.DatabaseError as exc:
@@ -759,7 +762,7 @@ class Store:
             raise
         self._write_failure = None
 
-    def _moved(self) -> str | None:
+    def moved(self) -> str | None:
         """"deleted" or "replaced" when the path no longer names the file opened at start, else None."""
         if self._identity is None:
             return None
@@ -769,7 +772,7 @@ class Store:
         return "deleted" if identity is None else "replaced"
 
     def _refuse_moved_file(self) -> None:
-        moved = self._moved()
+        moved = self.moved()
         if moved:
             error = database_error(self.path, moved)
             log.error("%s", error)
@@ -825,7 +828,7 @@ class Store:
         db.execute("PRAGMA journal_mode = WAL")  # kept in the file: every later connection is in WAL mode
         found = db.execute("PRAGMA quick_check(1)").fetchone()[0]
         if found != "ok":
-            raise database_error(self.path, "malformed", f"quick_check: {found}")
+            raise database_error(self.path, "malformed", "quick_check: " + " ".join(found.split()))
 
     def _migrate(self) -> None:
         with self._immediate() as db:
@@ -1026,7 +1029,7 @@ class Store:
 
     def health(self) -> StoreError | None:
         """What keeps this database from taking writes now, found quickly and without the write lock."""
-        problem = self._moved() or self._recent_write_failure()
+        problem = self.moved() or self._recent_write_failure()
         if problem is None and self._identity is not None:
             problem = "read-only" if _cannot_write(self.path) else "disk full" if _low_on_disk(self.path) else None
         if problem:
@@ -1487,7 +1490,7 @@ def handle_ingest(store: Store, raw_body: bytes, header: str | None, *, window: 
 
 def _database_failure(store: Store, exc: sqlite3.Error | StoreError) -> tuple[int, dict]:
     """503 when the database is locked by another process or no longer the file opened; else 500."""
-    problem = exc.problem if isinstance(exc, StoreError) else database_problem(store.path, exc)
+    problem = store.moved() or (exc.problem if isinstance(exc, StoreError) else database_problem(store.path, exc))
     if problem == "locked":
         return 503, ApiError(503, "database busy", HINTS["database busy"]).body()
     if problem in ("deleted", "replaced"):
