@@ -26,6 +26,7 @@ import os
 import re
 import secrets
 import select
+import shlex
 import sqlite3
 import sys
 import threading
@@ -2129,9 +2130,28 @@ class _OneLineErrors(click.Group):
         sys.exit(result if isinstance(result, int) else 0)
 
 
-def _open_store(db_path: str | None) -> Store:
+def _open_store(db_path: str | None, create: bool = False) -> Store:
+    """The command's database; only commands that set an installation up (`create`) may make one."""
     settings = load_settings()
-    return Store(db_path or settings["MMOREF_DB"], settings["MMOREF_SYNCHRONOUS"])
+    path = db_path or settings["MMOREF_DB"]
+    if not create and not os.path.exists(path):
+        raise ConfigError(f"no database at {os.path.abspath(path)}: pass --db or set MMOREF_DB")
+    return Store(path, settings["MMOREF_SYNCHRONOUS"])
+
+
+def _known_server(store: Store, server_id: str) -> None:
+    """Refuse a server id the database lacks, naming the database looked in."""
+    if store.server(server_id) is None:
+        raise ConfigError(f"unknown server {server_id!r} in {os.path.abspath(store.path)}: "
+                          "check the id, or pass --db with the right database")
+
+
+def set_password_command_line(db_path: str) -> str:
+    """How to run set-password on this database: with --db unless it is ./referrals.db."""
+    command = "python mmoref_server.py set-password"
+    if os.path.abspath(db_path) == os.path.abspath(SETTINGS["MMOREF_DB"][1]):
+        return command
+    return f"{command} --db {shlex.quote(os.path.abspath(db_path))}"
 
 
 def _db_option(command: Callable) -> Callable:
@@ -2290,10 +2310,11 @@ def _login_lines(app: Flask) -> list[str]:
         return ["  login      the password in MMOREF_ADMIN_PASSWORD"]
     store = app.extensions["mmoref"]
     if store.admin_password_hash():
-        return ["  login      your dashboard password (change it: python mmoref_server.py set-password)"]
+        return [f"  login      your dashboard password (change it: {set_password_command_line(store.path)})"]
     password = secrets.token_urlsafe(12)
     store.set_admin_password(password)
-    return [f"  login      password {password}   (shown once, stored hashed; change it with set-password)"]
+    return [f"  login      password {password}   (shown once, stored hashed; change it with "
+            f"{set_password_command_line(store.path)})"]
 
 
 @cli.command("set-password")
@@ -2302,7 +2323,7 @@ def _login_lines(app: Flask) -> list[str]:
               help="the new password (prompted for when omitted)")
 def set_password_command(db_path: str | None, password: str) -> None:
     """Set the dashboard password (stored as a salted hash); logs every session out."""
-    _open_store(db_path).set_admin_password(password)
+    _open_store(db_path, create=True).set_admin_password(password)
     click.echo("dashboard password changed")
 
 
@@ -2317,7 +2338,8 @@ def set_password_command(db_path: str | None, password: str) -> None:
 def add_server_command(server_id: str, game: str, name: str, registration_url: str | None, identity_field: str,
                        db_path: str | None, as_json: bool) -> None:
     """Create a server with referrals enabled; print its first secret once."""
-    secret, kid = _open_store(db_path).add_server(server_id, game, name, registration_url, identity_field)
+    secret, kid = _open_store(db_path, create=True).add_server(server_id, game, name, registration_url,
+                                                               identity_field)
     _emit(as_json, {"server_id": server_id, "game": game, "secret": secret, "kid": kid},
           f"server {server_id} created (game {game}), referrals enabled\n"
           f"signing secret (shown once, store it in your game server's config):\n  {secret}\nkid: {kid}")
@@ -2331,7 +2353,9 @@ def add_server_command(server_id: str, game: str, name: str, registration_url: s
 @_json_option
 def rotate_secret_command(server_id: str, grace: int, db_path: str | None, as_json: bool) -> None:
     """Make a new signing secret; print it once."""
-    secret, kid = _open_store(db_path).rotate_secret(server_id, grace)
+    store = _open_store(db_path)
+    _known_server(store, server_id)
+    secret, kid = store.rotate_secret(server_id, grace)
     previous = "revoked now" if grace == 0 else f"valid for {grace} more seconds"
     _emit(as_json, {"secret": secret, "kid": kid},
           f"new signing secret (shown once):\n  {secret}\nkid: {kid}\nprevious secret: {previous}")
@@ -2344,7 +2368,9 @@ def rotate_secret_command(server_id: str, grace: int, db_path: str | None, as_js
 @_json_option
 def mint_token_command(server_id: str, code: str, db_path: str | None, as_json: bool) -> None:
     """Mint an mmref token as if the share link were followed."""
-    token, referral_id = _open_store(db_path).mint_referral(server_id, code)
+    store = _open_store(db_path)
+    _known_server(store, server_id)
+    token, referral_id = store.mint_referral(server_id, code)
     _emit(as_json, {"token": token, "referral_id": referral_id}, f"token: {token}\nreferral: {referral_id}")
 
 
@@ -2356,11 +2382,10 @@ def mint_token_command(server_id: str, code: str, db_path: str | None, as_json: 
 def log_command(server_id: str, limit: int, db_path: str | None, as_json: bool) -> None:
     """Print the delivery log, newest first."""
     store = _open_store(db_path)
-    if store.server(server_id) is None:
-        raise ConfigError(f"unknown server {server_id!r}")
+    _known_server(store, server_id)
     rows = [{"id": r["id"], "event": r["event"], "state": r["state"], "outcome": r["outcome"],
              "server_event_id": r["server_event_id"], "received_at": iso_utc(r["received_at"]),
-             "referral_id": r["referral_id"]} for r in store.delivery_log(server_id, limit)]
+             "referral_id": r["referral_id"], "ts": r["ts"]} for r in store.delivery_log(server_id, limit)]
     if as_json:
         click.echo(json.dumps(rows))
         return
@@ -2376,7 +2401,11 @@ def _owner_command(action: str) -> Callable:
     @_json_option
     @click.argument("referral_id")
     def owner_action_command(referral_id: str, db_path: str | None, as_json: bool) -> None:
-        state = owner_action(_open_store(db_path), referral_id, action)
+        store = _open_store(db_path)
+        try:
+            state = owner_action(store, referral_id, action)
+        except ConfigError as exc:
+            raise ConfigError(f"{exc} (database {os.path.abspath(store.path)})") from None
         _emit(as_json, {"referral_id": referral_id, "state": state}, f"{referral_id} is now {state}")
     owner_action_command.__doc__ = f"{action.capitalize()} a referral as the owner (logged as an owner action)."
     return cli.command(action)(owner_action_command)
@@ -2608,7 +2637,7 @@ TEMPLATES = jinja2.Environment(autoescape=True, trim_blocks=True, lstrip_blocks=
   <p class="error" role="alert">{{ error }}</p>
   {% endif %}
   {% if no_password %}
-  <p class="error">No dashboard password is set yet: run <code>python mmoref_server.py set-password</code>
+  <p class="error">No dashboard password is set yet: run <code>{{ set_password_command() }}</code>
     or set <code>MMOREF_ADMIN_PASSWORD</code>.</p>
   {% endif %}
   <form method="post">
@@ -3090,6 +3119,8 @@ TEMPLATES = jinja2.Environment(autoescape=True, trim_blocks=True, lstrip_blocks=
 {% endblock %}
 """,
 }))
+# the hint on the login page names this app's database when it is not ./referrals.db
+TEMPLATES.globals["set_password_command"] = lambda: set_password_command_line(current_app.config["MMOREF_DB"])
 
 
 # main ########################################################################

@@ -33,4 +33,5 @@ def test_a_user_error_through_flask_is_one_line(tmp_path: Path) -> None:
     result = flask_command(tmp_path, "rotate-secret", "nope", "--db", str(tmp_path / "referrals.db"))
     assert result.returncode == 1
     assert result.stdout == ""
-    assert result.stderr.strip().splitlines() == ["Error: unknown server 'nope'"]
+    assert result.stderr.strip().splitlines() == [
+        f"Error: unknown server 'nope' in {tmp_path / 'referrals.db'}: check the id, or pass --db with the right database"]
