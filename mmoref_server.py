@@ -197,11 +197,12 @@ class ApiError(Exception):
                  server_id: str | None = None, **extra: Any):
         super().__init__(error)
         self.status, self.error, self.hint, self.extra = status, error, hint, extra
-        self.diagnosis = diagnosis    # for mac_mismatch: why it probably failed (the hint says it too)
+        self.diagnosis = diagnosis    # for mac_mismatch: why it probably failed (the answer's hint ends with it)
         self.server_id = server_id    # the known server the refused request names: whose list it goes to
 
     def body(self) -> dict[str, Any]:
-        return {"ok": False, "error": self.error, "hint": self.hint, **self.extra}
+        hint = f"{self.hint} ({self.diagnosis})" if self.diagnosis else self.hint
+        return {"ok": False, "error": self.error, "hint": hint, **self.extra}
 
 
 HINTS = {
@@ -1310,8 +1311,7 @@ def _bad_signature(store: Store, exc: SignatureError, parsed: ParsedSignature, r
     if exc.reason == "mac_mismatch":
         revoked = store.revoked_secrets(fields.server_id, at)
         diagnosis = diagnose_mac_mismatch(parsed, raw_body, live, revoked, fields.ts)
-    return ApiError(401, "bad_signature", f"{hint} ({diagnosis})" if diagnosis else hint, diagnosis=diagnosis,
-                    server_id=fields.server_id, reason=exc.reason)
+    return ApiError(401, "bad_signature", hint, diagnosis=diagnosis, server_id=fields.server_id, reason=exc.reason)
 
 
 def _field_error(error: str, field: str, hint: str) -> ApiError:
@@ -1458,6 +1458,12 @@ def diagnose_mac_mismatch(parsed: ParsedSignature, raw_body: bytes, live: Sequen
     trimmed = raw_body.rstrip(b"\r\n")
     if trimmed != raw_body and any(matches(s, parsed.t, trimmed) for s in live_secrets):
         return "the MAC matches this body without its trailing newline: sign the exact bytes you send"
+    if any(matches(s, parsed.t, raw_body + end) for s in live_secrets for end in (b"\n", b"\r\n")):
+        return ("the MAC matches this body plus a trailing newline: your HTTP client changed the body"
+                " (curl -d strips newlines); send it with --data-binary")
+    if any(matches(s, parsed.t, other) for s in live_secrets for other in _reserialised(raw_body)):
+        return ("the MAC matches the same JSON written differently (spacing or key order): sign the exact"
+                " bytes you send, not a re-serialised copy, and send them unchanged")
     ts = body_ts if isinstance(body_ts, (int, float)) and not isinstance(body_ts, bool) else None
     ts_differs = ts is not None and ts != parsed.timestamp
     if ts_differs and isinstance(ts, int) and any(matches(s, str(ts), raw_body) for s in live_secrets):
@@ -1468,6 +1474,18 @@ def diagnose_mac_mismatch(parsed: ParsedSignature, raw_body: bytes, live: Sequen
         return (f"the header's t ({parsed.t}) differs from the body's ts ({ts}): "
                 "the MAC must be made with the header's t")
     return None
+
+
+def _reserialised(raw_body: bytes) -> list[bytes]:
+    """The usual other spellings of the same JSON (a sender that signed one and sent another)."""
+    try:
+        body = json.loads(raw_body)
+    except (ValueError, RecursionError):
+        return []
+    spellings = {json.dumps(body, sort_keys=sort_keys, separators=separators, ensure_ascii=ascii_only).encode()
+                 for sort_keys in (False, True) for separators in ((", ", ": "), (",", ":"))
+                 for ascii_only in (True, False)}
+    return [spelling + end for spelling in spellings for end in (b"", b"\n") if spelling + end != raw_body]
 
 
 def handle_ingest(store: Store, raw_body: bytes, header: str | None, *, window: int, ttl: int) -> tuple[int, dict]:
@@ -2058,6 +2076,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
         app.wsgi_app = _ForwardedByTrustedProxy(app.wsgi_app, app.config["MMOREF_TRUSTED_PROXY"])  # type: ignore
     app.session_interface = _SessionInterface()
     app.register_blueprint(blueprint)
+    _log_through_gunicorn()
     with app.app_context():
         store = get_store()  # create or migrate the schema now; refuse a newer database at start-up
         if not app.config.get("SECRET_KEY"):  # per installation, never a constant
@@ -2065,6 +2084,20 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     for command in cli.commands.values():  # so `flask --app mmoref_server add-server ...` works too
         app.cli.add_command(command)
     return app
+
+
+def _log_through_gunicorn() -> None:
+    """Under gunicorn, write the "mmoref" log lines to its error log at its --log-level.
+
+    gunicorn gives only its own loggers handlers; ours would reach an unconfigured root logger
+    and its INFO lines (one per ingest request) would vanish. `serve` configures the root
+    logger itself, and an app that embeds the blueprint keeps its own logging configuration.
+    """
+    gunicorn_log = logging.getLogger("gunicorn.error")
+    if gunicorn_log.handlers and not log.handlers:
+        log.handlers[:] = gunicorn_log.handlers
+        log.setLevel(gunicorn_log.level)
+        log.propagate = False
 
 
 class _ForwardedByTrustedProxy:
