@@ -26,6 +26,7 @@ import os
 import re
 import secrets
 import select
+import shlex
 import sqlite3
 import sys
 import threading
@@ -35,6 +36,7 @@ import urllib.parse
 import urllib.request
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, TypeVar
 
 import click
@@ -212,11 +214,12 @@ class ApiError(Exception):
                  server_id: str | None = None, **extra: Any):
         super().__init__(error)
         self.status, self.error, self.hint, self.extra = status, error, hint, extra
-        self.diagnosis = diagnosis    # for mac_mismatch: why it probably failed (the hint says it too)
+        self.diagnosis = diagnosis    # for mac_mismatch: why it probably failed (the answer's hint ends with it)
         self.server_id = server_id    # the known server the refused request names: whose list it goes to
 
     def body(self) -> dict[str, Any]:
-        return {"ok": False, "error": self.error, "hint": self.hint, **self.extra}
+        hint = f"{self.hint} ({self.diagnosis})" if self.diagnosis else self.hint
+        return {"ok": False, "error": self.error, "hint": hint, **self.extra}
 
 
 HINTS = {
@@ -242,7 +245,12 @@ HINTS = {
     "other referee": "this token already anchors another referee_identity; one token refers one player",
     "method not allowed": "POST the event as JSON",
     "internal error": "the server failed; retry later with the same server_event_id (it is idempotent)",
+    "database busy": ("another process holds the database's write lock; retry in a few seconds"
+                      " with the same server_event_id (it is idempotent)"),
+    "database unavailable": ("the database file was deleted or replaced while the server was running;"
+                             " the owner must restart it. Retry later with the same server_event_id"),
 }
+RETRY_AFTER_SECONDS = 5   # the Retry-After of a 503
 
 
 class SignatureError(Exception):
@@ -258,7 +266,12 @@ class SignatureError(Exception):
 
 
 class StoreError(Exception):
-    """The database cannot be used as it is; the message says why."""
+    """The database cannot be used as it is; the message says why and `problem` names the cause
+    (one of DATABASE_PROBLEMS, or "unusable")."""
+
+    def __init__(self, message: str, problem: str = "unusable"):
+        super().__init__(message)
+        self.problem = problem
 
 
 class ConfigError(Exception):
@@ -519,6 +532,73 @@ MIGRATIONS: list[list[str]] = [
 SCHEMA_VERSION = len(MIGRATIONS)
 COUNTED = ("clicked", "registered", "qualified", "reversed")
 
+# How long a write waits for another process's write lock (the sqlite3 shell, a backup, a
+# stuck worker): a request answers 503 "database busy" after REQUEST_BUSY_TIMEOUT instead of
+# holding its thread; a CLI command can afford to wait longer.
+REQUEST_BUSY_TIMEOUT = 3
+CLI_BUSY_TIMEOUT = 30
+HEALTH_READ_TIMEOUT_MS = 500     # /healthz reads with this busy timeout; it never takes the write lock
+LOW_DISK_BYTES = 1024 * 1024     # less free space than this on the database's filesystem: "disk full"
+LOCKED_REMEMBERED_SECONDS = 10   # /healthz reports a write that found the database locked for this long
+
+# The causes the owner must fix, each with the words SQLite uses for it and the one line
+# that says what to do. "deleted" and "replaced" are found by comparing the file's identity.
+DATABASE_PROBLEMS: dict[str, tuple[str | None, str]] = {
+    "locked": ("database is locked", "{path} is locked by another process (the sqlite3 shell, a backup,"
+                                     " another server?): wait for it or stop it"),
+    "read-only": ("readonly database", "{path} cannot be written (read-only file, folder or filesystem): mmoref"
+                                       " writes it and creates its -wal and -shm files next to it;"
+                                       " fix the permissions or the mount"),
+    "disk full": ("database or disk is full", "the disk holding {path} is full: free some space"),
+    "malformed": ("malformed", "{path} is damaged ({detail}): stop the server and restore a backup"),
+    "not a database": ("not a database", "{path} is not a usable SQLite database ({detail}):"
+                                         " pass --db with the right file or set MMOREF_DB"),
+    "deleted": (None, "{path} was deleted while the server was running: restore it, then restart the server"),
+    "replaced": (None, "{path} was replaced while the server was running: restart the server"
+                       " (stop the server before restoring a database)"),
+}
+
+
+def _file_identity(path: str) -> tuple[int, int] | None:
+    """(device, inode) of the file at `path`, None when there is none."""
+    try:
+        found = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return found.st_dev, found.st_ino
+
+
+def _cannot_write(path: str) -> bool:
+    """The file, its folder or its filesystem refuses writes (the -wal and -shm files go in the folder)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.access(path, os.W_OK) or not os.access(folder, os.W_OK):
+        return True
+    return hasattr(os, "statvfs") and bool(os.statvfs(folder).f_flag & os.ST_RDONLY)
+
+
+def _low_on_disk(path: str) -> bool:
+    if not hasattr(os, "statvfs"):
+        return False
+    found = os.statvfs(os.path.dirname(os.path.abspath(path)))
+    return found.f_bavail * found.f_frsize < LOW_DISK_BYTES
+
+
+def database_problem(path: str, exc: sqlite3.Error) -> str:
+    """Which of DATABASE_PROBLEMS an SQLite error means ("unusable" when none)."""
+    message = str(exc)
+    for problem, (words, _) in DATABASE_PROBLEMS.items():
+        if words and words in message:
+            return problem
+    if path != ":memory:" and _cannot_write(path):  # "unable to open database file", and the like
+        return "read-only"
+    return "unusable"
+
+
+def database_error(path: str, problem: str, detail: str = "") -> StoreError:
+    """A StoreError whose message is one line: which file, what is wrong, what to do."""
+    _, advice = DATABASE_PROBLEMS.get(problem, (None, "{path} cannot be used ({detail})"))
+    return StoreError(advice.format(path=os.path.abspath(path), detail=detail), problem)
+
 
 def _create_private_file(path: str) -> None:
     """Create the database file owner-only (0600) before SQLite touches it."""
@@ -527,7 +607,10 @@ def _create_private_file(path: str) -> None:
     directory = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(directory):
         raise StoreError(f"cannot create {path}: folder {directory} does not exist")
-    os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
+    try:
+        os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
+    except OSError as exc:
+        raise database_error(path, "read-only" if _cannot_write(path) else "unusable", exc.strerror) from None
 
 
 T = TypeVar("T")
@@ -629,16 +712,30 @@ class Transaction:
 class Store:
     """The SQLite store: schema, connections and every read and write of the server."""
 
-    def __init__(self, path: str, synchronous: str = "FULL"):
+    def __init__(self, path: str, synchronous: str = "FULL", busy_timeout: float = CLI_BUSY_TIMEOUT):
+        """Open (creating when missing), check and migrate the database; a StoreError says what is wrong."""
         self.path = path
         self.synchronous = synchronous.upper()
+        self.busy_timeout = busy_timeout
         self._local = threading.local()
         self._pid = os.getpid()
         self._keys: dict[str, str] = {}
         self._queue: list[_Pending] = []
         self._queue_lock, self._commit_lock = threading.Lock(), threading.Lock()
+        self._write_failure: tuple[str, float] | None = None   # (problem, monotonic time) of the last write
         _create_private_file(path)
-        self._migrate()
+        self._identity = None if path == ":memory:" else _file_identity(path)
+        # mode=rw: a deleted file is never silently re-created empty by a new thread's connection
+        self._uri = "file::memory:" if path == ":memory:" else Path(os.path.abspath(path)).as_uri() + "?mode=rw"
+        try:
+            self._quick_check()
+            self._migrate()
+        except sqlite3.Error as exc:
+            raise self.error_for(exc) from None
+
+    def error_for(self, exc: sqlite3.Error) -> StoreError:
+        """The one-line StoreError for an SQLite error on this database."""
+        return database_error(self.path, database_problem(self.path, exc), str(exc))
 
     # connections and transactions
 
@@ -649,12 +746,11 @@ class Store:
         db = getattr(self._local, "db", None)
         if db is None:
             try:
-                db = sqlite3.connect(self.path, isolation_level=None, timeout=30)
+                db = sqlite3.connect(self._uri, uri=True, isolation_level=None, timeout=self.busy_timeout)
                 db.row_factory = sqlite3.Row
-                db.execute("PRAGMA journal_mode = WAL")
                 db.execute(f"PRAGMA synchronous = {self.synchronous}")
             except sqlite3.DatabaseError as exc:
-                raise StoreError(f"{self.path} is not a usable SQLite database ({exc})") from None
+                raise self.error_for(exc) from None
             self._local.db = db
         return db
 
@@ -673,16 +769,43 @@ class Store:
 
     @contextlib.contextmanager
     def _immediate(self) -> Iterator[sqlite3.Connection]:
-        """BEGIN IMMEDIATE ... COMMIT, rolled back on any exception (a failed COMMIT too)."""
+        """BEGIN IMMEDIATE ... COMMIT, rolled back on any exception (a failed COMMIT too).
+
+        Nothing is committed into a file the path no longer names (one os.stat, ~1 µs): a
+        restore by `mv` or a deletion while serving gets StoreError "replaced"/"deleted".
+        """
         db = self.connect()
-        db.execute("BEGIN IMMEDIATE")
         try:
-            yield db
-            db.execute("COMMIT")
-        except BaseException:
-            if db.in_transaction:  # SQLite may already have rolled back after an I/O error
-                db.execute("ROLLBACK")
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                yield db
+                self._refuse_moved_file()
+                db.execute("COMMIT")
+            except BaseException:
+                if db.in_transaction:  # SQLite may already have rolled back after an I/O error
+                    db.execute("ROLLBACK")
+                raise
+        except sqlite3.Error as exc:
+            if not isinstance(exc, sqlite3.IntegrityError):  # a constraint is the caller's business
+                self._write_failure = (database_problem(self.path, exc), time.monotonic())
             raise
+        self._write_failure = None
+
+    def moved(self) -> str | None:
+        """"deleted" or "replaced" when the path no longer names the file opened at start, else None."""
+        if self._identity is None:
+            return None
+        identity = _file_identity(self.path)
+        if identity == self._identity:
+            return None
+        return "deleted" if identity is None else "replaced"
+
+    def _refuse_moved_file(self) -> None:
+        moved = self.moved()
+        if moved:
+            error = database_error(self.path, moved)
+            log.error("%s", error)
+            raise error
 
     def group_commit(self, work: Callable[[Transaction], T]) -> T:
         """Run `work(transaction)` in a write transaction shared with concurrent callers; return its result.
@@ -727,6 +850,14 @@ class Store:
         finally:
             for item in batch:
                 item.done = True
+
+    def _quick_check(self) -> None:
+        """PRAGMA quick_check: refuse a damaged file at start instead of serving it (~0.1 s per 100 MB)."""
+        db = self.connect()
+        db.execute("PRAGMA journal_mode = WAL")  # kept in the file: every later connection is in WAL mode
+        found = db.execute("PRAGMA quick_check(1)").fetchone()[0]
+        if found != "ok":
+            raise database_error(self.path, "malformed", "quick_check: " + " ".join(found.split()))
 
     def _migrate(self) -> None:
         with self._immediate() as db:
@@ -948,9 +1079,35 @@ class Store:
             "SELECT day, clicked, registered, qualified FROM daily_counts WHERE server_id = ? AND day >= ?",
             (server_id, first_day))}
 
-    def check(self) -> None:
-        """Read the database once; raise sqlite3.Error or StoreError when it cannot be used."""
-        self.connect().execute("SELECT count(*) FROM meta").fetchone()
+    def health(self) -> StoreError | None:
+        """What keeps this database from taking writes now, found quickly and without the write lock."""
+        problem = self.moved() or self._recent_write_failure()
+        if problem is None and self._identity is not None:
+            problem = "read-only" if _cannot_write(self.path) else "disk full" if _low_on_disk(self.path) else None
+        if problem:
+            return database_error(self.path, problem)
+        try:
+            self._read_quickly()
+        except (sqlite3.Error, StoreError) as exc:
+            return exc if isinstance(exc, StoreError) else self.error_for(exc)
+        return None
+
+    def _recent_write_failure(self) -> str | None:
+        """The problem of the last write when it failed (a lock counts for LOCKED_REMEMBERED_SECONDS)."""
+        if self._write_failure is None:
+            return None
+        problem, at = self._write_failure
+        if problem == "locked" and time.monotonic() - at > LOCKED_REMEMBERED_SECONDS:
+            return None
+        return problem
+
+    def _read_quickly(self) -> None:
+        db = self.connect()
+        db.execute(f"PRAGMA busy_timeout = {HEALTH_READ_TIMEOUT_MS}")
+        try:
+            db.execute("SELECT count(*) FROM meta").fetchone()
+        finally:
+            db.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
 
     # dashboard password
 
@@ -1204,8 +1361,7 @@ def _bad_signature(store: Store, exc: SignatureError, parsed: ParsedSignature, r
     if exc.reason == "mac_mismatch":
         revoked = store.revoked_secrets(fields.server_id, at)
         diagnosis = diagnose_mac_mismatch(parsed, raw_body, live, revoked, fields.ts)
-    return ApiError(401, "bad_signature", f"{hint} ({diagnosis})" if diagnosis else hint, diagnosis=diagnosis,
-                    server_id=fields.server_id, reason=exc.reason)
+    return ApiError(401, "bad_signature", hint, diagnosis=diagnosis, server_id=fields.server_id, reason=exc.reason)
 
 
 def _field_error(error: str, field: str, hint: str) -> ApiError:
@@ -1379,6 +1535,12 @@ def diagnose_mac_mismatch(parsed: ParsedSignature, raw_body: bytes, live: Sequen
     trimmed = raw_body.rstrip(b"\r\n")
     if trimmed != raw_body and any(matches(s, parsed.t, trimmed) for s in live_secrets):
         return "the MAC matches this body without its trailing newline: sign the exact bytes you send"
+    if any(matches(s, parsed.t, raw_body + end) for s in live_secrets for end in (b"\n", b"\r\n")):
+        return ("the MAC matches this body plus a trailing newline: your HTTP client changed the body"
+                " (curl -d strips newlines); send it with --data-binary")
+    if any(matches(s, parsed.t, other) for s in live_secrets for other in _reserialised(raw_body)):
+        return ("the MAC matches the same JSON written differently (spacing or key order): sign the exact"
+                " bytes you send, not a re-serialised copy, and send them unchanged")
     ts = body_ts if isinstance(body_ts, (int, float)) and not isinstance(body_ts, bool) else None
     ts_differs = ts is not None and ts != parsed.timestamp
     if ts_differs and isinstance(ts, int) and any(matches(s, str(ts), raw_body) for s in live_secrets):
@@ -1391,6 +1553,18 @@ def diagnose_mac_mismatch(parsed: ParsedSignature, raw_body: bytes, live: Sequen
     return None
 
 
+def _reserialised(raw_body: bytes) -> list[bytes]:
+    """The usual other spellings of the same JSON (a sender that signed one and sent another)."""
+    try:
+        body = json.loads(raw_body)
+    except (ValueError, RecursionError):
+        return []
+    spellings = {json.dumps(body, sort_keys=sort_keys, separators=separators, ensure_ascii=ascii_only).encode()
+                 for sort_keys in (False, True) for separators in ((", ", ": "), (",", ":"))
+                 for ascii_only in (True, False)}
+    return [spelling + end for spelling in spellings for end in (b"", b"\n") if spelling + end != raw_body]
+
+
 def handle_ingest(store: Store, raw_body: bytes, header: str | None, *, window: int, ttl: int) -> tuple[int, dict]:
     """Run the pipeline; remember refusals; log one line; return (status, body)."""
     try:
@@ -1399,6 +1573,8 @@ def handle_ingest(store: Store, raw_body: bytes, header: str | None, *, window: 
         body, status = exc.body(), exc.status
         if status in (400, 401, 404, 422):
             _remember_rejection(store, exc, raw_body)
+    except (sqlite3.Error, StoreError) as exc:  # nothing was written
+        status, body = _database_failure(store, exc)
     except Exception:  # 11. anything unexpected: the transaction rolled back
         log.exception("ingest failed")
         status, body = 500, ApiError(500, "internal error", HINTS["internal error"]).body()
@@ -1413,6 +1589,17 @@ def _log_ingest(status: int, error: str | None, **more: str | None) -> None:
     fields = {"status": status, "error": error, **more}
     words = " ".join(f"{name}={'-' if value is None else value}" for name, value in fields.items())
     log.info("ingest %s", words, extra={"fields": fields})
+
+
+def _database_failure(store: Store, exc: sqlite3.Error | StoreError) -> tuple[int, dict]:
+    """503 when the database is locked by another process or no longer the file opened; else 500."""
+    problem = store.moved() or (exc.problem if isinstance(exc, StoreError) else database_problem(store.path, exc))
+    if problem == "locked":
+        return 503, ApiError(503, "database busy", HINTS["database busy"]).body()
+    if problem in ("deleted", "replaced"):
+        return 503, ApiError(503, "database unavailable", HINTS["database unavailable"]).body()
+    log.exception("ingest failed: %s", exc if isinstance(exc, StoreError) else store.error_for(exc))
+    return 500, ApiError(500, "internal error", HINTS["internal error"]).body()
 
 
 def _outcome_word(body: dict[str, Any]) -> str | None:
@@ -1468,7 +1655,8 @@ def get_store() -> Store:
     if "mmoref" not in extensions:
         with _store_lock:
             if "mmoref" not in extensions:
-                extensions["mmoref"] = Store(current_app.config["MMOREF_DB"], current_app.config["MMOREF_SYNCHRONOUS"])
+                extensions["mmoref"] = Store(current_app.config["MMOREF_DB"], current_app.config["MMOREF_SYNCHRONOUS"],
+                                             busy_timeout=REQUEST_BUSY_TIMEOUT)
     return extensions["mmoref"]
 
 
@@ -1525,7 +1713,10 @@ def ingest() -> Any:
     config = current_app.config
     status, body = handle_ingest(get_store(), raw_body, request.headers.get(SIGNATURE_HEADER),
                                  window=config["MMOREF_REPLAY_WINDOW"], ttl=config["MMOREF_TOKEN_TTL"])
-    return json_response(body, status)
+    response = json_response(body, status)
+    if status == 503:
+        response.headers["Retry-After"] = str(RETRY_AFTER_SECONDS)
+    return response
 
 
 NOT_FOUND_PAGE = ("<!doctype html><meta charset=utf-8><title>Link not found</title>"
@@ -1564,12 +1755,15 @@ def _with_query(url: str, **params: str) -> str:
 
 @blueprint.get("/healthz")
 def healthz() -> Any:
+    """200 when the database can take writes; else 503 with the cause. Never waits for the write lock."""
     try:
-        get_store().check()
-    except (sqlite3.Error, StoreError):
-        return json_response({"ok": False, "error": "database unavailable",
-                              "hint": "check that the database file exists and is readable"}, 503)
-    return json_response({"ok": True})
+        problem = get_store().health()
+    except StoreError as exc:  # the database could not even be opened
+        problem = exc
+    if problem is None:
+        return json_response({"ok": True})
+    return json_response({"ok": False, "error": "database unavailable", "reason": problem.problem,
+                          "hint": str(problem)}, 503)
 
 
 # Dashboard views (docs/contract.md §4, §6) ###################################
@@ -2075,6 +2269,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     app.session_interface = _SessionInterface()
     app.register_blueprint(blueprint)
     app.add_url_rule("/", "home", _home)
+    _log_through_gunicorn()
     with app.app_context():
         store = get_store()  # create or migrate the schema now; refuse a newer database at start-up
         if not app.config.get("SECRET_KEY"):  # per installation, never a constant
@@ -2087,6 +2282,20 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
 def _home() -> Any:
     """The standalone server's `/`: its dashboard (an app embedding the blueprint keeps its own `/`)."""
     return redirect(url_for("mmoref.dashboard.index"))
+
+
+def _log_through_gunicorn() -> None:
+    """Under gunicorn, write the "mmoref" log lines to its error log at its --log-level.
+
+    gunicorn gives only its own loggers handlers; ours would reach an unconfigured root logger
+    and its INFO lines (one per ingest request) would vanish. `serve` configures the root
+    logger itself, and an app that embeds the blueprint keeps its own logging configuration.
+    """
+    gunicorn_log = logging.getLogger("gunicorn.error")
+    if gunicorn_log.handlers and not log.handlers:
+        log.handlers[:] = gunicorn_log.handlers
+        log.setLevel(gunicorn_log.level)
+        log.propagate = False
 
 
 class _ForwardedByTrustedProxy:
@@ -2152,9 +2361,28 @@ class _OneLineErrors(click.Group):
         sys.exit(result if isinstance(result, int) else 0)
 
 
-def _open_store(db_path: str | None) -> Store:
+def _open_store(db_path: str | None, create: bool = False) -> Store:
+    """The command's database; only commands that set an installation up (`create`) may make one."""
     settings = load_settings()
-    return Store(db_path or settings["MMOREF_DB"], settings["MMOREF_SYNCHRONOUS"])
+    path = db_path or settings["MMOREF_DB"]
+    if not create and not os.path.exists(path):
+        raise ConfigError(f"no database at {os.path.abspath(path)}: pass --db or set MMOREF_DB")
+    return Store(path, settings["MMOREF_SYNCHRONOUS"])
+
+
+def _known_server(store: Store, server_id: str) -> None:
+    """Refuse a server id the database lacks, naming the database looked in."""
+    if store.server(server_id) is None:
+        raise ConfigError(f"unknown server {server_id!r} in {os.path.abspath(store.path)}: "
+                          "check the id, or pass --db with the right database")
+
+
+def set_password_command_line(db_path: str) -> str:
+    """How to run set-password on this database: with --db unless it is ./referrals.db."""
+    command = "python mmoref_server.py set-password"
+    if os.path.abspath(db_path) == os.path.abspath(SETTINGS["MMOREF_DB"][1]):
+        return command
+    return f"{command} --db {shlex.quote(os.path.abspath(db_path))}"
 
 
 def _db_option(command: Callable) -> Callable:
@@ -2333,10 +2561,11 @@ def _login_lines(app: Flask) -> list[str]:
         return ["  login      the password in MMOREF_ADMIN_PASSWORD"]
     store = app.extensions["mmoref"]
     if store.admin_password_hash():
-        return ["  login      your dashboard password (change it: python mmoref_server.py set-password)"]
+        return [f"  login      your dashboard password (change it: {set_password_command_line(store.path)})"]
     password = secrets.token_urlsafe(12)
     store.set_admin_password(password)
-    return [f"  login      password {password}   (shown once, stored hashed; change it with set-password)"]
+    return [f"  login      password {password}   (shown once, stored hashed; change it with "
+            f"{set_password_command_line(store.path)})"]
 
 
 @cli.command("set-password")
@@ -2345,7 +2574,7 @@ def _login_lines(app: Flask) -> list[str]:
               help="the new password (prompted for when omitted)")
 def set_password_command(db_path: str | None, password: str) -> None:
     """Set the dashboard password (stored as a salted hash); logs every session out."""
-    _open_store(db_path).set_admin_password(password)
+    _open_store(db_path, create=True).set_admin_password(password)
     click.echo("dashboard password changed")
 
 
@@ -2360,7 +2589,8 @@ def set_password_command(db_path: str | None, password: str) -> None:
 def add_server_command(server_id: str, game: str, name: str, registration_url: str | None, identity_field: str,
                        db_path: str | None, as_json: bool) -> None:
     """Create a server with referrals enabled; print its first secret once."""
-    secret, kid = _open_store(db_path).add_server(server_id, game, name, registration_url, identity_field)
+    secret, kid = _open_store(db_path, create=True).add_server(server_id, game, name, registration_url,
+                                                               identity_field)
     _emit(as_json, {"server_id": server_id, "game": game, "secret": secret, "kid": kid},
           f"server {server_id} created (game {game}), referrals enabled\n"
           f"signing secret (shown once, store it in your game server's config):\n  {secret}\nkid: {kid}")
@@ -2374,7 +2604,9 @@ def add_server_command(server_id: str, game: str, name: str, registration_url: s
 @_json_option
 def rotate_secret_command(server_id: str, grace: int, db_path: str | None, as_json: bool) -> None:
     """Make a new signing secret; print it once."""
-    secret, kid = _open_store(db_path).rotate_secret(server_id, grace)
+    store = _open_store(db_path)
+    _known_server(store, server_id)
+    secret, kid = store.rotate_secret(server_id, grace)
     previous = "revoked now" if grace == 0 else f"valid for {grace} more seconds"
     _emit(as_json, {"secret": secret, "kid": kid},
           f"new signing secret (shown once):\n  {secret}\nkid: {kid}\nprevious secret: {previous}")
@@ -2387,7 +2619,9 @@ def rotate_secret_command(server_id: str, grace: int, db_path: str | None, as_js
 @_json_option
 def mint_token_command(server_id: str, code: str, db_path: str | None, as_json: bool) -> None:
     """Mint an mmref token as if the share link were followed."""
-    token, referral_id = _open_store(db_path).mint_referral(server_id, code)
+    store = _open_store(db_path)
+    _known_server(store, server_id)
+    token, referral_id = store.mint_referral(server_id, code)
     _emit(as_json, {"token": token, "referral_id": referral_id}, f"token: {token}\nreferral: {referral_id}")
 
 
@@ -2399,11 +2633,10 @@ def mint_token_command(server_id: str, code: str, db_path: str | None, as_json: 
 def log_command(server_id: str, limit: int, db_path: str | None, as_json: bool) -> None:
     """Print the delivery log, newest first."""
     store = _open_store(db_path)
-    if store.server(server_id) is None:
-        raise ConfigError(f"unknown server {server_id!r}")
+    _known_server(store, server_id)
     rows = [{"id": r["id"], "event": r["event"], "state": r["state"], "outcome": r["outcome"],
              "server_event_id": r["server_event_id"], "received_at": iso_utc(r["received_at"]),
-             "referral_id": r["referral_id"]} for r in store.delivery_log(server_id, limit)]
+             "referral_id": r["referral_id"], "ts": r["ts"]} for r in store.delivery_log(server_id, limit)]
     if as_json:
         click.echo(json.dumps(rows))
         return
@@ -2419,7 +2652,11 @@ def _owner_command(action: str) -> Callable:
     @_json_option
     @click.argument("referral_id")
     def owner_action_command(referral_id: str, db_path: str | None, as_json: bool) -> None:
-        state = owner_action(_open_store(db_path), referral_id, action)
+        store = _open_store(db_path)
+        try:
+            state = owner_action(store, referral_id, action)
+        except ConfigError as exc:
+            raise ConfigError(f"{exc} (database {os.path.abspath(store.path)})") from None
         _emit(as_json, {"referral_id": referral_id, "state": state}, f"{referral_id} is now {state}")
     owner_action_command.__doc__ = f"{action.capitalize()} a referral as the owner (logged as an owner action)."
     return cli.command(action)(owner_action_command)
@@ -2654,7 +2891,7 @@ TEMPLATES = jinja2.Environment(autoescape=True, trim_blocks=True, lstrip_blocks=
   <p class="error" role="alert">{{ error }}</p>
   {% endif %}
   {% if no_password %}
-  <p class="error">No dashboard password is set yet: run <code>python mmoref_server.py set-password</code>
+  <p class="error">No dashboard password is set yet: run <code>{{ set_password_command() }}</code>
     or set <code>MMOREF_ADMIN_PASSWORD</code>.</p>
   {% endif %}
   <form method="post">
@@ -3186,6 +3423,8 @@ TEMPLATES = jinja2.Environment(autoescape=True, trim_blocks=True, lstrip_blocks=
 {% endblock %}
 """,
 }))
+# the hint on the login page names this app's database when it is not ./referrals.db
+TEMPLATES.globals["set_password_command"] = lambda: set_password_command_line(current_app.config["MMOREF_DB"])
 
 
 # main ########################################################################
