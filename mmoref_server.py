@@ -26,6 +26,7 @@ import os
 import re
 import secrets
 import select
+import shlex
 import sqlite3
 import sys
 import threading
@@ -35,6 +36,7 @@ import urllib.parse
 import urllib.request
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, TypeVar
 
 import click
@@ -61,7 +63,7 @@ from werkzeug.exceptions import RequestEntityTooLarge
 from werkzeug.middleware.proxy_fix import ProxyFix
 from werkzeug.security import check_password_hash, generate_password_hash
 
-__version__ = "1.0.0"
+__version__ = "1.1.0"
 log = logging.getLogger("mmoref")
 
 
@@ -93,10 +95,16 @@ def _boolean(raw: str) -> bool:
         raise ValueError(f"one of {', '.join(_BOOLEANS)}") from None
 
 
-def _synchronous_mode(raw: str) -> str:
-    if raw.strip().upper() not in ("FULL", "NORMAL", "EXTRA"):
-        raise ValueError("FULL, NORMAL or EXTRA")
-    return raw.strip().upper()
+def _one_of(*choices: str) -> Callable[[str], str]:
+    """A parser for one of `choices`, in any case; it returns the choice as written here."""
+    accepted = f"{', '.join(choices[:-1])} or {choices[-1]}"
+
+    def parse(raw: str) -> str:
+        for choice in choices:
+            if raw.strip().lower() == choice.lower():
+                return choice
+        raise ValueError(accepted)
+    return parse
 
 
 def _ip_addresses(raw: str) -> tuple[str, ...]:
@@ -114,11 +122,13 @@ SETTINGS: dict[str, tuple[Callable[[str], Any], Any, str]] = {
     "MMOREF_PORT": (_whole_number(1, 65535), 5000, "port `serve` listens on"),
     "MMOREF_REPLAY_WINDOW": (_whole_number(1), 300, "seconds a signature timestamp may be off, past or future"),
     "MMOREF_TOKEN_TTL": (_whole_number(1), 90 * 24 * 3600, "seconds an mmref token (and a clicked referral) lives"),
-    "MMOREF_SYNCHRONOUS": (_synchronous_mode, "FULL", "SQLite synchronous mode: FULL (durable) or NORMAL"),
+    "MMOREF_SYNCHRONOUS": (_one_of("FULL", "NORMAL", "EXTRA"), "FULL",
+                           "SQLite synchronous mode: FULL (durable) or NORMAL"),
     "MMOREF_TRUST_PROXY": (_boolean, False, "trust X-Forwarded-* headers from MMOREF_TRUSTED_PROXY"),
     "MMOREF_TRUSTED_PROXY": (_ip_addresses, ("127.0.0.1", "::1"), "the proxy's address(es), as mmoref sees them"),
     "MMOREF_ADMIN_PASSWORD": (str, None, "dashboard password (else generated on first run)"),
     "MMOREF_THREADS": (_whole_number(1, 1000), 8, "waitress worker threads"),
+    "MMOREF_LOG_FORMAT": (_one_of("text", "json"), "text", "`serve`'s log lines: text, or json (one object a line)"),
 }
 MAX_BODY_BYTES = 64 * 1024          # larger bodies get 413
 MAX_FIELD_CHARS = 256               # string fields, after trimming
@@ -179,6 +189,15 @@ def check_name(kind: str, value: str) -> str:
     return value
 
 
+def check_path_segment(kind: str, value: str) -> str:
+    """A server id or game, which dashboard URLs carry as a path segment: a name, and not only dots
+    (browsers drop a `.` or `..` segment, so its pages could never be reached)."""
+    check_name(kind, value)
+    if not value.strip("."):
+        raise ConfigError(f"{kind} {value!r} must not be only dots: browsers drop such a part of a URL")
+    return value
+
+
 # Errors and hints ############################################################
 # ApiError is every refused ingest request: one handler turns it into JSON. HINTS teach
 # the fix; the other exceptions say what the sender, the database or the owner must fix.
@@ -195,11 +214,12 @@ class ApiError(Exception):
                  server_id: str | None = None, **extra: Any):
         super().__init__(error)
         self.status, self.error, self.hint, self.extra = status, error, hint, extra
-        self.diagnosis = diagnosis    # for mac_mismatch: why it probably failed (the hint says it too)
+        self.diagnosis = diagnosis    # for mac_mismatch: why it probably failed (the answer's hint ends with it)
         self.server_id = server_id    # the known server the refused request names: whose list it goes to
 
     def body(self) -> dict[str, Any]:
-        return {"ok": False, "error": self.error, "hint": self.hint, **self.extra}
+        hint = f"{self.hint} ({self.diagnosis})" if self.diagnosis else self.hint
+        return {"ok": False, "error": self.error, "hint": hint, **self.extra}
 
 
 HINTS = {
@@ -225,9 +245,14 @@ HINTS = {
     "other referee": "this token already anchors another referee_identity; one token refers one player",
     "method not allowed": "POST the event as JSON",
     "internal error": "the server failed; retry later with the same server_event_id (it is idempotent)",
-    "database unavailable": ("the database is unreachable for now; retry in a few seconds with the same"
+    "database busy": ("another process holds the database's write lock; retry in a few seconds"
+                      " with the same server_event_id (it is idempotent)"),
+    "database unavailable": ("the database file was deleted or replaced while the server was running;"
+                             " the owner must restart it. Retry later with the same server_event_id"),
+    "database unreachable": ("the database server is unreachable for now; retry in a few seconds with the same"
                              " server_event_id (it is idempotent)"),
 }
+RETRY_AFTER_SECONDS = 5   # the Retry-After of a 503
 
 
 class SignatureError(Exception):
@@ -243,11 +268,12 @@ class SignatureError(Exception):
 
 
 class StoreError(Exception):
-    """The database cannot be used as it is; the message says why."""
+    """The database cannot be used as it is; the message says why and `problem` names the cause
+    (one of DATABASE_PROBLEMS, or "unusable")."""
 
-
-class StoreUnavailable(StoreError):
-    """The database server cannot be reached now (PostgreSQL down or restarting): retry later."""
+    def __init__(self, message: str, problem: str = "unusable"):
+        super().__init__(message)
+        self.problem = problem
 
 
 class ConfigError(Exception):
@@ -417,6 +443,7 @@ def mask(value: str | None, keep_start: int = 4, keep_end: int = 0) -> str:
 # statement of the server is in this section. Statements are written once, with ?
 # placeholders, where the dialects agree; the schema and the few statements that differ
 # are per engine. Rows are mappings by column name.
+
 MIGRATIONS: list[list[str]] = [
     [  # v1: servers, secrets, referrals, anchors, delivery log, rejected requests
         "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
@@ -495,13 +522,22 @@ MIGRATIONS: list[list[str]] = [
         # a second click by the same referrer: its token follows the referee's anchored referral
         "ALTER TABLE referrals ADD COLUMN anchor_referral_id TEXT",
     ],
+    [  # v4: the dashboard's test tokens, and rotations made once per form submission
+        # a referral minted by the dashboard's "Mint a test token": left out of every counter
+        "ALTER TABLE referrals ADD COLUMN test INTEGER NOT NULL DEFAULT 0",
+        # the rotate form's one-time value: a re-sent form finds its rotation instead of rotating again
+        "ALTER TABLE secrets ADD COLUMN rotation_nonce TEXT",
+        "CREATE UNIQUE INDEX secrets_by_rotation_nonce ON secrets (server_id, rotation_nonce)",
+        # when the dashboard showed the secret (its one time); NULL: not shown there yet
+        "ALTER TABLE secrets ADD COLUMN revealed_at INTEGER",
+    ],
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 COUNTED = ("clicked", "registered", "qualified", "reversed")
 
 Row = Mapping[str, Any]  # a row by column name (Row, or a dict from psycopg)
 
-# PostgreSQL: the same tables, created at once (PostgreSQL support began at schema v3).
+# PostgreSQL: the same tables, created at once (PostgreSQL support began at schema v4).
 # Each later version adds its statements to both MIGRATIONS and POSTGRES_MIGRATIONS.
 POSTGRES_SCHEMA: list[str] = [
     "CREATE TABLE schema_version (version INTEGER NOT NULL)",
@@ -513,12 +549,15 @@ POSTGRES_SCHEMA: list[str] = [
     # rowid: the creation order, which SQLite keeps implicitly (secrets made in one second)
     """CREATE TABLE secrets (
         kid TEXT PRIMARY KEY, server_id TEXT NOT NULL, secret TEXT NOT NULL,
-        created_at BIGINT NOT NULL, expires_at BIGINT, rowid BIGSERIAL NOT NULL)""",
+        created_at BIGINT NOT NULL, expires_at BIGINT, rowid BIGSERIAL NOT NULL,
+        rotation_nonce TEXT, revealed_at BIGINT)""",
     "CREATE INDEX secrets_by_server ON secrets (server_id, created_at)",
+    "CREATE UNIQUE INDEX secrets_by_rotation_nonce ON secrets (server_id, rotation_nonce)",
     """CREATE TABLE referrals (
         referral_id TEXT PRIMARY KEY, server_id TEXT NOT NULL, referrer_code TEXT NOT NULL,
         state TEXT NOT NULL, referee_identity TEXT, issued_at BIGINT NOT NULL,
-        updated_at BIGINT NOT NULL, ip_hash TEXT, user_agent TEXT, anchor_referral_id TEXT)""",
+        updated_at BIGINT NOT NULL, ip_hash TEXT, user_agent TEXT, anchor_referral_id TEXT,
+        test INTEGER NOT NULL DEFAULT 0)""",
     "CREATE INDEX referrals_by_server ON referrals (server_id, issued_at)",
     """CREATE TABLE anchors (
         server_id TEXT NOT NULL, referee_identity TEXT NOT NULL, referral_id TEXT NOT NULL,
@@ -547,8 +586,8 @@ POSTGRES_SCHEMA: list[str] = [
         registered INTEGER NOT NULL DEFAULT 0, qualified INTEGER NOT NULL DEFAULT 0,
         reversed INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (server_id, referrer_code))""",
 ]
-POSTGRES_SCHEMA_VERSION = 3
-POSTGRES_MIGRATIONS: dict[int, list[str]] = {}  # version: its statements, for every version after 3
+POSTGRES_SCHEMA_VERSION = 4
+POSTGRES_MIGRATIONS: dict[int, list[str]] = {}  # version: its statements, for every version after 4
 assert sorted(POSTGRES_MIGRATIONS) == list(range(POSTGRES_SCHEMA_VERSION + 1, SCHEMA_VERSION + 1)), \
     "every migration needs its PostgreSQL form"
 # What copy-db moves (every table), parents first, each in an order that keeps ids and ties
@@ -572,6 +611,73 @@ def database_label(location: str) -> str:
         return location
     return urllib.parse.urlunsplit(parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", ":…@", 1)))
 
+# How long a write waits for another process's write lock (the sqlite3 shell, a backup, a
+# stuck worker): a request answers 503 "database busy" after REQUEST_BUSY_TIMEOUT instead of
+# holding its thread; a CLI command can afford to wait longer.
+REQUEST_BUSY_TIMEOUT = 3
+CLI_BUSY_TIMEOUT = 30
+HEALTH_READ_TIMEOUT_MS = 500     # /healthz reads with this busy timeout; it never takes the write lock
+LOW_DISK_BYTES = 1024 * 1024     # less free space than this on the database's filesystem: "disk full"
+LOCKED_REMEMBERED_SECONDS = 10   # /healthz reports a write that found the database locked for this long
+
+# The causes the owner must fix, each with the words SQLite uses for it and the one line
+# that says what to do. "deleted" and "replaced" are found by comparing the file's identity.
+DATABASE_PROBLEMS: dict[str, tuple[str | None, str]] = {
+    "locked": ("database is locked", "{path} is locked by another process (the sqlite3 shell, a backup,"
+                                     " another server?): wait for it or stop it"),
+    "read-only": ("readonly database", "{path} cannot be written (read-only file, folder or filesystem): mmoref"
+                                       " writes it and creates its -wal and -shm files next to it;"
+                                       " fix the permissions or the mount"),
+    "disk full": ("database or disk is full", "the disk holding {path} is full: free some space"),
+    "malformed": ("malformed", "{path} is damaged ({detail}): stop the server and restore a backup"),
+    "not a database": ("not a database", "{path} is not a usable SQLite database ({detail}):"
+                                         " pass --db with the right file or set MMOREF_DB"),
+    "deleted": (None, "{path} was deleted while the server was running: restore it, then restart the server"),
+    "replaced": (None, "{path} was replaced while the server was running: restart the server"
+                       " (stop the server before restoring a database)"),
+}
+
+
+def _file_identity(path: str) -> tuple[int, int] | None:
+    """(device, inode) of the file at `path`, None when there is none."""
+    try:
+        found = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return found.st_dev, found.st_ino
+
+
+def _cannot_write(path: str) -> bool:
+    """The file, its folder or its filesystem refuses writes (the -wal and -shm files go in the folder)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.access(path, os.W_OK) or not os.access(folder, os.W_OK):
+        return True
+    return hasattr(os, "statvfs") and bool(os.statvfs(folder).f_flag & os.ST_RDONLY)
+
+
+def _low_on_disk(path: str) -> bool:
+    if not hasattr(os, "statvfs"):
+        return False
+    found = os.statvfs(os.path.dirname(os.path.abspath(path)))
+    return found.f_bavail * found.f_frsize < LOW_DISK_BYTES
+
+
+def database_problem(path: str, exc: sqlite3.Error) -> str:
+    """Which of DATABASE_PROBLEMS an SQLite error means ("unusable" when none)."""
+    message = str(exc)
+    for problem, (words, _) in DATABASE_PROBLEMS.items():
+        if words and words in message:
+            return problem
+    if path != ":memory:" and _cannot_write(path):  # "unable to open database file", and the like
+        return "read-only"
+    return "unusable"
+
+
+def database_error(path: str, problem: str, detail: str = "") -> StoreError:
+    """A StoreError whose message is one line: which file, what is wrong, what to do."""
+    _, advice = DATABASE_PROBLEMS.get(problem, (None, "{path} cannot be used ({detail})"))
+    return StoreError(advice.format(path=os.path.abspath(path), detail=detail), problem)
+
 
 def _create_private_file(path: str) -> None:
     """Create the database file owner-only (0600) before SQLite touches it."""
@@ -580,7 +686,10 @@ def _create_private_file(path: str) -> None:
     directory = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(directory):
         raise StoreError(f"cannot create {path}: folder {directory} does not exist")
-    os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
+    try:
+        os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
+    except OSError as exc:
+        raise database_error(path, "read-only" if _cannot_write(path) else "unusable", exc.strerror) from None
 
 
 T = TypeVar("T")
@@ -616,6 +725,10 @@ class Transaction:
     def server_exists(self, server_id: str) -> bool:
         return self.db.execute("SELECT 1 FROM servers WHERE server_id = ?", (server_id,)).fetchone() is not None
 
+    def lock_server(self, server_id: str) -> bool:
+        """Whether the server exists; on PostgreSQL its row stays locked until the transaction ends."""
+        return self.server_exists(server_id)
+
     def referral(self, referral_id: str) -> Row | None:
         return self.db.execute("SELECT * FROM referrals WHERE referral_id = ?", (referral_id,)).fetchone()
 
@@ -648,14 +761,15 @@ class Transaction:
                         (state, at, referee_identity, referral_id))
 
     def insert_referral(self, server_id: str, referrer_code: str, issued_at: int,
-                        ip_hash: str | None = None, user_agent: str | None = None) -> str:
-        """Write one clicked referral (and its click counters); return its new id."""
+                        ip_hash: str | None = None, user_agent: str | None = None, test: bool = False) -> str:
+        """Write one clicked referral (and, unless it is a test, its click counters); return its new id."""
         referral_id = "ref_" + secrets.token_urlsafe(9)
         self.db.execute("INSERT INTO referrals (referral_id, server_id, referrer_code, state, issued_at,"
-                        " updated_at, ip_hash, user_agent) VALUES (?, ?, ?, 'clicked', ?, ?, ?, ?)",
+                        " updated_at, ip_hash, user_agent, test) VALUES (?, ?, ?, 'clicked', ?, ?, ?, ?, ?)",
                         (referral_id, server_id, referrer_code, issued_at, issued_at, ip_hash,
-                         (user_agent or "")[:200] or None))
-        self.count(server_id, referrer_code, "clicked", issued_at)
+                         (user_agent or "")[:200] or None, int(test)))
+        if not test:
+            self.count(server_id, referrer_code, "clicked", issued_at)
         return referral_id
 
     def log_delivery(self, referral: Row, event: str, outcome: str, at: int, *,
@@ -683,21 +797,20 @@ class Store:
     """Every read and write of the server; `Store(location)` opens the engine the location names.
 
     A path opens SQLiteStore, a postgresql:// URL PostgresStore. The statements here are
-    shared; each engine supplies connections, transactions, the schema and its few
+    shared; each engine supplies connections, transactions, health, the schema and its few
     differing statements.
     """
 
     NULL_SAFE_EQUAL = "IS"          # `a IS b`: equal, NULL equal to NULL
     CONFLICTS: tuple[type[BaseException], ...] = ()   # errors after which a write is tried again
-    UNAVAILABLE_HINT = ""           # /healthz's hint when the database cannot be used
     TRANSACTION: type[Transaction] = Transaction
 
-    def __new__(cls, location: str, synchronous: str = "FULL") -> Store:
+    def __new__(cls, location: str, *args: Any, **kwargs: Any) -> Store:
         if cls is Store:
             cls = PostgresStore if is_postgres_url(location) else SQLiteStore
         return super().__new__(cls)
 
-    def __init__(self, location: str, synchronous: str = "FULL"):
+    def __init__(self, location: str):
         self.location = location
         self._keys: dict[str, str] = {}
 
@@ -713,6 +826,14 @@ class Store:
 
     def group_commit(self, work: Callable[[Transaction], T]) -> T:
         """Run `work(transaction)` in a write transaction; return its result."""
+        raise NotImplementedError
+
+    def health(self) -> StoreError | None:
+        """What keeps this database from taking writes now, found quickly."""
+        raise NotImplementedError
+
+    def problem_of(self, exc: Exception) -> str:
+        """Which problem (a DATABASE_PROBLEMS key, "unreachable" or "unusable") a failed request ran into."""
         raise NotImplementedError
 
     def close(self) -> None:
@@ -758,8 +879,8 @@ class Store:
     def add_server(self, server_id: str, game: str, name: str = "", registration_url: str | None = None,
                    identity_field: str = "username") -> tuple[str, str]:
         """Create a server with referrals enabled; return its first (secret, kid)."""
-        check_name("server id", server_id)
-        check_name("game", game)
+        check_path_segment("server id", server_id)
+        check_path_segment("game", game)
         if registration_url:
             registration_url = check_registration_url(registration_url)
         if identity_field not in IDENTITY_FIELDS:
@@ -786,12 +907,33 @@ class Store:
         if grace < 0:
             raise ConfigError("grace must be 0 (revoke now) or a positive number of seconds")
         with self.transaction() as transaction:
-            if not transaction.server_exists(server_id):
+            if not transaction.lock_server(server_id):
                 raise ConfigError(f"unknown server {server_id!r}")
             return self._new_secret(transaction.db, server_id, grace)
 
+    def rotate_secret_once(self, server_id: str, grace: int, nonce: str) -> tuple[str, bool]:
+        """Rotate unless a rotation with this form's `nonce` was made: (its kid, whether it is new).
+
+        The nonce is written with the new secret in the same transaction, so a form sent twice,
+        by two clicks or two worker processes, rotates once."""
+        with self.transaction() as transaction:
+            if not transaction.lock_server(server_id):
+                raise ConfigError(f"unknown server {server_id!r}")
+            made = transaction.db.execute("SELECT kid FROM secrets WHERE server_id = ? AND rotation_nonce = ?",
+                                          (server_id, nonce)).fetchone()
+            if made is not None:
+                return made["kid"], False
+            return self._new_secret(transaction.db, server_id, grace, nonce)[1], True
+
+    def reveal_secret(self, server_id: str, kid: str) -> str | None:
+        """The secret `kid` names the first time the dashboard asks for it; None ever after."""
+        with self._writing() as db:
+            rows = db.execute("UPDATE secrets SET revealed_at = ? WHERE server_id = ? AND kid = ?"
+                              " AND revealed_at IS NULL RETURNING secret", (now(), server_id, kid)).fetchall()
+        return rows[0]["secret"] if rows else None
+
     @staticmethod
-    def _new_secret(db: Any, server_id: str, grace: int) -> tuple[str, str]:
+    def _new_secret(db: Any, server_id: str, grace: int, nonce: str | None = None) -> tuple[str, str]:
         at = now()
         # at most two live secrets: one still in its grace period is revoked now
         db.execute("UPDATE secrets SET expires_at = ? WHERE server_id = ? AND expires_at > ?",
@@ -799,8 +941,8 @@ class Store:
         db.execute("UPDATE secrets SET expires_at = ? WHERE server_id = ? AND expires_at IS NULL",
                    (at + grace, server_id))
         secret, kid = "mmsk_" + secrets.token_urlsafe(32), "k_" + secrets.token_hex(4)
-        db.execute("INSERT INTO secrets (kid, server_id, secret, created_at) VALUES (?, ?, ?, ?)",
-                   (kid, server_id, secret, at))
+        db.execute("INSERT INTO secrets (kid, server_id, secret, created_at, rotation_nonce) VALUES (?, ?, ?, ?, ?)",
+                   (kid, server_id, secret, at, nonce))
         return secret, kid
 
     def set_secret(self, server_id: str, secret: str) -> None:
@@ -833,15 +975,16 @@ class Store:
     # referrals
 
     def mint_referral(self, server_id: str, referrer_code: str, ip_hash: str | None = None,
-                      user_agent: str | None = None, issued_at: int | None = None) -> tuple[str, str]:
-        """Record a click and return (token, referral_id)."""
+                      user_agent: str | None = None, issued_at: int | None = None,
+                      test: bool = False) -> tuple[str, str]:
+        """Record a click and return (token, referral_id); a `test` one is left out of analytics."""
         check_name("referrer code", referrer_code)
         issued_at = now() if issued_at is None else issued_at
 
         def click(transaction: Transaction) -> str:
             if not transaction.server_exists(server_id):
                 raise ConfigError(f"unknown server {server_id!r}")
-            return transaction.insert_referral(server_id, referrer_code, issued_at, ip_hash, user_agent)
+            return transaction.insert_referral(server_id, referrer_code, issued_at, ip_hash, user_agent, test)
 
         referral_id = self.group_commit(click)
         return mint_token(self.token_key, server_id, referral_id, issued_at), referral_id
@@ -918,10 +1061,6 @@ class Store:
             "SELECT day, clicked, registered, qualified FROM daily_counts WHERE server_id = ? AND day >= ?",
             (server_id, first_day))}
 
-    def check(self) -> None:
-        """Read the database once; raise StoreError (or sqlite3.Error) when it cannot be used."""
-        self._one("SELECT count(*) AS n FROM meta")
-
     # dashboard password
 
     def admin_password_hash(self) -> str | None:
@@ -964,11 +1103,11 @@ class Store:
         """Every row of one of COPIED_TABLES, in the order copy-db inserts them."""
         return self._all(f"SELECT * FROM {table} ORDER BY {COPIED_TABLES[table]}")
 
-    def insert_rows(self, table: str, rows: Sequence[Mapping[str, Any]]) -> None:
+    def insert_rows(self, table: str, rows: Sequence[Row]) -> None:
         """Insert rows as they were read from another store (the same schema version)."""
         with self._writing() as db:
             for row in rows:
-                columns = list(row.keys())  # (iterating a sqlite3.Row gives its values)
+                columns = list(row.keys())  # (iterating a Row gives its values)
                 db.execute(f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})",
                            tuple(row[column] for column in columns))
             self._after_insert_rows(db, table)
@@ -978,23 +1117,36 @@ class Store:
 
 
 class SQLiteStore(Store):
-    """The default engine: one SQLite file, WAL, one connection per thread (and per process,
-    for forking servers). Writers use BEGIN IMMEDIATE, so the UNIQUE constraints and the
+    """The default engine: one SQLite file, WAL, one connection per thread (and per process, for
+    forking servers). Writers use BEGIN IMMEDIATE, so the UNIQUE constraints and the
     read-then-write checks hold across threads and worker processes."""
 
     CONFLICTS = (sqlite3.IntegrityError,)
-    UNAVAILABLE_HINT = "check that the database file exists and is readable"
 
-    def __init__(self, path: str, synchronous: str = "FULL"):
-        super().__init__(path, synchronous)
+    def __init__(self, path: str, synchronous: str = "FULL", busy_timeout: float = CLI_BUSY_TIMEOUT):
+        """Open (creating when missing), check and migrate the database; a StoreError says what is wrong."""
+        super().__init__(path)
         self.path = path
         self.synchronous = synchronous.upper()
+        self.busy_timeout = busy_timeout
         self._local = threading.local()
         self._pid = os.getpid()
         self._queue: list[_Pending] = []
         self._queue_lock, self._commit_lock = threading.Lock(), threading.Lock()
+        self._write_failure: tuple[str, float] | None = None   # (problem, monotonic time) of the last write
         _create_private_file(path)
-        self._migrate()
+        self._identity = None if path == ":memory:" else _file_identity(path)
+        # mode=rw: a deleted file is never silently re-created empty by a new thread's connection
+        self._uri = "file::memory:" if path == ":memory:" else Path(os.path.abspath(path)).as_uri() + "?mode=rw"
+        try:
+            self._quick_check()
+            self._migrate()
+        except sqlite3.Error as exc:
+            raise self.error_for(exc) from None
+
+    def error_for(self, exc: sqlite3.Error) -> StoreError:
+        """The one-line StoreError for an SQLite error on this database."""
+        return database_error(self.path, database_problem(self.path, exc), str(exc))
 
     # connections and transactions
 
@@ -1005,12 +1157,11 @@ class SQLiteStore(Store):
         db = getattr(self._local, "db", None)
         if db is None:
             try:
-                db = sqlite3.connect(self.path, isolation_level=None, timeout=30)
+                db = sqlite3.connect(self._uri, uri=True, isolation_level=None, timeout=self.busy_timeout)
                 db.row_factory = sqlite3.Row
-                db.execute("PRAGMA journal_mode = WAL")
                 db.execute(f"PRAGMA synchronous = {self.synchronous}")
             except sqlite3.DatabaseError as exc:
-                raise StoreError(f"{self.path} is not a usable SQLite database ({exc})") from None
+                raise self.error_for(exc) from None
             self._local.db = db
         return db
 
@@ -1027,16 +1178,43 @@ class SQLiteStore(Store):
 
     @contextlib.contextmanager
     def _writing(self) -> Iterator[sqlite3.Connection]:
-        """BEGIN IMMEDIATE ... COMMIT, rolled back on any exception (a failed COMMIT too)."""
+        """BEGIN IMMEDIATE ... COMMIT, rolled back on any exception (a failed COMMIT too).
+
+        Nothing is committed into a file the path no longer names (one os.stat, ~1 µs): a
+        restore by `mv` or a deletion while serving gets StoreError "replaced"/"deleted".
+        """
         db = self.connect()
-        db.execute("BEGIN IMMEDIATE")
         try:
-            yield db
-            db.execute("COMMIT")
-        except BaseException:
-            if db.in_transaction:  # SQLite may already have rolled back after an I/O error
-                db.execute("ROLLBACK")
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                yield db
+                self._refuse_moved_file()
+                db.execute("COMMIT")
+            except BaseException:
+                if db.in_transaction:  # SQLite may already have rolled back after an I/O error
+                    db.execute("ROLLBACK")
+                raise
+        except sqlite3.Error as exc:
+            if not isinstance(exc, sqlite3.IntegrityError):  # a constraint is the caller's business
+                self._write_failure = (database_problem(self.path, exc), time.monotonic())
             raise
+        self._write_failure = None
+
+    def moved(self) -> str | None:
+        """"deleted" or "replaced" when the path no longer names the file opened at start, else None."""
+        if self._identity is None:
+            return None
+        identity = _file_identity(self.path)
+        if identity == self._identity:
+            return None
+        return "deleted" if identity is None else "replaced"
+
+    def _refuse_moved_file(self) -> None:
+        moved = self.moved()
+        if moved:
+            error = database_error(self.path, moved)
+            log.error("%s", error)
+            raise error
 
     def group_commit(self, work: Callable[[Transaction], T]) -> T:
         """Run `work(transaction)` in a write transaction shared with concurrent callers; return its result.
@@ -1082,6 +1260,14 @@ class SQLiteStore(Store):
             for item in batch:
                 item.done = True
 
+    def _quick_check(self) -> None:
+        """PRAGMA quick_check: refuse a damaged file at start instead of serving it (~0.1 s per 100 MB)."""
+        db = self.connect()
+        db.execute("PRAGMA journal_mode = WAL")  # kept in the file: every later connection is in WAL mode
+        found = db.execute("PRAGMA quick_check(1)").fetchone()[0]
+        if found != "ok":
+            raise database_error(self.path, "malformed", "quick_check: " + " ".join(found.split()))
+
     def _migrate(self) -> None:
         with self._writing() as db:
             version = db.execute("PRAGMA user_version").fetchone()[0]
@@ -1093,6 +1279,39 @@ class SQLiteStore(Store):
                 for statement in MIGRATIONS[number]:
                     db.execute(statement)
             db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+    def health(self) -> StoreError | None:
+        """What keeps this database from taking writes now, found quickly and without the write lock."""
+        problem = self.moved() or self._recent_write_failure()
+        if problem is None and self._identity is not None:
+            problem = "read-only" if _cannot_write(self.path) else "disk full" if _low_on_disk(self.path) else None
+        if problem:
+            return database_error(self.path, problem)
+        try:
+            self._read_quickly()
+        except (sqlite3.Error, StoreError) as exc:
+            return exc if isinstance(exc, StoreError) else self.error_for(exc)
+        return None
+
+    def _recent_write_failure(self) -> str | None:
+        """The problem of the last write when it failed (a lock counts for LOCKED_REMEMBERED_SECONDS)."""
+        if self._write_failure is None:
+            return None
+        problem, at = self._write_failure
+        if problem == "locked" and time.monotonic() - at > LOCKED_REMEMBERED_SECONDS:
+            return None
+        return problem
+
+    def _read_quickly(self) -> None:
+        db = self.connect()
+        db.execute(f"PRAGMA busy_timeout = {HEALTH_READ_TIMEOUT_MS}")
+        try:
+            db.execute("SELECT count(*) FROM meta").fetchone()
+        finally:
+            db.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
+
+    def problem_of(self, exc: Exception) -> str:
+        return self.moved() or (exc.problem if isinstance(exc, StoreError) else database_problem(self.path, exc))
 
 
 @functools.lru_cache(maxsize=1024)  # each statement is converted once
@@ -1121,6 +1340,10 @@ class _PostgresTransaction(Transaction):
     def referral(self, referral_id: str) -> Row | None:
         return self.db.execute("SELECT * FROM referrals WHERE referral_id = ? FOR UPDATE", (referral_id,)).fetchone()
 
+    def lock_server(self, server_id: str) -> bool:
+        return self.db.execute("SELECT 1 FROM servers WHERE server_id = ? FOR UPDATE", (server_id,)).fetchone() \
+            is not None
+
     def referral_for_event(self, referral_id: str, event: str, server_event_id: str) -> Row | None:
         # Lock first: the read that follows then sees whatever the lock's previous holder committed.
         self.referral(referral_id)
@@ -1144,14 +1367,13 @@ class PostgresStore(Store):
     """
 
     NULL_SAFE_EQUAL = "IS NOT DISTINCT FROM"
-    UNAVAILABLE_HINT = "check that PostgreSQL is running and reachable at the MMOREF_DB URL"
     TRANSACTION = _PostgresTransaction
     MIGRATION_LOCK = 0x6D6D6F72  # pg_advisory_xact_lock key: one node migrates, the others wait
     POOL_SIZE = 16
-    WAIT_SECONDS = 3  # for a pooled connection before the request is answered 503
 
-    def __init__(self, url: str, synchronous: str = "FULL"):
-        super().__init__(url, synchronous)
+    def __init__(self, url: str, synchronous: str = "FULL", busy_timeout: float = CLI_BUSY_TIMEOUT):
+        """Connect, migrate, open the pool; `busy_timeout`: how long a request waits for a connection."""
+        super().__init__(url)
         try:
             import psycopg
             import psycopg_pool
@@ -1169,7 +1391,7 @@ class PostgresStore(Store):
         self._number_loader = NumberLoader
         self._migrate()
         self._pool = psycopg_pool.ConnectionPool(
-            url, min_size=1, max_size=self.POOL_SIZE, timeout=self.WAIT_SECONDS, open=True,
+            url, min_size=1, max_size=self.POOL_SIZE, timeout=busy_timeout, open=True,
             kwargs={"autocommit": True, "row_factory": psycopg.rows.dict_row},
             configure=self._configure, check=psycopg_pool.ConnectionPool.check_connection)
 
@@ -1188,8 +1410,22 @@ class PostgresStore(Store):
         except self._psycopg.errors.TransactionRollback:
             raise  # a deadlock or serialization failure: the caller tries again
         except self._unavailable as exc:
-            raise StoreUnavailable(f"PostgreSQL is unavailable ({str(exc).strip() or type(exc).__name__})") \
-                from exc
+            raise self._unreachable(exc) from exc
+
+    def _unreachable(self, exc: Exception) -> StoreError:
+        detail = " ".join(str(exc).split()) or type(exc).__name__
+        return StoreError(f"PostgreSQL at {database_label(self.location)} cannot be reached ({detail}):"
+                          " check that it is running and that MMOREF_DB is right", "unreachable")
+
+    def health(self) -> StoreError | None:
+        try:
+            self._one("SELECT 1 AS up")
+        except StoreError as exc:
+            return exc
+        return None
+
+    def problem_of(self, exc: Exception) -> str:
+        return exc.problem if isinstance(exc, StoreError) else "unusable"
 
     _reading = _connection
 
@@ -1208,7 +1444,7 @@ class PostgresStore(Store):
         try:
             connection = psycopg.connect(self.location, autocommit=True, connect_timeout=10)
         except psycopg.Error as exc:
-            raise StoreError(f"cannot connect to {database_label(self.location)}: {str(exc).strip()}") from None
+            raise self._unreachable(exc) from None
         with connection, connection.transaction():
             connection.execute("SELECT pg_advisory_xact_lock(%s)", (self.MIGRATION_LOCK,))
             version = 0
@@ -1276,11 +1512,10 @@ WRITE_ATTEMPTS = 3  # a write that lost a race is tried again: first touch, a de
 
 
 def apply_event(store: Store, delivery: Delivery, ttl: int) -> dict[str, Any]:
-    """Steps 9-10 of docs/contract.md §1.4 in one write transaction; return the 200 body.
+    """Steps 9-10 of docs/contract.md §1.4 in one BEGIN IMMEDIATE transaction; return the 200 body.
 
-    A UNIQUE violation (or, on PostgreSQL, a deadlock or serialization failure) means a
-    concurrent writer won a race that our reads could not see (another process or node);
-    the retry then reads its result and answers accordingly.
+    A UNIQUE violation means a concurrent writer won a race that our reads could not
+    see (another process); the retry then reads its result and answers accordingly.
     """
     for attempt in range(1, WRITE_ATTEMPTS + 1):
         try:
@@ -1342,7 +1577,7 @@ def _advance(transaction: Transaction, referral: Row, next_state: str, at: int,
              referee_identity: str | None = None) -> None:
     """Move the referral to `next_state` (recording its referee on registration) and count it."""
     transaction.set_state(referral["referral_id"], next_state, at, referee_identity)
-    if next_state in COUNTED:
+    if next_state in COUNTED and not referral["test"]:  # the dashboard's test tokens count nowhere
         transaction.count(referral["server_id"], referral["referrer_code"], next_state, at)
 
 
@@ -1461,8 +1696,7 @@ def _bad_signature(store: Store, exc: SignatureError, parsed: ParsedSignature, r
     if exc.reason == "mac_mismatch":
         revoked = store.revoked_secrets(fields.server_id, at)
         diagnosis = diagnose_mac_mismatch(parsed, raw_body, live, revoked, fields.ts)
-    return ApiError(401, "bad_signature", f"{hint} ({diagnosis})" if diagnosis else hint, diagnosis=diagnosis,
-                    server_id=fields.server_id, reason=exc.reason)
+    return ApiError(401, "bad_signature", hint, diagnosis=diagnosis, server_id=fields.server_id, reason=exc.reason)
 
 
 def _field_error(error: str, field: str, hint: str) -> ApiError:
@@ -1636,6 +1870,12 @@ def diagnose_mac_mismatch(parsed: ParsedSignature, raw_body: bytes, live: Sequen
     trimmed = raw_body.rstrip(b"\r\n")
     if trimmed != raw_body and any(matches(s, parsed.t, trimmed) for s in live_secrets):
         return "the MAC matches this body without its trailing newline: sign the exact bytes you send"
+    if any(matches(s, parsed.t, raw_body + end) for s in live_secrets for end in (b"\n", b"\r\n")):
+        return ("the MAC matches this body plus a trailing newline: your HTTP client changed the body"
+                " (curl -d strips newlines); send it with --data-binary")
+    if any(matches(s, parsed.t, other) for s in live_secrets for other in _reserialised(raw_body)):
+        return ("the MAC matches the same JSON written differently (spacing or key order): sign the exact"
+                " bytes you send, not a re-serialised copy, and send them unchanged")
     ts = body_ts if isinstance(body_ts, (int, float)) and not isinstance(body_ts, bool) else None
     ts_differs = ts is not None and ts != parsed.timestamp
     if ts_differs and isinstance(ts, int) and any(matches(s, str(ts), raw_body) for s in live_secrets):
@@ -1648,6 +1888,18 @@ def diagnose_mac_mismatch(parsed: ParsedSignature, raw_body: bytes, live: Sequen
     return None
 
 
+def _reserialised(raw_body: bytes) -> list[bytes]:
+    """The usual other spellings of the same JSON (a sender that signed one and sent another)."""
+    try:
+        body = json.loads(raw_body)
+    except (ValueError, RecursionError):
+        return []
+    spellings = {json.dumps(body, sort_keys=sort_keys, separators=separators, ensure_ascii=ascii_only).encode()
+                 for sort_keys in (False, True) for separators in ((", ", ": "), (",", ":"))
+                 for ascii_only in (True, False)}
+    return [spelling + end for spelling in spellings for end in (b"", b"\n") if spelling + end != raw_body]
+
+
 def handle_ingest(store: Store, raw_body: bytes, header: str | None, *, window: int, ttl: int) -> tuple[int, dict]:
     """Run the pipeline; remember refusals; log one line; return (status, body)."""
     try:
@@ -1656,25 +1908,45 @@ def handle_ingest(store: Store, raw_body: bytes, header: str | None, *, window: 
         body, status = exc.body(), exc.status
         if status in (400, 401, 404, 422):
             _remember_rejection(store, exc, raw_body)
-    except StoreUnavailable:  # PostgreSQL out of reach: nothing was acknowledged, the kit retries
-        log.warning("ingest: database unavailable", exc_info=True)
-        status, body = 503, ApiError(503, "database unavailable", HINTS["database unavailable"]).body()
+    except (sqlite3.Error, StoreError) as exc:  # nothing was written
+        status, body = _database_failure(store, exc)
     except Exception:  # 11. anything unexpected: the transaction rolled back
         log.exception("ingest failed")
         status, body = 500, ApiError(500, "internal error", HINTS["internal error"]).body()
-    log.info("ingest status=%s error=%s reason=%s outcome=%s server=%s token=%s", status, body.get("error", "-"),
-             body.get("reason", "-"), _outcome_word(body), _logged_value(_LOGGED_SERVER, raw_body) or "-",
-             mask(_logged_value(_LOGGED_TOKEN, raw_body)) or "-")
+    _log_ingest(status, body.get("error"), reason=body.get("reason"), outcome=_outcome_word(body),
+               server=_logged_value(_LOGGED_SERVER, raw_body),
+               token=mask(_logged_value(_LOGGED_TOKEN, raw_body)) or None)
     return status, body
 
 
-def _outcome_word(body: dict[str, Any]) -> str:
+def _log_ingest(status: int, error: str | None, **more: str | None) -> None:
+    """The one log line of an ingest request: `key=value` words, or JSON keys (MMOREF_LOG_FORMAT=json)."""
+    fields = {"status": status, "error": error, **more}
+    words = " ".join(f"{name}={'-' if value is None else value}" for name, value in fields.items())
+    log.info("ingest %s", words, extra={"fields": fields})
+
+
+def _database_failure(store: Store, exc: sqlite3.Error | StoreError) -> tuple[int, dict]:
+    """503 when the database is locked by another process or no longer the file opened; else 500."""
+    problem = store.problem_of(exc)
+    if problem == "locked":
+        return 503, ApiError(503, "database busy", HINTS["database busy"]).body()
+    if problem in ("deleted", "replaced"):
+        return 503, ApiError(503, "database unavailable", HINTS["database unavailable"]).body()
+    if problem == "unreachable":  # PostgreSQL down or restarting: the node recovers by itself
+        log.warning("ingest: %s", exc)
+        return 503, ApiError(503, "database unavailable", HINTS["database unreachable"]).body()
+    log.exception("ingest failed: %s", exc if isinstance(exc, StoreError) else store.error_for(exc))
+    return 500, ApiError(500, "internal error", HINTS["internal error"]).body()
+
+
+def _outcome_word(body: dict[str, Any]) -> str | None:
     if not body.get("ok"):
-        return "-"
+        return None
     for word in ("duplicate", "test", "ignored"):
         if word in body:
             return word if word != "ignored" else body["ignored"]
-    return body.get("state", "-")
+    return body.get("state")
 
 
 # For the log line, found without parsing; only characters a real value has, so a hostile
@@ -1721,7 +1993,8 @@ def get_store() -> Store:
     if "mmoref" not in extensions:
         with _store_lock:
             if "mmoref" not in extensions:
-                extensions["mmoref"] = Store(current_app.config["MMOREF_DB"], current_app.config["MMOREF_SYNCHRONOUS"])
+                extensions["mmoref"] = Store(current_app.config["MMOREF_DB"], current_app.config["MMOREF_SYNCHRONOUS"],
+                                             busy_timeout=REQUEST_BUSY_TIMEOUT)
     return extensions["mmoref"]
 
 
@@ -1739,10 +2012,20 @@ def _method_not_allowed(exc: Exception) -> Any:
     return exc
 
 
+@blueprint.app_errorhandler(404)
+def _not_found(exc: Exception) -> Any:
+    """Near misses of the ingest path (`/api/referral/event`, a trailing slash...) get JSON a kit can
+    read; every other path keeps the app's own 404."""
+    api_root = url_for("mmoref.ingest")[len(request.script_root):-len(INGEST_PATH)] + "/api/"
+    if request.path.startswith(api_root):
+        return json_response({"ok": False, "error": "not found", "hint": f"POST events to {INGEST_PATH}"}, 404)
+    return exc
+
+
 @blueprint.errorhandler(ApiError)
 def _api_error(exc: ApiError) -> Any:
     """Errors raised outside the pipeline (405, 413); the pipeline's own go through handle_ingest."""
-    log.info("ingest status=%s error=%s", exc.status, exc.error)
+    _log_ingest(exc.status, exc.error)
     response = json_response(exc.body(), exc.status)
     if exc.status == 405:
         response.headers["Allow"] = "POST"
@@ -1768,7 +2051,10 @@ def ingest() -> Any:
     config = current_app.config
     status, body = handle_ingest(get_store(), raw_body, request.headers.get(SIGNATURE_HEADER),
                                  window=config["MMOREF_REPLAY_WINDOW"], ttl=config["MMOREF_TOKEN_TTL"])
-    return json_response(body, status)
+    response = json_response(body, status)
+    if status == 503:
+        response.headers["Retry-After"] = str(RETRY_AFTER_SECONDS)
+    return response
 
 
 NOT_FOUND_PAGE = ("<!doctype html><meta charset=utf-8><title>Link not found</title>"
@@ -1807,12 +2093,15 @@ def _with_query(url: str, **params: str) -> str:
 
 @blueprint.get("/healthz")
 def healthz() -> Any:
+    """200 when the database can take writes; else 503 with the cause. Never waits for the write lock."""
     try:
-        get_store().check()
-    except (sqlite3.Error, StoreError):
-        engine = PostgresStore if is_postgres_url(current_app.config["MMOREF_DB"]) else SQLiteStore
-        return json_response({"ok": False, "error": "database unavailable", "hint": engine.UNAVAILABLE_HINT}, 503)
-    return json_response({"ok": True})
+        problem = get_store().health()
+    except StoreError as exc:  # the database could not even be opened
+        problem = exc
+    if problem is None:
+        return json_response({"ok": True})
+    return json_response({"ok": False, "error": "database unavailable", "reason": problem.problem,
+                          "hint": str(problem)}, 503)
 
 
 # Dashboard views (docs/contract.md §4, §6) ###################################
@@ -1822,6 +2111,7 @@ def healthz() -> Any:
 
 dashboard = Blueprint("dashboard", __name__, url_prefix="/dashboard")
 LOG_PAGE_SIZE = 50
+MAX_ROW_ID = 2**63 - 1           # SQLite's largest integer: no log row has a larger id
 LOGIN_FREE_FAILURES = 5          # then each failure doubles the wait, up to LOGIN_MAX_WAIT
 LOGIN_MAX_WAIT = 300
 GRACE_CHOICES = {"0": "revoke now", "3600": "1 hour", "86400": "24 hours", "604800": "7 days"}
@@ -1859,14 +2149,23 @@ def _guard() -> Any:
             return _page("message.html", 400, title="Form expired",
                          message="This form's security token is missing or out of date: go back and reload the page.")
     if request.endpoint != "mmoref.dashboard.login" and not _is_logged_in():
-        return redirect(url_for("mmoref.dashboard.login", next=request.full_path))
+        here = request.full_path if request.query_string else request.path
+        return redirect(url_for("mmoref.dashboard.login", next=request.script_root + here))
     return None
 
 
 @dashboard.after_request
 def _no_store(response: Any) -> Any:
-    response.headers["Cache-Control"] = "no-store"  # pages can show a secret once
-    response.headers.setdefault("X-Frame-Options", "DENY")
+    """Pages can show a secret once: never cached, never framed, no other origin's content."""
+    headers = response.headers
+    headers["Cache-Control"] = "no-store"
+    headers.setdefault("X-Frame-Options", "DENY")
+    headers.setdefault("X-Content-Type-Options", "nosniff")
+    headers.setdefault("Referrer-Policy", "same-origin")
+    # the one <style> element carries this request's nonce; no scripts at all
+    style = f"'nonce-{g.mmoref_style_nonce}'" if "mmoref_style_nonce" in g else "'none'"
+    headers.setdefault("Content-Security-Policy", f"default-src 'none'; style-src {style}; img-src 'self';"
+                                                  " form-action 'self'; frame-ancestors 'none'; base-uri 'none'")
     started = g.get("mmoref_started")
     if started is not None:  # server time, for the benchmark and the browser's dev tools
         response.headers["Server-Timing"] = f"app;dur={(time.perf_counter() - started) * 1000:.1f}"
@@ -1922,14 +2221,21 @@ def login() -> Any:
             login_throttle.succeeded(client)
             session.clear()
             session["mmoref_login"] = _password_fingerprint()
-            target = request.args.get("next", "")
-            safe = target.startswith(url_for("mmoref.dashboard.index")) and "//" not in target
-            return redirect(target if safe else url_for("mmoref.dashboard.index"))
+            home = url_for("mmoref.dashboard.index")
+            return redirect(_local_target(request.args.get("next", ""), home) or home)
         else:
             login_throttle.failed(client)
             error, status = "Wrong password.", 401
     no_password = not current_app.config.get("MMOREF_ADMIN_PASSWORD") and not get_store().admin_password_hash()
     return _page("login.html", status, title="Log in", error=error, no_password=no_password)
+
+
+def _local_target(target: str, within: str) -> str | None:
+    """`target` when it is a path under `within` safe to redirect to (no other host, no control
+    characters), else None: `next` and `back` come from the request."""
+    if target.startswith(within) and "//" not in target and "\\" not in target and target.isprintable():
+        return target
+    return None
 
 
 @dashboard.post("/logout")
@@ -1952,15 +2258,48 @@ def add_server_form() -> Any:
                                              form.get("identity_field", "username"))
     except ConfigError as exc:
         return _index_page(error=str(exc), status=400)
-    return _index_page(new_secret={"server_id": form["server_id"].strip(), "game": form["game"].strip(),
-                                   "secret": secret, "kid": kid})
+    _keep_for_next_page(SERVERS_PAGE, new_secret={"server_id": form["server_id"].strip(),
+                                                  "game": form["game"].strip(), "kid": kid})
+    return redirect(url_for("mmoref.dashboard.index"))
 
 
 def _index_page(status: int = 200, **extra: Any) -> Any:
     store = get_store()
     return _page("index.html", status, title="Servers", servers=store.servers(), funnels=store.funnels(),
-                 rejected=store.rejected_requests(None, 20), identity_fields=IDENTITY_FIELDS,
-                 form=request.form if extra.get("error") else {}, **extra)  # refill the form only to fix it
+                 rejected=[_rejected_view(row) for row in store.rejected_requests(None, 20)],
+                 identity_fields=IDENTITY_FIELDS, form=request.form if extra.get("error") else {},
+                 **_shown_once(SERVERS_PAGE), **extra)  # refill the form only to fix it
+
+
+# Post/redirect/get: a form's result (a new secret, a test token, a test event's answer) waits in
+# the session for the one page the redirect leads to. A new secret waits as its kid only, and
+# Store.reveal_secret gives its value once, however many pages ask.
+SHOWN_ONCE = "mmoref_shown_once"
+SERVERS_PAGE = ""  # the servers list's key; a server's Referrals tab is keyed by its server id
+
+
+def _keep_for_next_page(page: str, **results: dict[str, Any]) -> None:
+    session[SHOWN_ONCE] = {"page": page, **results}
+
+
+def _shown_once(page: str) -> dict[str, Any]:
+    """The results waiting for `page`, taken out of the session; a new secret with its value, if still unseen."""
+    waiting = session.get(SHOWN_ONCE)
+    if not waiting or waiting.get("page") != page:
+        return {}
+    results = {name: value for name, value in session.pop(SHOWN_ONCE).items() if name != "page"}
+    new_secret = results.pop("new_secret", None)
+    if new_secret:
+        secret = get_store().reveal_secret(new_secret.get("server_id") or page, new_secret["kid"])
+        if secret is not None:
+            results["new_secret"] = {**new_secret, "secret": secret}
+    return results
+
+
+def _rejected_view(row: Row) -> dict[str, Any]:
+    """A rejected request for display: its hint without the diagnosis, which is shown on its own line."""
+    hint, diagnosis = row["hint"] or "", row["diagnosis"]
+    return {**dict(row), "hint": hint.removesuffix(f" ({diagnosis})") if diagnosis else hint}
 
 
 def _server_or_404(game: str, server_id: str) -> Row:
@@ -1974,32 +2313,69 @@ def _tab_url(server: Row, **params: Any) -> str:
     return url_for("mmoref.dashboard.referrals_tab", game=server["game"], server_id=server["server_id"], **params)
 
 
+def _to_tab(server: Row, anchor: str = "", **results: dict[str, Any]) -> Any:
+    """Redirect to the server's Referrals tab (at `anchor`, where the result shows), `results` waiting there."""
+    if results:
+        _keep_for_next_page(server["server_id"], **results)
+    return redirect(_tab_url(server) + (f"#{anchor}" if anchor else ""))
+
+
+def _row_id(text: str) -> int:
+    """A delivery-log id from the query string; ValueError (so: ignored) when no row could have it."""
+    value = int(text)
+    if not 0 < value <= MAX_ROW_ID:
+        raise ValueError(f"row id {text!r} out of range")
+    return value
+
+
 @dashboard.get("/<game>/<server_id>/referrals")
 def referrals_tab(game: str, server_id: str) -> Any:
     return _render_tab(_server_or_404(game, server_id))
 
 
-def _render_tab(server: Row, **shown_once: Any) -> Any:
-    """The Referrals tab; `shown_once` carries a new secret, token or test result into the page."""
+def _render_tab(server: Row) -> Any:
+    """The Referrals tab, with whatever result a form left for it (a new secret, token or test answer)."""
     store, server_id, game = get_store(), server["server_id"], server["game"]
     filters = _log_filters()
-    before, after = request.args.get("before", type=int), request.args.get("after", type=int)
+    before, after = request.args.get("before", type=_row_id), request.args.get("after", type=_row_id)
     rows = store.delivery_log(server_id, limit=LOG_PAGE_SIZE + 1, before_id=before, after_id=after, **filters)
     has_more = len(rows) > LOG_PAGE_SIZE
     rows = rows[:LOG_PAGE_SIZE] if after is None else rows[-LOG_PAGE_SIZE:]
     older = rows and (has_more or after is not None)
     newer = rows and (before is not None or (after is not None and has_more))
     live = store.live_secrets(server_id, now())
+    secret_rows = store.secret_summaries(server_id)
     return _page("referrals.html", 200, title=f"Referrals · {server['name'] or server_id}", server=server,
-                 secrets=store.secret_summaries(server_id), has_secret=bool(live), now=now(),
+                 secrets=secret_rows, has_secret=bool(live), now=now(), rotation_nonce=secrets.token_urlsafe(16),
+                 in_grace=[row for row in secret_rows if row["expires_at"] and row["expires_at"] > now()],
+                 connect=_connect_box(server_id, live[0][0] if live else None),
                  log_rows=[_log_view(row) for row in rows], filters=filters,
                  older_url=_tab_url(server, before=rows[-1]["id"], **filters) if older else None,
                  newer_url=_tab_url(server, after=rows[0]["id"], **filters) if newer else None,
                  csv_url=url_for("mmoref.dashboard.log_csv", game=game, server_id=server_id, **filters),
-                 rejected=store.rejected_requests(server_id, 20), analytics=analytics(store, server_id),
+                 rejected=[_rejected_view(row) for row in store.rejected_requests(server_id, 20)],
+                 analytics=analytics(store, server_id), tab_url=_tab_url(server),
                  share_link=url_for("mmoref.share_link", server_id=server_id, _external=True) + "?ref=",
                  grace_choices=GRACE_CHOICES, identity_fields=IDENTITY_FIELDS, log_events=LOG_EVENTS,
-                 outcomes=OUTCOMES, **shown_once)
+                 outcomes=OUTCOMES, **_shown_once(server_id))
+
+
+def _connect_box(server_id: str, kid: str | None) -> dict[str, str]:
+    """What a kit needs, as this request reached the server (prefix included): never the secret."""
+    url = url_for("mmoref.ingest", _external=True)
+    body = json.dumps({"event": "registered", "token": "TOKEN_FROM_THE_SHARE_LINK", "server_id": server_id,
+                       "server_event_id": "reg-1", "referee_identity": "player-1"}, separators=(",", ":"))
+    kid_part = f",kid={kid}" if kid else ""
+    shell = (f"SECRET='paste the signing secret here'\n"
+             f"BODY='{body}'\n"
+             "T=$(date +%s)\n"
+             "MAC=$(printf '%s.%s' \"$T\" \"$BODY\" | openssl dgst -sha256 -hmac \"$SECRET\" | sed 's/^.* //')\n"
+             f"curl -sS -X POST '{url}' -H 'Content-Type: application/json' \\\n"
+             f"  -H \"{SIGNATURE_HEADER}: t=$T,v1=sha256=$MAC{kid_part}\" --data \"$BODY\"")
+    python = (f"python mmoref_server.py send registered --endpoint '{url}' \\\n"
+              f"  --server-id {server_id} --secret \"$SECRET\"{f' --kid {kid}' if kid else ''} \\\n"
+              "  --token TOKEN_FROM_THE_SHARE_LINK --referee-identity player-1")
+    return {"url": url, "server_id": server_id, "kid": kid or "", "shell": shell, "python": python}
 
 
 def _log_filters() -> dict[str, str]:
@@ -2032,8 +2408,8 @@ def set_enabled(game: str, server_id: str) -> Any:
     store = get_store()
     store.update_server(server_id, referrals_enabled=int(enable))
     if enable and not store.live_secrets(server_id, now()):  # enabling mints the first secret
-        secret, kid = store.rotate_secret(server_id, grace=0)
-        return _render_tab(server, new_secret={"secret": secret, "kid": kid})
+        _, kid = store.rotate_secret(server_id, grace=0)
+        return _to_tab(server, new_secret={"kid": kid})
     flash("Referrals enabled." if enable else "Referrals disabled: events now get 404 referrals not enabled.")
     return redirect(_tab_url(server))
 
@@ -2044,8 +2420,11 @@ def rotate_secret_form(game: str, server_id: str) -> Any:
     grace = request.form.get("grace", str(DEFAULT_GRACE_SECONDS))
     if grace not in GRACE_CHOICES:
         abort(400)
-    secret, kid = get_store().rotate_secret(server_id, int(grace))
-    return _render_tab(server, new_secret={"secret": secret, "kid": kid, "grace": GRACE_CHOICES[grace]})
+    nonce = request.form.get("rotation", "")[:64] or secrets.token_urlsafe(16)  # a form without one rotates
+    kid, rotated = get_store().rotate_secret_once(server_id, int(grace), nonce)
+    if not rotated:
+        flash(f"This form was already sent: it made secret {kid}. Nothing was rotated again.")
+    return _to_tab(server, new_secret={"kid": kid, "grace": GRACE_CHOICES[grace]})
 
 
 @dashboard.post("/<game>/<server_id>/referrals/settings")
@@ -2069,11 +2448,11 @@ def settings_form(game: str, server_id: str) -> Any:
 def mint_token_form(game: str, server_id: str) -> Any:
     server = _server_or_404(game, server_id)
     try:
-        token, referral_id = get_store().mint_referral(server_id, request.form.get("ref", "").strip())
+        token, referral_id = get_store().mint_referral(server_id, request.form.get("ref", "").strip(), test=True)
     except ConfigError as exc:
         flash(str(exc))
         return redirect(_tab_url(server))
-    return _render_tab(server, new_token={"token": token, "referral_id": referral_id})
+    return _to_tab(server, new_token={"token": token, "referral_id": referral_id})
 
 
 @dashboard.post("/<game>/<server_id>/referrals/test-event")
@@ -2092,7 +2471,7 @@ def send_test_event(game: str, server_id: str) -> Any:
     config = current_app.config
     status, answer = handle_ingest(store, body, signature_header(secret, body, kid=kid),
                                    window=config["MMOREF_REPLAY_WINDOW"], ttl=config["MMOREF_TOKEN_TTL"])
-    return _render_tab(server, test_result={"status": status, "body": json.dumps(answer, indent=2)})
+    return _to_tab(server, "test-result", test_result={"status": status, "body": json.dumps(answer, indent=2)})
 
 
 @dashboard.get("/<game>/<server_id>/referrals/log.csv")
@@ -2132,7 +2511,7 @@ def _csv_cell(value: Any) -> Any:
     return value
 
 
-@dashboard.get("/<game>/<server_id>/referrals/log/<int:row_id>")
+@dashboard.get(f"/<game>/<server_id>/referrals/log/<int(max={MAX_ROW_ID}):row_id>")
 def log_detail(game: str, server_id: str, row_id: int) -> Any:
     server = _server_or_404(game, server_id)
     store = get_store()
@@ -2150,18 +2529,23 @@ def log_detail(game: str, server_id: str, row_id: int) -> Any:
                  actions=actions)
 
 
-@dashboard.post("/<game>/<server_id>/referrals/referral/<referral_id>/<action>")
+@dashboard.route("/<game>/<server_id>/referrals/referral/<referral_id>/<action>", methods=["GET", "POST"])
 def owner_action_form(game: str, server_id: str, referral_id: str, action: str) -> Any:
+    """Reverse or reject: final, so a page asks first (GET) and only its confirmed form acts (POST)."""
     server = _server_or_404(game, server_id)
     referral = get_store().referral(referral_id)
     if action not in OWNER_ACTIONS or referral is None or referral["server_id"] != server_id:
         abort(404)
+    source = request.form if request.method == "POST" else request.args
+    back = _local_target(source.get("back", ""), _tab_url(server)) or _tab_url(server)
+    if request.method == "GET" or source.get("confirmed") != "yes":
+        return _page("confirm.html", 200, title=f"{action.capitalize()} referral {referral_id}?", server=server,
+                     referral=referral, action=action, next_state=OWNER_ACTIONS[action][1], back=back)
     try:
         flash(f"Referral {referral_id} is now {owner_action(get_store(), referral_id, action)}.")
     except ConfigError as exc:
         flash(str(exc))
-    back = request.form.get("back", "")
-    return redirect(back if back.startswith(_tab_url(server)) and "//" not in back else _tab_url(server))
+    return redirect(back)
 
 
 def analytics(store: Store, server_id: str, days: int = 30) -> dict[str, Any]:
@@ -2185,21 +2569,24 @@ def _rate(part: int, whole: int) -> str:
 
 
 def _chart(series: list[dict[str, Any]]) -> dict[str, Any]:
-    """Bar geometry for the inline SVG: one group of three bars a day."""
-    peak = max([1] + [day[k] for day in series for k in ("clicked", "registered", "qualified")])
+    """Bar geometry for the inline SVG: one group of three bars a day; peak 0 when there is nothing to draw.
+    `axis` dates the first, middle and last day under it."""
+    peak = max([0] + [day[k] for day in series for k in ("clicked", "registered", "qualified")])
     bars = []
     for index, day in enumerate(series):
         for offset, kind in enumerate(("clicked", "registered", "qualified")):
-            height = round(100 * day[kind] / peak, 1)
+            height = round(100 * day[kind] / peak, 1) if peak else 0
             bars.append({"x": index * 20 + offset * 6, "y": 110 - height, "height": height, "kind": kind,
                          "label": f"{day['day']}: {day[kind]} {kind}"})
-    return {"bars": bars, "peak": peak, "width": len(series) * 20}
+    axis = [series[0]["day"], series[len(series) // 2]["day"], series[-1]["day"]] if series else []
+    return {"bars": bars, "peak": peak, "width": len(series) * 20, "axis": axis}
 
 
 def _page(template: str, status: int, **context: Any) -> Any:
+    g.mmoref_style_nonce = secrets.token_urlsafe(16)  # the Content-Security-Policy allows this style sheet only
     html = TEMPLATES.get_template(template).render(
         url_for=url_for, csrf_token=csrf_token, logged_in=_is_logged_in(), messages=get_flashed_messages(),
-        mask=mask, iso_utc=iso_utc, **context)
+        mask=mask, iso_utc=iso_utc, style_nonce=g.mmoref_style_nonce, **context)
     return current_app.response_class(html, status=status, mimetype="text/html")
 
 
@@ -2219,6 +2606,8 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
         app.wsgi_app = _ForwardedByTrustedProxy(app.wsgi_app, app.config["MMOREF_TRUSTED_PROXY"])  # type: ignore
     app.session_interface = _SessionInterface()
     app.register_blueprint(blueprint)
+    app.add_url_rule("/", "home", _home)
+    _log_through_gunicorn()
     with app.app_context():
         store = get_store()  # create or migrate the schema now; refuse a newer database at start-up
         if not app.config.get("SECRET_KEY"):  # per installation, never a constant
@@ -2226,6 +2615,25 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     for command in cli.commands.values():  # so `flask --app mmoref_server add-server ...` works too
         app.cli.add_command(command)
     return app
+
+
+def _home() -> Any:
+    """The standalone server's `/`: its dashboard (an app embedding the blueprint keeps its own `/`)."""
+    return redirect(url_for("mmoref.dashboard.index"))
+
+
+def _log_through_gunicorn() -> None:
+    """Under gunicorn, write the "mmoref" log lines to its error log at its --log-level.
+
+    gunicorn gives only its own loggers handlers; ours would reach an unconfigured root logger
+    and its INFO lines (one per ingest request) would vanish. `serve` configures the root
+    logger itself, and an app that embeds the blueprint keeps its own logging configuration.
+    """
+    gunicorn_log = logging.getLogger("gunicorn.error")
+    if gunicorn_log.handlers and not log.handlers:
+        log.handlers[:] = gunicorn_log.handlers
+        log.setLevel(gunicorn_log.level)
+        log.propagate = False
 
 
 class _ForwardedByTrustedProxy:
@@ -2238,7 +2646,7 @@ class _ForwardedByTrustedProxy:
 
     def __init__(self, wsgi_app: Callable, trusted_proxies: Sequence[str] | str):
         self.direct = wsgi_app
-        self.proxied = ProxyFix(wsgi_app, x_for=1, x_proto=1, x_host=1, x_port=1)
+        self.proxied = ProxyFix(wsgi_app, x_for=1, x_proto=1, x_host=1, x_port=1, x_prefix=1)
         self.trusted_proxies = _ip_addresses(trusted_proxies) if isinstance(trusted_proxies, str) \
             else tuple(trusted_proxies)
 
@@ -2291,9 +2699,30 @@ class _OneLineErrors(click.Group):
         sys.exit(result if isinstance(result, int) else 0)
 
 
-def _open_store(db_path: str | None) -> Store:
+def _open_store(db_path: str | None, create: bool = False) -> Store:
+    """The command's database; only commands that set an installation up (`create`) may make one."""
     settings = load_settings()
-    return Store(db_path or settings["MMOREF_DB"], settings["MMOREF_SYNCHRONOUS"])
+    path = db_path or settings["MMOREF_DB"]
+    if not create and not is_postgres_url(path) and not os.path.exists(path):
+        raise ConfigError(f"no database at {os.path.abspath(path)}: pass --db or set MMOREF_DB")
+    return Store(path, settings["MMOREF_SYNCHRONOUS"])
+
+
+def _known_server(store: Store, server_id: str) -> None:
+    """Refuse a server id the database lacks, naming the database looked in."""
+    if store.server(server_id) is None:
+        raise ConfigError(f"unknown server {server_id!r} in {database_label(store.location)}: "
+                          "check the id, or pass --db with the right database")
+
+
+def set_password_command_line(db_path: str) -> str:
+    """How to run set-password on this database: with --db unless it is ./referrals.db."""
+    command = "python mmoref_server.py set-password"
+    if is_postgres_url(db_path):
+        return f"{command} --db <the postgresql:// URL>"
+    if os.path.abspath(db_path) == os.path.abspath(SETTINGS["MMOREF_DB"][1]):
+        return command
+    return f"{command} --db {shlex.quote(os.path.abspath(db_path))}"
 
 
 def _db_option(command: Callable) -> Callable:
@@ -2337,11 +2766,31 @@ def serve_command(db_path: str | None = None, host: str | None = None, port: int
     settings = load_settings()
     host, port = host or settings["MMOREF_HOST"], port or settings["MMOREF_PORT"]
     app = create_app({"MMOREF_DB": db_path or settings["MMOREF_DB"]})
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("waitress.queue").setLevel(logging.ERROR)  # "Task queue depth is N" on every busy request
+    _configure_logging(settings["MMOREF_LOG_FORMAT"])
     server = _listen(app, host, port, settings["MMOREF_THREADS"])
     click.echo(_banner(app, host, port))  # only now: a failed start never shows (or makes) a password
     server.run()
+
+
+def _configure_logging(log_format: str) -> None:
+    """`serve` logs to stderr: text lines, or one JSON object a line for log shippers."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(_JsonLines() if log_format == "json" else
+                         logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=logging.INFO, handlers=[handler])
+    logging.getLogger("waitress.queue").setLevel(logging.ERROR)  # "Task queue depth is N" on every busy request
+
+
+class _JsonLines(logging.Formatter):
+    """One JSON object a line: time, level, logger, message, and the ingest line's fields as keys."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        utc = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+        entry = {"time": f"{utc}.{int(record.msecs):03d}Z", "level": record.levelname, "logger": record.name,
+                 "message": record.getMessage(), **getattr(record, "fields", {})}
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
 
 
 # waitress's defaults let ~100 idle connections stop the server for two minutes (it stops
@@ -2452,10 +2901,11 @@ def _login_lines(app: Flask) -> list[str]:
         return ["  login      the password in MMOREF_ADMIN_PASSWORD"]
     store = app.extensions["mmoref"]
     if store.admin_password_hash():
-        return ["  login      your dashboard password (change it: python mmoref_server.py set-password)"]
+        return [f"  login      your dashboard password (change it: {set_password_command_line(store.location)})"]
     password = secrets.token_urlsafe(12)
     store.set_admin_password(password)
-    return [f"  login      password {password}   (shown once, stored hashed; change it with set-password)"]
+    return [f"  login      password {password}   (shown once, stored hashed; change it with "
+            f"{set_password_command_line(store.location)})"]
 
 
 @cli.command("set-password")
@@ -2464,7 +2914,7 @@ def _login_lines(app: Flask) -> list[str]:
               help="the new password (prompted for when omitted)")
 def set_password_command(db_path: str | None, password: str) -> None:
     """Set the dashboard password (stored as a salted hash); logs every session out."""
-    _open_store(db_path).set_admin_password(password)
+    _open_store(db_path, create=True).set_admin_password(password)
     click.echo("dashboard password changed")
 
 
@@ -2479,7 +2929,8 @@ def set_password_command(db_path: str | None, password: str) -> None:
 def add_server_command(server_id: str, game: str, name: str, registration_url: str | None, identity_field: str,
                        db_path: str | None, as_json: bool) -> None:
     """Create a server with referrals enabled; print its first secret once."""
-    secret, kid = _open_store(db_path).add_server(server_id, game, name, registration_url, identity_field)
+    secret, kid = _open_store(db_path, create=True).add_server(server_id, game, name, registration_url,
+                                                               identity_field)
     _emit(as_json, {"server_id": server_id, "game": game, "secret": secret, "kid": kid},
           f"server {server_id} created (game {game}), referrals enabled\n"
           f"signing secret (shown once, store it in your game server's config):\n  {secret}\nkid: {kid}")
@@ -2493,7 +2944,9 @@ def add_server_command(server_id: str, game: str, name: str, registration_url: s
 @_json_option
 def rotate_secret_command(server_id: str, grace: int, db_path: str | None, as_json: bool) -> None:
     """Make a new signing secret; print it once."""
-    secret, kid = _open_store(db_path).rotate_secret(server_id, grace)
+    store = _open_store(db_path)
+    _known_server(store, server_id)
+    secret, kid = store.rotate_secret(server_id, grace)
     previous = "revoked now" if grace == 0 else f"valid for {grace} more seconds"
     _emit(as_json, {"secret": secret, "kid": kid},
           f"new signing secret (shown once):\n  {secret}\nkid: {kid}\nprevious secret: {previous}")
@@ -2506,7 +2959,9 @@ def rotate_secret_command(server_id: str, grace: int, db_path: str | None, as_js
 @_json_option
 def mint_token_command(server_id: str, code: str, db_path: str | None, as_json: bool) -> None:
     """Mint an mmref token as if the share link were followed."""
-    token, referral_id = _open_store(db_path).mint_referral(server_id, code)
+    store = _open_store(db_path)
+    _known_server(store, server_id)
+    token, referral_id = store.mint_referral(server_id, code)
     _emit(as_json, {"token": token, "referral_id": referral_id}, f"token: {token}\nreferral: {referral_id}")
 
 
@@ -2518,11 +2973,10 @@ def mint_token_command(server_id: str, code: str, db_path: str | None, as_json: 
 def log_command(server_id: str, limit: int, db_path: str | None, as_json: bool) -> None:
     """Print the delivery log, newest first."""
     store = _open_store(db_path)
-    if store.server(server_id) is None:
-        raise ConfigError(f"unknown server {server_id!r}")
+    _known_server(store, server_id)
     rows = [{"id": r["id"], "event": r["event"], "state": r["state"], "outcome": r["outcome"],
              "server_event_id": r["server_event_id"], "received_at": iso_utc(r["received_at"]),
-             "referral_id": r["referral_id"]} for r in store.delivery_log(server_id, limit)]
+             "referral_id": r["referral_id"], "ts": r["ts"]} for r in store.delivery_log(server_id, limit)]
     if as_json:
         click.echo(json.dumps(rows))
         return
@@ -2538,7 +2992,11 @@ def _owner_command(action: str) -> Callable:
     @_json_option
     @click.argument("referral_id")
     def owner_action_command(referral_id: str, db_path: str | None, as_json: bool) -> None:
-        state = owner_action(_open_store(db_path), referral_id, action)
+        store = _open_store(db_path)
+        try:
+            state = owner_action(store, referral_id, action)
+        except ConfigError as exc:
+            raise ConfigError(f"{exc} (database {database_label(store.location)})") from None
         _emit(as_json, {"referral_id": referral_id, "state": state}, f"{referral_id} is now {state}")
     owner_action_command.__doc__ = f"{action.capitalize()} a referral as the owner (logged as an owner action)."
     return cli.command(action)(owner_action_command)
@@ -2719,6 +3177,9 @@ svg .qualified { fill: #1c7c3a; }
 .rejected td:first-child { white-space: nowrap; }
 .rejected td:nth-child(n+5) { min-width: 14rem; }
 .rejected code { word-break: break-all; }
+table.wrap td { white-space: normal; overflow-wrap: anywhere; }
+form.inline { display: inline; }
+.axis { display: flex; justify-content: space-between; margin: 0; font-size: .8rem; }
 """
 
 # Every form carries the session's CSRF token; the templates below join this field in.
@@ -2731,7 +3192,7 @@ TEMPLATES = jinja2.Environment(autoescape=True, trim_blocks=True, lstrip_blocks=
   <meta charset="utf-8">
   <meta name="viewport" content="width=device-width, initial-scale=1">
   <title>{{ title }} · mmoref</title>
-  <style>""" + STYLE_SHEET + """</style>
+  <style nonce="{{ style_nonce }}">""" + STYLE_SHEET + """</style>
 </head>
 <body>
 <header>
@@ -2770,7 +3231,7 @@ TEMPLATES = jinja2.Environment(autoescape=True, trim_blocks=True, lstrip_blocks=
   <p class="error" role="alert">{{ error }}</p>
   {% endif %}
   {% if no_password %}
-  <p class="error">No dashboard password is set yet: run <code>python mmoref_server.py set-password</code>
+  <p class="error">No dashboard password is set yet: run <code>{{ set_password_command() }}</code>
     or set <code>MMOREF_ADMIN_PASSWORD</code>.</p>
   {% endif %}
   <form method="post">
@@ -2818,7 +3279,9 @@ TEMPLATES = jinja2.Environment(autoescape=True, trim_blocks=True, lstrip_blocks=
           <td>
             <a href="{{ url_for('mmoref.dashboard.referrals_tab', game=server.game, server_id=server.server_id) }}">
               {{- server.name or server.server_id }}</a>
+            {% if server.name %}
             <span class="muted">{{ server.server_id }}</span>
+            {% endif %}
           </td>
           <td>{{ server.game }}</td>
           <td>{{ "on" if server.referrals_enabled else "off" }}</td>
@@ -2905,7 +3368,7 @@ TEMPLATES = jinja2.Environment(autoescape=True, trim_blocks=True, lstrip_blocks=
         <td>{{ r.status }}</td>
         <td>{{ r.error }}</td>
         <td>{{ r.reason or "" }}</td>
-        <td style="white-space:normal">{{ r.hint }}
+        <td>{{ r.hint }}
           {% if r.diagnosis %}<br><strong class="diagnosis">{{ r.diagnosis }}</strong>{% endif %}
         </td>
         <td><code>{{ r.snippet[:120] }}</code></td>
@@ -2936,8 +3399,26 @@ TEMPLATES = jinja2.Environment(autoescape=True, trim_blocks=True, lstrip_blocks=
 <section id="new-token">
   <h2>Test token for referral {{ new_token.referral_id }}</h2>
   <p class="secret" id="token-value">{{ new_token.token }}</p>
+  <p class="muted">A test referral: its click and events are left out of the analytics.</p>
 </section>
 {% endif %}
+{% endblock %}
+
+{% block connect %}
+<section id="connect">
+  <h2>Connect your game server</h2>
+  <p>Your game server POSTs signed events to this address, with this server id and the secret shown once
+    when it was made (this page never shows it again).</p>
+  <table class="wrap">
+    <tr><th>Ingest URL</th><td><code id="connect-url">{{ connect.url }}</code></td></tr>
+    <tr><th>server_id</th><td><code id="connect-server-id">{{ connect.server_id }}</code></td></tr>
+    <tr><th>kid</th><td><code id="connect-kid">{{ connect.kid or "no secret yet" }}</code></td></tr>
+  </table>
+  <h3>With curl and openssl</h3>
+  <pre id="connect-shell">{{ connect.shell }}</pre>
+  <h3>With Python (this file's <code>send</code> command)</h3>
+  <pre id="connect-python">{{ connect.python }}</pre>
+</section>
 {% endblock %}
 
 {% block status %}
@@ -2988,9 +3469,14 @@ TEMPLATES = jinja2.Environment(autoescape=True, trim_blocks=True, lstrip_blocks=
       </tbody>
     </table>
   </div>
+  {% for s in in_grace %}
+  <p class="error" id="rotation-revokes">Rotating again now revokes secret {{ s.kid }} (ends in …{{ s.last4 }},
+    valid until {{ iso_utc(s.expires_at) }}) at once: game servers still signing with it will be refused.</p>
+  {% endfor %}
   <form method="post" class="row" action="{{ url_for('mmoref.dashboard.rotate_secret_form', game=server.game,
                                                      server_id=server.server_id) }}">
     """ + _CSRF_FIELD + """
+    <input type="hidden" name="rotation" value="{{ rotation_nonce }}">
     <div>
       <label for="grace">The previous secret</label>
       <select id="grace" name="grace">
@@ -3076,8 +3562,17 @@ TEMPLATES = jinja2.Environment(autoescape=True, trim_blocks=True, lstrip_blocks=
     </rect>
     {% endfor %}
   </svg>
-  <p class="muted">Bars per day: clicks (light), registered (blue), qualified (green);
+  <p class="axis muted" id="chart-axis">
+    {% for day in analytics.chart.axis %}
+    <span>{{ day }}</span>
+    {% endfor %}
+  </p>
+  {% if analytics.chart.peak %}
+  <p class="muted" id="chart-note">Bars per day: clicks (light), registered (blue), qualified (green);
     peak {{ analytics.chart.peak }}.</p>
+  {% else %}
+  <p class="muted" id="chart-note">No clicks, registrations or qualifications in the last 30 days.</p>
+  {% endif %}
   <h3>Top referrers (by qualified)</h3>
   <div class="scroll">
     <table id="leaderboard">
@@ -3109,7 +3604,7 @@ TEMPLATES = jinja2.Environment(autoescape=True, trim_blocks=True, lstrip_blocks=
 {% block log %}
 <section id="log">
   <h2>Delivery log</h2>
-  <form method="get" class="row">
+  <form method="get" class="row" action="{{ tab_url }}">
     <div>
       <label for="f-event">Event</label>
       <select id="f-event" name="event">
@@ -3191,6 +3686,23 @@ TEMPLATES = jinja2.Environment(autoescape=True, trim_blocks=True, lstrip_blocks=
 {% endblock %}
 """,
 
+    "confirm.html": """{% extends "base.html" %}
+{% block main %}
+<section id="confirm">
+  <h1>{{ action|capitalize }} referral {{ referral.referral_id }}?</h1>
+  <p>Referral {{ referral.referral_id }} (referrer {{ referral.referrer_code }}) is {{ referral.state }}.
+    It becomes <strong>{{ next_state }}</strong>: this is final and cannot be undone.</p>
+  <form method="post" class="row">
+    """ + _CSRF_FIELD + """
+    <input type="hidden" name="back" value="{{ back }}">
+    <input type="hidden" name="confirmed" value="yes">
+    <button id="confirm-action">Yes, {{ action }} referral</button>
+    <a href="{{ back }}">Cancel</a>
+  </form>
+</section>
+{% endblock %}
+""",
+
     "detail.html": """{% extends "base.html" %}
 {% block main %}
 <p><a href="{{ url_for('mmoref.dashboard.referrals_tab', game=server.game, server_id=server.server_id) }}">
@@ -3198,7 +3710,7 @@ TEMPLATES = jinja2.Environment(autoescape=True, trim_blocks=True, lstrip_blocks=
 <h1>Event {{ row.id }}: {{ row.event }}</h1>
 {% block event %}
 <section>
-  <table id="event-detail">
+  <table id="event-detail" class="wrap">
     <tr><th>Received</th><td>{{ row.received }}</td></tr>
     <tr><th>Outcome</th><td>{{ row.outcome }}</td></tr>
     <tr><th>server_event_id</th><td>{{ row.server_event_id or "" }}</td></tr>
@@ -3217,9 +3729,8 @@ TEMPLATES = jinja2.Environment(autoescape=True, trim_blocks=True, lstrip_blocks=
 <section>
   <h2>Owner actions</h2>
   {% for action in actions %}
-  <form method="post" style="display:inline" action="{{ url_for('mmoref.dashboard.owner_action_form',
+  <form method="get" class="inline" action="{{ url_for('mmoref.dashboard.owner_action_form',
       game=server.game, server_id=server.server_id, referral_id=referral.referral_id, action=action) }}">
-    """ + _CSRF_FIELD + """
     <input type="hidden" name="back" value="{{ url_for('mmoref.dashboard.log_detail', game=server.game,
                                                        server_id=server.server_id, row_id=row.id) }}">
     <button class="plain" id="action-{{ action }}">{{ action|capitalize }} referral</button>
@@ -3252,6 +3763,8 @@ TEMPLATES = jinja2.Environment(autoescape=True, trim_blocks=True, lstrip_blocks=
 {% endblock %}
 """,
 }))
+# the hint on the login page names this app's database when it is not ./referrals.db
+TEMPLATES.globals["set_password_command"] = lambda: set_password_command_line(current_app.config["MMOREF_DB"])
 
 
 # main ########################################################################

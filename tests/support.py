@@ -436,7 +436,9 @@ class Owner:
         return self.client.post(path, data={"csrf_token": self.csrf, **form})
 
     def post_page(self, path: str, status: int = 200, **form: str) -> Doc:
-        return html(self.post(path, **form), status)
+        """The page a form post leads to: its redirect's target (post/redirect/get), or its own answer."""
+        response = self.post(path, **form)
+        return html(self.client.get(location(response)) if response.status_code == 302 else response, status)
 
     def follow(self, response: Any) -> Doc:
         """The page a 302 leads to (where its flashed message shows)."""
@@ -508,10 +510,11 @@ class LiveServer:
 
     `command` defaults to `python mmoref_server.py serve --port {port}`; "{port}" in the command
     or in an `env` value becomes the port. `db_path` (MMOREF_DB) None leaves the server its default.
+    `stderr_apart` writes stderr to its own file, `stderr_path`, instead of with stdout.
     """
 
     def __init__(self, db_path: str | None, log_dir: Path, *, env: dict[str, str] | None = None,
-                 command: list[str] | None = None, cwd: Path = ROOT):
+                 command: list[str] | None = None, cwd: Path = ROOT, stderr_apart: bool = False):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         full_env = {**os.environ, **({"MMOREF_DB": db_path} if db_path else {}), **(env or {})}
@@ -519,8 +522,11 @@ class LiveServer:
         argv = command or [PYTHON, str(SERVER_SCRIPT), "serve", "--port", "{port}"]
         argv = [part.replace("{port}", str(self.port)) for part in argv]
         self.log_path = log_dir / f"server-{self.port}.log"
-        with open(self.log_path, "w") as log_file:  # a file, not a pipe: a full pipe would block the server
-            self.process = subprocess.Popen(argv, cwd=cwd, env=full_env, stdout=log_file, stderr=subprocess.STDOUT)
+        self.stderr_path = log_dir / f"server-{self.port}.stderr" if stderr_apart else self.log_path
+        with open(self.log_path, "w") as log_file, open(self.stderr_path, "a") as stderr_file:
+            # files, not pipes: a full pipe would block the server
+            self.process = subprocess.Popen(argv, cwd=cwd, env=full_env, stdout=log_file,
+                                            stderr=stderr_file if stderr_apart else subprocess.STDOUT)
         self._wait_until_healthy()
 
     def _wait_until_healthy(self, seconds: float = 20) -> None:

@@ -249,7 +249,7 @@ def test_delivery_log_shows_current_state_and_owner_can_reverse(page: Any, live_
     rows = log_rows(page)  # newest first, each with the referral's state *now*
     assert [(r["event"], r["state"], r["outcome"]) for r in rows] == [
         ("qualified", "qualified", "advanced"), ("registered", "qualified", "advanced")]
-    assert page.locator("#funnel-qualified").inner_text() == "1"
+    assert page.locator("#funnel-qualified").inner_text() == "0"  # a dashboard test token counts nowhere
     screenshot(page, tmp_path / "delivery-log.png", full_page=True)
 
     follow(page.locator(f'#delivery-log tr[data-id="{rows[1]["id"]}"] a.detail'))
@@ -259,7 +259,10 @@ def test_delivery_log_shows_current_state_and_owner_can_reverse(page: Any, live_
     assert page.locator("#action-reverse").is_visible() and page.locator("#action-reject").is_visible()
     payload = page.locator("pre").inner_text()
     assert '"token": "' + token[:4] + '…"' in payload and token not in payload  # masked, readable
-    follow(page.locator("#action-reverse"))
+    follow(page.locator("#action-reverse"))  # final: a page asks first
+    assert page.locator("h1").inner_text().startswith("Reverse referral")
+    assert page.locator("#referral-state").count() == 0
+    follow(page.locator("#confirm-action"))
     page.wait_for_url(f"**/referrals/log/{rows[1]['id']}")
     assert page.locator("#referral-state").inner_text() == "reversed"
     assert "is now reversed" in page.get_by_role("status").inner_text()
@@ -332,11 +335,15 @@ def test_docs_screenshot_of_demo_dashboard(page: Any, live_server: Any, tmp_path
     done = subprocess.run([PYTHON, str(SERVER_SCRIPT), "demo", str(demo_db)], cwd=ROOT,
                           capture_output=True, text=True, timeout=30)
     assert done.returncode == 0, done.stderr
-    server = live_server(env={**ENV, "MMOREF_DB": str(demo_db)})
+    server = live_server(env={**ENV, "MMOREF_DB": str(demo_db), "MMOREF_TRUST_PROXY": "1"})
     login(page, server.url)
+    # as behind an https proxy: the URLs shown (share link, ingest URL) carry a public address, no test port
+    page.set_extra_http_headers({"X-Forwarded-Proto": "https", "X-Forwarded-Host": "referrals.example.org"})
     tab = f"/dashboard/{mm.DEMO_GAME}/{mm.DEMO_SERVER_ID}/referrals"
     page.goto(server.url + tab)
     assert page.locator("h1").inner_text().startswith("Demo Server")
+    assert page.locator("#connect-url").inner_text() == "https://referrals.example.org" + INGEST
+    assert f":{server.port}" not in page.locator("main").inner_text()
     assert {r["state"] for r in log_rows(page)} >= {"qualified", "reversed", "rejected", "registered"}
     assert page.locator("table.rejected tbody tr").count() >= 2
 

@@ -218,7 +218,10 @@ def test_owner_action_from_the_detail_page(owner: Owner, kit: Any, action: str, 
     back = form.one("input", name="back").attrs["value"]
     assert back == detail_url
 
-    page = owner.follow(owner.post(form.attrs["action"], back=back))
+    assert form.attrs["method"] == "get"  # final: the button only opens a page that asks first
+    confirm = owner.client.get(form.attrs["action"], query_string={"back": back})
+    assert confirm.status_code == 200 and kit.store.referral(referral_id)["state"] == "registered"
+    page = owner.follow(owner.post(form.attrs["action"], back=back, confirmed="yes"))
     assert page.flashes == [f"Referral {referral_id} is now {state}."]
     assert page.by_id("referral-state").text == state
     assert not page.all("button", id=f"action-{action}")
@@ -241,7 +244,7 @@ def test_owner_action_refused_when_not_allowed(owner: Owner, kit: Any, store: An
         send_ok(kit, event, token, f"e-{event}")
     rows_before = log_rows(owner.page(KIT_TAB))
 
-    tab = owner.follow(owner.post(f"{KIT_TAB}/referral/{referral_id}/{action}"))
+    tab = owner.follow(owner.post(f"{KIT_TAB}/referral/{referral_id}/{action}", confirmed="yes"))
     assert tab.flashes == [f"cannot {action} referral {referral_id} in state '{state}'"
                            f" (only from {', '.join(mm.OWNER_ACTIONS[action][0])})"]
     assert log_rows(tab) == rows_before
@@ -257,7 +260,8 @@ def test_owner_action_checks_its_target(owner: Owner, kit: Any, registered: dict
     assert owner.post(f"/dashboard/{KIT_GAME}/srv_other/referrals/referral/{referral_id}/reverse").status_code == 404
     assert snapshot(db_path) == before
     # `back` may only lead back into this server's tab
-    assert location(owner.post(f"{KIT_TAB}/referral/{referral_id}/reverse", back="https://evil.example/")) == KIT_TAB
+    assert location(owner.post(f"{KIT_TAB}/referral/{referral_id}/reverse", back="https://evil.example/",
+                               confirmed="yes")) == KIT_TAB
 
 
 # CSV export ####################################################################

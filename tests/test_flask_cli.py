@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import mmoref_server as mm
 from tests.support import ROOT
 
 
@@ -30,7 +31,10 @@ def test_add_server_through_flask(tmp_path: Path) -> None:
 
 
 def test_a_user_error_through_flask_is_one_line(tmp_path: Path) -> None:
+    mm.Store(str(tmp_path / "referrals.db")).close()
     result = flask_command(tmp_path, "rotate-secret", "nope", "--db", str(tmp_path / "referrals.db"))
     assert result.returncode == 1
     assert result.stdout == ""
-    assert result.stderr.strip().splitlines() == ["Error: unknown server 'nope'"]
+    assert result.stderr.strip().splitlines() == [
+        f"Error: unknown server 'nope' in {tmp_path / 'referrals.db'}: "
+        "check the id, or pass --db with the right database"]

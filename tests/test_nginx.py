@@ -1,0 +1,290 @@
+"""The real nginx in front of a real `serve`, over TLS with a certificate made here.
+
+nginx runs the location snippets deploy/nginx/ ships (root and /mmoref prefix, dashboard
+allowlist), so these tests check what an owner installs. Three loopback addresses tell the
+parties apart: the player's client connects from 127.0.0.3, the owner's from 127.0.0.1 (the
+only one the dashboard allowlist admits), and nginx reaches mmoref from 127.0.0.2.
+"""
+from __future__ import annotations
+
+import http.client
+import os
+import shutil
+import socket
+import ssl
+import subprocess
+import time
+from dataclasses import dataclass
+from http.cookies import SimpleCookie
+from pathlib import Path
+from urllib.parse import parse_qs, urlencode, urlsplit
+
+import pytest
+from support import HTTP_TIMEOUT, ROOT, Doc, csrf, free_port, rows
+
+import mmoref_server as mm
+
+pytestmark = pytest.mark.slow
+
+PLAYER, OWNER, NGINX_ADDRESS = "127.0.0.3", "127.0.0.1", "127.0.0.2"
+SPOOFED = "203.0.113.66"   # a documentation address, only ever inside a header
+SERVER, PASSWORD = "srv_nginx", "correct horse battery"
+REGISTRATION_URL = "https://game.example/register"
+SNIPPETS = ROOT / "deploy" / "nginx" / "snippets"
+START_SECONDS = 10
+
+NGINX_CONF = """\
+{user}
+daemon off;
+pid {tmp}/nginx.pid;
+error_log {tmp}/error.log;
+events {{ worker_connections 64; }}
+http {{
+    access_log {tmp}/access.log;
+    client_body_temp_path {tmp}/client_body;
+    proxy_temp_path {tmp}/proxy;
+    fastcgi_temp_path {tmp}/fastcgi;
+    uwsgi_temp_path {tmp}/uwsgi;
+    scgi_temp_path {tmp}/scgi;
+    upstream mmoref {{
+        server 127.0.0.1:{upstream_port};
+        keepalive 4;
+    }}
+    server {{
+        listen 127.0.0.1:{port} ssl;
+        ssl_certificate {tmp}/cert.pem;
+        ssl_certificate_key {tmp}/key.pem;
+        proxy_bind {nginx_address};
+        include snippets/mmoref-locations.conf;
+        include snippets/mmoref-prefix-locations.conf;
+    }}
+}}
+"""
+
+
+def tool(name: str) -> str:
+    """The path of a program the test needs; missing, it skips, or fails under CI=true."""
+    found = shutil.which(name) or shutil.which(name, path="/usr/sbin:/sbin")
+    if found is None:
+        reason = f"{name} is not installed (apt-get install nginx-light openssl)"
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"nginx tests cannot run: {reason}; CI=true requires them", pytrace=False)
+        pytest.skip(reason)
+    return found
+
+
+def make_certificate(folder: Path) -> Path:
+    """A self-signed certificate for 127.0.0.1 (key.pem, cert.pem in `folder`); the cert's path."""
+    subprocess.run([tool("openssl"), "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+                    "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+                    "-keyout", str(folder / "key.pem"), "-out", str(folder / "cert.pem")],
+                   check=True, capture_output=True, timeout=30)
+    return folder / "cert.pem"
+
+
+def start_nginx(folder: Path, upstream_port: int) -> tuple[subprocess.Popen, int]:
+    """nginx on a free 127.0.0.1 port with the shipped snippets, proxying to `upstream_port`."""
+    nginx = tool("nginx")
+    make_certificate(folder)
+    shutil.copytree(SNIPPETS, folder / "snippets")
+    port = free_port()
+    user = "user root;" if os.geteuid() == 0 else ""   # workers as root can use the test's 0700 folder
+    (folder / "nginx.conf").write_text(NGINX_CONF.format(user=user, tmp=folder, upstream_port=upstream_port,
+                                                         port=port, nginx_address=NGINX_ADDRESS))
+    process = subprocess.Popen([nginx, "-p", str(folder), "-c", str(folder / "nginx.conf"),
+                                "-e", str(folder / "error.log")],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + START_SECONDS
+    while time.monotonic() < deadline and process.poll() is None:
+        with socket.socket() as probe:
+            if probe.connect_ex(("127.0.0.1", port)) == 0:
+                return process, port
+        time.sleep(0.05)
+    process.kill()
+    process.wait()
+    error_log = folder / "error.log"
+    pytest.fail(f"nginx did not start:\n{error_log.read_text() if error_log.exists() else ''}")
+
+
+class TlsClient:
+    """A client of nginx over https from one loopback address; keeps the session cookie."""
+
+    def __init__(self, port: int, certificate: Path, source: str):
+        self.port, self.source, self.cookie = port, source, ""
+        self.context = ssl.create_default_context(cafile=str(certificate))
+
+    def request(self, method: str, path: str, body: bytes | None = None,
+                **headers: str) -> tuple[int, http.client.HTTPMessage, str]:
+        connection = http.client.HTTPSConnection("127.0.0.1", self.port, timeout=HTTP_TIMEOUT,
+                                                 source_address=(self.source, 0), context=self.context)
+        try:
+            connection.request(method, path, body=body, headers={**headers, "Cookie": self.cookie})
+            response = connection.getresponse()
+            text = response.read().decode("utf-8", "replace")
+        finally:
+            connection.close()
+        session = SimpleCookie(response.headers.get("Set-Cookie", "")).get("session")
+        if session is not None:
+            self.cookie = f"session={session.value}"
+        return response.status, response.headers, text
+
+    def log_in(self, prefix: str = "", next_url: str | None = None) -> tuple[int, http.client.HTTPMessage, str]:
+        url = f"{prefix}/dashboard/login" + (f"?{urlencode({'next': next_url})}" if next_url else "")
+        status, _, page = self.request("GET", url)
+        assert status == 200, page
+        form = urlencode({"csrf_token": csrf(Doc(page)), "password": PASSWORD}).encode()
+        return self.request("POST", url, form, **{"Content-Type": "application/x-www-form-urlencoded"})
+
+
+@dataclass
+class Proxied:
+    """mmoref behind nginx: the https port, the certificate to trust, the database, the secret."""
+    port: int
+    certificate: Path
+    db_path: str
+    secret: str
+
+    def client(self, source: str = PLAYER) -> TlsClient:
+        return TlsClient(self.port, self.certificate, source)
+
+    def ingest(self, token: str, event_id: str, prefix: str = "") -> tuple[int, str]:
+        raw = mm.build_body("registered", token, SERVER, event_id, referee_identity=f"player-{event_id}")
+        status, _, text = self.client().request("POST", prefix + mm.INGEST_PATH, raw, **{
+            mm.SIGNATURE_HEADER: mm.signature_header(self.secret, raw), "Content-Type": "application/json"})
+        return status, text
+
+
+@pytest.fixture
+def behind_nginx(live_server, db_path, tmp_path):
+    """start(trust_proxy) -> Proxied: a real server with srv_nginx, behind nginx over TLS."""
+    store = mm.Store(db_path)
+    secret, _ = store.add_server(SERVER, "mygame", "Behind nginx", REGISTRATION_URL)
+    store.set_admin_password(PASSWORD)
+    started: list[subprocess.Popen] = []
+
+    def start(trust_proxy: bool) -> Proxied:
+        server = live_server(env={"MMOREF_TRUST_PROXY": "1" if trust_proxy else "0",
+                                  "MMOREF_TRUSTED_PROXY": NGINX_ADDRESS})
+        folder = tmp_path / "nginx"
+        folder.mkdir()
+        process, port = start_nginx(folder, server.port)
+        started.append(process)
+        return Proxied(port, folder / "cert.pem", db_path, secret)
+
+    yield start
+    for process in started:
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def cookie_flags(headers: http.client.HTTPMessage, name: str) -> list[str]:
+    """The attributes (lower case) of the Set-Cookie header that sets `name`."""
+    matching = [value for value in headers.get_all("Set-Cookie") or [] if value.startswith(f"{name}=")]
+    assert len(matching) == 1, headers.get_all("Set-Cookie")
+    return [part.strip().lower() for part in matching[0].split(";")[1:]]
+
+
+def click(proxied: Proxied, prefix: str = "") -> tuple[str, list[str]]:
+    """Open the share link as a player whose X-Forwarded-For is spoofed: (token, mmref cookie flags)."""
+    status, headers, page = proxied.client().request("GET", f"{prefix}/r/{SERVER}?ref=alice",
+                                                     **{"X-Forwarded-For": SPOOFED})
+    assert status == 302, page
+    location = headers["Location"]
+    assert location.startswith(f"{REGISTRATION_URL}?mmref="), location
+    return location.partition("mmref=")[2], cookie_flags(headers, "mmref")
+
+
+def recorded_address(proxied: Proxied, token: str) -> str:
+    """Which of the candidate addresses the server hashed into the click's ip_hash."""
+    store = mm.Store(proxied.db_path)
+    referral_id = mm.read_token(store.token_key, token).referral_id
+    [(ip_hash,)] = rows(proxied.db_path, "SELECT ip_hash FROM referrals WHERE referral_id = ?", referral_id)
+    candidates = {mm._ip_hash(store, address): address for address in (PLAYER, OWNER, NGINX_ADDRESS, SPOOFED)}
+    assert ip_hash in candidates, ip_hash
+    return candidates[ip_hash]
+
+
+def test_signed_ingest_secure_cookies_and_the_forwarded_client_behind_nginx(behind_nginx):
+    proxied = behind_nginx(trust_proxy=True)
+    token, flags = click(proxied)
+    assert "secure" in flags and "httponly" in flags
+    assert recorded_address(proxied, token) == PLAYER   # what nginx saw, not what the client claimed
+
+    status, text = proxied.ingest(token, "reg-1")
+    assert status == 200, text
+    assert '"state": "registered"' in text
+
+    owner = proxied.client(OWNER)
+    status, headers, page = owner.log_in()
+    assert status == 302, page
+    assert headers["Location"] == "/dashboard/"
+    assert "secure" in cookie_flags(headers, "session")
+    status, _, page = owner.request("GET", f"/dashboard/mygame/{SERVER}/referrals")
+    assert status == 200, page
+    assert f"https://127.0.0.1:{proxied.port}/r/{SERVER}?ref=" in page
+
+
+def test_the_dashboard_is_refused_to_addresses_off_the_allowlist(behind_nginx):
+    proxied = behind_nginx(trust_proxy=True)
+    for path in ("/dashboard/", "/dashboard/login", "/mmoref/dashboard/login"):
+        status, _, page = proxied.client(PLAYER).request("GET", path)
+        assert status == 403, (path, page)
+        assert "403 Forbidden" in page and "Log in" not in page
+    status, _, page = proxied.client(PLAYER).request("GET", "/healthz")
+    assert (status, page) == (200, '{"ok": true}')
+
+
+def test_under_the_mmoref_prefix_links_and_redirects_carry_it(behind_nginx):
+    proxied = behind_nginx(trust_proxy=True)
+    token, flags = click(proxied, prefix="/mmoref")
+    assert "secure" in flags
+    status, text = proxied.ingest(token, "reg-2", prefix="/mmoref")
+    assert status == 200, text
+    assert '"state": "registered"' in text
+
+    owner = proxied.client(OWNER)
+    status, headers, _ = owner.request("GET", f"/mmoref/dashboard/mygame/{SERVER}/referrals")
+    assert status == 302
+    login_url = urlsplit(headers["Location"])
+    assert login_url.path == "/mmoref/dashboard/login", headers["Location"]
+    assert parse_qs(login_url.query)["next"] == [f"/mmoref/dashboard/mygame/{SERVER}/referrals?"]
+    status, headers, page = owner.log_in(prefix="/mmoref", next_url=f"/mmoref/dashboard/mygame/{SERVER}/referrals")
+    assert status == 302, page
+    assert headers["Location"] == f"/mmoref/dashboard/mygame/{SERVER}/referrals"   # back where it was going
+    status, _, page = owner.request("GET", headers["Location"])
+    assert status == 200, page
+    assert f"https://127.0.0.1:{proxied.port}/mmoref/r/{SERVER}?ref=" in page
+    assert 'action="/mmoref/dashboard/logout"' in page
+
+
+def test_with_trust_proxy_off_forwarded_headers_are_ignored(behind_nginx):
+    proxied = behind_nginx(trust_proxy=False)
+    token, flags = click(proxied)
+    assert "secure" not in flags                           # X-Forwarded-Proto: https ignored
+    assert recorded_address(proxied, token) == NGINX_ADDRESS   # X-Forwarded-For ignored: the peer counts
+    status, headers, _ = proxied.client(OWNER).request("GET", "/mmoref/dashboard/")
+    assert status == 302
+    assert urlsplit(headers["Location"]).path == "/dashboard/login"   # X-Forwarded-Prefix ignored
+
+
+def test_the_shipped_site_file_passes_nginx_t(tmp_path):
+    """deploy/nginx/mmoref.conf as installed, with the test's certificate where certbot's would be."""
+    make_certificate(tmp_path)
+    certbot = tmp_path / "letsencrypt"
+    certbot.mkdir()
+    shutil.copy(tmp_path / "cert.pem", certbot / "fullchain.pem")
+    shutil.copy(tmp_path / "key.pem", certbot / "privkey.pem")
+    shutil.copytree(SNIPPETS, tmp_path / "snippets")
+    site = (SNIPPETS.parent / "mmoref.conf").read_text()
+    (tmp_path / "mmoref.conf").write_text(site.replace("/etc/letsencrypt/live/refer.example.org", str(certbot)))
+    http_block = NGINX_CONF.split("    upstream mmoref")[0]   # the test's paths, then the shipped site
+    (tmp_path / "nginx.conf").write_text(http_block.format(user="", tmp=tmp_path) + "    include mmoref.conf;\n}\n")
+    result = subprocess.run([tool("nginx"), "-t", "-p", str(tmp_path), "-c", str(tmp_path / "nginx.conf"),
+                             "-e", str(tmp_path / "error.log")], capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+    assert "test is successful" in result.stderr
+    assert "[warn]" not in result.stderr and "[emerg]" not in result.stderr
