@@ -1096,21 +1096,30 @@ class Store:
 
     # copy-db: a whole installation, from one engine to the other
 
-    def is_empty(self) -> bool:
-        return all(self._one(f"SELECT 1 AS found FROM {table} LIMIT 1") is None for table in COPIED_TABLES)
-
     def table_rows(self, table: str) -> list[Row]:
         """Every row of one of COPIED_TABLES, in the order copy-db inserts them."""
         return self._all(f"SELECT * FROM {table} ORDER BY {COPIED_TABLES[table]}")
 
-    def insert_rows(self, table: str, rows: Sequence[Row]) -> None:
-        """Insert rows as they were read from another store (the same schema version)."""
+    def copy_from(self, source: Store) -> dict[str, int]:
+        """Copy every row of `source` into this empty store, in one transaction; rows per table.
+
+        Rows keep their ids, keys and values: the token key (tokens minted before still
+        verify), the password hash and session key, secrets with their kids and expiries.
+        """
+        counts = {}
         with self._writing() as db:
-            for row in rows:
-                columns = list(row.keys())  # (iterating a Row gives its values)
-                db.execute(f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})",
-                           tuple(row[column] for column in columns))
-            self._after_insert_rows(db, table)
+            if any(db.execute(f"SELECT 1 AS found FROM {table} LIMIT 1").fetchone() for table in COPIED_TABLES):
+                raise ConfigError(f"{database_label(self.location)} already holds data:"
+                                  " copy into a new, empty database")
+            for table in COPIED_TABLES:
+                rows = source.table_rows(table)
+                for row in rows:
+                    columns = list(row.keys())  # (iterating a sqlite3.Row gives its values)
+                    db.execute(f"INSERT INTO {table} ({', '.join(columns)})"
+                               f" VALUES ({', '.join('?' * len(columns))})", tuple(row[column] for column in columns))
+                self._after_insert_rows(db, table)
+                counts[table] = len(rows)
+        return counts
 
     def _after_insert_rows(self, db: Any, table: str) -> None:
         """What the engine must do after rows came in with their own ids."""
@@ -2916,6 +2925,23 @@ def set_password_command(db_path: str | None, password: str) -> None:
     """Set the dashboard password (stored as a salted hash); logs every session out."""
     _open_store(db_path, create=True).set_admin_password(password)
     click.echo("dashboard password changed")
+
+
+@cli.command("copy-db")
+@click.argument("source", metavar="SOURCE")
+@click.argument("destination", metavar="DEST")
+def copy_db_command(source: str, destination: str) -> None:
+    """Copy a whole installation into an empty database: SQLite file or postgresql:// URL, either way.
+
+    Servers, secrets, the token key (tokens minted before still verify), the dashboard
+    password and session key, referrals, anchors, the delivery log and the counters. Stop
+    the servers using SOURCE first, so that nothing is written during the copy.
+    """
+    if source == destination:
+        raise ConfigError("SOURCE and DEST are the same database")
+    counts = _open_store(destination, create=True).copy_from(_open_store(source))
+    click.echo(f"copied {database_label(source)} to {database_label(destination)}: "
+               + ", ".join(f"{count} {table}" for table, count in counts.items()))
 
 
 @cli.command("add-server")

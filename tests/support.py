@@ -252,8 +252,9 @@ def rows(path: str | Path, sql: str, *params: Any) -> list[tuple]:
     if mm.is_postgres_url(str(path)):
         import psycopg
         with psycopg.connect(str(path), autocommit=True) as db:
-            return [tuple(_as_sqlite_value(value) for value in row)
-                    for row in db.execute(mm._postgres_sql(sql), params).fetchall()]
+            cursor = db.execute(mm._postgres_sql(sql), params)
+            found = cursor.fetchall() if cursor.description else []  # (an UPDATE returns no rows)
+            return [tuple(_as_sqlite_value(value) for value in row) for row in found]
     with database(path) as db:
         return db.execute(sql, params).fetchall()
 
@@ -607,8 +608,10 @@ def poster(secret: str, raw_body: bytes) -> Callable[[HttpClient], tuple[int, An
     return lambda client: client.post_event(secret, raw_body)
 
 
-def race(port: int, actions: Sequence[Callable[[HttpClient], Any]], timeout: float = 60) -> list[Any]:
+def race(port: int | Sequence[int], actions: Sequence[Callable[[HttpClient], Any]], timeout: float = 60) -> list[Any]:
     """Run each action in its own thread with its own connection, all released at once by a barrier.
+
+    With several ports (server processes), action i goes to ports[i % len(ports)].
 
     Returns the actions' results in order; an action's exception fails the test here.
     """
@@ -616,8 +619,10 @@ def race(port: int, actions: Sequence[Callable[[HttpClient], Any]], timeout: flo
     results: list[Any] = [None] * len(actions)
     errors: list[BaseException] = []
 
+    ports = [port] if isinstance(port, int) else list(port)
+
     def run(index: int, action: Callable[[HttpClient], Any]) -> None:
-        client = HttpClient(port)
+        client = HttpClient(ports[index % len(ports)])
         try:
             barrier.wait()
             results[index] = action(client)
