@@ -251,7 +251,7 @@ def test_under_the_mmoref_prefix_links_and_redirects_carry_it(behind_nginx):
     assert status == 302
     login_url = urlsplit(headers["Location"])
     assert login_url.path == "/mmoref/dashboard/login", headers["Location"]
-    assert parse_qs(login_url.query)["next"] == [f"/mmoref/dashboard/mygame/{SERVER}/referrals?"]
+    assert parse_qs(login_url.query)["next"] == [f"/mmoref/dashboard/mygame/{SERVER}/referrals"]
     status, headers, page = owner.log_in(prefix="/mmoref", next_url=f"/mmoref/dashboard/mygame/{SERVER}/referrals")
     assert status == 302, page
     assert headers["Location"] == f"/mmoref/dashboard/mygame/{SERVER}/referrals"   # back where it was going
