@@ -2,6 +2,8 @@
 
     python bench/bench_ingest.py                 # full run (1,000,000 prefilled rows)
     python bench/bench_ingest.py --rows 100000   # quicker
+    python bench/bench_ingest.py --db postgresql://user:pass@host/dbname --nodes 1,2,4
+    python bench/bench_ingest.py --start-postgres --nodes 1,2,4   # a throwaway local cluster
 
 In one run it:
 1. starts `python mmoref_server.py serve` on a fresh database on 127.0.0.1, mints unique
@@ -13,6 +15,12 @@ In one run it:
    rounds and prints the ratio to the empty-database figure;
 3. times dashboard pages on the big database (server time from Server-Timing) and a
    10,000-row CSV export; prints each server's peak RSS.
+
+With --db postgresql://... (or --start-postgres) it instead compares, in one run, signed
+unique `registered` events/s with 1, 2, 4 (--nodes) mmoref processes sharing that PostgreSQL
+and a single process on SQLite, each next to /healthz on the same processes. Each figure gets
+a fresh database, created beside the one the URL names (the role needs CREATEDB) and dropped
+afterwards; --start-postgres runs initdb/pg_ctl from Debian's packages, fsync on.
 
 Only 127.0.0.1; every load loop is bounded in count and time.
 """
@@ -46,9 +54,9 @@ HOST = "127.0.0.1"
 # The server under test ########################################################
 
 class Server:
-    def __init__(self, db_path: Path, threads: int):
+    def __init__(self, db_path: Path | str, threads: int, log_path: Path | None = None):
         self.port = _free_port()
-        self.log = open(db_path.with_suffix(".log"), "w")  # noqa: SIM115 (closed in stop)
+        self.log = open(log_path or Path(db_path).with_suffix(".log"), "w")  # noqa: SIM115 (closed in stop)
         env = {**os.environ, "MMOREF_ADMIN_PASSWORD": PASSWORD, "MMOREF_THREADS": str(threads)}
         self.process = subprocess.Popen(
             [sys.executable, str(ROOT / "mmoref_server.py"), "serve", "--db", str(db_path), "--port", str(self.port)],
@@ -234,6 +242,81 @@ def measure_ingest(server: Server, secret: str, args: argparse.Namespace, workdi
     return summary
 
 
+def measure_nodes(servers: list[Server], secret: str, args: argparse.Namespace, workdir: Path, label: str) -> dict:
+    """Like measure_ingest, the load split evenly over several servers on one database: summed
+    rates, the worst server's p50 and p99."""
+    load = run_wrk if shutil.which("wrk") and not args.python_client else run_python_client
+    ports = [server.port for server in servers]
+    connections = max(1, args.connections // len(ports))
+
+    def spread(events: list[tuple[bytes, str]]) -> dict:
+        def one(index: int) -> dict:
+            folder = workdir / f"node{index}"
+            folder.mkdir(exist_ok=True)
+            return load(ports[index], events[index::len(ports)], args.seconds, connections, folder)
+
+        with ThreadPoolExecutor(len(ports)) as pool:
+            results = list(pool.map(one, range(len(ports))))
+        if any(r["bad_status"] or r["socket_errors"] for r in results):
+            raise SystemExit(f"a load round failed: {results}")
+        return {"rate": sum(r["rate"] for r in results), "requests": sum(r["requests"] for r in results),
+                "p50_ms": max(r["p50_ms"] for r in results), "p99_ms": max(r["p99_ms"] for r in results)}
+
+    ingest_rounds, health_rounds = [], []
+    for round_number in range(args.rounds):
+        events = signed_events(mint_tokens(ports[0], args.events), secret, f"{label}{round_number}")
+        ingest_rounds.append(spread(events))
+        health_rounds.append(spread([]))
+    return {"ingest": _median_round(ingest_rounds), "healthz": _median_round(health_rounds)}
+
+
+def fresh_postgres_database(url: str, name: str) -> str:
+    """A new, empty database beside the one `url` names (dropped first if a previous run left it)."""
+    import psycopg
+
+    parts = urllib.parse.urlsplit(url)
+    database = f"{parts.path.lstrip('/') or 'postgres'}_bench_{name}"
+    with psycopg.connect(url, autocommit=True) as admin:
+        admin.execute(f'DROP DATABASE IF EXISTS "{database}"')
+        admin.execute(f'CREATE DATABASE "{database}"')
+    return urllib.parse.urlunsplit(parts._replace(path="/" + database))
+
+
+def drop_postgres_database(admin_url: str, url: str) -> None:
+    import psycopg
+
+    database = urllib.parse.urlsplit(url).path.lstrip("/")
+    with psycopg.connect(admin_url, autocommit=True) as admin:
+        admin.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
+
+
+def compare_engines(args: argparse.Namespace, url: str, workdir: Path) -> list[dict]:
+    """Single-process SQLite, then 1, 2, 4 (--nodes) processes on one PostgreSQL: one row each."""
+    table = []
+    for engine, nodes in [("sqlite", 1)] + [("postgresql", n) for n in args.nodes]:
+        db = str(workdir / "compare.db") if engine == "sqlite" else fresh_postgres_database(url, f"n{nodes}")
+        store = mm.Store(db)
+        secret, _ = store.add_server(SERVER_ID, GAME, "Bench", "http://localhost:8080/register")
+        store.close()
+        servers = [Server(db, args.threads, workdir / f"{engine}-{nodes}-{i}.log") for i in range(nodes)]
+        try:
+            measured = measure_nodes(servers, secret, args, workdir, f"{engine}{nodes}-")
+        finally:
+            for server in servers:
+                server.stop()
+        if engine == "postgresql":
+            drop_postgres_database(url, db)
+        table.append({"engine": engine, "nodes": nodes, **measured})
+        _report_row(table[-1])
+    return table
+
+
+def _report_row(row: dict) -> None:
+    ingest, health = row["ingest"], row["healthz"]
+    print(f"{row['engine']:<10} {row['nodes']} node(s)  ingest {ingest['rate']:7.0f} events/s  {_latency(ingest)}"
+          f"  healthz {health['rate']:7.0f} req/s  ratio {ingest['rate'] / health['rate']:.2f}", flush=True)
+
+
 def _median_round(rounds: list[dict]) -> dict:
     return {key: statistics.median(r[key] for r in rounds) for key in ("rate", "p50_ms", "p99_ms", "requests")}
 
@@ -324,9 +407,31 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=8, help="waitress threads")
     parser.add_argument("--python-client", action="store_true", help="don't use wrk even if installed")
     parser.add_argument("--json", action="store_true", help="print the results as JSON too")
+    parser.add_argument("--db", help="postgresql:// URL: compare nodes on it with single-process SQLite")
+    parser.add_argument("--start-postgres", action="store_true", help="like --db, on a throwaway local cluster")
+    parser.add_argument("--nodes", type=lambda raw: [int(n) for n in raw.split(",")], default=[1, 2, 4],
+                        help="mmoref processes on PostgreSQL, e.g. 1,2,4")
     args = parser.parse_args()
     results: dict = {"client": "wrk" if shutil.which("wrk") and not args.python_client else "python",
                      "cpus": os.cpu_count()}
+    if args.db or args.start_postgres:
+        print(f"client: {results['client']}, {results['cpus']} CPUs")
+        with tempfile.TemporaryDirectory(prefix="mmoref-bench-") as tmp:
+            cluster = None
+            if args.start_postgres:
+                from tests.support import POSTGRES_MISSING, PostgresCluster, postgres_bin
+
+                if postgres_bin() is None:
+                    raise SystemExit(POSTGRES_MISSING)
+                cluster = PostgresCluster(postgres_bin(), durable=True)
+            try:
+                results["engines"] = compare_engines(args, args.db or cluster.url(), Path(tmp))
+            finally:
+                if cluster:
+                    cluster.stop()
+        if args.json:
+            print(json.dumps(results, indent=2))
+        return
     with tempfile.TemporaryDirectory(prefix="mmoref-bench-") as tmp:
         workdir = Path(tmp)
         empty_db = workdir / "empty.db"
