@@ -1412,7 +1412,7 @@ class PostgresStore(Store):
 
     @contextlib.contextmanager
     def _connection(self) -> Iterator[_PostgresConnection]:
-        """A pooled connection; PostgreSQL out of reach is a StoreUnavailable."""
+        """A pooled connection; PostgreSQL out of reach is a StoreError with problem "unreachable"."""
         try:
             with self._pool.connection() as connection:
                 yield _PostgresConnection(connection)
