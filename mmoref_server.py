@@ -870,11 +870,11 @@ class Store:
 
     def mint_referral(self, server_id: str, referrer_code: str, ip_hash: str | None = None,
                       user_agent: str | None = None, issued_at: int | None = None,
-                      clicks_per_minute: int | None = None) -> tuple[str, str] | None:
+                      click_limit: tuple[str, int] | None = None) -> tuple[str, str] | None:
         """Record a click and return (token, referral_id).
 
-        With `clicks_per_minute`, a client (`ip_hash`) past that many clicks this minute gets
-        None and nothing but its counter is written.
+        With `click_limit` (client key, clicks a minute), a client past its clicks this minute
+        gets None and nothing but its counter is written.
         """
         check_name("referrer code", referrer_code)
         issued_at = now() if issued_at is None else issued_at
@@ -882,8 +882,7 @@ class Store:
         def click(transaction: Transaction) -> str | None:
             if not transaction.server_exists(server_id):
                 raise ConfigError(f"unknown server {server_id!r}")
-            if clicks_per_minute is not None and ip_hash is not None \
-                    and transaction.hit("click", ip_hash, issued_at, 60) > clicks_per_minute:
+            if click_limit is not None and transaction.hit("click", click_limit[0], issued_at, 60) > click_limit[1]:
                 return None
             return transaction.insert_referral(server_id, referrer_code, issued_at, ip_hash, user_agent)
 
@@ -1587,7 +1586,8 @@ def share_link(server_id: str) -> Any:
     minted = None
     if request.method == "GET":
         minted = store.mint_referral(server_id, code, ip_hash=_ip_hash(store, request.remote_addr),
-                                     user_agent=request.user_agent.string, clicks_per_minute=CLICKS_PER_CLIENT_MINUTE)
+                                     user_agent=request.user_agent.string,
+                                     click_limit=(client_key(store, request.remote_addr), CLICKS_PER_CLIENT_MINUTE))
     if minted is None:
         return redirect(server["registration_url"], 302)
     token, _ = minted
@@ -2746,7 +2746,8 @@ TEMPLATES = jinja2.Environment(autoescape=True, trim_blocks=True, lstrip_blocks=
     <tbody>
       {% for r in rows %}
       <tr data-status="{{ r.status }}">
-        <td>{{ iso_utc(r.received_at) }}</td>
+        <td>{{ iso_utc(r.last_seen_at) }}{% if r.repeats > 1 %}<br><span class="repeats">{{ r.repeats }} times
+          since {{ iso_utc(r.received_at) }}</span>{% endif %}</td>
         <td>{{ r.status }}</td>
         <td>{{ r.error }}</td>
         <td>{{ r.reason or "" }}</td>
