@@ -1008,6 +1008,11 @@ class Store:
         with self._immediate() as db:
             db.execute("DELETE FROM login_failures WHERE client = ?", (client,))
 
+    def login_failed_at(self, client: str, at: int) -> None:
+        """Date the client's last failure from its answer, after the (slow) password check."""
+        with self._immediate() as db:
+            db.execute("UPDATE login_failures SET last_at = ? WHERE client = ? AND last_at < ?", (at, client, at))
+
     # rejected requests
 
     def record_rejected(self, server_id: str | None, status: int, error: str, reason: str | None,
@@ -1763,6 +1768,7 @@ def login() -> Any:
             safe = target.startswith(url_for("mmoref.dashboard.index")) and "//" not in target
             return redirect(target if safe else url_for("mmoref.dashboard.index"))
         else:
+            store.login_failed_at(client, now())  # the wait runs from the answer, not from the reservation
             error, status = "Wrong password.", 401
     no_password = not current_app.config.get("MMOREF_ADMIN_PASSWORD") and not get_store().admin_password_hash()
     return _page("login.html", status, title="Log in", error=error, no_password=no_password)
