@@ -28,6 +28,7 @@ import secrets
 import select
 import shlex
 import sqlite3
+import string
 import sys
 import threading
 import time
@@ -133,6 +134,8 @@ SETTINGS: dict[str, tuple[Callable[[str], Any], Any, str]] = {
 MAX_BODY_BYTES = 64 * 1024          # larger bodies get 413
 MAX_FIELD_CHARS = 256               # string fields, after trimming
 REJECTED_KEPT_PER_SERVER = 200      # rejected-requests list length (per server, and installation-wide)
+REJECTIONS_PER_CLIENT_MINUTE = 30   # refusals remembered per client a minute; later ones are answered only
+CLICKS_PER_CLIENT_MINUTE = 30       # share-link clicks recorded per client a minute; later ones get no token
 DEFAULT_GRACE_SECONDS = 24 * 3600   # how long a rotated-out secret stays valid
 EVENTS = ("registered", "qualified", "reversed")
 IDENTITY_FIELDS = ("username", "account", "character", "email")
@@ -528,8 +531,32 @@ MIGRATIONS: list[list[str]] = [
         # when the dashboard showed the secret (its one time); NULL: not shown there yet
         "ALTER TABLE secrets ADD COLUMN revealed_at INTEGER",
     ],
+    [  # v5: limits and sessions kept where every worker process sees them
+        # a dashboard login: the cookie holds only the random id; logout deletes the row, and
+        # password_tag (an HMAC of the password's basis) no longer matches once the password changes
+        """CREATE TABLE dashboard_sessions (
+            session_id TEXT PRIMARY KEY, password_tag TEXT NOT NULL, created_at INTEGER NOT NULL)""",
+        # failed logins per client (a keyed hash of the address), counted before the password is checked
+        """CREATE TABLE login_failures (
+            client TEXT PRIMARY KEY, failures INTEGER NOT NULL, last_at INTEGER NOT NULL)""",
+        "CREATE INDEX login_failures_by_weight ON login_failures (failures, last_at)",
+        # requests per (scope, client) in the current fixed window: clicks, recorded rejections, logins
+        """CREATE TABLE client_hits (
+            scope TEXT NOT NULL, client TEXT NOT NULL, window_start INTEGER NOT NULL,
+            hits INTEGER NOT NULL, PRIMARY KEY (scope, client))""",
+        "CREATE INDEX client_hits_by_window ON client_hits (scope, window_start)",
+        # identical rejections share one row: how many, and when the last one came
+        "ALTER TABLE rejected_requests ADD COLUMN repeats INTEGER NOT NULL DEFAULT 1",
+        "ALTER TABLE rejected_requests ADD COLUMN last_seen_at INTEGER",
+        "UPDATE rejected_requests SET last_seen_at = received_at",
+        "CREATE INDEX rejected_by_last_seen ON rejected_requests (server_id, last_seen_at, id)",
+        # the Referrals tab's leaderboard: WHERE server_id = ? AND qualified > 0 ORDER BY qualified DESC
+        "CREATE INDEX referrer_counts_by_qualified ON referrer_counts (server_id, qualified DESC, referrer_code)",
+    ],
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
+# random per-installation values kept in `meta`: what signs tokens, sessions, pseudonymous client keys
+INSTALLATION_KEYS = ("token_key", "session_key", "session_binding_key", "ip_salt")
 COUNTED = ("clicked", "registered", "qualified", "reversed")
 
 # How long a write waits for another process's write lock (the sqlite3 shell, a backup, a
@@ -708,6 +735,38 @@ class Transaction:
                         f" ON CONFLICT (server_id, referrer_code) DO UPDATE SET {column} = {column} + 1",
                         (server_id, referrer_code))
 
+    # per-client limits (docs/README "Security notes"): fixed windows, stale ones deleted as they pass
+
+    def hit(self, scope: str, client: str, at: int, window: int) -> int:
+        """Count one request of `client` in `scope`'s current `window`-second window; return the window's count."""
+        start = at - at % window
+        self.db.execute("DELETE FROM client_hits WHERE scope = ? AND window_start < ?", (scope, start))
+        self.db.execute("INSERT INTO client_hits (scope, client, window_start, hits) VALUES (?, ?, ?, 1)"
+                        " ON CONFLICT (scope, client) DO UPDATE SET hits = client_hits.hits + 1",
+                        (scope, client, start))
+        return self.hits(scope, client, at, window)
+
+    def hits(self, scope: str, client: str, at: int, window: int) -> int:
+        """How many requests `client` made in `scope`'s current window."""
+        row = self.db.execute("SELECT hits FROM client_hits WHERE scope = ? AND client = ? AND window_start = ?",
+                              (scope, client, at - at % window)).fetchone()
+        return row[0] if row else 0
+
+    def login_failures(self, client: str) -> tuple[int, int]:
+        """(failed logins, time of the last one) of a client; (0, 0) when none is on record."""
+        row = self.db.execute("SELECT failures, last_at FROM login_failures WHERE client = ?", (client,)).fetchone()
+        return (row[0], row[1]) if row else (0, 0)
+
+    def add_login_failure(self, client: str, at: int, keep: int) -> None:
+        """Count one failed login; beyond `keep` clients, forget those with the fewest failures, oldest first."""
+        self.db.execute("INSERT INTO login_failures (client, failures, last_at) VALUES (?, 1, ?)"
+                        " ON CONFLICT (client) DO UPDATE SET failures = login_failures.failures + 1,"
+                        " last_at = excluded.last_at", (client, at))
+        excess = self.db.execute("SELECT count(*) FROM login_failures").fetchone()[0] - keep
+        if excess > 0:
+            self.db.execute("DELETE FROM login_failures WHERE client IN (SELECT client FROM login_failures"
+                            " ORDER BY failures, last_at LIMIT ?)", (excess,))
+
 
 class Store:
     """The SQLite store: schema, connections and every read and write of the server."""
@@ -730,6 +789,7 @@ class Store:
         try:
             self._quick_check()
             self._migrate()
+            self._load_installation_keys()
         except sqlite3.Error as exc:
             raise self.error_for(exc) from None
 
@@ -871,8 +931,19 @@ class Store:
                     db.execute(statement)
             db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
+    def _load_installation_keys(self) -> None:
+        marks = ", ".join("?" * len(INSTALLATION_KEYS))
+        self._keys.update(self.connect().execute(
+            f"SELECT key, value FROM meta WHERE key IN ({marks})", INSTALLATION_KEYS).fetchall())
+        for name in INSTALLATION_KEYS:
+            self.installation_key(name)  # makes the missing ones (on a new database)
+
     def installation_key(self, name: str) -> str:
-        """A random per-installation value (token key, session key, IP salt), made once."""
+        """A random per-installation value (INSTALLATION_KEYS), made once.
+
+        All of them are made when the store opens, so a request never needs the write lock
+        (which another process may hold) just to read one.
+        """
         if name not in self._keys:
             with self._immediate() as db:
                 db.execute("INSERT OR IGNORE INTO meta (key, value) VALUES (?, ?)",
@@ -993,17 +1064,25 @@ class Store:
 
     def mint_referral(self, server_id: str, referrer_code: str, ip_hash: str | None = None,
                       user_agent: str | None = None, issued_at: int | None = None,
-                      test: bool = False) -> tuple[str, str]:
-        """Record a click and return (token, referral_id); a `test` one is left out of analytics."""
+                      test: bool = False, click_limit: tuple[str, int] | None = None) -> tuple[str, str] | None:
+        """Record a click and return (token, referral_id); a `test` one is left out of analytics.
+
+        With `click_limit` (client key, clicks a minute), a client past its clicks this minute
+        gets None and nothing but its counter is written.
+        """
         check_name("referrer code", referrer_code)
         issued_at = now() if issued_at is None else issued_at
 
-        def click(transaction: Transaction) -> str:
+        def click(transaction: Transaction) -> str | None:
             if not transaction.server_exists(server_id):
                 raise ConfigError(f"unknown server {server_id!r}")
+            if click_limit is not None and transaction.hit("click", click_limit[0], issued_at, 60) > click_limit[1]:
+                return None
             return transaction.insert_referral(server_id, referrer_code, issued_at, ip_hash, user_agent, test)
 
         referral_id = self.group_commit(click)
+        if referral_id is None:
+            return None
         return mint_token(self.token_key, server_id, referral_id, issued_at), referral_id
 
     def referral(self, referral_id: str) -> sqlite3.Row | None:
@@ -1116,29 +1195,80 @@ class Store:
         return row[0] if row else None
 
     def set_admin_password(self, password: str) -> None:
+        """Store the password's salted hash and log every dashboard session out."""
         if len(password) < 8:
             raise ConfigError("the dashboard password must have at least 8 characters")
         with self._immediate() as db:
             db.execute("INSERT INTO meta (key, value) VALUES ('admin_password_hash', ?) ON CONFLICT (key)"
                        " DO UPDATE SET value = excluded.value", (generate_password_hash(password),))
+            db.execute("DELETE FROM dashboard_sessions")
+
+    # dashboard sessions and failed logins: in the database, so every worker process sees them
+
+    def open_session(self, password_tag: str, at: int, lifetime: int) -> str:
+        """A new dashboard session bound to the password (by its tag); return its random id."""
+        session_id = secrets.token_urlsafe(32)
+        with self._immediate() as db:
+            db.execute("DELETE FROM dashboard_sessions WHERE created_at <= ?", (at - lifetime,))
+            db.execute("INSERT INTO dashboard_sessions (session_id, password_tag, created_at) VALUES (?, ?, ?)",
+                       (session_id, password_tag, at))
+        return session_id
+
+    def session_password_tag(self, session_id: str, not_before: int) -> str | None:
+        """The password tag a live session was opened under; None when it is closed or older than `not_before`."""
+        row = self.connect().execute("SELECT password_tag FROM dashboard_sessions WHERE session_id = ?"
+                                     " AND created_at > ?", (session_id, not_before)).fetchone()
+        return row[0] if row else None
+
+    def close_session(self, session_id: str) -> None:
+        with self._immediate() as db:
+            db.execute("DELETE FROM dashboard_sessions WHERE session_id = ?", (session_id,))
+
+    def forget_login_failures(self, client: str) -> None:
+        with self._immediate() as db:
+            db.execute("DELETE FROM login_failures WHERE client = ?", (client,))
+
+    def login_failed_at(self, client: str, at: int) -> None:
+        """Date the client's last failure from its answer, after the (slow) password check."""
+        with self._immediate() as db:
+            db.execute("UPDATE login_failures SET last_at = ? WHERE client = ? AND last_at < ?", (at, client, at))
+
+    # rejected requests
 
     def record_rejected(self, server_id: str | None, status: int, error: str, reason: str | None,
-                        hint: str, diagnosis: str | None, snippet: str) -> None:
-        """Remember a refused request, keeping only the newest per server."""
+                        hint: str, diagnosis: str | None, snippet: str, *, client: str | None = None,
+                        per_client_minute: int | None = None) -> None:
+        """Remember a refused request, keeping only the most recently seen kinds per server.
+
+        A refusal identical to a kept one (same status, error, reason, hint and diagnosis) adds
+        to that row's `repeats` and takes the newer snippet. With `per_client_minute`, a client
+        past that many this minute is not recorded at all.
+        """
         def remember(transaction: Transaction) -> None:
-            db = transaction.db
+            at, db = now(), transaction.db
+            if per_client_minute is not None and client is not None \
+                    and transaction.hit("rejected", client, at, 60) > per_client_minute:
+                return
+            same = db.execute("SELECT id FROM rejected_requests WHERE server_id IS ? AND status = ? AND error = ?"
+                              " AND reason IS ? AND hint = ? AND diagnosis IS ? ORDER BY id DESC LIMIT 1",
+                              (server_id, status, error, reason, hint, diagnosis)).fetchone()
+            if same is not None:
+                db.execute("UPDATE rejected_requests SET repeats = repeats + 1, last_seen_at = ?, snippet = ?"
+                           " WHERE id = ?", (at, snippet, same[0]))
+                return
             db.execute("INSERT INTO rejected_requests (server_id, status, error, reason, hint, diagnosis,"
-                       " snippet, received_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                       (server_id, status, error, reason, hint, diagnosis, snippet, now()))
-            db.execute("DELETE FROM rejected_requests WHERE server_id IS ? AND id <= ("
-                       " SELECT id FROM rejected_requests WHERE server_id IS ? ORDER BY id DESC"
-                       " LIMIT 1 OFFSET ?)", (server_id, server_id, REJECTED_KEPT_PER_SERVER))
+                       " snippet, received_at, last_seen_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                       (server_id, status, error, reason, hint, diagnosis, snippet, at, at))
+            db.execute("DELETE FROM rejected_requests WHERE id IN (SELECT id FROM rejected_requests"
+                       " WHERE server_id IS ? ORDER BY last_seen_at DESC, id DESC LIMIT ? OFFSET ?)",
+                       (server_id, 2**31, REJECTED_KEPT_PER_SERVER))
 
         self.group_commit(remember)
 
     def rejected_requests(self, server_id: str | None, limit: int = 50) -> list[sqlite3.Row]:
+        """The kept refusals, most recently seen first."""
         return self.connect().execute(
-            "SELECT * FROM rejected_requests WHERE server_id IS ? ORDER BY id DESC LIMIT ?",
+            "SELECT * FROM rejected_requests WHERE server_id IS ? ORDER BY last_seen_at DESC, id DESC LIMIT ?",
             (server_id, limit)).fetchall()
 
 
@@ -1323,7 +1453,7 @@ def process_event(store: Store, raw_body: bytes, header: str | None, *, window: 
         raise ApiError(404, "unknown token", HINTS["unknown token"], server_id=server_id)
     # 9-10. duplicate check and state machine, in one transaction
     delivery = Delivery(server_id, fields.event, claims, fields.server_event_id, fields.referee_identity,
-                        fields.ts, _scrubbed_snippet(raw_body, [secret for _, secret in live], limit=2000))
+                        fields.ts, _scrubbed_snippet(raw_body, store.all_secrets(), limit=2000))
     return apply_event(store, delivery, ttl)
 
 
@@ -1504,12 +1634,26 @@ def read_fields(body: dict[str, Any], may_hold_surrogates: bool = True) -> Event
 
 
 def _scrubbed_snippet(raw_body: bytes, secrets_to_hide: Sequence[str], limit: int) -> str:
-    """The body for storage: token masked, any secret replaced (before cutting), `limit` long."""
-    text = _with_token_masked(raw_body)
+    """The body for storage: token masked, any secret replaced (before cutting), `limit` long.
+
+    Secrets are searched for in the decoded text: `mmsk\\u005f...` is the same secret to a
+    JSON reader, so escapes of the characters a secret is made of are decoded first.
+    """
+    text = _JSON_ESCAPE.sub(_decoded_if_secret_character, _with_token_masked(raw_body))
     for secret in secrets_to_hide:
         if secret in text:
             text = text.replace(secret, "[secret]")
     return text[:limit]
+
+
+_JSON_ESCAPE = re.compile(r"\\u([0-9a-fA-F]{4})")
+_SECRET_CHARACTERS = frozenset(string.ascii_letters + string.digits + "_-")  # mmsk_ + token_urlsafe
+
+
+def _decoded_if_secret_character(escape: re.Match[str]) -> str:
+    """The character a \\uXXXX escape stands for when a secret could contain it; else the escape as is."""
+    character = chr(int(escape.group(1), 16))
+    return character if character in _SECRET_CHARACTERS else escape.group(0)
 
 
 def _with_token_masked(raw_body: bytes) -> str:
@@ -1565,14 +1709,19 @@ def _reserialised(raw_body: bytes) -> list[bytes]:
     return [spelling + end for spelling in spellings for end in (b"", b"\n") if spelling + end != raw_body]
 
 
-def handle_ingest(store: Store, raw_body: bytes, header: str | None, *, window: int, ttl: int) -> tuple[int, dict]:
-    """Run the pipeline; remember refusals; log one line; return (status, body)."""
+def handle_ingest(store: Store, raw_body: bytes, header: str | None, *, window: int, ttl: int,
+                  client: str | None = None) -> tuple[int, dict]:
+    """Run the pipeline; remember refusals; log one line; return (status, body).
+
+    `client` (a keyed hash of the sender's address) limits how many of its refusals are
+    remembered each minute; None (the dashboard's test button, the demo) remembers them all.
+    """
     try:
         body, status = process_event(store, raw_body, header, window=window, ttl=ttl), 200
     except ApiError as exc:
         body, status = exc.body(), exc.status
         if status in (400, 401, 404, 422):
-            _remember_rejection(store, exc, raw_body)
+            _remember_rejection(store, exc, raw_body, client)
     except (sqlite3.Error, StoreError) as exc:  # nothing was written
         status, body = _database_failure(store, exc)
     except Exception:  # 11. anything unexpected: the transaction rolled back
@@ -1622,14 +1771,14 @@ def _logged_value(pattern: re.Pattern[bytes], raw_body: bytes) -> str | None:
     return match.group(1).decode("ascii") if match else None
 
 
-def _remember_rejection(store: Store, exc: ApiError, raw_body: bytes) -> None:
+def _remember_rejection(store: Store, exc: ApiError, raw_body: bytes, client: str | None) -> None:
     """Keep the refusal for the dashboard: reason, hint, a masked snippet, never a secret."""
     # A sender may paste a secret into the body by mistake, and a body that does not parse
     # names no server: scrub every secret of the installation, before cutting the snippet.
     snippet = _scrubbed_snippet(raw_body, store.all_secrets(), limit=300)
     try:
         store.record_rejected(exc.server_id, exc.status, exc.error, exc.extra.get("reason"), exc.hint,
-                              exc.diagnosis, snippet)
+                              exc.diagnosis, snippet, client=client, per_client_minute=REJECTIONS_PER_CLIENT_MINUTE)
     except sqlite3.Error:
         log.exception("could not record a rejected request")
 
@@ -1711,8 +1860,10 @@ def ingest() -> Any:
     if len(raw_body) > MAX_BODY_BYTES:
         raise ApiError(413, "body too large", HINTS["body too large"])
     config = current_app.config
-    status, body = handle_ingest(get_store(), raw_body, request.headers.get(SIGNATURE_HEADER),
-                                 window=config["MMOREF_REPLAY_WINDOW"], ttl=config["MMOREF_TOKEN_TTL"])
+    store = get_store()
+    status, body = handle_ingest(store, raw_body, request.headers.get(SIGNATURE_HEADER),
+                                 window=config["MMOREF_REPLAY_WINDOW"], ttl=config["MMOREF_TOKEN_TTL"],
+                                 client=client_key(store, request.remote_addr))
     response = json_response(body, status)
     if status == 503:
         response.headers["Retry-After"] = str(RETRY_AFTER_SECONDS)
@@ -1725,14 +1876,24 @@ NOT_FOUND_PAGE = ("<!doctype html><meta charset=utf-8><title>Link not found</tit
 
 @blueprint.get("/r/<server_id>")
 def share_link(server_id: str) -> Any:
-    """Record a click, mint a token, set the mmref cookie, send the player to register."""
+    """Record a click, mint a token, set the mmref cookie, send the player to register.
+
+    A HEAD request (link previews, crawlers) and a client past CLICKS_PER_CLIENT_MINUTE are
+    sent to the registration URL without a token: nothing is recorded for them.
+    """
     code = request.args.get("ref", "")
     store = get_store()
     server = store.server(server_id) if NAME_PATTERN.fullmatch(code) else None
     if server is None or not server["referrals_enabled"] or not server["registration_url"]:
         return NOT_FOUND_PAGE, 404, {"Content-Type": "text/html; charset=utf-8"}
-    token, _ = store.mint_referral(server_id, code, ip_hash=_ip_hash(store, request.remote_addr),
-                                   user_agent=request.user_agent.string)
+    minted = None
+    if request.method == "GET":
+        minted = store.mint_referral(server_id, code, ip_hash=_ip_hash(store, request.remote_addr),
+                                     user_agent=request.user_agent.string,
+                                     click_limit=(client_key(store, request.remote_addr), CLICKS_PER_CLIENT_MINUTE))
+    if minted is None:
+        return redirect(server["registration_url"], 302)
+    token, _ = minted
     response = redirect(_with_query(server["registration_url"], mmref=token), 302)
     response.set_cookie("mmref", token, max_age=current_app.config["MMOREF_TOKEN_TTL"], samesite="Lax",
                         httponly=True, secure=request.is_secure)
@@ -1740,9 +1901,23 @@ def share_link(server_id: str) -> Any:
 
 
 def _ip_hash(store: Store, ip: str | None) -> str | None:
+    """A keyed hash of the address: pseudonymous, not anonymous (the key is in the same database)."""
     if not ip:
         return None
     return hmac.new(store.installation_key("ip_salt").encode(), ip.encode(), hashlib.sha256).hexdigest()[:16]
+
+
+def client_key(store: Store, ip: str | None) -> str:
+    """Whom a per-client limit counts: the address's keyed hash, an IPv6 client by its /64 network."""
+    try:
+        address = ipaddress.ip_address(ip or "")
+    except ValueError:
+        return "-"
+    if isinstance(address, ipaddress.IPv6Address):
+        mapped = address.ipv4_mapped
+        counted = mapped if mapped is not None else ipaddress.ip_network(f"{address}/64", strict=False)
+        return _ip_hash(store, str(counted)) or "-"
+    return _ip_hash(store, str(address)) or "-"
 
 
 def _with_query(url: str, **params: str) -> str:
@@ -1776,23 +1951,38 @@ LOG_PAGE_SIZE = 50
 MAX_ROW_ID = 2**63 - 1           # SQLite's largest integer: no log row has a larger id
 LOGIN_FREE_FAILURES = 5          # then each failure doubles the wait, up to LOGIN_MAX_WAIT
 LOGIN_MAX_WAIT = 300
+LOGIN_CLIENTS_KEPT = 10_000      # clients with failures on record; beyond, the lightest record is forgotten
+LOGIN_BUDGET = 100               # login attempts per LOGIN_BUDGET_WINDOW from all clients together,
+LOGIN_BUDGET_WINDOW = 600        # beyond which every login waits for the next window
 GRACE_CHOICES = {"0": "revoke now", "3600": "1 hour", "86400": "24 hours", "604800": "7 days"}
 OUTCOMES = ("advanced", "no_op", "first_touch_conflict", "owner_action")
 LOG_EVENTS = EVENTS + ("rejected",)  # owner rejections are logged as their own event
 
 
 def _is_logged_in() -> bool:
-    fingerprint = _password_fingerprint()  # None: no password yet, so nobody is logged in
-    return fingerprint is not None and session.get("mmoref_login") == fingerprint
+    """The session cookie names a session the database still has, opened under today's password."""
+    if "mmoref_logged_in" not in g:
+        tag, session_id = _password_tag(), session.get("mmoref_session")
+        stored = None
+        if tag is not None and isinstance(session_id, str):  # tag None: no password yet, nobody is logged in
+            lifetime = int(current_app.permanent_session_lifetime.total_seconds())
+            stored = get_store().session_password_tag(session_id, not_before=now() - lifetime)
+        g.mmoref_logged_in = stored is not None and hmac.compare_digest(stored, tag or "")
+    return g.mmoref_logged_in
 
 
-def _password_fingerprint() -> str | None:
-    """Changes when the password changes, which logs every session out (read once a request)."""
-    if "mmoref_fingerprint" not in g:
-        configured = current_app.config.get("MMOREF_ADMIN_PASSWORD")
-        basis = f"env:{configured}" if configured else get_store().admin_password_hash()
-        g.mmoref_fingerprint = hashlib.sha256(basis.encode()).hexdigest()[:16] if basis else None
-    return g.mmoref_fingerprint
+def _password_tag() -> str | None:
+    """An HMAC of the password (as configured, or its stored hash) under a key kept in the database.
+
+    It never leaves the server (the cookie holds a random session id), and it changes when
+    the password changes, which logs every session out.
+    """
+    configured = current_app.config.get("MMOREF_ADMIN_PASSWORD")
+    basis = f"env:{configured}" if configured else get_store().admin_password_hash()
+    if not basis:
+        return None
+    key = get_store().installation_key("session_binding_key")
+    return hmac.new(key.encode(), basis.encode(), hashlib.sha256).hexdigest()
 
 
 def csrf_token() -> str:
@@ -1834,32 +2024,32 @@ def _no_store(response: Any) -> Any:
     return response
 
 
-class _LoginThrottle:
-    """Failed logins per client: after a few, each try must wait longer (per process)."""
+def reserve_login_attempt(store: Store, client: str, at: int) -> int:
+    """Count a login attempt as failed before its password is checked; return the seconds to wait instead.
 
-    def __init__(self) -> None:
-        self._failures: dict[str, tuple[int, int]] = {}
-        self._lock = threading.Lock()
-
-    def wait_seconds(self, client: str) -> int:
-        count, last = self._failures.get(client, (0, 0))
-        if count < LOGIN_FREE_FAILURES:
-            return 0
-        wait = min(2 ** (count - LOGIN_FREE_FAILURES), LOGIN_MAX_WAIT)
-        return max(0, last + wait - now())
-
-    def failed(self, client: str) -> None:
-        with self._lock:
-            if len(self._failures) > 10_000:
-                self._failures.clear()
-            count, _ = self._failures.get(client, (0, 0))
-            self._failures[client] = (count + 1, now())
-
-    def succeeded(self, client: str) -> None:
-        self._failures.pop(client, None)
+    0 means go ahead (a right password then forgets the client's failures). Counting first,
+    in one write transaction, means parallel guesses each see the others' counts, in every
+    worker process. After LOGIN_FREE_FAILURES a client waits 1, 2, 4 ... LOGIN_MAX_WAIT s;
+    beyond LOGIN_BUDGET attempts in a window from all clients together, everyone waits.
+    """
+    with store.transaction() as transaction:
+        failures, last_at = transaction.login_failures(client)
+        spent = transaction.hits("login", "*", at, LOGIN_BUDGET_WINDOW)
+        wait = max(_backoff_wait(failures, last_at, at), _budget_wait(spent, at))
+        if not wait:
+            transaction.add_login_failure(client, at, keep=LOGIN_CLIENTS_KEPT)
+            transaction.hit("login", "*", at, LOGIN_BUDGET_WINDOW)
+        return wait
 
 
-login_throttle = _LoginThrottle()
+def _backoff_wait(failures: int, last_at: int, at: int) -> int:
+    if failures < LOGIN_FREE_FAILURES:
+        return 0
+    return max(0, last_at + min(2 ** (failures - LOGIN_FREE_FAILURES), LOGIN_MAX_WAIT) - at)
+
+
+def _budget_wait(spent: int, at: int) -> int:
+    return LOGIN_BUDGET_WINDOW - at % LOGIN_BUDGET_WINDOW if spent >= LOGIN_BUDGET else 0
 
 
 def check_password(password: str) -> bool:
@@ -1873,20 +2063,22 @@ def check_password(password: str) -> bool:
 
 @dashboard.route("/login", methods=["GET", "POST"])
 def login() -> Any:
-    client = request.remote_addr or "-"
+    store = get_store()
+    client = client_key(store, request.remote_addr)
     error, status = None, 200
     if request.method == "POST":
-        wait = login_throttle.wait_seconds(client)
+        wait = reserve_login_attempt(store, client, now())
         if wait:
             error, status = f"Too many failed logins: wait {wait} s and try again.", 429
         elif check_password(request.form.get("password", "")):
-            login_throttle.succeeded(client)
+            store.forget_login_failures(client)
             session.clear()
-            session["mmoref_login"] = _password_fingerprint()
+            lifetime = int(current_app.permanent_session_lifetime.total_seconds())
+            session["mmoref_session"] = store.open_session(_password_tag() or "", now(), lifetime)
             home = url_for("mmoref.dashboard.index")
             return redirect(_local_target(request.args.get("next", ""), home) or home)
         else:
-            login_throttle.failed(client)
+            store.login_failed_at(client, now())  # the wait runs from the answer, not from the reservation
             error, status = "Wrong password.", 401
     no_password = not current_app.config.get("MMOREF_ADMIN_PASSWORD") and not get_store().admin_password_hash()
     return _page("login.html", status, title="Log in", error=error, no_password=no_password)
@@ -1902,6 +2094,9 @@ def _local_target(target: str, within: str) -> str | None:
 
 @dashboard.post("/logout")
 def logout() -> Any:
+    session_id = session.get("mmoref_session")
+    if isinstance(session_id, str):
+        get_store().close_session(session_id)
     session.clear()
     return redirect(url_for("mmoref.dashboard.login"))
 
@@ -2167,10 +2362,16 @@ def log_csv(game: str, server_id: str) -> Any:
 
 
 def _csv_cell(value: Any) -> Any:
-    """Neutralise spreadsheet formulas: identities and codes come from players."""
-    if isinstance(value, str) and value[:1] in ("=", "+", "-", "@", "\t", "\r"):
-        return "'" + value
-    return value
+    """Neutralise spreadsheet formulas: identities and codes come from players.
+
+    A spreadsheet may split a line on `;`, a tab, `|` or a space as well as on `,`, so a
+    formula can start after any of them (`x;=1+1`): each such start gets a leading `'`.
+    """
+    return _FORMULA_START.sub(r"'\1", value) if isinstance(value, str) else value
+
+
+# what makes a formula, at the cell's start or after a separator (not after any other character)
+_FORMULA_START = re.compile(r"(?<![^,;|\s\"'])([=+\-@\t\r])")
 
 
 @dashboard.get(f"/<game>/<server_id>/referrals/log/<int(max={MAX_ROW_ID}):row_id>")
@@ -3024,7 +3225,8 @@ TEMPLATES = jinja2.Environment(autoescape=True, trim_blocks=True, lstrip_blocks=
     <tbody>
       {% for r in rows %}
       <tr data-status="{{ r.status }}">
-        <td>{{ iso_utc(r.received_at) }}</td>
+        <td>{{ iso_utc(r.last_seen_at) }}{% if r.repeats > 1 %}<br><span class="repeats">{{ r.repeats }} times
+          since {{ iso_utc(r.received_at) }}</span>{% endif %}</td>
         <td>{{ r.status }}</td>
         <td>{{ r.error }}</td>
         <td>{{ r.reason or "" }}</td>

@@ -24,12 +24,6 @@ def _clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
             monkeypatch.delenv(name)
 
 
-@pytest.fixture(autouse=True)
-def _fresh_login_throttle(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The login throttle is module state: each test starts with no failed logins."""
-    monkeypatch.setattr(mm, "login_throttle", mm._LoginThrottle())
-
-
 @pytest.fixture
 def db_path(tmp_path: Path) -> str:
     return str(tmp_path / "referrals.db")
