@@ -2567,7 +2567,11 @@ def backup_command(dest: str, force: bool, db_path: str | None, as_json: bool) -
     The copy is one consistent snapshot (SQLite's backup API: ingest goes on), checked
     with PRAGMA integrity_check before it is renamed into place.
     """
-    result = write_backup(_open_store(db_path), dest, force)
+    store = _open_store(db_path)
+    try:
+        result = write_backup(store, dest, force)
+    finally:
+        store.close()  # the file is free for a `restore` straight after
     _emit(as_json, result, f"backup written: {result['path']}\n{result['bytes']:,} bytes in {result['seconds']} s,"
                            f" integrity ok\nrows: " + ", ".join(f"{k} {v:,}" for k, v in result["rows"].items()))
 
