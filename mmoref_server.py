@@ -2134,6 +2134,21 @@ def owner_action_form(game: str, server_id: str, referral_id: str, action: str) 
     return redirect(back if back.startswith(_tab_url(server)) and "//" not in back else _tab_url(server))
 
 
+@dashboard.post("/<game>/<server_id>/referrals/forget/<referral_id>")
+def forget_form(game: str, server_id: str, referral_id: str) -> Any:
+    """Forget the referral's player: a confirm page first, then `forget` (as the CLI does)."""
+    server = _server_or_404(game, server_id)
+    store = get_store()
+    referral = store.referral(referral_id)
+    if referral is None or referral["server_id"] != server_id or not referral["referee_identity"]:
+        abort(404)
+    if request.form.get("confirm") != "yes":
+        return _page("forget.html", 200, title="Forget a player", server=server, referral=referral)
+    forget(store, server_id, referral["referee_identity"])
+    flash(f"The player of referral {referral_id} is forgotten.")
+    return redirect(_tab_url(server))
+
+
 def analytics(store: Store, server_id: str, days: int = 30) -> dict[str, Any]:
     """Funnel, leaderboard and daily series from the counter tables (no row scans)."""
     funnel = store.funnel(server_id)
@@ -2803,6 +2818,20 @@ TEMPLATES = jinja2.Environment(autoescape=True, trim_blocks=True, lstrip_blocks=
 </html>
 """,
 
+    "forget.html": """{% extends "base.html" %}
+{% block main %}
+<h1>Forget {{ referral.referee_identity }}?</h1>
+<p>This erases the identity from referrals, anchors, stored payloads and rejected requests on
+{{ server.server_id }}, and rewrites the database file. A keyed one-way value takes its place, so
+the player still cannot be registered through another referrer. It cannot be undone.</p>
+<form method="post" id="confirm-forget">
+  """ + _CSRF_FIELD + """
+  <input type="hidden" name="confirm" value="yes">
+  <button id="forget-confirm">Forget this player</button>
+  <a href="{{ url_for('mmoref.dashboard.referrals_tab', game=server.game, server_id=server.server_id) }}">Cancel</a>
+</form>
+{% endblock %}
+""",
     "message.html": """{% extends "base.html" %}
 {% block main %}
 <section>
@@ -3278,6 +3307,19 @@ TEMPLATES = jinja2.Environment(autoescape=True, trim_blocks=True, lstrip_blocks=
   <p class="muted">None: a {{ referral.state }} referral is final or not yet registered.</p>
   {% endfor %}
 </section>
+{% endblock %}
+
+{% block forget %}
+{% if referral.referee_identity and not referral.referee_identity.startswith("forgotten:") %}
+<section>
+  <h2>Personal data</h2>
+  <form method="post" action="{{ url_for('mmoref.dashboard.forget_form', game=server.game,
+      server_id=server.server_id, referral_id=referral.referral_id) }}">
+    """ + _CSRF_FIELD + """
+    <button class="plain" id="forget">Forget this player…</button>
+  </form>
+</section>
+{% endif %}
 {% endblock %}
 
 {% block history %}
