@@ -523,6 +523,7 @@ MIGRATIONS: list[list[str]] = [
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 PRUNED_TABLES = ("delivery_log", "rejected_requests")  # what retention deletes; counters stay
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)  # seconds, as Prometheus
 VACUUM_PAGES_PER_STEP = 2000                           # 8 MB of 4 KiB pages per short transaction
 COUNTED = ("clicked", "registered", "qualified", "reversed")
 
@@ -652,6 +653,7 @@ class Store:
         self._pid = os.getpid()
         self._keys: dict[str, str] = {}
         self._queue: list[_Pending] = []
+        self._latency: dict[str, tuple[int, float]] = {}  # observed, not yet written: le -> (count, seconds)
         self._queue_lock, self._commit_lock = threading.Lock(), threading.Lock()
         _create_private_file(path)
         self._migrate()
@@ -736,6 +738,7 @@ class Store:
                             raise
                         db.execute("ROLLBACK TO work")
                     db.execute("RELEASE work")
+                self._write_latency(db)
         except BaseException as exc:  # BEGIN or COMMIT failed: nothing of the batch was written
             for item in batch:
                 item.result, item.error = None, exc
@@ -972,6 +975,9 @@ class Store:
             db.execute("INSERT INTO rejected_requests (server_id, status, error, reason, hint, diagnosis,"
                        " snippet, received_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                        (server_id, status, error, reason, hint, diagnosis, snippet, now()))
+            db.execute("INSERT INTO rejection_counts (status, error, reason, count) VALUES (?, ?, ?, 1)"
+                       " ON CONFLICT (status, error, reason) DO UPDATE SET count = count + 1",
+                       (status, error, reason or ""))
             db.execute("DELETE FROM rejected_requests WHERE server_id IS ? AND id <= ("
                        " SELECT id FROM rejected_requests WHERE server_id IS ? ORDER BY id DESC"
                        " LIMIT 1 OFFSET ?)", (server_id, server_id, REJECTED_KEPT_PER_SERVER))
@@ -982,6 +988,46 @@ class Store:
         return self.connect().execute(
             "SELECT * FROM rejected_requests WHERE server_id IS ? ORDER BY id DESC LIMIT ?",
             (server_id, limit)).fetchall()
+
+    # metrics: counters written in the same transactions as what they count
+
+    def observe_latency(self, seconds: float) -> None:
+        """Remember one ingest latency; it is written with the next commit (or read of /metrics)."""
+        le = next((str(bound) for bound in LATENCY_BUCKETS if seconds <= bound), "+Inf")
+        with self._queue_lock:
+            count, total = self._latency.get(le, (0, 0.0))
+            self._latency[le] = (count + 1, total + seconds)
+
+    def _write_latency(self, db: sqlite3.Connection) -> None:
+        with self._queue_lock:
+            pending, self._latency = self._latency, {}
+        db.executemany("INSERT INTO ingest_latency (le, count, seconds) VALUES (?, ?, ?) ON CONFLICT (le)"
+                       " DO UPDATE SET count = count + excluded.count, seconds = seconds + excluded.seconds",
+                       [(le, count, total) for le, (count, total) in pending.items()])
+
+    def metrics(self) -> dict[str, Any]:
+        """What /metrics shows: every counter table, read in one snapshot (this process's
+        pending latencies written first)."""
+        if self._latency:
+            with self._immediate() as db:
+                self._write_latency(db)
+        db = self.connect()
+        db.execute("BEGIN")
+        try:
+            return {
+                "events": db.execute("SELECT server_id, event, outcome, count FROM event_counts ORDER BY 1, 2, 3")
+                .fetchall(),
+                "rejections": db.execute("SELECT status, error, reason, count FROM rejection_counts"
+                                         " ORDER BY 1, 2, 3").fetchall(),
+                "clicks": db.execute("SELECT server_id, sum(clicked) FROM daily_counts GROUP BY 1 ORDER BY 1")
+                .fetchall(),
+                "latency": dict(db.execute("SELECT le, count FROM ingest_latency").fetchall()),
+                "latency_seconds": db.execute("SELECT coalesce(sum(seconds), 0) FROM ingest_latency").fetchone()[0],
+                "last_event_at": db.execute("SELECT max(received_at) FROM delivery_log WHERE id ="
+                                            " (SELECT max(id) FROM delivery_log)").fetchone()[0],
+            }
+        finally:
+            db.execute("COMMIT")
 
     # retention and forgetting
 
@@ -1735,9 +1781,10 @@ def ingest() -> Any:
         raise ApiError(413, "body too large", HINTS["body too large"]) from None
     if len(raw_body) > MAX_BODY_BYTES:
         raise ApiError(413, "body too large", HINTS["body too large"])
-    config = current_app.config
-    status, body = handle_ingest(get_store(), raw_body, request.headers.get(SIGNATURE_HEADER),
+    config, store, started = current_app.config, get_store(), time.perf_counter()
+    status, body = handle_ingest(store, raw_body, request.headers.get(SIGNATURE_HEADER),
                                  window=config["MMOREF_REPLAY_WINDOW"], ttl=config["MMOREF_TOKEN_TTL"])
+    store.observe_latency(time.perf_counter() - started)
     return json_response(body, status)
 
 
@@ -1783,6 +1830,62 @@ def healthz() -> Any:
         return json_response({"ok": False, "error": "database unavailable",
                               "hint": "check that the database file exists and is readable"}, 503)
     return json_response({"ok": True})
+
+
+@blueprint.get("/metrics")
+def metrics() -> Any:
+    """Prometheus text format, from the database's counters: the same numbers in every worker.
+
+    Answered to loopback clients that did not come through a proxy, or to anyone with
+    `Authorization: Bearer <MMOREF_METRICS_TOKEN>` when that is set.
+    """
+    token = current_app.config.get("MMOREF_METRICS_TOKEN")
+    if token:
+        sent = request.headers.get("Authorization", "")
+        if not hmac.compare_digest(sent.encode(), f"Bearer {token}".encode()):
+            return json_response({"ok": False, "error": "forbidden",
+                                  "hint": "send Authorization: Bearer <MMOREF_METRICS_TOKEN>"}, 403)
+    elif not _is_loopback(request.remote_addr or "") or "X-Forwarded-For" in request.headers:
+        return json_response({"ok": False, "error": "not found",
+                              "hint": "/metrics answers loopback only; set MMOREF_METRICS_TOKEN to scrape it"
+                                      " from elsewhere"}, 404)
+    store = get_store()
+    text = render_metrics(store.metrics(), store.database_bytes())
+    return current_app.response_class(text, mimetype="text/plain; version=0.0.4")
+
+
+def _label(value: Any) -> str:
+    return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def _metric(lines: list[str], name: str, kind: str, about: str, samples: Sequence[tuple[dict, Any]]) -> None:
+    lines += [f"# HELP {name} {about}", f"# TYPE {name} {kind}"]
+    for labels, value in samples:
+        shown = ",".join(f'{key}="{_label(label)}"' for key, label in labels.items())
+        lines.append(f"{name}{{{shown}}} {value}" if shown else f"{name} {value}")
+
+
+def render_metrics(snapshot: dict[str, Any], database_bytes: int) -> str:
+    """The Prometheus text exposition of Store.metrics()."""
+    lines: list[str] = []
+    _metric(lines, "mmoref_events_total", "counter", "Signed events answered 200, by event and outcome.",
+            [({"server_id": s, "event": e, "outcome": o}, n) for s, e, o, n in snapshot["events"]])
+    _metric(lines, "mmoref_rejections_total", "counter", "Refused ingest requests, by status, error and reason.",
+            [({"status": s, "error": e, "reason": r}, n) for s, e, r, n in snapshot["rejections"]])
+    _metric(lines, "mmoref_share_link_clicks_total", "counter", "Share links followed (referrals minted).",
+            [({"server_id": s}, n) for s, n in snapshot["clicks"]])
+    cumulative, buckets = 0, []
+    for le in [*map(str, LATENCY_BUCKETS), "+Inf"]:
+        cumulative += snapshot["latency"].get(le, 0)
+        buckets.append(({"le": le}, cumulative))
+    _metric(lines, "mmoref_ingest_latency_seconds", "histogram", "Time to answer an ingest request.", [])
+    lines += [f'mmoref_ingest_latency_seconds_bucket{{le="{labels["le"]}"}} {n}' for labels, n in buckets]
+    lines += [f"mmoref_ingest_latency_seconds_sum {snapshot['latency_seconds']}",
+              f"mmoref_ingest_latency_seconds_count {cumulative}"]
+    _metric(lines, "mmoref_database_bytes", "gauge", "Database file plus write-ahead log.", [({}, database_bytes)])
+    _metric(lines, "mmoref_last_event_timestamp_seconds", "gauge", "When the newest delivery-log row was written.",
+            [({}, snapshot["last_event_at"] or 0)])
+    return "\n".join(lines) + "\n"
 
 
 # Dashboard views (docs/contract.md §4, §6) ###################################
