@@ -116,6 +116,17 @@ def _ip_addresses(raw: str) -> tuple[str, ...]:
         raise ValueError("IP addresses separated by commas, e.g. 127.0.0.1,::1") from None
 
 
+DURATION_UNITS = {"d": 86400, "h": 3600, "m": 60, "s": 1}
+
+
+def parse_duration(raw: str) -> int:
+    """Seconds in "180d", "12h", "30m" or "3600s"; the ValueError says what is accepted."""
+    match = re.fullmatch(r"\s*(\d{1,9})\s*([dhms])\s*", raw.lower())
+    if match is None or int(match.group(1)) == 0:
+        raise ValueError("a duration like 180d, 12h, 30m or 3600s (days, hours, minutes, seconds)")
+    return int(match.group(1)) * DURATION_UNITS[match.group(2)]
+
+
 SETTINGS: dict[str, tuple[Callable[[str], Any], Any, str]] = {
     # name: (parser, default, what it is)
     "MMOREF_DB": (str, "referrals.db", "SQLite database file"),
@@ -130,6 +141,9 @@ SETTINGS: dict[str, tuple[Callable[[str], Any], Any, str]] = {
     "MMOREF_ADMIN_PASSWORD": (str, None, "dashboard password (else generated on first run)"),
     "MMOREF_THREADS": (_whole_number(1, 1000), 8, "waitress worker threads"),
     "MMOREF_LOG_FORMAT": (_one_of("text", "json"), "text", "`serve`'s log lines: text, or json (one object a line)"),
+    "MMOREF_PRUNE_AFTER": (parse_duration, None,
+                           "delete log rows older than this (e.g. 180d), daily under `serve`; off when unset"),
+    "MMOREF_METRICS_TOKEN": (str, None, "bearer token that lets /metrics answer beyond loopback"),
 }
 MAX_BODY_BYTES = 64 * 1024          # larger bodies get 413
 MAX_FIELD_CHARS = 256               # string fields, after trimming
@@ -553,10 +567,30 @@ MIGRATIONS: list[list[str]] = [
         # the Referrals tab's leaderboard: WHERE server_id = ? AND qualified > 0 ORDER BY qualified DESC
         "CREATE INDEX referrer_counts_by_qualified ON referrer_counts (server_id, qualified DESC, referrer_code)",
     ],
+    [  # v6: what /metrics reads, counted in the same transaction as the rows they count, so the
+        # numbers are exact across worker processes and survive pruning the log
+        """CREATE TABLE event_counts (
+            server_id TEXT NOT NULL, event TEXT NOT NULL, outcome TEXT NOT NULL, count INTEGER NOT NULL,
+            PRIMARY KEY (server_id, event, outcome)) WITHOUT ROWID""",
+        """INSERT INTO event_counts (server_id, event, outcome, count)
+            SELECT server_id, event, outcome, count(*) FROM delivery_log GROUP BY 1, 2, 3""",
+        # reason '' when the refusal has none; backfilled from the (capped) list of kept refusals
+        """CREATE TABLE rejection_counts (
+            status INTEGER NOT NULL, error TEXT NOT NULL, reason TEXT NOT NULL, count INTEGER NOT NULL,
+            PRIMARY KEY (status, error, reason)) WITHOUT ROWID""",
+        """INSERT INTO rejection_counts (status, error, reason, count)
+            SELECT status, error, coalesce(reason, ''), count(*) FROM rejected_requests GROUP BY 1, 2, 3""",
+        # ingest latency: observations and seconds per histogram bucket (not cumulative)
+        """CREATE TABLE ingest_latency (
+            le TEXT PRIMARY KEY, count INTEGER NOT NULL, seconds REAL NOT NULL) WITHOUT ROWID""",
+    ],
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 # random per-installation values kept in `meta`: what signs tokens, sessions, pseudonymous client keys
-INSTALLATION_KEYS = ("token_key", "session_key", "session_binding_key", "ip_salt")
+INSTALLATION_KEYS = ("token_key", "session_key", "session_binding_key", "ip_salt", "identity_key")
+PRUNED_TABLES = ("delivery_log", "rejected_requests")  # what retention deletes; counters stay
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)  # seconds, as Prometheus
+VACUUM_PAGES_PER_STEP = 2000                           # 8 MB of 4 KiB pages per short transaction
 COUNTED = ("clicked", "registered", "qualified", "reversed")
 
 # How long a write waits for another process's write lock (the sqlite3 shell, a backup, a
@@ -683,11 +717,14 @@ class Transaction:
             " AND l.event = ? AND l.server_event_id = ?) AS seen FROM referrals r WHERE r.referral_id = ?",
             (event, server_event_id, referral_id)).fetchone()
 
-    def anchored_referral(self, server_id: str, referee_identity: str | None) -> sqlite3.Row | None:
-        """The referral that anchors this referee on this server, if any."""
+    def anchored_referral(self, server_id: str, referee_identity: str | None,
+                          forgotten_identity: str | None) -> sqlite3.Row | None:
+        """The referral that anchors this referee on this server, if any, by its identity or its
+        forgotten (keyed) form: one lookup of the primary key."""
         return self.db.execute(
             "SELECT r.* FROM anchors a JOIN referrals r ON r.referral_id = a.referral_id"
-            " WHERE a.server_id = ? AND a.referee_identity = ?", (server_id, referee_identity)).fetchone()
+            " WHERE a.server_id = ? AND a.referee_identity IN (?, ?)",
+            (server_id, referee_identity, forgotten_identity)).fetchone()
 
     def insert_anchor(self, server_id: str, referee_identity: str | None, referral_id: str, at: int) -> None:
         self.db.execute("INSERT INTO anchors (server_id, referee_identity, referral_id, created_at)"
@@ -725,6 +762,13 @@ class Transaction:
             " server_event_id, outcome, received_at, payload, ts) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (referral["server_id"], referral["referral_id"], referral["referrer_code"], token_referral_id,
              event, server_event_id, outcome, at, payload, ts))
+        self.count_event(referral["server_id"], event, outcome)
+
+    def count_event(self, server_id: str, event: str, outcome: str) -> None:
+        """Count one answered event for /metrics (outcome: a logged one, or "duplicate")."""
+        self.db.execute("INSERT INTO event_counts (server_id, event, outcome, count) VALUES (?, ?, ?, 1)"
+                        " ON CONFLICT (server_id, event, outcome) DO UPDATE SET count = count + 1",
+                        (server_id, event, outcome))
 
     def count(self, server_id: str, referrer_code: str, column: str, at: int) -> None:
         """Bump the analytics counters for one click or transition (`column`: one of COUNTED)."""
@@ -780,6 +824,7 @@ class Store:
         self._pid = os.getpid()
         self._keys: dict[str, str] = {}
         self._queue: list[_Pending] = []
+        self._latency: dict[str, tuple[int, float]] = {}  # observed, not yet written: le -> (count, seconds)
         self._queue_lock, self._commit_lock = threading.Lock(), threading.Lock()
         self._write_failure: tuple[str, float] | None = None   # (problem, monotonic time) of the last write
         _create_private_file(path)
@@ -902,6 +947,7 @@ class Store:
                             raise
                         db.execute("ROLLBACK TO work")
                     db.execute("RELEASE work")
+                self._write_latency(db)
         except BaseException as exc:  # BEGIN or COMMIT failed: nothing of the batch was written
             for item in batch:
                 item.result, item.error = None, exc
@@ -914,6 +960,7 @@ class Store:
     def _quick_check(self) -> None:
         """PRAGMA quick_check: refuse a damaged file at start instead of serving it (~0.1 s per 100 MB)."""
         db = self.connect()
+        db.execute("PRAGMA auto_vacuum = INCREMENTAL")  # takes effect only on a new, empty file
         db.execute("PRAGMA journal_mode = WAL")  # kept in the file: every later connection is in WAL mode
         found = db.execute("PRAGMA quick_check(1)").fetchone()[0]
         if found != "ok":
@@ -954,6 +1001,11 @@ class Store:
     @property
     def token_key(self) -> str:
         return self.installation_key("token_key")
+
+    @property
+    def identity_key(self) -> str:
+        """The key of forgotten_form: forgetting a player keeps first touch, never the identity."""
+        return self.installation_key("identity_key")
 
     # servers and secrets
 
@@ -1246,6 +1298,9 @@ class Store:
         """
         def remember(transaction: Transaction) -> None:
             at, db = now(), transaction.db
+            db.execute("INSERT INTO rejection_counts (status, error, reason, count) VALUES (?, ?, ?, 1)"
+                       " ON CONFLICT (status, error, reason) DO UPDATE SET count = count + 1",
+                       (status, error, reason or ""))  # every refusal counts, kept or not
             if per_client_minute is not None and client is not None \
                     and transaction.hit("rejected", client, at, 60) > per_client_minute:
                 return
@@ -1270,6 +1325,167 @@ class Store:
         return self.connect().execute(
             "SELECT * FROM rejected_requests WHERE server_id IS ? ORDER BY last_seen_at DESC, id DESC LIMIT ?",
             (server_id, limit)).fetchall()
+
+    # metrics: counters written in the same transactions as what they count
+
+    def observe_latency(self, seconds: float) -> None:
+        """Remember one ingest latency; it is written with the next commit (or read of /metrics)."""
+        le = next((str(bound) for bound in LATENCY_BUCKETS if seconds <= bound), "+Inf")
+        with self._queue_lock:
+            count, total = self._latency.get(le, (0, 0.0))
+            self._latency[le] = (count + 1, total + seconds)
+
+    def _write_latency(self, db: sqlite3.Connection) -> None:
+        with self._queue_lock:
+            pending, self._latency = self._latency, {}
+        db.executemany("INSERT INTO ingest_latency (le, count, seconds) VALUES (?, ?, ?) ON CONFLICT (le)"
+                       " DO UPDATE SET count = count + excluded.count, seconds = seconds + excluded.seconds",
+                       [(le, count, total) for le, (count, total) in pending.items()])
+
+    def metrics(self) -> dict[str, Any]:
+        """What /metrics shows: every counter table, read in one snapshot (this process's
+        pending latencies written first)."""
+        if self._latency:
+            with self._immediate() as db:
+                self._write_latency(db)
+        db = self.connect()
+        db.execute("BEGIN")
+        try:
+            return {
+                "events": db.execute("SELECT server_id, event, outcome, count FROM event_counts ORDER BY 1, 2, 3")
+                .fetchall(),
+                "rejections": db.execute("SELECT status, error, reason, count FROM rejection_counts"
+                                         " ORDER BY 1, 2, 3").fetchall(),
+                "clicks": db.execute("SELECT server_id, sum(clicked) FROM daily_counts GROUP BY 1 ORDER BY 1")
+                .fetchall(),
+                "latency": dict(db.execute("SELECT le, count FROM ingest_latency").fetchall()),
+                "latency_seconds": db.execute("SELECT coalesce(sum(seconds), 0) FROM ingest_latency").fetchone()[0],
+                "last_event_at": db.execute("SELECT max(received_at) FROM delivery_log WHERE id ="
+                                            " (SELECT max(id) FROM delivery_log)").fetchone()[0],
+            }
+        finally:
+            db.execute("COMMIT")
+
+    # retention and forgetting
+
+    def prune_batch(self, table: str, before: int, limit: int) -> int:
+        """Delete up to `limit` of the oldest rows of `table` (one of PRUNED_TABLES) received
+        before `before`, in one short transaction; return how many. Rows are found from the
+        lowest id up, where old rows are, so each batch reads little more than it deletes."""
+        if table not in PRUNED_TABLES:
+            raise ValueError(f"only {PRUNED_TABLES} are pruned")
+        with self._immediate() as db:
+            return db.execute(f"DELETE FROM {table} WHERE id IN (SELECT id FROM {table}"
+                              " WHERE received_at < ? ORDER BY id LIMIT ?)", (before, limit)).rowcount
+
+    def forget_identity(self, server_id: str, identity: str, forgotten: str,
+                        spellings: Sequence[str]) -> dict[str, int]:
+        """Replace a referee identity by its forgotten form in one transaction: in referrals and
+        anchors (where it is the whole value), and in stored payloads and rejected snippets
+        (where it appears as any of `spellings`). Returns the rows changed per table."""
+        def scrub(text: str) -> str:
+            for spelling in spellings:
+                text = text.replace(spelling, forgotten)
+            return text
+
+        mentions = " OR ".join(["instr({column}, ?) > 0"] * len(spellings))
+        with self._immediate() as db:
+            changed = {table: db.execute(f"UPDATE {table} SET referee_identity = ?"
+                                         " WHERE server_id = ? AND referee_identity = ?",
+                                         (forgotten, server_id, identity)).rowcount
+                       for table in ("referrals", "anchors")}
+            for table, column, scope in (("delivery_log", "payload", "server_id = ? AND "),
+                                         ("rejected_requests", "snippet", "")):
+                found = db.execute(f"SELECT id, {column} FROM {table} WHERE {scope}({mentions.format(column=column)})",
+                                   ((server_id,) if scope else ()) + tuple(spellings)).fetchall()
+                db.executemany(f"UPDATE {table} SET {column} = ? WHERE id = ?",
+                               [(scrub(text), row_id) for row_id, text in found])
+                changed[table] = len(found)
+        return changed
+
+    # SQLite only: files, copies and space
+
+    def database_bytes(self) -> int:
+        """The size of the database file and its write-ahead log."""
+        return sum(os.path.getsize(self.path + suffix) for suffix in ("", "-wal")
+                   if os.path.exists(self.path + suffix))
+
+    def backup_to(self, path: str) -> None:
+        """Copy the database into the new file `path`, from one read snapshot.
+
+        In WAL mode a reader blocks no writer, so all pages are copied in one step while
+        ingest goes on; a stepped backup would restart whenever another connection writes
+        and, under steady ingest, might never finish. The copy is one file (no -wal).
+        """
+        _create_private_file(path)
+        copy = sqlite3.connect(path, isolation_level=None)
+        try:
+            self.connect().backup(copy)
+            copy.execute("PRAGMA journal_mode = DELETE")
+        finally:
+            copy.close()
+
+    @staticmethod
+    def check_copy(path: str) -> dict[str, int]:
+        """Check a backup (or any mmoref database file) without changing it; its row counts.
+
+        A StoreError says what is wrong: not SQLite, damaged, not mmoref's, or newer than us.
+        """
+        if not os.path.isfile(path):
+            raise StoreError(f"{path} is not a file")
+        try:
+            with contextlib.closing(sqlite3.connect(f"file:{os.path.abspath(path)}?mode=ro", uri=True)) as db:
+                problems = [row[0] for row in db.execute("PRAGMA integrity_check")]
+                if problems != ["ok"]:
+                    raise StoreError(f"{path} fails the integrity check: {'; '.join(problems[:3])}")
+                version = db.execute("PRAGMA user_version").fetchone()[0]
+                if not 1 <= version <= SCHEMA_VERSION:
+                    raise StoreError(f"{path} is not an mmoref database this version can use (schema v{version})")
+                return {table: db.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
+                        for table in ("servers", "referrals", "anchors", "delivery_log", "rejected_requests")}
+        except sqlite3.DatabaseError as exc:
+            raise StoreError(f"{path} is not a usable SQLite database ({exc})") from None
+
+    @staticmethod
+    def take_offline(path: str) -> None:
+        """Fold the write-ahead log into `path` and leave it a single file, or raise StoreError
+        when another process (a running server) has the database open."""
+        try:
+            with contextlib.closing(sqlite3.connect(path, isolation_level=None, timeout=1)) as db:
+                db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+                db.execute("PRAGMA journal_mode = DELETE")
+        except sqlite3.OperationalError as exc:
+            raise StoreError(f"{path} is in use ({exc}): stop the server first") from None
+
+    def reclaim_space(self, convert: bool) -> bool:
+        """Give the pages freed by pruning or forgetting back to the file system; False when not done.
+
+        Databases made by this version use incremental auto-vacuum: freed pages go in short
+        steps. An older database needs one full VACUUM (which blocks writers while it runs) to
+        switch: only when `convert` is true.
+        """
+        db = self.connect()
+        if db.execute("PRAGMA auto_vacuum").fetchone()[0] != 2:  # 2: INCREMENTAL
+            if not convert:
+                return False
+            db.execute("PRAGMA auto_vacuum = INCREMENTAL")
+            db.execute("VACUUM")
+        while db.execute("PRAGMA freelist_count").fetchone()[0]:
+            with self._immediate():
+                db.execute(f"PRAGMA incremental_vacuum({VACUUM_PAGES_PER_STEP})").fetchall()
+        self.truncate_wal()
+        return True
+
+    def erase_freed_bytes(self) -> None:
+        """Rewrite the whole file (VACUUM) and empty the write-ahead log, so no deleted or
+        overwritten value is left anywhere in the database's files. Blocks writers while it runs."""
+        self.connect().execute("VACUUM")
+        self.truncate_wal()
+
+    def truncate_wal(self) -> bool:
+        """Copy the write-ahead log into the database and truncate it; False if readers kept it."""
+        busy = self.connect().execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
+        return not busy
 
 
 # State machine (docs/contract.md §2) #########################################
@@ -1304,6 +1520,18 @@ class Delivery:
     referee_identity: str | None
     ts: int | float | None
     payload: str  # the body for the log: token masked, secrets scrubbed, cut to 2,000 characters
+    forgotten_identity: str | None = None  # what `forget` leaves of referee_identity (see forgotten_form)
+
+    def is_referee(self, stored_identity: str | None) -> bool:
+        """Whether a stored identity is this event's referee, as sent or as forgotten."""
+        return stored_identity in (self.referee_identity, self.forgotten_identity)
+
+
+def forgotten_form(identity_key: str, server_id: str, referee_identity: str) -> str:
+    """The keyed one-way value `forget` stores instead of an identity: equal for equal
+    (server, identity), so first touch still holds, and not reversible without the key."""
+    message = f"{server_id}\0{referee_identity}".encode()
+    return "forgotten:" + hmac.new(identity_key.encode(), message, hashlib.sha256).hexdigest()[:32]
 
 
 def apply_event(store: Store, delivery: Delivery, ttl: int) -> dict[str, Any]:
@@ -1331,6 +1559,7 @@ def _decide_and_write(transaction: Transaction, delivery: Delivery, ttl: int) ->
     if referral is None or referral["server_id"] != delivery.server_id:
         return ApiError(404, "unknown token", HINTS["unknown token"], server_id=delivery.server_id)
     if referral["seen"]:  # the idempotency key (token, event, server_event_id) was used
+        transaction.count_event(delivery.server_id, event, "duplicate")
         return {"ok": True, "duplicate": True}
     if referral["anchor_referral_id"]:  # a second click's token: events apply to the anchored referral
         referral = transaction.referral(referral["anchor_referral_id"])
@@ -1339,7 +1568,7 @@ def _decide_and_write(transaction: Transaction, delivery: Delivery, ttl: int) ->
         transaction.set_state(referral["referral_id"], "expired", at)
         return _invalid_transition(delivery, "expired")
     next_state = TRANSITIONS[state][event]
-    if event == "registered" and next_state == NO_OP and referral["referee_identity"] != delivery.referee_identity:
+    if event == "registered" and next_state == NO_OP and not delivery.is_referee(referral["referee_identity"]):
         return ApiError(422, "invalid transition", HINTS["other referee"], server_id=delivery.server_id,
                         state=state, event=event)
     if next_state == INVALID:
@@ -1354,7 +1583,8 @@ def _decide_and_write(transaction: Transaction, delivery: Delivery, ttl: int) ->
 
 def _register(transaction: Transaction, delivery: Delivery, referral: sqlite3.Row, at: int) -> dict[str, Any]:
     """`registered` on a clicked referral: mint the anchor, unless first touch says otherwise."""
-    anchored = transaction.anchored_referral(delivery.server_id, delivery.referee_identity)
+    anchored = transaction.anchored_referral(delivery.server_id, delivery.referee_identity,
+                                             delivery.forgotten_identity)
     if anchored is None:
         transaction.insert_anchor(delivery.server_id, delivery.referee_identity, referral["referral_id"], at)
         _advance(transaction, referral, "registered", at, referee_identity=delivery.referee_identity)
@@ -1452,8 +1682,10 @@ def process_event(store: Store, raw_body: bytes, header: str | None, *, window: 
     if claims is None or claims.server_id != server_id:
         raise ApiError(404, "unknown token", HINTS["unknown token"], server_id=server_id)
     # 9-10. duplicate check and state machine, in one transaction
+    forgotten = (forgotten_form(store.identity_key, server_id, fields.referee_identity)
+                 if fields.referee_identity is not None else None)
     delivery = Delivery(server_id, fields.event, claims, fields.server_event_id, fields.referee_identity,
-                        fields.ts, _scrubbed_snippet(raw_body, store.all_secrets(), limit=2000))
+                        fields.ts, _scrubbed_snippet(raw_body, store.all_secrets(), limit=2000), forgotten)
     return apply_event(store, delivery, ttl)
 
 
@@ -1783,6 +2015,126 @@ def _remember_rejection(store: Store, exc: ApiError, raw_body: bytes, client: st
         log.exception("could not record a rejected request")
 
 
+# Maintenance: backup, restore, retention, forgetting a player #################
+# What the backup, restore, prune and forget commands (and the server's daily prune) do;
+# the SQL and the SQLite-only file work are Store methods.
+
+PRUNE_BATCH_ROWS = 1000      # rows deleted per transaction: each holds the write lock ~10 ms
+PRUNE_PAUSE_SECONDS = 0.01   # between batches, so waiting ingest writers get the lock first
+PRUNE_EVERY_SECONDS = 24 * 3600
+
+
+def _utc_stamp() -> str:
+    return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+
+
+def _fsync(path: str) -> None:
+    with open(path, "rb+") as file:
+        os.fsync(file.fileno())
+
+
+def write_backup(store: Store, dest: str, force: bool = False) -> dict[str, Any]:
+    """Copy the live database to `dest` (a file, or a folder to put a dated file in), check the
+    copy and return what was written. The copy is made beside `dest` and renamed into place,
+    so `dest` is never a half-written file."""
+    if os.path.isdir(dest):
+        dest = os.path.join(dest, f"referrals-{_utc_stamp()}.db")
+    if os.path.exists(dest) and not force:
+        raise ConfigError(f"{dest} exists: pass --force to replace it, or name a new file")
+    partial = f"{dest}.partial-{os.getpid()}"
+    started = time.monotonic()
+    try:
+        store.backup_to(partial)
+        rows = Store.check_copy(partial)
+        _fsync(partial)
+        os.replace(partial, dest)
+    finally:
+        if os.path.exists(partial):
+            os.remove(partial)
+    return {"path": os.path.abspath(dest), "bytes": os.path.getsize(dest),
+            "seconds": round(time.monotonic() - started, 3), "integrity": "ok", "rows": rows}
+
+
+def restore_database(source: str, db_path: str) -> dict[str, Any]:
+    """Put a backup in place of `db_path` (the server must be stopped); the current file is kept
+    beside it as `<db>.before-restore-<time>`. Returns what was restored and what was kept."""
+    rows = Store.check_copy(source)
+    kept = None
+    if os.path.exists(db_path):
+        Store.take_offline(db_path)  # refuses while a server has it open; folds its -wal in
+        kept = f"{db_path}.before-restore-{_utc_stamp()}"
+        os.replace(db_path, kept)
+    for stale in (db_path + "-wal", db_path + "-shm"):
+        if os.path.exists(stale):
+            os.remove(stale)
+    partial = f"{db_path}.partial-{os.getpid()}"
+    _create_private_file(partial)
+    with open(source, "rb") as src, open(partial, "wb") as out:
+        while chunk := src.read(1 << 20):
+            out.write(chunk)
+        out.flush()
+        os.fsync(out.fileno())
+    os.replace(partial, db_path)
+    return {"path": os.path.abspath(db_path), "restored_from": os.path.abspath(source), "previous": kept,
+            "rows": rows}
+
+
+def prune(store: Store, older_than: int, *, convert: bool = True) -> dict[str, Any]:
+    """Delete delivery-log and rejected-request rows older than `older_than` seconds, a batch per
+    short transaction, then reclaim the space. Referrals, anchors and counters are untouched."""
+    started, size_before = time.monotonic(), store.database_bytes()
+    before = now() - older_than
+    deleted = {}
+    for table in PRUNED_TABLES:
+        deleted[table] = 0
+        while batch := store.prune_batch(table, before, PRUNE_BATCH_ROWS):
+            deleted[table] += batch
+            time.sleep(PRUNE_PAUSE_SECONDS)
+    reclaimed = store.reclaim_space(convert) if any(deleted.values()) else True
+    return {"deleted": deleted, "older_than_seconds": older_than, "space_reclaimed": reclaimed,
+            "bytes_before": size_before, "bytes_after": store.database_bytes(),
+            "seconds": round(time.monotonic() - started, 3)}
+
+
+def start_auto_prune(store: Store, older_than: int) -> threading.Thread:
+    """Prune at start-up and then once a day, in a daemon thread of the serving process."""
+    def run() -> None:
+        while True:
+            try:
+                result = prune(store, older_than, convert=False)
+                log.info("pruned rows older than %s s: %s", older_than, result["deleted"])
+                if not result["space_reclaimed"]:
+                    log.warning("run `python mmoref_server.py prune` once, server stopped or not, to let the"
+                                " database file shrink (it was made by an older mmoref)")
+            except (sqlite3.Error, StoreError):
+                log.exception("automatic prune failed; it runs again in a day")
+            time.sleep(PRUNE_EVERY_SECONDS)
+
+    thread = threading.Thread(target=run, name="mmoref-prune", daemon=True)
+    thread.start()
+    return thread
+
+
+def identity_spellings(identity: str) -> list[str]:
+    """The ways an identity can appear in a stored JSON body: as is, and JSON-escaped."""
+    escaped = {json.dumps(identity)[1:-1], json.dumps(identity, ensure_ascii=False)[1:-1]}
+    return sorted({identity} | escaped, key=len, reverse=True)
+
+
+def forget(store: Store, server_id: str, identity: str) -> dict[str, Any]:
+    """Erase a referee identity everywhere it is stored, keeping its forgotten form so first
+    touch still holds; then rewrite the database files so the raw bytes are gone too."""
+    if store.server(server_id) is None:
+        raise ConfigError(f"unknown server {server_id!r}")
+    identity = identity.strip()
+    if not identity:
+        raise ConfigError("--identity is empty: give the referee_identity to forget")
+    forgotten = forgotten_form(store.identity_key, server_id, identity)
+    changed = store.forget_identity(server_id, identity, forgotten, identity_spellings(identity))
+    store.erase_freed_bytes()
+    return {"server_id": server_id, "forgotten_as": forgotten, "rows_changed": changed}
+
+
 # Routes: ingest, share link, health ##########################################
 
 blueprint = Blueprint("mmoref", __name__)
@@ -1859,11 +2211,11 @@ def ingest() -> Any:
         raise ApiError(413, "body too large", HINTS["body too large"]) from None
     if len(raw_body) > MAX_BODY_BYTES:
         raise ApiError(413, "body too large", HINTS["body too large"])
-    config = current_app.config
-    store = get_store()
+    config, store, started = current_app.config, get_store(), time.perf_counter()
     status, body = handle_ingest(store, raw_body, request.headers.get(SIGNATURE_HEADER),
                                  window=config["MMOREF_REPLAY_WINDOW"], ttl=config["MMOREF_TOKEN_TTL"],
                                  client=client_key(store, request.remote_addr))
+    store.observe_latency(time.perf_counter() - started)
     response = json_response(body, status)
     if status == 503:
         response.headers["Retry-After"] = str(RETRY_AFTER_SECONDS)
@@ -1939,6 +2291,62 @@ def healthz() -> Any:
         return json_response({"ok": True})
     return json_response({"ok": False, "error": "database unavailable", "reason": problem.problem,
                           "hint": str(problem)}, 503)
+
+
+@blueprint.get("/metrics")
+def metrics() -> Any:
+    """Prometheus text format, from the database's counters: the same numbers in every worker.
+
+    Answered to loopback clients that did not come through a proxy, or to anyone with
+    `Authorization: Bearer <MMOREF_METRICS_TOKEN>` when that is set.
+    """
+    token = current_app.config.get("MMOREF_METRICS_TOKEN")
+    if token:
+        sent = request.headers.get("Authorization", "")
+        if not hmac.compare_digest(sent.encode(), f"Bearer {token}".encode()):
+            return json_response({"ok": False, "error": "forbidden",
+                                  "hint": "send Authorization: Bearer <MMOREF_METRICS_TOKEN>"}, 403)
+    elif not _is_loopback(request.remote_addr or "") or "X-Forwarded-For" in request.headers:
+        return json_response({"ok": False, "error": "not found",
+                              "hint": "/metrics answers loopback only; set MMOREF_METRICS_TOKEN to scrape it"
+                                      " from elsewhere"}, 404)
+    store = get_store()
+    text = render_metrics(store.metrics(), store.database_bytes())
+    return current_app.response_class(text, mimetype="text/plain; version=0.0.4")
+
+
+def _label(value: Any) -> str:
+    return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def _metric(lines: list[str], name: str, kind: str, about: str, samples: Sequence[tuple[dict, Any]]) -> None:
+    lines += [f"# HELP {name} {about}", f"# TYPE {name} {kind}"]
+    for labels, value in samples:
+        shown = ",".join(f'{key}="{_label(label)}"' for key, label in labels.items())
+        lines.append(f"{name}{{{shown}}} {value}" if shown else f"{name} {value}")
+
+
+def render_metrics(snapshot: dict[str, Any], database_bytes: int) -> str:
+    """The Prometheus text exposition of Store.metrics()."""
+    lines: list[str] = []
+    _metric(lines, "mmoref_events_total", "counter", "Signed events answered 200, by event and outcome.",
+            [({"server_id": s, "event": e, "outcome": o}, n) for s, e, o, n in snapshot["events"]])
+    _metric(lines, "mmoref_rejections_total", "counter", "Refused ingest requests, by status, error and reason.",
+            [({"status": s, "error": e, "reason": r}, n) for s, e, r, n in snapshot["rejections"]])
+    _metric(lines, "mmoref_share_link_clicks_total", "counter", "Share links followed (referrals minted).",
+            [({"server_id": s}, n) for s, n in snapshot["clicks"]])
+    cumulative, buckets = 0, []
+    for le in [*map(str, LATENCY_BUCKETS), "+Inf"]:
+        cumulative += snapshot["latency"].get(le, 0)
+        buckets.append(({"le": le}, cumulative))
+    _metric(lines, "mmoref_ingest_latency_seconds", "histogram", "Time to answer an ingest request.", [])
+    lines += [f'mmoref_ingest_latency_seconds_bucket{{le="{labels["le"]}"}} {n}' for labels, n in buckets]
+    lines += [f"mmoref_ingest_latency_seconds_sum {snapshot['latency_seconds']}",
+              f"mmoref_ingest_latency_seconds_count {cumulative}"]
+    _metric(lines, "mmoref_database_bytes", "gauge", "Database file plus write-ahead log.", [({}, database_bytes)])
+    _metric(lines, "mmoref_last_event_timestamp_seconds", "gauge", "When the newest delivery-log row was written.",
+            [({}, snapshot["last_event_at"] or 0)])
+    return "\n".join(lines) + "\n"
 
 
 # Dashboard views (docs/contract.md §4, §6) ###################################
@@ -2411,6 +2819,21 @@ def owner_action_form(game: str, server_id: str, referral_id: str, action: str) 
     return redirect(back)
 
 
+@dashboard.post("/<game>/<server_id>/referrals/forget/<referral_id>")
+def forget_form(game: str, server_id: str, referral_id: str) -> Any:
+    """Forget the referral's player: a confirm page first, then `forget` (as the CLI does)."""
+    server = _server_or_404(game, server_id)
+    store = get_store()
+    referral = store.referral(referral_id)
+    if referral is None or referral["server_id"] != server_id or not referral["referee_identity"]:
+        abort(404)
+    if request.form.get("confirm") != "yes":
+        return _page("forget.html", 200, title="Forget a player", server=server, referral=referral)
+    forget(store, server_id, referral["referee_identity"])
+    flash(f"The player of referral {referral_id} is forgotten.")
+    return redirect(_tab_url(server))
+
+
 def analytics(store: Store, server_id: str, days: int = 30) -> dict[str, Any]:
     """Funnel, leaderboard and daily series from the counter tables (no row scans)."""
     funnel = store.funnel(server_id)
@@ -2630,6 +3053,9 @@ def serve_command(db_path: str | None = None, host: str | None = None, port: int
     _configure_logging(settings["MMOREF_LOG_FORMAT"])
     server = _listen(app, host, port, settings["MMOREF_THREADS"])
     click.echo(_banner(app, host, port))  # only now: a failed start never shows (or makes) a password
+    if settings["MMOREF_PRUNE_AFTER"]:
+        with app.app_context():
+            start_auto_prune(get_store(), settings["MMOREF_PRUNE_AFTER"])
     server.run()
 
 
@@ -2895,6 +3321,83 @@ def send_command(event: str, endpoint: str, server_id: str, secret: str, token: 
         sys.exit(1)
 
 
+def _duration_option(ctx: click.Context, param: click.Parameter, value: str) -> int:
+    try:
+        return parse_duration(value)
+    except ValueError as accepted:
+        raise click.BadParameter(f"{value!r} is not {accepted}", ctx, param) from None
+
+
+@cli.command("backup")
+@click.argument("dest", metavar="DEST")
+@click.option("--force", is_flag=True, help="replace DEST if it is an existing file")
+@_db_option
+@_json_option
+def backup_command(dest: str, force: bool, db_path: str | None, as_json: bool) -> None:
+    """Copy the database to DEST (a file, or a folder for a dated file) while the server runs.
+
+    The copy is one consistent snapshot (SQLite's backup API: ingest goes on), checked
+    with PRAGMA integrity_check before it is renamed into place.
+    """
+    store = _open_store(db_path)
+    try:
+        result = write_backup(store, dest, force)
+    finally:
+        store.close()  # the file is free for a `restore` straight after
+    _emit(as_json, result, f"backup written: {result['path']}\n{result['bytes']:,} bytes in {result['seconds']} s,"
+                           f" integrity ok\nrows: " + ", ".join(f"{k} {v:,}" for k, v in result["rows"].items()))
+
+
+@cli.command("restore")
+@click.argument("source", metavar="SRC")
+@_db_option
+@_json_option
+def restore_command(source: str, db_path: str | None, as_json: bool) -> None:
+    """Replace the database with the backup SRC (stop the server first).
+
+    SRC must pass the integrity check; the current database is kept beside it as
+    <db>.before-restore-<time>.
+    """
+    result = restore_database(source, db_path or load_settings()["MMOREF_DB"])
+    _emit(as_json, result, f"restored {result['path']} from {result['restored_from']}\n"
+                           f"previous database kept as {result['previous'] or '(there was none)'}\nrows: "
+                           + ", ".join(f"{k} {v:,}" for k, v in result["rows"].items()))
+
+
+@cli.command("prune")
+@click.option("--older-than", required=True, metavar="AGE", callback=_duration_option,
+              help="delete log rows received longer ago than this: 180d, 12h, 30m or 3600s")
+@_db_option
+@_json_option
+def prune_command(older_than: int, db_path: str | None, as_json: bool) -> None:
+    """Delete old delivery-log and rejected-request rows; keep referrals, anchors, counters.
+
+    Deletes in batches of 1,000 rows (ingest waits at most one batch), then gives the
+    space back. Safe while the server runs.
+    """
+    result = prune(_open_store(db_path), older_than)
+    deleted = result["deleted"]
+    _emit(as_json, result, f"deleted {deleted['delivery_log']:,} delivery-log and {deleted['rejected_requests']:,}"
+                           f" rejected-request rows in {result['seconds']} s\ndatabase: {result['bytes_before']:,}"
+                           f" -> {result['bytes_after']:,} bytes")
+
+
+@cli.command("forget")
+@click.option("--server", "server_id", required=True, help="the server the player registered on")
+@click.option("--identity", required=True, help="the referee_identity to erase (e.g. an e-mail address)")
+@_db_option
+@_json_option
+def forget_command(server_id: str, identity: str, db_path: str | None, as_json: bool) -> None:
+    """Erase a player's identity (personal data) from everything stored.
+
+    It is replaced by a keyed one-way value, so the player still cannot be registered
+    through another referrer. Rewrites the database file (VACUUM) so no copy is left.
+    """
+    result = forget(_open_store(db_path), server_id, identity)
+    _emit(as_json, result, f"forgotten on {server_id}; stored as {result['forgotten_as']}\nrows changed: "
+                           + ", ".join(f"{k} {v}" for k, v in result["rows_changed"].items()))
+
+
 DEMO_SERVER_ID, DEMO_GAME, DEMO_SECRET = "demo-server", "demo-game", "demo-secret-not-for-production"
 
 
@@ -3075,6 +3578,20 @@ TEMPLATES = jinja2.Environment(autoescape=True, trim_blocks=True, lstrip_blocks=
 </html>
 """,
 
+    "forget.html": """{% extends "base.html" %}
+{% block main %}
+<h1>Forget {{ referral.referee_identity }}?</h1>
+<p>This erases the identity from referrals, anchors, stored payloads and rejected requests on
+{{ server.server_id }}, and rewrites the database file. A keyed one-way value takes its place, so
+the player still cannot be registered through another referrer. It cannot be undone.</p>
+<form method="post" id="confirm-forget">
+  """ + _CSRF_FIELD + """
+  <input type="hidden" name="confirm" value="yes">
+  <button id="forget-confirm">Forget this player</button>
+  <a href="{{ url_for('mmoref.dashboard.referrals_tab', game=server.game, server_id=server.server_id) }}">Cancel</a>
+</form>
+{% endblock %}
+""",
     "message.html": """{% extends "base.html" %}
 {% block main %}
 <section>
@@ -3601,6 +4118,19 @@ TEMPLATES = jinja2.Environment(autoescape=True, trim_blocks=True, lstrip_blocks=
   <p class="muted">None: a {{ referral.state }} referral is final or not yet registered.</p>
   {% endfor %}
 </section>
+{% endblock %}
+
+{% block forget %}
+{% if referral.referee_identity and not referral.referee_identity.startswith("forgotten:") %}
+<section>
+  <h2>Personal data</h2>
+  <form method="post" action="{{ url_for('mmoref.dashboard.forget_form', game=server.game,
+      server_id=server.server_id, referral_id=referral.referral_id) }}">
+    """ + _CSRF_FIELD + """
+    <button class="plain" id="forget">Forget this player…</button>
+  </form>
+</section>
+{% endif %}
 {% endblock %}
 
 {% block history %}
