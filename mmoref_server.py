@@ -28,6 +28,7 @@ import secrets
 import select
 import shlex
 import sqlite3
+import string
 import sys
 import threading
 import time
@@ -115,6 +116,17 @@ def _ip_addresses(raw: str) -> tuple[str, ...]:
         raise ValueError("IP addresses separated by commas, e.g. 127.0.0.1,::1") from None
 
 
+DURATION_UNITS = {"d": 86400, "h": 3600, "m": 60, "s": 1}
+
+
+def parse_duration(raw: str) -> int:
+    """Seconds in "180d", "12h", "30m" or "3600s"; the ValueError says what is accepted."""
+    match = re.fullmatch(r"\s*(\d{1,9})\s*([dhms])\s*", raw.lower())
+    if match is None or int(match.group(1)) == 0:
+        raise ValueError("a duration like 180d, 12h, 30m or 3600s (days, hours, minutes, seconds)")
+    return int(match.group(1)) * DURATION_UNITS[match.group(2)]
+
+
 SETTINGS: dict[str, tuple[Callable[[str], Any], Any, str]] = {
     # name: (parser, default, what it is)
     "MMOREF_DB": (str, "referrals.db", "SQLite database file, or postgresql://user:pass@host/dbname"),
@@ -129,10 +141,15 @@ SETTINGS: dict[str, tuple[Callable[[str], Any], Any, str]] = {
     "MMOREF_ADMIN_PASSWORD": (str, None, "dashboard password (else generated on first run)"),
     "MMOREF_THREADS": (_whole_number(1, 1000), 8, "waitress worker threads"),
     "MMOREF_LOG_FORMAT": (_one_of("text", "json"), "text", "`serve`'s log lines: text, or json (one object a line)"),
+    "MMOREF_PRUNE_AFTER": (parse_duration, None,
+                           "delete log rows older than this (e.g. 180d), daily under `serve`; off when unset"),
+    "MMOREF_METRICS_TOKEN": (str, None, "bearer token that lets /metrics answer beyond loopback"),
 }
 MAX_BODY_BYTES = 64 * 1024          # larger bodies get 413
 MAX_FIELD_CHARS = 256               # string fields, after trimming
 REJECTED_KEPT_PER_SERVER = 200      # rejected-requests list length (per server, and installation-wide)
+REJECTIONS_PER_CLIENT_MINUTE = 30   # refusals remembered per client a minute; later ones are answered only
+CLICKS_PER_CLIENT_MINUTE = 30       # share-link clicks recorded per client a minute; later ones get no token
 DEFAULT_GRACE_SECONDS = 24 * 3600   # how long a rotated-out secret stays valid
 EVENTS = ("registered", "qualified", "reversed")
 IDENTITY_FIELDS = ("username", "account", "character", "email")
@@ -531,13 +548,57 @@ MIGRATIONS: list[list[str]] = [
         # when the dashboard showed the secret (its one time); NULL: not shown there yet
         "ALTER TABLE secrets ADD COLUMN revealed_at INTEGER",
     ],
+    [  # v5: limits and sessions kept where every worker process sees them
+        # a dashboard login: the cookie holds only the random id; logout deletes the row, and
+        # password_tag (an HMAC of the password's basis) no longer matches once the password changes
+        """CREATE TABLE dashboard_sessions (
+            session_id TEXT PRIMARY KEY, password_tag TEXT NOT NULL, created_at INTEGER NOT NULL)""",
+        # failed logins per client (a keyed hash of the address), counted before the password is checked
+        """CREATE TABLE login_failures (
+            client TEXT PRIMARY KEY, failures INTEGER NOT NULL, last_at INTEGER NOT NULL)""",
+        "CREATE INDEX login_failures_by_weight ON login_failures (failures, last_at)",
+        # requests per (scope, client) in the current fixed window: clicks, recorded rejections, logins
+        """CREATE TABLE client_hits (
+            scope TEXT NOT NULL, client TEXT NOT NULL, window_start INTEGER NOT NULL,
+            hits INTEGER NOT NULL, PRIMARY KEY (scope, client))""",
+        "CREATE INDEX client_hits_by_window ON client_hits (scope, window_start)",
+        # identical rejections share one row: how many, and when the last one came
+        "ALTER TABLE rejected_requests ADD COLUMN repeats INTEGER NOT NULL DEFAULT 1",
+        "ALTER TABLE rejected_requests ADD COLUMN last_seen_at INTEGER",
+        "UPDATE rejected_requests SET last_seen_at = received_at",
+        "CREATE INDEX rejected_by_last_seen ON rejected_requests (server_id, last_seen_at, id)",
+        # the Referrals tab's leaderboard: WHERE server_id = ? AND qualified > 0 ORDER BY qualified DESC
+        "CREATE INDEX referrer_counts_by_qualified ON referrer_counts (server_id, qualified DESC, referrer_code)",
+    ],
+    [  # v6: what /metrics reads, counted in the same transaction as the rows they count, so the
+        # numbers are exact across worker processes and survive pruning the log
+        """CREATE TABLE event_counts (
+            server_id TEXT NOT NULL, event TEXT NOT NULL, outcome TEXT NOT NULL, count INTEGER NOT NULL,
+            PRIMARY KEY (server_id, event, outcome)) WITHOUT ROWID""",
+        """INSERT INTO event_counts (server_id, event, outcome, count)
+            SELECT server_id, event, outcome, count(*) FROM delivery_log GROUP BY 1, 2, 3""",
+        # reason '' when the refusal has none; backfilled from the (capped) list of kept refusals
+        """CREATE TABLE rejection_counts (
+            status INTEGER NOT NULL, error TEXT NOT NULL, reason TEXT NOT NULL, count INTEGER NOT NULL,
+            PRIMARY KEY (status, error, reason)) WITHOUT ROWID""",
+        """INSERT INTO rejection_counts (status, error, reason, count)
+            SELECT status, error, coalesce(reason, ''), count(*) FROM rejected_requests GROUP BY 1, 2, 3""",
+        # ingest latency: observations and seconds per histogram bucket (not cumulative)
+        """CREATE TABLE ingest_latency (
+            le TEXT PRIMARY KEY, count INTEGER NOT NULL, seconds REAL NOT NULL) WITHOUT ROWID""",
+    ],
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
+# random per-installation values kept in `meta`: what signs tokens, sessions, pseudonymous client keys
+INSTALLATION_KEYS = ("token_key", "session_key", "session_binding_key", "ip_salt", "identity_key")
+PRUNED_TABLES = ("delivery_log", "rejected_requests")  # what retention deletes; counters stay
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)  # seconds, as Prometheus
+VACUUM_PAGES_PER_STEP = 2000                           # 8 MB of 4 KiB pages per short transaction
 COUNTED = ("clicked", "registered", "qualified", "reversed")
 
-Row = Mapping[str, Any]  # a row by column name (Row, or a dict from psycopg)
+Row = Mapping[str, Any]  # a row by column name (sqlite3.Row, or a dict from psycopg)
 
-# PostgreSQL: the same tables, created at once (PostgreSQL support began at schema v4).
+# PostgreSQL: the same tables, created at once (PostgreSQL support began at schema v6).
 # Each later version adds its statements to both MIGRATIONS and POSTGRES_MIGRATIONS.
 POSTGRES_SCHEMA: list[str] = [
     "CREATE TABLE schema_version (version INTEGER NOT NULL)",
@@ -575,8 +636,10 @@ POSTGRES_SCHEMA: list[str] = [
     "CREATE INDEX delivery_log_by_referral ON delivery_log (referral_id)",
     """CREATE TABLE rejected_requests (
         id BIGSERIAL PRIMARY KEY, server_id TEXT, status INTEGER NOT NULL, error TEXT NOT NULL,
-        reason TEXT, hint TEXT, diagnosis TEXT, snippet TEXT, received_at BIGINT NOT NULL)""",
+        reason TEXT, hint TEXT, diagnosis TEXT, snippet TEXT, received_at BIGINT NOT NULL,
+        repeats INTEGER NOT NULL DEFAULT 1, last_seen_at BIGINT)""",
     "CREATE INDEX rejected_by_server ON rejected_requests (server_id, id)",
+    "CREATE INDEX rejected_by_last_seen ON rejected_requests (server_id, last_seen_at, id)",
     """CREATE TABLE daily_counts (
         server_id TEXT NOT NULL, day TEXT NOT NULL, clicked INTEGER NOT NULL DEFAULT 0,
         registered INTEGER NOT NULL DEFAULT 0, qualified INTEGER NOT NULL DEFAULT 0,
@@ -585,15 +648,34 @@ POSTGRES_SCHEMA: list[str] = [
         server_id TEXT NOT NULL, referrer_code TEXT NOT NULL, clicked INTEGER NOT NULL DEFAULT 0,
         registered INTEGER NOT NULL DEFAULT 0, qualified INTEGER NOT NULL DEFAULT 0,
         reversed INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (server_id, referrer_code))""",
+    "CREATE INDEX referrer_counts_by_qualified ON referrer_counts (server_id, qualified DESC, referrer_code)",
+    """CREATE TABLE dashboard_sessions (
+        session_id TEXT PRIMARY KEY, password_tag TEXT NOT NULL, created_at BIGINT NOT NULL)""",
+    "CREATE TABLE login_failures (client TEXT PRIMARY KEY, failures INTEGER NOT NULL, last_at BIGINT NOT NULL)",
+    "CREATE INDEX login_failures_by_weight ON login_failures (failures, last_at)",
+    """CREATE TABLE client_hits (
+        scope TEXT NOT NULL, client TEXT NOT NULL, window_start BIGINT NOT NULL,
+        hits INTEGER NOT NULL, PRIMARY KEY (scope, client))""",
+    "CREATE INDEX client_hits_by_window ON client_hits (scope, window_start)",
+    """CREATE TABLE event_counts (
+        server_id TEXT NOT NULL, event TEXT NOT NULL, outcome TEXT NOT NULL, count BIGINT NOT NULL,
+        PRIMARY KEY (server_id, event, outcome))""",
+    """CREATE TABLE rejection_counts (
+        status INTEGER NOT NULL, error TEXT NOT NULL, reason TEXT NOT NULL, count BIGINT NOT NULL,
+        PRIMARY KEY (status, error, reason))""",
+    "CREATE TABLE ingest_latency (le TEXT PRIMARY KEY, count BIGINT NOT NULL, seconds DOUBLE PRECISION NOT NULL)",
 ]
-POSTGRES_SCHEMA_VERSION = 4
-POSTGRES_MIGRATIONS: dict[int, list[str]] = {}  # version: its statements, for every version after 4
+POSTGRES_SCHEMA_VERSION = 6
+POSTGRES_MIGRATIONS: dict[int, list[str]] = {}  # version: its statements, for every version after 6
 assert sorted(POSTGRES_MIGRATIONS) == list(range(POSTGRES_SCHEMA_VERSION + 1, SCHEMA_VERSION + 1)), \
     "every migration needs its PostgreSQL form"
 # What copy-db moves (every table), parents first, each in an order that keeps ids and ties
 COPIED_TABLES = {"meta": "key", "servers": "server_id", "secrets": "created_at, rowid", "referrals": "referral_id",
                  "anchors": "server_id, referee_identity", "delivery_log": "id", "rejected_requests": "id",
-                 "daily_counts": "server_id, day", "referrer_counts": "server_id, referrer_code"}
+                 "daily_counts": "server_id, day", "referrer_counts": "server_id, referrer_code",
+                 "dashboard_sessions": "session_id", "login_failures": "client", "client_hits": "scope, client",
+                 "event_counts": "server_id, event, outcome", "rejection_counts": "status, error, reason",
+                 "ingest_latency": "le"}
 POSTGRES_URL = re.compile(r"postgres(ql)?://", re.IGNORECASE)
 
 
@@ -739,11 +821,14 @@ class Transaction:
             " AND l.event = ? AND l.server_event_id = ?) AS seen FROM referrals r WHERE r.referral_id = ?",
             (event, server_event_id, referral_id)).fetchone()
 
-    def anchored_referral(self, server_id: str, referee_identity: str | None) -> Row | None:
-        """The referral that anchors this referee on this server, if any."""
+    def anchored_referral(self, server_id: str, referee_identity: str | None,
+                          forgotten_identity: str | None) -> Row | None:
+        """The referral that anchors this referee on this server, if any, by its identity or its
+        forgotten (keyed) form: one lookup of the primary key."""
         return self.db.execute(
             "SELECT r.* FROM anchors a JOIN referrals r ON r.referral_id = a.referral_id"
-            " WHERE a.server_id = ? AND a.referee_identity = ?", (server_id, referee_identity)).fetchone()
+            " WHERE a.server_id = ? AND a.referee_identity IN (?, ?)",
+            (server_id, referee_identity, forgotten_identity)).fetchone()
 
     def insert_anchor(self, server_id: str, referee_identity: str | None, referral_id: str, at: int) -> None:
         self.db.execute("INSERT INTO anchors (server_id, referee_identity, referral_id, created_at)"
@@ -781,6 +866,13 @@ class Transaction:
             " server_event_id, outcome, received_at, payload, ts) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (referral["server_id"], referral["referral_id"], referral["referrer_code"], token_referral_id,
              event, server_event_id, outcome, at, payload, ts))
+        self.count_event(referral["server_id"], event, outcome)
+
+    def count_event(self, server_id: str, event: str, outcome: str) -> None:
+        """Count one answered event for /metrics (outcome: a logged one, or "duplicate")."""
+        self.db.execute("INSERT INTO event_counts (server_id, event, outcome, count) VALUES (?, ?, ?, 1)"
+                        " ON CONFLICT (server_id, event, outcome) DO UPDATE SET count = event_counts.count + 1",
+                        (server_id, event, outcome))
 
     def count(self, server_id: str, referrer_code: str, column: str, at: int) -> None:
         """Bump the analytics counters for one click or transition (`column`: one of COUNTED)."""
@@ -792,6 +884,38 @@ class Transaction:
                         f" ON CONFLICT (server_id, referrer_code)"
                         f" DO UPDATE SET {column} = referrer_counts.{column} + 1", (server_id, referrer_code))
 
+    # per-client limits (docs/README "Security notes"): fixed windows, stale ones deleted as they pass
+
+    def hit(self, scope: str, client: str, at: int, window: int) -> int:
+        """Count one request of `client` in `scope`'s current `window`-second window; return the window's count."""
+        start = at - at % window
+        self.db.execute("DELETE FROM client_hits WHERE scope = ? AND window_start < ?", (scope, start))
+        self.db.execute("INSERT INTO client_hits (scope, client, window_start, hits) VALUES (?, ?, ?, 1)"
+                        " ON CONFLICT (scope, client) DO UPDATE SET hits = client_hits.hits + 1",
+                        (scope, client, start))
+        return self.hits(scope, client, at, window)
+
+    def hits(self, scope: str, client: str, at: int, window: int) -> int:
+        """How many requests `client` made in `scope`'s current window."""
+        row = self.db.execute("SELECT hits FROM client_hits WHERE scope = ? AND client = ? AND window_start = ?",
+                              (scope, client, at - at % window)).fetchone()
+        return row["hits"] if row else 0
+
+    def login_failures(self, client: str) -> tuple[int, int]:
+        """(failed logins, time of the last one) of a client; (0, 0) when none is on record."""
+        row = self.db.execute("SELECT failures, last_at FROM login_failures WHERE client = ?", (client,)).fetchone()
+        return (row["failures"], row["last_at"]) if row else (0, 0)
+
+    def add_login_failure(self, client: str, at: int, keep: int) -> None:
+        """Count one failed login; beyond `keep` clients, forget those with the fewest failures, oldest first."""
+        self.db.execute("INSERT INTO login_failures (client, failures, last_at) VALUES (?, 1, ?)"
+                        " ON CONFLICT (client) DO UPDATE SET failures = login_failures.failures + 1,"
+                        " last_at = excluded.last_at", (client, at))
+        excess = self.db.execute("SELECT count(*) AS n FROM login_failures").fetchone()["n"] - keep
+        if excess > 0:
+            self.db.execute("DELETE FROM login_failures WHERE client IN (SELECT client FROM login_failures"
+                            " ORDER BY failures, last_at LIMIT ?)", (excess,))
+
 
 class Store:
     """Every read and write of the server; `Store(location)` opens the engine the location names.
@@ -802,6 +926,7 @@ class Store:
     """
 
     NULL_SAFE_EQUAL = "IS"          # `a IS b`: equal, NULL equal to NULL
+    CONTAINS = "instr({column}, ?) > 0"   # the column's text holds the parameter
     CONFLICTS: tuple[type[BaseException], ...] = ()   # errors after which a write is tried again
     TRANSACTION: type[Transaction] = Transaction
 
@@ -813,6 +938,8 @@ class Store:
     def __init__(self, location: str):
         self.location = location
         self._keys: dict[str, str] = {}
+        self._latency: dict[str, tuple[int, float]] = {}  # observed, not yet written: le -> (count, seconds)
+        self._latency_lock = threading.Lock()
 
     # what each engine supplies
 
@@ -839,6 +966,24 @@ class Store:
     def close(self) -> None:
         raise NotImplementedError
 
+    def _snapshot(self) -> contextlib.AbstractContextManager[Any]:
+        """A connection whose reads all see one moment, taking no write lock."""
+        raise NotImplementedError
+
+    def database_bytes(self) -> int:
+        raise NotImplementedError
+
+    def reclaim_space(self, convert: bool) -> bool:
+        """Give the space freed by pruning or forgetting back; False when not done."""
+        raise NotImplementedError
+
+    def erase_freed_bytes(self) -> None:
+        """Leave no deleted or overwritten value anywhere in the database's files."""
+        raise NotImplementedError
+
+    def backup_to(self, path: str) -> None:
+        raise NotImplementedError
+
     # shared
 
     @contextlib.contextmanager
@@ -855,8 +1000,19 @@ class Store:
         with self._reading() as db:
             return db.execute(sql, params).fetchone()
 
+    def _load_installation_keys(self) -> None:
+        marks = ", ".join("?" * len(INSTALLATION_KEYS))
+        self._keys.update((row["key"], row["value"]) for row in self._all(
+            f"SELECT key, value FROM meta WHERE key IN ({marks})", INSTALLATION_KEYS))
+        for name in INSTALLATION_KEYS:
+            self.installation_key(name)  # makes the missing ones (on a new database)
+
     def installation_key(self, name: str) -> str:
-        """A random per-installation value (token key, session key, IP salt), made once."""
+        """A random per-installation value (INSTALLATION_KEYS), made once.
+
+        All of them are made when the store opens, so a request never needs the write lock
+        (which another process may hold) just to read one.
+        """
         if name not in self._keys:
             with self._writing() as db:
                 db.execute("INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO NOTHING",
@@ -864,9 +1020,15 @@ class Store:
                 self._keys[name] = db.execute("SELECT value FROM meta WHERE key = ?", (name,)).fetchone()["value"]
         return self._keys[name]
 
+
     @property
     def token_key(self) -> str:
         return self.installation_key("token_key")
+
+    @property
+    def identity_key(self) -> str:
+        """The key of forgotten_form: forgetting a player keeps first touch, never the identity."""
+        return self.installation_key("identity_key")
 
     # servers and secrets
 
@@ -976,17 +1138,25 @@ class Store:
 
     def mint_referral(self, server_id: str, referrer_code: str, ip_hash: str | None = None,
                       user_agent: str | None = None, issued_at: int | None = None,
-                      test: bool = False) -> tuple[str, str]:
-        """Record a click and return (token, referral_id); a `test` one is left out of analytics."""
+                      test: bool = False, click_limit: tuple[str, int] | None = None) -> tuple[str, str] | None:
+        """Record a click and return (token, referral_id); a `test` one is left out of analytics.
+
+        With `click_limit` (client key, clicks a minute), a client past its clicks this minute
+        gets None and nothing but its counter is written.
+        """
         check_name("referrer code", referrer_code)
         issued_at = now() if issued_at is None else issued_at
 
-        def click(transaction: Transaction) -> str:
+        def click(transaction: Transaction) -> str | None:
             if not transaction.server_exists(server_id):
                 raise ConfigError(f"unknown server {server_id!r}")
+            if click_limit is not None and transaction.hit("click", click_limit[0], issued_at, 60) > click_limit[1]:
+                return None
             return transaction.insert_referral(server_id, referrer_code, issued_at, ip_hash, user_agent, test)
 
         referral_id = self.group_commit(click)
+        if referral_id is None:
+            return None
         return mint_token(self.token_key, server_id, referral_id, issued_at), referral_id
 
     def referral(self, referral_id: str) -> Row | None:
@@ -1068,31 +1238,163 @@ class Store:
         return row["value"] if row else None
 
     def set_admin_password(self, password: str) -> None:
+        """Store the password's salted hash and log every dashboard session out."""
         if len(password) < 8:
             raise ConfigError("the dashboard password must have at least 8 characters")
         with self._writing() as db:
             db.execute("INSERT INTO meta (key, value) VALUES ('admin_password_hash', ?) ON CONFLICT (key)"
                        " DO UPDATE SET value = excluded.value", (generate_password_hash(password),))
+            db.execute("DELETE FROM dashboard_sessions")
+
+    # dashboard sessions and failed logins: in the database, so every worker process sees them
+
+    def open_session(self, password_tag: str, at: int, lifetime: int) -> str:
+        """A new dashboard session bound to the password (by its tag); return its random id."""
+        session_id = secrets.token_urlsafe(32)
+        with self._writing() as db:
+            db.execute("DELETE FROM dashboard_sessions WHERE created_at <= ?", (at - lifetime,))
+            db.execute("INSERT INTO dashboard_sessions (session_id, password_tag, created_at) VALUES (?, ?, ?)",
+                       (session_id, password_tag, at))
+        return session_id
+
+    def session_password_tag(self, session_id: str, not_before: int) -> str | None:
+        """The password tag a live session was opened under; None when it is closed or older than `not_before`."""
+        row = self._one("SELECT password_tag FROM dashboard_sessions WHERE session_id = ? AND created_at > ?",
+                        (session_id, not_before))
+        return row["password_tag"] if row else None
+
+    def close_session(self, session_id: str) -> None:
+        with self._writing() as db:
+            db.execute("DELETE FROM dashboard_sessions WHERE session_id = ?", (session_id,))
+
+    def forget_login_failures(self, client: str) -> None:
+        with self._writing() as db:
+            db.execute("DELETE FROM login_failures WHERE client = ?", (client,))
+
+    def login_failed_at(self, client: str, at: int) -> None:
+        """Date the client's last failure from its answer, after the (slow) password check."""
+        with self._writing() as db:
+            db.execute("UPDATE login_failures SET last_at = ? WHERE client = ? AND last_at < ?", (at, client, at))
+
+    # rejected requests
 
     def record_rejected(self, server_id: str | None, status: int, error: str, reason: str | None,
-                        hint: str, diagnosis: str | None, snippet: str) -> None:
-        """Remember a refused request, keeping only the newest per server."""
-        same_server = f"server_id {self.NULL_SAFE_EQUAL} ?"
+                        hint: str, diagnosis: str | None, snippet: str, *, client: str | None = None,
+                        per_client_minute: int | None = None) -> None:
+        """Remember a refused request, keeping only the most recently seen kinds per server.
+
+        A refusal identical to a kept one (same status, error, reason, hint and diagnosis) adds
+        to that row's `repeats` and takes the newer snippet. With `per_client_minute`, a client
+        past that many this minute is not recorded at all.
+        """
+        same_kind = (f"server_id {self.NULL_SAFE_EQUAL} ? AND status = ? AND error = ? AND reason"
+                     f" {self.NULL_SAFE_EQUAL} ? AND hint = ? AND diagnosis {self.NULL_SAFE_EQUAL} ?")
 
         def remember(transaction: Transaction) -> None:
-            db = transaction.db
+            at, db = now(), transaction.db
+            db.execute("INSERT INTO rejection_counts (status, error, reason, count) VALUES (?, ?, ?, 1)"
+                       " ON CONFLICT (status, error, reason) DO UPDATE SET count = rejection_counts.count + 1",
+                       (status, error, reason or ""))  # every refusal counts, kept or not
+            if per_client_minute is not None and client is not None \
+                    and transaction.hit("rejected", client, at, 60) > per_client_minute:
+                return
+            same = db.execute(f"SELECT id FROM rejected_requests WHERE {same_kind} ORDER BY id DESC LIMIT 1",
+                              (server_id, status, error, reason, hint, diagnosis)).fetchone()
+            if same is not None:
+                db.execute("UPDATE rejected_requests SET repeats = repeats + 1, last_seen_at = ?, snippet = ?"
+                           " WHERE id = ?", (at, snippet, same["id"]))
+                return
             db.execute("INSERT INTO rejected_requests (server_id, status, error, reason, hint, diagnosis,"
-                       " snippet, received_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                       (server_id, status, error, reason, hint, diagnosis, snippet, now()))
-            db.execute(f"DELETE FROM rejected_requests WHERE {same_server} AND id <= ("
-                       f" SELECT id FROM rejected_requests WHERE {same_server} ORDER BY id DESC"
-                       " LIMIT 1 OFFSET ?)", (server_id, server_id, REJECTED_KEPT_PER_SERVER))
+                       " snippet, received_at, last_seen_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                       (server_id, status, error, reason, hint, diagnosis, snippet, at, at))
+            db.execute(f"DELETE FROM rejected_requests WHERE id IN (SELECT id FROM rejected_requests WHERE"
+                       f" server_id {self.NULL_SAFE_EQUAL} ? ORDER BY last_seen_at DESC, id DESC LIMIT ? OFFSET ?)",
+                       (server_id, 2**31, REJECTED_KEPT_PER_SERVER))
 
         self.group_commit(remember)
 
     def rejected_requests(self, server_id: str | None, limit: int = 50) -> list[Row]:
+        """The kept refusals, most recently seen first."""
         return self._all(f"SELECT * FROM rejected_requests WHERE server_id {self.NULL_SAFE_EQUAL} ?"
-                         " ORDER BY id DESC LIMIT ?", (server_id, limit))
+                         " ORDER BY last_seen_at DESC, id DESC LIMIT ?", (server_id, limit))
+
+    # metrics: counters written in the same transactions as what they count
+
+    def observe_latency(self, seconds: float) -> None:
+        """Remember one ingest latency; it is written with the next commit (or read of /metrics)."""
+        le = next((str(bound) for bound in LATENCY_BUCKETS if seconds <= bound), "+Inf")
+        with self._latency_lock:
+            count, total = self._latency.get(le, (0, 0.0))
+            self._latency[le] = (count + 1, total + seconds)
+
+    def _write_latency(self, db: Any) -> None:
+        with self._latency_lock:
+            pending, self._latency = self._latency, {}
+        for le, (count, total) in sorted(pending.items()):  # one order: no deadlock between nodes
+            db.execute("INSERT INTO ingest_latency (le, count, seconds) VALUES (?, ?, ?) ON CONFLICT (le)"
+                       " DO UPDATE SET count = ingest_latency.count + excluded.count,"
+                       " seconds = ingest_latency.seconds + excluded.seconds", (le, count, total))
+
+    def metrics(self) -> dict[str, Any]:
+        """What /metrics shows: every counter table, read in one snapshot (this process's
+        pending latencies written first)."""
+        if self._latency:
+            with self._writing() as db:
+                self._write_latency(db)
+        with self._snapshot() as db:
+            def rows(sql: str, *columns: str) -> list[tuple]:
+                return [tuple(row[column] for column in columns) for row in db.execute(sql).fetchall()]
+
+            return {
+                "events": rows("SELECT server_id, event, outcome, count FROM event_counts ORDER BY 1, 2, 3",
+                               "server_id", "event", "outcome", "count"),
+                "rejections": rows("SELECT status, error, reason, count FROM rejection_counts ORDER BY 1, 2, 3",
+                                   "status", "error", "reason", "count"),
+                "clicks": rows("SELECT server_id, sum(clicked) AS clicks FROM daily_counts GROUP BY 1 ORDER BY 1",
+                               "server_id", "clicks"),
+                "latency": dict(rows("SELECT le, count FROM ingest_latency", "le", "count")),
+                "latency_seconds": rows("SELECT coalesce(sum(seconds), 0) AS total FROM ingest_latency",
+                                        "total")[0][0],
+                "last_event_at": rows("SELECT max(received_at) AS at FROM delivery_log WHERE id ="
+                                      " (SELECT max(id) FROM delivery_log)", "at")[0][0],
+            }
+
+    # retention and forgetting
+
+    def prune_batch(self, table: str, before: int, limit: int) -> int:
+        """Delete up to `limit` of the oldest rows of `table` (one of PRUNED_TABLES) received
+        before `before`, in one short transaction; return how many. Rows are found from the
+        lowest id up, where old rows are, so each batch reads little more than it deletes."""
+        if table not in PRUNED_TABLES:
+            raise ValueError(f"only {PRUNED_TABLES} are pruned")
+        with self._writing() as db:
+            return db.execute(f"DELETE FROM {table} WHERE id IN (SELECT id FROM {table}"
+                              " WHERE received_at < ? ORDER BY id LIMIT ?)", (before, limit)).rowcount
+
+    def forget_identity(self, server_id: str, identity: str, forgotten: str,
+                        spellings: Sequence[str]) -> dict[str, int]:
+        """Replace a referee identity by its forgotten form in one transaction: in referrals and
+        anchors (where it is the whole value), and in stored payloads and rejected snippets
+        (where it appears as any of `spellings`). Returns the rows changed per table."""
+        def scrub(text: str) -> str:
+            for spelling in spellings:
+                text = text.replace(spelling, forgotten)
+            return text
+
+        mentions = " OR ".join([self.CONTAINS] * len(spellings))
+        with self._writing() as db:
+            changed = {table: db.execute(f"UPDATE {table} SET referee_identity = ?"
+                                         " WHERE server_id = ? AND referee_identity = ?",
+                                         (forgotten, server_id, identity)).rowcount
+                       for table in ("referrals", "anchors")}
+            for table, column, scope in (("delivery_log", "payload", "server_id = ? AND "),
+                                         ("rejected_requests", "snippet", "")):
+                found = db.execute(f"SELECT id, {column} FROM {table} WHERE {scope}({mentions.format(column=column)})",
+                                   ((server_id,) if scope else ()) + tuple(spellings)).fetchall()
+                for row in found:
+                    db.execute(f"UPDATE {table} SET {column} = ? WHERE id = ?", (scrub(row[column]), row["id"]))
+                changed[table] = len(found)
+        return changed
 
     # copy-db: a whole installation, from one engine to the other
 
@@ -1107,10 +1409,15 @@ class Store:
         verify), the password hash and session key, secrets with their kids and expiries.
         """
         counts = {}
+        keys = ", ".join("?" * len(INSTALLATION_KEYS))
         with self._writing() as db:
-            if any(db.execute(f"SELECT 1 AS found FROM {table} LIMIT 1").fetchone() for table in COPIED_TABLES):
+            if db.execute(f"SELECT 1 AS found FROM meta WHERE key NOT IN ({keys}) LIMIT 1",
+                          INSTALLATION_KEYS).fetchone() or any(
+                    db.execute(f"SELECT 1 AS found FROM {table} LIMIT 1").fetchone()
+                    for table in COPIED_TABLES if table != "meta"):
                 raise ConfigError(f"{database_label(self.location)} already holds data:"
                                   " copy into a new, empty database")
+            db.execute("DELETE FROM meta")  # the keys made when this store opened give way to SOURCE's
             for table in COPIED_TABLES:
                 rows = source.table_rows(table)
                 for row in rows:
@@ -1150,6 +1457,7 @@ class SQLiteStore(Store):
         try:
             self._quick_check()
             self._migrate()
+            self._load_installation_keys()
         except sqlite3.Error as exc:
             raise self.error_for(exc) from None
 
@@ -1184,6 +1492,15 @@ class SQLiteStore(Store):
     @contextlib.contextmanager
     def _reading(self) -> Iterator[sqlite3.Connection]:
         yield self.connect()
+
+    @contextlib.contextmanager
+    def _snapshot(self) -> Iterator[sqlite3.Connection]:
+        db = self.connect()
+        db.execute("BEGIN")
+        try:
+            yield db
+        finally:
+            db.execute("COMMIT")
 
     @contextlib.contextmanager
     def _writing(self) -> Iterator[sqlite3.Connection]:
@@ -1260,6 +1577,7 @@ class SQLiteStore(Store):
                             raise
                         db.execute("ROLLBACK TO work")
                     db.execute("RELEASE work")
+                self._write_latency(db)
         except BaseException as exc:  # BEGIN or COMMIT failed: nothing of the batch was written
             for item in batch:
                 item.result, item.error = None, exc
@@ -1272,6 +1590,7 @@ class SQLiteStore(Store):
     def _quick_check(self) -> None:
         """PRAGMA quick_check: refuse a damaged file at start instead of serving it (~0.1 s per 100 MB)."""
         db = self.connect()
+        db.execute("PRAGMA auto_vacuum = INCREMENTAL")  # takes effect only on a new, empty file
         db.execute("PRAGMA journal_mode = WAL")  # kept in the file: every later connection is in WAL mode
         found = db.execute("PRAGMA quick_check(1)").fetchone()[0]
         if found != "ok":
@@ -1321,6 +1640,90 @@ class SQLiteStore(Store):
 
     def problem_of(self, exc: Exception) -> str:
         return self.moved() or (exc.problem if isinstance(exc, StoreError) else database_problem(self.path, exc))
+
+    # SQLite only: files, copies and space
+
+    def database_bytes(self) -> int:
+        """The size of the database file and its write-ahead log."""
+        return sum(os.path.getsize(self.path + suffix) for suffix in ("", "-wal")
+                   if os.path.exists(self.path + suffix))
+
+    def backup_to(self, path: str) -> None:
+        """Copy the database into the new file `path`, from one read snapshot.
+
+        In WAL mode a reader blocks no writer, so all pages are copied in one step while
+        ingest goes on; a stepped backup would restart whenever another connection writes
+        and, under steady ingest, might never finish. The copy is one file (no -wal).
+        """
+        _create_private_file(path)
+        copy = sqlite3.connect(path, isolation_level=None)
+        try:
+            self.connect().backup(copy)
+            copy.execute("PRAGMA journal_mode = DELETE")
+        finally:
+            copy.close()
+
+    @staticmethod
+    def check_copy(path: str) -> dict[str, int]:
+        """Check a backup (or any mmoref database file) without changing it; its row counts.
+
+        A StoreError says what is wrong: not SQLite, damaged, not mmoref's, or newer than us.
+        """
+        if not os.path.isfile(path):
+            raise StoreError(f"{path} is not a file")
+        try:
+            with contextlib.closing(sqlite3.connect(f"file:{os.path.abspath(path)}?mode=ro", uri=True)) as db:
+                problems = [row[0] for row in db.execute("PRAGMA integrity_check")]
+                if problems != ["ok"]:
+                    raise StoreError(f"{path} fails the integrity check: {'; '.join(problems[:3])}")
+                version = db.execute("PRAGMA user_version").fetchone()[0]
+                if not 1 <= version <= SCHEMA_VERSION:
+                    raise StoreError(f"{path} is not an mmoref database this version can use (schema v{version})")
+                return {table: db.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
+                        for table in ("servers", "referrals", "anchors", "delivery_log", "rejected_requests")}
+        except sqlite3.DatabaseError as exc:
+            raise StoreError(f"{path} is not a usable SQLite database ({exc})") from None
+
+    @staticmethod
+    def take_offline(path: str) -> None:
+        """Fold the write-ahead log into `path` and leave it a single file, or raise StoreError
+        when another process (a running server) has the database open."""
+        try:
+            with contextlib.closing(sqlite3.connect(path, isolation_level=None, timeout=1)) as db:
+                db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+                db.execute("PRAGMA journal_mode = DELETE")
+        except sqlite3.OperationalError as exc:
+            raise StoreError(f"{path} is in use ({exc}): stop the server first") from None
+
+    def reclaim_space(self, convert: bool) -> bool:
+        """Give the pages freed by pruning or forgetting back to the file system; False when not done.
+
+        Databases made by this version use incremental auto-vacuum: freed pages go in short
+        steps. An older database needs one full VACUUM (which blocks writers while it runs) to
+        switch: only when `convert` is true.
+        """
+        db = self.connect()
+        if db.execute("PRAGMA auto_vacuum").fetchone()[0] != 2:  # 2: INCREMENTAL
+            if not convert:
+                return False
+            db.execute("PRAGMA auto_vacuum = INCREMENTAL")
+            db.execute("VACUUM")
+        while db.execute("PRAGMA freelist_count").fetchone()[0]:
+            with self._writing():
+                db.execute(f"PRAGMA incremental_vacuum({VACUUM_PAGES_PER_STEP})").fetchall()
+        self.truncate_wal()
+        return True
+
+    def erase_freed_bytes(self) -> None:
+        """Rewrite the whole file (VACUUM) and empty the write-ahead log, so no deleted or
+        overwritten value is left anywhere in the database's files. Blocks writers while it runs."""
+        self.connect().execute("VACUUM")
+        self.truncate_wal()
+
+    def truncate_wal(self) -> bool:
+        """Copy the write-ahead log into the database and truncate it; False if readers kept it."""
+        busy = self.connect().execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
+        return not busy
 
 
 @functools.lru_cache(maxsize=1024)  # each statement is converted once
@@ -1376,6 +1779,7 @@ class PostgresStore(Store):
     """
 
     NULL_SAFE_EQUAL = "IS NOT DISTINCT FROM"
+    CONTAINS = "strpos({column}, ?) > 0"
     TRANSACTION = _PostgresTransaction
     MIGRATION_LOCK = 0x6D6D6F72  # pg_advisory_xact_lock key: one node migrates, the others wait
     POOL_SIZE = 16
@@ -1403,6 +1807,7 @@ class PostgresStore(Store):
             url, min_size=1, max_size=self.POOL_SIZE, timeout=busy_timeout, open=True,
             kwargs={"autocommit": True, "row_factory": psycopg.rows.dict_row},
             configure=self._configure, check=psycopg_pool.ConnectionPool.check_connection)
+        self._load_installation_keys()
 
     def _configure(self, connection: Any) -> None:
         connection.adapters.register_loader("numeric", self._number_loader)
@@ -1443,9 +1848,33 @@ class PostgresStore(Store):
         with self._connection() as db, db.connection.transaction():
             yield db
 
+    @contextlib.contextmanager
+    def _snapshot(self) -> Iterator[_PostgresConnection]:
+        with self._connection() as db, db.connection.transaction():
+            db.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+            yield db
+
     def group_commit(self, work: Callable[[Transaction], T]) -> T:
+        """Each piece of work is its own transaction: PostgreSQL's own group commit batches the fsyncs."""
         with self.transaction() as transaction:
-            return work(transaction)
+            result = work(transaction)
+            self._write_latency(transaction.db)
+            return result
+
+    def database_bytes(self) -> int:
+        return self._one("SELECT pg_database_size(current_database()) AS size")["size"]
+
+    def reclaim_space(self, convert: bool) -> bool:
+        """PostgreSQL's autovacuum makes freed space reusable by itself."""
+        return True
+
+    def erase_freed_bytes(self) -> None:
+        """VACUUM FULL rewrites the tables forget changed, leaving no old row version behind."""
+        with self._connection() as db:
+            db.execute("VACUUM FULL referrals, anchors, delivery_log, rejected_requests")
+
+    def backup_to(self, path: str) -> None:
+        raise StoreError("back a PostgreSQL database up with pg_dump (and put it back with pg_restore)")
 
     def _migrate(self) -> None:
         """Bring the schema up to date, once, however many nodes start together."""
@@ -1515,6 +1944,18 @@ class Delivery:
     referee_identity: str | None
     ts: int | float | None
     payload: str  # the body for the log: token masked, secrets scrubbed, cut to 2,000 characters
+    forgotten_identity: str | None = None  # what `forget` leaves of referee_identity (see forgotten_form)
+
+    def is_referee(self, stored_identity: str | None) -> bool:
+        """Whether a stored identity is this event's referee, as sent or as forgotten."""
+        return stored_identity in (self.referee_identity, self.forgotten_identity)
+
+
+def forgotten_form(identity_key: str, server_id: str, referee_identity: str) -> str:
+    """The keyed one-way value `forget` stores instead of an identity: equal for equal
+    (server, identity), so first touch still holds, and not reversible without the key."""
+    message = f"{server_id}\0{referee_identity}".encode()
+    return "forgotten:" + hmac.new(identity_key.encode(), message, hashlib.sha256).hexdigest()[:32]
 
 
 WRITE_ATTEMPTS = 3  # a write that lost a race is tried again: first touch, a deadlock
@@ -1545,6 +1986,7 @@ def _decide_and_write(transaction: Transaction, delivery: Delivery, ttl: int) ->
     if referral is None or referral["server_id"] != delivery.server_id:
         return ApiError(404, "unknown token", HINTS["unknown token"], server_id=delivery.server_id)
     if referral["seen"]:  # the idempotency key (token, event, server_event_id) was used
+        transaction.count_event(delivery.server_id, event, "duplicate")
         return {"ok": True, "duplicate": True}
     if referral["anchor_referral_id"]:  # a second click's token: events apply to the anchored referral
         referral = transaction.referral(referral["anchor_referral_id"])
@@ -1553,7 +1995,7 @@ def _decide_and_write(transaction: Transaction, delivery: Delivery, ttl: int) ->
         transaction.set_state(referral["referral_id"], "expired", at)
         return _invalid_transition(delivery, "expired")
     next_state = TRANSITIONS[state][event]
-    if event == "registered" and next_state == NO_OP and referral["referee_identity"] != delivery.referee_identity:
+    if event == "registered" and next_state == NO_OP and not delivery.is_referee(referral["referee_identity"]):
         return ApiError(422, "invalid transition", HINTS["other referee"], server_id=delivery.server_id,
                         state=state, event=event)
     if next_state == INVALID:
@@ -1566,9 +2008,10 @@ def _decide_and_write(transaction: Transaction, delivery: Delivery, ttl: int) ->
     return _log_and_answer(transaction, delivery, referral, "advanced", next_state, at)
 
 
-def _register(transaction: Transaction, delivery: Delivery, referral: Row, at: int) -> dict[str, Any]:
+def _register(transaction: Transaction, delivery: Delivery, referral: sqlite3.Row, at: int) -> dict[str, Any]:
     """`registered` on a clicked referral: mint the anchor, unless first touch says otherwise."""
-    anchored = transaction.anchored_referral(delivery.server_id, delivery.referee_identity)
+    anchored = transaction.anchored_referral(delivery.server_id, delivery.referee_identity,
+                                             delivery.forgotten_identity)
     if anchored is None:
         transaction.insert_anchor(delivery.server_id, delivery.referee_identity, referral["referral_id"], at)
         _advance(transaction, referral, "registered", at, referee_identity=delivery.referee_identity)
@@ -1582,7 +2025,7 @@ def _register(transaction: Transaction, delivery: Delivery, referral: Row, at: i
     return _log_and_answer(transaction, delivery, anchored, "no_op", anchored["state"], at)
 
 
-def _advance(transaction: Transaction, referral: Row, next_state: str, at: int,
+def _advance(transaction: Transaction, referral: sqlite3.Row, next_state: str, at: int,
              referee_identity: str | None = None) -> None:
     """Move the referral to `next_state` (recording its referee on registration) and count it."""
     transaction.set_state(referral["referral_id"], next_state, at, referee_identity)
@@ -1590,12 +2033,12 @@ def _advance(transaction: Transaction, referral: Row, next_state: str, at: int,
         transaction.count(referral["server_id"], referral["referrer_code"], next_state, at)
 
 
-def _log(transaction: Transaction, delivery: Delivery, referral: Row, outcome: str, at: int) -> None:
+def _log(transaction: Transaction, delivery: Delivery, referral: sqlite3.Row, outcome: str, at: int) -> None:
     transaction.log_delivery(referral, delivery.event, outcome, at, token_referral_id=delivery.token_claims.referral_id,
                              server_event_id=delivery.server_event_id, payload=delivery.payload, ts=delivery.ts)
 
 
-def _log_and_answer(transaction: Transaction, delivery: Delivery, referral: Row, outcome: str, state: str,
+def _log_and_answer(transaction: Transaction, delivery: Delivery, referral: sqlite3.Row, outcome: str, state: str,
                     at: int) -> dict[str, Any]:
     _log(transaction, delivery, referral, outcome, at)
     return {"ok": True, "referral_id": referral["referral_id"], "state": state}
@@ -1666,8 +2109,10 @@ def process_event(store: Store, raw_body: bytes, header: str | None, *, window: 
     if claims is None or claims.server_id != server_id:
         raise ApiError(404, "unknown token", HINTS["unknown token"], server_id=server_id)
     # 9-10. duplicate check and state machine, in one transaction
+    forgotten = (forgotten_form(store.identity_key, server_id, fields.referee_identity)
+                 if fields.referee_identity is not None else None)
     delivery = Delivery(server_id, fields.event, claims, fields.server_event_id, fields.referee_identity,
-                        fields.ts, _scrubbed_snippet(raw_body, [secret for _, secret in live], limit=2000))
+                        fields.ts, _scrubbed_snippet(raw_body, store.all_secrets(), limit=2000), forgotten)
     return apply_event(store, delivery, ttl)
 
 
@@ -1848,12 +2293,26 @@ def read_fields(body: dict[str, Any], may_hold_surrogates: bool = True) -> Event
 
 
 def _scrubbed_snippet(raw_body: bytes, secrets_to_hide: Sequence[str], limit: int) -> str:
-    """The body for storage: token masked, any secret replaced (before cutting), `limit` long."""
-    text = _with_token_masked(raw_body)
+    """The body for storage: token masked, any secret replaced (before cutting), `limit` long.
+
+    Secrets are searched for in the decoded text: `mmsk\\u005f...` is the same secret to a
+    JSON reader, so escapes of the characters a secret is made of are decoded first.
+    """
+    text = _JSON_ESCAPE.sub(_decoded_if_secret_character, _with_token_masked(raw_body))
     for secret in secrets_to_hide:
         if secret in text:
             text = text.replace(secret, "[secret]")
     return text[:limit]
+
+
+_JSON_ESCAPE = re.compile(r"\\u([0-9a-fA-F]{4})")
+_SECRET_CHARACTERS = frozenset(string.ascii_letters + string.digits + "_-")  # mmsk_ + token_urlsafe
+
+
+def _decoded_if_secret_character(escape: re.Match[str]) -> str:
+    """The character a \\uXXXX escape stands for when a secret could contain it; else the escape as is."""
+    character = chr(int(escape.group(1), 16))
+    return character if character in _SECRET_CHARACTERS else escape.group(0)
 
 
 def _with_token_masked(raw_body: bytes) -> str:
@@ -1909,14 +2368,19 @@ def _reserialised(raw_body: bytes) -> list[bytes]:
     return [spelling + end for spelling in spellings for end in (b"", b"\n") if spelling + end != raw_body]
 
 
-def handle_ingest(store: Store, raw_body: bytes, header: str | None, *, window: int, ttl: int) -> tuple[int, dict]:
-    """Run the pipeline; remember refusals; log one line; return (status, body)."""
+def handle_ingest(store: Store, raw_body: bytes, header: str | None, *, window: int, ttl: int,
+                  client: str | None = None) -> tuple[int, dict]:
+    """Run the pipeline; remember refusals; log one line; return (status, body).
+
+    `client` (a keyed hash of the sender's address) limits how many of its refusals are
+    remembered each minute; None (the dashboard's test button, the demo) remembers them all.
+    """
     try:
         body, status = process_event(store, raw_body, header, window=window, ttl=ttl), 200
     except ApiError as exc:
         body, status = exc.body(), exc.status
         if status in (400, 401, 404, 422):
-            _remember_rejection(store, exc, raw_body)
+            _remember_rejection(store, exc, raw_body, client)
     except (sqlite3.Error, StoreError) as exc:  # nothing was written
         status, body = _database_failure(store, exc)
     except Exception:  # 11. anything unexpected: the transaction rolled back
@@ -1969,16 +2433,139 @@ def _logged_value(pattern: re.Pattern[bytes], raw_body: bytes) -> str | None:
     return match.group(1).decode("ascii") if match else None
 
 
-def _remember_rejection(store: Store, exc: ApiError, raw_body: bytes) -> None:
+def _remember_rejection(store: Store, exc: ApiError, raw_body: bytes, client: str | None) -> None:
     """Keep the refusal for the dashboard: reason, hint, a masked snippet, never a secret."""
     # A sender may paste a secret into the body by mistake, and a body that does not parse
     # names no server: scrub every secret of the installation, before cutting the snippet.
     snippet = _scrubbed_snippet(raw_body, store.all_secrets(), limit=300)
     try:
         store.record_rejected(exc.server_id, exc.status, exc.error, exc.extra.get("reason"), exc.hint,
-                              exc.diagnosis, snippet)
+                              exc.diagnosis, snippet, client=client, per_client_minute=REJECTIONS_PER_CLIENT_MINUTE)
     except (sqlite3.Error, StoreError):
         log.exception("could not record a rejected request")
+
+
+# Maintenance: backup, restore, retention, forgetting a player #################
+# What the backup, restore, prune and forget commands (and the server's daily prune) do;
+# the SQL and the SQLite-only file work are Store methods.
+
+PRUNE_BATCH_ROWS = 1000      # rows deleted per transaction: each holds the write lock ~10 ms
+PRUNE_PAUSE_SECONDS = 0.01   # between batches, so waiting ingest writers get the lock first
+PRUNE_EVERY_SECONDS = 24 * 3600
+
+
+def _utc_stamp() -> str:
+    return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+
+
+def _fsync(path: str) -> None:
+    with open(path, "rb+") as file:
+        os.fsync(file.fileno())
+
+
+def write_backup(store: Store, dest: str, force: bool = False) -> dict[str, Any]:
+    """Copy the live database to `dest` (a file, or a folder to put a dated file in), check the
+    copy and return what was written. The copy is made beside `dest` and renamed into place,
+    so `dest` is never a half-written file."""
+    if os.path.isdir(dest):
+        dest = os.path.join(dest, f"referrals-{_utc_stamp()}.db")
+    if os.path.exists(dest) and not force:
+        raise ConfigError(f"{dest} exists: pass --force to replace it, or name a new file")
+    partial = f"{dest}.partial-{os.getpid()}"
+    started = time.monotonic()
+    try:
+        store.backup_to(partial)
+        rows = SQLiteStore.check_copy(partial)
+        _fsync(partial)
+        os.replace(partial, dest)
+    finally:
+        if os.path.exists(partial):
+            os.remove(partial)
+    return {"path": os.path.abspath(dest), "bytes": os.path.getsize(dest),
+            "seconds": round(time.monotonic() - started, 3), "integrity": "ok", "rows": rows}
+
+
+def restore_database(source: str, db_path: str) -> dict[str, Any]:
+    """Put a backup in place of `db_path` (the server must be stopped); the current file is kept
+    beside it as `<db>.before-restore-<time>`. Returns what was restored and what was kept."""
+    if is_postgres_url(db_path):
+        raise ConfigError("restore puts a SQLite backup in place; restore a PostgreSQL database with pg_restore,"
+                          " or move a SQLite backup into PostgreSQL with copy-db")
+    rows = SQLiteStore.check_copy(source)
+    kept = None
+    if os.path.exists(db_path):
+        SQLiteStore.take_offline(db_path)  # refuses while a server has it open; folds its -wal in
+        kept = f"{db_path}.before-restore-{_utc_stamp()}"
+        os.replace(db_path, kept)
+    for stale in (db_path + "-wal", db_path + "-shm"):
+        if os.path.exists(stale):
+            os.remove(stale)
+    partial = f"{db_path}.partial-{os.getpid()}"
+    _create_private_file(partial)
+    with open(source, "rb") as src, open(partial, "wb") as out:
+        while chunk := src.read(1 << 20):
+            out.write(chunk)
+        out.flush()
+        os.fsync(out.fileno())
+    os.replace(partial, db_path)
+    return {"path": os.path.abspath(db_path), "restored_from": os.path.abspath(source), "previous": kept,
+            "rows": rows}
+
+
+def prune(store: Store, older_than: int, *, convert: bool = True) -> dict[str, Any]:
+    """Delete delivery-log and rejected-request rows older than `older_than` seconds, a batch per
+    short transaction, then reclaim the space. Referrals, anchors and counters are untouched."""
+    started, size_before = time.monotonic(), store.database_bytes()
+    before = now() - older_than
+    deleted = {}
+    for table in PRUNED_TABLES:
+        deleted[table] = 0
+        while batch := store.prune_batch(table, before, PRUNE_BATCH_ROWS):
+            deleted[table] += batch
+            time.sleep(PRUNE_PAUSE_SECONDS)
+    reclaimed = store.reclaim_space(convert) if any(deleted.values()) else True
+    return {"deleted": deleted, "older_than_seconds": older_than, "space_reclaimed": reclaimed,
+            "bytes_before": size_before, "bytes_after": store.database_bytes(),
+            "seconds": round(time.monotonic() - started, 3)}
+
+
+def start_auto_prune(store: Store, older_than: int) -> threading.Thread:
+    """Prune at start-up and then once a day, in a daemon thread of the serving process."""
+    def run() -> None:
+        while True:
+            try:
+                result = prune(store, older_than, convert=False)
+                log.info("pruned rows older than %s s: %s", older_than, result["deleted"])
+                if not result["space_reclaimed"]:
+                    log.warning("run `python mmoref_server.py prune` once, server stopped or not, to let the"
+                                " database file shrink (it was made by an older mmoref)")
+            except (sqlite3.Error, StoreError):
+                log.exception("automatic prune failed; it runs again in a day")
+            time.sleep(PRUNE_EVERY_SECONDS)
+
+    thread = threading.Thread(target=run, name="mmoref-prune", daemon=True)
+    thread.start()
+    return thread
+
+
+def identity_spellings(identity: str) -> list[str]:
+    """The ways an identity can appear in a stored JSON body: as is, and JSON-escaped."""
+    escaped = {json.dumps(identity)[1:-1], json.dumps(identity, ensure_ascii=False)[1:-1]}
+    return sorted({identity} | escaped, key=len, reverse=True)
+
+
+def forget(store: Store, server_id: str, identity: str) -> dict[str, Any]:
+    """Erase a referee identity everywhere it is stored, keeping its forgotten form so first
+    touch still holds; then rewrite the database files so the raw bytes are gone too."""
+    if store.server(server_id) is None:
+        raise ConfigError(f"unknown server {server_id!r}")
+    identity = identity.strip()
+    if not identity:
+        raise ConfigError("--identity is empty: give the referee_identity to forget")
+    forgotten = forgotten_form(store.identity_key, server_id, identity)
+    changed = store.forget_identity(server_id, identity, forgotten, identity_spellings(identity))
+    store.erase_freed_bytes()
+    return {"server_id": server_id, "forgotten_as": forgotten, "rows_changed": changed}
 
 
 # Routes: ingest, share link, health ##########################################
@@ -2057,9 +2644,11 @@ def ingest() -> Any:
         raise ApiError(413, "body too large", HINTS["body too large"]) from None
     if len(raw_body) > MAX_BODY_BYTES:
         raise ApiError(413, "body too large", HINTS["body too large"])
-    config = current_app.config
-    status, body = handle_ingest(get_store(), raw_body, request.headers.get(SIGNATURE_HEADER),
-                                 window=config["MMOREF_REPLAY_WINDOW"], ttl=config["MMOREF_TOKEN_TTL"])
+    config, store, started = current_app.config, get_store(), time.perf_counter()
+    status, body = handle_ingest(store, raw_body, request.headers.get(SIGNATURE_HEADER),
+                                 window=config["MMOREF_REPLAY_WINDOW"], ttl=config["MMOREF_TOKEN_TTL"],
+                                 client=client_key(store, request.remote_addr))
+    store.observe_latency(time.perf_counter() - started)
     response = json_response(body, status)
     if status == 503:
         response.headers["Retry-After"] = str(RETRY_AFTER_SECONDS)
@@ -2072,14 +2661,24 @@ NOT_FOUND_PAGE = ("<!doctype html><meta charset=utf-8><title>Link not found</tit
 
 @blueprint.get("/r/<server_id>")
 def share_link(server_id: str) -> Any:
-    """Record a click, mint a token, set the mmref cookie, send the player to register."""
+    """Record a click, mint a token, set the mmref cookie, send the player to register.
+
+    A HEAD request (link previews, crawlers) and a client past CLICKS_PER_CLIENT_MINUTE are
+    sent to the registration URL without a token: nothing is recorded for them.
+    """
     code = request.args.get("ref", "")
     store = get_store()
     server = store.server(server_id) if NAME_PATTERN.fullmatch(code) else None
     if server is None or not server["referrals_enabled"] or not server["registration_url"]:
         return NOT_FOUND_PAGE, 404, {"Content-Type": "text/html; charset=utf-8"}
-    token, _ = store.mint_referral(server_id, code, ip_hash=_ip_hash(store, request.remote_addr),
-                                   user_agent=request.user_agent.string)
+    minted = None
+    if request.method == "GET":
+        minted = store.mint_referral(server_id, code, ip_hash=_ip_hash(store, request.remote_addr),
+                                     user_agent=request.user_agent.string,
+                                     click_limit=(client_key(store, request.remote_addr), CLICKS_PER_CLIENT_MINUTE))
+    if minted is None:
+        return redirect(server["registration_url"], 302)
+    token, _ = minted
     response = redirect(_with_query(server["registration_url"], mmref=token), 302)
     response.set_cookie("mmref", token, max_age=current_app.config["MMOREF_TOKEN_TTL"], samesite="Lax",
                         httponly=True, secure=request.is_secure)
@@ -2087,9 +2686,23 @@ def share_link(server_id: str) -> Any:
 
 
 def _ip_hash(store: Store, ip: str | None) -> str | None:
+    """A keyed hash of the address: pseudonymous, not anonymous (the key is in the same database)."""
     if not ip:
         return None
     return hmac.new(store.installation_key("ip_salt").encode(), ip.encode(), hashlib.sha256).hexdigest()[:16]
+
+
+def client_key(store: Store, ip: str | None) -> str:
+    """Whom a per-client limit counts: the address's keyed hash, an IPv6 client by its /64 network."""
+    try:
+        address = ipaddress.ip_address(ip or "")
+    except ValueError:
+        return "-"
+    if isinstance(address, ipaddress.IPv6Address):
+        mapped = address.ipv4_mapped
+        counted = mapped if mapped is not None else ipaddress.ip_network(f"{address}/64", strict=False)
+        return _ip_hash(store, str(counted)) or "-"
+    return _ip_hash(store, str(address)) or "-"
 
 
 def _with_query(url: str, **params: str) -> str:
@@ -2113,6 +2726,62 @@ def healthz() -> Any:
                           "hint": str(problem)}, 503)
 
 
+@blueprint.get("/metrics")
+def metrics() -> Any:
+    """Prometheus text format, from the database's counters: the same numbers in every worker.
+
+    Answered to loopback clients that did not come through a proxy, or to anyone with
+    `Authorization: Bearer <MMOREF_METRICS_TOKEN>` when that is set.
+    """
+    token = current_app.config.get("MMOREF_METRICS_TOKEN")
+    if token:
+        sent = request.headers.get("Authorization", "")
+        if not hmac.compare_digest(sent.encode(), f"Bearer {token}".encode()):
+            return json_response({"ok": False, "error": "forbidden",
+                                  "hint": "send Authorization: Bearer <MMOREF_METRICS_TOKEN>"}, 403)
+    elif not _is_loopback(request.remote_addr or "") or "X-Forwarded-For" in request.headers:
+        return json_response({"ok": False, "error": "not found",
+                              "hint": "/metrics answers loopback only; set MMOREF_METRICS_TOKEN to scrape it"
+                                      " from elsewhere"}, 404)
+    store = get_store()
+    text = render_metrics(store.metrics(), store.database_bytes())
+    return current_app.response_class(text, mimetype="text/plain; version=0.0.4")
+
+
+def _label(value: Any) -> str:
+    return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def _metric(lines: list[str], name: str, kind: str, about: str, samples: Sequence[tuple[dict, Any]]) -> None:
+    lines += [f"# HELP {name} {about}", f"# TYPE {name} {kind}"]
+    for labels, value in samples:
+        shown = ",".join(f'{key}="{_label(label)}"' for key, label in labels.items())
+        lines.append(f"{name}{{{shown}}} {value}" if shown else f"{name} {value}")
+
+
+def render_metrics(snapshot: dict[str, Any], database_bytes: int) -> str:
+    """The Prometheus text exposition of Store.metrics()."""
+    lines: list[str] = []
+    _metric(lines, "mmoref_events_total", "counter", "Signed events answered 200, by event and outcome.",
+            [({"server_id": s, "event": e, "outcome": o}, n) for s, e, o, n in snapshot["events"]])
+    _metric(lines, "mmoref_rejections_total", "counter", "Refused ingest requests, by status, error and reason.",
+            [({"status": s, "error": e, "reason": r}, n) for s, e, r, n in snapshot["rejections"]])
+    _metric(lines, "mmoref_share_link_clicks_total", "counter", "Share links followed (referrals minted).",
+            [({"server_id": s}, n) for s, n in snapshot["clicks"]])
+    cumulative, buckets = 0, []
+    for le in [*map(str, LATENCY_BUCKETS), "+Inf"]:
+        cumulative += snapshot["latency"].get(le, 0)
+        buckets.append(({"le": le}, cumulative))
+    _metric(lines, "mmoref_ingest_latency_seconds", "histogram", "Time to answer an ingest request.", [])
+    lines += [f'mmoref_ingest_latency_seconds_bucket{{le="{labels["le"]}"}} {n}' for labels, n in buckets]
+    lines += [f"mmoref_ingest_latency_seconds_sum {snapshot['latency_seconds']}",
+              f"mmoref_ingest_latency_seconds_count {cumulative}"]
+    _metric(lines, "mmoref_database_bytes", "gauge", "Database file plus write-ahead log.", [({}, database_bytes)])
+    _metric(lines, "mmoref_last_event_timestamp_seconds", "gauge", "When the newest delivery-log row was written.",
+            [({}, snapshot["last_event_at"] or 0)])
+    return "\n".join(lines) + "\n"
+
+
 # Dashboard views (docs/contract.md §4, §6) ###################################
 # Server-rendered pages under /dashboard: login, servers, the Referrals tab with
 # secrets, "Send test event", delivery log, rejected requests and analytics. They use
@@ -2123,23 +2792,38 @@ LOG_PAGE_SIZE = 50
 MAX_ROW_ID = 2**63 - 1           # SQLite's largest integer: no log row has a larger id
 LOGIN_FREE_FAILURES = 5          # then each failure doubles the wait, up to LOGIN_MAX_WAIT
 LOGIN_MAX_WAIT = 300
+LOGIN_CLIENTS_KEPT = 10_000      # clients with failures on record; beyond, the lightest record is forgotten
+LOGIN_BUDGET = 100               # login attempts per LOGIN_BUDGET_WINDOW from all clients together,
+LOGIN_BUDGET_WINDOW = 600        # beyond which every login waits for the next window
 GRACE_CHOICES = {"0": "revoke now", "3600": "1 hour", "86400": "24 hours", "604800": "7 days"}
 OUTCOMES = ("advanced", "no_op", "first_touch_conflict", "owner_action")
 LOG_EVENTS = EVENTS + ("rejected",)  # owner rejections are logged as their own event
 
 
 def _is_logged_in() -> bool:
-    fingerprint = _password_fingerprint()  # None: no password yet, so nobody is logged in
-    return fingerprint is not None and session.get("mmoref_login") == fingerprint
+    """The session cookie names a session the database still has, opened under today's password."""
+    if "mmoref_logged_in" not in g:
+        tag, session_id = _password_tag(), session.get("mmoref_session")
+        stored = None
+        if tag is not None and isinstance(session_id, str):  # tag None: no password yet, nobody is logged in
+            lifetime = int(current_app.permanent_session_lifetime.total_seconds())
+            stored = get_store().session_password_tag(session_id, not_before=now() - lifetime)
+        g.mmoref_logged_in = stored is not None and hmac.compare_digest(stored, tag or "")
+    return g.mmoref_logged_in
 
 
-def _password_fingerprint() -> str | None:
-    """Changes when the password changes, which logs every session out (read once a request)."""
-    if "mmoref_fingerprint" not in g:
-        configured = current_app.config.get("MMOREF_ADMIN_PASSWORD")
-        basis = f"env:{configured}" if configured else get_store().admin_password_hash()
-        g.mmoref_fingerprint = hashlib.sha256(basis.encode()).hexdigest()[:16] if basis else None
-    return g.mmoref_fingerprint
+def _password_tag() -> str | None:
+    """An HMAC of the password (as configured, or its stored hash) under a key kept in the database.
+
+    It never leaves the server (the cookie holds a random session id), and it changes when
+    the password changes, which logs every session out.
+    """
+    configured = current_app.config.get("MMOREF_ADMIN_PASSWORD")
+    basis = f"env:{configured}" if configured else get_store().admin_password_hash()
+    if not basis:
+        return None
+    key = get_store().installation_key("session_binding_key")
+    return hmac.new(key.encode(), basis.encode(), hashlib.sha256).hexdigest()
 
 
 def csrf_token() -> str:
@@ -2181,32 +2865,32 @@ def _no_store(response: Any) -> Any:
     return response
 
 
-class _LoginThrottle:
-    """Failed logins per client: after a few, each try must wait longer (per process)."""
+def reserve_login_attempt(store: Store, client: str, at: int) -> int:
+    """Count a login attempt as failed before its password is checked; return the seconds to wait instead.
 
-    def __init__(self) -> None:
-        self._failures: dict[str, tuple[int, int]] = {}
-        self._lock = threading.Lock()
-
-    def wait_seconds(self, client: str) -> int:
-        count, last = self._failures.get(client, (0, 0))
-        if count < LOGIN_FREE_FAILURES:
-            return 0
-        wait = min(2 ** (count - LOGIN_FREE_FAILURES), LOGIN_MAX_WAIT)
-        return max(0, last + wait - now())
-
-    def failed(self, client: str) -> None:
-        with self._lock:
-            if len(self._failures) > 10_000:
-                self._failures.clear()
-            count, _ = self._failures.get(client, (0, 0))
-            self._failures[client] = (count + 1, now())
-
-    def succeeded(self, client: str) -> None:
-        self._failures.pop(client, None)
+    0 means go ahead (a right password then forgets the client's failures). Counting first,
+    in one write transaction, means parallel guesses each see the others' counts, in every
+    worker process. After LOGIN_FREE_FAILURES a client waits 1, 2, 4 ... LOGIN_MAX_WAIT s;
+    beyond LOGIN_BUDGET attempts in a window from all clients together, everyone waits.
+    """
+    with store.transaction() as transaction:
+        failures, last_at = transaction.login_failures(client)
+        spent = transaction.hits("login", "*", at, LOGIN_BUDGET_WINDOW)
+        wait = max(_backoff_wait(failures, last_at, at), _budget_wait(spent, at))
+        if not wait:
+            transaction.add_login_failure(client, at, keep=LOGIN_CLIENTS_KEPT)
+            transaction.hit("login", "*", at, LOGIN_BUDGET_WINDOW)
+        return wait
 
 
-login_throttle = _LoginThrottle()
+def _backoff_wait(failures: int, last_at: int, at: int) -> int:
+    if failures < LOGIN_FREE_FAILURES:
+        return 0
+    return max(0, last_at + min(2 ** (failures - LOGIN_FREE_FAILURES), LOGIN_MAX_WAIT) - at)
+
+
+def _budget_wait(spent: int, at: int) -> int:
+    return LOGIN_BUDGET_WINDOW - at % LOGIN_BUDGET_WINDOW if spent >= LOGIN_BUDGET else 0
 
 
 def check_password(password: str) -> bool:
@@ -2220,20 +2904,22 @@ def check_password(password: str) -> bool:
 
 @dashboard.route("/login", methods=["GET", "POST"])
 def login() -> Any:
-    client = request.remote_addr or "-"
+    store = get_store()
+    client = client_key(store, request.remote_addr)
     error, status = None, 200
     if request.method == "POST":
-        wait = login_throttle.wait_seconds(client)
+        wait = reserve_login_attempt(store, client, now())
         if wait:
             error, status = f"Too many failed logins: wait {wait} s and try again.", 429
         elif check_password(request.form.get("password", "")):
-            login_throttle.succeeded(client)
+            store.forget_login_failures(client)
             session.clear()
-            session["mmoref_login"] = _password_fingerprint()
+            lifetime = int(current_app.permanent_session_lifetime.total_seconds())
+            session["mmoref_session"] = store.open_session(_password_tag() or "", now(), lifetime)
             home = url_for("mmoref.dashboard.index")
             return redirect(_local_target(request.args.get("next", ""), home) or home)
         else:
-            login_throttle.failed(client)
+            store.login_failed_at(client, now())  # the wait runs from the answer, not from the reservation
             error, status = "Wrong password.", 401
     no_password = not current_app.config.get("MMOREF_ADMIN_PASSWORD") and not get_store().admin_password_hash()
     return _page("login.html", status, title="Log in", error=error, no_password=no_password)
@@ -2249,6 +2935,9 @@ def _local_target(target: str, within: str) -> str | None:
 
 @dashboard.post("/logout")
 def logout() -> Any:
+    session_id = session.get("mmoref_session")
+    if isinstance(session_id, str):
+        get_store().close_session(session_id)
     session.clear()
     return redirect(url_for("mmoref.dashboard.login"))
 
@@ -2305,24 +2994,24 @@ def _shown_once(page: str) -> dict[str, Any]:
     return results
 
 
-def _rejected_view(row: Row) -> dict[str, Any]:
+def _rejected_view(row: sqlite3.Row) -> dict[str, Any]:
     """A rejected request for display: its hint without the diagnosis, which is shown on its own line."""
     hint, diagnosis = row["hint"] or "", row["diagnosis"]
     return {**dict(row), "hint": hint.removesuffix(f" ({diagnosis})") if diagnosis else hint}
 
 
-def _server_or_404(game: str, server_id: str) -> Row:
+def _server_or_404(game: str, server_id: str) -> sqlite3.Row:
     server = get_store().server(server_id)
     if server is None or server["game"] != game:
         abort(404)
     return server
 
 
-def _tab_url(server: Row, **params: Any) -> str:
+def _tab_url(server: sqlite3.Row, **params: Any) -> str:
     return url_for("mmoref.dashboard.referrals_tab", game=server["game"], server_id=server["server_id"], **params)
 
 
-def _to_tab(server: Row, anchor: str = "", **results: dict[str, Any]) -> Any:
+def _to_tab(server: sqlite3.Row, anchor: str = "", **results: dict[str, Any]) -> Any:
     """Redirect to the server's Referrals tab (at `anchor`, where the result shows), `results` waiting there."""
     if results:
         _keep_for_next_page(server["server_id"], **results)
@@ -2342,7 +3031,7 @@ def referrals_tab(game: str, server_id: str) -> Any:
     return _render_tab(_server_or_404(game, server_id))
 
 
-def _render_tab(server: Row) -> Any:
+def _render_tab(server: sqlite3.Row) -> Any:
     """The Referrals tab, with whatever result a form left for it (a new secret, token or test answer)."""
     store, server_id, game = get_store(), server["server_id"], server["game"]
     filters = _log_filters()
@@ -2398,7 +3087,7 @@ def _log_filters() -> dict[str, str]:
     return {key: value[:MAX_FIELD_CHARS] for key, value in filters.items() if value}
 
 
-def _log_view(row: Row) -> dict[str, Any]:
+def _log_view(row: sqlite3.Row) -> dict[str, Any]:
     """A delivery-log row for display: PII-light."""
     try:
         payload = json.loads(row["payload"] or "{}")
@@ -2514,10 +3203,16 @@ def log_csv(game: str, server_id: str) -> Any:
 
 
 def _csv_cell(value: Any) -> Any:
-    """Neutralise spreadsheet formulas: identities and codes come from players."""
-    if isinstance(value, str) and value[:1] in ("=", "+", "-", "@", "\t", "\r"):
-        return "'" + value
-    return value
+    """Neutralise spreadsheet formulas: identities and codes come from players.
+
+    A spreadsheet may split a line on `;`, a tab, `|` or a space as well as on `,`, so a
+    formula can start after any of them (`x;=1+1`): each such start gets a leading `'`.
+    """
+    return _FORMULA_START.sub(r"'\1", value) if isinstance(value, str) else value
+
+
+# what makes a formula, at the cell's start or after a separator (not after any other character)
+_FORMULA_START = re.compile(r"(?<![^,;|\s\"'])([=+\-@\t\r])")
 
 
 @dashboard.get(f"/<game>/<server_id>/referrals/log/<int(max={MAX_ROW_ID}):row_id>")
@@ -2555,6 +3250,21 @@ def owner_action_form(game: str, server_id: str, referral_id: str, action: str) 
     except ConfigError as exc:
         flash(str(exc))
     return redirect(back)
+
+
+@dashboard.post("/<game>/<server_id>/referrals/forget/<referral_id>")
+def forget_form(game: str, server_id: str, referral_id: str) -> Any:
+    """Forget the referral's player: a confirm page first, then `forget` (as the CLI does)."""
+    server = _server_or_404(game, server_id)
+    store = get_store()
+    referral = store.referral(referral_id)
+    if referral is None or referral["server_id"] != server_id or not referral["referee_identity"]:
+        abort(404)
+    if request.form.get("confirm") != "yes":
+        return _page("forget.html", 200, title="Forget a player", server=server, referral=referral)
+    forget(store, server_id, referral["referee_identity"])
+    flash(f"The player of referral {referral_id} is forgotten.")
+    return redirect(_tab_url(server))
 
 
 def analytics(store: Store, server_id: str, days: int = 30) -> dict[str, Any]:
@@ -2778,6 +3488,9 @@ def serve_command(db_path: str | None = None, host: str | None = None, port: int
     _configure_logging(settings["MMOREF_LOG_FORMAT"])
     server = _listen(app, host, port, settings["MMOREF_THREADS"])
     click.echo(_banner(app, host, port))  # only now: a failed start never shows (or makes) a password
+    if settings["MMOREF_PRUNE_AFTER"]:
+        with app.app_context():
+            start_auto_prune(get_store(), settings["MMOREF_PRUNE_AFTER"])
     server.run()
 
 
@@ -3060,6 +3773,83 @@ def send_command(event: str, endpoint: str, server_id: str, secret: str, token: 
         sys.exit(1)
 
 
+def _duration_option(ctx: click.Context, param: click.Parameter, value: str) -> int:
+    try:
+        return parse_duration(value)
+    except ValueError as accepted:
+        raise click.BadParameter(f"{value!r} is not {accepted}", ctx, param) from None
+
+
+@cli.command("backup")
+@click.argument("dest", metavar="DEST")
+@click.option("--force", is_flag=True, help="replace DEST if it is an existing file")
+@_db_option
+@_json_option
+def backup_command(dest: str, force: bool, db_path: str | None, as_json: bool) -> None:
+    """Copy the database to DEST (a file, or a folder for a dated file) while the server runs.
+
+    The copy is one consistent snapshot (SQLite's backup API: ingest goes on), checked
+    with PRAGMA integrity_check before it is renamed into place.
+    """
+    store = _open_store(db_path)
+    try:
+        result = write_backup(store, dest, force)
+    finally:
+        store.close()  # the file is free for a `restore` straight after
+    _emit(as_json, result, f"backup written: {result['path']}\n{result['bytes']:,} bytes in {result['seconds']} s,"
+                           f" integrity ok\nrows: " + ", ".join(f"{k} {v:,}" for k, v in result["rows"].items()))
+
+
+@cli.command("restore")
+@click.argument("source", metavar="SRC")
+@_db_option
+@_json_option
+def restore_command(source: str, db_path: str | None, as_json: bool) -> None:
+    """Replace the database with the backup SRC (stop the server first).
+
+    SRC must pass the integrity check; the current database is kept beside it as
+    <db>.before-restore-<time>.
+    """
+    result = restore_database(source, db_path or load_settings()["MMOREF_DB"])
+    _emit(as_json, result, f"restored {result['path']} from {result['restored_from']}\n"
+                           f"previous database kept as {result['previous'] or '(there was none)'}\nrows: "
+                           + ", ".join(f"{k} {v:,}" for k, v in result["rows"].items()))
+
+
+@cli.command("prune")
+@click.option("--older-than", required=True, metavar="AGE", callback=_duration_option,
+              help="delete log rows received longer ago than this: 180d, 12h, 30m or 3600s")
+@_db_option
+@_json_option
+def prune_command(older_than: int, db_path: str | None, as_json: bool) -> None:
+    """Delete old delivery-log and rejected-request rows; keep referrals, anchors, counters.
+
+    Deletes in batches of 1,000 rows (ingest waits at most one batch), then gives the
+    space back. Safe while the server runs.
+    """
+    result = prune(_open_store(db_path), older_than)
+    deleted = result["deleted"]
+    _emit(as_json, result, f"deleted {deleted['delivery_log']:,} delivery-log and {deleted['rejected_requests']:,}"
+                           f" rejected-request rows in {result['seconds']} s\ndatabase: {result['bytes_before']:,}"
+                           f" -> {result['bytes_after']:,} bytes")
+
+
+@cli.command("forget")
+@click.option("--server", "server_id", required=True, help="the server the player registered on")
+@click.option("--identity", required=True, help="the referee_identity to erase (e.g. an e-mail address)")
+@_db_option
+@_json_option
+def forget_command(server_id: str, identity: str, db_path: str | None, as_json: bool) -> None:
+    """Erase a player's identity (personal data) from everything stored.
+
+    It is replaced by a keyed one-way value, so the player still cannot be registered
+    through another referrer. Rewrites the database file (VACUUM) so no copy is left.
+    """
+    result = forget(_open_store(db_path), server_id, identity)
+    _emit(as_json, result, f"forgotten on {server_id}; stored as {result['forgotten_as']}\nrows changed: "
+                           + ", ".join(f"{k} {v}" for k, v in result["rows_changed"].items()))
+
+
 DEMO_SERVER_ID, DEMO_GAME, DEMO_SECRET = "demo-server", "demo-game", "demo-secret-not-for-production"
 
 
@@ -3240,6 +4030,20 @@ TEMPLATES = jinja2.Environment(autoescape=True, trim_blocks=True, lstrip_blocks=
 </html>
 """,
 
+    "forget.html": """{% extends "base.html" %}
+{% block main %}
+<h1>Forget {{ referral.referee_identity }}?</h1>
+<p>This erases the identity from referrals, anchors, stored payloads and rejected requests on
+{{ server.server_id }}, and rewrites the database file. A keyed one-way value takes its place, so
+the player still cannot be registered through another referrer. It cannot be undone.</p>
+<form method="post" id="confirm-forget">
+  """ + _CSRF_FIELD + """
+  <input type="hidden" name="confirm" value="yes">
+  <button id="forget-confirm">Forget this player</button>
+  <a href="{{ url_for('mmoref.dashboard.referrals_tab', game=server.game, server_id=server.server_id) }}">Cancel</a>
+</form>
+{% endblock %}
+""",
     "message.html": """{% extends "base.html" %}
 {% block main %}
 <section>
@@ -3390,7 +4194,8 @@ TEMPLATES = jinja2.Environment(autoescape=True, trim_blocks=True, lstrip_blocks=
     <tbody>
       {% for r in rows %}
       <tr data-status="{{ r.status }}">
-        <td>{{ iso_utc(r.received_at) }}</td>
+        <td>{{ iso_utc(r.last_seen_at) }}{% if r.repeats > 1 %}<br><span class="repeats">{{ r.repeats }} times
+          since {{ iso_utc(r.received_at) }}</span>{% endif %}</td>
         <td>{{ r.status }}</td>
         <td>{{ r.error }}</td>
         <td>{{ r.reason or "" }}</td>
@@ -3765,6 +4570,19 @@ TEMPLATES = jinja2.Environment(autoescape=True, trim_blocks=True, lstrip_blocks=
   <p class="muted">None: a {{ referral.state }} referral is final or not yet registered.</p>
   {% endfor %}
 </section>
+{% endblock %}
+
+{% block forget %}
+{% if referral.referee_identity and not referral.referee_identity.startswith("forgotten:") %}
+<section>
+  <h2>Personal data</h2>
+  <form method="post" action="{{ url_for('mmoref.dashboard.forget_form', game=server.game,
+      server_id=server.server_id, referral_id=referral.referral_id) }}">
+    """ + _CSRF_FIELD + """
+    <button class="plain" id="forget">Forget this player…</button>
+  </form>
+</section>
+{% endif %}
 {% endblock %}
 
 {% block history %}

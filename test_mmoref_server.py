@@ -959,17 +959,30 @@ def test_plain_wrong_secret_has_no_diagnosis(kit):
     assert rejected(kit.server_id, kit.store)[0]["diagnosis"] is None
 
 
-@pytest.mark.parametrize("server_id", ["srv_123", None])
-def test_rejected_list_stays_at_its_cap(kit, server_id):
+def test_rejected_list_stays_at_its_cap(kit, monkeypatch):
+    """Refusals that differ (here in the t/ts diagnosis): the most recently seen 200 are kept."""
+    monkeypatch.setattr(mm, "REJECTIONS_PER_CLIENT_MINUTE", 10_000)  # one test client sends them all
     cap, sent = mm.REJECTED_KEPT_PER_SERVER, mm.REJECTED_KEPT_PER_SERVER + 30
     assert cap == 200
+    t = mm.now()
+    for number in range(sent):
+        body = kit.body("registered", "t", f"bad-{number}", ts=t - 1 - number)
+        assert kit.post(body, secret="not-the-secret", t=t).status_code == 401
+    rows = rejected(kit.server_id, kit.store)
+    assert len(rows) == cap
+    assert f'"bad-{sent - 1}"' in rows[0]["snippet"]
+    assert f'"bad-{sent - cap}"' in rows[-1]["snippet"]
+
+
+@pytest.mark.parametrize("server_id", ["srv_123", None])
+def test_identical_refusals_share_one_row(kit, server_id):
+    sent = mm.REJECTIONS_PER_CLIENT_MINUTE
     for number in range(sent):
         body = kit.body("registered", "t", f"bad-{number}", server_id=server_id or "nope")
         assert kit.post(body, header="").status_code == 400
     rows = rejected(server_id, kit.store)
-    assert len(rows) == cap
+    assert [row["repeats"] for row in rows] == [sent]
     assert f'"bad-{sent - 1}"' in rows[0]["snippet"]
-    assert f'"bad-{sent - cap}"' in rows[-1]["snippet"]
 
 
 def test_accepted_duplicate_and_test_events_are_not_rejections(kit):

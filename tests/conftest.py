@@ -36,12 +36,6 @@ def _clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
             monkeypatch.delenv(name)
 
 
-@pytest.fixture(autouse=True)
-def _fresh_login_throttle(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The login throttle is module state: each test starts with no failed logins."""
-    monkeypatch.setattr(mm, "login_throttle", mm._LoginThrottle())
-
-
 @pytest.fixture
 def engine(request: pytest.FixtureRequest) -> str:
     """The store's engine: SQLite unless the test runs on both."""

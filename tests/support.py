@@ -723,3 +723,56 @@ class PostgresCluster:
         with contextlib.suppress(RuntimeError):
             self._pg_ctl("stop", "-m", "immediate")
         shutil.rmtree(self.root, ignore_errors=True)
+
+
+class IngestLoad:
+    """Signed `registered` events posted by `threads` threads, one per token, while a test does
+    something else; each answer is recorded with the monotonic time it arrived.
+
+    Bounded: at most one event per token, and `seconds` in all. Use as a context manager.
+    """
+
+    def __init__(self, port: int, secret: str, tokens: Sequence[str], threads: int = 4, seconds: float = 60):
+        self.port, self.secret, self.seconds = port, secret, seconds
+        self.todo = list(enumerate(tokens))
+        self.answers: list[tuple[str, float, int, float]] = []   # (token, acked at, status, latency)
+        self.lock, self.stopping = threading.Lock(), threading.Event()
+        self.threads = [threading.Thread(target=self._run, daemon=True) for _ in range(threads)]
+
+    def _run(self) -> None:
+        client, deadline = HttpClient(self.port), time.monotonic() + self.seconds
+        try:
+            while not self.stopping.is_set() and time.monotonic() < deadline:
+                with self.lock:
+                    if not self.todo:
+                        return
+                    index, token = self.todo.pop(0)
+                started = time.monotonic()
+                status, _ = client.post_event(self.secret, event_body("registered", token, f"reg-{index}",
+                                                                      referee=f"player-{index}"))
+                with self.lock:
+                    self.answers.append((token, time.monotonic(), status, time.monotonic() - started))
+        finally:
+            client.close()
+
+    def acked_before(self, moment: float) -> list[str]:
+        """The tokens whose event was answered 200 before `moment` (time.monotonic())."""
+        with self.lock:
+            return [token for token, at, status, _ in self.answers if status == 200 and at < moment]
+
+    def wait_for(self, count: int, seconds: float = 30) -> None:
+        deadline = time.monotonic() + seconds
+        while len(self.answers) < count:
+            assert time.monotonic() < deadline, f"only {len(self.answers)} of {count} events answered"
+            time.sleep(0.01)
+
+    def __enter__(self) -> IngestLoad:
+        for thread in self.threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stopping.set()
+        for thread in self.threads:
+            thread.join(self.seconds)
+        assert not any(thread.is_alive() for thread in self.threads), "a load thread did not stop"

@@ -210,8 +210,9 @@ def test_a_flood_of_bad_requests_keeps_lists_and_file_bounded(flood_app):
     def flood(first: int) -> collections.Counter:
         statuses = collections.Counter(bad_request(client, secret, token, n) for n in range(first, first + FLOOD))
         for server_id in (SERVER_ID, None):
+            # one client, five kinds of refusal: a few rows, counted (per-client limit, identical ones aggregated)
             kept = db.execute("SELECT count(*) FROM rejected_requests WHERE server_id IS ?", (server_id,))
-            assert kept.fetchone()[0] == mm.REJECTED_KEPT_PER_SERVER
+            assert 0 < kept.fetchone()[0] <= mm.REJECTED_KEPT_PER_SERVER
         return statuses
 
     assert flood(0) == {400: 4000, 401: 2000, 404: 4000}

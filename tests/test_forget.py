@@ -1,0 +1,113 @@
+"""`forget --server S --identity X` and the detail page's button: the identity is gone from
+every table and from the database files, first touch still holds, counters stay exact."""
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+import mmoref_server as mm
+from tests.support import (
+    KIT_TAB,
+    PYTHON,
+    REFEREE,
+    SERVER_ID,
+    SERVER_SCRIPT,
+    HttpClient,
+    add_server,
+    assert_one_error_line,
+    event_body,
+    login,
+    mint_tokens,
+    rows,
+    scalar,
+)
+
+PLAYER = "Zoë.Player+1@example.com"
+COUNTERS = ("SELECT 'daily', * FROM daily_counts UNION ALL SELECT 'referrer', * FROM referrer_counts"
+            " ORDER BY 1, 2, 3")
+
+
+def spellings_in_files(db_path: str, identity: str) -> list[str]:
+    """Which database files (the file, -wal, -shm) hold the identity, as UTF-8 or JSON-escaped."""
+    needles = {identity.encode(), json.dumps(identity)[1:-1].encode()}
+    return [path.name for path in (Path(db_path + suffix) for suffix in ("", "-wal", "-shm"))
+            if path.exists() and any(needle in path.read_bytes() for needle in needles)]
+
+
+@pytest.mark.slow
+def test_forget_erases_the_identity_everywhere_and_first_touch_still_holds(live_server, store, db_path, app):
+    secret = add_server(store)
+    alice, bob, carol, alice_again = mint_tokens(store, ["alice", "bob", "carol", "alice"])
+    server = live_server()
+    client = HttpClient(server.port)
+    post = client.post_event
+    assert post(secret, event_body("registered", alice, "reg-1", referee=PLAYER))[1]["state"] == "registered"
+    assert post(secret, event_body("qualified", alice, "qual-1"))[1]["state"] == "qualified"
+    assert post(secret, event_body("registered", bob, "reg-2", referee=PLAYER))[1] == {
+        "ok": True, "ignored": "first_touch_conflict"}
+    assert post("wrong-secret", event_body("registered", carol, "reg-3", referee=PLAYER))[0] == 401
+    assert spellings_in_files(db_path, PLAYER)   # the test can see it while it is there
+    counters = rows(db_path, COUNTERS)
+
+    forgotten = subprocess.run([PYTHON, str(SERVER_SCRIPT), "forget", "--server", SERVER_ID, "--identity", PLAYER,
+                                "--db", db_path, "--json"], capture_output=True, text=True, timeout=60)
+
+    assert forgotten.returncode == 0, forgotten.stderr
+    result = json.loads(forgotten.stdout)
+    keyed = mm.forgotten_form(store.identity_key, SERVER_ID, PLAYER)
+    assert result == {"server_id": SERVER_ID, "forgotten_as": keyed, "rows_changed": {
+        "referrals": 1, "anchors": 1, "delivery_log": 2, "rejected_requests": 1}}
+    assert spellings_in_files(db_path, PLAYER) == []          # while the server runs ...
+    assert rows(db_path, "SELECT referee_identity FROM anchors") == [(keyed,)]
+    assert rows(db_path, COUNTERS) == counters
+    dashboard = app.test_client()
+    login(dashboard)
+    export = dashboard.get(f"/dashboard/mygame/{SERVER_ID}/referrals/log.csv").get_data(as_text=True)
+    assert keyed in export and PLAYER not in export
+
+    # first touch holds for the forgotten player: another referrer is still refused ...
+    assert post(secret, event_body("registered", carol, "reg-4", referee=PLAYER))[1] == {
+        "ok": True, "ignored": "first_touch_conflict"}
+    # ... the same referrer's second link reaches the anchored referral, and a retry stays a no-op
+    assert post(secret, event_body("registered", alice_again, "reg-5", referee=PLAYER))[1]["state"] == "qualified"
+    assert post(secret, event_body("registered", alice, "reg-late", referee=PLAYER))[1]["state"] == "qualified"
+    assert rows(db_path, COUNTERS) == counters
+    client.close()
+    assert "Traceback" not in server.stop()
+    assert scalar(db_path, "SELECT count(*) FROM referrals WHERE referee_identity = ?", PLAYER) == 0
+
+
+def test_forget_refuses_unknown_servers_and_empty_identities(runner, store):
+    add_server(store)
+    unknown = runner("forget", "--server", "nope", "--identity", REFEREE)
+    assert_one_error_line(unknown.exit_code, unknown.stderr, "unknown server 'nope'")
+    empty = runner("forget", "--server", SERVER_ID, "--identity", "  ")
+    assert_one_error_line(empty.exit_code, empty.stderr, "--identity is empty")
+
+
+def test_the_detail_page_forgets_after_a_confirm_step(owner, registered, store, db_path):
+    detail = f"{KIT_TAB}/log/1"
+    page = owner.page(detail)
+    action = page.by_id("forget").ancestor("form").attrs["action"]
+    assert action == f"{KIT_TAB}/forget/{registered['referral_id']}"
+
+    confirm = owner.post_page(action)
+    assert confirm.one("h1").text == f"Forget {REFEREE}?"
+    assert confirm.has_id("forget-confirm")
+    assert scalar(db_path, "SELECT referee_identity FROM referrals") == REFEREE   # nothing yet
+
+    done = owner.post(action, confirm="yes")
+    tab = owner.follow(done)
+    assert f"The player of referral {registered['referral_id']} is forgotten." in tab.flashes
+    assert scalar(db_path, "SELECT referee_identity FROM referrals").startswith("forgotten:")
+    assert REFEREE not in owner.page(detail).raw
+    assert not owner.page(detail).has_id("forget")
+
+
+def test_the_forget_button_needs_the_csrf_token(owner, registered, db_path):
+    response = owner.client.post(f"{KIT_TAB}/forget/{registered['referral_id']}", data={"confirm": "yes"})
+    assert response.status_code == 400
+    assert scalar(db_path, "SELECT referee_identity FROM referrals") == REFEREE
