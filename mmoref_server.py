@@ -800,6 +800,7 @@ class Transaction:
     """
 
     __slots__ = ("db",)
+    ROW_LOCK = ""  # PostgreSQL: " FOR UPDATE" (SQLite's BEGIN IMMEDIATE already serialises every writer)
 
     def __init__(self, db: Any):
         self.db = db
@@ -808,11 +809,13 @@ class Transaction:
         return self.db.execute("SELECT 1 FROM servers WHERE server_id = ?", (server_id,)).fetchone() is not None
 
     def lock_server(self, server_id: str) -> bool:
-        """Whether the server exists; on PostgreSQL its row stays locked until the transaction ends."""
-        return self.server_exists(server_id)
+        """Whether the server exists, its row locked until the transaction ends."""
+        return self.db.execute(f"SELECT 1 FROM servers WHERE server_id = ?{self.ROW_LOCK}", (server_id,)).fetchone() \
+            is not None
 
     def referral(self, referral_id: str) -> Row | None:
-        return self.db.execute("SELECT * FROM referrals WHERE referral_id = ?", (referral_id,)).fetchone()
+        return self.db.execute(f"SELECT * FROM referrals WHERE referral_id = ?{self.ROW_LOCK}",
+                               (referral_id,)).fetchone()
 
     def referral_for_event(self, referral_id: str, event: str, server_event_id: str) -> Row | None:
         """The referral, with `seen` true when the idempotency key (token, event, server_event_id) is used."""
@@ -897,13 +900,14 @@ class Transaction:
 
     def hits(self, scope: str, client: str, at: int, window: int) -> int:
         """How many requests `client` made in `scope`'s current window."""
-        row = self.db.execute("SELECT hits FROM client_hits WHERE scope = ? AND client = ? AND window_start = ?",
-                              (scope, client, at - at % window)).fetchone()
+        row = self.db.execute("SELECT hits FROM client_hits WHERE scope = ? AND client = ? AND window_start = ?"
+                              + self.ROW_LOCK, (scope, client, at - at % window)).fetchone()
         return row["hits"] if row else 0
 
     def login_failures(self, client: str) -> tuple[int, int]:
         """(failed logins, time of the last one) of a client; (0, 0) when none is on record."""
-        row = self.db.execute("SELECT failures, last_at FROM login_failures WHERE client = ?", (client,)).fetchone()
+        row = self.db.execute(f"SELECT failures, last_at FROM login_failures WHERE client = ?{self.ROW_LOCK}",
+                              (client,)).fetchone()
         return (row["failures"], row["last_at"]) if row else (0, 0)
 
     def add_login_failure(self, client: str, at: int, keep: int) -> None:
@@ -1745,16 +1749,10 @@ class _PostgresConnection:
 
 
 class _PostgresTransaction(Transaction):
-    """Where SQLite's BEGIN IMMEDIATE serialises every writer, PostgreSQL locks the referral's row."""
+    """Where SQLite's BEGIN IMMEDIATE serialises every writer, PostgreSQL locks the rows read to decide."""
 
     __slots__ = ()
-
-    def referral(self, referral_id: str) -> Row | None:
-        return self.db.execute("SELECT * FROM referrals WHERE referral_id = ? FOR UPDATE", (referral_id,)).fetchone()
-
-    def lock_server(self, server_id: str) -> bool:
-        return self.db.execute("SELECT 1 FROM servers WHERE server_id = ? FOR UPDATE", (server_id,)).fetchone() \
-            is not None
+    ROW_LOCK = " FOR UPDATE"
 
     def referral_for_event(self, referral_id: str, event: str, server_event_id: str) -> Row | None:
         # Lock first: the read that follows then sees whatever the lock's previous holder committed.

@@ -28,6 +28,8 @@ from tests.support import (
     snapshot,
 )
 
+pytestmark = pytest.mark.both_engines  # the same on SQLite and on PostgreSQL
+
 XSS = "<img src=x onerror=alert(1)>"
 CSV_HEADER = ["id", "received_at", "event", "outcome", "state", "referral_id", "referrer_code",
               "referee_identity", "server_event_id"]

@@ -23,6 +23,8 @@ from tests.support import (
     snapshot,
 )
 
+pytestmark = pytest.mark.both_engines  # the same on SQLite and on PostgreSQL
+
 # Login required everywhere #####################################################
 
 GET_ROUTES = ["/dashboard/", KIT_TAB, f"{KIT_TAB}/log/1", f"{KIT_TAB}/log.csv?event=registered"]
@@ -146,6 +148,7 @@ def test_without_a_password_the_login_page_says_how_to_set_one(bare_app: Any) ->
     html(login(client, ""), 401)
 
 
+@pytest.mark.sqlite_only  # reads the SQLite file
 def test_the_password_is_stored_only_as_a_hash(bare_app: Any, runner: Any, db_path: str) -> None:
     assert runner("set-password", "--password", PASSWORD).exit_code == 0
     with database(db_path) as db:

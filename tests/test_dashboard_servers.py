@@ -23,6 +23,8 @@ from tests.support import (
     snapshot,
 )
 
+pytestmark = pytest.mark.both_engines  # the same on SQLite and on PostgreSQL
+
 # Servers ########################################################################
 
 def test_add_server_shows_its_secret_once(owner: Owner, client: Any) -> None:

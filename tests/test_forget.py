@@ -25,6 +25,8 @@ from tests.support import (
     scalar,
 )
 
+pytestmark = pytest.mark.both_engines  # the same on SQLite and on PostgreSQL
+
 PLAYER = "Zoë.Player+1@example.com"
 COUNTERS = ("SELECT 'daily', * FROM daily_counts UNION ALL SELECT 'referrer', * FROM referrer_counts"
             " ORDER BY 1, 2, 3")
@@ -37,6 +39,7 @@ def spellings_in_files(db_path: str, identity: str) -> list[str]:
             if path.exists() and any(needle in path.read_bytes() for needle in needles)]
 
 
+@pytest.mark.sqlite_only  # reads the SQLite files' bytes
 @pytest.mark.slow
 def test_forget_erases_the_identity_everywhere_and_first_touch_still_holds(live_server, store, db_path, app):
     secret = add_server(store)

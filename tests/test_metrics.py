@@ -18,6 +18,8 @@ from tests.support import (
     send_ok,
 )
 
+pytestmark = pytest.mark.both_engines  # the same on SQLite and on PostgreSQL
+
 REMOTE = {"REMOTE_ADDR": "203.0.113.5"}
 
 

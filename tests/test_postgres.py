@@ -353,3 +353,14 @@ def test_copy_db_refuses_a_database_that_holds_data(tmp_path, runner, pg_url):
     result = runner("copy-db", source, pg_url, db=False)
     assert_one_error_line(result.exit_code, result.stderr, "already holds data")
     assert snapshot(pg_url) == before
+
+
+def test_backup_and_restore_name_postgresqls_own_tools(runner, pg_url, tmp_path):
+    mm.Store(pg_url).close()
+    result = runner("backup", str(tmp_path / "copy.db"), "--db", pg_url, db=False)
+    assert_one_error_line(result.exit_code, result.stderr, "pg_dump")
+    assert not (tmp_path / "copy.db").exists()
+    sqlite_backup = str(tmp_path / "backup.db")
+    assert runner("demo", sqlite_backup, db=False).exit_code == 0
+    result = runner("restore", sqlite_backup, "--db", pg_url, db=False)
+    assert_one_error_line(result.exit_code, result.stderr, "pg_restore", "copy-db")

@@ -19,6 +19,8 @@ from tests.support import (
     send_ok,
 )
 
+pytestmark = pytest.mark.both_engines  # the same on SQLite and on PostgreSQL
+
 DAY = 86400
 COUNTERS = "SELECT * FROM daily_counts ORDER BY 1, 2"
 
@@ -64,6 +66,7 @@ def test_a_very_late_retry_of_a_pruned_event_is_a_no_op(kit, store, clock, db_pa
     assert scalar(db_path, "SELECT state FROM referrals WHERE referral_id = ?", registered["referral_id"]) == then
 
 
+@pytest.mark.sqlite_only  # SQLite's file size
 def test_prune_gives_the_space_back(store, clock, db_path, runner):
     add_server(store)
     with database(db_path) as db:   # 20,000 old log rows with 500-byte payloads, written directly
@@ -96,6 +99,7 @@ def test_durations_and_the_setting():
         mm.load_settings({"MMOREF_PRUNE_AFTER": "soon"})
 
 
+@pytest.mark.sqlite_only  # reads the SQLite file
 @pytest.mark.slow
 def test_the_server_prunes_at_start_up_when_the_setting_is_on(live_server, kit, db_path):
     send_ok(kit, "registered", kit.token("alice"), "reg-old")
@@ -113,6 +117,7 @@ def test_the_server_prunes_at_start_up_when_the_setting_is_on(live_server, kit, 
     assert rows(db_path, "SELECT server_event_id FROM delivery_log") == [("reg-new",)]
 
 
+@pytest.mark.sqlite_only  # reads the SQLite file
 @pytest.mark.slow
 def test_prune_while_the_server_takes_events_loses_none(live_server, store, db_path, runner):
     secret = add_server(store)

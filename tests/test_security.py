@@ -21,6 +21,8 @@ import pytest
 import mmoref_server as mm
 from tests.support import INGEST, KIT_TAB, PASSWORD, csrf, html, location, login, permissive_umask, rows
 
+pytestmark = pytest.mark.both_engines  # the same on SQLite and on PostgreSQL
+
 
 class Spy:
     """Wraps a function, recording every call's arguments."""
@@ -133,6 +135,7 @@ def assert_owner_only(db_path: str) -> None:
             assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
 
 
+@pytest.mark.sqlite_only  # the SQLite file's mode
 @pytest.mark.slow
 @pytest.mark.skipif(os.name != "posix", reason="file modes are POSIX")
 def test_serve_creates_the_database_0600(live_server, db_path):

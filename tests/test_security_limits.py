@@ -37,6 +37,8 @@ from tests.support import (
     scalar,
 )
 
+pytestmark = pytest.mark.both_engines  # the same on SQLite and on PostgreSQL
+
 ROOT = Path(mm.__file__).resolve().parent
 TAB = "/dashboard/{game}/{server}/referrals"
 
@@ -263,6 +265,7 @@ def test_identical_refusals_share_a_row_and_keep_the_owners_one_in_view(owner: O
     assert "25 times" in page.one("span", class_="repeats").text
 
 
+@pytest.mark.sqlite_only  # SQLite's query plan
 def test_the_leaderboard_reads_an_index(kit: Kit, owner: Owner, store: mm.Store, db_path: str) -> None:
     with sqlite3.connect(db_path) as db:
         db.executemany("INSERT INTO referrer_counts (server_id, referrer_code, clicked, qualified) VALUES (?, ?, 1, ?)",

@@ -10,6 +10,8 @@ import pytest
 import mmoref_server as mm
 from tests.support import scalar, send
 
+pytestmark = pytest.mark.both_engines  # the same on SQLite and on PostgreSQL
+
 SERVER = "srv_123"   # the conftest kit's server
 REGISTRATION = urllib.parse.urlsplit("https://game.example/register?lang=en")
 URL_SAFE = re.compile(r"[A-Za-z0-9_.-]+")
