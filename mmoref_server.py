@@ -3482,10 +3482,12 @@ def serve_command(db_path: str | None = None, host: str | None = None, port: int
     """Serve the ingest endpoint, share links and dashboard (waitress)."""
     settings = load_settings()
     host, port = host or settings["MMOREF_HOST"], port or settings["MMOREF_PORT"]
-    app = create_app({"MMOREF_DB": db_path or settings["MMOREF_DB"]})
+    bound_first = _AppMadeAfterBinding()
+    server = _listen(bound_first, host, port, settings["MMOREF_THREADS"])
+    # only now: a start on a busy port creates no database and never shows (or makes) a password
+    app = bound_first.app = create_app({"MMOREF_DB": db_path or settings["MMOREF_DB"]})
     _configure_logging(settings["MMOREF_LOG_FORMAT"])
-    server = _listen(app, host, port, settings["MMOREF_THREADS"])
-    click.echo(_banner(app, host, port))  # only now: a failed start never shows (or makes) a password
+    click.echo(_banner(app, host, port))
     if settings["MMOREF_PRUNE_AFTER"]:
         with app.app_context():
             start_auto_prune(get_store(), settings["MMOREF_PRUNE_AFTER"])
@@ -3535,7 +3537,22 @@ WAITRESS_OPTIONS = {
 # connections keeps them all open. Only a buffering proxy (nginx, Caddy) in front stops that.
 
 
-def _listen(app: Flask, host: str, port: int, threads: int) -> Any:
+class _AppMadeAfterBinding:
+    """The WSGI callable `serve` binds its port with: it forwards to `app`, set once bound.
+
+    Creating the app opens (and creates or migrates) the database, so it waits until the port is
+    ours. Nothing is served before `app` is set: requests are handled only once the server runs.
+    """
+
+    def __init__(self) -> None:
+        self.app: Flask | None = None
+
+    def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
+        assert self.app is not None, "serve runs the server only after the app is made"
+        return self.app(environ, start_response)
+
+
+def _listen(app: Callable[..., Any], host: str, port: int, threads: int) -> Any:
     """A waitress server already bound to host:port (not yet serving); a failure is a ConfigError."""
     import waitress
 

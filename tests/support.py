@@ -19,6 +19,7 @@ import time
 import urllib.request
 from collections.abc import Iterator, Sequence
 from html.parser import HTMLParser
+from http.cookies import SimpleCookie
 from pathlib import Path
 from typing import Any, Callable
 from urllib.parse import urlencode
@@ -601,6 +602,39 @@ class HttpClient:
 
     def close(self) -> None:
         self.connection.close()
+
+
+class Browser:
+    """One client of the real server: keeps the session cookie whatever its Secure flag says."""
+
+    def __init__(self, port: int, **headers: str):
+        self.port, self.headers, self.cookie = port, headers, ""
+
+    def request(self, method: str, path: str, form: dict[str, str] | None = None,
+                **headers: str) -> tuple[int, http.client.HTTPMessage, str]:
+        connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=HTTP_TIMEOUT)
+        sent = {**self.headers, **headers, "Cookie": self.cookie}
+        body = None
+        if form is not None:
+            body = "&".join(f"{name}={value}" for name, value in form.items())
+            sent["Content-Type"] = "application/x-www-form-urlencoded"
+        try:
+            connection.request(method, path, body=body, headers=sent)
+            response = connection.getresponse()
+            text = response.read().decode("utf-8", "replace")
+        finally:
+            connection.close()
+        session = SimpleCookie(response.headers.get("Set-Cookie", "")).get("session")
+        if session is not None:
+            self.cookie = f"session={session.value}"
+        return response.status, response.headers, text
+
+    def log_in(self, password: str) -> tuple[int, http.client.HTTPMessage, str]:
+        status, _, page = self.request("GET", "/dashboard/login")
+        assert status == 200, page
+        csrf = re.search(r'name="csrf_token" value="([^"]+)"', page)
+        assert csrf is not None, page
+        return self.request("POST", "/dashboard/login", {"csrf_token": csrf.group(1), "password": password})
 
 
 def poster(secret: str, raw_body: bytes) -> Callable[[HttpClient], tuple[int, Any]]:

@@ -6,11 +6,9 @@ addresses that only appear inside X-Forwarded-For headers.
 from __future__ import annotations
 
 import http.client
-import re
-from http.cookies import SimpleCookie
 
 import pytest
-from support import HTTP_TIMEOUT
+from support import Browser
 
 import mmoref_server as mm
 
@@ -20,39 +18,6 @@ SERVER = "srv_proxy"
 PASSWORD = "correct horse battery"
 FORWARDED_HTTPS = {"X-Forwarded-Proto": "https", "X-Forwarded-Host": "refer.game.example",
                    "X-Forwarded-Port": "443"}
-
-
-class Browser:
-    """One client of the real server: keeps the session cookie whatever its Secure flag says."""
-
-    def __init__(self, port: int, **headers: str):
-        self.port, self.headers, self.cookie = port, headers, ""
-
-    def request(self, method: str, path: str, form: dict[str, str] | None = None,
-                **headers: str) -> tuple[int, http.client.HTTPMessage, str]:
-        connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=HTTP_TIMEOUT)
-        sent = {**self.headers, **headers, "Cookie": self.cookie}
-        body = None
-        if form is not None:
-            body = "&".join(f"{name}={value}" for name, value in form.items())
-            sent["Content-Type"] = "application/x-www-form-urlencoded"
-        try:
-            connection.request(method, path, body=body, headers=sent)
-            response = connection.getresponse()
-            text = response.read().decode("utf-8", "replace")
-        finally:
-            connection.close()
-        session = SimpleCookie(response.headers.get("Set-Cookie", "")).get("session")
-        if session is not None:
-            self.cookie = f"session={session.value}"
-        return response.status, response.headers, text
-
-    def log_in(self, password: str) -> tuple[int, http.client.HTTPMessage, str]:
-        status, _, page = self.request("GET", "/dashboard/login")
-        assert status == 200, page
-        csrf = re.search(r'name="csrf_token" value="([^"]+)"', page)
-        assert csrf is not None, page
-        return self.request("POST", "/dashboard/login", {"csrf_token": csrf.group(1), "password": password})
 
 
 @pytest.fixture
