@@ -827,6 +827,7 @@ class Store:
         self._latency: dict[str, tuple[int, float]] = {}  # observed, not yet written: le -> (count, seconds)
         self._queue_lock, self._commit_lock = threading.Lock(), threading.Lock()
         self._write_failure: tuple[str, float] | None = None   # (problem, monotonic time) of the last write
+        self._damage: str | None = None   # SQLite's words when a read or write found the file malformed
         _create_private_file(path)
         self._identity = None if path == ":memory:" else _file_identity(path)
         # mode=rw: a deleted file is never silently re-created empty by a new thread's connection
@@ -840,7 +841,15 @@ class Store:
 
     def error_for(self, exc: sqlite3.Error) -> StoreError:
         """The one-line StoreError for an SQLite error on this database."""
-        return database_error(self.path, database_problem(self.path, exc), str(exc))
+        return database_error(self.path, self.problem_of(exc), str(exc))
+
+    def problem_of(self, exc: sqlite3.Error) -> str:
+        """Which of DATABASE_PROBLEMS `exc` means. Damage is remembered for /healthz: it does not
+        heal, and most of it is found only by the request that reads the damaged pages."""
+        problem = database_problem(self.path, exc)
+        if problem == "malformed":
+            self._damage = str(exc)
+        return problem
 
     # connections and transactions
 
@@ -892,7 +901,7 @@ class Store:
                 raise
         except sqlite3.Error as exc:
             if not isinstance(exc, sqlite3.IntegrityError):  # a constraint is the caller's business
-                self._write_failure = (database_problem(self.path, exc), time.monotonic())
+                self._write_failure = (self.problem_of(exc), time.monotonic())
             raise
         self._write_failure = None
 
@@ -943,6 +952,8 @@ class Store:
                         item.result = item.work(transaction)
                     except Exception as exc:
                         item.error = exc
+                        if isinstance(exc, sqlite3.DatabaseError):
+                            self.problem_of(exc)
                         if not db.in_transaction:  # SQLite rolled everything back (disk full, I/O error)
                             raise
                         db.execute("ROLLBACK TO work")
@@ -1212,11 +1223,11 @@ class Store:
 
     def health(self) -> StoreError | None:
         """What keeps this database from taking writes now, found quickly and without the write lock."""
-        problem = self.moved() or self._recent_write_failure()
+        problem = self.moved() or ("malformed" if self._damage else None) or self._recent_write_failure()
         if problem is None and self._identity is not None:
             problem = "read-only" if _cannot_write(self.path) else "disk full" if _low_on_disk(self.path) else None
         if problem:
-            return database_error(self.path, problem)
+            return database_error(self.path, problem, self._damage or "")
         try:
             self._read_quickly()
         except (sqlite3.Error, StoreError) as exc:
@@ -1974,7 +1985,7 @@ def _log_ingest(status: int, error: str | None, **more: str | None) -> None:
 
 def _database_failure(store: Store, exc: sqlite3.Error | StoreError) -> tuple[int, dict]:
     """503 when the database is locked by another process or no longer the file opened; else 500."""
-    problem = store.moved() or (exc.problem if isinstance(exc, StoreError) else database_problem(store.path, exc))
+    problem = store.moved() or (exc.problem if isinstance(exc, StoreError) else store.problem_of(exc))
     if problem == "locked":
         return 503, ApiError(503, "database busy", HINTS["database busy"]).body()
     if problem in ("deleted", "replaced"):
