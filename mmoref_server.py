@@ -1454,6 +1454,7 @@ class SQLiteStore(Store):
         self._queue: list[_Pending] = []
         self._queue_lock, self._commit_lock = threading.Lock(), threading.Lock()
         self._write_failure: tuple[str, float] | None = None   # (problem, monotonic time) of the last write
+        self._damage: str | None = None   # SQLite's words when a read or write found the file malformed
         _create_private_file(path)
         self._identity = None if path == ":memory:" else _file_identity(path)
         # mode=rw: a deleted file is never silently re-created empty by a new thread's connection
@@ -1467,7 +1468,17 @@ class SQLiteStore(Store):
 
     def error_for(self, exc: sqlite3.Error) -> StoreError:
         """The one-line StoreError for an SQLite error on this database."""
-        return database_error(self.path, database_problem(self.path, exc), str(exc))
+        return database_error(self.path, self.problem_of(exc), str(exc))
+
+    def problem_of(self, exc: Exception) -> str:
+        """Which of DATABASE_PROBLEMS `exc` means. Damage is remembered for /healthz: it does not
+        heal, and most of it is found only by the request that reads the damaged pages."""
+        if isinstance(exc, StoreError):
+            return self.moved() or exc.problem
+        problem = self.moved() or database_problem(self.path, exc)
+        if problem == "malformed":
+            self._damage = str(exc)
+        return problem
 
     # connections and transactions
 
@@ -1526,7 +1537,7 @@ class SQLiteStore(Store):
                 raise
         except sqlite3.Error as exc:
             if not isinstance(exc, sqlite3.IntegrityError):  # a constraint is the caller's business
-                self._write_failure = (database_problem(self.path, exc), time.monotonic())
+                self._write_failure = (self.problem_of(exc), time.monotonic())
             raise
         self._write_failure = None
 
@@ -1577,6 +1588,8 @@ class SQLiteStore(Store):
                         item.result = item.work(transaction)
                     except Exception as exc:
                         item.error = exc
+                        if isinstance(exc, sqlite3.DatabaseError):
+                            self.problem_of(exc)
                         if not db.in_transaction:  # SQLite rolled everything back (disk full, I/O error)
                             raise
                         db.execute("ROLLBACK TO work")
@@ -1614,11 +1627,11 @@ class SQLiteStore(Store):
 
     def health(self) -> StoreError | None:
         """What keeps this database from taking writes now, found quickly and without the write lock."""
-        problem = self.moved() or self._recent_write_failure()
+        problem = self.moved() or ("malformed" if self._damage else None) or self._recent_write_failure()
         if problem is None and self._identity is not None:
             problem = "read-only" if _cannot_write(self.path) else "disk full" if _low_on_disk(self.path) else None
         if problem:
-            return database_error(self.path, problem)
+            return database_error(self.path, problem, self._damage or "")
         try:
             self._read_quickly()
         except (sqlite3.Error, StoreError) as exc:
@@ -1641,9 +1654,6 @@ class SQLiteStore(Store):
             db.execute("SELECT count(*) FROM meta").fetchone()
         finally:
             db.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
-
-    def problem_of(self, exc: Exception) -> str:
-        return self.moved() or (exc.problem if isinstance(exc, StoreError) else database_problem(self.path, exc))
 
     # SQLite only: files, copies and space
 

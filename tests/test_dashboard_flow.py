@@ -8,6 +8,8 @@ import datetime
 import subprocess
 from typing import Any
 
+import pytest
+
 import mmoref_server as mm
 from tests.support import (
     INGEST,
@@ -116,22 +118,26 @@ def test_the_filter_form_submits_to_the_tab(owner: Owner, kit: Any) -> None:
 
 # Confirm step ###################################################################
 
-def test_reverse_asks_first_and_acts_only_when_confirmed(owner: Owner, kit: Any, store: Any) -> None:
+@pytest.mark.parametrize(("action", "final_state"), [("reverse", "reversed"), ("reject", "rejected")])
+def test_final_action_asks_first_and_acts_only_when_confirmed(owner: Owner, kit: Any, store: Any,
+                                                              action: str, final_state: str) -> None:
     token = kit.token()
     referral_id = send_ok(kit, "registered", token, "e-reg")["referral_id"]
-    url = f"{KIT_TAB}/referral/{referral_id}/reverse"
+    url = f"{KIT_TAB}/referral/{referral_id}/{action}"
 
     unconfirmed = owner.post(url)  # the one click of before
     assert unconfirmed.status_code == 200 and store.referral(referral_id)["state"] == "registered"
     question = owner.page(url)
-    assert question.one("h1").text == f"Reverse referral {referral_id}?"
+    assert question.one("h1").text == f"{action.capitalize()} referral {referral_id}?"
+    assert f"becomes {final_state}" in question.by_id("confirm").text
     assert "cannot be undone" in question.by_id("confirm").text
     form = question.by_id("confirm").one("form")
     assert form.attrs["method"] == "post" and form.one("input", name="confirmed").attrs["value"] == "yes"
+    assert store.referral(referral_id)["state"] == "registered"
 
     done = owner.follow(owner.post(url, confirmed="yes"))
-    assert done.flashes == [f"Referral {referral_id} is now reversed."]
-    assert store.referral(referral_id)["state"] == "reversed"
+    assert done.flashes == [f"Referral {referral_id} is now {final_state}."]
+    assert store.referral(referral_id)["state"] == final_state
 
 
 # Connect box ####################################################################

@@ -5,7 +5,7 @@ import contextlib
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 from support import HttpClient, add_server, event_body, mint_tokens
@@ -20,9 +20,11 @@ TRICKLE_EVERY = 1.0        # seconds between the bytes a trickling connection se
 PARTIAL_REQUEST = b"POST /api/referral/events HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: "
 
 @contextlib.contextmanager
-def open_connections(port: int, count: int, trickling_count: int, deadline: float) -> Iterator[list[socket.socket]]:
+def open_connections(port: int, count: int, trickling_count: int, deadline: float,
+                     wrap: Callable[[socket.socket], socket.socket] | None = None) -> Iterator[list[socket.socket]]:
     """`count` connections to 127.0.0.1:port: `trickling_count` of them send the start of a request and
-    then one byte every TRICKLE_EVERY s, the others stay silent."""
+    then one byte every TRICKLE_EVERY s, the others stay silent (not even a TLS handshake). `wrap` (e.g.
+    a TLS handshake) is applied to each trickling connection before it sends."""
     sockets: list[socket.socket] = []
     stop = threading.Event()
 
@@ -33,8 +35,10 @@ def open_connections(port: int, count: int, trickling_count: int, deadline: floa
                     sock.send(b"x")
 
     try:
-        for _ in range(count):
+        for index in range(count):
             sockets.append(socket.create_connection(("127.0.0.1", port), timeout=ANSWER_WITHIN))
+            if wrap and index < trickling_count:
+                sockets[-1] = wrap(sockets[-1])
         trickling = sockets[:trickling_count]
         for sock in trickling:
             sock.send(PARTIAL_REQUEST)

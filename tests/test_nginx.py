@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import http.client
 import os
+import re
+import shlex
 import shutil
 import socket
 import ssl
 import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from http.cookies import SimpleCookie
@@ -21,6 +24,7 @@ from urllib.parse import parse_qs, urlencode, urlsplit
 
 import pytest
 from support import HTTP_TIMEOUT, ROOT, Doc, csrf, free_port, rows
+from test_idle_connections import ANSWER_WITHIN, OPEN_CONNECTIONS, TRICKLE_EVERY, open_connections
 
 import mmoref_server as mm
 
@@ -38,7 +42,7 @@ NGINX_CONF = """\
 daemon off;
 pid {tmp}/nginx.pid;
 error_log {tmp}/error.log;
-events {{ worker_connections 64; }}
+events {{ worker_connections 512; }}
 http {{
     access_log {tmp}/access.log;
     client_body_temp_path {tmp}/client_body;
@@ -162,9 +166,10 @@ def behind_nginx(live_server, db_path, tmp_path):
     store.set_admin_password(PASSWORD)
     started: list[subprocess.Popen] = []
 
-    def start(trust_proxy: bool) -> Proxied:
-        server = live_server(env={"MMOREF_TRUST_PROXY": "1" if trust_proxy else "0",
-                                  "MMOREF_TRUSTED_PROXY": NGINX_ADDRESS})
+    def start(trust_proxy: bool, command: list[str] | None = None) -> Proxied:
+        """`command` runs mmoref instead of `serve` ("{port}" in it: the port to listen on)."""
+        server = live_server(command=command, env={"MMOREF_TRUST_PROXY": "1" if trust_proxy else "0",
+                                                   "MMOREF_TRUSTED_PROXY": NGINX_ADDRESS})
         folder = tmp_path / "nginx"
         folder.mkdir()
         process, port = start_nginx(folder, server.port)
@@ -288,3 +293,34 @@ def test_the_shipped_site_file_passes_nginx_t(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "test is successful" in result.stderr
     assert "[warn]" not in result.stderr and "[emerg]" not in result.stderr
+
+
+def readme_gunicorn_command() -> list[str]:
+    """The README's recommended gunicorn line, run with this Python, listening on "{port}"."""
+    found = re.search(r"^gunicorn -w .*-k gthread.*$", (ROOT / "README.md").read_text(), re.MULTILINE)
+    assert found, "the README no longer recommends a gthread gunicorn line"
+    return [sys.executable, "-m", *shlex.split(found[0]), "-b", "127.0.0.1:{port}"]
+
+
+def test_gunicorn_behind_nginx_answers_while_200_connections_idle_or_trickle(behind_nginx):
+    """Issue 8.3: the README's production setup (gthread gunicorn behind the buffering nginx)."""
+    pytest.importorskip("gunicorn", reason="gunicorn is not installed (pip install gunicorn)")
+    proxied = behind_nginx(trust_proxy=True, command=readme_gunicorn_command())
+    store = mm.Store(proxied.db_path)
+    tokens = [store.mint_referral(SERVER, f"code{index}")[0] for index in range(5)]
+    store.close()
+    context = ssl.create_default_context(cafile=str(proxied.certificate))
+
+    def handshake(sock: socket.socket) -> socket.socket:
+        return context.wrap_socket(sock, server_hostname="127.0.0.1")
+
+    with open_connections(proxied.port, OPEN_CONNECTIONS, OPEN_CONNECTIONS // 2,
+                          deadline=time.monotonic() + 20, wrap=handshake):
+        time.sleep(2 * TRICKLE_EVERY)   # the trickling ones have each sent a few bytes
+        for index, token in enumerate(tokens):
+            started = time.monotonic()
+            status, text = proxied.ingest(token, f"idle-{index}")
+            took = time.monotonic() - started
+            assert status == 200, text
+            assert '"state": "registered"' in text
+            assert took < ANSWER_WITHIN, f"event {index} took {took:.1f} s"

@@ -1,0 +1,40 @@
+"""Issue 8.11: a database damaged in the middle while the real server runs. Once a request has
+hit the damage, /healthz must stop saying 200 and name the cause (`malformed`) quickly."""
+from __future__ import annotations
+
+import os
+import sqlite3
+
+from tests.support import add_server, event_body, mint_tokens
+from tests.test_storage_faults import PAGE, post, timed_healthz
+
+FIRST_DAMAGED_PAGE = 8
+DAMAGED_PAGES = 3
+
+
+def damage_pages(db_path: str) -> None:
+    """Checkpoint the WAL into the file, then overwrite a few pages in its middle (header kept)."""
+    with sqlite3.connect(db_path) as db:
+        assert db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0] == 0  # 0: not blocked
+    assert os.stat(db_path).st_size > (FIRST_DAMAGED_PAGE + DAMAGED_PAGES) * PAGE
+    with open(db_path, "r+b") as file:
+        file.seek((FIRST_DAMAGED_PAGE - 1) * PAGE)
+        file.write(b"garbage!" * (PAGE // 8) * DAMAGED_PAGES)
+
+
+def test_healthz_says_malformed_once_a_request_hit_the_damage(store, db_path, live_server):
+    secret = add_server(store)
+    tokens = mint_tokens(store, [f"code{i}" for i in range(400)])
+    store.close()
+    server = live_server()
+    assert post(server.port, secret, event_body("registered", tokens[0], "reg-0", referee="p0"))[0] == 200
+
+    damage_pages(db_path)
+    answers = [post(server.port, secret, event_body("registered", token, f"reg-{i}", referee=f"p{i}"))[:2]
+               for i, token in enumerate(tokens[1:40:3], start=1)]
+    seconds, status, health = timed_healthz(server.port)
+
+    assert {status for status, _ in answers} != {200}, answers  # the requests did reach the damage
+    assert (status, health["ok"], health.get("reason")) == (503, False, "malformed"), health
+    assert "is damaged" in health["hint"] and "restore a backup" in health["hint"]
+    assert seconds < 1.5
