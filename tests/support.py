@@ -612,14 +612,21 @@ class Browser:
 
     def request(self, method: str, path: str, form: dict[str, str] | None = None,
                 **headers: str) -> tuple[int, http.client.HTTPMessage, str]:
-        connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=HTTP_TIMEOUT)
-        sent = {**self.headers, **headers, "Cookie": self.cookie}
         body = None
         if form is not None:
-            body = "&".join(f"{name}={value}" for name, value in form.items())
-            sent["Content-Type"] = "application/x-www-form-urlencoded"
+            body = "&".join(f"{name}={value}" for name, value in form.items()).encode()
+            headers["Content-Type"] = "application/x-www-form-urlencoded"
+        return self.send(method, path, body, headers)
+
+    def connection(self) -> http.client.HTTPConnection:
+        return http.client.HTTPConnection("127.0.0.1", self.port, timeout=HTTP_TIMEOUT)
+
+    def send(self, method: str, path: str, body: bytes | None,
+             headers: dict[str, str]) -> tuple[int, http.client.HTTPMessage, str]:
+        """One request on a new connection, with this client's headers and session cookie."""
+        connection = self.connection()
         try:
-            connection.request(method, path, body=body, headers=sent)
+            connection.request(method, path, body=body, headers={**self.headers, **headers, "Cookie": self.cookie})
             response = connection.getresponse()
             text = response.read().decode("utf-8", "replace")
         finally:

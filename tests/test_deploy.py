@@ -6,7 +6,8 @@ import subprocess
 from pathlib import PurePosixPath
 
 import pytest
-from support import PYTHON, ROOT, SERVER_SCRIPT
+
+from tests.support import PYTHON, ROOT, SERVER_SCRIPT
 
 UNIT = ROOT / "deploy" / "mmoref.service"
 

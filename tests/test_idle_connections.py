@@ -8,9 +8,9 @@ import time
 from collections.abc import Callable, Iterator
 
 import pytest
-from support import HttpClient, add_server, event_body, mint_tokens
 
 import mmoref_server as mm
+from tests.support import HttpClient, add_server, event_body, mint_tokens
 
 pytestmark = pytest.mark.slow
 

@@ -6,9 +6,9 @@ import os
 import subprocess
 
 import pytest
-from support import PYTHON, SERVER_SCRIPT, HttpClient, assert_one_error_line, free_port
 
 import mmoref_server as mm
+from tests.support import PYTHON, SERVER_SCRIPT, HttpClient, assert_one_error_line, free_port
 
 pytestmark = pytest.mark.slow
 

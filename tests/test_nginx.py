@@ -18,15 +18,14 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
-from http.cookies import SimpleCookie
 from pathlib import Path
 from urllib.parse import parse_qs, urlencode, urlsplit
 
 import pytest
-from support import HTTP_TIMEOUT, ROOT, Doc, csrf, free_port, rows
-from test_idle_connections import ANSWER_WITHIN, OPEN_CONNECTIONS, TRICKLE_EVERY, open_connections
 
 import mmoref_server as mm
+from tests.support import HTTP_TIMEOUT, ROOT, Browser, Doc, csrf, free_port, rows
+from tests.test_idle_connections import ANSWER_WITHIN, OPEN_CONNECTIONS, TRICKLE_EVERY, open_connections
 
 pytestmark = pytest.mark.slow
 
@@ -110,27 +109,20 @@ def start_nginx(folder: Path, upstream_port: int) -> tuple[subprocess.Popen, int
     pytest.fail(f"nginx did not start:\n{error_log.read_text() if error_log.exists() else ''}")
 
 
-class TlsClient:
+class TlsClient(Browser):
     """A client of nginx over https from one loopback address; keeps the session cookie."""
 
     def __init__(self, port: int, certificate: Path, source: str):
-        self.port, self.source, self.cookie = port, source, ""
-        self.context = ssl.create_default_context(cafile=str(certificate))
+        super().__init__(port)
+        self.source, self.context = source, ssl.create_default_context(cafile=str(certificate))
 
-    def request(self, method: str, path: str, body: bytes | None = None,
+    def connection(self) -> http.client.HTTPConnection:
+        return http.client.HTTPSConnection("127.0.0.1", self.port, timeout=HTTP_TIMEOUT,
+                                           source_address=(self.source, 0), context=self.context)
+
+    def request(self, method: str, path: str, body: bytes | None = None,  # type: ignore[override]
                 **headers: str) -> tuple[int, http.client.HTTPMessage, str]:
-        connection = http.client.HTTPSConnection("127.0.0.1", self.port, timeout=HTTP_TIMEOUT,
-                                                 source_address=(self.source, 0), context=self.context)
-        try:
-            connection.request(method, path, body=body, headers={**headers, "Cookie": self.cookie})
-            response = connection.getresponse()
-            text = response.read().decode("utf-8", "replace")
-        finally:
-            connection.close()
-        session = SimpleCookie(response.headers.get("Set-Cookie", "")).get("session")
-        if session is not None:
-            self.cookie = f"session={session.value}"
-        return response.status, response.headers, text
+        return self.send(method, path, body, headers)
 
     def log_in(self, prefix: str = "", next_url: str | None = None) -> tuple[int, http.client.HTTPMessage, str]:
         url = f"{prefix}/dashboard/login" + (f"?{urlencode({'next': next_url})}" if next_url else "")

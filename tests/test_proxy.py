@@ -8,9 +8,9 @@ from __future__ import annotations
 import http.client
 
 import pytest
-from support import Browser
 
 import mmoref_server as mm
+from tests.support import Browser
 
 pytestmark = pytest.mark.slow
 

@@ -8,9 +8,9 @@ import sys
 import time
 
 import pytest
-from support import Browser, HttpClient, add_server, race, scalar
 
 import mmoref_server as mm
+from tests.support import Browser, HttpClient, add_server, race, scalar
 
 pytestmark = pytest.mark.slow
 

@@ -10,9 +10,9 @@ import time
 from pathlib import Path
 
 import pytest
-from support import PYTHON, SERVER_SCRIPT, assert_one_error_line, free_port
 
 import mmoref_server as mm
+from tests.support import PYTHON, SERVER_SCRIPT, assert_one_error_line, free_port
 
 pytestmark = pytest.mark.slow
 

@@ -10,9 +10,9 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from support import PYTHON, SERVER_SCRIPT, HttpClient, assert_one_error_line, database, free_port, rows, scalar
 
 import mmoref_server as mm
+from tests.support import PYTHON, SERVER_SCRIPT, HttpClient, assert_one_error_line, database, free_port, rows, scalar
 
 pytestmark = pytest.mark.slow
 
