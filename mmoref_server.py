@@ -597,6 +597,7 @@ COUNTED = ("clicked", "registered", "qualified", "reversed")
 # stuck worker): a request answers 503 "database busy" after REQUEST_BUSY_TIMEOUT instead of
 # holding its thread; a CLI command can afford to wait longer.
 REQUEST_BUSY_TIMEOUT = 3
+WRITER_IDLE_SECONDS = 5          # a Store's writer thread ends after this long without a write
 CLI_BUSY_TIMEOUT = 30
 HEALTH_READ_TIMEOUT_MS = 500     # /healthz reads with this busy timeout; it never takes the write lock
 LOW_DISK_BYTES = 1024 * 1024     # less free space than this on the database's filesystem: "disk full"
@@ -678,12 +679,12 @@ T = TypeVar("T")
 
 
 class _Pending:
-    """One caller's share of a group commit."""
+    """One caller's share of a group commit: set `done` once the COMMIT holding it returned."""
 
     __slots__ = ("work", "result", "error", "done")
 
     def __init__(self, work: Callable[[Transaction], Any]):
-        self.work, self.result, self.error, self.done = work, None, None, False
+        self.work, self.result, self.error, self.done = work, None, None, threading.Event()
 
 
 @functools.lru_cache(maxsize=4)
@@ -812,6 +813,38 @@ class Transaction:
                             " ORDER BY failures, last_at LIMIT ?)", (excess,))
 
 
+class Configuration:
+    """The servers and their secrets as of one configuration generation: what nearly every
+    request reads, and what changes only when the owner changes it.
+
+    Every change to `servers` or `secrets` writes a new random `config_generation` in `meta`
+    in the same transaction, so one small read per request tells whether this copy is still
+    the database's, in every thread and worker process: a revoked secret or a disabled server
+    is refused from the first request after the change commits.
+    """
+
+    def __init__(self, generation: str | None, servers: Sequence[sqlite3.Row],
+                 secrets_newest_first: Sequence[sqlite3.Row]):
+        self.generation = generation
+        self._servers = {row["server_id"]: row for row in servers}
+        self._secrets: dict[str, list[sqlite3.Row]] = {}
+        for row in secrets_newest_first:
+            self._secrets.setdefault(row["server_id"], []).append(row)
+        self._all_secrets = [row["secret"] for row in secrets_newest_first]
+
+    def server(self, server_id: str) -> sqlite3.Row | None:
+        return self._servers.get(server_id)
+
+    def live_secrets(self, server_id: str, at: int) -> list[tuple[str, str]]:
+        """[(kid, secret), ...] valid at `at`, current first (at most two)."""
+        return [(row["kid"], row["secret"]) for row in self._secrets.get(server_id, ())
+                if row["expires_at"] is None or row["expires_at"] > at]
+
+    def all_secrets(self) -> list[str]:
+        """Every secret of the installation, live or not: what a stored snippet must never hold."""
+        return self._all_secrets
+
+
 class Store:
     """The SQLite store: schema, connections and every read and write of the server."""
 
@@ -823,9 +856,12 @@ class Store:
         self._local = threading.local()
         self._pid = os.getpid()
         self._keys: dict[str, str] = {}
-        self._queue: list[_Pending] = []
         self._latency: dict[str, tuple[int, float]] = {}  # observed, not yet written: le -> (count, seconds)
-        self._queue_lock, self._commit_lock = threading.Lock(), threading.Lock()
+        self._queue: list[_Pending] = []
+        self._queue_lock = threading.Lock()
+        self._queued = threading.Condition(self._queue_lock)
+        self._writer: threading.Thread | None = None  # runs every group commit, on its own connection
+        self._configuration: Configuration | None = None
         self._write_failure: tuple[str, float] | None = None   # (problem, monotonic time) of the last write
         _create_private_file(path)
         self._identity = None if path == ":memory:" else _file_identity(path)
@@ -846,8 +882,7 @@ class Store:
 
     def connect(self) -> sqlite3.Connection:
         """This thread's connection (a forked worker opens its own)."""
-        if os.getpid() != self._pid:
-            self._local, self._pid = threading.local(), os.getpid()
+        self._forget_parent_process()
         db = getattr(self._local, "db", None)
         if db is None:
             try:
@@ -858,6 +893,13 @@ class Store:
                 raise self.error_for(exc) from None
             self._local.db = db
         return db
+
+    def _forget_parent_process(self) -> None:
+        """In a forked worker, drop the connections and the writer thread of the parent process."""
+        if os.getpid() != self._pid:
+            self._local, self._pid, self._writer, self._queue = threading.local(), os.getpid(), None, []
+            self._queue_lock = threading.Lock()
+            self._queued = threading.Condition(self._queue_lock)
 
     def close(self) -> None:
         """Close this thread's connection."""
@@ -915,23 +957,47 @@ class Store:
     def group_commit(self, work: Callable[[Transaction], T]) -> T:
         """Run `work(transaction)` in a write transaction shared with concurrent callers; return its result.
 
-        With synchronous=FULL each COMMIT waits for the disk (about 0.8 ms here), so one
-        commit per event caps ingest near 1/fsync. Instead callers queue their work, and
-        whoever holds the commit lock runs everything queued, each piece in its own
-        SAVEPOINT, then commits once. A caller returns only after the COMMIT that made its
-        work durable; a piece that raises is rolled back alone and its caller gets the error.
+        With synchronous=FULL each COMMIT waits for the disk (about 1 ms here), so one commit
+        per event caps ingest near 1/fsync. Instead callers queue their work for one writer
+        thread, which runs everything queued, each piece in its own SAVEPOINT, and commits
+        once. A caller returns only after the COMMIT that made its work durable; a piece that
+        raises is rolled back alone and its caller gets the error.
+
+        One writer thread on one connection, rather than whichever request thread comes first
+        on its own: no convoy of request threads on a commit lock, and a page cache that stays
+        warm (SQLite drops a connection's cache whenever another connection has committed).
         """
         pending = _Pending(work)
-        with self._queue_lock:
+        self._forget_parent_process()
+        with self._queued:
             self._queue.append(pending)
-        with self._commit_lock:
-            if not pending.done:
-                with self._queue_lock:
-                    batch, self._queue = self._queue, []
-                self._commit_batch(batch)
+            if self._writer is None:
+                self._writer = threading.Thread(target=self._write_queued, name="mmoref-writer", daemon=True)
+                self._writer.start()
+            self._queued.notify()
+        pending.done.wait()
         if pending.error is not None:
             raise pending.error
         return pending.result
+
+    def _write_queued(self) -> None:
+        """The writer thread: commit what is queued, batch after batch; end (and close its
+        connection) after WRITER_IDLE_SECONDS without work, so an idle Store holds no thread."""
+        try:
+            while True:
+                with self._queued:
+                    if not self._queue:
+                        self._queued.wait(WRITER_IDLE_SECONDS)
+                    if not self._queue:
+                        self._writer = None
+                        return
+                    batch, self._queue = self._queue, []
+                self._commit_batch(batch)
+        finally:
+            with self._queued:
+                if self._writer is threading.current_thread():  # ended by an exception: the next caller starts one
+                    self._writer = None
+            self.close()
 
     def _commit_batch(self, batch: list[_Pending]) -> None:
         try:
@@ -955,7 +1021,7 @@ class Store:
                 raise
         finally:
             for item in batch:
-                item.done = True
+                item.done.set()
 
     def _quick_check(self) -> None:
         """PRAGMA quick_check: refuse a damaged file at start instead of serving it (~0.1 s per 100 MB)."""
@@ -1009,8 +1075,37 @@ class Store:
 
     # servers and secrets
 
+    def configuration(self) -> Configuration:
+        """The servers and secrets: the kept copy while its generation is the database's, else read anew."""
+        db = self.connect()
+        kept = self._configuration
+        if kept is not None and kept.generation == self._config_generation(db):
+            return kept
+        began = not db.in_transaction
+        if began:
+            db.execute("BEGIN")  # the generation and the rows it stands for, from one snapshot
+        try:
+            self._configuration = Configuration(
+                self._config_generation(db), db.execute("SELECT * FROM servers").fetchall(),
+                db.execute("SELECT * FROM secrets ORDER BY created_at DESC, rowid DESC").fetchall())
+        finally:
+            if began:
+                db.execute("COMMIT")
+        return self._configuration
+
+    @staticmethod
+    def _config_generation(db: sqlite3.Connection) -> str | None:
+        row = db.execute("SELECT value FROM meta WHERE key = 'config_generation'").fetchone()
+        return row[0] if row else None
+
+    @staticmethod
+    def _configuration_changed(db: sqlite3.Connection) -> None:
+        """Call in every transaction that writes `servers` or `secrets` (see Configuration)."""
+        db.execute("INSERT INTO meta (key, value) VALUES ('config_generation', ?)"
+                   " ON CONFLICT (key) DO UPDATE SET value = excluded.value", (secrets.token_hex(8),))
+
     def server(self, server_id: str) -> sqlite3.Row | None:
-        return self.connect().execute("SELECT * FROM servers WHERE server_id = ?", (server_id,)).fetchone()
+        return self.configuration().server(server_id)
 
     def servers(self) -> list[sqlite3.Row]:
         return self.connect().execute("SELECT * FROM servers ORDER BY game, server_id").fetchall()
@@ -1040,6 +1135,7 @@ class Store:
         assignments = ", ".join(f"{column} = ?" for column in changes)
         with self._immediate() as db:
             db.execute(f"UPDATE servers SET {assignments} WHERE server_id = ?", (*changes.values(), server_id))
+            self._configuration_changed(db)
 
     def rotate_secret(self, server_id: str, grace: int = DEFAULT_GRACE_SECONDS) -> tuple[str, str]:
         """A new current secret; the old one stays valid `grace` seconds (0 = revoked now)."""
@@ -1083,18 +1179,18 @@ class Store:
         secret, kid = "mmsk_" + secrets.token_urlsafe(32), "k_" + secrets.token_hex(4)
         db.execute("INSERT INTO secrets (kid, server_id, secret, created_at, rotation_nonce) VALUES (?, ?, ?, ?, ?)",
                    (kid, server_id, secret, at, nonce))
+        Store._configuration_changed(db)  # a new server (add_server) or a rotation
         return secret, kid
 
     def set_secret(self, server_id: str, secret: str) -> None:
         """Give the server's secrets this value (the demo's well-known secret)."""
         with self._immediate() as db:
             db.execute("UPDATE secrets SET secret = ? WHERE server_id = ?", (secret, server_id))
+            self._configuration_changed(db)
 
     def live_secrets(self, server_id: str, at: int) -> list[tuple[str, str]]:
         """[(kid, secret), ...] valid at `at`, current first (at most two)."""
-        return [(row["kid"], row["secret"]) for row in self.connect().execute(
-            "SELECT kid, secret FROM secrets WHERE server_id = ? AND (expires_at IS NULL OR expires_at > ?)"
-            " ORDER BY created_at DESC, rowid DESC", (server_id, at))]
+        return self.configuration().live_secrets(server_id, at)
 
     def revoked_secrets(self, server_id: str, at: int, limit: int = 5) -> list[str]:
         """The newest secrets no longer valid at `at` (to explain a MAC made with one)."""
@@ -1104,7 +1200,7 @@ class Store:
 
     def all_secrets(self) -> list[str]:
         """Every secret of the installation, live or not: what a stored snippet must never hold."""
-        return [row[0] for row in self.connect().execute("SELECT secret FROM secrets")]
+        return self.configuration().all_secrets()
 
     def secret_summaries(self, server_id: str) -> list[sqlite3.Row]:
         """kid, last four characters and validity of each secret: never the secret itself."""
@@ -1660,13 +1756,14 @@ def process_event(store: Store, raw_body: bytes, header: str | None, *, window: 
     fields = _event_fields(store, raw_body)
     server_id = fields.server_id
     # 5. the server exists, takes referrals and has a secret
-    server = store.server(server_id)
+    configuration = store.configuration()
+    server = configuration.server(server_id)
     if server is None:
         raise ApiError(404, "unknown server", HINTS["unknown server"])
     if not server["referrals_enabled"]:
         raise ApiError(404, "referrals not enabled", HINTS["referrals not enabled"], server_id=server_id)
     at = now()
-    live = store.live_secrets(server_id, at)
+    live = configuration.live_secrets(server_id, at)
     if not live:
         raise ApiError(404, "no signing secret", HINTS["no signing secret"], server_id=server_id)
     # 6. timestamp window, kid, MAC
@@ -1685,7 +1782,7 @@ def process_event(store: Store, raw_body: bytes, header: str | None, *, window: 
     forgotten = (forgotten_form(store.identity_key, server_id, fields.referee_identity)
                  if fields.referee_identity is not None else None)
     delivery = Delivery(server_id, fields.event, claims, fields.server_event_id, fields.referee_identity,
-                        fields.ts, _scrubbed_snippet(raw_body, store.all_secrets(), limit=2000), forgotten)
+                        fields.ts, _scrubbed_snippet(raw_body, configuration.all_secrets(), limit=2000), forgotten)
     return apply_event(store, delivery, ttl)
 
 

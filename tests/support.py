@@ -222,6 +222,7 @@ def revoke_every_secret(store: mm.Store, server_id: str) -> None:
     """No public path leaves a server without a live secret (add-server mints one): set it up in SQL."""
     with store.transaction() as transaction:
         transaction.db.execute("UPDATE secrets SET expires_at = ? WHERE server_id = ?", (mm.now(), server_id))
+        mm.Store._configuration_changed(transaction.db)  # as every change to secrets does
 
 
 def send_ok(kit: Kit, event: str, token: str, event_id: str, **extra: Any) -> dict[str, Any]:
