@@ -2353,20 +2353,30 @@ def _ip_hash(store: Store, ip: str | None) -> str | None:
     """A keyed hash of the address: pseudonymous, not anonymous (the key is in the same database)."""
     if not ip:
         return None
-    return hmac.new(store.installation_key("ip_salt").encode(), ip.encode(), hashlib.sha256).hexdigest()[:16]
+    return _keyed_address(store.installation_key("ip_salt"), ip)
 
 
 def client_key(store: Store, ip: str | None) -> str:
     """Whom a per-client limit counts: the address's keyed hash, an IPv6 client by its /64 network."""
+    return _client_key(store.installation_key("ip_salt"), ip or "")
+
+
+@functools.lru_cache(maxsize=1024)
+def _keyed_address(salt: str, ip: str) -> str:
+    return hmac.new(salt.encode(), ip.encode(), hashlib.sha256).hexdigest()[:16]
+
+
+@functools.lru_cache(maxsize=1024)  # every ingest request asks (a kit sends from a handful of addresses)
+def _client_key(salt: str, ip: str) -> str:
     try:
-        address = ipaddress.ip_address(ip or "")
+        address = ipaddress.ip_address(ip)
     except ValueError:
         return "-"
     if isinstance(address, ipaddress.IPv6Address):
         mapped = address.ipv4_mapped
         counted = mapped if mapped is not None else ipaddress.ip_network(f"{address}/64", strict=False)
-        return _ip_hash(store, str(counted)) or "-"
-    return _ip_hash(store, str(address)) or "-"
+        return _keyed_address(salt, str(counted))
+    return _keyed_address(salt, str(address))
 
 
 def _with_query(url: str, **params: str) -> str:
