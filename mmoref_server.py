@@ -454,7 +454,8 @@ def mask(value: str | None, keep_start: int = 4, keep_end: int = 0) -> str:
 
 # Storage #####################################################################
 # Standard-library sqlite3, WAL, one connection per thread (and per process, for
-# forking servers). Writers use BEGIN IMMEDIATE, so the UNIQUE constraints and the
+# forking servers); ingest, clicks and refusals are written by one writer thread per
+# process (Store.group_commit). Writers use BEGIN IMMEDIATE, so the UNIQUE constraints and the
 # read-then-write checks hold across threads and worker processes. Every SQL statement
 # of the server is in Store and Transaction: a second engine implements their methods.
 
