@@ -225,6 +225,17 @@ def revoke_every_secret(store: mm.Store, server_id: str) -> None:
         mm.Store._configuration_changed(transaction.db)  # as every change to secrets does
 
 
+def limit_writer_pages(store: mm.Store, pages: int | None = None) -> int:
+    """PRAGMA max_page_count on the connection that writes ingest (the store's writer thread):
+    `pages`, or the database's current size (the disk is full from its next growth). Returns the old limit."""
+    def set_limit(transaction: mm.Transaction) -> int:
+        db = transaction.db
+        previous = db.execute("PRAGMA max_page_count").fetchone()[0]
+        db.execute(f"PRAGMA max_page_count = {pages or db.execute('PRAGMA page_count').fetchone()[0]}")
+        return previous
+    return store.group_commit(set_limit)
+
+
 def send_ok(kit: Kit, event: str, token: str, event_id: str, **extra: Any) -> dict[str, Any]:
     """Send through the kit; the answer must be a 200, whose JSON body is returned."""
     response = kit.send(event, token, event_id, **extra)
