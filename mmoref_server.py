@@ -697,6 +697,7 @@ def database_label(location: str) -> str:
 # stuck worker): a request answers 503 "database busy" after REQUEST_BUSY_TIMEOUT instead of
 # holding its thread; a CLI command can afford to wait longer.
 REQUEST_BUSY_TIMEOUT = 3
+WRITER_IDLE_SECONDS = 5          # an SQLiteStore's writer thread ends after this long without a write
 CLI_BUSY_TIMEOUT = 30
 HEALTH_READ_TIMEOUT_MS = 500     # /healthz reads with this busy timeout; it never takes the write lock
 LOW_DISK_BYTES = 1024 * 1024     # less free space than this on the database's filesystem: "disk full"
@@ -778,12 +779,12 @@ T = TypeVar("T")
 
 
 class _Pending:
-    """One caller's share of a group commit."""
+    """One caller's share of a group commit: set `done` once the COMMIT holding it returned."""
 
     __slots__ = ("work", "result", "error", "done")
 
     def __init__(self, work: Callable[[Transaction], Any]):
-        self.work, self.result, self.error, self.done = work, None, None, False
+        self.work, self.result, self.error, self.done = work, None, None, threading.Event()
 
 
 @functools.lru_cache(maxsize=4)
@@ -921,6 +922,37 @@ class Transaction:
                             " ORDER BY failures, last_at LIMIT ?)", (excess,))
 
 
+class Configuration:
+    """The servers and their secrets as of one configuration generation: what nearly every
+    request reads, and what changes only when the owner changes it.
+
+    Every change to `servers` or `secrets` writes a new random `config_generation` in `meta`
+    in the same transaction, so one small read per request tells whether this copy is still
+    the database's, in every thread, worker process and node: a revoked secret or a disabled
+    server is refused from the first request after the change commits.
+    """
+
+    def __init__(self, generation: str | None, servers: Sequence[Row], secrets_newest_first: Sequence[Row]):
+        self.generation = generation
+        self._servers = {row["server_id"]: row for row in servers}
+        self._secrets: dict[str, list[Row]] = {}
+        for row in secrets_newest_first:
+            self._secrets.setdefault(row["server_id"], []).append(row)
+        self._all_secrets = [row["secret"] for row in secrets_newest_first]
+
+    def server(self, server_id: str) -> Row | None:
+        return self._servers.get(server_id)
+
+    def live_secrets(self, server_id: str, at: int) -> list[tuple[str, str]]:
+        """[(kid, secret), ...] valid at `at`, current first (at most two)."""
+        return [(row["kid"], row["secret"]) for row in self._secrets.get(server_id, ())
+                if row["expires_at"] is None or row["expires_at"] > at]
+
+    def all_secrets(self) -> list[str]:
+        """Every secret of the installation, live or not: what a stored snippet must never hold."""
+        return self._all_secrets
+
+
 class Store:
     """Every read and write of the server; `Store(location)` opens the engine the location names.
 
@@ -944,6 +976,7 @@ class Store:
         self._keys: dict[str, str] = {}
         self._latency: dict[str, tuple[int, float]] = {}  # observed, not yet written: le -> (count, seconds)
         self._latency_lock = threading.Lock()
+        self._configuration: Configuration | None = None
 
     # what each engine supplies
 
@@ -1036,8 +1069,32 @@ class Store:
 
     # servers and secrets
 
+    def configuration(self) -> Configuration:
+        """The servers and secrets: the kept copy while its generation is the database's, else read anew."""
+        kept = self._configuration
+        if kept is not None and kept.generation == self._generation(self._one(self._CONFIG_GENERATION)):
+            return kept
+        with self._snapshot() as db:  # the generation and the rows it stands for, from one moment
+            self._configuration = Configuration(
+                self._generation(db.execute(self._CONFIG_GENERATION).fetchone()),
+                db.execute("SELECT * FROM servers").fetchall(),
+                db.execute("SELECT * FROM secrets ORDER BY created_at DESC, rowid DESC").fetchall())
+        return self._configuration
+
+    _CONFIG_GENERATION = "SELECT value FROM meta WHERE key = 'config_generation'"
+
+    @staticmethod
+    def _generation(row: Row | None) -> str | None:
+        return row["value"] if row else None
+
+    @staticmethod
+    def _configuration_changed(db: Any) -> None:
+        """Call in every transaction that writes `servers` or `secrets` (see Configuration)."""
+        db.execute("INSERT INTO meta (key, value) VALUES ('config_generation', ?)"
+                   " ON CONFLICT (key) DO UPDATE SET value = excluded.value", (secrets.token_hex(8),))
+
     def server(self, server_id: str) -> Row | None:
-        return self._one("SELECT * FROM servers WHERE server_id = ?", (server_id,))
+        return self.configuration().server(server_id)
 
     def servers(self) -> list[Row]:
         return self._all("SELECT * FROM servers ORDER BY game, server_id")
@@ -1067,6 +1124,7 @@ class Store:
         assignments = ", ".join(f"{column} = ?" for column in changes)
         with self._writing() as db:
             db.execute(f"UPDATE servers SET {assignments} WHERE server_id = ?", (*changes.values(), server_id))
+            self._configuration_changed(db)
 
     def rotate_secret(self, server_id: str, grace: int = DEFAULT_GRACE_SECONDS) -> tuple[str, str]:
         """A new current secret; the old one stays valid `grace` seconds (0 = revoked now)."""
@@ -1109,18 +1167,18 @@ class Store:
         secret, kid = "mmsk_" + secrets.token_urlsafe(32), "k_" + secrets.token_hex(4)
         db.execute("INSERT INTO secrets (kid, server_id, secret, created_at, rotation_nonce) VALUES (?, ?, ?, ?, ?)",
                    (kid, server_id, secret, at, nonce))
+        Store._configuration_changed(db)  # a new server (add_server) or a rotation
         return secret, kid
 
     def set_secret(self, server_id: str, secret: str) -> None:
         """Give the server's secrets this value (the demo's well-known secret)."""
         with self._writing() as db:
             db.execute("UPDATE secrets SET secret = ? WHERE server_id = ?", (secret, server_id))
+            self._configuration_changed(db)
 
     def live_secrets(self, server_id: str, at: int) -> list[tuple[str, str]]:
         """[(kid, secret), ...] valid at `at`, current first (at most two)."""
-        return [(row["kid"], row["secret"]) for row in self._all(
-            "SELECT kid, secret FROM secrets WHERE server_id = ? AND (expires_at IS NULL OR expires_at > ?)"
-            " ORDER BY created_at DESC, rowid DESC", (server_id, at))]
+        return self.configuration().live_secrets(server_id, at)
 
     def revoked_secrets(self, server_id: str, at: int, limit: int = 5) -> list[str]:
         """The newest secrets no longer valid at `at` (to explain a MAC made with one)."""
@@ -1130,7 +1188,7 @@ class Store:
 
     def all_secrets(self) -> list[str]:
         """Every secret of the installation, live or not: what a stored snippet must never hold."""
-        return [row["secret"] for row in self._all("SELECT secret FROM secrets")]
+        return self.configuration().all_secrets()
 
     def secret_summaries(self, server_id: str) -> list[Row]:
         """kid, last four characters and validity of each secret: never the secret itself."""
@@ -1430,6 +1488,7 @@ class Store:
                                f" VALUES ({', '.join('?' * len(columns))})", tuple(row[column] for column in columns))
                 self._after_insert_rows(db, table)
                 counts[table] = len(rows)
+            self._configuration_changed(db)  # unlike any generation a process kept, SOURCE's included
         return counts
 
     def _after_insert_rows(self, db: Any, table: str) -> None:
@@ -1438,7 +1497,8 @@ class Store:
 
 class SQLiteStore(Store):
     """The default engine: one SQLite file, WAL, one connection per thread (and per process, for
-    forking servers). Writers use BEGIN IMMEDIATE, so the UNIQUE constraints and the
+    forking servers); ingest, clicks and refusals are written by one writer thread per process
+    (group_commit). Writers use BEGIN IMMEDIATE, so the UNIQUE constraints and the
     read-then-write checks hold across threads and worker processes."""
 
     CONFLICTS = (sqlite3.IntegrityError,)
@@ -1452,7 +1512,9 @@ class SQLiteStore(Store):
         self._local = threading.local()
         self._pid = os.getpid()
         self._queue: list[_Pending] = []
-        self._queue_lock, self._commit_lock = threading.Lock(), threading.Lock()
+        self._queue_lock = threading.Lock()
+        self._queued = threading.Condition(self._queue_lock)
+        self._writer: threading.Thread | None = None  # runs every group commit, on its own connection
         self._write_failure: tuple[str, float] | None = None   # (problem, monotonic time) of the last write
         self._damage: str | None = None   # SQLite's words when a read or write found the file malformed
         _create_private_file(path)
@@ -1484,8 +1546,7 @@ class SQLiteStore(Store):
 
     def connect(self) -> sqlite3.Connection:
         """This thread's connection (a forked worker opens its own)."""
-        if os.getpid() != self._pid:
-            self._local, self._pid = threading.local(), os.getpid()
+        self._forget_parent_process()
         db = getattr(self._local, "db", None)
         if db is None:
             try:
@@ -1496,6 +1557,13 @@ class SQLiteStore(Store):
                 raise self.error_for(exc) from None
             self._local.db = db
         return db
+
+    def _forget_parent_process(self) -> None:
+        """In a forked worker, drop the connections and the writer thread of the parent process."""
+        if os.getpid() != self._pid:
+            self._local, self._pid, self._writer, self._queue = threading.local(), os.getpid(), None, []
+            self._queue_lock = threading.Lock()
+            self._queued = threading.Condition(self._queue_lock)
 
     def close(self) -> None:
         """Close this thread's connection."""
@@ -1511,6 +1579,9 @@ class SQLiteStore(Store):
     @contextlib.contextmanager
     def _snapshot(self) -> Iterator[sqlite3.Connection]:
         db = self.connect()
+        if db.in_transaction:  # this thread's open transaction already reads one moment
+            yield db
+            return
         db.execute("BEGIN")
         try:
             yield db
@@ -1560,23 +1631,47 @@ class SQLiteStore(Store):
     def group_commit(self, work: Callable[[Transaction], T]) -> T:
         """Run `work(transaction)` in a write transaction shared with concurrent callers; return its result.
 
-        With synchronous=FULL each COMMIT waits for the disk (about 0.8 ms here), so one
-        commit per event caps ingest near 1/fsync. Instead callers queue their work, and
-        whoever holds the commit lock runs everything queued, each piece in its own
-        SAVEPOINT, then commits once. A caller returns only after the COMMIT that made its
-        work durable; a piece that raises is rolled back alone and its caller gets the error.
+        With synchronous=FULL each COMMIT waits for the disk (about 1 ms here), so one commit
+        per event caps ingest near 1/fsync. Instead callers queue their work for one writer
+        thread, which runs everything queued, each piece in its own SAVEPOINT, and commits
+        once. A caller returns only after the COMMIT that made its work durable; a piece that
+        raises is rolled back alone and its caller gets the error.
+
+        One writer thread on one connection, rather than whichever request thread comes first
+        on its own: no convoy of request threads on a commit lock, and a page cache that stays
+        warm (SQLite drops a connection's cache whenever another connection has committed).
         """
         pending = _Pending(work)
-        with self._queue_lock:
+        self._forget_parent_process()
+        with self._queued:
             self._queue.append(pending)
-        with self._commit_lock:
-            if not pending.done:
-                with self._queue_lock:
-                    batch, self._queue = self._queue, []
-                self._commit_batch(batch)
+            if self._writer is None:
+                self._writer = threading.Thread(target=self._write_queued, name="mmoref-writer", daemon=True)
+                self._writer.start()
+            self._queued.notify()
+        pending.done.wait()
         if pending.error is not None:
             raise pending.error
         return pending.result
+
+    def _write_queued(self) -> None:
+        """The writer thread: commit what is queued, batch after batch; end (and close its
+        connection) after WRITER_IDLE_SECONDS without work, so an idle Store holds no thread."""
+        try:
+            while True:
+                with self._queued:
+                    if not self._queue:
+                        self._queued.wait(WRITER_IDLE_SECONDS)
+                    if not self._queue:
+                        self._writer = None
+                        return
+                    batch, self._queue = self._queue, []
+                self._commit_batch(batch)
+        finally:
+            with self._queued:
+                if self._writer is threading.current_thread():  # ended by an exception: the next caller starts one
+                    self._writer = None
+            self.close()
 
     def _commit_batch(self, batch: list[_Pending]) -> None:
         try:
@@ -1602,7 +1697,7 @@ class SQLiteStore(Store):
                 raise
         finally:
             for item in batch:
-                item.done = True
+                item.done.set()
 
     def _quick_check(self) -> None:
         """PRAGMA quick_check: refuse a damaged file at start instead of serving it (~0.1 s per 100 MB)."""
@@ -2095,13 +2190,14 @@ def process_event(store: Store, raw_body: bytes, header: str | None, *, window: 
     fields = _event_fields(store, raw_body)
     server_id = fields.server_id
     # 5. the server exists, takes referrals and has a secret
-    server = store.server(server_id)
+    configuration = store.configuration()
+    server = configuration.server(server_id)
     if server is None:
         raise ApiError(404, "unknown server", HINTS["unknown server"])
     if not server["referrals_enabled"]:
         raise ApiError(404, "referrals not enabled", HINTS["referrals not enabled"], server_id=server_id)
     at = now()
-    live = store.live_secrets(server_id, at)
+    live = configuration.live_secrets(server_id, at)
     if not live:
         raise ApiError(404, "no signing secret", HINTS["no signing secret"], server_id=server_id)
     # 6. timestamp window, kid, MAC
@@ -2120,7 +2216,7 @@ def process_event(store: Store, raw_body: bytes, header: str | None, *, window: 
     forgotten = (forgotten_form(store.identity_key, server_id, fields.referee_identity)
                  if fields.referee_identity is not None else None)
     delivery = Delivery(server_id, fields.event, claims, fields.server_event_id, fields.referee_identity,
-                        fields.ts, _scrubbed_snippet(raw_body, store.all_secrets(), limit=2000), forgotten)
+                        fields.ts, _scrubbed_snippet(raw_body, configuration.all_secrets(), limit=2000), forgotten)
     return apply_event(store, delivery, ttl)
 
 
@@ -2697,20 +2793,30 @@ def _ip_hash(store: Store, ip: str | None) -> str | None:
     """A keyed hash of the address: pseudonymous, not anonymous (the key is in the same database)."""
     if not ip:
         return None
-    return hmac.new(store.installation_key("ip_salt").encode(), ip.encode(), hashlib.sha256).hexdigest()[:16]
+    return _keyed_address(store.installation_key("ip_salt"), ip)
 
 
 def client_key(store: Store, ip: str | None) -> str:
     """Whom a per-client limit counts: the address's keyed hash, an IPv6 client by its /64 network."""
+    return _client_key(store.installation_key("ip_salt"), ip or "")
+
+
+@functools.lru_cache(maxsize=1024)
+def _keyed_address(salt: str, ip: str) -> str:
+    return hmac.new(salt.encode(), ip.encode(), hashlib.sha256).hexdigest()[:16]
+
+
+@functools.lru_cache(maxsize=1024)  # every ingest request asks (a kit sends from a handful of addresses)
+def _client_key(salt: str, ip: str) -> str:
     try:
-        address = ipaddress.ip_address(ip or "")
+        address = ipaddress.ip_address(ip)
     except ValueError:
         return "-"
     if isinstance(address, ipaddress.IPv6Address):
         mapped = address.ipv4_mapped
         counted = mapped if mapped is not None else ipaddress.ip_network(f"{address}/64", strict=False)
-        return _ip_hash(store, str(counted)) or "-"
-    return _ip_hash(store, str(address)) or "-"
+        return _keyed_address(salt, str(counted))
+    return _keyed_address(salt, str(address))
 
 
 def _with_query(url: str, **params: str) -> str:

@@ -27,6 +27,7 @@ Only 127.0.0.1; every load loop is bounded in count and time.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import http.client
 import json
 import os
@@ -41,6 +42,7 @@ import time
 import urllib.parse
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any, Callable
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -53,14 +55,24 @@ HOST = "127.0.0.1"
 
 # The server under test ########################################################
 
+GUNICORN = {"gunicorn -w 2": ["-w", "2"], "gunicorn -w 2 gthread x4": ["-w", "2", "-k", "gthread", "--threads", "4"]}
+
+
 class Server:
-    def __init__(self, db_path: Path | str, threads: int, log_path: Path | None = None):
-        self.port = _free_port()
-        self.log = open(log_path or Path(db_path).with_suffix(".log"), "w")  # noqa: SIM115 (closed in stop)
-        env = {**os.environ, "MMOREF_ADMIN_PASSWORD": PASSWORD, "MMOREF_THREADS": str(threads)}
-        self.process = subprocess.Popen(
-            [sys.executable, str(ROOT / "mmoref_server.py"), "serve", "--db", str(db_path), "--port", str(self.port)],
-            env=env, stdout=self.log, stderr=subprocess.STDOUT)
+    """`python mmoref_server.py serve` with `threads` waitress threads, or gunicorn with `gunicorn` options."""
+
+    def __init__(self, db_path: Path | str, threads: int = 0, gunicorn: list[str] | None = None,
+                 log_path: Path | None = None):
+        self.port, self.db_path = _free_port(), db_path
+        self.log = open(log_path or Path(db_path).with_suffix(".log"), "a")  # noqa: SIM115 (closed in stop)
+        env = {**os.environ, "MMOREF_ADMIN_PASSWORD": PASSWORD, "MMOREF_DB": str(db_path)}
+        if threads:
+            env["MMOREF_THREADS"] = str(threads)
+        command = [sys.executable, str(ROOT / "mmoref_server.py"), "serve", "--port", str(self.port)]
+        if gunicorn:
+            command = [sys.executable, "-m", "gunicorn", *gunicorn, "-b", f"{HOST}:{self.port}",
+                       "mmoref_server:create_app()"]
+        self.process = subprocess.Popen(command, env=env, cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             try:
@@ -70,6 +82,15 @@ class Server:
                 time.sleep(0.1)
         raise SystemExit("the server did not start; see " + self.log.name)
 
+    def cpu_seconds(self) -> float:
+        """User + system CPU time of the server process and its worker processes, from /proc."""
+        total = 0.0
+        for pid in [self.process.pid, *_children(self.process.pid)]:
+            with contextlib.suppress(FileNotFoundError):
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+                total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return total
+
     def peak_rss_mb(self) -> float:
         status = Path(f"/proc/{self.process.pid}/status").read_text()
         return int(re.search(r"VmHWM:\s+(\d+) kB", status).group(1)) / 1024
@@ -78,6 +99,13 @@ class Server:
         self.process.terminate()
         self.process.wait(timeout=20)
         self.log.close()
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for task in Path(f"/proc/{pid}/task").glob("*/children"):
+        found.extend(int(child) for child in task.read_text().split())
+    return found
 
 
 def _free_port() -> int:
@@ -99,24 +127,18 @@ def request(method: str, port: int, path: str, body: bytes | None = None,
     return response.status, data, response
 
 
-# Tokens through the share link ###############################################
+# Tokens ######################################################################
 
-def mint_tokens(port: int, count: int, workers: int = 16) -> list[str]:
-    """Follow the share link `count` times; collect the mmref tokens from the redirects."""
-    def mint(indices: range) -> list[str]:
-        conn = http.client.HTTPConnection(HOST, port, timeout=30)
-        tokens = []
-        for n in indices:
-            status, _, response = request("GET", port, f"/r/{SERVER_ID}?ref=c{n % CODES}", connection=conn)
-            location = response.getheader("Location", "")
-            tokens.append(urllib.parse.parse_qs(urllib.parse.urlsplit(location).query)["mmref"][0])
-            assert status == 302, status
-        conn.close()
-        return tokens
-
-    chunks = [range(start, count, workers) for start in range(workers)]
-    with ThreadPoolExecutor(workers) as pool:
-        return [token for tokens in pool.map(mint, chunks) for token in tokens]
+def mint_tokens(db_path: Path | str, count: int) -> list[str]:
+    """Record `count` clicks and mint their tokens with the server's own storage code, in one
+    transaction (the share link's per-client click limit would stop a single client at 30 a minute)."""
+    store = mm.Store(str(db_path))
+    issued = mm.now()
+    with store.transaction() as transaction:
+        referral_ids = [transaction.insert_referral(SERVER_ID, f"c{n % CODES}", issued) for n in range(count)]
+    tokens = [mm.mint_token(store.token_key, SERVER_ID, referral_id, issued) for referral_id in referral_ids]
+    store.close()
+    return tokens
 
 
 # Load generators ##############################################################
@@ -158,7 +180,7 @@ def signed_events(tokens: list[str], secret: str, label: str) -> list[tuple[byte
 
 def run_wrk(port: int, events: list[tuple[bytes, str]], seconds: float, connections: int,
             workdir: Path, limit: int = 200_000) -> dict:
-    threads = 2
+    threads = min(2, connections)
     script = workdir / "load.lua"
     script.write_text(WRK_SCRIPT % {
         "bodies": ",".join(json.dumps(body.decode()) for body, _ in events),
@@ -224,32 +246,26 @@ def run_python_client(port: int, events: list[tuple[bytes, str]], seconds: float
 # Stages ########################################################################
 
 def measure_ingest(server: Server, secret: str, args: argparse.Namespace, workdir: Path, label: str,
-                   with_healthz: bool) -> dict:
-    """Alternate ingest and healthz rounds; medians of each."""
+                   with_healthz: bool, rounds: int | None = None, connections: int | None = None) -> dict:
+    """Alternate ingest and healthz rounds: medians of each, of the pairs' ratios, and the
+    server's CPU time per request (from /proc, which neighbours' load disturbs far less)."""
     load = run_wrk if shutil.which("wrk") and not args.python_client else run_python_client
+    connections = connections or args.connections
     ingest_rounds, health_rounds = [], []
-    for round_number in range(args.rounds):
-        tokens = mint_tokens(server.port, args.events)
-        events = signed_events(tokens, secret, f"{label}{round_number}")
-        ingest_rounds.append(load(server.port, events, args.seconds, args.connections, workdir))
+    for round_number in range(rounds or args.rounds):
+        events = signed_events(mint_tokens(server.db_path, args.events), secret, f"{label}{round_number}")
+        ingest_rounds.append(_with_cpu(server, load, events, args.seconds, connections, workdir))
         if ingest_rounds[-1]["bad_status"] or ingest_rounds[-1]["socket_errors"]:
             raise SystemExit(f"ingest round failed: {ingest_rounds[-1]}")
         if with_healthz:
-            health_rounds.append(load(server.port, [], args.seconds, args.connections, workdir))
+            health_rounds.append(_with_cpu(server, load, [], args.seconds, connections, workdir))
     summary = {"ingest": _median_round(ingest_rounds), "rounds": ingest_rounds}
     if with_healthz:
         summary["healthz"] = _median_round(health_rounds)
+        pairs = list(zip(ingest_rounds, health_rounds))
+        summary["ratio"] = statistics.median(i["rate"] / h["rate"] for i, h in pairs)
+        summary["cpu_ratio"] = statistics.median(i["cpu_us"] / h["cpu_us"] for i, h in pairs)
     return summary
-
-
-def mint_in_process(db: str, count: int) -> list[str]:
-    """Tokens minted straight into the database (the share link allows one client only
-    CLICKS_PER_CLIENT_MINUTE clicks a minute)."""
-    store = mm.Store(db)
-    try:
-        return [store.mint_referral(SERVER_ID, f"c{n % CODES}")[0] for n in range(count)]
-    finally:
-        store.close()
 
 
 def measure_nodes(servers: list[Server], db: str, secret: str, args: argparse.Namespace, workdir: Path,
@@ -275,7 +291,7 @@ def measure_nodes(servers: list[Server], db: str, secret: str, args: argparse.Na
 
     ingest_rounds, health_rounds = [], []
     for round_number in range(args.rounds):
-        events = signed_events(mint_in_process(db, args.events), secret, f"{label}{round_number}")
+        events = signed_events(mint_tokens(db, args.events), secret, f"{label}{round_number}")
         ingest_rounds.append(spread(events))
         health_rounds.append(spread([]))
     return {"ingest": _median_round(ingest_rounds), "healthz": _median_round(health_rounds)}
@@ -309,7 +325,7 @@ def compare_engines(args: argparse.Namespace, url: str, workdir: Path) -> list[d
         store = mm.Store(db)
         secret, _ = store.add_server(SERVER_ID, GAME, "Bench", "http://localhost:8080/register")
         store.close()
-        servers = [Server(db, args.threads, workdir / f"{engine}-{nodes}-{i}.log") for i in range(nodes)]
+        servers = [Server(db, args.threads, log_path=workdir / f"{engine}-{nodes}-{i}.log") for i in range(nodes)]
         try:
             measured = measure_nodes(servers, db, secret, args, workdir, f"{engine}{nodes}-")
         finally:
@@ -328,8 +344,41 @@ def _report_row(row: dict) -> None:
           f"  healthz {health['rate']:7.0f} req/s  ratio {ingest['rate'] / health['rate']:.2f}", flush=True)
 
 
+def _with_cpu(server: Server, load: Callable[..., dict], *load_args: Any) -> dict:
+    before = server.cpu_seconds()
+    result = load(server.port, *load_args)
+    result["cpu_us"] = (server.cpu_seconds() - before) * 1e6 / max(1, result["requests"])
+    return result
+
+
 def _median_round(rounds: list[dict]) -> dict:
-    return {key: statistics.median(r[key] for r in rounds) for key in ("rate", "p50_ms", "p99_ms", "requests")}
+    keys = ("rate", "p50_ms", "p99_ms", "requests", "cpu_us")
+    return {key: statistics.median(r[key] for r in rounds) for key in keys}
+
+
+def fresh_database(workdir: Path, name: str) -> tuple[Path, str]:
+    db_path = workdir / name
+    store = mm.Store(str(db_path))
+    secret, _ = store.add_server(SERVER_ID, GAME, "Bench", "http://localhost:8080/register")
+    store.close()
+    return db_path, secret
+
+
+def server_table(args: argparse.Namespace, workdir: Path) -> dict[str, dict]:
+    """One ingest/healthz pair per server configuration: waitress at each thread count, then gunicorn."""
+    setups = {f"waitress, {threads} threads": {"threads": threads} for threads in args.thread_counts}
+    if shutil.which("gunicorn"):
+        setups.update({name: {"gunicorn": options} for name, options in GUNICORN.items()})
+    table = {}
+    for name, setup in setups.items():
+        db_path, secret = fresh_database(workdir, f"table-{len(table)}.db")
+        server = Server(db_path, **setup)
+        try:
+            table[name] = measure_ingest(server, secret, args, workdir, f"t{len(table)}", with_healthz=True, rounds=1)
+        finally:
+            server.stop()
+        _report_row(name, table[name])
+    return table
 
 
 def prefill(db_path: Path, rows: int) -> tuple[str, float]:
@@ -415,7 +464,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--events", type=int, default=8000, help="unique events minted per ingest round")
     parser.add_argument("--connections", type=int, default=16)
-    parser.add_argument("--threads", type=int, default=8, help="waitress threads")
+    parser.add_argument("--threads", type=int, default=0, help="waitress threads (0: the server's default)")
+    parser.add_argument("--thread-counts", type=lambda text: [int(n) for n in text.split(",")],
+                        default=[1, 2, 4, 8, 16], help="waitress thread counts for the table")
     parser.add_argument("--python-client", action="store_true", help="don't use wrk even if installed")
     parser.add_argument("--json", action="store_true", help="print the results as JSON too")
     parser.add_argument("--db", help="postgresql:// URL: compare nodes on it with single-process SQLite")
@@ -445,17 +496,17 @@ def main() -> None:
         return
     with tempfile.TemporaryDirectory(prefix="mmoref-bench-") as tmp:
         workdir = Path(tmp)
-        empty_db = workdir / "empty.db"
-        store = mm.Store(str(empty_db))
-        secret, _ = store.add_server(SERVER_ID, GAME, "Bench", "http://localhost:8080/register")
-        store.close()
+        empty_db, secret = fresh_database(workdir, "empty.db")
         server = Server(empty_db, args.threads)
         try:
             results["empty"] = measure_ingest(server, secret, args, workdir, "e", with_healthz=True)
+            results["one_connection"] = measure_ingest(server, secret, args, workdir, "one", with_healthz=False,
+                                                       connections=1)["ingest"]
             results["empty_peak_rss_mb"] = server.peak_rss_mb()
         finally:
             server.stop()
         _report_empty(results)
+        results["table"] = server_table(args, workdir)
 
         big_db = workdir / "big.db"
         secret, seconds = prefill(big_db, args.rows)
@@ -478,11 +529,20 @@ def _latency(result: dict) -> str:
 
 
 def _report_empty(r: dict) -> None:
-    ingest, health = r["empty"]["ingest"], r["empty"]["healthz"]
+    ingest, health, one = r["empty"]["ingest"], r["empty"]["healthz"], r["one_connection"]
     print(f"client: {r['client']}, {r['cpus']} CPUs")
-    print(f"ingest (empty db)  {ingest['rate']:8.0f} events/s  {_latency(ingest)}")
-    print(f"healthz            {health['rate']:8.0f} req/s     {_latency(health)}")
-    print(f"ratio ingest/healthz        {ingest['rate'] / health['rate']:.2f}   (target >= 0.8)", flush=True)
+    print(f"ingest (empty db)  {ingest['rate']:8.0f} events/s  {_latency(ingest)}  {ingest['cpu_us']:.0f} us CPU each")
+    print(f"healthz            {health['rate']:8.0f} req/s     {_latency(health)}  {health['cpu_us']:.0f} us CPU each")
+    print(f"ratio ingest/healthz        {r['empty']['ratio']:.2f}   (median of pairs; target >= 0.6, aim 0.8)")
+    print(f"CPU ingest/healthz          {r['empty']['cpu_ratio']:.2f}   (target <= 1.5)")
+    print(f"one connection              {one['rate']:8.0f} events/s  {_latency(one)}  (target p50 <= 3 ms)", flush=True)
+
+
+def _report_row(name: str, row: dict) -> None:
+    ingest, health = row["ingest"], row["healthz"]
+    print(f"{name:28s} {ingest['rate']:6.0f} events/s  {health['rate']:6.0f} healthz/s  ratio {row['ratio']:.2f}"
+          f"  CPU {ingest['cpu_us']:5.0f} / {health['cpu_us']:4.0f} us = {row['cpu_ratio']:.2f}  {_latency(ingest)}",
+          flush=True)
 
 
 def _report_big(r: dict) -> None:

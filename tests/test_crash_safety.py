@@ -13,6 +13,7 @@ from tests.support import (
     HttpClient,
     add_server,
     event_body,
+    limit_writer_pages,
     log_rows_for,
     mint_tokens,
     referral_id_of,
@@ -122,9 +123,7 @@ def snapshot(db_path: str) -> dict[str, object]:
 @pytest.mark.sqlite_only  # SQLite's own disk-full path
 def test_disk_full_is_a_clean_500_and_the_retry_succeeds(kit, store, db_path, caplog):
     tokens = [kit.token(f"code{i}") for i in range(300)]
-    db = store.connect()  # the Flask test client runs requests in this thread, on this connection
-    unlimited = db.execute("PRAGMA max_page_count").fetchone()[0]
-    db.execute(f"PRAGMA max_page_count = {db.execute('PRAGMA page_count').fetchone()[0]}")
+    unlimited = limit_writer_pages(store)
 
     for i, token in enumerate(tokens):
         raw = json.dumps(kit.body("registered", token, f"reg-{i}", referee_identity=f"player-{i}")).encode()
@@ -138,12 +137,12 @@ def test_disk_full_is_a_clean_500_and_the_retry_succeeds(kit, store, db_path, ca
 
     assert response.status_code == 500
     assert response.get_json() == {"ok": False, "error": "internal error", "hint": mm.HINTS["internal error"]}
-    assert not db.in_transaction
+    assert not store.connect().in_transaction
     assert snapshot(db_path) == before
     failures = [r for r in caplog.records if r.name == "mmoref" and r.exc_info]
     assert failures and issubclass(failures[-1].exc_info[0], sqlite3.Error)
 
-    db.execute(f"PRAGMA max_page_count = {unlimited}")
+    limit_writer_pages(store, unlimited)
     retry = kit.post(raw, header=header)
 
     assert retry.status_code == 200, retry.get_json()

@@ -25,6 +25,7 @@ from tests.support import (
     HttpClient,
     add_server,
     event_body,
+    limit_writer_pages,
     mint_tokens,
     scalar,
 )
@@ -244,9 +245,7 @@ def test_a_damaged_database_is_refused_by_read_commands_too(db_path):
 
 def test_healthz_reports_a_full_disk_until_a_write_succeeds(kit, store, client):
     tokens = [kit.token(f"code{i}") for i in range(300)]
-    db = store.connect()  # the Flask test client runs requests in this thread, on this connection
-    unlimited = db.execute("PRAGMA max_page_count").fetchone()[0]
-    db.execute(f"PRAGMA max_page_count = {db.execute('PRAGMA page_count').fetchone()[0]}")
+    unlimited = limit_writer_pages(store)
     for i, token in enumerate(tokens):
         if kit.send("registered", token, f"reg-{i}", referee_identity=f"player-{i}").status_code != 200:
             break
@@ -258,7 +257,7 @@ def test_healthz_reports_a_full_disk_until_a_write_succeeds(kit, store, client):
     assert (health.json["error"], health.json["reason"]) == ("database unavailable", "disk full")
     assert "free some space" in health.json["hint"]
 
-    db.execute(f"PRAGMA max_page_count = {unlimited}")
+    limit_writer_pages(store, unlimited)
     assert kit.send("registered", tokens[i], f"reg-{i}", referee_identity=f"player-{i}").status_code == 200
     assert client.get("/healthz").json == {"ok": True}
 

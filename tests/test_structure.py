@@ -18,7 +18,8 @@ SQL_START = re.compile(r"""\s*(
     | (BEGIN|COMMIT|ROLLBACK|VACUUM)(\s+(IMMEDIATE|EXCLUSIVE|DEFERRED|TRANSACTION|TO\s+\w+|INTO\s+\S+))?\s*;?\s*$
     | (SAVEPOINT|RELEASE)\s+\w+\s*$ | WITH\s+\w+\s*(\([^)]*\)\s*)?AS\b
 )""", re.IGNORECASE | re.VERBOSE | re.DOTALL)
-SQL_HOMES = ("MIGRATIONS", "POSTGRES_SCHEMA", "POSTGRES_MIGRATIONS")  # schema lists, besides storage classes
+# module-level schema lists, besides the storage classes
+SQL_HOMES = ("MIGRATIONS", "POSTGRES_SCHEMA", "POSTGRES_MIGRATIONS")
 BANNER = re.compile(r"^# (?P<title>\S.*?) #{5,}$", re.MULTILINE)
 DOCUMENTED_ORDER = ("Configuration", "Errors and hints", "Signing", "Tokens", "Storage", "State machine",
                     "Ingest pipeline", "Routes", "Dashboard", "App factory", "Command line", "Kit-side sender",
