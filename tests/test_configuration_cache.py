@@ -2,7 +2,10 @@
 process (the CLI, another gunicorn worker) is seen by every worker from its next request on."""
 from __future__ import annotations
 
+import http.client
+import json
 import re
+import socket
 import subprocess
 import sys
 import time
@@ -10,7 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import PYTHON, SERVER_ID, SERVER_SCRIPT, HttpClient, add_server, event_body, mint_tokens
+import mmoref_server as mm
+from tests.support import (HTTP_TIMEOUT, INGEST, PYTHON, SERVER_ID, SERVER_SCRIPT, add_server, event_body,
+                           mint_tokens)
 
 if sys.platform == "win32":
     pytest.skip("gunicorn runs on POSIX only", allow_module_level=True)
@@ -22,7 +27,6 @@ WORKERS = 2
 GUNICORN = [sys.executable, "-m", "gunicorn", "-w", str(WORKERS), "-b", "127.0.0.1:{port}",
             "--access-logfile", "-", "--access-logformat", "answered-by %(p)s %(s)s %(m)s",
             "mmoref_server:create_app()"]
-MAX_REQUESTS = 200   # bound on the requests sent to reach every worker
 ANSWERED_POST = r"answered-by <(\d+)> (\d+) POST"   # not the /healthz GETs that found the server up
 
 
@@ -37,20 +41,45 @@ def workers(live_server, store):
     assert "Traceback" not in output, output
 
 
+def _signed_request(secret: str, body: bytes) -> bytes:
+    """The raw HTTP/1.1 request that posts `body`, signed now with `secret`."""
+    headers = {"Host": "127.0.0.1", "Content-Type": "application/json", "Content-Length": str(len(body)),
+               "Connection": "close", mm.SIGNATURE_HEADER: mm.signature_header(secret, body)}
+    head = "".join(f"{name}: {value}\r\n" for name, value in headers.items())
+    return f"POST {INGEST} HTTP/1.1\r\n{head}\r\n".encode() + body
+
+
+def _answer(connection: socket.socket) -> tuple[int, str | None]:
+    response = http.client.HTTPResponse(connection)
+    response.begin()
+    return response.status, json.loads(response.read()).get("error")
+
+
 def _answers_from_every_worker(server, secret: str, body: bytes) -> dict[str, set[tuple[int, str | None]]]:
-    """Post `body` on fresh connections until every worker has answered at least once since the
-    call began; {worker pid: {(status, error), ...}}."""
+    """Post `body` once to each worker; {worker pid: {(status, error)}}.
+
+    Which worker accepts a connection is the kernel's choice, so the test does not hope for a
+    spread: a sync worker serves one request at a time, so each request but the last is held
+    back by one byte, keeping the worker that accepted it busy; the next connection must go to
+    another worker. Then the held requests are finished, one after another.
+    """
     log_start = len(server.output())
-    sent: list[tuple[int, str | None]] = []
-    for _ in range(MAX_REQUESTS):
-        client = HttpClient(server.port)
-        status, answer = client.post_event(secret, body)
-        client.close()
-        sent.append((status, answer.get("error")))
-        by_worker = _answering_workers(server, log_start, sent)
-        if len(by_worker) == WORKERS:
-            return by_worker
-    raise AssertionError(f"{MAX_REQUESTS} requests did not reach {WORKERS} workers")
+    held = []
+    for _ in range(WORKERS - 1):
+        connection = socket.create_connection(("127.0.0.1", server.port), timeout=HTTP_TIMEOUT)
+        request = _signed_request(secret, body)
+        connection.sendall(request[:-1])
+        held.append((connection, request[-1:]))
+    with socket.create_connection(("127.0.0.1", server.port), timeout=HTTP_TIMEOUT) as last:
+        last.sendall(_signed_request(secret, body))
+        sent = [_answer(last)]
+    for connection, rest in held:
+        with connection:
+            connection.sendall(rest)
+            sent.append(_answer(connection))
+    by_worker = _answering_workers(server, log_start, sent)
+    assert len(by_worker) == WORKERS, f"answered by {sorted(by_worker)}"
+    return by_worker
 
 
 def _answering_workers(server, log_start: int, sent: list[tuple[int, str | None]]) -> dict[str, set]:
