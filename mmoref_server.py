@@ -3533,12 +3533,18 @@ class _OneLineErrors(click.Group):
 
 
 def _open_store(db_path: str | None, create: bool = False) -> Store:
-    """The command's database; only commands that set an installation up (`create`) may make one."""
+    """The command's database, closed when the command ends, however it ends (a PostgreSQL
+    pool left open would hold the exit for seconds and print warnings). Only commands that set
+    an installation up (`create`) may make one."""
     settings = load_settings()
     path = db_path or settings["MMOREF_DB"]
     if not create and not is_postgres_url(path) and not os.path.exists(path):
         raise ConfigError(f"no database at {os.path.abspath(path)}: pass --db or set MMOREF_DB")
-    return Store(path, settings["MMOREF_SYNCHRONOUS"])
+    store = Store(path, settings["MMOREF_SYNCHRONOUS"])
+    context = click.get_current_context(silent=True)
+    if context is not None:
+        context.call_on_close(store.close)
+    return store
 
 
 def _known_server(store: Store, server_id: str) -> None:
