@@ -56,6 +56,7 @@ from flask import (
     stream_with_context,
     url_for,
 )
+from flask.cli import ScriptInfo
 from flask.sessions import SecureCookieSessionInterface
 from itsdangerous import BadData, URLSafeTimedSerializer
 from itsdangerous.encoding import base64_decode, base64_encode
@@ -3183,7 +3184,7 @@ def _connect_box(server_id: str, kid: str | None) -> dict[str, str]:
              "T=$(date +%s)\n"
              "MAC=$(printf '%s.%s' \"$T\" \"$BODY\" | openssl dgst -sha256 -hmac \"$SECRET\" | sed 's/^.* //')\n"
              f"curl -sS -X POST '{url}' -H 'Content-Type: application/json' \\\n"
-             f"  -H \"{SIGNATURE_HEADER}: t=$T,v1=sha256=$MAC{kid_part}\" --data \"$BODY\"")
+             f"  -H \"{SIGNATURE_HEADER}: t=$T,v1=sha256=$MAC{kid_part}\" --data-binary \"$BODY\"")
     python = (f"python mmoref_server.py send registered --endpoint '{url}' \\\n"
               f"  --server-id {server_id} --secret \"$SECRET\"{f' --kid {kid}' if kid else ''} \\\n"
               "  --token TOKEN_FROM_THE_SHARE_LINK --referee-identity player-1")
@@ -3441,13 +3442,20 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     app.register_blueprint(blueprint)
     app.add_url_rule("/", "home", _home)
     _log_through_gunicorn()
-    with app.app_context():
-        store = get_store()  # create or migrate the schema now; refuse a newer database at start-up
-        if not app.config.get("SECRET_KEY"):  # per installation, never a constant
-            app.config["SECRET_KEY"] = store.installation_key("session_key")
+    if not _loaded_by_flask_command():  # `flask --app mmoref_server log ...` opens only the database it names
+        with app.app_context():
+            store = get_store()  # create or migrate the schema now; refuse a newer database at start-up
+            if not app.config.get("SECRET_KEY"):  # per installation, never a constant
+                app.config["SECRET_KEY"] = store.installation_key("session_key")
     for command in cli.commands.values():  # so `flask --app mmoref_server add-server ...` works too
         app.cli.add_command(command)
     return app
+
+
+def _loaded_by_flask_command() -> bool:
+    """True while the `flask` command loads this app (it does so for every command it runs)."""
+    context = click.get_current_context(silent=True)
+    return context is not None and context.find_object(ScriptInfo) is not None
 
 
 def _home() -> Any:
@@ -3494,6 +3502,11 @@ class _SessionInterface(SecureCookieSessionInterface):
 
     def get_cookie_secure(self, app: Flask) -> bool:
         return bool(super().get_cookie_secure(app) or request.is_secure)
+
+    def get_signing_serializer(self, app: Flask) -> Any:
+        if not app.secret_key:  # loaded by `flask run`, which opened no database: the key on first use
+            app.secret_key = get_store().installation_key("session_key")
+        return super().get_signing_serializer(app)
 
 
 # Command line (docs/contract.md §5) ##########################################

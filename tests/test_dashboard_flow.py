@@ -171,6 +171,7 @@ def test_connect_box_shell_snippet_signs_correctly(owner: Owner, kit: Any) -> No
     t, mac = first.split(" ")
     assert mac == mm.sign(kit.secret, t, body.encode())
     assert f't=$T,v1=sha256=$MAC,kid={kit.kid}' in lines[5]
+    assert lines[5].endswith('--data-binary "$BODY"')   # curl's -d/--data would strip a newline and break the MAC
 
 
 # Analytics ######################################################################

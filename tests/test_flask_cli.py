@@ -7,14 +7,17 @@ import subprocess
 import sys
 from pathlib import Path
 
+import click
+from flask.cli import ScriptInfo
+
 import mmoref_server as mm
-from tests.support import ROOT
+from tests.support import ROOT, is_logged_in, login
 
 
-def flask_command(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
-    """Run `python -m flask --app mmoref_server ARGS` in `tmp_path`, the app's database there too."""
+def flask_command(tmp_path: Path, *args: str, **env_vars: str) -> subprocess.CompletedProcess:
+    """Run `python -m flask --app mmoref_server ARGS` in `tmp_path`, with no MMOREF_* setting but `env_vars`."""
     env = {key: value for key, value in os.environ.items() if not key.startswith(("MMOREF_", "FLASK_"))}
-    env.update(PYTHONPATH=str(ROOT), MMOREF_DB=str(tmp_path / "app.db"))
+    env.update(PYTHONPATH=str(ROOT), **env_vars)
     return subprocess.run([sys.executable, "-m", "flask", "--app", "mmoref_server", *args], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=60)
 
@@ -38,3 +41,22 @@ def test_a_user_error_through_flask_is_one_line(tmp_path: Path) -> None:
     assert result.stderr.strip().splitlines() == [
         f"Error: unknown server 'nope' in {tmp_path / 'referrals.db'}: "
         "check the id, or pass --db with the right database"]
+
+
+def test_a_read_only_command_from_the_wrong_folder_creates_no_database(tmp_path: Path) -> None:
+    result = flask_command(tmp_path, "log", "srv_1")
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        f"Error: no database at {tmp_path / 'referrals.db'}: pass --db or set MMOREF_DB"]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_flask_run_opens_the_database_on_first_request_and_keeps_sessions(tmp_path: Path) -> None:
+    db = tmp_path / "referrals.db"
+    with click.Context(click.Command("run"), obj=ScriptInfo()):  # as `flask run` loads the app
+        app = mm.create_app({"MMOREF_DB": str(db), "MMOREF_ADMIN_PASSWORD": "pw for flask run"})
+    assert not db.exists()
+    client = app.test_client()
+    assert login(client, "pw for flask run").status_code == 302
+    assert is_logged_in(client)
+    assert app.secret_key == mm.Store(str(db)).installation_key("session_key")
