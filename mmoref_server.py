@@ -242,8 +242,6 @@ class ApiError(Exception):
 
 HINTS = {
     "body too large": f"send at most {MAX_BODY_BYTES // 1024} KiB of JSON",
-    "missing signature header": (f"sign the body and send {SIGNATURE_HEADER}: "
-                                 "t=<unix seconds>,v1=sha256=<hex of HMAC-SHA256(secret, \"<t>.<rawBody>\")>"),
     "malformed signature header": "expected t=<unix seconds>,v1=sha256=<64 hex digits>[,kid=<key id>]",
     "body is not valid JSON": "send one UTF-8 JSON object, e.g. {\"event\": \"registered\", ...}",
     "body must be a JSON object": "wrap the fields in {...}: event, token, server_id, server_event_id",
