@@ -4150,6 +4150,44 @@ form.inline { display: inline; }
 _CSRF_FIELD = '<input type="hidden" name="csrf_token" value="{{ csrf_token() }}">'
 
 TEMPLATES = jinja2.Environment(autoescape=True, trim_blocks=True, lstrip_blocks=True, loader=jinja2.DictLoader({
+    "macros.html": """{% macro table_head() %}
+<thead>
+  <tr>
+    {% for column in varargs %}
+    <th>{{ column }}</th>
+    {% endfor %}
+  </tr>
+</thead>
+{% endmacro %}
+
+{% macro registration_fields(url, identity_field, choices) %}
+<div>
+  <label for="registration_url">Registration URL</label>
+  <input id="registration_url" name="registration_url" type="url" size="40" value="{{ url or '' }}"
+         placeholder="https://yourgame.example/register">
+</div>
+<div>
+  <label for="identity_field">Identity field</label>
+  <select id="identity_field" name="identity_field">
+    {% for field in choices %}
+    <option{% if field == identity_field %} selected{% endif %}>{{ field }}</option>
+    {% endfor %}
+  </select>
+</div>
+{% endmacro %}
+
+{% macro log_filter(name, label, choices, chosen) %}
+<div>
+  <label for="f-{{ name }}">{{ label }}</label>
+  <select id="f-{{ name }}" name="{{ name }}">
+    <option value="">any</option>
+    {% for choice in choices %}
+    <option{% if chosen == choice %} selected{% endif %}>{{ choice }}</option>
+    {% endfor %}
+  </select>
+</div>
+{% endmacro %}""",
+
     "base.html": """<!doctype html>
 <html lang="en">
 <head>
@@ -4242,14 +4280,7 @@ the player still cannot be registered through another referrer. It cannot be und
 <section>
   <div class="scroll">
     <table id="servers">
-      <thead>
-        <tr>
-          <th>Server</th>
-          <th>Game</th>
-          <th>Referrals</th>
-          <th>Funnel: clicks → registered → qualified (reversed)</th>
-        </tr>
-      </thead>
+      {{ table_head("Server", "Game", "Referrals", "Funnel: clicks → registered → qualified (reversed)") }}
       <tbody>
         {% for server in servers %}
         {% set f = funnels.get(server.server_id) %}
@@ -4296,12 +4327,7 @@ the player still cannot be registered through another referrer. It cannot be und
       <label for="name">Name</label>
       <input id="name" name="name" value="{{ form.name or '' }}">
     </div>
-    <div>
-      <label for="registration_url">Registration URL</label>
-      <input id="registration_url" name="registration_url" type="url" placeholder="https://yourgame.example/register"
-             value="{{ form.registration_url or '' }}">
-    </div>
-    {% with chosen = form.identity_field %}{% include "identity_field.html" %}{% endwith %}
+    {{ registration_fields(form.registration_url, form.identity_field, identity_fields) }}
     <div><button>Add server</button></div>
   </form>
 </section>
@@ -4316,29 +4342,10 @@ the player still cannot be registered through another referrer. It cannot be und
 {% endblock %}
 """,
 
-    "identity_field.html": """<div>
-  <label for="identity_field">Identity field</label>
-  <select id="identity_field" name="identity_field">
-    {% for f in identity_fields %}
-    <option{% if f == chosen %} selected{% endif %}>{{ f }}</option>
-    {% endfor %}
-  </select>
-</div>
-""",
-
     "rejected.html": """{% if rows %}
 <div class="scroll">
   <table class="rejected">
-    <thead>
-      <tr>
-        <th>Time</th>
-        <th>Status</th>
-        <th>Error</th>
-        <th>Reason</th>
-        <th>Hint</th>
-        <th>Body</th>
-      </tr>
-    </thead>
+    {{ table_head("Time", "Status", "Error", "Reason", "Hint", "Body") }}
     <tbody>
       {% for r in rows %}
       <tr data-status="{{ r.status }}">
@@ -4424,13 +4431,7 @@ the player still cannot be registered through another referrer. It cannot be und
   <h2>Signing secret</h2>
   <div class="scroll">
     <table>
-      <thead>
-        <tr>
-          <th>kid</th>
-          <th>Secret</th>
-          <th>Status</th>
-        </tr>
-      </thead>
+      {{ table_head("kid", "Secret", "Status") }}
       <tbody>
         {% for s in secrets[:5] %}
         <tr>
@@ -4476,12 +4477,7 @@ the player still cannot be registered through another referrer. It cannot be und
   <form method="post" class="row" action="{{ url_for('mmoref.dashboard.settings_form', game=server.game,
                                                      server_id=server.server_id) }}">
     """ + _CSRF_FIELD + """
-    <div>
-      <label for="registration_url">Registration URL</label>
-      <input id="registration_url" name="registration_url" size="40" value="{{ server.registration_url or '' }}"
-             placeholder="https://yourgame.example/register">
-    </div>
-    {% with chosen = server.identity_field %}{% include "identity_field.html" %}{% endwith %}
+    {{ registration_fields(server.registration_url, server.identity_field, identity_fields) }}
     <div><button>Save</button></div>
   </form>
   <label for="share-link">Share link (players add their code)</label>
@@ -4555,14 +4551,7 @@ the player still cannot be registered through another referrer. It cannot be und
   <h3>Top referrers (by qualified)</h3>
   <div class="scroll">
     <table id="leaderboard">
-      <thead>
-        <tr>
-          <th>Referrer</th>
-          <th>Clicks</th>
-          <th>Registered</th>
-          <th>Qualified</th>
-        </tr>
-      </thead>
+      {{ table_head("Referrer", "Clicks", "Registered", "Qualified") }}
       <tbody>
         {% for r in analytics.leaders %}
         <tr>
@@ -4584,24 +4573,8 @@ the player still cannot be registered through another referrer. It cannot be und
 <section id="log">
   <h2>Delivery log</h2>
   <form method="get" class="row" action="{{ tab_url }}">
-    <div>
-      <label for="f-event">Event</label>
-      <select id="f-event" name="event">
-        <option value="">any</option>
-        {% for e in log_events %}
-        <option{% if filters.event == e %} selected{% endif %}>{{ e }}</option>
-        {% endfor %}
-      </select>
-    </div>
-    <div>
-      <label for="f-outcome">Outcome</label>
-      <select id="f-outcome" name="outcome">
-        <option value="">any</option>
-        {% for o in outcomes %}
-        <option{% if filters.outcome == o %} selected{% endif %}>{{ o }}</option>
-        {% endfor %}
-      </select>
-    </div>
+    {{ log_filter("event", "Event", log_events, filters.event) }}
+    {{ log_filter("outcome", "Outcome", outcomes, filters.outcome) }}
     <div>
       <label for="f-q">server_event_id or referrer code</label>
       <input id="f-q" name="q" value="{{ filters.q or '' }}">
@@ -4611,19 +4584,8 @@ the player still cannot be registered through another referrer. It cannot be und
   </form>
   <div class="scroll">
     <table id="delivery-log">
-      <thead>
-        <tr>
-          <th>Received</th>
-          <th>Event</th>
-          <th>State now</th>
-          <th>Outcome</th>
-          <th>server_event_id</th>
-          <th>Referrer</th>
-          <th>Referee</th>
-          <th>Token</th>
-          <th></th>
-        </tr>
-      </thead>
+      {{ table_head("Received", "Event", "State now", "Outcome", "server_event_id", "Referrer", "Referee", "Token",
+                    "") }}
       <tbody>
         {% for row in log_rows %}
         <tr data-id="{{ row.id }}" data-event="{{ row.event }}" data-state="{{ row.state }}"
@@ -4755,6 +4717,10 @@ the player still cannot be registered through another referrer. It cannot be und
 {% endblock %}
 """,
 }))
+# the macros, for every template: {{ table_head("Time", "Status") }} and the like
+_MACROS = TEMPLATES.get_template("macros.html").module
+TEMPLATES.globals.update(table_head=_MACROS.table_head, log_filter=_MACROS.log_filter,
+                         registration_fields=_MACROS.registration_fields)
 # the hint on the login page names this app's database when it is not ./referrals.db
 TEMPLATES.globals["set_password_command"] = lambda: set_password_command_line(current_app.config["MMOREF_DB"])
 

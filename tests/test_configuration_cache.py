@@ -14,8 +14,7 @@ from pathlib import Path
 import pytest
 
 import mmoref_server as mm
-from tests.support import (HTTP_TIMEOUT, INGEST, PYTHON, SERVER_ID, SERVER_SCRIPT, add_server, event_body,
-                           mint_tokens)
+from tests.support import HTTP_TIMEOUT, INGEST, PYTHON, SERVER_ID, SERVER_SCRIPT, add_server, event_body, mint_tokens
 
 if sys.platform == "win32":
     pytest.skip("gunicorn runs on POSIX only", allow_module_level=True)
