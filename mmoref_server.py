@@ -35,35 +35,40 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator
+from collections.abc import Mapping
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any
+from typing import Callable
+from typing import TypeVar
 
 import click
 import jinja2
-from flask import (
-    Blueprint,
-    Flask,
-    abort,
-    current_app,
-    flash,
-    g,
-    get_flashed_messages,
-    redirect,
-    request,
-    session,
-    stream_with_context,
-    url_for,
-)
+from flask import Blueprint
+from flask import Flask
+from flask import abort
+from flask import current_app
+from flask import flash
+from flask import g
+from flask import get_flashed_messages
+from flask import redirect
+from flask import request
+from flask import session
+from flask import stream_with_context
+from flask import url_for
 from flask.cli import ScriptInfo
 from flask.sessions import SecureCookieSessionInterface
-from itsdangerous import BadData, URLSafeTimedSerializer
-from itsdangerous.encoding import base64_decode, base64_encode
+from itsdangerous import BadData
+from itsdangerous import URLSafeTimedSerializer
+from itsdangerous.encoding import base64_decode
+from itsdangerous.encoding import base64_encode
 from itsdangerous.timed import TimestampSigner
 from werkzeug.exceptions import RequestEntityTooLarge
 from werkzeug.middleware.proxy_fix import ProxyFix
-from werkzeug.security import check_password_hash, generate_password_hash
+from werkzeug.security import check_password_hash
+from werkzeug.security import generate_password_hash
 
 __version__ = "1.1.0"
 log = logging.getLogger("mmoref")
@@ -3558,11 +3563,13 @@ def _open_store(db_path: str | None, create: bool = False) -> Store:
     return store
 
 
-def _known_server(store: Store, server_id: str) -> None:
-    """Refuse a server id the database lacks, naming the database looked in."""
+def _store_with_server(db_path: str | None, server_id: str) -> Store:
+    """The command's database; a server id it lacks is refused, naming the database looked in."""
+    store = _open_store(db_path)
     if store.server(server_id) is None:
         raise ConfigError(f"unknown server {server_id!r} in {database_label(store.location)}: "
                           "check the id, or pass --db with the right database")
+    return store
 
 
 def set_password_command_line(db_path: str) -> str:
@@ -3582,6 +3589,13 @@ def _db_option(command: Callable) -> Callable:
 
 def _json_option(command: Callable) -> Callable:
     return click.option("--json", "as_json", is_flag=True, help="machine-readable output")(command)
+
+
+def _server_command(name: str) -> Callable:
+    """A command about one server: SERVER_ID, then --db and --json, then its own options."""
+    def register(command: Callable) -> Callable:
+        return cli.command(name)(click.argument("server_id")(_db_option(_json_option(command))))
+    return register
 
 
 def _emit(as_json: bool, data: Any, text: str) -> None:
@@ -3823,44 +3837,32 @@ def add_server_command(server_id: str, game: str, name: str, registration_url: s
           f"signing secret (shown once, store it in your game server's config):\n  {secret}\nkid: {kid}")
 
 
-@cli.command("rotate-secret")
-@click.argument("server_id")
+@_server_command("rotate-secret")
 @click.option("--grace", type=int, default=DEFAULT_GRACE_SECONDS, show_default=True,
               help="seconds the previous secret stays valid; 0 revokes it now")
-@_db_option
-@_json_option
 def rotate_secret_command(server_id: str, grace: int, db_path: str | None, as_json: bool) -> None:
     """Make a new signing secret; print it once."""
-    store = _open_store(db_path)
-    _known_server(store, server_id)
+    store = _store_with_server(db_path, server_id)
     secret, kid = store.rotate_secret(server_id, grace)
     previous = "revoked now" if grace == 0 else f"valid for {grace} more seconds"
     _emit(as_json, {"secret": secret, "kid": kid},
           f"new signing secret (shown once):\n  {secret}\nkid: {kid}\nprevious secret: {previous}")
 
 
-@cli.command("mint-token")
-@click.argument("server_id")
+@_server_command("mint-token")
 @click.option("--ref", "code", required=True, help="the referrer's code")
-@_db_option
-@_json_option
 def mint_token_command(server_id: str, code: str, db_path: str | None, as_json: bool) -> None:
     """Mint an mmref token as if the share link were followed."""
-    store = _open_store(db_path)
-    _known_server(store, server_id)
+    store = _store_with_server(db_path, server_id)
     token, referral_id = store.mint_referral(server_id, code)
     _emit(as_json, {"token": token, "referral_id": referral_id}, f"token: {token}\nreferral: {referral_id}")
 
 
-@cli.command("log")
-@click.argument("server_id")
+@_server_command("log")
 @click.option("--limit", type=click.IntRange(1, 10_000), default=100, show_default=True)
-@_db_option
-@_json_option
 def log_command(server_id: str, limit: int, db_path: str | None, as_json: bool) -> None:
     """Print the delivery log, newest first."""
-    store = _open_store(db_path)
-    _known_server(store, server_id)
+    store = _store_with_server(db_path, server_id)
     rows = [{"id": r["id"], "event": r["event"], "state": r["state"], "outcome": r["outcome"],
              "server_event_id": r["server_event_id"], "received_at": iso_utc(r["received_at"]),
              "referral_id": r["referral_id"], "ts": r["ts"]} for r in store.delivery_log(server_id, limit)]
@@ -4150,14 +4152,21 @@ form.inline { display: inline; }
 _CSRF_FIELD = '<input type="hidden" name="csrf_token" value="{{ csrf_token() }}">'
 
 TEMPLATES = jinja2.Environment(autoescape=True, trim_blocks=True, lstrip_blocks=True, loader=jinja2.DictLoader({
-    "macros.html": """{% macro table_head() %}
-<thead>
-  <tr>
-    {% for column in varargs %}
-    <th>{{ column }}</th>
-    {% endfor %}
-  </tr>
-</thead>
+    "macros.html": """{% macro scroll_table(columns, id=none, css_class=none) %}
+<div class="scroll">
+  <table{% if id %} id="{{ id }}"{% endif %}{% if css_class %} class="{{ css_class }}"{% endif %}>
+    <thead>
+      <tr>
+        {% for column in columns %}
+        <th>{{ column }}</th>
+        {% endfor %}
+      </tr>
+    </thead>
+    <tbody>
+      {{ caller() }}
+    </tbody>
+  </table>
+</div>
 {% endmacro %}
 
 {% macro registration_fields(url, identity_field, choices) %}
@@ -4278,31 +4287,27 @@ the player still cannot be registered through another referrer. It cannot be und
 
 {% block servers %}
 <section>
-  <div class="scroll">
-    <table id="servers">
-      {{ table_head("Server", "Game", "Referrals", "Funnel: clicks → registered → qualified (reversed)") }}
-      <tbody>
-        {% for server in servers %}
-        {% set f = funnels.get(server.server_id) %}
-        <tr data-server="{{ server.server_id }}">
-          <td>
-            <a href="{{ url_for('mmoref.dashboard.referrals_tab', game=server.game, server_id=server.server_id) }}">
-              {{- server.name or server.server_id }}</a>
-            {% if server.name %}
-            <span class="muted">{{ server.server_id }}</span>
-            {% endif %}
-          </td>
-          <td>{{ server.game }}</td>
-          <td>{{ "on" if server.referrals_enabled else "off" }}</td>
-          <td>{{ f.clicked if f else 0 }} → {{ f.registered if f else 0 }} → {{ f.qualified if f else 0 }}
-            ({{ f.reversed if f else 0 }})</td>
-        </tr>
-        {% else %}
-        <tr><td colspan="4">No servers yet: add one below.</td></tr>
-        {% endfor %}
-      </tbody>
-    </table>
-  </div>
+  {% call scroll_table(["Server", "Game", "Referrals", "Funnel: clicks → registered → qualified (reversed)"],
+                       id="servers") %}
+    {% for server in servers %}
+    {% set f = funnels.get(server.server_id) %}
+    <tr data-server="{{ server.server_id }}">
+      <td>
+        <a href="{{ url_for('mmoref.dashboard.referrals_tab', game=server.game, server_id=server.server_id) }}">
+          {{- server.name or server.server_id }}</a>
+        {% if server.name %}
+        <span class="muted">{{ server.server_id }}</span>
+        {% endif %}
+      </td>
+      <td>{{ server.game }}</td>
+      <td>{{ "on" if server.referrals_enabled else "off" }}</td>
+      <td>{{ f.clicked if f else 0 }} → {{ f.registered if f else 0 }} → {{ f.qualified if f else 0 }}
+        ({{ f.reversed if f else 0 }})</td>
+    </tr>
+    {% else %}
+    <tr><td colspan="4">No servers yet: add one below.</td></tr>
+    {% endfor %}
+  {% endcall %}
 </section>
 {% endblock %}
 
@@ -4343,26 +4348,21 @@ the player still cannot be registered through another referrer. It cannot be und
 """,
 
     "rejected.html": """{% if rows %}
-<div class="scroll">
-  <table class="rejected">
-    {{ table_head("Time", "Status", "Error", "Reason", "Hint", "Body") }}
-    <tbody>
-      {% for r in rows %}
-      <tr data-status="{{ r.status }}">
-        <td>{{ iso_utc(r.last_seen_at) }}{% if r.repeats > 1 %}<br><span class="repeats">{{ r.repeats }} times
-          since {{ iso_utc(r.received_at) }}</span>{% endif %}</td>
-        <td>{{ r.status }}</td>
-        <td>{{ r.error }}</td>
-        <td>{{ r.reason or "" }}</td>
-        <td>{{ r.hint }}
-          {% if r.diagnosis %}<br><strong class="diagnosis">{{ r.diagnosis }}</strong>{% endif %}
-        </td>
-        <td><code>{{ r.snippet[:120] }}</code></td>
-      </tr>
-      {% endfor %}
-    </tbody>
-  </table>
-</div>
+{% call scroll_table(["Time", "Status", "Error", "Reason", "Hint", "Body"], css_class="rejected") %}
+  {% for r in rows %}
+  <tr data-status="{{ r.status }}">
+    <td>{{ iso_utc(r.last_seen_at) }}{% if r.repeats > 1 %}<br><span class="repeats">{{ r.repeats }} times
+      since {{ iso_utc(r.received_at) }}</span>{% endif %}</td>
+    <td>{{ r.status }}</td>
+    <td>{{ r.error }}</td>
+    <td>{{ r.reason or "" }}</td>
+    <td>{{ r.hint }}
+      {% if r.diagnosis %}<br><strong class="diagnosis">{{ r.diagnosis }}</strong>{% endif %}
+    </td>
+    <td><code>{{ r.snippet[:120] }}</code></td>
+  </tr>
+  {% endfor %}
+{% endcall %}
 {% else %}
 <p class="muted">None.</p>
 {% endif %}
@@ -4429,26 +4429,21 @@ the player still cannot be registered through another referrer. It cannot be und
 {% block secrets %}
 <section id="secrets">
   <h2>Signing secret</h2>
-  <div class="scroll">
-    <table>
-      {{ table_head("kid", "Secret", "Status") }}
-      <tbody>
-        {% for s in secrets[:5] %}
-        <tr>
-          <td>{{ s.kid }}</td>
-          <td>…{{ s.last4 }}</td>
-          <td>
-            {%- if s.expires_at is none %}current
-            {%- elif s.expires_at > now %}valid until {{ iso_utc(s.expires_at) }}
-            {%- else %}revoked{% endif -%}
-          </td>
-        </tr>
-        {% else %}
-        <tr><td colspan="3">No secret yet.</td></tr>
-        {% endfor %}
-      </tbody>
-    </table>
-  </div>
+  {% call scroll_table(["kid", "Secret", "Status"]) %}
+    {% for s in secrets[:5] %}
+    <tr>
+      <td>{{ s.kid }}</td>
+      <td>…{{ s.last4 }}</td>
+      <td>
+        {%- if s.expires_at is none %}current
+        {%- elif s.expires_at > now %}valid until {{ iso_utc(s.expires_at) }}
+        {%- else %}revoked{% endif -%}
+      </td>
+    </tr>
+    {% else %}
+    <tr><td colspan="3">No secret yet.</td></tr>
+    {% endfor %}
+  {% endcall %}
   {% for s in in_grace %}
   <p class="error" id="rotation-revokes">Rotating again now revokes secret {{ s.kid }} (ends in …{{ s.last4 }},
     valid until {{ iso_utc(s.expires_at) }}) at once: game servers still signing with it will be refused.</p>
@@ -4549,23 +4544,18 @@ the player still cannot be registered through another referrer. It cannot be und
   <p class="muted" id="chart-note">No clicks, registrations or qualifications in the last 30 days.</p>
   {% endif %}
   <h3>Top referrers (by qualified)</h3>
-  <div class="scroll">
-    <table id="leaderboard">
-      {{ table_head("Referrer", "Clicks", "Registered", "Qualified") }}
-      <tbody>
-        {% for r in analytics.leaders %}
-        <tr>
-          <td>{{ r.referrer_code }}</td>
-          <td>{{ r.clicked }}</td>
-          <td>{{ r.registered }}</td>
-          <td>{{ r.qualified }}</td>
-        </tr>
-        {% else %}
-        <tr><td colspan="4">No qualified referrals yet.</td></tr>
-        {% endfor %}
-      </tbody>
-    </table>
-  </div>
+  {% call scroll_table(["Referrer", "Clicks", "Registered", "Qualified"], id="leaderboard") %}
+    {% for r in analytics.leaders %}
+    <tr>
+      <td>{{ r.referrer_code }}</td>
+      <td>{{ r.clicked }}</td>
+      <td>{{ r.registered }}</td>
+      <td>{{ r.qualified }}</td>
+    </tr>
+    {% else %}
+    <tr><td colspan="4">No qualified referrals yet.</td></tr>
+    {% endfor %}
+  {% endcall %}
 </section>
 {% endblock %}
 
@@ -4582,31 +4572,26 @@ the player still cannot be registered through another referrer. It cannot be und
     <div><button class="plain">Filter</button></div>
     <div><a href="{{ csv_url }}">Export CSV</a></div>
   </form>
-  <div class="scroll">
-    <table id="delivery-log">
-      {{ table_head("Received", "Event", "State now", "Outcome", "server_event_id", "Referrer", "Referee", "Token",
-                    "") }}
-      <tbody>
-        {% for row in log_rows %}
-        <tr data-id="{{ row.id }}" data-event="{{ row.event }}" data-state="{{ row.state }}"
-            data-outcome="{{ row.outcome }}">
-          <td>{{ row.received }}</td>
-          <td>{{ row.event }}</td>
-          <td>{{ row.state }}</td>
-          <td>{{ row.outcome }}</td>
-          <td>{{ row.server_event_id or "" }}</td>
-          <td>{{ row.referrer_code }}</td>
-          <td>{{ row.referee_masked }}</td>
-          <td>{{ row.token_masked }}</td>
-          <td><a class="detail" href="{{ url_for('mmoref.dashboard.log_detail', game=server.game,
-                                                 server_id=server.server_id, row_id=row.id) }}">details</a></td>
-        </tr>
-        {% else %}
-        <tr><td colspan="9">No events{{ " match these filters" if filters else " yet" }}.</td></tr>
-        {% endfor %}
-      </tbody>
-    </table>
-  </div>
+  {% call scroll_table(["Received", "Event", "State now", "Outcome", "server_event_id", "Referrer", "Referee",
+                        "Token", ""], id="delivery-log") %}
+    {% for row in log_rows %}
+    <tr data-id="{{ row.id }}" data-event="{{ row.event }}" data-state="{{ row.state }}"
+        data-outcome="{{ row.outcome }}">
+      <td>{{ row.received }}</td>
+      <td>{{ row.event }}</td>
+      <td>{{ row.state }}</td>
+      <td>{{ row.outcome }}</td>
+      <td>{{ row.server_event_id or "" }}</td>
+      <td>{{ row.referrer_code }}</td>
+      <td>{{ row.referee_masked }}</td>
+      <td>{{ row.token_masked }}</td>
+      <td><a class="detail" href="{{ url_for('mmoref.dashboard.log_detail', game=server.game,
+                                             server_id=server.server_id, row_id=row.id) }}">details</a></td>
+    </tr>
+    {% else %}
+    <tr><td colspan="9">No events{{ " match these filters" if filters else " yet" }}.</td></tr>
+    {% endfor %}
+  {% endcall %}
   <nav class="pager">
     {% if newer_url %}
     <a id="newer" href="{{ newer_url }}">← newer</a>
@@ -4717,9 +4702,9 @@ the player still cannot be registered through another referrer. It cannot be und
 {% endblock %}
 """,
 }))
-# the macros, for every template: {{ table_head("Time", "Status") }} and the like
+# the macros, for every template: {% call scroll_table(["Time", "Status"], id="log") %}<tr>…{% endcall %}
 _MACROS = TEMPLATES.get_template("macros.html").module
-TEMPLATES.globals.update(table_head=_MACROS.table_head, log_filter=_MACROS.log_filter,
+TEMPLATES.globals.update(scroll_table=_MACROS.scroll_table, log_filter=_MACROS.log_filter,
                          registration_fields=_MACROS.registration_fields)
 # the hint on the login page names this app's database when it is not ./referrals.db
 TEMPLATES.globals["set_password_command"] = lambda: set_password_command_line(current_app.config["MMOREF_DB"])

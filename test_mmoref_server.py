@@ -10,10 +10,18 @@ import logging
 import os
 
 import pytest
-from werkzeug.test import EnvironBuilder, run_wsgi_app
+from werkzeug.test import EnvironBuilder
+from werkzeug.test import run_wsgi_app
 
 import mmoref_server as mm
-from tests.support import INGEST, TEST_OK, Kit, assert_good_hint, error, ok, reply, revoke_every_secret
+from tests.support import INGEST
+from tests.support import TEST_OK
+from tests.support import Kit
+from tests.support import assert_good_hint
+from tests.support import error
+from tests.support import ok
+from tests.support import reply
+from tests.support import revoke_every_secret
 
 pytestmark = pytest.mark.both_engines  # docs/contract.md holds on SQLite and on PostgreSQL
 

@@ -42,7 +42,8 @@ import time
 import urllib.parse
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
+from typing import Callable
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -481,7 +482,9 @@ def main() -> None:
         with tempfile.TemporaryDirectory(prefix="mmoref-bench-") as tmp:
             cluster = None
             if args.start_postgres:
-                from tests.support import POSTGRES_MISSING, PostgresCluster, postgres_bin
+                from tests.support import POSTGRES_MISSING
+                from tests.support import PostgresCluster
+                from tests.support import postgres_bin
 
                 if postgres_bin() is None:
                     raise SystemExit(POSTGRES_MISSING)

@@ -17,7 +17,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import mmoref_server as mm  # noqa: E402
-from tests.support import PYTHON, SERVER_SCRIPT, IngestLoad, LiveServer, add_server, mint_tokens  # noqa: E402
+from tests.support import PYTHON  # noqa: E402
+from tests.support import SERVER_SCRIPT  # noqa: E402
+from tests.support import IngestLoad  # noqa: E402
+from tests.support import LiveServer  # noqa: E402
+from tests.support import add_server  # noqa: E402
+from tests.support import mint_tokens  # noqa: E402
 
 PAYLOAD = '{"event":"registered","token":"WyJz…","server_id":"srv_robust","server_event_id":"evt-%d",' \
           '"referee_identity":"player-%d@example.com","ts":1700000000}'

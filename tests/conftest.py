@@ -6,26 +6,25 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 import mmoref_server as mm
-from tests.support import (
-    PASSWORD,
-    POSTGRES_MISSING,
-    Clock,
-    Kit,
-    LiveServer,
-    Owner,
-    PostgresCluster,
-    Runner,
-    location,
-    login,
-    postgres_bin,
-)
+from tests.support import PASSWORD
+from tests.support import POSTGRES_MISSING
+from tests.support import Clock
+from tests.support import Kit
+from tests.support import LiveServer
+from tests.support import Owner
+from tests.support import PostgresCluster
+from tests.support import Runner
+from tests.support import location
+from tests.support import login
+from tests.support import postgres_bin
 
 
 @pytest.fixture(autouse=True)

@@ -9,20 +9,18 @@ import time
 import pytest
 
 import mmoref_server as mm
-from tests.support import (
-    PYTHON,
-    SERVER_ID,
-    SERVER_SCRIPT,
-    IngestLoad,
-    add_server,
-    assert_one_error_line,
-    event_body,
-    mint_tokens,
-    referral_id_of,
-    rows,
-    scalar,
-    signed_post,
-)
+from tests.support import PYTHON
+from tests.support import SERVER_ID
+from tests.support import SERVER_SCRIPT
+from tests.support import IngestLoad
+from tests.support import add_server
+from tests.support import assert_one_error_line
+from tests.support import event_body
+from tests.support import mint_tokens
+from tests.support import referral_id_of
+from tests.support import rows
+from tests.support import scalar
+from tests.support import signed_post
 
 pytestmark = pytest.mark.slow
 

@@ -8,7 +8,10 @@ import pytest
 from flask import Flask
 
 import mmoref_server as mm
-from tests.support import INGEST, assert_good_hint, send, signed_post
+from tests.support import INGEST
+from tests.support import assert_good_hint
+from tests.support import send
+from tests.support import signed_post
 
 PREFIX = "/mmoref"
 SERVER = "srv_1"

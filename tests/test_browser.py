@@ -14,12 +14,17 @@ import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs
+from urllib.parse import urlsplit
 
 import pytest
 
 import mmoref_server as mm
-from tests.support import INGEST, PASSWORD, PYTHON, ROOT, SERVER_SCRIPT
+from tests.support import INGEST
+from tests.support import PASSWORD
+from tests.support import PYTHON
+from tests.support import ROOT
+from tests.support import SERVER_SCRIPT
 
 pytestmark = pytest.mark.browser
 

@@ -8,7 +8,14 @@ from typing import Any
 import pytest
 
 from tests import test_browser as ui
-from tests.test_browser import ENV, follow, log_rows, login, new_server, open_tab, screenshot, send
+from tests.test_browser import ENV
+from tests.test_browser import follow
+from tests.test_browser import log_rows
+from tests.test_browser import login
+from tests.test_browser import new_server
+from tests.test_browser import open_tab
+from tests.test_browser import screenshot
+from tests.test_browser import send
 
 pytestmark = pytest.mark.browser
 browser, page = ui.browser, ui.page  # test_browser.py's fixtures: Chromium, and a fresh page per test

@@ -7,7 +7,13 @@ from pathlib import Path
 import pytest
 
 import mmoref_server as mm
-from tests.support import INGEST, ISO_UTC, PYTHON, SERVER_SCRIPT, assert_one_error_line, refused_port, send
+from tests.support import INGEST
+from tests.support import ISO_UTC
+from tests.support import PYTHON
+from tests.support import SERVER_SCRIPT
+from tests.support import assert_one_error_line
+from tests.support import refused_port
+from tests.support import send
 
 pytestmark = pytest.mark.both_engines  # docs/contract.md holds on SQLite and on PostgreSQL
 

@@ -7,7 +7,9 @@ import subprocess
 import pytest
 
 import mmoref_server as mm
-from tests.support import PYTHON, SERVER_SCRIPT, assert_one_error_line
+from tests.support import PYTHON
+from tests.support import SERVER_SCRIPT
+from tests.support import assert_one_error_line
 
 USING_AN_INSTALLATION = {
     "log": ["log", "srv_1"],

@@ -14,7 +14,14 @@ from pathlib import Path
 import pytest
 
 import mmoref_server as mm
-from tests.support import HTTP_TIMEOUT, INGEST, PYTHON, SERVER_ID, SERVER_SCRIPT, add_server, event_body, mint_tokens
+from tests.support import HTTP_TIMEOUT
+from tests.support import INGEST
+from tests.support import PYTHON
+from tests.support import SERVER_ID
+from tests.support import SERVER_SCRIPT
+from tests.support import add_server
+from tests.support import event_body
+from tests.support import mint_tokens
 
 if sys.platform == "win32":
     pytest.skip("gunicorn runs on POSIX only", allow_module_level=True)

@@ -9,17 +9,15 @@ import threading
 import pytest
 
 import mmoref_server as mm
-from tests.support import (
-    HttpClient,
-    add_server,
-    event_body,
-    limit_writer_pages,
-    log_rows_for,
-    mint_tokens,
-    referral_id_of,
-    rows,
-    scalar,
-)
+from tests.support import HttpClient
+from tests.support import add_server
+from tests.support import event_body
+from tests.support import limit_writer_pages
+from tests.support import log_rows_for
+from tests.support import mint_tokens
+from tests.support import referral_id_of
+from tests.support import rows
+from tests.support import scalar
 
 pytestmark = pytest.mark.both_engines  # docs/contract.md holds on SQLite and on PostgreSQL
 

@@ -5,8 +5,12 @@ from __future__ import annotations
 import os
 import sqlite3
 
-from tests.support import add_server, event_body, mint_tokens
-from tests.test_storage_faults import PAGE, post, timed_healthz
+from tests.support import add_server
+from tests.support import event_body
+from tests.support import mint_tokens
+from tests.test_storage_faults import PAGE
+from tests.test_storage_faults import post
+from tests.test_storage_faults import timed_healthz
 
 FIRST_DAMAGED_PAGE = 8
 DAMAGED_PAGES = 3

@@ -3,17 +3,16 @@ from __future__ import annotations
 
 import datetime
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs
+from urllib.parse import urlsplit
 
-from tests.support import (
-    KIT_GAME,
-    KIT_SERVER_ID,
-    KIT_TAB,
-    Clock,
-    Owner,
-    location,
-    send_ok,
-)
+from tests.support import KIT_GAME
+from tests.support import KIT_SERVER_ID
+from tests.support import KIT_TAB
+from tests.support import Clock
+from tests.support import Owner
+from tests.support import location
+from tests.support import send_ok
 
 # Analytics and the servers list ################################################
 

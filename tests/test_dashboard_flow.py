@@ -11,18 +11,16 @@ from typing import Any
 import pytest
 
 import mmoref_server as mm
-from tests.support import (
-    INGEST,
-    KIT_SERVER_ID,
-    KIT_TAB,
-    Owner,
-    location,
-    log_rows,
-    rejected_rows,
-    revoke_every_secret,
-    scalar,
-    send_ok,
-)
+from tests.support import INGEST
+from tests.support import KIT_SERVER_ID
+from tests.support import KIT_TAB
+from tests.support import Owner
+from tests.support import location
+from tests.support import log_rows
+from tests.support import rejected_rows
+from tests.support import revoke_every_secret
+from tests.support import scalar
+from tests.support import send_ok
 
 
 def shown_secret(page: Any) -> str | None:

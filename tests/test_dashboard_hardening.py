@@ -4,13 +4,19 @@ from __future__ import annotations
 
 import re
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs
+from urllib.parse import urlsplit
 
 import pytest
 from flask import Flask
 
 import mmoref_server as mm
-from tests.support import KIT_TAB, Owner, html, location, login, snapshot
+from tests.support import KIT_TAB
+from tests.support import Owner
+from tests.support import html
+from tests.support import location
+from tests.support import login
+from tests.support import snapshot
 
 NOT_FOUND = {"ok": False, "error": "not found", "hint": "POST events to /api/referral/events"}
 

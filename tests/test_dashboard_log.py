@@ -11,22 +11,20 @@ from urllib.parse import urlencode
 import pytest
 
 import mmoref_server as mm
-from tests.support import (
-    ISO_UTC,
-    KIT_GAME,
-    KIT_SERVER_ID,
-    KIT_TAB,
-    Doc,
-    Owner,
-    detail_table,
-    event_ids,
-    location,
-    log_rows,
-    rejected_rows,
-    send_ok,
-    signed_post,
-    snapshot,
-)
+from tests.support import ISO_UTC
+from tests.support import KIT_GAME
+from tests.support import KIT_SERVER_ID
+from tests.support import KIT_TAB
+from tests.support import Doc
+from tests.support import Owner
+from tests.support import detail_table
+from tests.support import event_ids
+from tests.support import location
+from tests.support import log_rows
+from tests.support import rejected_rows
+from tests.support import send_ok
+from tests.support import signed_post
+from tests.support import snapshot
 
 pytestmark = pytest.mark.both_engines  # the same on SQLite and on PostgreSQL
 

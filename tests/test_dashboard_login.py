@@ -3,25 +3,24 @@ from __future__ import annotations
 
 import re
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs
+from urllib.parse import urlsplit
 
 import pytest
 from werkzeug.security import check_password_hash
 
 import mmoref_server as mm
-from tests.support import (
-    KIT_TAB,
-    PASSWORD,
-    Clock,
-    Owner,
-    csrf,
-    database,
-    html,
-    is_logged_in,
-    location,
-    login,
-    snapshot,
-)
+from tests.support import KIT_TAB
+from tests.support import PASSWORD
+from tests.support import Clock
+from tests.support import Owner
+from tests.support import csrf
+from tests.support import database
+from tests.support import html
+from tests.support import is_logged_in
+from tests.support import location
+from tests.support import login
+from tests.support import snapshot
 
 pytestmark = pytest.mark.both_engines  # the same on SQLite and on PostgreSQL
 

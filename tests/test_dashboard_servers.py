@@ -8,20 +8,18 @@ from typing import Any
 import pytest
 
 import mmoref_server as mm
-from tests.support import (
-    KIT_GAME,
-    KIT_REGISTRATION_URL,
-    KIT_SERVER_ID,
-    KIT_TAB,
-    Owner,
-    location,
-    log_rows,
-    rejected_rows,
-    revoke_every_secret,
-    selected,
-    send_ok,
-    snapshot,
-)
+from tests.support import KIT_GAME
+from tests.support import KIT_REGISTRATION_URL
+from tests.support import KIT_SERVER_ID
+from tests.support import KIT_TAB
+from tests.support import Owner
+from tests.support import location
+from tests.support import log_rows
+from tests.support import rejected_rows
+from tests.support import revoke_every_secret
+from tests.support import selected
+from tests.support import send_ok
+from tests.support import snapshot
 
 pytestmark = pytest.mark.both_engines  # the same on SQLite and on PostgreSQL
 

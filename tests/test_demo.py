@@ -8,7 +8,11 @@ from pathlib import Path
 import pytest
 
 import mmoref_server as mm
-from tests.support import PYTHON, SERVER_SCRIPT, database, rows, send
+from tests.support import PYTHON
+from tests.support import SERVER_SCRIPT
+from tests.support import database
+from tests.support import rows
+from tests.support import send
 
 EXAMPLE = SERVER_SCRIPT.parent / "referrals.db.example"
 ALL_STATES = {"clicked", "registered", "qualified", "reversed", "expired", "rejected"}

@@ -7,7 +7,9 @@ from pathlib import PurePosixPath
 
 import pytest
 
-from tests.support import PYTHON, ROOT, SERVER_SCRIPT
+from tests.support import PYTHON
+from tests.support import ROOT
+from tests.support import SERVER_SCRIPT
 
 UNIT = ROOT / "deploy" / "mmoref.service"
 

@@ -11,7 +11,9 @@ import click
 from flask.cli import ScriptInfo
 
 import mmoref_server as mm
-from tests.support import ROOT, is_logged_in, login
+from tests.support import ROOT
+from tests.support import is_logged_in
+from tests.support import login
 
 
 def flask_command(tmp_path: Path, *args: str, **env_vars: str) -> subprocess.CompletedProcess:

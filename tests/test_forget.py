@@ -9,21 +9,19 @@ from pathlib import Path
 import pytest
 
 import mmoref_server as mm
-from tests.support import (
-    KIT_TAB,
-    PYTHON,
-    REFEREE,
-    SERVER_ID,
-    SERVER_SCRIPT,
-    HttpClient,
-    add_server,
-    assert_one_error_line,
-    event_body,
-    login,
-    mint_tokens,
-    rows,
-    scalar,
-)
+from tests.support import KIT_TAB
+from tests.support import PYTHON
+from tests.support import REFEREE
+from tests.support import SERVER_ID
+from tests.support import SERVER_SCRIPT
+from tests.support import HttpClient
+from tests.support import add_server
+from tests.support import assert_one_error_line
+from tests.support import event_body
+from tests.support import login
+from tests.support import mint_tokens
+from tests.support import rows
+from tests.support import scalar
 
 pytestmark = pytest.mark.both_engines  # the same on SQLite and on PostgreSQL
 

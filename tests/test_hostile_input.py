@@ -8,11 +8,21 @@ import socket
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, event, example, given, settings
+from hypothesis import HealthCheck
+from hypothesis import event
+from hypothesis import example
+from hypothesis import given
+from hypothesis import settings
 from hypothesis import strategies as st
 
 import mmoref_server as mm
-from tests.support import INGEST, SERVER_ID, HttpClient, add_server, assert_good_hint, event_body, mint_tokens
+from tests.support import INGEST
+from tests.support import SERVER_ID
+from tests.support import HttpClient
+from tests.support import add_server
+from tests.support import assert_good_hint
+from tests.support import event_body
+from tests.support import mint_tokens
 
 FUZZ = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 VALID_HEADER = mm.signature_header("test-secret", b"{}", t=1733500000, kid="k_1")

@@ -5,12 +5,16 @@ import contextlib
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
+from collections.abc import Iterator
 
 import pytest
 
 import mmoref_server as mm
-from tests.support import HttpClient, add_server, event_body, mint_tokens
+from tests.support import HttpClient
+from tests.support import add_server
+from tests.support import event_body
+from tests.support import mint_tokens
 
 pytestmark = pytest.mark.slow
 

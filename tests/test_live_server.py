@@ -9,16 +9,14 @@ from typing import Any
 import pytest
 
 import mmoref_server as mm
-from tests.support import (
-    INGEST,
-    LOOPBACK_HEX,
-    PYTHON,
-    SERVER_SCRIPT,
-    listening_addresses,
-    poster,
-    race,
-    rows,
-)
+from tests.support import INGEST
+from tests.support import LOOPBACK_HEX
+from tests.support import PYTHON
+from tests.support import SERVER_SCRIPT
+from tests.support import listening_addresses
+from tests.support import poster
+from tests.support import race
+from tests.support import rows
 
 pytestmark = pytest.mark.slow
 

@@ -8,7 +8,11 @@ import subprocess
 import pytest
 
 import mmoref_server as mm
-from tests.support import PYTHON, SERVER_SCRIPT, HttpClient, assert_one_error_line, free_port
+from tests.support import PYTHON
+from tests.support import SERVER_SCRIPT
+from tests.support import HttpClient
+from tests.support import assert_one_error_line
+from tests.support import free_port
 
 pytestmark = pytest.mark.slow
 

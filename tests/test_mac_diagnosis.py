@@ -7,7 +7,9 @@ import json
 import pytest
 
 import mmoref_server as mm
-from tests.support import KIT_TAB, Owner, rejected_rows
+from tests.support import KIT_TAB
+from tests.support import Owner
+from tests.support import rejected_rows
 
 CURL_D = ("the MAC matches this body plus a trailing newline: your HTTP client changed the body"
           " (curl -d strips newlines); send it with --data-binary")

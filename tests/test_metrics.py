@@ -9,14 +9,12 @@ import time
 import pytest
 
 import mmoref_server as mm
-from tests.support import (
-    SERVER_ID,
-    HttpClient,
-    add_server,
-    event_body,
-    mint_tokens,
-    send_ok,
-)
+from tests.support import SERVER_ID
+from tests.support import HttpClient
+from tests.support import add_server
+from tests.support import event_body
+from tests.support import mint_tokens
+from tests.support import send_ok
 
 pytestmark = pytest.mark.both_engines  # the same on SQLite and on PostgreSQL
 

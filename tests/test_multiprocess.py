@@ -8,19 +8,17 @@ import time
 
 import pytest
 
-from tests.support import (
-    REFEREE,
-    SERVER_ID,
-    add_server,
-    event_body,
-    log_rows_for,
-    mint_tokens,
-    poster,
-    race,
-    referral_id_of,
-    rows,
-    scalar,
-)
+from tests.support import REFEREE
+from tests.support import SERVER_ID
+from tests.support import add_server
+from tests.support import event_body
+from tests.support import log_rows_for
+from tests.support import mint_tokens
+from tests.support import poster
+from tests.support import race
+from tests.support import referral_id_of
+from tests.support import rows
+from tests.support import scalar
 
 if sys.platform == "win32":
     pytest.skip("gunicorn runs on POSIX only", allow_module_level=True)

@@ -19,13 +19,24 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import parse_qs, urlencode, urlsplit
+from urllib.parse import parse_qs
+from urllib.parse import urlencode
+from urllib.parse import urlsplit
 
 import pytest
 
 import mmoref_server as mm
-from tests.support import HTTP_TIMEOUT, ROOT, Browser, Doc, csrf, free_port, rows
-from tests.test_idle_connections import ANSWER_WITHIN, OPEN_CONNECTIONS, TRICKLE_EVERY, open_connections
+from tests.support import HTTP_TIMEOUT
+from tests.support import ROOT
+from tests.support import Browser
+from tests.support import Doc
+from tests.support import csrf
+from tests.support import free_port
+from tests.support import rows
+from tests.test_idle_connections import ANSWER_WITHIN
+from tests.test_idle_connections import OPEN_CONNECTIONS
+from tests.test_idle_connections import TRICKLE_EVERY
+from tests.test_idle_connections import open_connections
 
 pytestmark = pytest.mark.slow
 

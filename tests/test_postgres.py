@@ -13,22 +13,20 @@ from typing import Any
 import pytest
 
 import mmoref_server as mm
-from tests.support import (
-    REFEREE,
-    HttpClient,
-    LiveServer,
-    add_server,
-    assert_one_error_line,
-    event_body,
-    log_rows_for,
-    mint_tokens,
-    poster,
-    race,
-    referral_id_of,
-    rows,
-    scalar,
-    snapshot,
-)
+from tests.support import REFEREE
+from tests.support import HttpClient
+from tests.support import LiveServer
+from tests.support import add_server
+from tests.support import assert_one_error_line
+from tests.support import event_body
+from tests.support import log_rows_for
+from tests.support import mint_tokens
+from tests.support import poster
+from tests.support import race
+from tests.support import referral_id_of
+from tests.support import rows
+from tests.support import scalar
+from tests.support import snapshot
 
 pytestmark = pytest.mark.slow
 NODES = 3

@@ -8,16 +8,14 @@ import time
 import pytest
 
 import mmoref_server as mm
-from tests.support import (
-    IngestLoad,
-    add_server,
-    assert_one_error_line,
-    database,
-    mint_tokens,
-    rows,
-    scalar,
-    send_ok,
-)
+from tests.support import IngestLoad
+from tests.support import add_server
+from tests.support import assert_one_error_line
+from tests.support import database
+from tests.support import mint_tokens
+from tests.support import rows
+from tests.support import scalar
+from tests.support import send_ok
 
 pytestmark = pytest.mark.both_engines  # the same on SQLite and on PostgreSQL
 

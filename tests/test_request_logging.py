@@ -9,7 +9,9 @@ import pytest
 from flask import Flask
 
 import mmoref_server as mm
-from tests.support import INGEST, PYTHON, HttpClient
+from tests.support import INGEST
+from tests.support import PYTHON
+from tests.support import HttpClient
 
 LINE = "mmoref: ingest status=400 error=missing signature header"
 

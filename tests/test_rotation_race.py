@@ -10,7 +10,11 @@ import time
 import pytest
 
 import mmoref_server as mm
-from tests.support import Browser, HttpClient, add_server, race, scalar
+from tests.support import Browser
+from tests.support import HttpClient
+from tests.support import add_server
+from tests.support import race
+from tests.support import scalar
 
 pytestmark = pytest.mark.slow
 

@@ -14,12 +14,21 @@ import socket
 import stat
 import textwrap
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
+from typing import Callable
 
 import pytest
 
 import mmoref_server as mm
-from tests.support import INGEST, KIT_TAB, PASSWORD, csrf, html, location, login, permissive_umask, rows
+from tests.support import INGEST
+from tests.support import KIT_TAB
+from tests.support import PASSWORD
+from tests.support import csrf
+from tests.support import html
+from tests.support import location
+from tests.support import login
+from tests.support import permissive_umask
+from tests.support import rows
 
 pytestmark = pytest.mark.both_engines  # the same on SQLite and on PostgreSQL
 

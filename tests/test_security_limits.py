@@ -20,22 +20,20 @@ from typing import Any
 import pytest
 
 import mmoref_server as mm
-from tests.support import (
-    HTTP_TIMEOUT,
-    KIT_REGISTRATION_URL,
-    PASSWORD,
-    Clock,
-    Kit,
-    Owner,
-    csrf,
-    html,
-    is_logged_in,
-    location,
-    login,
-    rejected_rows,
-    rows,
-    scalar,
-)
+from tests.support import HTTP_TIMEOUT
+from tests.support import KIT_REGISTRATION_URL
+from tests.support import PASSWORD
+from tests.support import Clock
+from tests.support import Kit
+from tests.support import Owner
+from tests.support import csrf
+from tests.support import html
+from tests.support import is_logged_in
+from tests.support import location
+from tests.support import login
+from tests.support import rejected_rows
+from tests.support import rows
+from tests.support import scalar
 
 pytestmark = pytest.mark.both_engines  # the same on SQLite and on PostgreSQL
 

@@ -8,7 +8,8 @@ import urllib.parse
 import pytest
 
 import mmoref_server as mm
-from tests.support import scalar, send
+from tests.support import scalar
+from tests.support import send
 
 pytestmark = pytest.mark.both_engines  # the same on SQLite and on PostgreSQL
 

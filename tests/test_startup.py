@@ -12,7 +12,10 @@ from pathlib import Path
 import pytest
 
 import mmoref_server as mm
-from tests.support import PYTHON, SERVER_SCRIPT, assert_one_error_line, free_port
+from tests.support import PYTHON
+from tests.support import SERVER_SCRIPT
+from tests.support import assert_one_error_line
+from tests.support import free_port
 
 pytestmark = pytest.mark.slow
 

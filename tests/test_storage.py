@@ -12,7 +12,11 @@ from pathlib import Path
 import pytest
 
 import mmoref_server as mm
-from tests.support import assert_one_error_line, database, permissive_umask, rows, scalar
+from tests.support import assert_one_error_line
+from tests.support import database
+from tests.support import permissive_umask
+from tests.support import rows
+from tests.support import scalar
 
 pytestmark = pytest.mark.both_engines  # docs/contract.md holds on SQLite and on PostgreSQL
 

@@ -17,18 +17,16 @@ from pathlib import Path
 import pytest
 
 import mmoref_server as mm
-from tests.support import (
-    INGEST,
-    PYTHON,
-    ROOT,
-    SERVER_SCRIPT,
-    HttpClient,
-    add_server,
-    event_body,
-    limit_writer_pages,
-    mint_tokens,
-    scalar,
-)
+from tests.support import INGEST
+from tests.support import PYTHON
+from tests.support import ROOT
+from tests.support import SERVER_SCRIPT
+from tests.support import HttpClient
+from tests.support import add_server
+from tests.support import event_body
+from tests.support import limit_writer_pages
+from tests.support import mint_tokens
+from tests.support import scalar
 
 # As root, file permissions do not bind: run the server without the capability that overrides them.
 NO_OVERRIDE = ["setpriv", "--bounding-set=-dac_override,-dac_read_search"] if os.geteuid() == 0 else []

@@ -12,7 +12,14 @@ from pathlib import Path
 import pytest
 
 import mmoref_server as mm
-from tests.support import PYTHON, SERVER_SCRIPT, HttpClient, assert_one_error_line, database, free_port, rows, scalar
+from tests.support import PYTHON
+from tests.support import SERVER_SCRIPT
+from tests.support import HttpClient
+from tests.support import assert_one_error_line
+from tests.support import database
+from tests.support import free_port
+from tests.support import rows
+from tests.support import scalar
 
 pytestmark = pytest.mark.slow
 
