@@ -163,6 +163,7 @@ NAME_PATTERN = re.compile(r"[A-Za-z0-9_.-]{1,64}")  # referrer codes, server ids
 LOCAL_HOSTS = ("localhost", "127.0.0.1", "::1")  # as urlsplit().hostname gives them
 SIGNATURE_HEADER = "X-MMOLove-Signature"
 INGEST_PATH = "/api/referral/events"
+SESSION_COOKIE = "mmoref_session"   # the standalone dashboard's; not "session", which a host site may use
 
 
 def load_settings(environ: Mapping[str, str] = os.environ) -> dict[str, Any]:
@@ -3437,7 +3438,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     """The standalone server: settings from MMOREF_* env, then `config`, then the blueprint."""
     app = Flask(__name__)
     app.config.update(load_settings())
-    app.config.update(SESSION_COOKIE_SAMESITE="Lax", SESSION_COOKIE_HTTPONLY=True)
+    app.config.update(SESSION_COOKIE_NAME=SESSION_COOKIE, SESSION_COOKIE_SAMESITE="Lax", SESSION_COOKIE_HTTPONLY=True)
     app.config.update(config or {})
     if app.config["MMOREF_TRUST_PROXY"]:
         app.wsgi_app = _ForwardedByTrustedProxy(app.wsgi_app, app.config["MMOREF_TRUSTED_PROXY"])  # type: ignore
@@ -3501,10 +3502,14 @@ class _ForwardedByTrustedProxy:
 
 
 class _SessionInterface(SecureCookieSessionInterface):
-    """The session cookie is Secure whenever the request came over https."""
+    """The session cookie is Secure whenever the request came over https, and is sent only to
+    this app's own path (under a proxy's /mmoref prefix: not to the rest of the site)."""
 
     def get_cookie_secure(self, app: Flask) -> bool:
         return bool(super().get_cookie_secure(app) or request.is_secure)
+
+    def get_cookie_path(self, app: Flask) -> str:
+        return app.config["SESSION_COOKIE_PATH"] or request.script_root or "/"
 
     def get_signing_serializer(self, app: Flask) -> Any:
         if not app.secret_key:  # loaded by `flask run`, which opened no database: the key on first use

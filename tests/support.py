@@ -645,9 +645,9 @@ class Browser:
             text = response.read().decode("utf-8", "replace")
         finally:
             connection.close()
-        session = SimpleCookie(response.headers.get("Set-Cookie", "")).get("session")
+        session = SimpleCookie(response.headers.get("Set-Cookie", "")).get(mm.SESSION_COOKIE)
         if session is not None:
-            self.cookie = f"session={session.value}"
+            self.cookie = f"{mm.SESSION_COOKIE}={session.value}"
         return response.status, response.headers, text
 
     def log_in(self, password: str) -> tuple[int, http.client.HTTPMessage, str]:

@@ -106,7 +106,7 @@ def test_failed_logins_are_slowed_down(client: Any, clock: Clock) -> None:
 def test_logout_clears_the_session(owner: Owner) -> None:
     response = owner.post("/dashboard/logout")
     assert location(response) == "/dashboard/login"
-    assert any(cookie.startswith("session=;") for cookie in response.headers.getlist("Set-Cookie"))
+    assert any(cookie.startswith(f"{mm.SESSION_COOKIE}=;") for cookie in response.headers.getlist("Set-Cookie"))
     assert not is_logged_in(owner.client)
     # the old CSRF token went with the session
     html(owner.post("/dashboard/servers", server_id="srv_late", game="g"), 400)
@@ -208,7 +208,7 @@ def test_login_needs_the_csrf_token(client: Any, bad: str | None) -> None:
 def session_cookie(response: Any) -> dict[str, str | bool]:
     """The attributes of the response's session Set-Cookie (names lower-cased)."""
     for header in response.headers.getlist("Set-Cookie"):
-        if header.startswith("session="):
+        if header.startswith(f"{mm.SESSION_COOKIE}="):
             attributes = [part.strip() for part in header.split(";")[1:]]
             return {name.lower(): value or True for name, _, value in (a.partition("=") for a in attributes)}
     raise AssertionError("no session cookie set")
@@ -236,8 +236,8 @@ def test_secret_key_is_per_installation_and_stable(tmp_path: Any) -> None:
     # same password, different installation: a session cookie of one is worthless in the other
     client = first.test_client()
     assert location(login(client)) == "/dashboard/"
-    cookie = client.get_cookie("session").value
+    cookie = client.get_cookie(mm.SESSION_COOKIE).value
     for app, accepted in ((first_again, True), (other, False)):
         replay = app.test_client()
-        replay.set_cookie("session", cookie)
+        replay.set_cookie(mm.SESSION_COOKIE, cookie)
         assert is_logged_in(replay) is accepted

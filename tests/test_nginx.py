@@ -230,7 +230,7 @@ def test_signed_ingest_secure_cookies_and_the_forwarded_client_behind_nginx(behi
     status, headers, page = owner.log_in()
     assert status == 302, page
     assert headers["Location"] == "/dashboard/"
-    assert "secure" in cookie_flags(headers, "session")
+    assert "secure" in cookie_flags(headers, mm.SESSION_COOKIE)
     status, _, page = owner.request("GET", f"/dashboard/mygame/{SERVER}/referrals")
     assert status == 200, page
     assert f"https://127.0.0.1:{proxied.port}/r/{SERVER}?ref=" in page
@@ -267,6 +267,22 @@ def test_under_the_mmoref_prefix_links_and_redirects_carry_it(behind_nginx):
     assert status == 200, page
     assert f"https://127.0.0.1:{proxied.port}/mmoref/r/{SERVER}?ref=" in page
     assert 'action="/mmoref/dashboard/logout"' in page
+
+
+def test_the_session_cookie_stays_on_the_mmoref_prefix(behind_nginx):
+    """A site that serves mmoref under /mmoref keeps its own `session` cookie apart."""
+    status, headers, page = behind_nginx(trust_proxy=True).client(OWNER).log_in(prefix="/mmoref")
+    assert status == 302, page
+    assert "path=/mmoref" in cookie_flags(headers, mm.SESSION_COOKIE)
+
+
+@pytest.mark.parametrize("prefix", ["", "/mmoref"], ids=["root", "under-mmoref"])
+def test_a_prefix_a_client_sends_does_not_reach_links_or_redirects(behind_nginx, prefix):
+    proxied = behind_nginx(trust_proxy=True)
+    status, headers, _ = proxied.client(OWNER).request("GET", f"{prefix}/dashboard/",
+                                                       **{"X-Forwarded-Prefix": "//evil.example"})
+    assert status == 302
+    assert headers["Location"].startswith(f"{prefix}/dashboard/login"), headers["Location"]
 
 
 def test_with_trust_proxy_off_forwarded_headers_are_ignored(behind_nginx):

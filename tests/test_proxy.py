@@ -70,7 +70,7 @@ def test_login_throttle_counts_the_forwarded_client(proxied_server):
     status, headers, page = owner.log_in(PASSWORD)
     assert status == 302, page
     assert headers["Location"].endswith("/dashboard/")
-    assert is_secure(set_cookie(headers, "session"))
+    assert is_secure(set_cookie(headers, mm.SESSION_COOKIE))
 
 
 def test_a_spoofed_hop_before_the_proxy_does_not_count(proxied_server):

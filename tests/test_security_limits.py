@@ -49,7 +49,7 @@ def address(n: int) -> dict[str, Any]:
 def replay(app: Any, cookie: str) -> Any:
     """A fresh client presenting a captured session cookie."""
     client = app.test_client()
-    client.set_cookie("session", cookie)
+    client.set_cookie(mm.SESSION_COOKIE, cookie)
     return client
 
 
@@ -60,7 +60,7 @@ def test_the_session_cookie_holds_a_random_id_not_a_password_hash(app: Any) -> N
     for _ in range(2):
         client = app.test_client()
         assert location(login(client)) == "/dashboard/"
-        cookies.append(client.get_cookie("session").value)
+        cookies.append(client.get_cookie(mm.SESSION_COOKIE).value)
     contents = [app.session_interface.get_signing_serializer(app).loads(cookie) for cookie in cookies]
     fast_hash = hashlib.sha256(f"env:{PASSWORD}".encode()).hexdigest()
     for content in contents:
@@ -72,7 +72,7 @@ def test_the_session_cookie_holds_a_random_id_not_a_password_hash(app: Any) -> N
 def test_a_new_env_password_logs_every_session_out(app: Any, db_path: str) -> None:
     client = app.test_client()
     assert location(login(client)) == "/dashboard/"
-    cookie = client.get_cookie("session").value
+    cookie = client.get_cookie(mm.SESSION_COOKIE).value
     assert is_logged_in(replay(app, cookie))
     restarted = mm.create_app({"MMOREF_DB": db_path, "TESTING": True, "MMOREF_ADMIN_PASSWORD": "a different one"})
     assert not is_logged_in(replay(restarted, cookie))
@@ -81,7 +81,7 @@ def test_a_new_env_password_logs_every_session_out(app: Any, db_path: str) -> No
 # Item 7: logout revokes the cookie ############################################
 
 def test_logout_revokes_a_captured_session_cookie(app: Any, owner: Owner) -> None:
-    captured = owner.client.get_cookie("session").value
+    captured = owner.client.get_cookie(mm.SESSION_COOKIE).value
     assert is_logged_in(replay(app, captured))
     assert location(owner.post("/dashboard/logout")) == "/dashboard/login"
     assert not is_logged_in(replay(app, captured))
@@ -144,12 +144,12 @@ def post_login(port: int, password: str) -> tuple[int, str]:
         connection.request("GET", "/dashboard/login")
         response = connection.getresponse()
         page = response.read().decode()
-        cookie = SimpleCookie(response.headers["Set-Cookie"])["session"].value
+        cookie = SimpleCookie(response.headers["Set-Cookie"])[mm.SESSION_COOKIE].value
         token = re.search(r'name="csrf_token" value="([^"]+)"', page)
         assert response.status == 200 and token is not None, page
         form = f"csrf_token={token.group(1)}&password={password}"
         connection.request("POST", "/dashboard/login", body=form, headers={
-            "Cookie": f"session={cookie}", "Content-Type": "application/x-www-form-urlencoded"})
+            "Cookie": f"{mm.SESSION_COOKIE}={cookie}", "Content-Type": "application/x-www-form-urlencoded"})
         response = connection.getresponse()
         return response.status, response.read().decode()
     finally:
