@@ -26,6 +26,7 @@ from typing import Any
 from typing import Callable
 from urllib.parse import urlencode
 
+import pytest
 from click.testing import CliRunner
 
 import mmoref_server as mm
@@ -506,6 +507,17 @@ def detail_table(page: Doc) -> dict[str, str]:
 
 
 # Real server processes on 127.0.0.1 ###########################################
+
+def required_program(name: str, install: str) -> str:
+    """The path of a program a test needs; missing, the test skips, or fails under CI=true."""
+    found = shutil.which(name) or shutil.which(name, path="/usr/sbin:/sbin")
+    if found is None:
+        reason = f"{name} is not installed ({install})"
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{reason}; CI=true requires it", pytrace=False)
+        pytest.skip(reason)
+    return found
+
 
 def free_port() -> int:
     with socket.socket() as sock:

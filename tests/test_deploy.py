@@ -1,15 +1,13 @@
 """deploy/mmoref.service: what the unit promises, and `systemd-analyze verify` where it exists."""
 from __future__ import annotations
 
-import shutil
 import subprocess
 from pathlib import PurePosixPath
-
-import pytest
 
 from tests.support import PYTHON
 from tests.support import ROOT
 from tests.support import SERVER_SCRIPT
+from tests.support import required_program
 
 UNIT = ROOT / "deploy" / "mmoref.service"
 
@@ -44,9 +42,7 @@ def test_the_unit_runs_as_its_own_user_with_only_the_database_folder_writable():
 
 
 def test_systemd_analyze_verify_accepts_the_unit(tmp_path):
-    analyze = shutil.which("systemd-analyze")
-    if analyze is None:
-        pytest.skip("systemd-analyze is not installed (it comes with systemd)")
+    analyze = required_program("systemd-analyze", "apt-get install systemd")
     # the shipped unit with its ExecStart pointing at this checkout: verify checks the program exists
     shipped = UNIT.read_text()
     assert "ExecStart=/opt/mmoref/venv/bin/python /opt/mmoref/mmoref_server.py serve" in shipped

@@ -32,6 +32,7 @@ from tests.support import Browser
 from tests.support import Doc
 from tests.support import csrf
 from tests.support import free_port
+from tests.support import required_program
 from tests.support import rows
 from tests.test_idle_connections import ANSWER_WITHIN
 from tests.test_idle_connections import OPEN_CONNECTIONS
@@ -77,14 +78,7 @@ http {{
 
 
 def tool(name: str) -> str:
-    """The path of a program the test needs; missing, it skips, or fails under CI=true."""
-    found = shutil.which(name) or shutil.which(name, path="/usr/sbin:/sbin")
-    if found is None:
-        reason = f"{name} is not installed (apt-get install nginx-light openssl)"
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"nginx tests cannot run: {reason}; CI=true requires them", pytrace=False)
-        pytest.skip(reason)
-    return found
+    return required_program(name, "apt-get install nginx-light openssl")
 
 
 def make_certificate(folder: Path) -> Path:
