@@ -603,6 +603,66 @@ def listening_addresses(port: int) -> set[str]:
     return found
 
 
+GUNICORN_ACCESS_LOG = ["--access-logfile", "-", "--access-logformat", "answered-by %(p)s %(s)s %(m)s %(U)s"]
+ANSWERED = re.compile(r"answered-by <(\d+)> (\d+) (\w+) (\S+)")   # worker pid, status, method, path
+
+
+def raw_request(method: str, path: str, body: bytes = b"", headers: dict[str, str] | None = None) -> bytes:
+    """One HTTP/1.1 request as bytes, on a connection it closes."""
+    headers = {"Host": "127.0.0.1", "Content-Length": str(len(body)), "Connection": "close", **(headers or {})}
+    head = "".join(f"{name}: {value}\r\n" for name, value in headers.items())
+    return f"{method} {path} HTTP/1.1\r\n{head}\r\n".encode() + body
+
+
+def signed_request(secret: str, body: bytes) -> bytes:
+    """The raw request that posts the event `body`, signed now with `secret`."""
+    return raw_request("POST", INGEST, body, {"Content-Type": "application/json",
+                                              mm.SIGNATURE_HEADER: mm.signature_header(secret, body)})
+
+
+def one_per_sync_worker(port: int, requests: Sequence[bytes]) -> list[tuple[int, bytes]]:
+    """Send `requests` so that each is served by another gunicorn sync worker; (status, body)
+    in the order answered: the last request first, then the others in order.
+
+    Which worker accepts a connection is the kernel's choice, so a test must not hope for a
+    spread. A sync worker serves one request at a time: each request but the last is held
+    back by one byte, keeping the worker that accepted it busy, so the next connection must go
+    to another worker. Then the held requests are finished, one after another.
+    """
+    held = []
+    for request in requests[:-1]:
+        connection = socket.create_connection(("127.0.0.1", port), timeout=HTTP_TIMEOUT)
+        connection.sendall(request[:-1])
+        held.append((connection, request[-1:]))
+    with socket.create_connection(("127.0.0.1", port), timeout=HTTP_TIMEOUT) as last:
+        last.sendall(requests[-1])
+        answers = [_read_answer(last)]
+    for connection, rest in held:
+        with connection:
+            connection.sendall(rest)
+            answers.append(_read_answer(connection))
+    return answers
+
+
+def _read_answer(connection: socket.socket) -> tuple[int, bytes]:
+    response = http.client.HTTPResponse(connection)
+    response.begin()
+    return response.status, response.read()
+
+
+def answering_workers(server: LiveServer, log_start: int, count: int, method: str) -> list[tuple[str, int]]:
+    """(worker pid, status) of the `count` requests of `method` in the access log since `log_start`
+    (GUNICORN_ACCESS_LOG), in the order they were answered; waits for lines that trail the answer."""
+    deadline = time.monotonic() + 5
+    while True:
+        lines = [(pid, int(status)) for pid, status, logged, _ in ANSWERED.findall(server.output()[log_start:])
+                 if logged == method]
+        if len(lines) >= count or time.monotonic() > deadline:
+            assert len(lines) == count, f"{count} answers, {len(lines)} access-log lines"
+            return lines
+        time.sleep(0.05)
+
+
 class HttpClient:
     """One keep-alive connection to a server on 127.0.0.1 (reconnects when the server closes it)."""
 

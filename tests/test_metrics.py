@@ -2,19 +2,24 @@
 exact across gunicorn worker processes."""
 from __future__ import annotations
 
-import re
+import json
 import sys
 import time
+from collections import Counter
 
 import pytest
 
 import mmoref_server as mm
+from tests.support import GUNICORN_ACCESS_LOG
 from tests.support import SERVER_ID
-from tests.support import HttpClient
 from tests.support import add_server
+from tests.support import answering_workers
 from tests.support import event_body
 from tests.support import mint_tokens
+from tests.support import one_per_sync_worker
+from tests.support import raw_request
 from tests.support import send_ok
+from tests.support import signed_request
 
 pytestmark = pytest.mark.both_engines  # the same on SQLite and on PostgreSQL
 
@@ -88,28 +93,26 @@ def test_metrics_token_setting_is_read_from_the_environment():
 @pytest.mark.skipif(sys.platform == "win32", reason="gunicorn runs on POSIX only")
 def test_metrics_sum_over_gunicorn_workers(live_server, store):
     pytest.importorskip("gunicorn")
-    secret = add_server(store)
-    events = 60
-    tokens = mint_tokens(store, [f"code{i}" for i in range(events)])
-    server = live_server(command=[sys.executable, "-m", "gunicorn", "-w", "4", "-b", "127.0.0.1:{port}",
-                                 "mmoref_server:create_app()"])
-    deadline = time.monotonic() + 20
-    while len(re.findall(r"Booting worker with pid", server.output())) < 4:
-        assert time.monotonic() < deadline, server.output()
-        time.sleep(0.1)
-    for index, token in enumerate(tokens):   # a new connection each: gunicorn spreads them over workers
-        client = HttpClient(server.port)
-        status, body = client.post_event(secret, event_body("registered", token, f"reg-{index}",
-                                                            referee=f"player-{index}"))
-        assert (status, body["state"]) == (200, "registered")
-        client.close()
-    for _ in range(8):                       # read through several workers: each must see all N
-        client = HttpClient(server.port)
-        status, text = client.request("GET", "/metrics")
-        client.close()
-        found = samples(text)
-        assert status == 200
-        key = f'mmoref_events_total{{server_id="{SERVER_ID}",event="registered",outcome="advanced"}}'
-        assert found[key] == events
-        assert events - 4 <= found["mmoref_ingest_latency_seconds_count"] <= events
+    secret, workers, rounds = add_server(store), 4, 15
+    tokens = mint_tokens(store, [f"code{i}" for i in range(workers * rounds)])
+    server = live_server(command=[sys.executable, "-m", "gunicorn", "-w", str(workers), "-b", "127.0.0.1:{port}",
+                                  *GUNICORN_ACCESS_LOG, "mmoref_server:create_app()"], env={"PYTHONUNBUFFERED": "1"})
+    log_start = len(server.output())
+    for first in range(0, len(tokens), workers):   # each round: one event to every worker
+        bodies = [event_body("registered", token, f"reg-{first + i}", referee=f"player-{first + i}")
+                  for i, token in enumerate(tokens[first:first + workers])]
+        answers = one_per_sync_worker(server.port, [signed_request(secret, body) for body in bodies])
+        assert [(status, json.loads(text)["state"]) for status, text in answers] == [(200, "registered")] * workers
+    served_by = Counter(pid for pid, _ in answering_workers(server, log_start, len(tokens), "POST"))
+    assert sorted(served_by.values()) == [rounds] * workers
+
+    log_start = len(server.output())
+    reads = one_per_sync_worker(server.port, [raw_request("GET", "/metrics")] * workers)
+    readers = {pid for pid, _ in answering_workers(server, log_start, workers, "GET")}
+    assert len(readers) == workers   # each worker read the metrics once: each must see all N
+    key = f'mmoref_events_total{{server_id="{SERVER_ID}",event="registered",outcome="advanced"}}'
+    for status, text in reads:
+        found = samples(text.decode())
+        assert (status, found[key]) == (200, len(tokens))
+        assert len(tokens) - workers <= found["mmoref_ingest_latency_seconds_count"] <= len(tokens)
     assert "Traceback" not in server.stop()
