@@ -3445,7 +3445,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     app.session_interface = _SessionInterface()
     app.register_blueprint(blueprint)
     app.add_url_rule("/", "home", _home)
-    _log_through_gunicorn()
+    _log_through_gunicorn(app.config["MMOREF_LOG_FORMAT"])
     if not _loaded_by_flask_command():  # `flask --app mmoref_server log ...` opens only the database it names
         with app.app_context():
             store = get_store()  # create or migrate the schema now; refuse a newer database at start-up
@@ -3467,8 +3467,9 @@ def _home() -> Any:
     return redirect(url_for("mmoref.dashboard.index"))
 
 
-def _log_through_gunicorn() -> None:
-    """Under gunicorn, write the "mmoref" log lines to its error log at its --log-level.
+def _log_through_gunicorn(log_format: str) -> None:
+    """Under gunicorn, write the "mmoref" log lines to its error log at its --log-level; with
+    MMOREF_LOG_FORMAT=json the whole error log is JSON lines (gunicorn's own lines too).
 
     gunicorn gives only its own loggers handlers; ours would reach an unconfigured root logger
     and its INFO lines (one per ingest request) would vanish. `serve` configures the root
@@ -3476,9 +3477,24 @@ def _log_through_gunicorn() -> None:
     """
     gunicorn_log = logging.getLogger("gunicorn.error")
     if gunicorn_log.handlers and not log.handlers:
+        if log_format == "json":
+            for handler in gunicorn_log.handlers:
+                handler.setFormatter(JsonLines())
         log.handlers[:] = gunicorn_log.handlers
         log.setLevel(gunicorn_log.level)
         log.propagate = False
+
+
+class JsonLines(logging.Formatter):
+    """One JSON object a line: time, level, logger, message, and the ingest line's fields as keys."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        utc = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+        entry = {"time": f"{utc}.{int(record.msecs):03d}Z", "level": record.levelname, "logger": record.name,
+                 "message": record.getMessage(), **getattr(record, "fields", {})}
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
 
 
 class _ForwardedByTrustedProxy:
@@ -3649,22 +3665,10 @@ def serve_command(db_path: str | None = None, host: str | None = None, port: int
 def _configure_logging(log_format: str) -> None:
     """`serve` logs to stderr: text lines, or one JSON object a line for log shippers."""
     handler = logging.StreamHandler()
-    handler.setFormatter(_JsonLines() if log_format == "json" else
+    handler.setFormatter(JsonLines() if log_format == "json" else
                          logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.basicConfig(level=logging.INFO, handlers=[handler])
     logging.getLogger("waitress.queue").setLevel(logging.ERROR)  # "Task queue depth is N" on every busy request
-
-
-class _JsonLines(logging.Formatter):
-    """One JSON object a line: time, level, logger, message, and the ingest line's fields as keys."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        utc = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
-        entry = {"time": f"{utc}.{int(record.msecs):03d}Z", "level": record.levelname, "logger": record.name,
-                 "message": record.getMessage(), **getattr(record, "fields", {})}
-        if record.exc_info:
-            entry["exception"] = self.formatException(record.exc_info)
-        return json.dumps(entry)
 
 
 # waitress's defaults let ~100 idle connections stop the server for two minutes (it stops

@@ -4,11 +4,13 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 
 import pytest
 
 import mmoref_server as mm
 from tests.support import PYTHON
+from tests.support import ROOT
 from tests.support import SERVER_SCRIPT
 from tests.support import HttpClient
 from tests.support import assert_one_error_line
@@ -52,6 +54,23 @@ def test_json_log_is_one_object_a_line_with_the_ingest_fields_as_keys(live_serve
     assert (refused["error"], refused["reason"], refused["outcome"]) == ("bad_signature", "mac_mismatch", None)
     assert too_large["error"] == "body too large"
     assert token not in stderr
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="gunicorn runs on POSIX only")
+def test_json_log_under_gunicorn_with_the_shipped_logging_config(live_server, db_path):
+    pytest.importorskip("gunicorn")
+    server = live_server(env={"MMOREF_LOG_FORMAT": "json"}, stderr_apart=True, command=[
+        PYTHON, "-m", "gunicorn", "-w", "1", "-b", "127.0.0.1:{port}",
+        "--log-config-json", str(ROOT / "deploy" / "gunicorn-logging.json"), "mmoref_server:create_app()"])
+    client = HttpClient(server.port)
+    assert client.request("POST", mm.INGEST_PATH, b"{}")[0] == 400
+    client.close()
+    access = [json.loads(line) for line in server.stop().splitlines()]             # stdout: the access log
+    errors = [json.loads(line) for line in server.stderr_path.read_text().splitlines()]   # every line is JSON
+    assert any(entry["message"].startswith("Starting gunicorn") for entry in errors), errors   # the master's too
+    [ingest] = [entry for entry in errors if entry["logger"] == "mmoref"]
+    assert (ingest["level"], ingest["status"], ingest["error"]) == ("INFO", 400, "missing signature header")
+    assert any('"POST /api/referral/events HTTP/1.1" 400' in entry["message"] for entry in access), access
 
 
 def test_text_log_is_the_default(live_server, db_path):
