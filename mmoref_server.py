@@ -1830,9 +1830,12 @@ class SQLiteStore(Store):
 
     def erase_freed_bytes(self) -> None:
         """Rewrite the whole file (VACUUM) and empty the write-ahead log, so no deleted or
-        overwritten value is left anywhere in the database's files. Blocks writers while it runs."""
+        overwritten value is left anywhere in the database's files. Blocks writers while it runs;
+        a StoreError when a reader kept the log (old values may still stand in it)."""
         self.connect().execute("VACUUM")
-        self.truncate_wal()
+        if not self.truncate_wal():
+            raise StoreError(f"the tables are rewritten, but another connection kept {self.path}-wal, which may"
+                             " still hold old values: run the command again (repeating it is safe)", "locked")
 
     def truncate_wal(self) -> bool:
         """Copy the write-ahead log into the database and truncate it; False if readers kept it."""

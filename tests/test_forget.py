@@ -17,11 +17,13 @@ from tests.support import SERVER_SCRIPT
 from tests.support import HttpClient
 from tests.support import add_server
 from tests.support import assert_one_error_line
+from tests.support import database
 from tests.support import event_body
 from tests.support import login
 from tests.support import mint_tokens
 from tests.support import rows
 from tests.support import scalar
+from tests.support import send_ok
 
 pytestmark = pytest.mark.both_engines  # the same on SQLite and on PostgreSQL
 
@@ -112,3 +114,17 @@ def test_the_forget_button_needs_the_csrf_token(owner, registered, db_path):
     response = owner.client.post(f"{KIT_TAB}/forget/{registered['referral_id']}", data={"confirm": "yes"})
     assert response.status_code == 400
     assert scalar(db_path, "SELECT referee_identity FROM referrals") == REFEREE
+
+
+@pytest.mark.sqlite_only
+def test_forget_says_so_when_a_reader_keeps_the_write_ahead_log(kit, store, db_path):
+    send_ok(kit, "registered", kit.token("alice"), "reg-1", referee_identity=PLAYER)
+    impatient = mm.Store(db_path, busy_timeout=0.2)
+    with database(db_path) as reader:
+        reader.execute("BEGIN")
+        reader.execute("SELECT count(*) FROM delivery_log").fetchone()   # a snapshot that needs the log
+        with pytest.raises(mm.StoreError, match="run the command again"):
+            mm.forget(impatient, kit.server_id, PLAYER)
+        reader.execute("COMMIT")
+    mm.forget(impatient, kit.server_id, PLAYER)   # repeated once the reader is gone: done
+    assert spellings_in_files(db_path, PLAYER) == []
