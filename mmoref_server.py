@@ -388,6 +388,52 @@ def verify(header: ParsedSignature | str, raw_body: bytes, live_secrets: Sequenc
     raise SignatureError("mac_mismatch", "no v1 matches the body")
 
 
+# Kit-side sender #############################################################
+# What a game server does, in the shape of the PHP vote-callback drop-ins owners know; the
+# dashboard's "Send test event", the `send` command and the tests use it too.
+
+
+def build_body(event: str, token: str, server_id: str, server_event_id: str, *,
+               referee_identity: str | None = None, test: bool = False, ts: int | None = None) -> bytes:
+    """Serialise the event once; sign and send exactly these bytes."""
+    body: dict[str, Any] = {"event": event, "token": token, "server_id": server_id,
+                            "server_event_id": server_event_id, "ts": now() if ts is None else ts}
+    if referee_identity is not None:
+        body["referee_identity"] = referee_identity
+    if test:
+        body["test"] = True
+    return json.dumps(body, separators=(",", ":")).encode("utf-8")
+
+
+def send_event(endpoint: str, secret: str, body: bytes, *, kid: str | None = None,
+               timeout: float = 10.0) -> dict[str, Any]:
+    """POST a signed body; return {"status": int | None, "body": parsed JSON or text, "error": str | None}.
+
+    Worked example (runs as-is against `python mmoref_server.py` after
+    `python mmoref_server.py add-server srv_123 --game mygame` and `mint-token srv_123 --ref alice`):
+
+        body = build_body("registered", TOKEN, "srv_123", "reg-7842", referee_identity="player-7842")
+        result = send_event("http://127.0.0.1:5000/api/referral/events", SECRET, body)
+        # {"status": 200, "body": {"ok": True, "referral_id": "ref_…", "state": "registered"}, "error": None}
+    """
+    request_ = urllib.request.Request(endpoint, data=body, method="POST", headers={
+        "Content-Type": "application/json", SIGNATURE_HEADER: signature_header(secret, body, kid=kid)})
+    try:
+        with urllib.request.urlopen(request_, timeout=timeout) as response:
+            status, raw = response.status, response.read()
+    except urllib.error.HTTPError as exc:
+        status, raw = exc.code, exc.read()
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", exc)
+        return {"status": None, "body": None, "error": f"cannot reach {endpoint}: {reason}"}
+    text = raw.decode("utf-8", "replace")
+    try:
+        parsed: Any = json.loads(text)
+    except ValueError:
+        parsed = text
+    return {"status": status, "body": parsed, "error": None}
+
+
 # Tokens (docs/contract.md §3) ################################################
 # An mmref token is itsdangerous-signed [server_id, referral_id] plus its issue time,
 # under a per-installation key: forgeries are caught without a database read.
@@ -2848,6 +2894,14 @@ def healthz() -> Any:
                           "hint": str(problem)}, 503)
 
 
+def _is_loopback(host: str) -> bool:
+    """A loopback address or "localhost": /metrics answers it, and `serve` warns for anything else."""
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 @blueprint.get("/metrics")
 def metrics() -> Any:
     """Prometheus text format, from the database's counters: the same numbers in every worker.
@@ -3770,13 +3824,6 @@ def _browser_host(host: str) -> str:
     return f"[{shown}]" if ":" in shown else shown
 
 
-def _is_loopback(host: str) -> bool:
-    try:
-        return host == "localhost" or ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def _exposure_lines(host: str, port: int) -> list[str]:
     """Listening beyond loopback: say how other machines reach it, and that they now can."""
     if _is_loopback(host):
@@ -4063,51 +4110,6 @@ def write_demo_database(path: str, force: bool = False) -> None:
     deliver("forged-token", "registered", "reg-forged", referee="player-x")     # 404 unknown token
     handle_ingest(store, b'{"event":"registered"}', None, window=300, ttl=ttl)  # 400, installation-wide
     store.close()
-
-
-# Kit-side sender #############################################################
-# What a game server does, in the shape of the PHP vote-callback drop-ins owners know.
-
-
-def build_body(event: str, token: str, server_id: str, server_event_id: str, *,
-               referee_identity: str | None = None, test: bool = False, ts: int | None = None) -> bytes:
-    """Serialise the event once; sign and send exactly these bytes."""
-    body: dict[str, Any] = {"event": event, "token": token, "server_id": server_id,
-                            "server_event_id": server_event_id, "ts": now() if ts is None else ts}
-    if referee_identity is not None:
-        body["referee_identity"] = referee_identity
-    if test:
-        body["test"] = True
-    return json.dumps(body, separators=(",", ":")).encode("utf-8")
-
-
-def send_event(endpoint: str, secret: str, body: bytes, *, kid: str | None = None,
-               timeout: float = 10.0) -> dict[str, Any]:
-    """POST a signed body; return {"status": int | None, "body": parsed JSON or text, "error": str | None}.
-
-    Worked example (runs as-is against `python mmoref_server.py` after
-    `python mmoref_server.py add-server srv_123 --game mygame` and `mint-token srv_123 --ref alice`):
-
-        body = build_body("registered", TOKEN, "srv_123", "reg-7842", referee_identity="player-7842")
-        result = send_event("http://127.0.0.1:5000/api/referral/events", SECRET, body)
-        # {"status": 200, "body": {"ok": True, "referral_id": "ref_…", "state": "registered"}, "error": None}
-    """
-    request_ = urllib.request.Request(endpoint, data=body, method="POST", headers={
-        "Content-Type": "application/json", SIGNATURE_HEADER: signature_header(secret, body, kid=kid)})
-    try:
-        with urllib.request.urlopen(request_, timeout=timeout) as response:
-            status, raw = response.status, response.read()
-    except urllib.error.HTTPError as exc:
-        status, raw = exc.code, exc.read()
-    except (urllib.error.URLError, OSError, ValueError) as exc:
-        reason = getattr(exc, "reason", exc)
-        return {"status": None, "body": None, "error": f"cannot reach {endpoint}: {reason}"}
-    text = raw.decode("utf-8", "replace")
-    try:
-        parsed: Any = json.loads(text)
-    except ValueError:
-        parsed = text
-    return {"status": status, "body": parsed, "error": None}
 
 
 # Templates and style sheet ###################################################

@@ -21,8 +21,8 @@ SQL_START = re.compile(r"""\s*(
 # module-level schema lists, besides the storage classes
 SQL_HOMES = ("MIGRATIONS", "POSTGRES_SCHEMA", "POSTGRES_MIGRATIONS")
 BANNER = re.compile(r"^# (?P<title>\S.*?) #{5,}$", re.MULTILINE)
-DOCUMENTED_ORDER = ("Configuration", "Errors and hints", "Signing", "Tokens", "Storage", "State machine",
-                    "Ingest pipeline", "Routes", "Dashboard", "App factory", "Command line", "Kit-side sender",
+DOCUMENTED_ORDER = ("Configuration", "Errors and hints", "Signing", "Kit-side sender", "Tokens", "Storage",
+                    "State machine", "Ingest pipeline", "Routes", "Dashboard", "App factory", "Command line",
                     "Templates", "main")
 
 
