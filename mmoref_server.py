@@ -829,6 +829,13 @@ def _create_private_file(path: str) -> None:
 T = TypeVar("T")
 
 
+_UNREAD = object()
+
+
+class _PieceFailed(Exception):
+    """A piece of a group commit raised while the batch ran without savepoints."""
+
+
 class _Pending:
     """One caller's share of a group commit: set `done` once the COMMIT holding it returned."""
 
@@ -851,11 +858,25 @@ class Transaction:
     machine decides; these methods only read and write. Rows are mappings by column name.
     """
 
-    __slots__ = ("db",)
+    __slots__ = ("db", "counters", "_generation")
     ROW_LOCK = ""  # PostgreSQL: " FOR UPDATE" (SQLite's BEGIN IMMEDIATE already serialises every writer)
+    SHARE_LOCK = ""  # PostgreSQL: " FOR SHARE"
 
     def __init__(self, db: Any):
         self.db = db
+        self._generation: str | None | object = _UNREAD
+        # Counter bumps not yet written, by (upsert, key): written once each by write_counters,
+        # just before COMMIT, so a batch of events costs one upsert per counter, not per event.
+        self.counters: dict[tuple[str, tuple[str, ...]], int] = {}
+
+    def configuration_generation(self) -> str | None:
+        """The configuration generation this transaction commits under, read once. No change to
+        servers or secrets commits before this transaction does: on SQLite the writer holds the
+        write lock; on PostgreSQL, FOR SHARE holds the generation's row until COMMIT."""
+        if self._generation is _UNREAD:
+            row = self.db.execute(Store.CONFIG_GENERATION + self.SHARE_LOCK).fetchone()
+            self._generation = row["value"] if row else None
+        return self._generation  # type: ignore[return-value]
 
     def server_exists(self, server_id: str) -> bool:
         return self.db.execute("SELECT 1 FROM servers WHERE server_id = ?", (server_id,)).fetchone() is not None
@@ -925,19 +946,28 @@ class Transaction:
 
     def count_event(self, server_id: str, event: str, outcome: str) -> None:
         """Count one answered event for /metrics (outcome: a logged one, or "duplicate")."""
-        self.db.execute("INSERT INTO event_counts (server_id, event, outcome, count) VALUES (?, ?, ?, 1)"
-                        " ON CONFLICT (server_id, event, outcome) DO UPDATE SET count = event_counts.count + 1",
-                        (server_id, event, outcome))
+        self._bump("INSERT INTO event_counts (server_id, event, outcome, count) VALUES (?, ?, ?, ?) ON CONFLICT"
+                   " (server_id, event, outcome) DO UPDATE SET count = event_counts.count + excluded.count",
+                   server_id, event, outcome)
 
     def count(self, server_id: str, referrer_code: str, column: str, at: int) -> None:
         """Bump the analytics counters for one click or transition (`column`: one of COUNTED)."""
-        day = _utc_date(at // 86400)
-        self.db.execute(f"INSERT INTO daily_counts (server_id, day, {column}) VALUES (?, ?, 1)"
-                        f" ON CONFLICT (server_id, day) DO UPDATE SET {column} = daily_counts.{column} + 1",
-                        (server_id, day))
-        self.db.execute(f"INSERT INTO referrer_counts (server_id, referrer_code, {column}) VALUES (?, ?, 1)"
-                        f" ON CONFLICT (server_id, referrer_code)"
-                        f" DO UPDATE SET {column} = referrer_counts.{column} + 1", (server_id, referrer_code))
+        self._bump(f"INSERT INTO daily_counts (server_id, day, {column}) VALUES (?, ?, ?) ON CONFLICT"
+                   f" (server_id, day) DO UPDATE SET {column} = daily_counts.{column} + excluded.{column}",
+                   server_id, _utc_date(at // 86400))
+        self._bump(f"INSERT INTO referrer_counts (server_id, referrer_code, {column}) VALUES (?, ?, ?) ON CONFLICT"
+                   f" (server_id, referrer_code) DO UPDATE SET {column} = referrer_counts.{column} + excluded.{column}",
+                   server_id, referrer_code)
+
+    def _bump(self, upsert: str, *key: str) -> None:
+        self.counters[upsert, key] = self.counters.get((upsert, key), 0) + 1
+
+    def write_counters(self) -> None:
+        """Write the bumped counters, one upsert each, in one order (no deadlock between
+        PostgreSQL nodes). Every write transaction calls this just before its COMMIT."""
+        for (upsert, key), bumps in sorted(self.counters.items()):
+            self.db.execute(upsert, (*key, bumps))
+        self.counters.clear()
 
     # per-client limits (docs/README "Security notes"): fixed windows, stale ones deleted as they pass
 
@@ -978,9 +1008,10 @@ class Configuration:
     request reads, and what changes only when the owner changes it.
 
     Every change to `servers` or `secrets` writes a new random `config_generation` in `meta`
-    in the same transaction, so one small read per request tells whether this copy is still
-    the database's, in every thread, worker process and node: a revoked secret or a disabled
-    server is refused from the first request after the change commits.
+    in the same transaction, so one small read tells whether this copy is still the database's,
+    in every thread, worker process and node. An event's own write transaction makes that read
+    (see process_event): a revoked secret or a disabled server is refused from the moment the
+    change commits.
     """
 
     def __init__(self, generation: str | None, servers: Sequence[Row], secrets_newest_first: Sequence[Row]):
@@ -1078,7 +1109,9 @@ class Store:
     def transaction(self) -> Iterator[Transaction]:
         """One write transaction, for the state machine's reads and writes."""
         with self._writing() as db:
-            yield self.TRANSACTION(db)
+            transaction = self.TRANSACTION(db)
+            yield transaction
+            transaction.write_counters()
 
     def _all(self, sql: str, params: Sequence[Any] = ()) -> list[Row]:
         with self._reading() as db:
@@ -1123,16 +1156,21 @@ class Store:
     def configuration(self) -> Configuration:
         """The servers and secrets: the kept copy while its generation is the database's, else read anew."""
         kept = self._configuration
-        if kept is not None and kept.generation == self._generation(self._one(self._CONFIG_GENERATION)):
+        if kept is not None and kept.generation == self._generation(self._one(self.CONFIG_GENERATION)):
             return kept
         with self._snapshot() as db:  # the generation and the rows it stands for, from one moment
             self._configuration = Configuration(
-                self._generation(db.execute(self._CONFIG_GENERATION).fetchone()),
+                self._generation(db.execute(self.CONFIG_GENERATION).fetchone()),
                 db.execute("SELECT * FROM servers").fetchall(),
                 db.execute("SELECT * FROM secrets ORDER BY created_at DESC, rowid DESC").fetchall())
         return self._configuration
 
-    _CONFIG_GENERATION = "SELECT value FROM meta WHERE key = 'config_generation'"
+    def kept_configuration(self) -> Configuration:
+        """The kept copy, unchecked (no database read); the first call reads it. Only for work that
+        checks the generation itself before it takes effect (see process_event)."""
+        return self._configuration or self.configuration()
+
+    CONFIG_GENERATION = "SELECT value FROM meta WHERE key = 'config_generation'"
 
     @staticmethod
     def _generation(row: Row | None) -> str | None:
@@ -1725,22 +1763,14 @@ class SQLiteStore(Store):
             self.close()
 
     def _commit_batch(self, batch: list[_Pending]) -> None:
+        """Commit the batch in one transaction, first without a SAVEPOINT per piece (two statements
+        fewer per event). If a piece raises, that attempt is rolled back and the batch runs again
+        with each piece in its own SAVEPOINT, so that only the failing piece fails."""
         try:
-            with self._writing() as db:
-                transaction = Transaction(db)
-                for item in batch:
-                    db.execute("SAVEPOINT work")
-                    try:
-                        item.result = item.work(transaction)
-                    except Exception as exc:
-                        item.error = exc
-                        if isinstance(exc, sqlite3.DatabaseError):
-                            self.problem_of(exc)
-                        if not db.in_transaction:  # SQLite rolled everything back (disk full, I/O error)
-                            raise
-                        db.execute("ROLLBACK TO work")
-                    db.execute("RELEASE work")
-                self._write_latency(db)
+            try:
+                self._run_batch(batch, isolated=False)
+            except _PieceFailed:
+                self._run_batch(batch, isolated=True)
         except BaseException as exc:  # BEGIN or COMMIT failed: nothing of the batch was written
             for item in batch:
                 item.result, item.error = None, exc
@@ -1749,6 +1779,36 @@ class SQLiteStore(Store):
         finally:
             for item in batch:
                 item.done.set()
+
+    def _run_batch(self, batch: list[_Pending], isolated: bool) -> None:
+        with self._writing() as db:
+            transaction = Transaction(db)
+            for item in batch:
+                if isolated:
+                    self._run_alone(transaction, item)
+                    continue
+                try:
+                    item.result = item.work(transaction)
+                except Exception:
+                    raise _PieceFailed from None
+            transaction.write_counters()
+            self._write_latency(db)
+
+    def _run_alone(self, transaction: Transaction, item: _Pending) -> None:
+        """One piece in its own SAVEPOINT: if it raises, only its writes and counter bumps are undone."""
+        db, counters = transaction.db, dict(transaction.counters)
+        db.execute("SAVEPOINT work")
+        try:
+            item.result = item.work(transaction)
+        except Exception as exc:
+            item.error = exc
+            if isinstance(exc, sqlite3.DatabaseError):
+                self.problem_of(exc)
+            if not db.in_transaction:  # SQLite rolled everything back (disk full, I/O error)
+                raise
+            db.execute("ROLLBACK TO work")
+            transaction.counters = counters
+        db.execute("RELEASE work")
 
     def _quick_check(self) -> None:
         """PRAGMA quick_check: refuse a damaged file at start instead of serving it (~0.1 s per 100 MB)."""
@@ -1912,6 +1972,7 @@ class _PostgresTransaction(Transaction):
 
     __slots__ = ()
     ROW_LOCK = " FOR UPDATE"
+    SHARE_LOCK = " FOR SHARE"
 
     def referral_for_event(self, referral_id: str, event: str, server_event_id: str) -> Row | None:
         # Lock first: the read that follows then sees whatever the lock's previous holder committed.
@@ -2102,6 +2163,7 @@ class Delivery:
     ts: int | float | None
     payload: str  # the body for the log: token masked, secrets scrubbed, cut to 2,000 characters
     forgotten_identity: str | None = None  # what `forget` leaves of referee_identity (see forgotten_form)
+    configuration_generation: str | None = None  # the Configuration it was verified against
 
     def is_referee(self, stored_identity: str | None) -> bool:
         """Whether a stored identity is this event's referee, as sent or as forgotten."""
@@ -2113,6 +2175,10 @@ def forgotten_form(identity_key: str, server_id: str, referee_identity: str) -> 
     (server, identity), so first touch still holds, and not reversible without the key."""
     message = f"{server_id}\0{referee_identity}".encode()
     return "forgotten:" + hmac.new(identity_key.encode(), message, hashlib.sha256).hexdigest()[:32]
+
+
+class _StaleConfiguration(Exception):
+    """The servers and secrets a request was checked against are no longer the database's."""
 
 
 WRITE_ATTEMPTS = 3  # a write that lost a race is tried again: first touch, a deadlock
@@ -2131,13 +2197,16 @@ def apply_event(store: Store, delivery: Delivery, ttl: int) -> dict[str, Any]:
             if attempt == WRITE_ATTEMPTS:
                 raise
             continue
-        if isinstance(outcome, ApiError):
+        if isinstance(outcome, (ApiError, _StaleConfiguration)):
             raise outcome  # after COMMIT: a detected expiry is stored, nothing else was written
         return outcome
     raise AssertionError("unreachable")
 
 
-def _decide_and_write(transaction: Transaction, delivery: Delivery, ttl: int) -> dict[str, Any] | ApiError:
+def _decide_and_write(transaction: Transaction, delivery: Delivery,
+                      ttl: int) -> dict[str, Any] | ApiError | _StaleConfiguration:
+    if transaction.configuration_generation() != delivery.configuration_generation:
+        return _StaleConfiguration()  # verified against servers or secrets that have changed since
     at, event = now(), delivery.event
     referral = transaction.referral_for_event(delivery.token_claims.referral_id, event, delivery.server_event_id)
     if referral is None or referral["server_id"] != delivery.server_id:
@@ -2226,12 +2295,21 @@ def owner_action(store: Store, referral_id: str, action: str) -> str:
 # One function, its steps in the order of docs/contract.md §1.4, each failing early with ApiError.
 
 
+CONFIGURATION_ATTEMPTS = 3  # a request runs again on a changed configuration; three changes in one request: 503
+
+
 def process_event(store: Store, raw_body: bytes, header: str | None, *, window: int, ttl: int) -> dict[str, Any]:
     """Steps 2-10 of docs/contract.md §1.4 (step 1, the size cap, happens before the body is read).
 
     Returns the 200 body or raises ApiError, whose `server_id` names the known server the
     request is about (None: it names none). Used by the HTTP route and the dashboard's
     "Send test event" button alike.
+
+    Steps 5-8 use the kept servers and secrets without reading the database. An event is
+    written only if they are still the database's at the COMMIT that holds it (the writer
+    checks the generation, once a batch); any other answer is given only after one read
+    confirms them. Otherwise the steps run again on the new configuration, so a revoked
+    secret or a disabled server is refused from the moment its change commits.
     """
     # 2. signature header present and well-formed
     try:
@@ -2242,9 +2320,40 @@ def process_event(store: Store, raw_body: bytes, header: str | None, *, window: 
                        server_id=_server_named_in(store, raw_body)) from None
     # 3. body is a JSON object; 4. fields have the documented shape
     fields = _event_fields(store, raw_body)
-    server_id = fields.server_id
+    configuration = store.kept_configuration()
+    for _ in range(CONFIGURATION_ATTEMPTS):
+        try:
+            return _verify_and_apply(store, configuration, parsed, fields, raw_body, window=window, ttl=ttl)
+        except _StaleConfiguration:
+            configuration = store.configuration()
+    raise ApiError(503, "database busy", HINTS["database busy"])
+
+
+def _verify_and_apply(store: Store, configuration: Configuration, parsed: ParsedSignature, fields: EventFields,
+                      raw_body: bytes, *, window: int, ttl: int) -> dict[str, Any]:
+    """Steps 5-10 against `configuration`; _StaleConfiguration when it turns out to be outdated."""
+    try:
+        delivery = _verified_delivery(store, configuration, parsed, fields, raw_body, window)
+    except ApiError:
+        _confirm(store, configuration)
+        raise
+    if delivery is None:  # 7. a verified dry run stops here
+        _confirm(store, configuration)
+        return {"ok": True, "test": True}
+    # 9-10. duplicate check and state machine, in one transaction
+    return apply_event(store, delivery, ttl)
+
+
+def _confirm(store: Store, configuration: Configuration) -> None:
+    if store.configuration() is not configuration:
+        raise _StaleConfiguration
+
+
+def _verified_delivery(store: Store, configuration: Configuration, parsed: ParsedSignature, fields: EventFields,
+                       raw_body: bytes, window: int) -> Delivery | None:
+    """Steps 5-8: the event, ready for the state machine (None: a verified dry run), or ApiError."""
     # 5. the server exists, takes referrals and has a secret
-    configuration = store.configuration()
+    server_id = fields.server_id
     server = configuration.server(server_id)
     if server is None:
         raise ApiError(404, "unknown server", HINTS["unknown server"])
@@ -2261,17 +2370,16 @@ def process_event(store: Store, raw_body: bytes, header: str | None, *, window: 
         raise _bad_signature(store, exc, parsed, raw_body, live, fields, at, window) from None
     # 7. a verified dry run stops here
     if fields.test:
-        return {"ok": True, "test": True}
+        return None
     # 8. the token is genuine and minted for this server (no database read needed)
     claims = read_token(store.token_key, fields.token)
     if claims is None or claims.server_id != server_id:
         raise ApiError(404, "unknown token", HINTS["unknown token"], server_id=server_id)
-    # 9-10. duplicate check and state machine, in one transaction
     forgotten = (forgotten_form(store.identity_key, server_id, fields.referee_identity)
                  if fields.referee_identity is not None else None)
-    delivery = Delivery(server_id, fields.event, claims, fields.server_event_id, fields.referee_identity,
-                        fields.ts, _scrubbed_snippet(raw_body, configuration.all_secrets(), limit=2000), forgotten)
-    return apply_event(store, delivery, ttl)
+    return Delivery(server_id, fields.event, claims, fields.server_event_id, fields.referee_identity, fields.ts,
+                    _scrubbed_snippet(raw_body, configuration.all_secrets(), limit=2000), forgotten,
+                    configuration.generation)
 
 
 def _event_fields(store: Store, raw_body: bytes) -> EventFields:

@@ -386,7 +386,7 @@ def prefill(db_path: Path, rows: int) -> tuple[str, float]:
     """Write `rows` registered events through the server's own storage and transition code."""
     store = mm.Store(str(db_path))
     secret, _ = store.add_server(SERVER_ID, GAME, "Bench", "http://localhost:8080/register")
-    ttl = mm.SETTINGS["MMOREF_TOKEN_TTL"][1]
+    ttl, generation = mm.SETTINGS["MMOREF_TOKEN_TTL"][1], store.configuration().generation
     started = time.perf_counter()
     for start in range(0, rows, 10_000):
         with store.transaction() as transaction:
@@ -396,7 +396,8 @@ def prefill(db_path: Path, rows: int) -> tuple[str, float]:
                 body = mm.build_body("registered", "prefilled", SERVER_ID, f"pre-{n}", referee_identity=f"pre-{n}",
                                      ts=issued)
                 delivery = mm.Delivery(SERVER_ID, "registered", mm.TokenClaims(SERVER_ID, referral_id, issued),
-                                       f"pre-{n}", f"pre-{n}", issued, mm._scrubbed_snippet(body, [secret], 2000))
+                                       f"pre-{n}", f"pre-{n}", issued, mm._scrubbed_snippet(body, [secret], 2000),
+                                       configuration_generation=generation)
                 mm._decide_and_write(transaction, delivery, ttl)  # the transition code the server runs
     store.close()
     return secret, time.perf_counter() - started
