@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import http.client
+import importlib.util
 import json
 import os
 import re
@@ -335,11 +336,11 @@ def compare_engines(args: argparse.Namespace, url: str, workdir: Path) -> list[d
         if engine == "postgresql":
             drop_postgres_database(url, db)
         table.append({"engine": engine, "nodes": nodes, **measured})
-        _report_row(table[-1])
+        _report_nodes_row(table[-1])
     return table
 
 
-def _report_row(row: dict) -> None:
+def _report_nodes_row(row: dict) -> None:
     ingest, health = row["ingest"], row["healthz"]
     print(f"{row['engine']:<10} {row['nodes']} node(s)  ingest {ingest['rate']:7.0f} events/s  {_latency(ingest)}"
           f"  healthz {health['rate']:7.0f} req/s  ratio {ingest['rate'] / health['rate']:.2f}", flush=True)
@@ -366,16 +367,16 @@ def fresh_database(workdir: Path, name: str) -> tuple[Path, str]:
 
 
 def server_table(args: argparse.Namespace, workdir: Path) -> dict[str, dict]:
-    """One ingest/healthz pair per server configuration: waitress at each thread count, then gunicorn."""
+    """Alternating ingest/healthz rounds per server configuration: waitress at each thread count, then gunicorn."""
     setups = {f"waitress, {threads} threads": {"threads": threads} for threads in args.thread_counts}
-    if shutil.which("gunicorn"):
+    if importlib.util.find_spec("gunicorn"):  # run as `python -m gunicorn`: no need for it on PATH
         setups.update({name: {"gunicorn": options} for name, options in GUNICORN.items()})
     table = {}
     for name, setup in setups.items():
         db_path, secret = fresh_database(workdir, f"table-{len(table)}.db")
         server = Server(db_path, **setup)
         try:
-            table[name] = measure_ingest(server, secret, args, workdir, f"t{len(table)}", with_healthz=True, rounds=1)
+            table[name] = measure_ingest(server, secret, args, workdir, f"t{len(table)}", with_healthz=True)
         finally:
             server.stop()
         _report_row(name, table[name])
