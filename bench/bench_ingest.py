@@ -190,7 +190,8 @@ def run_wrk(port: int, events: list[tuple[bytes, str]], seconds: float, connecti
         "limit": limit // threads})
     path = "/api/referral/events" if events else "/healthz"
     output = subprocess.run(
-        ["wrk", f"-t{threads}", f"-c{connections}", f"-d{max(1, round(seconds))}s", "--latency", "-s", str(script),
+        ["wrk", f"-t{threads}", f"-c{connections}", f"-d{max(1, round(seconds))}s", "--timeout", "10s", "--latency",
+         "-s", str(script),
          f"http://{HOST}:{port}{path}", "--", str(threads)],
         capture_output=True, text=True, timeout=seconds + 60)
     if "RESULT " not in output.stdout:
