@@ -360,7 +360,7 @@ def _with_cpu(server: Server, load: Callable[..., dict], *load_args: Any) -> dic
 
 
 def _median_round(rounds: list[dict]) -> dict:
-    keys = ("rate", "p50_ms", "p99_ms", "requests", "cpu_us")
+    keys = [key for key in ("rate", "p50_ms", "p99_ms", "requests", "cpu_us") if key in rounds[0]]  # no CPU: nodes
     return {key: statistics.median(r[key] for r in rounds) for key in keys}
 
 
