@@ -269,6 +269,8 @@ HINTS = {
     "internal error": "the server failed; retry later with the same server_event_id (it is idempotent)",
     "database busy": ("another process holds the database's write lock; retry in a few seconds"
                       " with the same server_event_id (it is idempotent)"),
+    "configuration changing": ("this server's settings or secrets changed three times while the event was"
+                               " checked; retry in a few seconds with the same server_event_id (it is idempotent)"),
     "database unavailable": ("the database file was deleted or replaced while the server was running;"
                              " the owner must restart it. Retry later with the same server_event_id"),
     "database unreachable": ("the database server is unreachable for now; retry in a few seconds with the same"
@@ -2326,7 +2328,7 @@ def process_event(store: Store, raw_body: bytes, header: str | None, *, window: 
             return _verify_and_apply(store, configuration, parsed, fields, raw_body, window=window, ttl=ttl)
         except _StaleConfiguration:
             configuration = store.configuration()
-    raise ApiError(503, "database busy", HINTS["database busy"])
+    raise ApiError(503, "database busy", HINTS["configuration changing"])
 
 
 def _verify_and_apply(store: Store, configuration: Configuration, parsed: ParsedSignature, fields: EventFields,

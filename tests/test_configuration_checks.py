@@ -98,6 +98,37 @@ def test_a_revocation_committed_between_verification_and_commit_refuses_the_even
     assert rows(db_path, "SELECT count(*) FROM delivery_log WHERE server_event_id = ?", "reg-window") == [(0,)]
 
 
+def test_a_configuration_changing_on_every_attempt_answers_503_and_the_retry_is_accepted(client, store, kept,
+                                                                                         db_path, monkeypatch):
+    """Each attempt is verified, then outdated by another server added elsewhere:
+    after CONFIGURATION_ATTEMPTS the answer is docs/contract.md §1.6's 503, nothing is written, and
+    the same event sent again once the changes stop is accepted."""
+    secret, elsewhere = kept
+    token = mint_tokens(store, ["bob"])[0]
+    body = event_body("registered", token, "reg-churn", referee="player-2")
+    read_token = mm.read_token
+
+    def add_server_then_read(key: str, value: str) -> Any:  # step 8: after the signature was verified
+        changes.append(elsewhere.add_server(f"other-{len(changes)}", "other-game", "Other", "http://localhost/r"))
+        return read_token(key, value)
+
+    changes: list[Any] = []
+    monkeypatch.setattr(mm, "read_token", add_server_then_read)
+    response = signed_post(client, secret, body)
+    status, answer = reply(response)
+
+    assert (status, answer, response.headers.get("Retry-After")) == (
+        503, {"ok": False, "error": "database busy"}, "5")
+    assert "settings or secrets changed" in response.get_json()["hint"]
+    assert len(changes) == mm.CONFIGURATION_ATTEMPTS
+    assert rows(db_path, "SELECT count(*) FROM delivery_log WHERE server_event_id = ?", "reg-churn") == [(0,)]
+
+    monkeypatch.setattr(mm, "read_token", read_token)
+    status, answer = _post(client, secret, body)
+    assert (status, answer["state"]) == (200, "registered"), answer
+    assert rows(db_path, "SELECT count(*) FROM delivery_log WHERE server_event_id = ?", "reg-churn") == [(1,)]
+
+
 def test_refusals_against_a_current_configuration_cost_no_retry(client, store, kept, monkeypatch):
     """A refusal is confirmed by one read; it is not run again while nothing changed."""
     secret, _ = kept
