@@ -830,9 +830,9 @@ class PostgresCluster:
     def start(self) -> None:
         self._pg_ctl("start")
 
-    def restart(self) -> None:
-        """`pg_ctl restart -m fast`: every connection is cut, the server is back a moment later."""
-        self._pg_ctl("restart", "-m", "fast")
+    def shut_down(self) -> None:
+        """`pg_ctl stop -m fast`: every connection is cut, the data stays; `start()` brings it back."""
+        self._pg_ctl("stop", "-m", "fast")
 
     def url(self, database: str = "postgres") -> str:
         return f"postgresql://postgres@127.0.0.1:{self.port}/{database}"
