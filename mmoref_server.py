@@ -35,6 +35,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+import weakref
 from collections.abc import Iterator
 from collections.abc import Mapping
 from collections.abc import Sequence
@@ -2027,6 +2028,10 @@ class PostgresStore(Store):
             url, min_size=1, max_size=self.POOL_SIZE, timeout=busy_timeout, open=True,
             kwargs={"autocommit": True, "row_factory": psycopg.rows.dict_row},
             configure=self._configure, check=psycopg_pool.ConnectionPool.check_connection)
+        # Closed with the store, or at exit at the latest: left to its __del__ at interpreter
+        # shutdown, the pool waits 5 s for each of its threads, which no longer run there
+        # (Python 3.13: a gunicorn worker took 20 s to stop).
+        weakref.finalize(self, self._pool.close)
         self._load_installation_keys()
 
     def _configure(self, connection: Any) -> None:

@@ -6,6 +6,8 @@ from __future__ import annotations
 import collections
 import http.client
 import json
+import subprocess
+import sys
 import threading
 import time
 from typing import Any
@@ -298,6 +300,22 @@ def test_postgresql_restart_mid_load_is_clear_503s_and_the_nodes_recover(live_se
     for node in nodes:  # recovered without a restart
         assert node.process.poll() is None
         assert HttpClient(node.port).request("GET", "/healthz") == (200, {"ok": True})
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="gunicorn runs on POSIX only")
+def test_a_gunicorn_worker_on_postgresql_stops_at_once_on_sigterm(live_server, pg_url):
+    """The pool closes with the process: left to interpreter shutdown, it waited 5 s for each of
+    its threads (Python 3.13), and a worker took 20 s to stop."""
+    pytest.importorskip("gunicorn", reason="gunicorn is not installed (pip install gunicorn)")
+    server = live_server(db_path=pg_url, command=[sys.executable, "-m", "gunicorn", "-w", "1",
+                                                  "-b", "127.0.0.1:{port}", "mmoref_server:create_app()"])
+    server.process.terminate()  # healthy: the worker has its store and pool
+    try:
+        status = server.process.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"gunicorn still running 10 s after SIGTERM:\n{server.output()}")
+    assert status == 0, server.output()
+    assert "couldn't stop thread" not in server.output()
 
 
 def test_healthz_is_503_while_postgresql_is_unreachable(postgres_cluster, pg_url, monkeypatch):
