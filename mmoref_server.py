@@ -2028,17 +2028,17 @@ class PostgresStore(Store):
             url, min_size=1, max_size=self.POOL_SIZE, timeout=busy_timeout, open=True,
             kwargs={"autocommit": True, "row_factory": psycopg.rows.dict_row},
             configure=self._configure, check=psycopg_pool.ConnectionPool.check_connection)
-        # Closed with the store, or at exit at the latest: left to its __del__ at interpreter
+        # Closed by close(), or at exit at the latest: left to its __del__ at interpreter
         # shutdown, the pool waits 5 s for each of its threads, which no longer run there
         # (Python 3.13: a gunicorn worker took 20 s to stop).
-        weakref.finalize(self, self._pool.close)
+        self._close_pool = weakref.finalize(self, self._pool.close)
         self._load_installation_keys()
 
     def _configure(self, connection: Any) -> None:
         connection.adapters.register_loader("numeric", self._number_loader)
 
     def close(self) -> None:
-        self._pool.close()
+        self._close_pool()  # once: later calls, and the finalizer at exit, do nothing
 
     @contextlib.contextmanager
     def _connection(self) -> Iterator[_PostgresConnection]:
