@@ -604,6 +604,13 @@ def listening_addresses(port: int) -> set[str]:
 
 
 GUNICORN_ACCESS_LOG = ["--access-logfile", "-", "--access-logformat", "answered-by %(p)s %(s)s %(m)s %(U)s"]
+
+
+def gunicorn_command(*options: str, workers: int = 1) -> list[str]:
+    """`gunicorn -w WORKERS OPTIONS mmoref_server:create_app()` with this Python, on the "{port}"
+    that `live_server` fills in."""
+    return [PYTHON, "-m", "gunicorn", "-w", str(workers), "-b", "127.0.0.1:{port}", *options,
+            "mmoref_server:create_app()"]
 ANSWERED = re.compile(r"answered-by <(\d+)> (\d+) (\w+) (\S+)")   # worker pid, status, method, path
 
 

@@ -16,6 +16,7 @@ from tests.support import SERVER_SCRIPT
 from tests.support import add_server
 from tests.support import answering_workers
 from tests.support import event_body
+from tests.support import gunicorn_command
 from tests.support import mint_tokens
 from tests.support import one_per_sync_worker
 from tests.support import signed_request
@@ -27,8 +28,7 @@ pytest.importorskip("gunicorn", reason="gunicorn is not installed (pip install g
 pytestmark = [pytest.mark.slow, pytest.mark.both_engines]  # every engine keeps the configuration alike
 
 WORKERS = 2
-GUNICORN = [sys.executable, "-m", "gunicorn", "-w", str(WORKERS), "-b", "127.0.0.1:{port}", *GUNICORN_ACCESS_LOG,
-            "mmoref_server:create_app()"]
+GUNICORN = gunicorn_command(*GUNICORN_ACCESS_LOG, workers=WORKERS)
 
 
 @pytest.fixture

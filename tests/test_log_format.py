@@ -15,6 +15,7 @@ from tests.support import SERVER_SCRIPT
 from tests.support import HttpClient
 from tests.support import assert_one_error_line
 from tests.support import free_port
+from tests.support import gunicorn_command
 
 pytestmark = pytest.mark.slow
 
@@ -59,9 +60,8 @@ def test_json_log_is_one_object_a_line_with_the_ingest_fields_as_keys(live_serve
 @pytest.mark.skipif(sys.platform == "win32", reason="gunicorn runs on POSIX only")
 def test_json_log_under_gunicorn_with_the_shipped_logging_config(live_server, db_path):
     pytest.importorskip("gunicorn")
-    server = live_server(env={"MMOREF_LOG_FORMAT": "json"}, stderr_apart=True, command=[
-        PYTHON, "-m", "gunicorn", "-w", "1", "-b", "127.0.0.1:{port}",
-        "--log-config-json", str(ROOT / "deploy" / "gunicorn-logging.json"), "mmoref_server:create_app()"])
+    server = live_server(env={"MMOREF_LOG_FORMAT": "json"}, stderr_apart=True, command=gunicorn_command(
+        "--log-config-json", str(ROOT / "deploy" / "gunicorn-logging.json")))
     client = HttpClient(server.port)
     assert client.request("POST", mm.INGEST_PATH, b"{}")[0] == 400
     client.close()

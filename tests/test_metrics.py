@@ -15,6 +15,7 @@ from tests.support import SERVER_ID
 from tests.support import add_server
 from tests.support import answering_workers
 from tests.support import event_body
+from tests.support import gunicorn_command
 from tests.support import mint_tokens
 from tests.support import one_per_sync_worker
 from tests.support import raw_request
@@ -95,8 +96,8 @@ def test_metrics_sum_over_gunicorn_workers(live_server, store):
     pytest.importorskip("gunicorn")
     secret, workers, rounds = add_server(store), 4, 15
     tokens = mint_tokens(store, [f"code{i}" for i in range(workers * rounds)])
-    server = live_server(command=[sys.executable, "-m", "gunicorn", "-w", str(workers), "-b", "127.0.0.1:{port}",
-                                  *GUNICORN_ACCESS_LOG, "mmoref_server:create_app()"], env={"PYTHONUNBUFFERED": "1"})
+    server = live_server(command=gunicorn_command(*GUNICORN_ACCESS_LOG, workers=workers),
+                         env={"PYTHONUNBUFFERED": "1"})
     log_start = len(server.output())
     for first in range(0, len(tokens), workers):   # each round: one event to every worker
         bodies = [event_body("registered", token, f"reg-{first + i}", referee=f"player-{first + i}")

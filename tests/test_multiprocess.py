@@ -12,6 +12,7 @@ from tests.support import REFEREE
 from tests.support import SERVER_ID
 from tests.support import add_server
 from tests.support import event_body
+from tests.support import gunicorn_command
 from tests.support import log_rows_for
 from tests.support import mint_tokens
 from tests.support import poster
@@ -27,8 +28,7 @@ pytest.importorskip("gunicorn", reason="gunicorn is not installed (pip install g
 pytestmark = [pytest.mark.slow, pytest.mark.both_engines]
 
 WORKERS = 4
-GUNICORN = [sys.executable, "-m", "gunicorn", "-w", str(WORKERS), "-b", "127.0.0.1:{port}",
-            "mmoref_server:create_app()"]
+GUNICORN = gunicorn_command(workers=WORKERS)
 
 
 @pytest.fixture

@@ -21,6 +21,7 @@ from tests.support import LiveServer
 from tests.support import add_server
 from tests.support import assert_one_error_line
 from tests.support import event_body
+from tests.support import gunicorn_command
 from tests.support import log_rows_for
 from tests.support import mint_tokens
 from tests.support import poster
@@ -307,8 +308,7 @@ def test_a_gunicorn_worker_on_postgresql_stops_at_once_on_sigterm(live_server, p
     """The pool closes with the process: left to interpreter shutdown, it waited 5 s for each of
     its threads (Python 3.13), and a worker took 20 s to stop."""
     pytest.importorskip("gunicorn", reason="gunicorn is not installed (pip install gunicorn)")
-    server = live_server(db_path=pg_url, command=[sys.executable, "-m", "gunicorn", "-w", "1",
-                                                  "-b", "127.0.0.1:{port}", "mmoref_server:create_app()"])
+    server = live_server(db_path=pg_url, command=gunicorn_command())
     server.process.terminate()  # healthy: the worker has its store and pool
     try:
         status = server.process.wait(timeout=10)
