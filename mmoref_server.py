@@ -43,7 +43,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from typing import Callable
-from typing import TypeVar
 
 import click
 import jinja2
@@ -270,8 +269,6 @@ HINTS = {
     "internal error": "the server failed; retry later with the same server_event_id (it is idempotent)",
     "database busy": ("another process holds the database's write lock; retry in a few seconds"
                       " with the same server_event_id (it is idempotent)"),
-    "configuration changing": ("this server's settings or secrets changed three times while the event was"
-                               " checked; retry in a few seconds with the same server_event_id (it is idempotent)"),
     "database unavailable": ("the database file was deleted or replaced while the server was running;"
                              " the owner must restart it. Retry later with the same server_event_id"),
     "database unreachable": ("the database server is unreachable for now; retry in a few seconds with the same"
@@ -751,9 +748,10 @@ def database_label(location: str) -> str:
 # stuck worker): a request answers 503 "database busy" after REQUEST_BUSY_TIMEOUT instead of
 # holding its thread; a CLI command can afford to wait longer.
 REQUEST_BUSY_TIMEOUT = 3
-WRITER_IDLE_SECONDS = 5          # an SQLiteStore's writer thread ends after this long without a write
 CLI_BUSY_TIMEOUT = 30
+WRITER_IDLE_SECONDS = 5          # an SQLiteStore's writer thread ends after this long without a write
 HEALTH_READ_TIMEOUT_MS = 500     # /healthz reads with this busy timeout; it never takes the write lock
+HEALTH_CHECK_SECONDS = 1         # /healthz checks the file, folder and disk at most this often
 LOW_DISK_BYTES = 1024 * 1024     # less free space than this on the database's filesystem: "disk full"
 LOCKED_REMEMBERED_SECONDS = 10   # /healthz reports a write that found the database locked for this long
 
@@ -829,23 +827,26 @@ def _create_private_file(path: str) -> None:
         raise database_error(path, "read-only" if _cannot_write(path) else "unusable", exc.strerror) from None
 
 
-T = TypeVar("T")
-
-
-_UNREAD = object()
-
-
-class _PieceFailed(Exception):
-    """A piece of a group commit raised while the batch ran without savepoints."""
-
-
 class _Pending:
-    """One caller's share of a group commit: set `done` once the COMMIT holding it returned."""
+    """One caller's share of a group commit: `done` is set once the COMMIT holding it returned."""
 
     __slots__ = ("work", "result", "error", "done")
 
     def __init__(self, work: Callable[[Transaction], Any]):
         self.work, self.result, self.error, self.done = work, None, None, threading.Event()
+
+    def run_in_savepoint(self, transaction: Transaction) -> None:
+        """Run the work; if it raises, undo its writes alone and keep its error for the caller."""
+        db = transaction.db
+        db.execute("SAVEPOINT work")
+        try:
+            self.result = self.work(transaction)
+        except Exception as exc:
+            self.error = exc
+            if not db.in_transaction:  # SQLite rolled the whole transaction back (disk full, I/O error)
+                raise
+            db.execute("ROLLBACK TO work")
+        db.execute("RELEASE work")
 
 
 @functools.lru_cache(maxsize=4)
@@ -857,29 +858,26 @@ def _utc_date(day_number: int) -> str:
 class Transaction:
     """The reads and writes the state machine makes, inside one write transaction.
 
-    `Store.transaction()` and `Store.group_commit()` hand one to their work. The state
-    machine decides; these methods only read and write. Rows are mappings by column name.
+    `Store.transaction()` hands one to its work. The state machine decides; these methods
+    only read and write. Rows are mappings by column name.
     """
 
-    __slots__ = ("db", "counters", "_generation")
+    __slots__ = ("db",)
     ROW_LOCK = ""  # PostgreSQL: " FOR UPDATE" (SQLite's BEGIN IMMEDIATE already serialises every writer)
     SHARE_LOCK = ""  # PostgreSQL: " FOR SHARE"
 
     def __init__(self, db: Any):
         self.db = db
-        self._generation: str | None | object = _UNREAD
-        # Counter bumps not yet written, by (upsert, key): written once each by write_counters,
-        # just before COMMIT, so a batch of events costs one upsert per counter, not per event.
-        self.counters: dict[tuple[str, tuple[str, ...]], int] = {}
 
-    def configuration_generation(self) -> str | None:
-        """The configuration generation this transaction commits under, read once. No change to
-        servers or secrets commits before this transaction does: on SQLite the writer holds the
-        write lock; on PostgreSQL, FOR SHARE holds the generation's row until COMMIT."""
-        if self._generation is _UNREAD:
-            row = self.db.execute(Store.CONFIG_GENERATION + self.SHARE_LOCK).fetchone()
-            self._generation = row["value"] if row else None
-        return self._generation  # type: ignore[return-value]
+    def server(self, server_id: str) -> Row | None:
+        """The server's row. No change to the server or its secrets commits before this transaction
+        ends: SQLite's BEGIN IMMEDIATE holds every writer off; on PostgreSQL, FOR SHARE holds the row
+        that such a change locks first."""
+        return self.db.execute(f"SELECT * FROM servers WHERE server_id = ?{self.SHARE_LOCK}", (server_id,)).fetchone()
+
+    def secrets(self) -> list[Row]:
+        """Every secret of the installation, newest first (see live_secrets)."""
+        return self.db.execute(SECRETS_NEWEST_FIRST).fetchall()
 
     def server_exists(self, server_id: str) -> bool:
         return self.db.execute("SELECT 1 FROM servers WHERE server_id = ?", (server_id,)).fetchone() is not None
@@ -947,30 +945,23 @@ class Transaction:
              event, server_event_id, outcome, at, payload, ts))
         self.count_event(referral["server_id"], event, outcome)
 
+    # Counters, in the transaction of what they count. Every transaction bumps them in one table
+    # order (daily_counts, referrer_counts, event_counts): no deadlock between PostgreSQL nodes.
+
     def count_event(self, server_id: str, event: str, outcome: str) -> None:
         """Count one answered event for /metrics (outcome: a logged one, or "duplicate")."""
-        self._bump("INSERT INTO event_counts (server_id, event, outcome, count) VALUES (?, ?, ?, ?) ON CONFLICT"
-                   " (server_id, event, outcome) DO UPDATE SET count = event_counts.count + excluded.count",
-                   server_id, event, outcome)
+        self.db.execute("INSERT INTO event_counts (server_id, event, outcome, count) VALUES (?, ?, ?, 1) ON CONFLICT"
+                        " (server_id, event, outcome) DO UPDATE SET count = event_counts.count + 1",
+                        (server_id, event, outcome))
 
     def count(self, server_id: str, referrer_code: str, column: str, at: int) -> None:
         """Bump the analytics counters for one click or transition (`column`: one of COUNTED)."""
-        self._bump(f"INSERT INTO daily_counts (server_id, day, {column}) VALUES (?, ?, ?) ON CONFLICT"
-                   f" (server_id, day) DO UPDATE SET {column} = daily_counts.{column} + excluded.{column}",
-                   server_id, _utc_date(at // 86400))
-        self._bump(f"INSERT INTO referrer_counts (server_id, referrer_code, {column}) VALUES (?, ?, ?) ON CONFLICT"
-                   f" (server_id, referrer_code) DO UPDATE SET {column} = referrer_counts.{column} + excluded.{column}",
-                   server_id, referrer_code)
-
-    def _bump(self, upsert: str, *key: str) -> None:
-        self.counters[upsert, key] = self.counters.get((upsert, key), 0) + 1
-
-    def write_counters(self) -> None:
-        """Write the bumped counters, one upsert each, in one order (no deadlock between
-        PostgreSQL nodes). Every write transaction calls this just before its COMMIT."""
-        for (upsert, key), bumps in sorted(self.counters.items()):
-            self.db.execute(upsert, (*key, bumps))
-        self.counters.clear()
+        self.db.execute(f"INSERT INTO daily_counts (server_id, day, {column}) VALUES (?, ?, 1) ON CONFLICT"
+                        f" (server_id, day) DO UPDATE SET {column} = daily_counts.{column} + 1",
+                        (server_id, _utc_date(at // 86400)))
+        self.db.execute(f"INSERT INTO referrer_counts (server_id, referrer_code, {column}) VALUES (?, ?, 1) ON"
+                        f" CONFLICT (server_id, referrer_code) DO UPDATE SET {column} = referrer_counts.{column} + 1",
+                        (server_id, referrer_code))
 
     # per-client limits (docs/README "Security notes"): fixed windows, stale ones deleted as they pass
 
@@ -1006,36 +997,13 @@ class Transaction:
                             " ORDER BY failures, last_at LIMIT ?)", (excess,))
 
 
-class Configuration:
-    """The servers and their secrets as of one configuration generation: what nearly every
-    request reads, and what changes only when the owner changes it.
+SECRETS_NEWEST_FIRST = "SELECT server_id, kid, secret, expires_at FROM secrets ORDER BY created_at DESC, rowid DESC"
 
-    Every change to `servers` or `secrets` writes a new random `config_generation` in `meta`
-    in the same transaction, so one small read tells whether this copy is still the database's,
-    in every thread, worker process and node. An event's own write transaction makes that read
-    (see process_event): a revoked secret or a disabled server is refused from the moment the
-    change commits.
-    """
 
-    def __init__(self, generation: str | None, servers: Sequence[Row], secrets_newest_first: Sequence[Row]):
-        self.generation = generation
-        self._servers = {row["server_id"]: row for row in servers}
-        self._secrets: dict[str, list[Row]] = {}
-        for row in secrets_newest_first:
-            self._secrets.setdefault(row["server_id"], []).append(row)
-        self._all_secrets = [row["secret"] for row in secrets_newest_first]
-
-    def server(self, server_id: str) -> Row | None:
-        return self._servers.get(server_id)
-
-    def live_secrets(self, server_id: str, at: int) -> list[tuple[str, str]]:
-        """[(kid, secret), ...] valid at `at`, current first (at most two)."""
-        return [(row["kid"], row["secret"]) for row in self._secrets.get(server_id, ())
-                if row["expires_at"] is None or row["expires_at"] > at]
-
-    def all_secrets(self) -> list[str]:
-        """Every secret of the installation, live or not: what a stored snippet must never hold."""
-        return self._all_secrets
+def live_secrets(secrets_newest_first: Sequence[Row], server_id: str, at: int) -> list[tuple[str, str]]:
+    """[(kid, secret), ...] of the server valid at `at`, current first (at most two)."""
+    return [(row["kid"], row["secret"]) for row in secrets_newest_first
+            if row["server_id"] == server_id and (row["expires_at"] is None or row["expires_at"] > at)]
 
 
 class Store:
@@ -1061,7 +1029,6 @@ class Store:
         self._keys: dict[str, str] = {}
         self._latency: dict[str, tuple[int, float]] = {}  # observed, not yet written: le -> (count, seconds)
         self._latency_lock = threading.Lock()
-        self._configuration: Configuration | None = None
 
     # what each engine supplies
 
@@ -1073,8 +1040,8 @@ class Store:
         """A connection inside a write transaction, committed at the end, rolled back on any exception."""
         raise NotImplementedError
 
-    def group_commit(self, work: Callable[[Transaction], T]) -> T:
-        """Run `work(transaction)` in a write transaction; return its result."""
+    def group_commit(self, work: Callable[[Transaction], Any]) -> Any:
+        """Run `work(transaction)` in a write transaction; return its result (or raise its error)."""
         raise NotImplementedError
 
     def health(self) -> StoreError | None:
@@ -1110,11 +1077,12 @@ class Store:
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[Transaction]:
-        """One write transaction, for the state machine's reads and writes."""
+        """One write transaction, for the state machine's reads and writes (and the ingest
+        latencies observed since the last one)."""
         with self._writing() as db:
-            transaction = self.TRANSACTION(db)
-            yield transaction
-            transaction.write_counters()
+            yield self.TRANSACTION(db)
+            if self._latency:
+                self._write_latency(db)
 
     def _all(self, sql: str, params: Sequence[Any] = ()) -> list[Row]:
         with self._reading() as db:
@@ -1156,37 +1124,8 @@ class Store:
 
     # servers and secrets
 
-    def configuration(self) -> Configuration:
-        """The servers and secrets: the kept copy while its generation is the database's, else read anew."""
-        kept = self._configuration
-        if kept is not None and kept.generation == self._generation(self._one(self.CONFIG_GENERATION)):
-            return kept
-        with self._snapshot() as db:  # the generation and the rows it stands for, from one moment
-            self._configuration = Configuration(
-                self._generation(db.execute(self.CONFIG_GENERATION).fetchone()),
-                db.execute("SELECT * FROM servers").fetchall(),
-                db.execute("SELECT * FROM secrets ORDER BY created_at DESC, rowid DESC").fetchall())
-        return self._configuration
-
-    def kept_configuration(self) -> Configuration:
-        """The kept copy, unchecked (no database read); the first call reads it. Only for work that
-        checks the generation itself before it takes effect (see process_event)."""
-        return self._configuration or self.configuration()
-
-    CONFIG_GENERATION = "SELECT value FROM meta WHERE key = 'config_generation'"
-
-    @staticmethod
-    def _generation(row: Row | None) -> str | None:
-        return row["value"] if row else None
-
-    @staticmethod
-    def _configuration_changed(db: Any) -> None:
-        """Call in every transaction that writes `servers` or `secrets` (see Configuration)."""
-        db.execute("INSERT INTO meta (key, value) VALUES ('config_generation', ?)"
-                   " ON CONFLICT (key) DO UPDATE SET value = excluded.value", (secrets.token_hex(8),))
-
     def server(self, server_id: str) -> Row | None:
-        return self.configuration().server(server_id)
+        return self._one("SELECT * FROM servers WHERE server_id = ?", (server_id,))
 
     def servers(self) -> list[Row]:
         return self._all("SELECT * FROM servers ORDER BY game, server_id")
@@ -1216,7 +1155,6 @@ class Store:
         assignments = ", ".join(f"{column} = ?" for column in changes)
         with self._writing() as db:
             db.execute(f"UPDATE servers SET {assignments} WHERE server_id = ?", (*changes.values(), server_id))
-            self._configuration_changed(db)
 
     def rotate_secret(self, server_id: str, grace: int = DEFAULT_GRACE_SECONDS) -> tuple[str, str]:
         """A new current secret; the old one stays valid `grace` seconds (0 = revoked now)."""
@@ -1259,18 +1197,16 @@ class Store:
         secret, kid = "mmsk_" + secrets.token_urlsafe(32), "k_" + secrets.token_hex(4)
         db.execute("INSERT INTO secrets (kid, server_id, secret, created_at, rotation_nonce) VALUES (?, ?, ?, ?, ?)",
                    (kid, server_id, secret, at, nonce))
-        Store._configuration_changed(db)  # a new server (add_server) or a rotation
         return secret, kid
 
     def set_secret(self, server_id: str, secret: str) -> None:
         """Give the server's secrets this value (the demo's well-known secret)."""
         with self._writing() as db:
             db.execute("UPDATE secrets SET secret = ? WHERE server_id = ?", (secret, server_id))
-            self._configuration_changed(db)
 
     def live_secrets(self, server_id: str, at: int) -> list[tuple[str, str]]:
         """[(kid, secret), ...] valid at `at`, current first (at most two)."""
-        return self.configuration().live_secrets(server_id, at)
+        return live_secrets(self._all(SECRETS_NEWEST_FIRST), server_id, at)
 
     def revoked_secrets(self, server_id: str, at: int, limit: int = 5) -> list[str]:
         """The newest secrets no longer valid at `at` (to explain a MAC made with one)."""
@@ -1280,7 +1216,7 @@ class Store:
 
     def all_secrets(self) -> list[str]:
         """Every secret of the installation, live or not: what a stored snippet must never hold."""
-        return self.configuration().all_secrets()
+        return [row["secret"] for row in self._all("SELECT secret FROM secrets")]
 
     def secret_summaries(self, server_id: str) -> list[Row]:
         """kid, last four characters and validity of each secret: never the secret itself."""
@@ -1300,17 +1236,12 @@ class Store:
         """
         check_name("referrer code", referrer_code)
         issued_at = now() if issued_at is None else issued_at
-
-        def click(transaction: Transaction) -> str | None:
+        with self.transaction() as transaction:
             if not transaction.server_exists(server_id):
                 raise ConfigError(f"unknown server {server_id!r}")
             if click_limit is not None and transaction.hit("click", click_limit[0], issued_at, 60) > click_limit[1]:
                 return None
-            return transaction.insert_referral(server_id, referrer_code, issued_at, ip_hash, user_agent, test)
-
-        referral_id = self.group_commit(click)
-        if referral_id is None:
-            return None
+            referral_id = transaction.insert_referral(server_id, referrer_code, issued_at, ip_hash, user_agent, test)
         return mint_token(self.token_key, server_id, referral_id, issued_at), referral_id
 
     def referral(self, referral_id: str) -> Row | None:
@@ -1444,7 +1375,7 @@ class Store:
         same_kind = (f"server_id {self.NULL_SAFE_EQUAL} ? AND status = ? AND error = ? AND reason"
                      f" {self.NULL_SAFE_EQUAL} ? AND hint = ? AND diagnosis {self.NULL_SAFE_EQUAL} ?")
 
-        def remember(transaction: Transaction) -> None:
+        with self.transaction() as transaction:
             at, db = now(), transaction.db
             db.execute("INSERT INTO rejection_counts (status, error, reason, count) VALUES (?, ?, ?, 1)"
                        " ON CONFLICT (status, error, reason) DO UPDATE SET count = rejection_counts.count + 1",
@@ -1464,8 +1395,6 @@ class Store:
             db.execute(f"DELETE FROM rejected_requests WHERE id IN (SELECT id FROM rejected_requests WHERE"
                        f" server_id {self.NULL_SAFE_EQUAL} ? ORDER BY last_seen_at DESC, id DESC LIMIT ? OFFSET ?)",
                        (server_id, 2**31, REJECTED_KEPT_PER_SERVER))
-
-        self.group_commit(remember)
 
     def rejected_requests(self, server_id: str | None, limit: int = 50) -> list[Row]:
         """The kept refusals, most recently seen first."""
@@ -1580,7 +1509,6 @@ class Store:
                                f" VALUES ({', '.join('?' * len(columns))})", tuple(row[column] for column in columns))
                 self._after_insert_rows(db, table)
                 counts[table] = len(rows)
-            self._configuration_changed(db)  # unlike any generation a process kept, SOURCE's included
         return counts
 
     def _after_insert_rows(self, db: Any, table: str) -> None:
@@ -1588,10 +1516,10 @@ class Store:
 
 
 class SQLiteStore(Store):
-    """The default engine: one SQLite file, WAL, one connection per thread (and per process, for
-    forking servers); ingest, clicks and refusals are written by one writer thread per process
-    (group_commit). Writers use BEGIN IMMEDIATE, so the UNIQUE constraints and the
-    read-then-write checks hold across threads and worker processes."""
+    """The default engine: one SQLite file in WAL mode. Reads use one connection per thread;
+    every write transaction runs on the request's own thread, one at a time, on one writing
+    connection (BEGIN IMMEDIATE), so the UNIQUE constraints and the read-then-write checks hold
+    across threads and worker processes."""
 
     CONFLICTS = (sqlite3.IntegrityError,)
 
@@ -1603,12 +1531,17 @@ class SQLiteStore(Store):
         self.busy_timeout = busy_timeout
         self._local = threading.local()
         self._pid = os.getpid()
-        self._queue: list[_Pending] = []
-        self._queue_lock = threading.Lock()
-        self._queued = threading.Condition(self._queue_lock)
-        self._writer: threading.Thread | None = None  # runs every group commit, on its own connection
+        # The threads of this process write one at a time: they queue on this lock and wake as soon
+        # as it is free, where SQLite's busy handler would have them sleep and poll. A forked worker
+        # process (gunicorn) opens its own writing connection; processes meet at SQLite's lock.
+        self._write_lock = threading.Lock()
+        self._write_db: sqlite3.Connection | None = None  # whose page cache stays warm between writes
+        self._queue: list[_Pending] = []    # group_commit's work, waiting for the writer thread
+        self._queued = threading.Condition()
+        self._writer_thread: threading.Thread | None = None
         self._write_failure: tuple[str, float] | None = None   # (problem, monotonic time) of the last write
         self._damage: str | None = None   # SQLite's words when a read or write found the file malformed
+        self._health: tuple[float, StoreError | None] = (-math.inf, None)  # (monotonic time, what /healthz said)
         _create_private_file(path)
         self._identity = None if path == ":memory:" else _file_identity(path)
         # mode=rw: a deleted file is never silently re-created empty by a new thread's connection
@@ -1636,33 +1569,41 @@ class SQLiteStore(Store):
 
     # connections and transactions
 
+    def _open(self) -> sqlite3.Connection:
+        try:
+            db = sqlite3.connect(self._uri, uri=True, isolation_level=None, timeout=self.busy_timeout,
+                                 check_same_thread=False)
+            db.row_factory = sqlite3.Row
+            db.execute(f"PRAGMA synchronous = {self.synchronous}")
+        except sqlite3.DatabaseError as exc:
+            raise self.error_for(exc) from None
+        return db
+
     def connect(self) -> sqlite3.Connection:
-        """This thread's connection (a forked worker opens its own)."""
+        """This thread's connection for reads (a forked worker opens its own)."""
         self._forget_parent_process()
         db = getattr(self._local, "db", None)
         if db is None:
-            try:
-                db = sqlite3.connect(self._uri, uri=True, isolation_level=None, timeout=self.busy_timeout)
-                db.row_factory = sqlite3.Row
-                db.execute(f"PRAGMA synchronous = {self.synchronous}")
-            except sqlite3.DatabaseError as exc:
-                raise self.error_for(exc) from None
-            self._local.db = db
+            db = self._local.db = self._open()
         return db
 
     def _forget_parent_process(self) -> None:
-        """In a forked worker, drop the connections and the writer thread of the parent process."""
+        """In a forked worker, drop the connections of the parent process."""
         if os.getpid() != self._pid:
-            self._local, self._pid, self._writer, self._queue = threading.local(), os.getpid(), None, []
-            self._queue_lock = threading.Lock()
-            self._queued = threading.Condition(self._queue_lock)
+            self._local, self._pid = threading.local(), os.getpid()
+            self._write_lock, self._write_db = threading.Lock(), None
+            self._queue, self._queued, self._writer_thread = [], threading.Condition(), None
 
     def close(self) -> None:
-        """Close this thread's connection."""
+        """Close this thread's connection and the writing one (both open again when next used)."""
         db = getattr(self._local, "db", None)
         if db is not None:
             db.close()
             self._local.db = None
+        with self._write_lock:
+            if self._write_db is not None:
+                self._write_db.close()
+                self._write_db = None
 
     @contextlib.contextmanager
     def _reading(self) -> Iterator[sqlite3.Connection]:
@@ -1681,28 +1622,86 @@ class SQLiteStore(Store):
             db.execute("COMMIT")
 
     @contextlib.contextmanager
+    def _writer(self) -> Iterator[sqlite3.Connection]:
+        """The writing connection, this thread's alone until the block ends."""
+        self._forget_parent_process()
+        with self._write_lock:
+            if self._write_db is None:
+                self._write_db = self._open()
+            yield self._write_db
+
+    @contextlib.contextmanager
     def _writing(self) -> Iterator[sqlite3.Connection]:
         """BEGIN IMMEDIATE ... COMMIT, rolled back on any exception (a failed COMMIT too).
 
         Nothing is committed into a file the path no longer names (one os.stat, ~1 µs): a
         restore by `mv` or a deletion while serving gets StoreError "replaced"/"deleted".
         """
-        db = self.connect()
-        try:
-            db.execute("BEGIN IMMEDIATE")
+        with self._writer() as db:
             try:
-                yield db
-                self._refuse_moved_file()
-                db.execute("COMMIT")
-            except BaseException:
-                if db.in_transaction:  # SQLite may already have rolled back after an I/O error
-                    db.execute("ROLLBACK")
+                db.execute("BEGIN IMMEDIATE")
+                try:
+                    yield db
+                    self._refuse_moved_file()
+                    db.execute("COMMIT")
+                except BaseException:
+                    if db.in_transaction:  # SQLite may already have rolled back after an I/O error
+                        db.execute("ROLLBACK")
+                    raise
+            except (sqlite3.Error, StoreError) as exc:
+                if not isinstance(exc, sqlite3.IntegrityError):  # a constraint is the caller's business
+                    self._write_failure = (self.problem_of(exc), time.monotonic())  # /healthz says so at once
                 raise
-        except sqlite3.Error as exc:
-            if not isinstance(exc, sqlite3.IntegrityError):  # a constraint is the caller's business
-                self._write_failure = (self.problem_of(exc), time.monotonic())
-            raise
-        self._write_failure = None
+        if self._write_failure is not None:  # a write succeeds again: /healthz looks afresh
+            self._write_failure, self._health = None, (-math.inf, None)
+
+    def group_commit(self, work: Callable[[Transaction], Any]) -> Any:
+        """Run `work(transaction)` in a write transaction shared with concurrent callers; return its
+        result, or raise its error, once the COMMIT that holds it has returned.
+
+        Each COMMIT writes every page it changed to the write-ahead log and, with synchronous=FULL,
+        waits for the disk. An event changes a dozen pages, half of them the same for every event
+        (counters, the ends of the delivery log's indexes). One writer thread runs the work queued
+        meanwhile in one transaction, each piece in its own SAVEPOINT (one that raises is undone
+        alone), and commits once: those pages and the disk wait are paid once per batch.
+        """
+        pending = _Pending(work)
+        self._forget_parent_process()
+        with self._queued:
+            self._queue.append(pending)
+            if self._writer_thread is None:
+                self._writer_thread = threading.Thread(target=self._write_queued, name="mmoref-writer", daemon=True)
+                self._writer_thread.start()
+            self._queued.notify()
+        pending.done.wait()
+        if pending.error is not None:
+            raise pending.error
+        return pending.result
+
+    def _write_queued(self) -> None:
+        """The writer thread: commit what is queued, batch after batch; end after WRITER_IDLE_SECONDS
+        without work, so an idle Store holds no thread."""
+        while True:
+            with self._queued:
+                if not self._queue:
+                    self._queued.wait(WRITER_IDLE_SECONDS)
+                if not self._queue:
+                    self._writer_thread = None
+                    return
+                batch, self._queue = self._queue, []
+            self._commit_batch(batch)
+
+    def _commit_batch(self, batch: list[_Pending]) -> None:
+        try:
+            with self.transaction() as transaction:
+                for item in batch:
+                    item.run_in_savepoint(transaction)
+        except Exception as exc:  # BEGIN or COMMIT failed, or SQLite rolled everything back: nothing was written
+            for item in batch:
+                item.result, item.error = None, exc
+        finally:
+            for item in batch:
+                item.done.set()
 
     def moved(self) -> str | None:
         """"deleted" or "replaced" when the path no longer names the file opened at start, else None."""
@@ -1719,99 +1718,6 @@ class SQLiteStore(Store):
             error = database_error(self.path, moved)
             log.error("%s", error)
             raise error
-
-    def group_commit(self, work: Callable[[Transaction], T]) -> T:
-        """Run `work(transaction)` in a write transaction shared with concurrent callers; return its result.
-
-        With synchronous=FULL each COMMIT waits for the disk (about 1 ms here), so one commit
-        per event caps ingest near 1/fsync. Instead callers queue their work for one writer
-        thread, which runs everything queued, each piece in its own SAVEPOINT, and commits
-        once. A caller returns only after the COMMIT that made its work durable; a piece that
-        raises is rolled back alone and its caller gets the error.
-
-        One writer thread on one connection, rather than whichever request thread comes first
-        on its own: no convoy of request threads on a commit lock, and a page cache that stays
-        warm (SQLite drops a connection's cache whenever another connection has committed).
-        """
-        pending = _Pending(work)
-        self._forget_parent_process()
-        with self._queued:
-            self._queue.append(pending)
-            if self._writer is None:
-                self._writer = threading.Thread(target=self._write_queued, name="mmoref-writer", daemon=True)
-                self._writer.start()
-            self._queued.notify()
-        pending.done.wait()
-        if pending.error is not None:
-            raise pending.error
-        return pending.result
-
-    def _write_queued(self) -> None:
-        """The writer thread: commit what is queued, batch after batch; end (and close its
-        connection) after WRITER_IDLE_SECONDS without work, so an idle Store holds no thread."""
-        try:
-            while True:
-                with self._queued:
-                    if not self._queue:
-                        self._queued.wait(WRITER_IDLE_SECONDS)
-                    if not self._queue:
-                        self._writer = None
-                        return
-                    batch, self._queue = self._queue, []
-                self._commit_batch(batch)
-        finally:
-            with self._queued:
-                if self._writer is threading.current_thread():  # ended by an exception: the next caller starts one
-                    self._writer = None
-            self.close()
-
-    def _commit_batch(self, batch: list[_Pending]) -> None:
-        """Commit the batch in one transaction, first without a SAVEPOINT per piece (two statements
-        fewer per event). If a piece raises, that attempt is rolled back and the batch runs again
-        with each piece in its own SAVEPOINT, so that only the failing piece fails."""
-        try:
-            try:
-                self._run_batch(batch, isolated=False)
-            except _PieceFailed:
-                self._run_batch(batch, isolated=True)
-        except BaseException as exc:  # BEGIN or COMMIT failed: nothing of the batch was written
-            for item in batch:
-                item.result, item.error = None, exc
-            if not isinstance(exc, Exception):
-                raise
-        finally:
-            for item in batch:
-                item.done.set()
-
-    def _run_batch(self, batch: list[_Pending], isolated: bool) -> None:
-        with self._writing() as db:
-            transaction = Transaction(db)
-            for item in batch:
-                if isolated:
-                    self._run_alone(transaction, item)
-                    continue
-                try:
-                    item.result = item.work(transaction)
-                except Exception:
-                    raise _PieceFailed from None
-            transaction.write_counters()
-            self._write_latency(db)
-
-    def _run_alone(self, transaction: Transaction, item: _Pending) -> None:
-        """One piece in its own SAVEPOINT: if it raises, only its writes and counter bumps are undone."""
-        db, counters = transaction.db, dict(transaction.counters)
-        db.execute("SAVEPOINT work")
-        try:
-            item.result = item.work(transaction)
-        except Exception as exc:
-            item.error = exc
-            if isinstance(exc, sqlite3.DatabaseError):
-                self.problem_of(exc)
-            if not db.in_transaction:  # SQLite rolled everything back (disk full, I/O error)
-                raise
-            db.execute("ROLLBACK TO work")
-            transaction.counters = counters
-        db.execute("RELEASE work")
 
     def _quick_check(self) -> None:
         """PRAGMA quick_check: refuse a damaged file at start instead of serving it (~0.1 s per 100 MB)."""
@@ -1835,12 +1741,27 @@ class SQLiteStore(Store):
             db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
     def health(self) -> StoreError | None:
-        """What keeps this database from taking writes now, found quickly and without the write lock."""
-        problem = self.moved() or ("malformed" if self._damage else None) or self._recent_write_failure()
+        """What keeps this database from taking writes, found without the write lock.
+
+        What a request's write ran into (damage, a full disk, a lock) is known at once. The
+        file, folder and disk checks and a read cost a few system calls: /healthz makes them
+        at most once every HEALTH_CHECK_SECONDS, so it answers nearly as cheaply as a no-op.
+        """
+        known = ("malformed" if self._damage else None) or self._recent_write_failure()
+        if known:
+            return database_error(self.path, self.moved() or known, self._damage or "")
+        checked_at, found = self._health
+        if time.monotonic() - checked_at >= HEALTH_CHECK_SECONDS:
+            found = self._check_file()
+            self._health = (time.monotonic(), found)
+        return found
+
+    def _check_file(self) -> StoreError | None:
+        problem = self.moved()
         if problem is None and self._identity is not None:
             problem = "read-only" if _cannot_write(self.path) else "disk full" if _low_on_disk(self.path) else None
         if problem:
-            return database_error(self.path, problem, self._damage or "")
+            return database_error(self.path, problem)
         try:
             self._read_quickly()
         except (sqlite3.Error, StoreError) as exc:
@@ -1925,14 +1846,14 @@ class SQLiteStore(Store):
         steps. An older database needs one full VACUUM (which blocks writers while it runs) to
         switch: only when `convert` is true.
         """
-        db = self.connect()
-        if db.execute("PRAGMA auto_vacuum").fetchone()[0] != 2:  # 2: INCREMENTAL
-            if not convert:
-                return False
-            db.execute("PRAGMA auto_vacuum = INCREMENTAL")
-            db.execute("VACUUM")
-        while db.execute("PRAGMA freelist_count").fetchone()[0]:
-            with self._writing():
+        with self._writer() as db:
+            if db.execute("PRAGMA auto_vacuum").fetchone()[0] != 2:  # 2: INCREMENTAL
+                if not convert:
+                    return False
+                db.execute("PRAGMA auto_vacuum = INCREMENTAL")
+                db.execute("VACUUM")
+        while self.connect().execute("PRAGMA freelist_count").fetchone()[0]:
+            with self._writing() as db:
                 db.execute(f"PRAGMA incremental_vacuum({VACUUM_PAGES_PER_STEP})").fetchall()
         self.truncate_wal()
         return True
@@ -1941,7 +1862,8 @@ class SQLiteStore(Store):
         """Rewrite the whole file (VACUUM) and empty the write-ahead log, so no deleted or
         overwritten value is left anywhere in the database's files. Blocks writers while it runs;
         a StoreError when a reader kept the log (old values may still stand in it)."""
-        self.connect().execute("VACUUM")
+        with self._writer() as db:
+            db.execute("VACUUM")
         if not self.truncate_wal():
             raise StoreError(f"the tables are rewritten, but another connection kept {self.path}-wal, which may"
                              " still hold old values: run the command again (repeating it is safe)", "locked")
@@ -2079,12 +2001,10 @@ class PostgresStore(Store):
             db.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
             yield db
 
-    def group_commit(self, work: Callable[[Transaction], T]) -> T:
+    def group_commit(self, work: Callable[[Transaction], Any]) -> Any:
         """Each piece of work is its own transaction: PostgreSQL's own group commit batches the fsyncs."""
         with self.transaction() as transaction:
-            result = work(transaction)
-            self._write_latency(transaction.db)
-            return result
+            return work(transaction)
 
     def database_bytes(self) -> int:
         return self._one("SELECT pg_database_size(current_database()) AS size")["size"]
@@ -2170,7 +2090,6 @@ class Delivery:
     ts: int | float | None
     payload: str  # the body for the log: token masked, secrets scrubbed, cut to 2,000 characters
     forgotten_identity: str | None = None  # what `forget` leaves of referee_identity (see forgotten_form)
-    configuration_generation: str | None = None  # the Configuration it was verified against
 
     def is_referee(self, stored_identity: str | None) -> bool:
         """Whether a stored identity is this event's referee, as sent or as forgotten."""
@@ -2184,36 +2103,9 @@ def forgotten_form(identity_key: str, server_id: str, referee_identity: str) -> 
     return "forgotten:" + hmac.new(identity_key.encode(), message, hashlib.sha256).hexdigest()[:32]
 
 
-class _StaleConfiguration(Exception):
-    """The servers and secrets a request was checked against are no longer the database's."""
-
-
-WRITE_ATTEMPTS = 3  # a write that lost a race is tried again: first touch, a deadlock
-
-
-def apply_event(store: Store, delivery: Delivery, ttl: int) -> dict[str, Any]:
-    """Steps 9-10 of docs/contract.md §1.4 in one BEGIN IMMEDIATE transaction; return the 200 body.
-
-    A UNIQUE violation means a concurrent writer won a race that our reads could not
-    see (another process); the retry then reads its result and answers accordingly.
-    """
-    for attempt in range(1, WRITE_ATTEMPTS + 1):
-        try:
-            outcome = store.group_commit(lambda transaction: _decide_and_write(transaction, delivery, ttl))
-        except store.CONFLICTS:
-            if attempt == WRITE_ATTEMPTS:
-                raise
-            continue
-        if isinstance(outcome, (ApiError, _StaleConfiguration)):
-            raise outcome  # after COMMIT: a detected expiry is stored, nothing else was written
-        return outcome
-    raise AssertionError("unreachable")
-
-
-def _decide_and_write(transaction: Transaction, delivery: Delivery,
-                      ttl: int) -> dict[str, Any] | ApiError | _StaleConfiguration:
-    if transaction.configuration_generation() != delivery.configuration_generation:
-        return _StaleConfiguration()  # verified against servers or secrets that have changed since
+def apply_event(transaction: Transaction, delivery: Delivery, ttl: int) -> dict[str, Any] | ApiError:
+    """Steps 9-10 of docs/contract.md §1.4: the 200 body, or the ApiError to raise once the
+    transaction is committed (a detected expiry is stored; nothing else was written)."""
     at, event = now(), delivery.event
     referral = transaction.referral_for_event(delivery.token_claims.referral_id, event, delivery.server_event_id)
     if referral is None or referral["server_id"] != delivery.server_id:
@@ -2302,7 +2194,7 @@ def owner_action(store: Store, referral_id: str, action: str) -> str:
 # One function, its steps in the order of docs/contract.md §1.4, each failing early with ApiError.
 
 
-CONFIGURATION_ATTEMPTS = 3  # a request runs again on a changed configuration; three changes in one request: 503
+WRITE_ATTEMPTS = 3  # a write that lost a race to another PostgreSQL node is tried again: first touch, a deadlock
 
 
 def process_event(store: Store, raw_body: bytes, header: str | None, *, window: int, ttl: int) -> dict[str, Any]:
@@ -2312,11 +2204,9 @@ def process_event(store: Store, raw_body: bytes, header: str | None, *, window: 
     request is about (None: it names none). Used by the HTTP route and the dashboard's
     "Send test event" button alike.
 
-    Steps 5-8 use the kept servers and secrets without reading the database. An event is
-    written only if they are still the database's at the COMMIT that holds it (the writer
-    checks the generation, once a batch); any other answer is given only after one read
-    confirms them. Otherwise the steps run again on the new configuration, so a revoked
-    secret or a disabled server is refused from the moment its change commits.
+    Steps 5-10 run in one write transaction: the server and its secrets are read where the
+    event is written, so a revoked secret or a disabled server is refused from the moment its
+    change commits, and a 200 is sent only after the COMMIT that holds the event.
     """
     # 2. signature header present and well-formed
     try:
@@ -2327,47 +2217,42 @@ def process_event(store: Store, raw_body: bytes, header: str | None, *, window: 
                        server_id=_server_named_in(store, raw_body)) from None
     # 3. body is a JSON object; 4. fields have the documented shape
     fields = _event_fields(store, raw_body)
-    configuration = store.kept_configuration()
-    for _ in range(CONFIGURATION_ATTEMPTS):
+    for attempt in range(1, WRITE_ATTEMPTS + 1):
         try:
-            return _verify_and_apply(store, configuration, parsed, fields, raw_body, window=window, ttl=ttl)
-        except _StaleConfiguration:
-            configuration = store.configuration()
-    raise ApiError(503, "database busy", HINTS["configuration changing"])
+            outcome = store.group_commit(
+                lambda transaction: _verify_and_apply(store, transaction, parsed, fields, raw_body, window, ttl))
+        except store.CONFLICTS:  # a concurrent writer won a race our reads could not see (PostgreSQL)
+            if attempt == WRITE_ATTEMPTS:
+                raise
+            continue
+        if isinstance(outcome, ApiError):
+            raise outcome
+        return outcome
+    raise AssertionError("unreachable")
 
 
-def _verify_and_apply(store: Store, configuration: Configuration, parsed: ParsedSignature, fields: EventFields,
-                      raw_body: bytes, *, window: int, ttl: int) -> dict[str, Any]:
-    """Steps 5-10 against `configuration`; _StaleConfiguration when it turns out to be outdated."""
-    try:
-        delivery = _verified_delivery(store, configuration, parsed, fields, raw_body, window)
-    except ApiError:
-        _confirm(store, configuration)
-        raise
-    if delivery is None:  # 7. a verified dry run stops here
-        _confirm(store, configuration)
+def _verify_and_apply(store: Store, transaction: Transaction, parsed: ParsedSignature, fields: EventFields,
+                      raw_body: bytes, window: int, ttl: int) -> dict[str, Any] | ApiError:
+    # 5-8. the server, its secrets, the signature and the token
+    delivery = _verified_delivery(store, transaction, parsed, fields, raw_body, window)
+    if delivery is None:  # a verified dry run stops here
         return {"ok": True, "test": True}
-    # 9-10. duplicate check and state machine, in one transaction
-    return apply_event(store, delivery, ttl)
+    # 9-10. duplicate check and state machine
+    return apply_event(transaction, delivery, ttl)
 
 
-def _confirm(store: Store, configuration: Configuration) -> None:
-    if store.configuration() is not configuration:
-        raise _StaleConfiguration
-
-
-def _verified_delivery(store: Store, configuration: Configuration, parsed: ParsedSignature, fields: EventFields,
+def _verified_delivery(store: Store, transaction: Transaction, parsed: ParsedSignature, fields: EventFields,
                        raw_body: bytes, window: int) -> Delivery | None:
     """Steps 5-8: the event, ready for the state machine (None: a verified dry run), or ApiError."""
     # 5. the server exists, takes referrals and has a secret
     server_id = fields.server_id
-    server = configuration.server(server_id)
+    server = transaction.server(server_id)
     if server is None:
         raise ApiError(404, "unknown server", HINTS["unknown server"])
     if not server["referrals_enabled"]:
         raise ApiError(404, "referrals not enabled", HINTS["referrals not enabled"], server_id=server_id)
-    at = now()
-    live = configuration.live_secrets(server_id, at)
+    at, every_secret = now(), transaction.secrets()
+    live = live_secrets(every_secret, server_id, at)
     if not live:
         raise ApiError(404, "no signing secret", HINTS["no signing secret"], server_id=server_id)
     # 6. timestamp window, kid, MAC
@@ -2384,9 +2269,9 @@ def _verified_delivery(store: Store, configuration: Configuration, parsed: Parse
         raise ApiError(404, "unknown token", HINTS["unknown token"], server_id=server_id)
     forgotten = (forgotten_form(store.identity_key, server_id, fields.referee_identity)
                  if fields.referee_identity is not None else None)
+    snippet = _scrubbed_snippet(raw_body, [row["secret"] for row in every_secret], limit=2000)
     return Delivery(server_id, fields.event, claims, fields.server_event_id, fields.referee_identity, fields.ts,
-                    _scrubbed_snippet(raw_body, configuration.all_secrets(), limit=2000), forgotten,
-                    configuration.generation)
+                    snippet, forgotten)
 
 
 def _event_fields(store: Store, raw_body: bytes) -> EventFields:

@@ -229,18 +229,16 @@ def revoke_every_secret(store: mm.Store, server_id: str) -> None:
     """No public path leaves a server without a live secret (add-server mints one): set it up in SQL."""
     with store.transaction() as transaction:
         transaction.db.execute("UPDATE secrets SET expires_at = ? WHERE server_id = ?", (mm.now(), server_id))
-        mm.Store._configuration_changed(transaction.db)  # as every change to secrets does
 
 
 def limit_writer_pages(store: mm.Store, pages: int | None = None) -> int:
-    """PRAGMA max_page_count on the connection that writes ingest (the store's writer thread):
-    `pages`, or the database's current size (the disk is full from its next growth). Returns the old limit."""
-    def set_limit(transaction: mm.Transaction) -> int:
+    """PRAGMA max_page_count on the connection every write of this process uses: `pages`, or the
+    database's current size (the disk is full from its next growth). Returns the old limit."""
+    with store.transaction() as transaction:
         db = transaction.db
         previous = db.execute("PRAGMA max_page_count").fetchone()[0]
         db.execute(f"PRAGMA max_page_count = {pages or db.execute('PRAGMA page_count').fetchone()[0]}")
-        return previous
-    return store.group_commit(set_limit)
+    return previous
 
 
 def send_ok(kit: Kit, event: str, token: str, event_id: str, **extra: Any) -> dict[str, Any]:
