@@ -42,9 +42,10 @@ import threading
 import time
 import urllib.parse
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from typing import Callable
+from typing import Union
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -55,26 +56,31 @@ CODES = 100  # referrer codes: a prefill of 1,000,000 rows gives 10,000 per code
 HOST = "127.0.0.1"
 
 
-# The server under test ########################################################
+# The servers under test ######################################################
 
-GUNICORN = {"gunicorn -w 2": ["-w", "2"], "gunicorn -w 2 gthread x4": ["-w", "2", "-k", "gthread", "--threads", "4"]}
+GUNICORN = {"gunicorn -w 2": ["-w", "2"],
+            "gunicorn -w 2 -k gthread --threads 4": ["-w", "2", "-k", "gthread", "--threads", "4"]}
+NOOP_SERVER = ROOT / "bench" / "noop_server.py"
 
 
 class Server:
-    """`python mmoref_server.py serve` with `threads` waitress threads, or gunicorn with `gunicorn` options."""
+    """`python mmoref_server.py serve` (from `checkout`: another version to compare with), the
+    bench's no-op server (`noop`), or gunicorn with `gunicorn` options; waitress `threads`."""
 
     def __init__(self, db_path: Path | str, threads: int = 0, gunicorn: list[str] | None = None,
-                 log_path: Path | None = None):
+                 log_path: Path | None = None, checkout: Path = ROOT, noop: bool = False):
         self.port, self.db_path = _free_port(), db_path
         self.log = open(log_path or Path(db_path).with_suffix(".log"), "a")  # noqa: SIM115 (closed in stop)
         env = {**os.environ, "MMOREF_ADMIN_PASSWORD": PASSWORD, "MMOREF_DB": str(db_path)}
         if threads:
             env["MMOREF_THREADS"] = str(threads)
-        command = [sys.executable, str(ROOT / "mmoref_server.py"), "serve", "--port", str(self.port)]
+        command = [sys.executable, str(checkout / "mmoref_server.py"), "serve", "--port", str(self.port)]
+        if noop:
+            command = [sys.executable, str(NOOP_SERVER), str(self.port)]
         if gunicorn:
             command = [sys.executable, "-m", "gunicorn", *gunicorn, "-b", f"{HOST}:{self.port}",
                        "mmoref_server:create_app()"]
-        self.process = subprocess.Popen(command, env=env, cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT)
+        self.process = subprocess.Popen(command, env=env, cwd=checkout, stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             try:
@@ -84,14 +90,15 @@ class Server:
                 time.sleep(0.1)
         raise SystemExit("the server did not start; see " + self.log.name)
 
-    def cpu_seconds(self) -> float:
-        """User + system CPU time of the server process and its worker processes, from /proc."""
-        total = 0.0
+    def cpu_seconds(self) -> tuple[float, float]:
+        """(user, system) CPU time of the server process and its worker processes, from /proc."""
+        user = system = 0.0
         for pid in [self.process.pid, *_children(self.process.pid)]:
             with contextlib.suppress(FileNotFoundError):
                 fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-                total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-        return total
+                user += int(fields[11]) / os.sysconf("SC_CLK_TCK")
+                system += int(fields[12]) / os.sysconf("SC_CLK_TCK")
+        return user, system
 
     def peak_rss_mb(self) -> float:
         status = Path(f"/proc/{self.process.pid}/status").read_text()
@@ -131,16 +138,25 @@ def request(method: str, port: int, path: str, body: bytes | None = None,
 
 # Tokens ######################################################################
 
-def mint_tokens(db_path: Path | str, count: int) -> list[str]:
-    """Record `count` clicks and mint their tokens with the server's own storage code, in one
-    transaction (the share link's per-client click limit would stop a single client at 30 a minute)."""
-    store = mm.Store(str(db_path))
-    issued = mm.now()
+def mint_tokens(db_path: Path | str, count: int, module: Any = mm) -> list[str]:
+    """Record `count` clicks and mint their tokens with the server's own storage code (`module`: the
+    mmoref_server under test), in one transaction (the share link's per-client limit is 30 a minute)."""
+    store = module.Store(str(db_path))
+    issued = module.now()
     with store.transaction() as transaction:
         referral_ids = [transaction.insert_referral(SERVER_ID, f"c{n % CODES}", issued) for n in range(count)]
-    tokens = [mm.mint_token(store.token_key, SERVER_ID, referral_id, issued) for referral_id in referral_ids]
+    tokens = [module.mint_token(store.token_key, SERVER_ID, referral_id, issued) for referral_id in referral_ids]
     store.close()
     return tokens
+
+
+def load_checkout(checkout: Path, name: str) -> Any:
+    """The mmoref_server module of another checkout (a version to compare with), as module `name`."""
+    spec = importlib.util.spec_from_file_location(name, checkout / "mmoref_server.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 # Load generators ##############################################################
@@ -155,7 +171,7 @@ function request()
   sent = sent + 1
   if #bodies == 0 then
     if sent > limit then wrk.thread:stop() end
-    return wrk.format("GET", "/healthz")
+    return wrk.format("GET", "%(path)s")
   end
   if index > #bodies then wrk.thread:stop(); index = #bodies end
   local body, signature = bodies[index], signatures[index]
@@ -170,6 +186,7 @@ function done(summary, latency, requests)
     latency:percentile(50) / 1000, latency:percentile(99) / 1000))
 end
 """
+Work = Union[str, list[tuple[bytes, str]]]  # a path to GET, or signed events to POST once each
 
 
 def signed_events(tokens: list[str], secret: str, label: str) -> list[tuple[bytes, str]]:
@@ -180,19 +197,18 @@ def signed_events(tokens: list[str], secret: str, label: str) -> list[tuple[byte
     return events
 
 
-def run_wrk(port: int, events: list[tuple[bytes, str]], seconds: float, connections: int,
-            workdir: Path, limit: int = 200_000) -> dict:
+def run_wrk(port: int, work: Work, seconds: float, connections: int, workdir: Path, limit: int = 200_000) -> dict:
     threads = min(2, connections)
+    events = [] if isinstance(work, str) else work
     script = workdir / "load.lua"
     script.write_text(WRK_SCRIPT % {
         "bodies": ",".join(json.dumps(body.decode()) for body, _ in events),
         "signatures": ",".join(json.dumps(signature) for _, signature in events),
-        "limit": limit // threads})
-    path = "/api/referral/events" if events else "/healthz"
+        "path": work if isinstance(work, str) else "", "limit": limit // threads})
+    path = work if isinstance(work, str) else "/api/referral/events"
     output = subprocess.run(
         ["wrk", f"-t{threads}", f"-c{connections}", f"-d{max(1, round(seconds))}s", "--timeout", "10s", "--latency",
-         "-s", str(script),
-         f"http://{HOST}:{port}{path}", "--", str(threads)],
+         "-s", str(script), f"http://{HOST}:{port}{path}", "--", str(threads)],
         capture_output=True, text=True, timeout=seconds + 60)
     if "RESULT " not in output.stdout:
         raise SystemExit(f"wrk failed:\n{output.stdout}\n{output.stderr}")
@@ -201,13 +217,13 @@ def run_wrk(port: int, events: list[tuple[bytes, str]], seconds: float, connecti
     return result
 
 
-def run_python_client(port: int, events: list[tuple[bytes, str]], seconds: float, connections: int,
-                      workdir: Path, limit: int = 200_000) -> dict:
+def run_python_client(port: int, work: Work, seconds: float, connections: int, workdir: Path,
+                      limit: int = 200_000) -> dict:
     """The fallback without wrk: keep-alive connections on threads, bounded by count and time."""
     latencies: list[float] = []
     bad = [0]
     lock = threading.Lock()
-    pending = iter(events) if events else None
+    pending = None if isinstance(work, str) else iter(work)
     deadline = time.monotonic() + seconds
 
     def worker() -> None:
@@ -217,7 +233,7 @@ def run_python_client(port: int, events: list[tuple[bytes, str]], seconds: float
             if time.monotonic() > deadline:
                 break
             if pending is None:
-                method, path, body, headers = "GET", "/healthz", None, {}
+                method, path, body, headers = "GET", str(work), None, {}
             else:
                 with lock:
                     item = next(pending, None)
@@ -246,53 +262,71 @@ def run_python_client(port: int, events: list[tuple[bytes, str]], seconds: float
             "p50_ms": pick(0.50), "p99_ms": pick(0.99), "rate": len(latencies) / elapsed}
 
 
-# Stages ########################################################################
+# Measuring: contenders in alternating rounds #################################
 
-def measure_ingest(server: Server, secret: str, args: argparse.Namespace, workdir: Path, label: str,
-                   with_healthz: bool, rounds: int | None = None, connections: int | None = None,
-                   refusals_allowed: bool = False) -> dict:
-    """Alternate ingest and healthz rounds: medians of each, of the pairs' ratios, and the
-    server's CPU time per request (from /proc, which neighbours' load disturbs far less).
+@dataclass
+class Contender:
+    """One row of a comparison: a server and what to send it (`path`: GET it; else signed events)."""
+    server: Server
+    path: str | None = None
+    secret: str = ""
+    module: Any = mm  # the mmoref_server that mints this server's tokens
+    refusals_allowed: bool = False  # gunicorn on one SQLite file may answer 503 "database busy"
 
-    An answer other than 200 ends the run, unless `refusals_allowed` (several processes sharing
-    one SQLite file may answer 503 "database busy"): then they are counted in "not_200"."""
+    def work(self, args: argparse.Namespace, label: str) -> Work:
+        if self.path:
+            return self.path
+        return signed_events(mint_tokens(self.server.db_path, args.events, self.module), self.secret, label)
+
+
+def alternate(contenders: dict[str, Contender], args: argparse.Namespace, workdir: Path,
+              connections: int | None = None, rounds: int | None = None) -> dict[str, dict]:
+    """Each round runs every contender once, in turn; each gets the medians of its rounds, and
+    `vs_first`/`cpu_vs_first`: the medians of its rate and CPU per request over the first's, round
+    by round (a neighbour's load then slows both alike). CPU comes from /proc, user and system apart."""
     load = run_wrk if shutil.which("wrk") and not args.python_client else run_python_client
-    connections = connections or args.connections
-    ingest_rounds, health_rounds = [], []
-    for round_number in range(rounds or args.rounds):
-        events = signed_events(mint_tokens(server.db_path, args.events), secret, f"{label}{round_number}")
-        ingest_rounds.append(_with_cpu(server, load, events, args.seconds, connections, workdir))
-        if ingest_rounds[-1]["socket_errors"] or (ingest_rounds[-1]["bad_status"] and not refusals_allowed):
-            raise SystemExit(f"ingest round failed: {ingest_rounds[-1]}")
-        if with_healthz:
-            health_rounds.append(_with_cpu(server, load, [], args.seconds, connections, workdir))
-    summary = {"ingest": _median_round(ingest_rounds), "rounds": ingest_rounds,
-               "not_200": sum(r["bad_status"] for r in ingest_rounds)}
-    if with_healthz:
-        summary["healthz"] = _median_round(health_rounds)
-        pairs = list(zip(ingest_rounds, health_rounds))
-        summary["ratio"] = statistics.median(i["rate"] / h["rate"] for i, h in pairs)
-        summary["cpu_ratio"] = statistics.median(i["cpu_us"] / h["cpu_us"] for i, h in pairs)
+    runs: dict[str, list[dict]] = {name: [] for name in contenders}
+    for number in range(rounds or args.rounds):
+        for name, contender in contenders.items():
+            work = contender.work(args, f"r{number}{len(runs[name])}{abs(hash(name)) % 10**6}")
+            before = contender.server.cpu_seconds()
+            result = load(contender.server.port, work, args.seconds, connections or args.connections, workdir)
+            after = contender.server.cpu_seconds()
+            requests = max(1, result["requests"])
+            result["user_us"], result["system_us"] = ((b - a) * 1e6 / requests for a, b in zip(before, after))
+            result["cpu_us"] = result["user_us"] + result["system_us"]
+            if result["socket_errors"] or (result["bad_status"] and not contender.refusals_allowed):
+                raise SystemExit(f"{name}: a round failed: {result}")
+            runs[name].append(result)
+    first = runs[next(iter(runs))]
+    summary = {}
+    for name, rounds_run in runs.items():
+        summary[name] = {key: statistics.median(r[key] for r in rounds_run)
+                         for key in ("rate", "p50_ms", "p99_ms", "requests", "user_us", "system_us", "cpu_us")}
+        summary[name]["vs_first"] = statistics.median(r["rate"] / f["rate"] for r, f in zip(rounds_run, first))
+        summary[name]["cpu_vs_first"] = statistics.median(r["cpu_us"] / f["cpu_us"] for r, f in zip(rounds_run, first))
+        summary[name]["not_200"] = sum(r["bad_status"] for r in rounds_run)
     return summary
 
 
 def measure_nodes(servers: list[Server], db: str, secret: str, args: argparse.Namespace, workdir: Path,
                   label: str) -> dict:
-    """Like measure_ingest, the load split evenly over several servers on one database: summed
+    """Like `alternate`, the load split evenly over several servers on one database: summed
     rates, the worst server's p50 and p99."""
     load = run_wrk if shutil.which("wrk") and not args.python_client else run_python_client
     ports = [server.port for server in servers]
     connections = max(1, args.connections // len(ports))
 
-    def spread(events: list[tuple[bytes, str]]) -> dict:
+    def spread(work: Work) -> dict:
         def one(index: int) -> dict:
             folder = workdir / f"node{index}"
             folder.mkdir(exist_ok=True)
-            return load(ports[index], events[index::len(ports)], args.seconds, connections, folder)
+            share = work if isinstance(work, str) else work[index::len(ports)]
+            return load(ports[index], share, args.seconds, connections, folder)
 
         with ThreadPoolExecutor(len(ports)) as pool:
             results = list(pool.map(one, range(len(ports))))
-        if events and any(r["bad_status"] or r["socket_errors"] for r in results):  # as measure_ingest
+        if not isinstance(work, str) and any(r["bad_status"] or r["socket_errors"] for r in results):
             raise SystemExit(f"an ingest round failed: {results}")
         return {"rate": sum(r["rate"] for r in results), "requests": sum(r["requests"] for r in results),
                 "p50_ms": max(r["p50_ms"] for r in results), "p99_ms": max(r["p99_ms"] for r in results)}
@@ -301,7 +335,7 @@ def measure_nodes(servers: list[Server], db: str, secret: str, args: argparse.Na
     for round_number in range(args.rounds):
         events = signed_events(mint_tokens(db, args.events), secret, f"{label}{round_number}")
         ingest_rounds.append(spread(events))
-        health_rounds.append(spread([]))
+        health_rounds.append(spread("/healthz"))
     return {"ingest": _median_round(ingest_rounds), "healthz": _median_round(health_rounds)}
 
 
@@ -352,50 +386,23 @@ def _report_nodes_row(row: dict) -> None:
           f"  healthz {health['rate']:7.0f} req/s  ratio {ingest['rate'] / health['rate']:.2f}", flush=True)
 
 
-def _with_cpu(server: Server, load: Callable[..., dict], *load_args: Any) -> dict:
-    before = server.cpu_seconds()
-    result = load(server.port, *load_args)
-    result["cpu_us"] = (server.cpu_seconds() - before) * 1e6 / max(1, result["requests"])
-    return result
-
-
 def _median_round(rounds: list[dict]) -> dict:
-    keys = [key for key in ("rate", "p50_ms", "p99_ms", "requests", "cpu_us") if key in rounds[0]]  # no CPU: nodes
-    return {key: statistics.median(r[key] for r in rounds) for key in keys}
+    return {key: statistics.median(r[key] for r in rounds) for key in ("rate", "p50_ms", "p99_ms", "requests")}
 
 
-def fresh_database(workdir: Path, name: str) -> tuple[Path, str]:
+def fresh_database(workdir: Path, name: str, module: Any = mm) -> tuple[Path, str]:
     db_path = workdir / name
-    store = mm.Store(str(db_path))
+    store = module.Store(str(db_path))
     secret, _ = store.add_server(SERVER_ID, GAME, "Bench", "http://localhost:8080/register")
     store.close()
     return db_path, secret
-
-
-def server_table(args: argparse.Namespace, workdir: Path) -> dict[str, dict]:
-    """Alternating ingest/healthz rounds per server configuration: waitress at each thread count, then gunicorn."""
-    setups = {f"waitress, {threads} threads": {"threads": threads} for threads in args.thread_counts}
-    if importlib.util.find_spec("gunicorn"):  # run as `python -m gunicorn`: no need for it on PATH
-        setups.update({name: {"gunicorn": options} for name, options in GUNICORN.items()})
-    table = {}
-    for name, setup in setups.items():
-        db_path, secret = fresh_database(workdir, f"table-{len(table)}.db")
-        server = Server(db_path, **setup)
-        try:
-            table[name] = measure_ingest(server, secret, args, workdir, f"t{len(table)}", with_healthz=True,
-                                         refusals_allowed="gunicorn" in setup)
-            table[name]["busy_503"] = Path(server.log.name).read_text().count("status=503 error=database busy")
-        finally:
-            server.stop()
-        _report_row(name, table[name])
-    return table
 
 
 def prefill(db_path: Path, rows: int) -> tuple[str, float]:
     """Write `rows` registered events through the server's own storage and transition code."""
     store = mm.Store(str(db_path))
     secret, _ = store.add_server(SERVER_ID, GAME, "Bench", "http://localhost:8080/register")
-    ttl, generation = mm.SETTINGS["MMOREF_TOKEN_TTL"][1], store.configuration().generation
+    ttl = mm.SETTINGS["MMOREF_TOKEN_TTL"][1]
     started = time.perf_counter()
     for start in range(0, rows, 10_000):
         with store.transaction() as transaction:
@@ -405,9 +412,8 @@ def prefill(db_path: Path, rows: int) -> tuple[str, float]:
                 body = mm.build_body("registered", "prefilled", SERVER_ID, f"pre-{n}", referee_identity=f"pre-{n}",
                                      ts=issued)
                 delivery = mm.Delivery(SERVER_ID, "registered", mm.TokenClaims(SERVER_ID, referral_id, issued),
-                                       f"pre-{n}", f"pre-{n}", issued, mm._scrubbed_snippet(body, [secret], 2000),
-                                       configuration_generation=generation)
-                mm._decide_and_write(transaction, delivery, ttl)  # the transition code the server runs
+                                       f"pre-{n}", f"pre-{n}", issued, mm._scrubbed_snippet(body, [secret], 2000))
+                mm.apply_event(transaction, delivery, ttl)  # the transition code the server runs
     store.close()
     return secret, time.perf_counter() - started
 
@@ -470,14 +476,15 @@ def time_pages(port: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
-    parser.add_argument("--rows", type=int, default=1_000_000, help="prefilled delivery-log rows")
+    parser.add_argument("--rows", type=int, default=1_000_000, help="prefilled delivery-log rows (0: skip)")
     parser.add_argument("--seconds", type=int, default=4, help="length of each load round")
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--events", type=int, default=8000, help="unique events minted per ingest round")
     parser.add_argument("--connections", type=int, default=16)
     parser.add_argument("--threads", type=int, default=0, help="waitress threads (0: the server's default)")
-    parser.add_argument("--thread-counts", type=lambda text: [int(n) for n in text.split(",")],
-                        default=[1, 2, 4, 8, 16], help="waitress thread counts for the table")
+    parser.add_argument("--baseline", type=Path, action="append", default=[],
+                        help="a checkout of another mmoref version (an alternative design) to compare ingest with"
+                             " at 1, 8 and 16 connections; may be given more than once")
     parser.add_argument("--python-client", action="store_true", help="don't use wrk even if installed")
     parser.add_argument("--json", action="store_true", help="print the results as JSON too")
     parser.add_argument("--db", help="postgresql:// URL: compare nodes on it with single-process SQLite")
@@ -486,93 +493,137 @@ def main() -> None:
                         help="mmoref processes on PostgreSQL, e.g. 1,2,4")
     args = parser.parse_args()
     results: dict = {"client": "wrk" if shutil.which("wrk") and not args.python_client else "python",
-                     "cpus": os.cpu_count()}
-    if args.db or args.start_postgres:
-        print(f"client: {results['client']}, {results['cpus']} CPUs")
-        with tempfile.TemporaryDirectory(prefix="mmoref-bench-") as tmp:
-            cluster = None
-            if args.start_postgres:
-                from tests.support import POSTGRES_MISSING
-                from tests.support import PostgresCluster
-                from tests.support import postgres_bin
-
-                if postgres_bin() is None:
-                    raise SystemExit(POSTGRES_MISSING)
-                cluster = PostgresCluster(postgres_bin(), durable=True)
-            try:
-                results["engines"] = compare_engines(args, args.db or cluster.url(), Path(tmp))
-            finally:
-                if cluster:
-                    cluster.stop()
-        if args.json:
-            print(json.dumps(results, indent=2))
-        return
+                     "cpus": os.cpu_count(), "python": sys.version.split()[0], "sqlite": mm.sqlite3.sqlite_version}
+    print(f"client: {results['client']}, {results['cpus']} CPUs, Python {results['python']},"
+          f" SQLite {results['sqlite']}", flush=True)
     with tempfile.TemporaryDirectory(prefix="mmoref-bench-") as tmp:
-        workdir = Path(tmp)
-        empty_db, secret = fresh_database(workdir, "empty.db")
-        server = Server(empty_db, args.threads)
-        try:
-            results["empty"] = measure_ingest(server, secret, args, workdir, "e", with_healthz=True)
-            results["one_connection"] = measure_ingest(server, secret, args, workdir, "one", with_healthz=False,
-                                                       connections=1)["ingest"]
-            results["empty_peak_rss_mb"] = server.peak_rss_mb()
-        finally:
-            server.stop()
-        _report_empty(results)
-        results["table"] = server_table(args, workdir)
-
-        big_db = workdir / "big.db"
-        secret, seconds = prefill(big_db, args.rows)
-        results["prefill"] = {"rows": args.rows, "seconds": seconds, "db_mb": big_db.stat().st_size / 2**20}
-        print(f"prefilled {args.rows:,} rows in {seconds:.0f} s ({results['prefill']['db_mb']:.0f} MB)", flush=True)
-        server = Server(big_db, args.threads)
-        try:
-            results["big"] = measure_ingest(server, secret, args, workdir, "b", with_healthz=False)
-            results["pages"] = time_pages(server.port)
-            results["big_peak_rss_mb"] = server.peak_rss_mb()
-        finally:
-            server.stop()
-    _report_big(results)
+        if args.db or args.start_postgres:
+            results["engines"] = postgres_stage(args, Path(tmp))
+        else:
+            sqlite_stages(args, Path(tmp), results)
     if args.json:
         print(json.dumps(results, indent=2))
 
 
+def postgres_stage(args: argparse.Namespace, workdir: Path) -> list[dict]:
+    cluster = None
+    if args.start_postgres:
+        from tests.support import POSTGRES_MISSING
+        from tests.support import PostgresCluster
+        from tests.support import postgres_bin
+
+        if postgres_bin() is None:
+            raise SystemExit(POSTGRES_MISSING)
+        cluster = PostgresCluster(postgres_bin(), durable=True)
+    try:
+        return compare_engines(args, args.db or cluster.url(), workdir)
+    finally:
+        if cluster:
+            cluster.stop()
+
+
+class Servers(contextlib.ExitStack):
+    """Servers started for one stage, all stopped when it ends."""
+
+    def start(self, *args: Any, **kwargs: Any) -> Server:
+        server = Server(*args, **kwargs)
+        self.callback(server.stop)
+        return server
+
+
+def sqlite_stages(args: argparse.Namespace, workdir: Path, results: dict) -> None:
+    with Servers() as servers:  # 1. ingest and healthz against a no-op route on the same app
+        db_path, secret = fresh_database(workdir, "empty.db")
+        product = servers.start(db_path, args.threads)
+        noop = servers.start(workdir / "noop.db", args.threads, noop=True)
+        results["headline"] = alternate({"no-op route": Contender(noop, "/noop"),
+                                         "ingest": Contender(product, secret=secret),
+                                         "healthz": Contender(product, "/healthz")}, args, workdir)
+        _report_table("the default server, alternating rounds", results["headline"], "no-op")
+        results["one_connection"] = alternate({"ingest, 1 connection": Contender(product, secret=secret)},
+                                              args, workdir, connections=1)
+        _report_table("one connection", results["one_connection"], None)
+        results["empty_peak_rss_mb"] = product.peak_rss_mb()
+    if args.baseline:
+        results["baseline"] = baseline_stage(args, workdir)
+    results["gunicorn"] = gunicorn_stage(args, workdir)
+    if args.rows:
+        results["big"] = big_database_stage(args, workdir)
+
+
+def baseline_stage(args: argparse.Namespace, workdir: Path) -> dict:
+    """Other versions' ingest (--baseline) against this checkout's, at 1, 8 and 16 connections."""
+    table: dict[int, dict] = {}
+    with Servers() as servers:
+        contenders = {}
+        for number, checkout in enumerate(path.resolve() for path in args.baseline):
+            module = load_checkout(checkout, f"mmoref_baseline_{number}")
+            db_path, secret = fresh_database(workdir, f"baseline-{number}.db", module)
+            contenders[str(checkout)] = Contender(servers.start(db_path, args.threads, checkout=checkout),
+                                                  secret=secret, module=module)
+        db_path, secret = fresh_database(workdir, "this.db")
+        contenders["this checkout"] = Contender(servers.start(db_path, args.threads), secret=secret)
+        for connections in (1, 8, 16):
+            table[connections] = alternate(contenders, args, workdir, connections=connections)
+            _report_table(f"ingest, {connections} connection(s)", table[connections], "the first")
+    return table
+
+
+def gunicorn_stage(args: argparse.Namespace, workdir: Path) -> dict:
+    """The default server against gunicorn -w 2, sync and gthread, each on its own database."""
+    if not importlib.util.find_spec("gunicorn"):
+        print("gunicorn is not installed: no gunicorn rows", flush=True)
+        return {}
+    with Servers() as servers:
+        contenders = {}
+        for name, options in {"waitress (serve)": None, **GUNICORN}.items():
+            db_path, secret = fresh_database(workdir, f"g{len(contenders)}.db")
+            contenders[name] = Contender(servers.start(db_path, args.threads, gunicorn=options), secret=secret,
+                                         refusals_allowed=options is not None)
+        table = alternate(contenders, args, workdir)
+    _report_table("servers", table, "waitress")
+    return table
+
+
+def big_database_stage(args: argparse.Namespace, workdir: Path) -> dict:
+    """Ingest on a database prefilled with --rows delivery-log rows against an empty one; pages; RSS."""
+    big_db = workdir / "big.db"
+    secret, seconds = prefill(big_db, args.rows)
+    print(f"prefilled {args.rows:,} rows in {seconds:.0f} s ({big_db.stat().st_size / 2**20:.0f} MB)", flush=True)
+    with Servers() as servers:
+        empty_db, empty_secret = fresh_database(workdir, "empty-again.db")
+        big = servers.start(big_db, args.threads)
+        table = alternate({"empty database": Contender(servers.start(empty_db, args.threads), secret=empty_secret),
+                           f"{args.rows:,} rows": Contender(big, secret=secret)}, args, workdir)
+        _report_table("a big database", table, "empty")
+        result = {"table": table, "pages": time_pages(big.port), "peak_rss_mb": big.peak_rss_mb()}
+    _report_pages(result)
+    return result
+
+
 def _latency(result: dict) -> str:
-    return f"p50 {result['p50_ms']:.1f} ms  p99 {result['p99_ms']:.1f} ms"
+    return f"p50 {result['p50_ms']:5.1f} ms  p99 {result['p99_ms']:6.1f} ms"
 
 
-def _report_empty(r: dict) -> None:
-    ingest, health, one = r["empty"]["ingest"], r["empty"]["healthz"], r["one_connection"]
-    print(f"client: {r['client']}, {r['cpus']} CPUs")
-    print(f"ingest (empty db)  {ingest['rate']:8.0f} events/s  {_latency(ingest)}  {ingest['cpu_us']:.0f} us CPU each")
-    print(f"healthz            {health['rate']:8.0f} req/s     {_latency(health)}  {health['cpu_us']:.0f} us CPU each")
-    print(f"ratio ingest/healthz        {r['empty']['ratio']:.2f}   (median of pairs; target >= 0.6, aim 0.8)")
-    print(f"CPU ingest/healthz          {r['empty']['cpu_ratio']:.2f}   (target <= 1.5)")
-    print(f"one connection              {one['rate']:8.0f} events/s  {_latency(one)}  (target p50 <= 3 ms)", flush=True)
+def _report_table(title: str, table: dict[str, dict], first: str | None) -> None:
+    print(f"\n{title}:")
+    for name, row in table.items():
+        compared = f"  {row['vs_first']:4.2f} x {first}, CPU {row['cpu_vs_first']:4.2f} x" if first else ""
+        refused = f"  {row['not_200']} not 200" if row["not_200"] else ""
+        print(f"  {name:38s} {row['rate']:7.0f} /s  CPU {row['user_us']:5.0f} user + {row['system_us']:4.0f} sys us"
+              f"  {_latency(row)}{compared}{refused}", flush=True)
 
 
-def _report_row(name: str, row: dict) -> None:
-    ingest, health = row["ingest"], row["healthz"]
-    print(f"{name:28s} {ingest['rate']:6.0f} events/s  {health['rate']:6.0f} healthz/s  ratio {row['ratio']:.2f}"
-          f"  CPU {ingest['cpu_us']:5.0f} / {health['cpu_us']:4.0f} us = {row['cpu_ratio']:.2f}  {_latency(ingest)}"
-          + (f"  {row['not_200']} not 200 ({row['busy_503']} x 503 database busy)" if row["not_200"] else ""),
-          flush=True)
-
-
-def _report_big(r: dict) -> None:
-    big, empty, pages = r["big"]["ingest"], r["empty"]["ingest"], r["pages"]
-    rows = r["prefill"]["rows"]
-    print(f"ingest ({rows:,} rows) {big['rate']:8.0f} events/s  {_latency(big)}")
-    print(f"ratio big/empty             {big['rate'] / empty['rate']:.2f}   (target >= 0.9)")
-    print(f"Referrals tab, first page   {pages['tab_first_page_ms']:.1f} ms server time"
+def _report_pages(r: dict) -> None:
+    pages = r["pages"]
+    print(f"  Referrals tab, first page   {pages['tab_first_page_ms']:.1f} ms server time"
           " (target <= 20; includes analytics)")
-    print(f"deep page ({pages['deep_pages_followed']} x older)     {pages['deep_page_ms']:.1f} ms "
+    print(f"  deep page ({pages['deep_pages_followed']} x older)     {pages['deep_page_ms']:.1f} ms "
           f"(max {pages['deep_pages_max_ms']:.1f})")
-    print(f"filtered page               {pages['filtered_page_ms']:.1f} ms")
-    print(f"search by server_event_id   {pages['search_page_ms']:.1f} ms")
-    print(f"CSV export                  {pages['csv_ms']:.0f} ms for {pages['csv_rows']:,} rows (wall time)")
-    print(f"peak RSS                    {r['empty_peak_rss_mb']:.0f} MB empty, {r['big_peak_rss_mb']:.0f} MB big"
-          " (target <= 80)")
+    print(f"  filtered page               {pages['filtered_page_ms']:.1f} ms")
+    print(f"  search by server_event_id   {pages['search_page_ms']:.1f} ms")
+    print(f"  CSV export                  {pages['csv_ms']:.0f} ms for {pages['csv_rows']:,} rows (wall time)")
+    print(f"  peak RSS                    {r['peak_rss_mb']:.0f} MB (target <= 80)", flush=True)
 
 
 if __name__ == "__main__":
