@@ -519,6 +519,13 @@ def required_program(name: str, install: str) -> str:
     return found
 
 
+def run_ok(argv: Sequence[str | Path], *, timeout: float = 120, **options: Any) -> subprocess.CompletedProcess[str]:
+    """Run a program to its end, its output captured as text; a non-zero exit fails the test, showing both streams."""
+    done = subprocess.run([str(part) for part in argv], capture_output=True, text=True, timeout=timeout, **options)
+    assert done.returncode == 0, f"{argv[0]} exited with {done.returncode}:\n{done.stdout}\n{done.stderr}"
+    return done
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
