@@ -12,6 +12,7 @@ import zipfile
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -122,7 +123,7 @@ def test_mmoref_has_the_scripts_commands_help_and_version(installed: Installed) 
 
 
 def test_mmoref_add_server_then_serve_use_referrals_db_in_the_current_folder(
-        installed: Installed, live_server, tmp_path: Path) -> None:
+        installed: Installed, live_server: Any, tmp_path: Path) -> None:
     folder = tmp_path / "installation"
     folder.mkdir()
     added = run_ok([installed.mmoref, "add-server", "srv_pkg", "--game", "mygame", "--json"], cwd=folder)
