@@ -19,16 +19,13 @@ import mmoref_server as mm
 from tests.support import INGEST
 from tests.support import PYTHON
 from tests.support import ROOT
+from tests.support import SIGNING_VECTORS
 from tests.support import HttpClient
+from tests.support import signing_vectors
 
-VECTORS = ROOT / "docs" / "test-vectors.json"
 # Read at import: conftest hides every MMOREF_* variable from the tests themselves.
 UPDATE_DOCS = os.environ.get("MMOREF_UPDATE_DOCS") == "1"
 KID = "k_vector"   # any kid: verify() is given the one secret under this name
-
-
-def load_vectors() -> dict[str, Any]:
-    return json.loads(VECTORS.read_text(encoding="utf-8"))
 
 
 def signer_fields(entry: dict[str, Any]) -> dict[str, str]:
@@ -49,11 +46,12 @@ def hmac_hex(secret: str, signed: str) -> str:
 
 
 def entries(vectors: dict[str, Any]) -> list[dict[str, Any]]:
-    return vectors["valid"] + vectors["invalid"]
+    found: list[dict[str, Any]] = vectors["valid"] + vectors["invalid"]
+    return found
 
 
 def test_the_signer_gives_every_vectors_signed_string_mac_and_header() -> None:
-    vectors = load_vectors()
+    vectors = signing_vectors()
     for entry in entries(vectors):
         computed = signer_fields(entry)
         assert {name: entry.get(name) for name in computed} == computed, entry["name"]
@@ -65,7 +63,7 @@ def test_the_signer_gives_every_vectors_signed_string_mac_and_header() -> None:
 
 
 def test_verify_accepts_each_valid_vector_and_refuses_each_mistake_for_its_recorded_reason() -> None:
-    vectors = load_vectors()
+    vectors = signing_vectors()
     at, window = vectors["server_clock"], vectors["replay_window"]
     for entry in vectors["valid"]:
         assert mm.verify(entry["header"], entry["body"].encode(), [(KID, entry["secret"])], at, window) == KID
@@ -84,7 +82,7 @@ def serve_at(clock: int) -> list[str]:
 
 @pytest.mark.slow
 def test_a_live_server_answers_each_vector_as_recorded(db_path: str, live_server: Any) -> None:
-    vectors = load_vectors()
+    vectors = signing_vectors()
     secrets_by_server = {json.loads(entry["body"])["server_id"]: entry["secret"] for entry in entries(vectors)}
     for entry in entries(vectors):   # one secret per server id
         assert secrets_by_server[json.loads(entry["body"])["server_id"]] == entry["secret"], entry["name"]
@@ -117,5 +115,5 @@ def test_a_live_server_answers_each_vector_as_recorded(db_path: str, live_server
                for entry in invalid), invalid
     if UPDATE_DOCS:
         updated = {**vectors, "valid": valid, "invalid": invalid}
-        VECTORS.write_text(json.dumps(updated, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    assert rebuilt == entries(load_vectors())
+        SIGNING_VECTORS.write_text(json.dumps(updated, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    assert rebuilt == entries(signing_vectors())
