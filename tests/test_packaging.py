@@ -141,6 +141,6 @@ def test_mmoref_add_server_then_serve_use_referrals_db_in_the_current_folder(
     finally:
         client.close()
     assert answer == (200, {"ok": True, "test": True})
-    banner = server.stop().splitlines()
-    assert banner[0] == f"mmoref {mm.__version__}: referral ingest server"
-    assert f"  database   {folder / 'referrals.db'}" in banner
+    printed = server.stop().splitlines()
+    assert f"mmoref {mm.__version__}: referral ingest server" in printed   # the banner
+    assert f"  database   {folder / 'referrals.db'}" in printed
