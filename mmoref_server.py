@@ -4726,5 +4726,11 @@ TEMPLATES.globals["set_password_command"] = lambda: set_password_command_line(cu
 
 # main ########################################################################
 
+def main() -> None:
+    """`python mmoref_server.py` and the installed `mmoref` command (pyproject.toml): one CLI, whose
+    usage lines name the way it was started (click reads argv[0])."""
+    cli()
+
+
 if __name__ == "__main__":
-    cli(prog_name="mmoref_server.py")
+    main()

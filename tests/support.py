@@ -24,6 +24,7 @@ from http.cookies import SimpleCookie
 from pathlib import Path
 from typing import Any
 from typing import Callable
+from typing import NoReturn
 from urllib.parse import urlencode
 
 import pytest
@@ -195,6 +196,14 @@ def send(client: Any, secret: str, event: str, token: str, server_id: str, serve
     """Build a body the way the kit does (`mm.build_body`), sign it and post it."""
     body = mm.build_body(event, token, server_id, server_event_id, **fields)
     return signed_post(client, secret, body, path)
+
+
+SIGNING_VECTORS = ROOT / "docs" / "test-vectors.json"
+
+
+def signing_vectors() -> dict[str, Any]:
+    """docs/test-vectors.json: the signing vectors the signer, a live server and every kit are checked against."""
+    return json.loads(SIGNING_VECTORS.read_text(encoding="utf-8"))
 
 
 SERVER_ID = "srv_robust"
@@ -510,11 +519,22 @@ def required_program(name: str, install: str) -> str:
     """The path of a program a test needs; missing, the test skips, or fails under CI=true."""
     found = shutil.which(name) or shutil.which(name, path="/usr/sbin:/sbin")
     if found is None:
-        reason = f"{name} is not installed ({install})"
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"{reason}; CI=true requires it", pytrace=False)
-        pytest.skip(reason)
+        unavailable(f"{name} is not installed ({install})")
     return found
+
+
+def unavailable(reason: str) -> NoReturn:
+    """Something a test needs is missing from this machine: skip, or fail under CI=true."""
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"{reason}; CI=true requires it", pytrace=False)
+    pytest.skip(reason)
+
+
+def run_ok(argv: Sequence[str | Path], *, timeout: float = 120, **options: Any) -> subprocess.CompletedProcess[str]:
+    """Run a program to its end, its output captured as text; a non-zero exit fails the test, showing both streams."""
+    done = subprocess.run([str(part) for part in argv], capture_output=True, text=True, timeout=timeout, **options)
+    assert done.returncode == 0, f"{argv[0]} exited with {done.returncode}:\n{done.stdout}\n{done.stderr}"
+    return done
 
 
 def free_port() -> int:
