@@ -1550,6 +1550,15 @@ class Store:
                 changed[table] = len(found)
         return changed
 
+    def mentions(self, server_id: str, text: str) -> bool:
+        """Whether `text` (a forgotten form) is stored for the server: as an anchored identity, in a
+        stored payload, or in a rejected snippet."""
+        return self._one("SELECT 1 AS found FROM anchors WHERE server_id = ? AND referee_identity = ?"
+                         f" UNION ALL SELECT 1 FROM delivery_log WHERE server_id = ? AND"
+                         f" {self.CONTAINS.format(column='payload')}"
+                         f" UNION ALL SELECT 1 FROM rejected_requests WHERE {self.CONTAINS.format(column='snippet')}"
+                         " LIMIT 1", (server_id, text, server_id, text, text)) is not None
+
     # copy-db: a whole installation, from one engine to the other
 
     def table_rows(self, table: str) -> list[Row]:
@@ -2827,18 +2836,43 @@ def identity_spellings(identity: str) -> list[str]:
     return sorted({identity} | escaped, key=len, reverse=True)
 
 
+class NothingToForget(ConfigError):
+    """`forget` found the identity nowhere: nothing was changed, nothing rewritten. `answer` is
+    what `forget --json` prints for it."""
+
+    def __init__(self, message: str, answer: dict[str, Any]):
+        super().__init__(message)
+        self.answer = answer
+
+
+_FORGOTTEN_FORM = re.compile(r"forgotten:[0-9a-f]{32}")   # what forgotten_form returns
+
+
 def forget(store: Store, server_id: str, identity: str) -> dict[str, Any]:
     """Erase a referee identity everywhere it is stored, keeping its forgotten form so first
-    touch still holds; then rewrite the database files so the raw bytes are gone too."""
+    touch still holds; then rewrite the database files so the raw bytes are gone too.
+
+    NothingToForget when the identity is stored nowhere (a typo, or forgotten before): then
+    nothing is rewritten either."""
     if store.server(server_id) is None:
         raise ConfigError(f"unknown server {server_id!r}")
     identity = identity.strip()
     if not identity:
         raise ConfigError("--identity is empty: give the referee_identity to forget")
+    if _FORGOTTEN_FORM.fullmatch(identity):
+        raise ConfigError(f"{identity} is a forgotten form already: give the identity as the game server sent it")
     forgotten = forgotten_form(store.identity_key, server_id, identity)
     changed = store.forget_identity(server_id, identity, forgotten, identity_spellings(identity))
+    result: dict[str, Any] = {"server_id": server_id, "forgotten_as": forgotten, "rows_changed": changed}
+    if not any(changed.values()):
+        if not store.mentions(server_id, forgotten):
+            raise NothingToForget(f"nothing on {server_id} matches {identity!r}: nothing was changed (identities are"
+                                  " compared exactly, after trimming: check the spelling and the server)",
+                                  {**result, "nothing_matched": True})
+        # forgotten before: rewrite again all the same, in case that run stopped before its rewrite was done
+        result["forgotten_before"] = True
     store.erase_freed_bytes()
-    return {"server_id": server_id, "forgotten_as": forgotten, "rows_changed": changed}
+    return result
 
 
 # Routes: ingest, share link, health ##########################################
@@ -3553,8 +3587,11 @@ def forget_form(game: str, server_id: str, referral_id: str) -> Any:
         abort(404)
     if request.form.get("confirm") != "yes":
         return _page("forget.html", 200, title="Forget a player", server=server, referral=referral)
-    forget(store, server_id, referral["referee_identity"])
-    flash(f"The player of referral {referral_id} is forgotten.")
+    try:
+        forget(store, server_id, referral["referee_identity"])
+        flash(f"The player of referral {referral_id} is forgotten.")
+    except ConfigError as exc:   # a referral whose player is forgotten already
+        flash(str(exc))
     return redirect(_tab_url(server))
 
 
@@ -4169,8 +4206,14 @@ def forget_command(server_id: str, identity: str, db_path: str | None, as_json: 
     It is replaced by a keyed one-way value, so the player still cannot be registered
     through another referrer. Rewrites the database file (VACUUM) so no copy is left.
     """
-    result = forget(_open_store(db_path), server_id, identity)
-    _emit(as_json, result, f"forgotten on {server_id}; stored as {result['forgotten_as']}\nrows changed: "
+    try:
+        result = forget(_open_store(db_path), server_id, identity)
+    except NothingToForget as exc:
+        if as_json:
+            click.echo(json.dumps(exc.answer))
+        raise
+    done = "already forgotten" if result.get("forgotten_before") else "forgotten"
+    _emit(as_json, result, f"{done} on {server_id}; stored as {result['forgotten_as']}\nrows changed: "
                            + ", ".join(f"{k} {v}" for k, v in result["rows_changed"].items()))
 
 

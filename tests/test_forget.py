@@ -24,6 +24,7 @@ from tests.support import mint_tokens
 from tests.support import rows
 from tests.support import scalar
 from tests.support import send_ok
+from tests.support import snapshot
 
 pytestmark = pytest.mark.both_engines  # the same on SQLite and on PostgreSQL
 
@@ -128,3 +129,71 @@ def test_forget_says_so_when_a_reader_keeps_the_write_ahead_log(kit, store, db_p
         reader.execute("COMMIT")
     mm.forget(impatient, kit.server_id, PLAYER)   # repeated once the reader is gone: done
     assert spellings_in_files(db_path, PLAYER) == []
+
+
+def rewrite_marker(db_path: str) -> list[tuple]:
+    """What forget's rewrite changes: SQLite's schema cookie (VACUUM adds one), PostgreSQL's table
+    files (VACUUM FULL gives each table a new one)."""
+    if mm.is_postgres_url(db_path):
+        return rows(db_path, "SELECT pg_relation_filenode('referrals'), pg_relation_filenode('delivery_log')")
+    return rows(db_path, "PRAGMA schema_version")
+
+
+def test_forget_says_so_when_nothing_matches_and_rewrites_nothing(runner, kit, db_path):
+    send_ok(kit, "registered", kit.token("alice"), "reg-1", referee_identity=PLAYER)
+    before, marker = snapshot(db_path), rewrite_marker(db_path)
+
+    typo = runner("forget", "--server", kit.server_id, "--identity", "nobody-here")
+    as_json = runner("forget", "--server", kit.server_id, "--identity", "nobody-here", "--json")
+
+    assert_one_error_line(typo.exit_code, typo.stderr, f"nothing on {kit.server_id} matches 'nobody-here'",
+                          "nothing was changed")
+    assert typo.stdout == ""
+    assert_one_error_line(as_json.exit_code, as_json.stderr, "nothing was changed")
+    assert as_json.json() == {"server_id": kit.server_id, "nothing_matched": True,
+                              "forgotten_as": mm.forgotten_form(kit.store.identity_key, kit.server_id, "nobody-here"),
+                              "rows_changed": {"referrals": 0, "anchors": 0, "delivery_log": 0,
+                                               "rejected_requests": 0}}
+    assert snapshot(db_path) == before
+    assert rewrite_marker(db_path) == marker   # no VACUUM: writers were never held up
+    done = runner("forget", "--server", kit.server_id, "--identity", PLAYER)
+    assert done.exit_code == 0, done.stderr
+    assert rewrite_marker(db_path) != marker   # (the marker does see a rewrite)
+
+
+def test_forgetting_twice_says_the_player_was_forgotten_before(runner, kit):
+    send_ok(kit, "registered", kit.token("alice"), "reg-1", referee_identity=PLAYER)
+    first = runner("forget", "--server", kit.server_id, "--identity", PLAYER, "--json")
+    assert first.exit_code == 0, first.stderr
+
+    again = runner("forget", "--server", kit.server_id, "--identity", PLAYER, "--json")
+    in_words = runner("forget", "--server", kit.server_id, "--identity", PLAYER)
+
+    assert again.exit_code == 0, again.stderr
+    assert again.json() == {**first.json(), "rows_changed": dict.fromkeys(first.json()["rows_changed"], 0),
+                            "forgotten_before": True}
+    assert in_words.exit_code == 0, in_words.stderr
+    assert in_words.stdout.startswith(f"already forgotten on {kit.server_id}; stored as forgotten:")
+
+
+def test_a_forgotten_form_is_not_forgotten_again(runner, kit, db_path):
+    """Hashing the stored form again would lose the player's first touch."""
+    send_ok(kit, "registered", kit.token("alice"), "reg-1", referee_identity=PLAYER)
+    forgotten = runner("forget", "--server", kit.server_id, "--identity", PLAYER, "--json").json()["forgotten_as"]
+    before = snapshot(db_path)
+
+    refused = runner("forget", "--server", kit.server_id, "--identity", forgotten)
+
+    assert_one_error_line(refused.exit_code, refused.stderr, "is a forgotten form already")
+    assert snapshot(db_path) == before
+
+
+def test_the_forget_button_of_a_forgotten_player_changes_nothing(owner, registered, db_path):
+    action = f"{KIT_TAB}/forget/{registered['referral_id']}"
+    assert owner.post(action, confirm="yes").status_code == 302
+    before = snapshot(db_path)
+
+    tab = owner.follow(owner.post(action, confirm="yes"))   # the form sent again, by hand
+
+    assert [flash for flash in tab.flashes if "is a forgotten form already" in flash], tab.flashes
+    assert snapshot(db_path) == before
