@@ -155,6 +155,7 @@ SETTINGS: dict[str, tuple[Callable[[str], Any], Any, str]] = {
 MAX_BODY_BYTES = 64 * 1024          # larger bodies get 413
 MAX_FIELD_CHARS = 256               # string fields, after trimming
 REJECTED_KEPT_PER_SERVER = 200      # rejected-requests list length (per server, and installation-wide)
+REJECTED_SNIPPET_CHARS = 300        # a rejected request keeps the start of its body, this long
 REJECTIONS_PER_CLIENT_MINUTE = 30   # refusals remembered per client a minute; later ones are answered only
 CLICKS_PER_CLIENT_MINUTE = 30       # share-link clicks recorded per client a minute; later ones get no token
 DEFAULT_GRACE_SECONDS = 24 * 3600   # how long a rotated-out secret stays valid
@@ -1529,11 +1530,13 @@ class Store:
                         spellings: Sequence[str]) -> dict[str, int]:
         """Replace a referee identity by its forgotten form in one transaction: in referrals and
         anchors (where it is the whole value), and in stored payloads and rejected snippets
-        (where it appears as any of `spellings`). Returns the rows changed per table."""
-        def scrub(text: str) -> str:
+        (where it appears as any of `spellings`, or, at the end of a snippet cut short, as the
+        start of one). Returns the rows changed per table."""
+        def scrub(text: str, cut_at: int | None = None) -> str:
+            was_cut = cut_at is not None and len(text) >= cut_at
             for spelling in spellings:
                 text = text.replace(spelling, forgotten)
-            return text
+            return _with_cut_identity_replaced(text, spellings, forgotten) if was_cut else text
 
         mentions = " OR ".join([self.CONTAINS] * len(spellings))
         with self._writing() as db:
@@ -1541,14 +1544,25 @@ class Store:
                                          " WHERE server_id = ? AND referee_identity = ?",
                                          (forgotten, server_id, identity)).rowcount
                        for table in ("referrals", "anchors")}
-            for table, column, scope in (("delivery_log", "payload", "server_id = ? AND "),
-                                         ("rejected_requests", "snippet", "")):
-                found = db.execute(f"SELECT id, {column} FROM {table} WHERE {scope}({mentions.format(column=column)})",
+            for table, column, scope, cut_at in (("delivery_log", "payload", "server_id = ? AND ", None),
+                                                 ("rejected_requests", "snippet", "", REJECTED_SNIPPET_CHARS)):
+                cut = f" OR length({column}) >= {cut_at}" if cut_at else ""
+                found = db.execute(f"SELECT id, {column} FROM {table} WHERE {scope}"
+                                   f"({mentions.format(column=column)}{cut})",
                                    ((server_id,) if scope else ()) + tuple(spellings)).fetchall()
+                changed[table] = 0
                 for row in found:
-                    db.execute(f"UPDATE {table} SET {column} = ? WHERE id = ?", (scrub(row[column]), row["id"]))
-                changed[table] = len(found)
+                    scrubbed = scrub(row[column], cut_at)
+                    if scrubbed != row[column]:
+                        db.execute(f"UPDATE {table} SET {column} = ? WHERE id = ?", (scrubbed, row["id"]))
+                        changed[table] += 1
         return changed
+
+    def log_rows_with_event_id_holding(self, server_id: str, text: str) -> list[int]:
+        """The ids of the server's delivery-log rows whose server_event_id contains `text`."""
+        return [row["id"] for row in self._all(
+            f"SELECT id FROM delivery_log WHERE server_id = ? AND {self.CONTAINS.format(column='server_event_id')}"
+            " ORDER BY id", (server_id, text))]
 
     def mentions(self, server_id: str, text: str) -> bool:
         """Whether `text` (a forgotten form) is stored for the server: as an anchored identity, in a
@@ -2719,7 +2733,7 @@ def _remember_rejection(store: Store, exc: ApiError, raw_body: bytes, client: st
     """Keep the refusal for the dashboard: reason, hint, a masked snippet, never a secret."""
     # A sender may paste a secret into the body by mistake, and a body that does not parse
     # names no server: scrub every secret of the installation, before cutting the snippet.
-    snippet = _scrubbed_snippet(raw_body, store.all_secrets(), limit=300)
+    snippet = _scrubbed_snippet(raw_body, store.all_secrets(), limit=REJECTED_SNIPPET_CHARS)
     try:
         store.record_rejected(exc.server_id, exc.status, exc.error, exc.extra.get("reason"), exc.hint,
                               exc.diagnosis, snippet, client=client, per_client_minute=REJECTIONS_PER_CLIENT_MINUTE)
@@ -2848,12 +2862,26 @@ class NothingToForget(ConfigError):
 _FORGOTTEN_FORM = re.compile(r"forgotten:[0-9a-f]{32}")   # what forgotten_form returns
 
 
+CUT_IDENTITY_MIN_CHARS = 3   # a snippet cut short that ends with this much of an identity's start holds it
+
+
+def _with_cut_identity_replaced(text: str, spellings: Sequence[str], forgotten: str) -> str:
+    """`text` (cut short) with any start of a spelling at its very end, at least
+    CUT_IDENTITY_MIN_CHARS long, replaced by `forgotten`."""
+    for spelling in spellings:
+        for length in range(len(spelling) - 1, CUT_IDENTITY_MIN_CHARS - 1, -1):
+            if text.endswith(spelling[:length]):
+                return text[:-length] + forgotten
+    return text
+
+
 def forget(store: Store, server_id: str, identity: str) -> dict[str, Any]:
     """Erase a referee identity everywhere it is stored, keeping its forgotten form so first
     touch still holds; then rewrite the database files so the raw bytes are gone too.
 
-    NothingToForget when the identity is stored nowhere (a typo, or forgotten before): then
-    nothing is rewritten either."""
+    Log rows whose server_event_id holds the identity keep it (their ids are listed): it is what
+    makes a retry of those events a duplicate. NothingToForget when the identity is stored
+    nowhere and was never forgotten (a typo): then nothing is rewritten either."""
     if store.server(server_id) is None:
         raise ConfigError(f"unknown server {server_id!r}")
     identity = identity.strip()
@@ -2864,13 +2892,17 @@ def forget(store: Store, server_id: str, identity: str) -> dict[str, Any]:
     forgotten = forgotten_form(store.identity_key, server_id, identity)
     changed = store.forget_identity(server_id, identity, forgotten, identity_spellings(identity))
     result: dict[str, Any] = {"server_id": server_id, "forgotten_as": forgotten, "rows_changed": changed}
+    kept = store.log_rows_with_event_id_holding(server_id, identity)
+    if kept:  # the idempotency key of those events: replacing it would make a retry a new event
+        result["server_event_id_kept"] = kept
     if not any(changed.values()):
-        if not store.mentions(server_id, forgotten):
+        before = store.mentions(server_id, forgotten)
+        if not before and not kept:
             raise NothingToForget(f"nothing on {server_id} matches {identity!r}: nothing was changed (identities are"
                                   " compared exactly, after trimming: check the spelling and the server)",
                                   {**result, "nothing_matched": True})
-        # forgotten before: rewrite again all the same, in case that run stopped before its rewrite was done
-        result["forgotten_before"] = True
+        if before:  # rewrite again all the same, in case that run stopped before its rewrite was done
+            result["forgotten_before"] = True
     store.erase_freed_bytes()
     return result
 
@@ -3588,8 +3620,10 @@ def forget_form(game: str, server_id: str, referral_id: str) -> Any:
     if request.form.get("confirm") != "yes":
         return _page("forget.html", 200, title="Forget a player", server=server, referral=referral)
     try:
-        forget(store, server_id, referral["referee_identity"])
+        result = forget(store, server_id, referral["referee_identity"])
         flash(f"The player of referral {referral_id} is forgotten.")
+        if "server_event_id_kept" in result:
+            flash(kept_event_ids_line(result["server_event_id_kept"]))
     except ConfigError as exc:   # a referral whose player is forgotten already
         flash(str(exc))
     return redirect(_tab_url(server))
@@ -4213,8 +4247,18 @@ def forget_command(server_id: str, identity: str, db_path: str | None, as_json: 
             click.echo(json.dumps(exc.answer))
         raise
     done = "already forgotten" if result.get("forgotten_before") else "forgotten"
-    _emit(as_json, result, f"{done} on {server_id}; stored as {result['forgotten_as']}\nrows changed: "
-                           + ", ".join(f"{k} {v}" for k, v in result["rows_changed"].items()))
+    lines = [f"{done} on {server_id}; stored as {result['forgotten_as']}",
+             "rows changed: " + ", ".join(f"{k} {v}" for k, v in result["rows_changed"].items())]
+    if "server_event_id_kept" in result:
+        lines.append(kept_event_ids_line(result["server_event_id_kept"]))
+    _emit(as_json, result, "\n".join(lines))
+
+
+def kept_event_ids_line(row_ids: Sequence[int], shown: int = 10) -> str:
+    """What `forget` says of the log rows whose server_event_id holds the identity."""
+    listed = ", ".join(map(str, row_ids[:shown])) + (f", … ({len(row_ids)} rows)" if len(row_ids) > shown else "")
+    return (f"kept: the server_event_id of delivery-log rows {listed} holds the identity; it is the key that"
+            " makes a retry of those events a duplicate (docs/operations.md, Forgetting a player)")
 
 
 DEMO_SERVER_ID, DEMO_GAME, DEMO_SECRET = "demo-server", "demo-game", "demo-secret-not-for-production"
