@@ -10,6 +10,7 @@ style sheet come last.
 """
 from __future__ import annotations
 
+import codecs
 import contextlib
 import csv
 import datetime
@@ -240,7 +241,7 @@ class ApiError(Exception):
                  server_id: str | None = None, **extra: Any):
         super().__init__(error)
         self.status, self.error, self.hint, self.extra = status, error, hint, extra
-        self.diagnosis = diagnosis    # for mac_mismatch: why it probably failed (the answer's hint ends with it)
+        self.diagnosis = diagnosis    # why it probably failed (mac_mismatch, a BOM): the answer's hint ends with it
         self.server_id = server_id    # the known server the refused request names: whose list it goes to
 
     def body(self) -> dict[str, Any]:
@@ -2506,7 +2507,10 @@ def parse_body(raw_body: bytes) -> dict[str, Any]:
     except _DuplicateKey as exc:
         raise _field_error("duplicate key", exc.key, HINTS["duplicate key"]) from None
     except ValueError:  # bad UTF-8, bad JSON, too many digits
-        raise ApiError(400, "body is not valid JSON", HINTS["body is not valid JSON"]) from None
+        bom = raw_body.startswith(codecs.BOM_UTF8)
+        raise ApiError(400, "body is not valid JSON", HINTS["body is not valid JSON"], diagnosis=(
+            "the body starts with a UTF-8 byte-order mark, EF BB BF, which Windows PowerShell 5.1 writes:"
+            " send and sign the JSON without it") if bom else None) from None
     if not isinstance(body, dict):
         raise ApiError(400, "body must be a JSON object", HINTS["body must be a JSON object"])
     return body
@@ -2626,9 +2630,15 @@ def _with_token_masked(raw_body: bytes) -> str:
 
 def diagnose_mac_mismatch(parsed: ParsedSignature, raw_body: bytes, live: Sequence[tuple[str, str]],
                           revoked: Sequence[str], body_ts: Any) -> str | None:
-    """Why a MAC probably failed, when one of the usual mistakes explains it."""
+    """Why a MAC probably failed, when one of the usual mistakes explains it (docs/contract.md §1.5)."""
+    def is_sent(digest: str) -> bool:
+        return any(hmac.compare_digest(digest, mac) for mac in parsed.macs)
+
     def matches(secret: str, t: str, body: bytes) -> bool:
-        return any(hmac.compare_digest(sign(secret, t, body), mac) for mac in parsed.macs)
+        return is_sent(sign(secret, t, body))
+
+    def any_secret_signed(message: bytes) -> bool:
+        return any(is_sent(hmac.new(s.encode("utf-8"), message, hashlib.sha256).hexdigest()) for s in live_secrets)
 
     live_secrets = [secret for _, secret in live]
     trimmed = raw_body.rstrip(b"\r\n")
@@ -2637,6 +2647,12 @@ def diagnose_mac_mismatch(parsed: ParsedSignature, raw_body: bytes, live: Sequen
     if any(matches(s, parsed.t, raw_body + end) for s in live_secrets for end in (b"\n", b"\r\n")):
         return ("the MAC matches this body plus a trailing newline: your HTTP client changed the body"
                 " (curl -d strips newlines); send it with --data-binary")
+    if any(matches(s, parsed.t, codecs.BOM_UTF8 + raw_body) for s in live_secrets):
+        return ("the MAC matches this body with a UTF-8 byte-order mark, EF BB BF, in front (Windows PowerShell 5.1"
+                " writes one at the start of a file): sign the bytes you send, without it")
+    if any(matches(s, parsed.t, other) for s in live_secrets for other in _line_breaks_put_back(raw_body)):
+        return ("the MAC matches this body with its line breaks put back: curl -d @file strips newlines;"
+                " send the file with --data-binary @file")
     if any(matches(s, parsed.t, other) for s in live_secrets for other in _reserialised(raw_body)):
         return ("the MAC matches the same JSON written differently (spacing or key order): sign the exact"
                 " bytes you send, not a re-serialised copy, and send them unchanged")
@@ -2646,22 +2662,72 @@ def diagnose_mac_mismatch(parsed: ParsedSignature, raw_body: bytes, live: Sequen
         return "the MAC matches a different t (the body's ts): sign with the t you put in the header"
     if any(matches(s, parsed.t, raw_body) for s in revoked):
         return "this MAC was made with a previous, revoked secret: use the current secret"
+    if any_secret_signed(raw_body):
+        return 'the MAC matches the body alone: sign "<t>.<body>", the header\'s t, a dot, then the body'
+    for separator in _WRONG_SEPARATORS:
+        if any_secret_signed(parsed.t.encode("ascii") + separator + raw_body):
+            shown = json.dumps(separator.decode("ascii"))[1:-1]
+            return f'the MAC matches "<t>{shown}<body>": join t and the body with a dot, "<t>.<body>"'
+    if any(is_sent(hashlib.sha256(text).hexdigest()) for text in _plain_hash_inputs(parsed.t, raw_body, live_secrets)):
+        return ("v1 is a plain SHA-256 of the signed text, not an HMAC: compute HMAC-SHA256 with the secret as"
+                " the key: hash_hmac in PHP, not hash")
     if ts_differs:  # not proof, but the usual slip when nothing else explains it
         return (f"the header's t ({parsed.t}) differs from the body's ts ({ts}): "
                 "the MAC must be made with the header's t")
     return None
 
 
+_WRONG_SEPARATORS = (b":", b"", b" ", b",", b"\n")   # put between t and the body instead of "."
+
+
+def _plain_hash_inputs(t: str, raw_body: bytes, secrets_: Sequence[str]) -> Iterator[bytes]:
+    """What a sender who hashed instead of using an HMAC may have hashed: the signed text or the
+    body, alone or with the secret before or after it."""
+    for text in (t.encode("ascii") + b"." + raw_body, raw_body):
+        yield text
+        for secret in secrets_:
+            yield secret.encode("utf-8") + text
+            yield text + secret.encode("utf-8")
+
+
+def _parsed_or_none(raw_body: bytes) -> Any:
+    try:
+        return json.loads(raw_body)
+    except (ValueError, RecursionError):
+        return None
+
+
 def _reserialised(raw_body: bytes) -> list[bytes]:
     """The usual other spellings of the same JSON (a sender that signed one and sent another)."""
-    try:
-        body = json.loads(raw_body)
-    except (ValueError, RecursionError):
+    body = _parsed_or_none(raw_body)
+    if body is None:
         return []
     spellings = {json.dumps(body, sort_keys=sort_keys, separators=separators, ensure_ascii=ascii_only).encode()
                  for sort_keys in (False, True) for separators in ((", ", ": "), (",", ":"))
                  for ascii_only in (True, False)}
     return [spelling + end for spelling in spellings for end in (b"", b"\n") if spelling + end != raw_body]
+
+
+# a pretty-printed file whose line breaks curl -d @file stripped: "{" and then one level's indentation
+_INDENT_LEFT = re.compile(rb"[{\[](\t| {2,})[^ \t]")
+
+
+def _line_breaks_put_back(raw_body: bytes) -> list[bytes]:
+    """The pretty-printed files (LF or CRLF lines, with or without a last newline) that become
+    `raw_body` once their line breaks are stripped, as `curl -d @file` does. The indentation and
+    the space after each colon are read from the body (json.dumps, jq and JSON.stringify write
+    `": "`, Windows PowerShell 5.1 `":  "`)."""
+    indented = _INDENT_LEFT.match(raw_body)
+    body = _parsed_or_none(raw_body) if indented else None
+    if indented is None or body is None:
+        return []
+    indent, colon = indented.group(1).decode("ascii"), ":  " if b'":  ' in raw_body else ": "
+    text = raw_body.decode("utf-8", "replace")
+    pretty = {json.dumps(body, indent=indent, separators=(",", colon), ensure_ascii=ascii_only)
+              for ascii_only in (True, False)}
+    return [(spelling.replace("\n", line_end) + last).encode("utf-8")
+            for spelling in pretty if spelling.replace("\n", "") == text
+            for line_end in ("\n", "\r\n") for last in ("", line_end)]
 
 
 def handle_ingest(store: Store, raw_body: bytes, header: str | None, *, window: int, ttl: int,
