@@ -46,31 +46,39 @@ from typing import Any
 from typing import Callable
 from typing import TypeVar
 
-import click
-import jinja2
-from flask import Blueprint
-from flask import Flask
-from flask import abort
-from flask import current_app
-from flask import flash
-from flask import g
-from flask import get_flashed_messages
-from flask import redirect
-from flask import request
-from flask import session
-from flask import stream_with_context
-from flask import url_for
-from flask.cli import ScriptInfo
-from flask.sessions import SecureCookieSessionInterface
-from itsdangerous import BadData
-from itsdangerous import URLSafeTimedSerializer
-from itsdangerous.encoding import base64_decode
-from itsdangerous.encoding import base64_encode
-from itsdangerous.timed import TimestampSigner
-from werkzeug.exceptions import RequestEntityTooLarge
-from werkzeug.middleware.proxy_fix import ProxyFix
-from werkzeug.security import check_password_hash
-from werkzeug.security import generate_password_hash
+try:
+    import click
+    import jinja2
+    from flask import Blueprint
+    from flask import Flask
+    from flask import abort
+    from flask import current_app
+    from flask import flash
+    from flask import g
+    from flask import get_flashed_messages
+    from flask import redirect
+    from flask import request
+    from flask import session
+    from flask import stream_with_context
+    from flask import url_for
+    from flask.cli import ScriptInfo
+    from flask.sessions import SecureCookieSessionInterface
+    from itsdangerous import BadData
+    from itsdangerous import URLSafeTimedSerializer
+    from itsdangerous.encoding import base64_decode
+    from itsdangerous.encoding import base64_encode
+    from itsdangerous.timed import TimestampSigner
+    from werkzeug.exceptions import RequestEntityTooLarge
+    from werkzeug.middleware.proxy_fix import ProxyFix
+    from werkzeug.security import check_password_hash
+    from werkzeug.security import generate_password_hash
+except ModuleNotFoundError as missing:  # `python mmoref_server.py` before `pip install -r requirements.txt`
+    if __name__ != "__main__":
+        raise
+    requirements = Path(__file__).resolve().with_name("requirements.txt")
+    shown = "requirements.txt" if Path.cwd() == requirements.parent else str(requirements)
+    shown = f'"{shown}"' if " " in shown else shown
+    sys.exit(f"error: {missing}: mmoref needs the packages in requirements.txt; run: pip install -r {shown}")
 
 __version__ = "1.1.0"
 log = logging.getLogger("mmoref")

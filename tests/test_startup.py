@@ -144,3 +144,18 @@ def test_ipv6_host_is_shown_in_brackets(tmp_path):
     port, output = banner_of(tmp_path, "--host", "::1")
     assert f"dashboard  http://[::1]:{port}/dashboard" in output
     assert "warning" not in output
+
+
+def test_before_pip_install_one_line_says_what_to_run(tmp_path):
+    """`python -I -S`: no site-packages, as on a machine where `pip install -r requirements.txt` never ran."""
+    result = subprocess.run([PYTHON, "-I", "-S", str(SERVER_SCRIPT)], cwd=tmp_path, capture_output=True, text=True,
+                            timeout=START_TIMEOUT)
+    requirements = SERVER_SCRIPT.parent / "requirements.txt"
+    assert_one_error_line(result.returncode, result.stderr, "No module named 'click'",
+                          f"run: pip install -r {requirements}")
+    assert result.stdout == ""
+    assert os.listdir(tmp_path) == []
+    importing = f"import sys; sys.path.insert(0, {str(SERVER_SCRIPT.parent)!r}); import mmoref_server"
+    embedded = subprocess.run([PYTHON, "-I", "-S", "-c", importing], capture_output=True, text=True,
+                              timeout=START_TIMEOUT)   # a host app that imports it gets the exception as is
+    assert embedded.returncode == 1 and "ModuleNotFoundError: No module named 'click'" in embedded.stderr
