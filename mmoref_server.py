@@ -29,6 +29,7 @@ import secrets
 import select
 import shlex
 import sqlite3
+import ssl
 import string
 import sys
 import threading
@@ -419,8 +420,11 @@ def build_body(event: str, token: str, server_id: str, server_event_id: str, *,
 
 
 def send_event(endpoint: str, secret: str, body: bytes, *, kid: str | None = None,
-               timeout: float = 10.0) -> dict[str, Any]:
+               timeout: float = 10.0, cafile: str | None = None) -> dict[str, Any]:
     """POST a signed body; return {"status": int | None, "body": parsed JSON or text, "error": str | None}.
+
+    An https endpoint's certificate must chain to a CA the system trusts (or SSL_CERT_FILE
+    names), or to one in `cafile` (PEM) when given: for a private CA or a self-signed server.
 
     Worked example (runs as-is against `python mmoref_server.py` after
     `python mmoref_server.py add-server srv_123 --game mygame` and `mint-token srv_123 --ref alice`):
@@ -432,13 +436,19 @@ def send_event(endpoint: str, secret: str, body: bytes, *, kid: str | None = Non
     request_ = urllib.request.Request(endpoint, data=body, method="POST", headers={
         "Content-Type": "application/json", SIGNATURE_HEADER: signature_header(secret, body, kid=kid)})
     try:
-        with urllib.request.urlopen(request_, timeout=timeout) as response:
+        context = ssl.create_default_context(cafile=cafile) if cafile is not None else None
+    except (ssl.SSLError, OSError) as exc:
+        return {"status": None, "body": None, "error": f"cannot use {cafile} as the CA certificate: {exc}"}
+    try:
+        with urllib.request.urlopen(request_, timeout=timeout, context=context) as response:
             status, raw = response.status, response.read()
     except urllib.error.HTTPError as exc:
         status, raw = exc.code, exc.read()
     except (urllib.error.URLError, OSError, ValueError) as exc:
         reason = getattr(exc, "reason", exc)
-        return {"status": None, "body": None, "error": f"cannot reach {endpoint}: {reason}"}
+        untrusted = ("; to trust the server's certificate, pass --cacert FILE or set SSL_CERT_FILE"
+                     if isinstance(reason, ssl.SSLCertVerificationError) else "")
+        return {"status": None, "body": None, "error": f"cannot reach {endpoint}: {reason}{untrusted}"}
     text = raw.decode("utf-8", "replace")
     try:
         parsed: Any = json.loads(text)
@@ -4224,13 +4234,16 @@ for _action in OWNER_ACTIONS:
 @click.option("--server-event-id", help="idempotency key [default: a new random one]")
 @click.option("--kid", help="which secret signs (optional)")
 @click.option("--test", is_flag=True, help="dry run: verified, nothing written")
+@click.option("--cacert", type=click.Path(exists=True, dir_okay=False), metavar="FILE",
+              help="trust the CA certificates in FILE (PEM) for an https endpoint, instead of the system's"
+                   " (or SSL_CERT_FILE's)")
 @_json_option
 def send_command(event: str, endpoint: str, server_id: str, secret: str, token: str, referee_identity: str | None,
-                 server_event_id: str | None, kid: str | None, test: bool, as_json: bool) -> None:
+                 server_event_id: str | None, kid: str | None, test: bool, cacert: str | None, as_json: bool) -> None:
     """Sign and POST one event, like a game server's kit would; exit 0 on 2xx."""
     body = build_body(event, token, server_id, server_event_id or f"evt-{secrets.token_hex(6)}",
                       referee_identity=referee_identity, test=test)
-    result = send_event(endpoint, secret, body, kid=kid)
+    result = send_event(endpoint, secret, body, kid=kid, cafile=cacert)
     if result["error"]:
         raise ConfigError(result["error"])
     if as_json:

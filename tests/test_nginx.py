@@ -30,6 +30,7 @@ from tests.support import HTTP_TIMEOUT
 from tests.support import ROOT
 from tests.support import Browser
 from tests.support import Doc
+from tests.support import assert_one_error_line
 from tests.support import csrf
 from tests.support import free_port
 from tests.support import required_program
@@ -337,3 +338,22 @@ def test_gunicorn_behind_nginx_answers_while_200_connections_idle_or_trickle(beh
             assert status == 200, text
             assert '"state": "registered"' in text
             assert took < ANSWER_WITHIN, f"event {index} took {took:.1f} s"
+
+
+def test_send_reaches_a_self_signed_server_with_cacert_or_ssl_cert_file(behind_nginx, runner, monkeypatch):
+    """Issue 20.11: `send` to an https endpoint whose certificate no system CA signed."""
+    proxied = behind_nginx(trust_proxy=True)
+    endpoint = f"https://127.0.0.1:{proxied.port}{mm.INGEST_PATH}"
+    send = ["send", "registered", "--endpoint", endpoint, "--server-id", SERVER, "--secret", proxied.secret,
+            "--token", "tok", "--referee-identity", "player-1", "--test", "--json"]
+
+    untrusted = runner(*send, db=False)
+    trusted = runner(*send, "--cacert", str(proxied.certificate), db=False)
+    monkeypatch.setenv("SSL_CERT_FILE", str(proxied.certificate))
+    by_environment = runner(*send, db=False)
+
+    assert_one_error_line(untrusted.exit_code, untrusted.stderr, f"cannot reach {endpoint}",
+                          "certificate verify failed", "pass --cacert FILE or set SSL_CERT_FILE")
+    for result in (trusted, by_environment):
+        assert result.exit_code == 0, result.stderr
+        assert result.json() == {"status": 200, "body": {"ok": True, "test": True}}
