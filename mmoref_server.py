@@ -4040,8 +4040,10 @@ def _listen(app: Callable[..., Any], host: str, port: int, threads: int) -> Any:
     import waitress
 
     _allow_open_files(WAITRESS_OPTIONS["connection_limit"] + threads + 64)
+    # waitress binds "::" IPv6-only (IPV6_V6ONLY): every interface means the IPv4 ones too
+    where: dict[str, Any] = {"listen": f"0.0.0.0:{port} [::]:{port}"} if host == "::" else {"host": host, "port": port}
     try:
-        return waitress.create_server(app, host=host, port=port, threads=threads, **WAITRESS_OPTIONS)
+        return waitress.create_server(app, threads=threads, **where, **WAITRESS_OPTIONS)
     except ValueError:  # waitress: getaddrinfo() found no such address
         raise ConfigError(f"cannot listen on {host}: not a local address or host name: "
                           "pass --host or set MMOREF_HOST") from None
@@ -4100,7 +4102,8 @@ def _exposure_lines(host: str, port: int) -> list[str]:
         return []
     lines = []
     if host in ANY_ADDRESS:
-        lines.append(f"  note       listening on every network interface ({host}); other machines use "
+        families = ":: and 0.0.0.0: IPv6 and IPv4" if host == "::" else "0.0.0.0: IPv4; --host :: adds IPv6"
+        lines.append(f"  note       listening on every network interface ({families}); other machines use "
                      f"http://<this machine's address>:{port}")
     lines.append(f"  warning    the dashboard and the ingest endpoint are reachable from the network on {host}, "
                  "over plain HTTP: for anything public, listen on 127.0.0.1 behind a TLS proxy "
