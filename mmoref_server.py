@@ -3652,8 +3652,9 @@ def _csv_cell(value: Any) -> Any:
     return _FORMULA_START.sub(r"'\1", value) if isinstance(value, str) else value
 
 
-# what makes a formula, at the cell's start or after a separator (not after any other character)
-_FORMULA_START = re.compile(r"(?<![^,;|\s\"'])([=+\-@\t\r])")
+# what makes a formula, at the cell's start or after a separator (not after any other character);
+# spreadsheets read the fullwidth ＝ ＋ － ＠ (U+FF1D, U+FF0B, U+FF0D, U+FF20) like = + - @
+_FORMULA_START = re.compile(r"(?<![^,;|\s\"'])([=+\-@\t\r\uff1d\uff0b\uff0d\uff20])")
 
 
 @dashboard.get(f"/<game>/<server_id>/referrals/log/<int(max={MAX_ROW_ID}):row_id>")
