@@ -166,6 +166,7 @@ MAX_BODY_BYTES = 64 * 1024          # larger bodies get 413
 MAX_FIELD_CHARS = 256               # string fields, after trimming
 REJECTED_KEPT_PER_SERVER = 200      # rejected-requests list length (per server, and installation-wide)
 REJECTED_SNIPPET_CHARS = 300        # a rejected request keeps the start of its body, this long
+CUT_IDENTITY_MIN_CHARS = 3          # `forget`: a snippet cut short that ends with this much of an identity holds it
 REJECTIONS_PER_CLIENT_MINUTE = 30   # refusals remembered per client a minute; later ones are answered only
 CLICKS_PER_CLIENT_MINUTE = 30       # share-link clicks recorded per client a minute; later ones get no token
 DEFAULT_GRACE_SECONDS = 24 * 3600   # how long a rotated-out secret stays valid
@@ -756,6 +757,16 @@ POSTGRES_URL = re.compile(r"postgres(ql)?://", re.IGNORECASE)
 def is_postgres_url(location: str) -> bool:
     """MMOREF_DB names a PostgreSQL database (a URL) rather than a SQLite file."""
     return POSTGRES_URL.match(location) is not None
+
+
+def _with_cut_identity_replaced(text: str, spellings: Sequence[str], forgotten: str) -> str:
+    """`text` (cut short) with any start of a spelling at its very end, at least
+    CUT_IDENTITY_MIN_CHARS long, replaced by `forgotten` (what `forget` does to a cut snippet)."""
+    for spelling in spellings:
+        for length in range(len(spelling) - 1, CUT_IDENTITY_MIN_CHARS - 1, -1):
+            if text.endswith(spelling[:length]):
+                return text[:-length] + forgotten
+    return text
 
 
 def database_label(location: str) -> str:
@@ -1565,10 +1576,10 @@ class Store:
                        for table in ("referrals", "anchors")}
             for table, column, scope, cut_at in (("delivery_log", "payload", "server_id = ? AND ", None),
                                                  ("rejected_requests", "snippet", "", REJECTED_SNIPPET_CHARS)):
-                cut = f" OR length({column}) >= {cut_at}" if cut_at else ""
+                cut = f" OR length({column}) >= ?" if cut_at else ""  # maybe cut inside a spelling
+                params = ((server_id,) if scope else ()) + tuple(spellings) + ((cut_at,) if cut_at else ())
                 found = db.execute(f"SELECT id, {column} FROM {table} WHERE {scope}"
-                                   f"({mentions.format(column=column)}{cut})",
-                                   ((server_id,) if scope else ()) + tuple(spellings)).fetchall()
+                                   f"({mentions.format(column=column)}{cut})", params).fetchall()
                 changed[table] = 0
                 for row in found:
                     scrubbed = scrub(row[column], cut_at)
@@ -2944,19 +2955,6 @@ class NothingToForget(ConfigError):
 
 
 _FORGOTTEN_FORM = re.compile(r"forgotten:[0-9a-f]{32}")   # what forgotten_form returns
-
-
-CUT_IDENTITY_MIN_CHARS = 3   # a snippet cut short that ends with this much of an identity's start holds it
-
-
-def _with_cut_identity_replaced(text: str, spellings: Sequence[str], forgotten: str) -> str:
-    """`text` (cut short) with any start of a spelling at its very end, at least
-    CUT_IDENTITY_MIN_CHARS long, replaced by `forgotten`."""
-    for spelling in spellings:
-        for length in range(len(spelling) - 1, CUT_IDENTITY_MIN_CHARS - 1, -1):
-            if text.endswith(spelling[:length]):
-                return text[:-length] + forgotten
-    return text
 
 
 def forget(store: Store, server_id: str, identity: str) -> dict[str, Any]:
