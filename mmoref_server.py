@@ -10,6 +10,7 @@ style sheet come last.
 """
 from __future__ import annotations
 
+import codecs
 import contextlib
 import csv
 import datetime
@@ -28,6 +29,7 @@ import secrets
 import select
 import shlex
 import sqlite3
+import ssl
 import string
 import sys
 import threading
@@ -44,31 +46,39 @@ from pathlib import Path
 from typing import Any
 from typing import Callable
 
-import click
-import jinja2
-from flask import Blueprint
-from flask import Flask
-from flask import abort
-from flask import current_app
-from flask import flash
-from flask import g
-from flask import get_flashed_messages
-from flask import redirect
-from flask import request
-from flask import session
-from flask import stream_with_context
-from flask import url_for
-from flask.cli import ScriptInfo
-from flask.sessions import SecureCookieSessionInterface
-from itsdangerous import BadData
-from itsdangerous import URLSafeTimedSerializer
-from itsdangerous.encoding import base64_decode
-from itsdangerous.encoding import base64_encode
-from itsdangerous.timed import TimestampSigner
-from werkzeug.exceptions import RequestEntityTooLarge
-from werkzeug.middleware.proxy_fix import ProxyFix
-from werkzeug.security import check_password_hash
-from werkzeug.security import generate_password_hash
+try:
+    import click
+    import jinja2
+    from flask import Blueprint
+    from flask import Flask
+    from flask import abort
+    from flask import current_app
+    from flask import flash
+    from flask import g
+    from flask import get_flashed_messages
+    from flask import redirect
+    from flask import request
+    from flask import session
+    from flask import stream_with_context
+    from flask import url_for
+    from flask.cli import ScriptInfo
+    from flask.sessions import SecureCookieSessionInterface
+    from itsdangerous import BadData
+    from itsdangerous import URLSafeTimedSerializer
+    from itsdangerous.encoding import base64_decode
+    from itsdangerous.encoding import base64_encode
+    from itsdangerous.timed import TimestampSigner
+    from werkzeug.exceptions import RequestEntityTooLarge
+    from werkzeug.middleware.proxy_fix import ProxyFix
+    from werkzeug.security import check_password_hash
+    from werkzeug.security import generate_password_hash
+except ModuleNotFoundError as missing:  # `python mmoref_server.py` before `pip install -r requirements.txt`
+    if __name__ != "__main__":
+        raise
+    requirements = Path(__file__).resolve().with_name("requirements.txt")
+    shown = "requirements.txt" if Path.cwd() == requirements.parent else str(requirements)
+    shown = f'"{shown}"' if " " in shown else shown
+    sys.exit(f"error: {missing}: mmoref needs the packages in requirements.txt; run: pip install -r {shown}")
 
 __version__ = "1.1.0"
 log = logging.getLogger("mmoref")
@@ -154,6 +164,8 @@ SETTINGS: dict[str, tuple[Callable[[str], Any], Any, str]] = {
 MAX_BODY_BYTES = 64 * 1024          # larger bodies get 413
 MAX_FIELD_CHARS = 256               # string fields, after trimming
 REJECTED_KEPT_PER_SERVER = 200      # rejected-requests list length (per server, and installation-wide)
+REJECTED_SNIPPET_CHARS = 300        # a rejected request keeps the start of its body, this long
+CUT_IDENTITY_MIN_CHARS = 3          # `forget`: a snippet cut short that ends with this much of an identity holds it
 REJECTIONS_PER_CLIENT_MINUTE = 30   # refusals remembered per client a minute; later ones are answered only
 CLICKS_PER_CLIENT_MINUTE = 30       # share-link clicks recorded per client a minute; later ones get no token
 DEFAULT_GRACE_SECONDS = 24 * 3600   # how long a rotated-out secret stays valid
@@ -238,7 +250,7 @@ class ApiError(Exception):
                  server_id: str | None = None, **extra: Any):
         super().__init__(error)
         self.status, self.error, self.hint, self.extra = status, error, hint, extra
-        self.diagnosis = diagnosis    # for mac_mismatch: why it probably failed (the answer's hint ends with it)
+        self.diagnosis = diagnosis    # why it probably failed (mac_mismatch, a BOM): the answer's hint ends with it
         self.server_id = server_id    # the known server the refused request names: whose list it goes to
 
     def body(self) -> dict[str, Any]:
@@ -406,8 +418,11 @@ def build_body(event: str, token: str, server_id: str, server_event_id: str, *,
 
 
 def send_event(endpoint: str, secret: str, body: bytes, *, kid: str | None = None,
-               timeout: float = 10.0) -> dict[str, Any]:
+               timeout: float = 10.0, cafile: str | None = None) -> dict[str, Any]:
     """POST a signed body; return {"status": int | None, "body": parsed JSON or text, "error": str | None}.
+
+    An https endpoint's certificate must chain to a CA the system trusts (or SSL_CERT_FILE
+    names), or to one in `cafile` (PEM) when given: for a private CA or a self-signed server.
 
     Worked example (runs as-is against `python mmoref_server.py` after
     `python mmoref_server.py add-server srv_123 --game mygame` and `mint-token srv_123 --ref alice`):
@@ -419,13 +434,19 @@ def send_event(endpoint: str, secret: str, body: bytes, *, kid: str | None = Non
     request_ = urllib.request.Request(endpoint, data=body, method="POST", headers={
         "Content-Type": "application/json", SIGNATURE_HEADER: signature_header(secret, body, kid=kid)})
     try:
-        with urllib.request.urlopen(request_, timeout=timeout) as response:
+        context = ssl.create_default_context(cafile=cafile) if cafile is not None else None
+    except (ssl.SSLError, OSError) as exc:
+        return {"status": None, "body": None, "error": f"cannot use {cafile} as the CA certificate: {exc}"}
+    try:
+        with urllib.request.urlopen(request_, timeout=timeout, context=context) as response:
             status, raw = response.status, response.read()
     except urllib.error.HTTPError as exc:
         status, raw = exc.code, exc.read()
     except (urllib.error.URLError, OSError, ValueError) as exc:
         reason = getattr(exc, "reason", exc)
-        return {"status": None, "body": None, "error": f"cannot reach {endpoint}: {reason}"}
+        untrusted = ("; to trust the server's certificate, pass --cacert FILE or set SSL_CERT_FILE"
+                     if isinstance(reason, ssl.SSLCertVerificationError) else "")
+        return {"status": None, "body": None, "error": f"cannot reach {endpoint}: {reason}{untrusted}"}
     text = raw.decode("utf-8", "replace")
     try:
         parsed: Any = json.loads(text)
@@ -733,6 +754,16 @@ POSTGRES_URL = re.compile(r"postgres(ql)?://", re.IGNORECASE)
 def is_postgres_url(location: str) -> bool:
     """MMOREF_DB names a PostgreSQL database (a URL) rather than a SQLite file."""
     return POSTGRES_URL.match(location) is not None
+
+
+def _with_cut_identity_replaced(text: str, spellings: Sequence[str], forgotten: str) -> str:
+    """`text` (cut short) with any start of a spelling at its very end, at least
+    CUT_IDENTITY_MIN_CHARS long, replaced by `forgotten` (what `forget` does to a cut snippet)."""
+    for spelling in spellings:
+        for length in range(len(spelling) - 1, CUT_IDENTITY_MIN_CHARS - 1, -1):
+            if text.endswith(spelling[:length]):
+                return text[:-length] + forgotten
+    return text
 
 
 def database_label(location: str) -> str:
@@ -1458,11 +1489,13 @@ class Store:
                         spellings: Sequence[str]) -> dict[str, int]:
         """Replace a referee identity by its forgotten form in one transaction: in referrals and
         anchors (where it is the whole value), and in stored payloads and rejected snippets
-        (where it appears as any of `spellings`). Returns the rows changed per table."""
-        def scrub(text: str) -> str:
+        (where it appears as any of `spellings`, or, at the end of a snippet cut short, as the
+        start of one). Returns the rows changed per table."""
+        def scrub(text: str, cut_at: int | None = None) -> str:
+            was_cut = cut_at is not None and len(text) >= cut_at
             for spelling in spellings:
                 text = text.replace(spelling, forgotten)
-            return text
+            return _with_cut_identity_replaced(text, spellings, forgotten) if was_cut else text
 
         mentions = " OR ".join([self.CONTAINS] * len(spellings))
         with self._writing() as db:
@@ -1470,14 +1503,34 @@ class Store:
                                          " WHERE server_id = ? AND referee_identity = ?",
                                          (forgotten, server_id, identity)).rowcount
                        for table in ("referrals", "anchors")}
-            for table, column, scope in (("delivery_log", "payload", "server_id = ? AND "),
-                                         ("rejected_requests", "snippet", "")):
-                found = db.execute(f"SELECT id, {column} FROM {table} WHERE {scope}({mentions.format(column=column)})",
-                                   ((server_id,) if scope else ()) + tuple(spellings)).fetchall()
+            for table, column, scope, cut_at in (("delivery_log", "payload", "server_id = ? AND ", None),
+                                                 ("rejected_requests", "snippet", "", REJECTED_SNIPPET_CHARS)):
+                cut = f" OR length({column}) >= ?" if cut_at else ""  # maybe cut inside a spelling
+                params = ((server_id,) if scope else ()) + tuple(spellings) + ((cut_at,) if cut_at else ())
+                found = db.execute(f"SELECT id, {column} FROM {table} WHERE {scope}"
+                                   f"({mentions.format(column=column)}{cut})", params).fetchall()
+                changed[table] = 0
                 for row in found:
-                    db.execute(f"UPDATE {table} SET {column} = ? WHERE id = ?", (scrub(row[column]), row["id"]))
-                changed[table] = len(found)
+                    scrubbed = scrub(row[column], cut_at)
+                    if scrubbed != row[column]:
+                        db.execute(f"UPDATE {table} SET {column} = ? WHERE id = ?", (scrubbed, row["id"]))
+                        changed[table] += 1
         return changed
+
+    def log_rows_with_event_id_holding(self, server_id: str, text: str) -> list[int]:
+        """The ids of the server's delivery-log rows whose server_event_id contains `text`."""
+        return [row["id"] for row in self._all(
+            f"SELECT id FROM delivery_log WHERE server_id = ? AND {self.CONTAINS.format(column='server_event_id')}"
+            " ORDER BY id", (server_id, text))]
+
+    def mentions(self, server_id: str, text: str) -> bool:
+        """Whether `text` (a forgotten form) is stored for the server: as an anchored identity, in a
+        stored payload, or in a rejected snippet."""
+        return self._one("SELECT 1 AS found FROM anchors WHERE server_id = ? AND referee_identity = ?"
+                         f" UNION ALL SELECT 1 FROM delivery_log WHERE server_id = ? AND"
+                         f" {self.CONTAINS.format(column='payload')}"
+                         f" UNION ALL SELECT 1 FROM rejected_requests WHERE {self.CONTAINS.format(column='snippet')}"
+                         " LIMIT 1", (server_id, text, server_id, text, text)) is not None
 
     # copy-db: a whole installation, from one engine to the other
 
@@ -2368,7 +2421,10 @@ def parse_body(raw_body: bytes) -> dict[str, Any]:
     except _DuplicateKey as exc:
         raise _field_error("duplicate key", exc.key, HINTS["duplicate key"]) from None
     except ValueError:  # bad UTF-8, bad JSON, too many digits
-        raise ApiError(400, "body is not valid JSON", HINTS["body is not valid JSON"]) from None
+        bom = raw_body.startswith(codecs.BOM_UTF8)
+        raise ApiError(400, "body is not valid JSON", HINTS["body is not valid JSON"], diagnosis=(
+            "the body starts with a UTF-8 byte-order mark, EF BB BF, which Windows PowerShell 5.1 writes:"
+            " send and sign the JSON without it") if bom else None) from None
     if not isinstance(body, dict):
         raise ApiError(400, "body must be a JSON object", HINTS["body must be a JSON object"])
     return body
@@ -2488,9 +2544,15 @@ def _with_token_masked(raw_body: bytes) -> str:
 
 def diagnose_mac_mismatch(parsed: ParsedSignature, raw_body: bytes, live: Sequence[tuple[str, str]],
                           revoked: Sequence[str], body_ts: Any) -> str | None:
-    """Why a MAC probably failed, when one of the usual mistakes explains it."""
+    """Why a MAC probably failed, when one of the usual mistakes explains it (docs/contract.md §1.5)."""
+    def is_sent(digest: str) -> bool:
+        return any(hmac.compare_digest(digest, mac) for mac in parsed.macs)
+
     def matches(secret: str, t: str, body: bytes) -> bool:
-        return any(hmac.compare_digest(sign(secret, t, body), mac) for mac in parsed.macs)
+        return is_sent(sign(secret, t, body))
+
+    def any_secret_signed(message: bytes) -> bool:
+        return any(is_sent(hmac.new(s.encode("utf-8"), message, hashlib.sha256).hexdigest()) for s in live_secrets)
 
     live_secrets = [secret for _, secret in live]
     trimmed = raw_body.rstrip(b"\r\n")
@@ -2499,6 +2561,12 @@ def diagnose_mac_mismatch(parsed: ParsedSignature, raw_body: bytes, live: Sequen
     if any(matches(s, parsed.t, raw_body + end) for s in live_secrets for end in (b"\n", b"\r\n")):
         return ("the MAC matches this body plus a trailing newline: your HTTP client changed the body"
                 " (curl -d strips newlines); send it with --data-binary")
+    if any(matches(s, parsed.t, codecs.BOM_UTF8 + raw_body) for s in live_secrets):
+        return ("the MAC matches this body with a UTF-8 byte-order mark, EF BB BF, in front (Windows PowerShell 5.1"
+                " writes one at the start of a file): sign the bytes you send, without it")
+    if any(matches(s, parsed.t, other) for s in live_secrets for other in _line_breaks_put_back(raw_body)):
+        return ("the MAC matches this body with its line breaks put back: curl -d @file strips newlines;"
+                " send the file with --data-binary @file")
     if any(matches(s, parsed.t, other) for s in live_secrets for other in _reserialised(raw_body)):
         return ("the MAC matches the same JSON written differently (spacing or key order): sign the exact"
                 " bytes you send, not a re-serialised copy, and send them unchanged")
@@ -2508,22 +2576,72 @@ def diagnose_mac_mismatch(parsed: ParsedSignature, raw_body: bytes, live: Sequen
         return "the MAC matches a different t (the body's ts): sign with the t you put in the header"
     if any(matches(s, parsed.t, raw_body) for s in revoked):
         return "this MAC was made with a previous, revoked secret: use the current secret"
+    if any_secret_signed(raw_body):
+        return 'the MAC matches the body alone: sign "<t>.<body>", the header\'s t, a dot, then the body'
+    for separator in _WRONG_SEPARATORS:
+        if any_secret_signed(parsed.t.encode("ascii") + separator + raw_body):
+            shown = json.dumps(separator.decode("ascii"))[1:-1]
+            return f'the MAC matches "<t>{shown}<body>": join t and the body with a dot, "<t>.<body>"'
+    if any(is_sent(hashlib.sha256(text).hexdigest()) for text in _plain_hash_inputs(parsed.t, raw_body, live_secrets)):
+        return ("v1 is a plain SHA-256 of the signed text, not an HMAC: compute HMAC-SHA256 with the secret as"
+                " the key: hash_hmac in PHP, not hash")
     if ts_differs:  # not proof, but the usual slip when nothing else explains it
         return (f"the header's t ({parsed.t}) differs from the body's ts ({ts}): "
                 "the MAC must be made with the header's t")
     return None
 
 
+_WRONG_SEPARATORS = (b":", b"", b" ", b",", b"\n")   # put between t and the body instead of "."
+
+
+def _plain_hash_inputs(t: str, raw_body: bytes, secrets_: Sequence[str]) -> Iterator[bytes]:
+    """What a sender who hashed instead of using an HMAC may have hashed: the signed text or the
+    body, alone or with the secret before or after it."""
+    for text in (t.encode("ascii") + b"." + raw_body, raw_body):
+        yield text
+        for secret in secrets_:
+            yield secret.encode("utf-8") + text
+            yield text + secret.encode("utf-8")
+
+
+def _parsed_or_none(raw_body: bytes) -> Any:
+    try:
+        return json.loads(raw_body)
+    except (ValueError, RecursionError):
+        return None
+
+
 def _reserialised(raw_body: bytes) -> list[bytes]:
     """The usual other spellings of the same JSON (a sender that signed one and sent another)."""
-    try:
-        body = json.loads(raw_body)
-    except (ValueError, RecursionError):
+    body = _parsed_or_none(raw_body)
+    if body is None:
         return []
     spellings = {json.dumps(body, sort_keys=sort_keys, separators=separators, ensure_ascii=ascii_only).encode()
                  for sort_keys in (False, True) for separators in ((", ", ": "), (",", ":"))
                  for ascii_only in (True, False)}
     return [spelling + end for spelling in spellings for end in (b"", b"\n") if spelling + end != raw_body]
+
+
+# a pretty-printed file whose line breaks curl -d @file stripped: "{" and then one level's indentation
+_INDENT_LEFT = re.compile(rb"[{\[](\t| {2,})[^ \t]")
+
+
+def _line_breaks_put_back(raw_body: bytes) -> list[bytes]:
+    """The pretty-printed files (LF or CRLF lines, with or without a last newline) that become
+    `raw_body` once their line breaks are stripped, as `curl -d @file` does. The indentation and
+    the space after each colon are read from the body (json.dumps, jq and JSON.stringify write
+    `": "`, Windows PowerShell 5.1 `":  "`)."""
+    indented = _INDENT_LEFT.match(raw_body)
+    body = _parsed_or_none(raw_body) if indented else None
+    if indented is None or body is None:
+        return []
+    indent, colon = indented.group(1).decode("ascii"), ":  " if b'":  ' in raw_body else ": "
+    text = raw_body.decode("utf-8", "replace")
+    pretty = {json.dumps(body, indent=indent, separators=(",", colon), ensure_ascii=ascii_only)
+              for ascii_only in (True, False)}
+    return [(spelling.replace("\n", line_end) + last).encode("utf-8")
+            for spelling in pretty if spelling.replace("\n", "") == text
+            for line_end in ("\n", "\r\n") for last in ("", line_end)]
 
 
 def handle_ingest(store: Store, raw_body: bytes, header: str | None, *, window: int, ttl: int,
@@ -2595,12 +2713,12 @@ def _remember_rejection(store: Store, exc: ApiError, raw_body: bytes, client: st
     """Keep the refusal for the dashboard: reason, hint, a masked snippet, never a secret."""
     # A sender may paste a secret into the body by mistake, and a body that does not parse
     # names no server: scrub every secret of the installation, before cutting the snippet.
-    snippet = _scrubbed_snippet(raw_body, store.all_secrets(), limit=300)
+    snippet = _scrubbed_snippet(raw_body, store.all_secrets(), limit=REJECTED_SNIPPET_CHARS)
     try:
         store.record_rejected(exc.server_id, exc.status, exc.error, exc.extra.get("reason"), exc.hint,
                               exc.diagnosis, snippet, client=client, per_client_minute=REJECTIONS_PER_CLIENT_MINUTE)
-    except (sqlite3.Error, StoreError):
-        log.exception("could not record a rejected request")
+    except (sqlite3.Error, StoreError) as exc:  # the answer stands; /healthz says what the database lacks
+        log.warning("could not record a rejected request: %s", exc)
 
 
 # Maintenance: backup, restore, retention, forgetting a player #################
@@ -2712,18 +2830,48 @@ def identity_spellings(identity: str) -> list[str]:
     return sorted({identity} | escaped, key=len, reverse=True)
 
 
+class NothingToForget(ConfigError):
+    """`forget` found the identity nowhere: nothing was changed, nothing rewritten. `answer` is
+    what `forget --json` prints for it."""
+
+    def __init__(self, message: str, answer: dict[str, Any]):
+        super().__init__(message)
+        self.answer = answer
+
+
+_FORGOTTEN_FORM = re.compile(r"forgotten:[0-9a-f]{32}")   # what forgotten_form returns
+
+
 def forget(store: Store, server_id: str, identity: str) -> dict[str, Any]:
     """Erase a referee identity everywhere it is stored, keeping its forgotten form so first
-    touch still holds; then rewrite the database files so the raw bytes are gone too."""
+    touch still holds; then rewrite the database files so the raw bytes are gone too.
+
+    Log rows whose server_event_id holds the identity keep it (their ids are listed): it is what
+    makes a retry of those events a duplicate. NothingToForget when the identity is stored
+    nowhere and was never forgotten (a typo): then nothing is rewritten either."""
     if store.server(server_id) is None:
         raise ConfigError(f"unknown server {server_id!r}")
     identity = identity.strip()
     if not identity:
         raise ConfigError("--identity is empty: give the referee_identity to forget")
+    if _FORGOTTEN_FORM.fullmatch(identity):
+        raise ConfigError(f"{identity} is a forgotten form already: give the identity as the game server sent it")
     forgotten = forgotten_form(store.identity_key, server_id, identity)
     changed = store.forget_identity(server_id, identity, forgotten, identity_spellings(identity))
+    result: dict[str, Any] = {"server_id": server_id, "forgotten_as": forgotten, "rows_changed": changed}
+    kept = store.log_rows_with_event_id_holding(server_id, identity)
+    if kept:  # the idempotency key of those events: replacing it would make a retry a new event
+        result["server_event_id_kept"] = kept
+    if not any(changed.values()):
+        before = store.mentions(server_id, forgotten)
+        if not before and not kept:
+            raise NothingToForget(f"nothing on {server_id} matches {identity!r}: nothing was changed (identities are"
+                                  " compared exactly, after trimming: check the spelling and the server)",
+                                  {**result, "nothing_matched": True})
+        if before:  # rewrite again all the same, in case that run stopped before its rewrite was done
+            result["forgotten_before"] = True
     store.erase_freed_bytes()
-    return {"server_id": server_id, "forgotten_as": forgotten, "rows_changed": changed}
+    return result
 
 
 # Routes: ingest, share link, health ##########################################
@@ -3387,8 +3535,9 @@ def _csv_cell(value: Any) -> Any:
     return _FORMULA_START.sub(r"'\1", value) if isinstance(value, str) else value
 
 
-# what makes a formula, at the cell's start or after a separator (not after any other character)
-_FORMULA_START = re.compile(r"(?<![^,;|\s\"'])([=+\-@\t\r])")
+# what makes a formula, at the cell's start or after a separator (not after any other character);
+# spreadsheets read the fullwidth ＝ ＋ － ＠ (U+FF1D, U+FF0B, U+FF0D, U+FF20) like = + - @
+_FORMULA_START = re.compile(r"(?<![^,;|\s\"'])([=+\-@\t\r\uff1d\uff0b\uff0d\uff20])")
 
 
 @dashboard.get(f"/<game>/<server_id>/referrals/log/<int(max={MAX_ROW_ID}):row_id>")
@@ -3438,8 +3587,13 @@ def forget_form(game: str, server_id: str, referral_id: str) -> Any:
         abort(404)
     if request.form.get("confirm") != "yes":
         return _page("forget.html", 200, title="Forget a player", server=server, referral=referral)
-    forget(store, server_id, referral["referee_identity"])
-    flash(f"The player of referral {referral_id} is forgotten.")
+    try:
+        result = forget(store, server_id, referral["referee_identity"])
+        flash(f"The player of referral {referral_id} is forgotten.")
+        if "server_event_id_kept" in result:
+            flash(kept_event_ids_line(result["server_event_id_kept"]))
+    except ConfigError as exc:   # a referral whose player is forgotten already
+        flash(str(exc))
     return redirect(_tab_url(server))
 
 
@@ -3770,8 +3924,10 @@ def _listen(app: Callable[..., Any], host: str, port: int, threads: int) -> Any:
     import waitress
 
     _allow_open_files(WAITRESS_OPTIONS["connection_limit"] + threads + 64)
+    # waitress binds "::" IPv6-only (IPV6_V6ONLY): every interface means the IPv4 ones too
+    where: dict[str, Any] = {"listen": f"0.0.0.0:{port} [::]:{port}"} if host == "::" else {"host": host, "port": port}
     try:
-        return waitress.create_server(app, host=host, port=port, threads=threads, **WAITRESS_OPTIONS)
+        return waitress.create_server(app, threads=threads, **where, **WAITRESS_OPTIONS)
     except ValueError:  # waitress: getaddrinfo() found no such address
         raise ConfigError(f"cannot listen on {host}: not a local address or host name: "
                           "pass --host or set MMOREF_HOST") from None
@@ -3830,7 +3986,8 @@ def _exposure_lines(host: str, port: int) -> list[str]:
         return []
     lines = []
     if host in ANY_ADDRESS:
-        lines.append(f"  note       listening on every network interface ({host}); other machines use "
+        families = ":: and 0.0.0.0: IPv6 and IPv4" if host == "::" else "0.0.0.0: IPv4; --host :: adds IPv6"
+        lines.append(f"  note       listening on every network interface ({families}); other machines use "
                      f"http://<this machine's address>:{port}")
     lines.append(f"  warning    the dashboard and the ingest endpoint are reachable from the network on {host}, "
                  "over plain HTTP: for anything public, listen on 127.0.0.1 behind a TLS proxy "
@@ -3964,13 +4121,16 @@ for _action in OWNER_ACTIONS:
 @click.option("--server-event-id", help="idempotency key [default: a new random one]")
 @click.option("--kid", help="which secret signs (optional)")
 @click.option("--test", is_flag=True, help="dry run: verified, nothing written")
+@click.option("--cacert", type=click.Path(exists=True, dir_okay=False), metavar="FILE",
+              help="trust the CA certificates in FILE (PEM) for an https endpoint, instead of the system's"
+                   " (or SSL_CERT_FILE's)")
 @_json_option
 def send_command(event: str, endpoint: str, server_id: str, secret: str, token: str, referee_identity: str | None,
-                 server_event_id: str | None, kid: str | None, test: bool, as_json: bool) -> None:
+                 server_event_id: str | None, kid: str | None, test: bool, cacert: str | None, as_json: bool) -> None:
     """Sign and POST one event, like a game server's kit would; exit 0 on 2xx."""
     body = build_body(event, token, server_id, server_event_id or f"evt-{secrets.token_hex(6)}",
                       referee_identity=referee_identity, test=test)
-    result = send_event(endpoint, secret, body, kid=kid)
+    result = send_event(endpoint, secret, body, kid=kid, cafile=cacert)
     if result["error"]:
         raise ConfigError(result["error"])
     if as_json:
@@ -4054,9 +4214,25 @@ def forget_command(server_id: str, identity: str, db_path: str | None, as_json: 
     It is replaced by a keyed one-way value, so the player still cannot be registered
     through another referrer. Rewrites the database file (VACUUM) so no copy is left.
     """
-    result = forget(_open_store(db_path), server_id, identity)
-    _emit(as_json, result, f"forgotten on {server_id}; stored as {result['forgotten_as']}\nrows changed: "
-                           + ", ".join(f"{k} {v}" for k, v in result["rows_changed"].items()))
+    try:
+        result = forget(_open_store(db_path), server_id, identity)
+    except NothingToForget as exc:
+        if as_json:
+            click.echo(json.dumps(exc.answer))
+        raise
+    done = "already forgotten" if result.get("forgotten_before") else "forgotten"
+    lines = [f"{done} on {server_id}; stored as {result['forgotten_as']}",
+             "rows changed: " + ", ".join(f"{k} {v}" for k, v in result["rows_changed"].items())]
+    if "server_event_id_kept" in result:
+        lines.append(kept_event_ids_line(result["server_event_id_kept"]))
+    _emit(as_json, result, "\n".join(lines))
+
+
+def kept_event_ids_line(row_ids: Sequence[int], shown: int = 10) -> str:
+    """What `forget` says of the log rows whose server_event_id holds the identity."""
+    listed = ", ".join(map(str, row_ids[:shown])) + (f", … ({len(row_ids)} rows)" if len(row_ids) > shown else "")
+    return (f"kept: the server_event_id of delivery-log rows {listed} holds the identity; it is the key that"
+            " makes a retry of those events a duplicate (docs/operations.md, Forgetting a player)")
 
 
 DEMO_SERVER_ID, DEMO_GAME, DEMO_SECRET = "demo-server", "demo-game", "demo-secret-not-for-production"

@@ -251,3 +251,12 @@ def test_demo_refuses_to_overwrite_without_force(runner, tmp_path: Path):
     replaced = ok(runner("demo", str(target), "--force", db=False))
     assert mm.DEMO_SERVER_ID in replaced.stdout
     assert target.read_bytes().startswith(b"SQLite format 3\x00")
+
+
+def test_send_with_a_cacert_that_holds_no_certificate_is_one_error_line(runner, tmp_path: Path):
+    not_pem = tmp_path / "ca.pem"
+    not_pem.write_text("not a certificate\n")
+    result = runner("send", "registered", "--endpoint", f"https://127.0.0.1:1{INGEST}", "--server-id", SERVER,
+                    "--secret", "s", "--token", "t", "--referee-identity", "p", "--cacert", str(not_pem), db=False)
+    assert_one_error_line(result.exit_code, result.stderr, f"cannot use {not_pem} as the CA certificate")
+    assert result.stdout == ""

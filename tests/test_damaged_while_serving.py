@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
+from pathlib import Path
 
 from tests.support import add_server
 from tests.support import event_body
@@ -42,3 +43,27 @@ def test_healthz_says_malformed_once_a_request_hit_the_damage(store, db_path, li
     assert (status, health["ok"], health.get("reason")) == (503, False, "malformed"), health
     assert "is damaged" in health["hint"] and "restore a backup" in health["hint"]
     assert seconds < 1.5
+
+
+def test_a_refusal_that_cannot_be_recorded_is_one_warning_line(store, db_path, live_server):
+    """Issue 20.10: the database deleted while serving, requests signed with a wrong secret still get
+    their 401 (the kept configuration needs no file), and each refusal the list cannot keep is one
+    log line, not a traceback."""
+    secret = add_server(store)
+    [token] = mint_tokens(store, ["alice"])
+    store.close()
+    server = live_server(env={"MMOREF_THREADS": "1"})   # the one request thread has its connection open
+    assert post(server.port, secret, event_body("registered", token, "reg-0"))[0] == 200
+    for suffix in ("", "-wal", "-shm"):
+        Path(db_path + suffix).unlink()
+
+    answers = [post(server.port, "wrong-secret", event_body("registered", token, f"reg-{i}"))[:2] for i in (1, 2)]
+
+    assert [(status, body["error"], body["reason"]) for status, body in answers] == [
+        (401, "bad_signature", "mac_mismatch")] * 2
+    output = server.stop()
+    assert "Traceback" not in output
+    warnings = [line for line in output.splitlines() if "could not record a rejected request" in line]
+    assert len(warnings) == 2, output
+    assert all(" WARNING mmoref: " in line and "was deleted while the server was running" in line
+               for line in warnings), warnings

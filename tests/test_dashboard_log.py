@@ -288,7 +288,9 @@ def test_csv_export_follows_the_filters(owner: Owner, log_scenario: dict) -> Non
     assert len(everything) == 5
 
 
-@pytest.mark.parametrize("identity", ['=HYPERLINK("https://evil.example","x")', "+1+1", "-2+3", "@SUM(A1)"])
+@pytest.mark.parametrize("identity", ['=HYPERLINK("https://evil.example","x")', "+1+1", "-2+3", "@SUM(A1)",
+                                      # fullwidth forms, which spreadsheets with East Asian input read as = + - @
+                                      '＝HYPERLINK("https://evil.example","x")', "＋1+1", "－2+3", "＠SUM(A1)"])
 def test_csv_neutralises_formulas(owner: Owner, kit: Any, identity: str) -> None:
     send_ok(kit, "registered", kit.token(), "e-1", referee_identity=identity)
     _, row = read_csv(owner.client.get(f"{KIT_TAB}/log.csv"))

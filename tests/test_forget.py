@@ -24,6 +24,7 @@ from tests.support import mint_tokens
 from tests.support import rows
 from tests.support import scalar
 from tests.support import send_ok
+from tests.support import snapshot
 
 pytestmark = pytest.mark.both_engines  # the same on SQLite and on PostgreSQL
 
@@ -128,3 +129,127 @@ def test_forget_says_so_when_a_reader_keeps_the_write_ahead_log(kit, store, db_p
         reader.execute("COMMIT")
     mm.forget(impatient, kit.server_id, PLAYER)   # repeated once the reader is gone: done
     assert spellings_in_files(db_path, PLAYER) == []
+
+
+def rewrite_marker(db_path: str) -> list[tuple]:
+    """What forget's rewrite changes: SQLite's schema cookie (VACUUM adds one), PostgreSQL's table
+    files (VACUUM FULL gives each table a new one)."""
+    if mm.is_postgres_url(db_path):
+        return rows(db_path, "SELECT pg_relation_filenode('referrals'), pg_relation_filenode('delivery_log')")
+    return rows(db_path, "PRAGMA schema_version")
+
+
+def test_forget_says_so_when_nothing_matches_and_rewrites_nothing(runner, kit, db_path):
+    send_ok(kit, "registered", kit.token("alice"), "reg-1", referee_identity=PLAYER)
+    before, marker = snapshot(db_path), rewrite_marker(db_path)
+
+    typo = runner("forget", "--server", kit.server_id, "--identity", "nobody-here")
+    as_json = runner("forget", "--server", kit.server_id, "--identity", "nobody-here", "--json")
+
+    assert_one_error_line(typo.exit_code, typo.stderr, f"nothing on {kit.server_id} matches 'nobody-here'",
+                          "nothing was changed")
+    assert typo.stdout == ""
+    assert_one_error_line(as_json.exit_code, as_json.stderr, "nothing was changed")
+    assert as_json.json() == {"server_id": kit.server_id, "nothing_matched": True,
+                              "forgotten_as": mm.forgotten_form(kit.store.identity_key, kit.server_id, "nobody-here"),
+                              "rows_changed": {"referrals": 0, "anchors": 0, "delivery_log": 0,
+                                               "rejected_requests": 0}}
+    assert snapshot(db_path) == before
+    assert rewrite_marker(db_path) == marker   # no VACUUM: writers were never held up
+    done = runner("forget", "--server", kit.server_id, "--identity", PLAYER)
+    assert done.exit_code == 0, done.stderr
+    assert rewrite_marker(db_path) != marker   # (the marker does see a rewrite)
+
+
+def test_forgetting_twice_says_the_player_was_forgotten_before(runner, kit):
+    send_ok(kit, "registered", kit.token("alice"), "reg-1", referee_identity=PLAYER)
+    first = runner("forget", "--server", kit.server_id, "--identity", PLAYER, "--json")
+    assert first.exit_code == 0, first.stderr
+
+    again = runner("forget", "--server", kit.server_id, "--identity", PLAYER, "--json")
+    in_words = runner("forget", "--server", kit.server_id, "--identity", PLAYER)
+
+    assert again.exit_code == 0, again.stderr
+    assert again.json() == {**first.json(), "rows_changed": dict.fromkeys(first.json()["rows_changed"], 0),
+                            "forgotten_before": True}
+    assert in_words.exit_code == 0, in_words.stderr
+    assert in_words.stdout.startswith(f"already forgotten on {kit.server_id}; stored as forgotten:")
+
+
+def test_a_forgotten_form_is_not_forgotten_again(runner, kit, db_path):
+    """Hashing the stored form again would lose the player's first touch."""
+    send_ok(kit, "registered", kit.token("alice"), "reg-1", referee_identity=PLAYER)
+    forgotten = runner("forget", "--server", kit.server_id, "--identity", PLAYER, "--json").json()["forgotten_as"]
+    before = snapshot(db_path)
+
+    refused = runner("forget", "--server", kit.server_id, "--identity", forgotten)
+
+    assert_one_error_line(refused.exit_code, refused.stderr, "is a forgotten form already")
+    assert snapshot(db_path) == before
+
+
+def test_the_forget_button_of_a_forgotten_player_changes_nothing(owner, registered, db_path):
+    action = f"{KIT_TAB}/forget/{registered['referral_id']}"
+    assert owner.post(action, confirm="yes").status_code == 302
+    before = snapshot(db_path)
+
+    tab = owner.follow(owner.post(action, confirm="yes"))   # the form sent again, by hand
+
+    assert [flash for flash in tab.flashes if "is a forgotten form already" in flash], tab.flashes
+    assert snapshot(db_path) == before
+
+
+VICTIM = "victim.person@example.com"
+SNIPPET_CHARS = 300   # a rejected request keeps the first 300 characters of its body (docs/contract.md §4)
+
+
+def test_a_rejected_snippet_cut_inside_the_identity_is_forgotten_too(runner, kit, db_path):
+    """The snippet keeps 300 characters: here the first 20 of the identity, "victim.person@exampl"."""
+    around = ('{"note": "', '", "referee_identity": "')
+    head = around[0] + "x" * (SNIPPET_CHARS - 20 - len("".join(around))) + around[1]
+    raw = (f'{head}{VICTIM}", "event": "registered", "token": "t", "server_id": "{kit.server_id}",'
+           ' "server_event_id": "reg-1"}')
+    assert kit.post(raw.encode(), secret="wrong-secret").status_code == 401
+    [(snippet,)] = rows(db_path, "SELECT snippet FROM rejected_requests")
+    assert snippet.endswith(VICTIM[:20]) and len(snippet) == SNIPPET_CHARS   # (set up as meant)
+
+    forgotten = runner("forget", "--server", kit.server_id, "--identity", VICTIM, "--json")
+
+    assert forgotten.exit_code == 0, forgotten.stderr
+    assert forgotten.json()["rows_changed"] == {"referrals": 0, "anchors": 0, "delivery_log": 0,
+                                                "rejected_requests": 1}
+    [(snippet,)] = rows(db_path, "SELECT snippet FROM rejected_requests")
+    assert snippet == head + forgotten.json()["forgotten_as"]
+
+
+def test_forget_lists_the_log_rows_whose_server_event_id_holds_the_identity(runner, kit, db_path):
+    token = kit.token("alice")
+    send_ok(kit, "registered", token, f"reg-{VICTIM}", referee_identity=VICTIM)
+    send_ok(kit, "qualified", token, f"qual-{VICTIM}")
+    send_ok(kit, "registered", kit.token("bob"), "reg-other", referee_identity="someone-else")
+
+    as_json = runner("forget", "--server", kit.server_id, "--identity", VICTIM, "--json")
+    in_words = runner("forget", "--server", kit.server_id, "--identity", VICTIM)
+
+    assert as_json.exit_code == 0, as_json.stderr
+    assert as_json.json()["server_event_id_kept"] == [1, 2]
+    assert as_json.json()["rows_changed"] == {"referrals": 1, "anchors": 1, "delivery_log": 2, "rejected_requests": 0}
+    assert in_words.exit_code == 0, in_words.stderr   # forgotten before: the rows are listed again
+    assert in_words.stdout.splitlines()[-1] == (
+        "kept: the server_event_id of delivery-log rows 1, 2 holds the identity; it is the key that makes a"
+        " retry of those events a duplicate (docs/operations.md, Forgetting a player)")
+    assert rows(db_path, "SELECT server_event_id FROM delivery_log ORDER BY id") == [
+        (f"reg-{VICTIM}",), (f"qual-{VICTIM}",), ("reg-other",)]
+    assert all(VICTIM not in payload for (payload,) in rows(db_path, "SELECT payload FROM delivery_log"))
+    # a retry of a listed event is still a duplicate
+    assert kit.send("qualified", token, f"qual-{VICTIM}").get_json() == {"ok": True, "duplicate": True}
+
+
+def test_the_forget_button_names_the_log_rows_it_keeps(owner, kit):
+    referral_id = send_ok(kit, "registered", kit.token("alice"), f"reg-{REFEREE}")["referral_id"]
+
+    tab = owner.follow(owner.post(f"{KIT_TAB}/forget/{referral_id}", confirm="yes"))
+
+    forgotten, kept = tab.flashes
+    assert forgotten == f"The player of referral {referral_id} is forgotten."
+    assert kept.startswith("kept: the server_event_id of delivery-log rows 1 holds the identity; ")

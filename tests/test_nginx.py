@@ -8,6 +8,7 @@ only one the dashboard allowlist admits), and nginx reaches mmoref from 127.0.0.
 from __future__ import annotations
 
 import http.client
+import json
 import os
 import re
 import shlex
@@ -30,6 +31,7 @@ from tests.support import HTTP_TIMEOUT
 from tests.support import ROOT
 from tests.support import Browser
 from tests.support import Doc
+from tests.support import assert_one_error_line
 from tests.support import csrf
 from tests.support import free_port
 from tests.support import required_program
@@ -337,3 +339,41 @@ def test_gunicorn_behind_nginx_answers_while_200_connections_idle_or_trickle(beh
             assert status == 200, text
             assert '"state": "registered"' in text
             assert took < ANSWER_WITHIN, f"event {index} took {took:.1f} s"
+
+
+def test_send_reaches_a_self_signed_server_with_cacert_or_ssl_cert_file(behind_nginx, runner, monkeypatch):
+    """Issue 20.11: `send` to an https endpoint whose certificate no system CA signed."""
+    proxied = behind_nginx(trust_proxy=True)
+    endpoint = f"https://127.0.0.1:{proxied.port}{mm.INGEST_PATH}"
+    send = ["send", "registered", "--endpoint", endpoint, "--server-id", SERVER, "--secret", proxied.secret,
+            "--token", "tok", "--referee-identity", "player-1", "--test", "--json"]
+
+    untrusted = runner(*send, db=False)
+    trusted = runner(*send, "--cacert", str(proxied.certificate), db=False)
+    monkeypatch.setenv("SSL_CERT_FILE", str(proxied.certificate))
+    by_environment = runner(*send, db=False)
+
+    assert_one_error_line(untrusted.exit_code, untrusted.stderr, f"cannot reach {endpoint}",
+                          "certificate verify failed", "pass --cacert FILE or set SSL_CERT_FILE")
+    for result in (trusted, by_environment):
+        assert result.exit_code == 0, result.stderr
+        assert result.json() == {"status": 200, "body": {"ok": True, "test": True}}
+
+
+@pytest.mark.parametrize("prefix", ["", "/mmoref"], ids=["root", "under-mmoref"])
+def test_a_body_over_the_proxy_limit_gets_the_json_413_mmoref_gives(behind_nginx, prefix):
+    """Issue 20.12: nginx stops bodies over 128 KiB itself; a kit still reads mmoref's JSON answer."""
+    proxied = behind_nginx(trust_proxy=True)
+
+    def post(kib: int) -> tuple[int, http.client.HTTPMessage, str]:
+        raw = b'{"pad": "' + b"x" * (kib * 1024) + b'"}'
+        return proxied.client().request("POST", prefix + mm.INGEST_PATH, raw, **{
+            mm.SIGNATURE_HEADER: mm.signature_header(proxied.secret, raw), "Content-Type": "application/json"})
+
+    by_mmoref, by_nginx = post(100), post(200)   # over mmoref's 64 KiB; over nginx's 128 KiB too
+
+    expected = mm.ApiError(413, "body too large", mm.HINTS["body too large"]).body()
+    for status, headers, text in (by_mmoref, by_nginx):
+        assert (status, headers.get_content_type()) == (413, "application/json"), text
+        assert json.loads(text) == expected
+    assert by_nginx[2] == by_mmoref[2]

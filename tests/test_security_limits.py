@@ -171,7 +171,8 @@ def test_two_server_processes_share_the_count(live_server: Any) -> None:
 
 @pytest.mark.parametrize(("identity", "cell"), [
     ("x;=1+1", "x;'=1+1"), ("a|@SUM(A1)", "a|'@SUM(A1)"), ("a\t+1", "a\t'+1"), ("a b=c", "a b=c"),
-    ("=HYPERLINK(1)", "'=HYPERLINK(1)"), ("player-7842", "player-7842")])
+    ("=HYPERLINK(1)", "'=HYPERLINK(1)"), ("player-7842", "player-7842"), ("x;＝1+1", "x;'＝1+1"),
+    ("ＡＢ＝1", "ＡＢ＝1")])
 def test_csv_neutralises_a_formula_after_any_separator(owner: Owner, kit: Kit, identity: str, cell: str) -> None:
     assert kit.send("registered", kit.token(), "reg-1", referee_identity=identity).status_code == 200
     response = owner.client.get(TAB.format(game="mygame", server=kit.server_id) + "/log.csv")

@@ -3,15 +3,18 @@ is created and the first-run password made, one `error:` line for every failure,
 without `serve`, and the banner when listening beyond loopback."""
 from __future__ import annotations
 
+import http.client
 import os
 import socket
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 import mmoref_server as mm
+from tests.support import HTTP_TIMEOUT
 from tests.support import PYTHON
 from tests.support import SERVER_SCRIPT
 from tests.support import assert_one_error_line
@@ -97,8 +100,9 @@ def test_help_and_version_still_answer_the_group(tmp_path):
     assert (version.returncode, version.stdout) == (0, f"mmoref, version {mm.__version__}\n")
 
 
-def banner_of(tmp_path: Path, *args: str) -> tuple[int, str]:
-    """Start the server with `args` on a free port, wait for its banner (printed once it listens), stop it."""
+def banner_of(tmp_path: Path, *args: str, while_up: Callable[[int], None] | None = None) -> tuple[int, str]:
+    """Start the server with `args` on a free port, wait for its banner (printed once it listens), call
+    `while_up(port)` if given, stop it."""
     port = free_port()
     log_path = tmp_path / "banner.log"
     with open(log_path, "w") as log_file:
@@ -109,6 +113,8 @@ def banner_of(tmp_path: Path, *args: str) -> tuple[int, str]:
         while "  login " not in log_path.read_text() and process.poll() is None and time.monotonic() < deadline:
             time.sleep(0.1)
         assert process.poll() is None, log_path.read_text()
+        if while_up is not None:
+            while_up(port)
     finally:
         process.terminate()
         process.wait(timeout=10)
@@ -144,3 +150,44 @@ def test_ipv6_host_is_shown_in_brackets(tmp_path):
     port, output = banner_of(tmp_path, "--host", "::1")
     assert f"dashboard  http://[::1]:{port}/dashboard" in output
     assert "warning" not in output
+
+
+def test_before_pip_install_one_line_says_what_to_run(tmp_path):
+    """`python -I -S`: no site-packages, as on a machine where `pip install -r requirements.txt` never ran."""
+    result = subprocess.run([PYTHON, "-I", "-S", str(SERVER_SCRIPT)], cwd=tmp_path, capture_output=True, text=True,
+                            timeout=START_TIMEOUT)
+    requirements = SERVER_SCRIPT.parent / "requirements.txt"
+    assert_one_error_line(result.returncode, result.stderr, "No module named 'click'",
+                          f"run: pip install -r {requirements}")
+    assert result.stdout == ""
+    assert os.listdir(tmp_path) == []
+    importing = f"import sys; sys.path.insert(0, {str(SERVER_SCRIPT.parent)!r}); import mmoref_server"
+    embedded = subprocess.run([PYTHON, "-I", "-S", "-c", importing], capture_output=True, text=True,
+                              timeout=START_TIMEOUT)   # a host app that imports it gets the exception as is
+    assert embedded.returncode == 1 and "ModuleNotFoundError: No module named 'click'" in embedded.stderr
+
+
+def healthz_over(address: str, port: int) -> tuple[int, bytes]:
+    connection = http.client.HTTPConnection(address, port, timeout=HTTP_TIMEOUT)
+    try:
+        connection.request("GET", "/healthz")
+        response = connection.getresponse()
+        return response.status, response.read()
+    finally:
+        connection.close()
+
+
+@pytest.mark.skipif(not ipv6_loopback_available(), reason="no IPv6 loopback here")
+def test_every_interface_on_ipv6_means_ipv4_too(tmp_path):
+    """Issue 20.13: `--host ::` listened on IPv6 only, while the banner said every interface."""
+    answers: dict[str, tuple[int, bytes]] = {}
+
+    def reach_both(port: int) -> None:
+        for address in ("127.0.0.1", "::1"):
+            answers[address] = healthz_over(address, port)
+
+    port, output = banner_of(tmp_path, "--host", "::", while_up=reach_both)
+
+    assert answers == {"127.0.0.1": (200, b'{"ok": true}'), "::1": (200, b'{"ok": true}')}
+    assert "listening on every network interface (:: and 0.0.0.0: IPv6 and IPv4)" in output
+    assert f"dashboard  http://[::1]:{port}/dashboard" in output
