@@ -203,6 +203,14 @@ def test_login_needs_the_csrf_token(client: Any, bad: str | None) -> None:
     assert not is_logged_in(client)
 
 
+def test_login_without_a_session_refuses_an_empty_csrf_token(client: Any) -> None:
+    """A client that never opened the login page has no token in its session: an empty one must not match it."""
+    page = html(client.post("/dashboard/login", data={"password": PASSWORD, "csrf_token": ""}), 400)
+    assert page.one("h1").text == "Form expired"
+    assert "security token is missing or out of date" in page.text
+    assert not is_logged_in(client)
+
+
 # Session cookie and key ########################################################
 
 def session_cookie(response: Any) -> dict[str, str | bool]:
