@@ -51,9 +51,7 @@ from flask import Blueprint
 from flask import Flask
 from flask import abort
 from flask import current_app
-from flask import flash
 from flask import g
-from flask import get_flashed_messages
 from flask import redirect
 from flask import request
 from flask import session
@@ -2852,7 +2850,18 @@ def _apply_default_settings(state: Any) -> None:
         state.app.config.setdefault(name, value)
 
 
+def _require_secret_key(state: Any) -> None:
+    """In a host app the dashboard keeps its login in the host's session, which Flask signs with
+    the host's SECRET_KEY: without one, refuse here, in one line, not with a 500 on the login page.
+    (The standalone app's session interface finds its own key.)"""
+    app = state.app
+    if not app.secret_key and not isinstance(app.session_interface, _SessionInterface):
+        raise ConfigError("mmoref_server.blueprint needs the host app's SECRET_KEY (the dashboard's login session"
+                          " is signed with it): set app.config['SECRET_KEY'] before register_blueprint()")
+
+
 blueprint.record_once(_apply_default_settings)
+blueprint.record_once(_require_secret_key)
 _store_lock = threading.Lock()
 
 
@@ -3089,6 +3098,11 @@ LOGIN_BUDGET_WINDOW = 600        # beyond which every login waits for the next w
 GRACE_CHOICES = {"0": "revoke now", "3600": "1 hour", "86400": "24 hours", "604800": "7 days"}
 OUTCOMES = ("advanced", "no_op", "first_touch_conflict", "owner_action")
 LOG_EVENTS = EVENTS + ("rejected",)  # owner rejections are logged as their own event
+# The dashboard's keys in the session, all under one prefix. Embedded in a host app the session is
+# the host's: mmoref reads and removes only these (never session.clear()), has its own flashed
+# messages, and a host's session.clear() just logs the owner out of the dashboard.
+SESSION_KEY_PREFIX = "mmoref_"
+FLASHES = "mmoref_flashes"
 
 
 def _is_logged_in() -> bool:
@@ -3121,6 +3135,22 @@ def csrf_token() -> str:
     if "mmoref_csrf" not in session:
         session["mmoref_csrf"] = secrets.token_urlsafe(32)
     return session["mmoref_csrf"]
+
+
+def _end_dashboard_session() -> None:
+    """Forget the dashboard's keys in the session (login, CSRF token, waiting results, messages); the rest is
+    a host app's."""
+    for key in [key for key in session if key.startswith(SESSION_KEY_PREFIX)]:
+        session.pop(key)
+
+
+def _flash(message: str) -> None:
+    """A message for the next dashboard page, in the dashboard's own list (not Flask's, which a host app reads)."""
+    session[FLASHES] = [*session.get(FLASHES, []), message]
+
+
+def _take_flashes() -> list[str]:
+    return session.pop(FLASHES, [])
 
 
 @dashboard.before_request
@@ -3204,7 +3234,7 @@ def login() -> Any:
             error, status = f"Too many failed logins: wait {wait} s and try again.", 429
         elif check_password(request.form.get("password", "")):
             store.forget_login_failures(client)
-            session.clear()
+            _end_dashboard_session()  # a new session id and CSRF token: none chosen before the login survives it
             lifetime = int(current_app.permanent_session_lifetime.total_seconds())
             session["mmoref_session"] = store.open_session(_password_tag() or "", now(), lifetime)
             home = url_for("mmoref.dashboard.index")
@@ -3229,7 +3259,7 @@ def logout() -> Any:
     session_id = session.get("mmoref_session")
     if isinstance(session_id, str):
         get_store().close_session(session_id)
-    session.clear()
+    _end_dashboard_session()
     return redirect(url_for("mmoref.dashboard.login"))
 
 
@@ -3399,7 +3429,7 @@ def set_enabled(game: str, server_id: str) -> Any:
     if enable and not store.live_secrets(server_id, now()):  # enabling mints the first secret
         _, kid = store.rotate_secret(server_id, grace=0)
         return _to_tab(server, new_secret={"kid": kid})
-    flash("Referrals enabled." if enable else "Referrals disabled: events now get 404 referrals not enabled.")
+    _flash("Referrals enabled." if enable else "Referrals disabled: events now get 404 referrals not enabled.")
     return redirect(_tab_url(server))
 
 
@@ -3412,7 +3442,7 @@ def rotate_secret_form(game: str, server_id: str) -> Any:
     nonce = request.form.get("rotation", "")[:64] or secrets.token_urlsafe(16)  # a form without one rotates
     kid, rotated = get_store().rotate_secret_once(server_id, int(grace), nonce)
     if not rotated:
-        flash(f"This form was already sent: it made secret {kid}. Nothing was rotated again.")
+        _flash(f"This form was already sent: it made secret {kid}. Nothing was rotated again.")
     return _to_tab(server, new_secret={"kid": kid, "grace": GRACE_CHOICES[grace]})
 
 
@@ -3427,9 +3457,9 @@ def settings_form(game: str, server_id: str) -> Any:
         get_store().update_server(server_id, registration_url=check_registration_url(url) if url else None,
                                   identity_field=identity_field)
     except ConfigError as exc:
-        flash(str(exc))
+        _flash(str(exc))
     else:
-        flash("Settings saved.")
+        _flash("Settings saved.")
     return redirect(_tab_url(server))
 
 
@@ -3439,7 +3469,7 @@ def mint_token_form(game: str, server_id: str) -> Any:
     try:
         token, referral_id = get_store().mint_referral(server_id, request.form.get("ref", "").strip(), test=True)
     except ConfigError as exc:
-        flash(str(exc))
+        _flash(str(exc))
         return redirect(_tab_url(server))
     return _to_tab(server, new_token={"token": token, "referral_id": referral_id})
 
@@ -3452,7 +3482,7 @@ def send_test_event(game: str, server_id: str) -> Any:
     store = get_store()
     live = store.live_secrets(server_id, now())
     if not live:
-        flash("Generate a secret first: the test event is signed with it.")
+        _flash("Generate a secret first: the test event is signed with it.")
         return redirect(_tab_url(server))
     kid, secret = live[0]
     body = build_body("registered", "dashboard-test-token", server_id, f"test-{secrets.token_hex(4)}",
@@ -3537,9 +3567,9 @@ def owner_action_form(game: str, server_id: str, referral_id: str, action: str) 
         return _page("confirm.html", 200, title=f"{action.capitalize()} referral {referral_id}?", server=server,
                      referral=referral, action=action, next_state=OWNER_ACTIONS[action][1], back=back)
     try:
-        flash(f"Referral {referral_id} is now {owner_action(get_store(), referral_id, action)}.")
+        _flash(f"Referral {referral_id} is now {owner_action(get_store(), referral_id, action)}.")
     except ConfigError as exc:
-        flash(str(exc))
+        _flash(str(exc))
     return redirect(back)
 
 
@@ -3554,7 +3584,7 @@ def forget_form(game: str, server_id: str, referral_id: str) -> Any:
     if request.form.get("confirm") != "yes":
         return _page("forget.html", 200, title="Forget a player", server=server, referral=referral)
     forget(store, server_id, referral["referee_identity"])
-    flash(f"The player of referral {referral_id} is forgotten.")
+    _flash(f"The player of referral {referral_id} is forgotten.")
     return redirect(_tab_url(server))
 
 
@@ -3595,7 +3625,7 @@ def _chart(series: list[dict[str, Any]]) -> dict[str, Any]:
 def _page(template: str, status: int, **context: Any) -> Any:
     g.mmoref_style_nonce = secrets.token_urlsafe(16)  # the Content-Security-Policy allows this style sheet only
     html = TEMPLATES.get_template(template).render(
-        url_for=url_for, csrf_token=csrf_token, logged_in=_is_logged_in(), messages=get_flashed_messages(),
+        url_for=url_for, csrf_token=csrf_token, logged_in=_is_logged_in(), messages=_take_flashes(),
         mask=mask, iso_utc=iso_utc, style_nonce=g.mmoref_style_nonce, **context)
     return current_app.response_class(html, status=status, mimetype="text/html")
 

@@ -426,9 +426,11 @@ def csrf(page: Doc) -> str:
     return values.pop()
 
 
-def login(client: Any, password: str = PASSWORD, next_url: str | None = None, **request: Any) -> Any:
-    """Open the login page (for its CSRF token) and post the password; the answer."""
-    url = "/dashboard/login" + (f"?{urlencode({'next': next_url})}" if next_url is not None else "")
+def login(client: Any, password: str = PASSWORD, next_url: str | None = None, prefix: str = "",
+          **request: Any) -> Any:
+    """Open the login page (for its CSRF token) and post the password; the answer. `prefix`: where a
+    host app mounts the blueprint."""
+    url = prefix + "/dashboard/login" + (f"?{urlencode({'next': next_url})}" if next_url is not None else "")
     token = csrf(html(client.get(url, **request)))
     return client.post(url, data={"csrf_token": token, "password": password}, **request)
 
