@@ -3094,7 +3094,9 @@ LOGIN_FREE_FAILURES = 5          # then each failure doubles the wait, up to LOG
 LOGIN_MAX_WAIT = 300
 LOGIN_CLIENTS_KEPT = 10_000      # clients with failures on record; beyond, the lightest record is forgotten
 LOGIN_BUDGET = 100               # login attempts per LOGIN_BUDGET_WINDOW from all clients together,
-LOGIN_BUDGET_WINDOW = 600        # beyond which every login waits for the next window
+LOGIN_BUDGET_WINDOW = 600        # beyond which every login waits for the next window (but see _login_counters)
+LOGIN_DEVICE_COOKIE = "mmoref_device"   # a browser that logged in before: its own slowdown and budget
+LOGIN_DEVICE_LIFETIME = 180 * 86400     # from its last login; a password change ends every one
 GRACE_CHOICES = {"0": "revoke now", "3600": "1 hour", "86400": "24 hours", "604800": "7 days"}
 OUTCOMES = ("advanced", "no_op", "first_touch_conflict", "owner_action")
 LOG_EVENTS = EVENTS + ("rejected",)  # owner rejections are logged as their own event
@@ -3186,22 +3188,64 @@ def _no_store(response: Any) -> Any:
     return response
 
 
-def reserve_login_attempt(store: Store, client: str, at: int) -> int:
+def reserve_login_attempt(store: Store, client: str, at: int, budget: str = "*") -> int:
     """Count a login attempt as failed before its password is checked; return the seconds to wait instead.
 
     0 means go ahead (a right password then forgets the client's failures). Counting first,
     in one write transaction, means parallel guesses each see the others' counts, in every
     worker process. After LOGIN_FREE_FAILURES a client waits 1, 2, 4 ... LOGIN_MAX_WAIT s;
-    beyond LOGIN_BUDGET attempts in a window from all clients together, everyone waits.
+    beyond LOGIN_BUDGET attempts in a window against one `budget` ("*": the one all strangers
+    share), everyone counted against it waits.
     """
     with store.transaction() as transaction:
         failures, last_at = transaction.login_failures(client)
-        spent = transaction.hits("login", "*", at, LOGIN_BUDGET_WINDOW)
+        spent = transaction.hits("login", budget, at, LOGIN_BUDGET_WINDOW)
         wait = max(_backoff_wait(failures, last_at, at), _budget_wait(spent, at))
         if not wait:
             transaction.add_login_failure(client, at, keep=LOGIN_CLIENTS_KEPT)
-            transaction.hit("login", "*", at, LOGIN_BUDGET_WINDOW)
+            transaction.hit("login", budget, at, LOGIN_BUDGET_WINDOW)
         return wait
+
+
+def _login_counters(store: Store, device: str | None) -> tuple[str, str]:
+    """What a login attempt counts against: (the client whose failures slow it down, the budget it spends).
+
+    A browser that logged in before (a valid device cookie) is a client of its own with a budget
+    of its own; a loopback address keeps its own budget (its own slowdown still applies); every
+    other client spends the shared one. Strangers who spend the shared budget lock out neither
+    the owner's browser nor the machine itself, and together still try at most LOGIN_BUDGET a window.
+    """
+    if device is not None:
+        return f"device:{device}", f"device:{device}"
+    address = request.remote_addr or ""
+    return client_key(store, address), "loopback" if _is_loopback(address) else "*"
+
+
+def _device_serializer() -> URLSafeTimedSerializer | None:
+    """Signs device cookies under the password tag: a new password makes every one worthless."""
+    tag = _password_tag()
+    return URLSafeTimedSerializer(tag, salt="mmoref.login-device") if tag else None
+
+
+def _known_device() -> str | None:
+    """The id in this request's device cookie when it is valid (signed here, under today's password, recently)."""
+    cookie, serializer = request.cookies.get(LOGIN_DEVICE_COOKIE), _device_serializer()
+    if not cookie or serializer is None:
+        return None
+    try:
+        device = serializer.loads(cookie, max_age=LOGIN_DEVICE_LIFETIME)
+    except BadData:
+        return None
+    return device if isinstance(device, str) else None
+
+
+def _remember_device(response: Any, device: str | None) -> None:
+    """Give a browser that just logged in its device cookie (its old id, or a new one), sent to the login page only."""
+    serializer = _device_serializer()
+    if serializer is not None:
+        response.set_cookie(LOGIN_DEVICE_COOKIE, serializer.dumps(device or secrets.token_urlsafe(16)),
+                            max_age=LOGIN_DEVICE_LIFETIME, path=url_for("mmoref.dashboard.login"),
+                            secure=request.is_secure, httponly=True, samesite="Lax")
 
 
 def _backoff_wait(failures: int, last_at: int, at: int) -> int:
@@ -3226,10 +3270,11 @@ def check_password(password: str) -> bool:
 @dashboard.route("/login", methods=["GET", "POST"])
 def login() -> Any:
     store = get_store()
-    client = client_key(store, request.remote_addr)
+    device = _known_device()
+    client, budget = _login_counters(store, device)
     error, status = None, 200
     if request.method == "POST":
-        wait = reserve_login_attempt(store, client, now())
+        wait = reserve_login_attempt(store, client, now(), budget)
         if wait:
             error, status = f"Too many failed logins: wait {wait} s and try again.", 429
         elif check_password(request.form.get("password", "")):
@@ -3238,7 +3283,9 @@ def login() -> Any:
             lifetime = int(current_app.permanent_session_lifetime.total_seconds())
             session["mmoref_session"] = store.open_session(_password_tag() or "", now(), lifetime)
             home = url_for("mmoref.dashboard.index")
-            return redirect(_local_target(request.args.get("next", ""), home) or home)
+            response = redirect(_local_target(request.args.get("next", ""), home) or home)
+            _remember_device(response, device)
+            return response
         else:
             store.login_failed_at(client, now())  # the wait runs from the answer, not from the reservation
             error, status = "Wrong password.", 401
