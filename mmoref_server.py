@@ -156,6 +156,7 @@ REJECTED_KEPT_PER_SERVER = 200      # rejected-requests list length (per server,
 REJECTIONS_PER_CLIENT_MINUTE = 30   # refusals remembered per client a minute; later ones are answered only
 CLICKS_PER_CLIENT_MINUTE = 30       # share-link clicks recorded per client a minute; later ones get no token
 DEFAULT_GRACE_SECONDS = 24 * 3600   # how long a rotated-out secret stays valid
+ROTATION_SETTLE = 10                # s: a rotation this soon after the last one cuts no grace period short
 EVENTS = ("registered", "qualified", "reversed")
 IDENTITY_FIELDS = ("username", "account", "character", "email")
 NAME_PATTERN = re.compile(r"[A-Za-z0-9_.-]{1,64}")  # referrer codes, server ids, game slugs
@@ -1249,9 +1250,14 @@ class Store:
     @staticmethod
     def _new_secret(db: Any, server_id: str, grace: int, nonce: str | None = None) -> tuple[str, str]:
         at = now()
-        # at most two live secrets: one still in its grace period is revoked now
-        db.execute("UPDATE secrets SET expires_at = ? WHERE server_id = ? AND expires_at > ?",
-                   (at, server_id, at))
+        # Two live secrets: one still in its grace period is revoked now. Unless the current secret is
+        # seconds old (a double click, a click on the last rotation's result page): no game server can
+        # have taken it up yet, so the one they use keeps its grace ("revoke now" revokes it all the same).
+        settling = grace and db.execute("SELECT 1 FROM secrets WHERE server_id = ? AND expires_at IS NULL"
+                                        " AND created_at > ?", (server_id, at - ROTATION_SETTLE)).fetchone()
+        if not settling:
+            db.execute("UPDATE secrets SET expires_at = ? WHERE server_id = ? AND expires_at > ?",
+                       (at, server_id, at))
         db.execute("UPDATE secrets SET expires_at = ? WHERE server_id = ? AND expires_at IS NULL",
                    (at + grace, server_id))
         secret, kid = "mmsk_" + secrets.token_urlsafe(32), "k_" + secrets.token_hex(4)
@@ -1267,7 +1273,7 @@ class Store:
             self._configuration_changed(db)
 
     def live_secrets(self, server_id: str, at: int) -> list[tuple[str, str]]:
-        """[(kid, secret), ...] valid at `at`, current first (at most two)."""
+        """[(kid, secret), ...] valid at `at`, current first (two; more just after rotations seconds apart)."""
         return self.configuration().live_secrets(server_id, at)
 
     def revoked_secrets(self, server_id: str, at: int, limit: int = 5) -> list[str]:
