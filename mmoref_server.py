@@ -3296,7 +3296,8 @@ def login() -> Any:
             store.login_failed_at(client, now())  # the wait runs from the answer, not from the reservation
             error, status = "Wrong password.", 401
     no_password = not current_app.config.get("MMOREF_ADMIN_PASSWORD") and not get_store().admin_password_hash()
-    return _page("login.html", status, title="Log in", error=error, no_password=no_password)
+    return _page("login.html", status, title="Log in", error=error, no_password=no_password,
+                 wrong_password=status == 401)
 
 
 def _local_target(target: str, within: str) -> str | None:
@@ -3331,7 +3332,8 @@ def add_server_form() -> Any:
     except ConfigError as exc:
         return _index_page(error=str(exc), status=400)
     _keep_for_next_page(SERVERS_PAGE, new_secret={"server_id": form["server_id"].strip(),
-                                                  "game": form["game"].strip(), "kid": kid})
+                                                  "game": form["game"].strip(), "kid": kid,
+                                                  "no_registration_url": not form.get("registration_url", "").strip()})
     return redirect(url_for("mmoref.dashboard.index"))
 
 
@@ -3496,7 +3498,23 @@ def rotate_secret_form(game: str, server_id: str) -> Any:
     kid, rotated = get_store().rotate_secret_once(server_id, int(grace), nonce)
     if not rotated:
         _flash(f"This form was already sent: it made secret {kid}. Nothing was rotated again.")
-    return _to_tab(server, new_secret={"kid": kid, "grace": GRACE_CHOICES[grace]})
+    return _to_tab(server, new_secret={"kid": kid, "previous": _rotated_out(server_id, kid)})
+
+
+def _rotated_out(server_id: str, kid: str) -> dict[str, Any] | None:
+    """What the rotation that made `kid` did to the secret current before it, as stored (a form sent
+    twice shows what its first sending chose): its grace and end, or revoked (`until` None)."""
+    rows = get_store().secret_summaries(server_id)  # newest first
+    made = next((index for index, row in enumerate(rows) if row["kid"] == kid), len(rows))
+    if made + 1 >= len(rows):
+        return None
+    rotated_at, ends = rows[made]["created_at"], rows[made + 1]["expires_at"]
+    if ends is None:
+        return None
+    if ends <= rotated_at:
+        return {"until": None}
+    grace = str(ends - rotated_at)
+    return {"until": iso_utc(ends), "grace": GRACE_CHOICES.get(grace, f"{grace} seconds")}
 
 
 @dashboard.post("/<game>/<server_id>/referrals/settings")
@@ -4092,6 +4110,9 @@ def add_server_command(server_id: str, game: str, name: str, registration_url: s
     _emit(as_json, {"server_id": server_id, "game": game, "secret": secret, "kid": kid},
           f"server {server_id} created (game {game}), referrals enabled\n"
           f"signing secret (shown once, store it in your game server's config):\n  {secret}\nkid: {kid}")
+    if not registration_url:  # on stderr: --json output stays the documented object
+        click.echo(f"warning: no --registration-url, so the share link /r/{server_id} answers 404 until one is"
+                   f" set: on the dashboard, /dashboard/{game}/{server_id}/referrals, under Registration", err=True)
 
 
 @_server_command("rotate-secret")
@@ -4381,6 +4402,14 @@ TEMPLATES = jinja2.Environment(autoescape=True, trim_blocks=True, lstrip_blocks=
 </div>
 {% endmacro %}
 
+{% macro name_field(name, label, value) %}
+<div>
+  <label for="{{ name }}">{{ label }}</label>
+  <input id="{{ name }}" name="{{ name }}" required pattern="[A-Za-z0-9_.\\-]{1,64}" value="{{ value or '' }}"
+         title="1-64 characters: letters A-Z a-z, digits 0-9 and _ . - (not only dots)">
+</div>
+{% endmacro %}
+
 {% macro registration_fields(url, identity_field, choices) %}
 <div>
   <label for="registration_url">Registration URL</label>
@@ -4467,6 +4496,11 @@ the player still cannot be registered through another referrer. It cannot be und
   {% if error %}
   <p class="error" role="alert">{{ error }}</p>
   {% endif %}
+  {% if wrong_password %}
+  <p class="muted" id="reset-password">Forgotten it? On the server, run
+    <code>python mmoref_server.py set-password</code> (with <code>--db</code> when its database is not
+    <code>./referrals.db</code>); when <code>MMOREF_ADMIN_PASSWORD</code> is set, change that and restart.</p>
+  {% endif %}
   {% if no_password %}
   <p class="error">No dashboard password is set yet: run <code>{{ set_password_command() }}</code>
     or set <code>MMOREF_ADMIN_PASSWORD</code>.</p>
@@ -4491,6 +4525,10 @@ the player still cannot be registered through another referrer. It cannot be und
   <p>Its signing secret, shown <strong>once</strong>: copy it into your game server's config now.</p>
   <p class="secret" id="secret-value">{{ new_secret.secret }}</p>
   <p class="muted">kid {{ new_secret.kid }}</p>
+  {% if new_secret.no_registration_url %}
+  <p class="error" id="no-registration-url">No registration URL yet: its share link answers 404 until you set
+    one under Registration on its Referrals tab.</p>
+  {% endif %}
   <p><a href="{{ url_for('mmoref.dashboard.referrals_tab', game=new_secret.game,
                           server_id=new_secret.server_id) }}">Open its Referrals tab</a></p>
 </section>
@@ -4531,15 +4569,8 @@ the player still cannot be registered through another referrer. It cannot be und
   {% endif %}
   <form method="post" action="{{ url_for('mmoref.dashboard.add_server_form') }}" class="row">
     """ + _CSRF_FIELD + """
-    <div>
-      <label for="server_id">Server id</label>
-      <input id="server_id" name="server_id" required pattern="[A-Za-z0-9_.\\-]{1,64}"
-             value="{{ form.server_id or '' }}">
-    </div>
-    <div>
-      <label for="game">Game</label>
-      <input id="game" name="game" required pattern="[A-Za-z0-9_.\\-]{1,64}" value="{{ form.game or '' }}">
-    </div>
+    {{ name_field("server_id", "Server id", form.server_id) }}
+    {{ name_field("game", "Game", form.game) }}
     <div>
       <label for="name">Name</label>
       <input id="name" name="name" value="{{ form.name or '' }}">
@@ -4588,7 +4619,12 @@ the player still cannot be registered through another referrer. It cannot be und
 <section id="new-secret">
   <h2>New signing secret</h2>
   <p>Shown <strong>once</strong>: copy it into your game server's config now.
-    {% if new_secret.grace %}The previous secret: {{ new_secret.grace }}.{% endif %}</p>
+    {% if new_secret.previous %}
+    <span id="previous-secret">The previous secret
+      {%- if new_secret.previous.until %} stays valid for {{ new_secret.previous.grace }} (until
+      {{- " " ~ new_secret.previous.until }}).{% else %} is revoked.{% endif %}</span>
+    {% endif %}
+  </p>
   <p class="secret" id="secret-value">{{ new_secret.secret }}</p>
   <p class="muted">kid {{ new_secret.kid }}</p>
 </section>
@@ -4687,6 +4723,10 @@ the player still cannot be registered through another referrer. It cannot be und
     {{ registration_fields(server.registration_url, server.identity_field, identity_fields) }}
     <div><button>Save</button></div>
   </form>
+  {% if not server.registration_url %}
+  <p class="error" id="no-registration-url">No registration URL yet: the share link answers 404 until you set
+    one here.</p>
+  {% endif %}
   <label for="share-link">Share link (players add their code)</label>
   <input id="share-link" readonly size="50" value="{{ share_link }}PLAYERCODE">
   <form method="post" class="row" action="{{ url_for('mmoref.dashboard.mint_token_form', game=server.game,
@@ -4917,7 +4957,7 @@ the player still cannot be registered through another referrer. It cannot be und
 # the macros, for every template: {% call scroll_table(["Time", "Status"], id="log") %}<tr>…{% endcall %}
 _MACROS = TEMPLATES.get_template("macros.html").module
 TEMPLATES.globals.update(scroll_table=_MACROS.scroll_table, log_filter=_MACROS.log_filter,
-                         registration_fields=_MACROS.registration_fields)
+                         registration_fields=_MACROS.registration_fields, name_field=_MACROS.name_field)
 # the hint on the login page names this app's database when it is not ./referrals.db
 TEMPLATES.globals["set_password_command"] = lambda: set_password_command_line(current_app.config["MMOREF_DB"])
 

@@ -61,6 +61,7 @@ def test_the_same_rotate_form_sent_twice_rotates_once(owner: Owner, kit: Any, db
     assert page.flashes == [f"This form was already sent: it made secret {new_kid}. Nothing was rotated again."]
     secret = shown_secret(page)  # the second answer replaced the first's session: the secret still shows, once
     assert secret is not None
+    assert page.by_id("previous-secret").text.startswith("The previous secret stays valid for 24 hours (until ")
     assert shown_secret(owner.page(KIT_TAB)) is None
 
     # the previous secret kept its grace: the second submission did not revoke it

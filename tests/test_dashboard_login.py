@@ -82,6 +82,9 @@ def test_login_next_only_leads_inside_the_dashboard(client: Any, kit: Any, next_
 def test_wrong_password_is_401_and_logs_nobody_in(client: Any) -> None:
     page = html(login(client, "not-the-password"), 401)
     assert page.one("p", role="alert").text == "Wrong password."
+    assert page.by_id("reset-password").text == (  # how the owner resets it, whichever way it is set
+        "Forgotten it? On the server, run python mmoref_server.py set-password (with --db when its database is"
+        " not ./referrals.db ); when MMOREF_ADMIN_PASSWORD is set, change that and restart.")
     assert page.has_id("password")
     assert not is_logged_in(client)
 
