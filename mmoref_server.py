@@ -4956,8 +4956,8 @@ the player still cannot be registered through another referrer. It cannot be und
 }))
 # the macros, for every template: {% call scroll_table(["Time", "Status"], id="log") %}<tr>…{% endcall %}
 _MACROS = TEMPLATES.get_template("macros.html").module
-TEMPLATES.globals.update(scroll_table=_MACROS.scroll_table, log_filter=_MACROS.log_filter,
-                         registration_fields=_MACROS.registration_fields, name_field=_MACROS.name_field)
+TEMPLATES.globals.update({name: getattr(_MACROS, name)
+                          for name in ("scroll_table", "log_filter", "registration_fields", "name_field")})
 # the hint on the login page names this app's database when it is not ./referrals.db
 TEMPLATES.globals["set_password_command"] = lambda: set_password_command_line(current_app.config["MMOREF_DB"])
 
