@@ -28,6 +28,7 @@ import secrets
 import select
 import shlex
 import sqlite3
+import ssl
 import string
 import sys
 import threading
@@ -3713,8 +3714,8 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     app.config.update(load_settings())
     app.config.update(SESSION_COOKIE_NAME=SESSION_COOKIE, SESSION_COOKIE_SAMESITE="Lax", SESSION_COOKIE_HTTPONLY=True)
     app.config.update(config or {})
-    if app.config["MMOREF_TRUST_PROXY"]:
-        app.wsgi_app = _ForwardedByTrustedProxy(app.wsgi_app, app.config["MMOREF_TRUSTED_PROXY"])  # type: ignore
+    trusted = app.config["MMOREF_TRUSTED_PROXY"] if app.config["MMOREF_TRUST_PROXY"] else ()
+    app.wsgi_app = _ForwardedByTrustedProxy(app.wsgi_app, trusted)  # type: ignore[method-assign]
     app.session_interface = _SessionInterface()
     app.register_blueprint(blueprint)
     app.add_url_rule("/", "home", _home)
@@ -3775,7 +3776,9 @@ class _ForwardedByTrustedProxy:
 
     Only a request whose peer is a trusted proxy address has them applied, and of each header
     only the last hop (the one that proxy appended): in `X-Forwarded-For: spoofed, real` only
-    `real` counts. A client connecting directly gets its headers ignored.
+    `real` counts. A client connecting directly gets its headers ignored. gunicorn applies
+    X-Forwarded-Proto itself, for peers in its forwarded_allow_ips (loopback by default): its
+    scheme is replaced by the connection's own first, so only the trusted proxy's header counts.
     """
 
     def __init__(self, wsgi_app: Callable, trusted_proxies: Sequence[str] | str):
@@ -3785,6 +3788,9 @@ class _ForwardedByTrustedProxy:
             else tuple(trusted_proxies)
 
     def __call__(self, environ: dict[str, Any], start_response: Callable) -> Any:
+        connection = environ.get("gunicorn.socket")
+        if connection is not None:
+            environ["wsgi.url_scheme"] = "https" if isinstance(connection, ssl.SSLSocket) else "http"
         if environ.get("REMOTE_ADDR") in self.trusted_proxies:
             return self.proxied(environ, start_response)
         return self.direct(environ, start_response)
