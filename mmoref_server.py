@@ -4361,7 +4361,11 @@ button.plain { background: #fff; color: var(--accent); }
 button:disabled { opacity: .5; cursor: not-allowed; }
 .row { display: flex; flex-wrap: wrap; gap: .6rem; align-items: end; }
 .row > * { margin: 0; max-width: 100%; }
-.scroll { overflow-x: auto; }
+.scroll { overflow-x: auto; background: linear-gradient(to right, #fff 2rem, #fff0) left / 3rem 100%,
+          linear-gradient(to left, #fff 2rem, #fff0) right / 3rem 100%,
+          radial-gradient(farthest-side at 0 50%, #0004, #0000) left / 1rem 100%,
+          radial-gradient(farthest-side at 100% 50%, #0004, #0000) right / 1rem 100%;
+          background-repeat: no-repeat; background-attachment: local, local, scroll, scroll; }
 table { border-collapse: collapse; width: 100%; font-size: .9rem; }
 th, td { text-align: left; padding: .3rem .5rem; border-bottom: 1px solid var(--line); white-space: nowrap; }
 .secret { font: 1rem ui-monospace, monospace; background: #fff7d6; border: 1px solid #e6c84f; padding: .6rem;
@@ -4370,7 +4374,7 @@ th, td { text-align: left; padding: .3rem .5rem; border-bottom: 1px solid var(--
 .error { color: var(--bad); }
 .ok { color: var(--ok); }
 .muted { color: var(--muted); }
-pre { background: var(--bg); padding: .6rem; overflow-x: auto; }
+pre { background: var(--bg); padding: .6rem; white-space: pre-wrap; overflow-wrap: anywhere; }
 .funnel { display: flex; gap: 1rem; flex-wrap: wrap; }
 .funnel div { min-width: 7rem; }
 .funnel strong { display: block; font-size: 1.5rem; }
@@ -4383,6 +4387,17 @@ svg .qualified { fill: #1c7c3a; }
 .rejected td:nth-child(n+5) { min-width: 14rem; }
 .rejected code { word-break: break-all; }
 table.wrap td { white-space: normal; overflow-wrap: anywhere; }
+@media (max-width: 40rem) {  /* a phone: each row of a list is a card of labelled cells, nothing scrolls sideways */
+  .scroll > table thead { display: none; }
+  .scroll > table, .scroll > table tbody { display: block; }
+  .scroll > table tr { display: flex; flex-wrap: wrap; gap: .1rem 1rem; padding: .5rem 0;
+                       border-bottom: 1px solid var(--line); }
+  .scroll > table td { display: block; min-width: 0; max-width: 100%; padding: 0; border: 0;
+                       white-space: normal; overflow-wrap: anywhere; }
+  .scroll > table td[data-label]::before { content: attr(data-label) ": "; color: var(--muted); }
+  .scroll > table td:empty { display: none; }
+  .rejected td:nth-child(n+5) { min-width: 0; flex-basis: 100%; }
+}
 form.inline { display: inline; }
 .axis { display: flex; justify-content: space-between; margin: 0; font-size: .8rem; }
 """
@@ -4548,16 +4563,17 @@ the player still cannot be registered through another referrer. It cannot be und
     {% for server in servers %}
     {% set f = funnels.get(server.server_id) %}
     <tr data-server="{{ server.server_id }}">
-      <td>
+      <td data-label="Server">
         <a href="{{ url_for('mmoref.dashboard.referrals_tab', game=server.game, server_id=server.server_id) }}">
           {{- server.name or server.server_id }}</a>
         {% if server.name %}
         <span class="muted">{{ server.server_id }}</span>
         {% endif %}
       </td>
-      <td>{{ server.game }}</td>
-      <td>{{ "on" if server.referrals_enabled else "off" }}</td>
-      <td>{{ f.clicked if f else 0 }} → {{ f.registered if f else 0 }} → {{ f.qualified if f else 0 }}
+      <td data-label="Game">{{ server.game }}</td>
+      <td data-label="Referrals">{{ "on" if server.referrals_enabled else "off" }}</td>
+      <td data-label="Clicks → registered → qualified (reversed)">
+        {{- f.clicked if f else 0 }} → {{ f.registered if f else 0 }} → {{ f.qualified if f else 0 }}
         ({{ f.reversed if f else 0 }})</td>
     </tr>
     {% else %}
@@ -4600,15 +4616,15 @@ the player still cannot be registered through another referrer. It cannot be und
 {% call scroll_table(["Time", "Status", "Error", "Reason", "Hint", "Body"], css_class="rejected") %}
   {% for r in rows %}
   <tr data-status="{{ r.status }}">
-    <td>{{ iso_utc(r.last_seen_at) }}{% if r.repeats > 1 %}<br><span class="repeats">{{ r.repeats }} times
-      since {{ iso_utc(r.received_at) }}</span>{% endif %}</td>
-    <td>{{ r.status }}</td>
-    <td>{{ r.error }}</td>
-    <td>{{ r.reason or "" }}</td>
-    <td>{{ r.hint }}
+    <td data-label="Time">{{ iso_utc(r.last_seen_at) }}{% if r.repeats > 1 %}<br><span class="repeats">
+      {{- r.repeats }} times since {{ iso_utc(r.received_at) }}</span>{% endif %}</td>
+    <td data-label="Status">{{ r.status }}</td>
+    <td data-label="Error">{{ r.error }}</td>
+    <td data-label="Reason">{{ r.reason or "" }}</td>
+    <td data-label="Hint">{{ r.hint }}
       {% if r.diagnosis %}<br><strong class="diagnosis">{{ r.diagnosis }}</strong>{% endif %}
     </td>
-    <td><code>{{ r.snippet[:120] }}</code></td>
+    <td data-label="Body"><code>{{ r.snippet[:120] }}</code></td>
   </tr>
   {% endfor %}
 {% endcall %}
@@ -4686,9 +4702,9 @@ the player still cannot be registered through another referrer. It cannot be und
   {% call scroll_table(["kid", "Secret", "Status"]) %}
     {% for s in secrets[:5] %}
     <tr>
-      <td>{{ s.kid }}</td>
-      <td>…{{ s.last4 }}</td>
-      <td>
+      <td data-label="kid">{{ s.kid }}</td>
+      <td data-label="Secret">…{{ s.last4 }}</td>
+      <td data-label="Status">
         {%- if s.expires_at is none %}current
         {%- elif s.expires_at > now %}valid until {{ iso_utc(s.expires_at) }}
         {%- else %}revoked{% endif -%}
@@ -4805,10 +4821,10 @@ the player still cannot be registered through another referrer. It cannot be und
   {% call scroll_table(["Referrer", "Clicks", "Registered", "Qualified"], id="leaderboard") %}
     {% for r in analytics.leaders %}
     <tr>
-      <td>{{ r.referrer_code }}</td>
-      <td>{{ r.clicked }}</td>
-      <td>{{ r.registered }}</td>
-      <td>{{ r.qualified }}</td>
+      <td data-label="Referrer">{{ r.referrer_code }}</td>
+      <td data-label="Clicks">{{ r.clicked }}</td>
+      <td data-label="Registered">{{ r.registered }}</td>
+      <td data-label="Qualified">{{ r.qualified }}</td>
     </tr>
     {% else %}
     <tr><td colspan="4">No qualified referrals yet.</td></tr>
@@ -4835,14 +4851,14 @@ the player still cannot be registered through another referrer. It cannot be und
     {% for row in log_rows %}
     <tr data-id="{{ row.id }}" data-event="{{ row.event }}" data-state="{{ row.state }}"
         data-outcome="{{ row.outcome }}">
-      <td>{{ row.received }}</td>
-      <td>{{ row.event }}</td>
-      <td>{{ row.state }}</td>
-      <td>{{ row.outcome }}</td>
-      <td>{{ row.server_event_id or "" }}</td>
-      <td>{{ row.referrer_code }}</td>
-      <td>{{ row.referee_masked }}</td>
-      <td>{{ row.token_masked }}</td>
+      <td data-label="Received">{{ row.received }}</td>
+      <td data-label="Event">{{ row.event }}</td>
+      <td data-label="State now">{{ row.state }}</td>
+      <td data-label="Outcome">{{ row.outcome }}</td>
+      <td data-label="server_event_id">{{ row.server_event_id or "" }}</td>
+      <td data-label="Referrer">{{ row.referrer_code }}</td>
+      <td data-label="Referee">{{ row.referee_masked }}</td>
+      <td data-label="Token">{{ row.token_masked }}</td>
       <td><a class="detail" href="{{ url_for('mmoref.dashboard.log_detail', game=server.game,
                                              server_id=server.server_id, row_id=row.id) }}">details</a></td>
     </tr>
