@@ -3277,10 +3277,10 @@ def check_password(password: str) -> bool:
 @dashboard.route("/login", methods=["GET", "POST"])
 def login() -> Any:
     store = get_store()
-    device = _known_device()
-    client, budget = _login_counters(store, device)
     error, status = None, 200
     if request.method == "POST":
+        device = _known_device()
+        client, budget = _login_counters(store, device)
         wait = reserve_login_attempt(store, client, now(), budget)
         if wait:
             error, status = f"Too many failed logins: wait {wait} s and try again.", 429
