@@ -53,9 +53,7 @@ try:
     from flask import Flask
     from flask import abort
     from flask import current_app
-    from flask import flash
     from flask import g
-    from flask import get_flashed_messages
     from flask import redirect
     from flask import request
     from flask import session
@@ -169,6 +167,7 @@ CUT_IDENTITY_MIN_CHARS = 3          # `forget`: a snippet cut short that ends wi
 REJECTIONS_PER_CLIENT_MINUTE = 30   # refusals remembered per client a minute; later ones are answered only
 CLICKS_PER_CLIENT_MINUTE = 30       # share-link clicks recorded per client a minute; later ones get no token
 DEFAULT_GRACE_SECONDS = 24 * 3600   # how long a rotated-out secret stays valid
+ROTATION_SETTLE = 10                # s: a rotation this soon after the last one cuts no grace period short
 EVENTS = ("registered", "qualified", "reversed")
 IDENTITY_FIELDS = ("username", "account", "character", "email")
 NAME_PATTERN = re.compile(r"[A-Za-z0-9_.-]{1,64}")  # referrer codes, server ids, game slugs
@@ -1220,9 +1219,14 @@ class Store:
     @staticmethod
     def _new_secret(db: Any, server_id: str, grace: int, nonce: str | None = None) -> tuple[str, str]:
         at = now()
-        # at most two live secrets: one still in its grace period is revoked now
-        db.execute("UPDATE secrets SET expires_at = ? WHERE server_id = ? AND expires_at > ?",
-                   (at, server_id, at))
+        # Two live secrets: one still in its grace period is revoked now. Unless the current secret is
+        # seconds old (a double click, a click on the last rotation's result page): no game server can
+        # have taken it up yet, so the one they use keeps its grace ("revoke now" revokes it all the same).
+        settling = grace and db.execute("SELECT 1 FROM secrets WHERE server_id = ? AND expires_at IS NULL"
+                                        " AND created_at > ?", (server_id, at - ROTATION_SETTLE)).fetchone()
+        if not settling:
+            db.execute("UPDATE secrets SET expires_at = ? WHERE server_id = ? AND expires_at > ?",
+                       (at, server_id, at))
         db.execute("UPDATE secrets SET expires_at = ? WHERE server_id = ? AND expires_at IS NULL",
                    (at + grace, server_id))
         secret, kid = "mmsk_" + secrets.token_urlsafe(32), "k_" + secrets.token_hex(4)
@@ -1236,7 +1240,7 @@ class Store:
             db.execute("UPDATE secrets SET secret = ? WHERE server_id = ?", (secret, server_id))
 
     def live_secrets(self, server_id: str, at: int) -> list[tuple[str, str]]:
-        """[(kid, secret), ...] valid at `at`, current first (at most two)."""
+        """[(kid, secret), ...] valid at `at`, current first (two; more just after rotations seconds apart)."""
         return live_secrets(self._all(SECRETS_NEWEST_FIRST), server_id, at)
 
     def revoked_secrets(self, server_id: str, at: int, limit: int = 5) -> list[str]:
@@ -2885,7 +2889,18 @@ def _apply_default_settings(state: Any) -> None:
         state.app.config.setdefault(name, value)
 
 
+def _require_secret_key(state: Any) -> None:
+    """In a host app the dashboard keeps its login in the host's session, which Flask signs with
+    the host's SECRET_KEY: without one, refuse here, in one line, not with a 500 on the login page.
+    (The standalone app's session interface finds its own key.)"""
+    app = state.app
+    if not app.secret_key and not isinstance(app.session_interface, _SessionInterface):
+        raise ConfigError("mmoref_server.blueprint needs the host app's SECRET_KEY (the dashboard's login session"
+                          " is signed with it): set app.config['SECRET_KEY'] before register_blueprint()")
+
+
 blueprint.record_once(_apply_default_settings)
+blueprint.record_once(_require_secret_key)
 _store_lock = threading.Lock()
 
 
@@ -3118,10 +3133,17 @@ LOGIN_FREE_FAILURES = 5          # then each failure doubles the wait, up to LOG
 LOGIN_MAX_WAIT = 300
 LOGIN_CLIENTS_KEPT = 10_000      # clients with failures on record; beyond, the lightest record is forgotten
 LOGIN_BUDGET = 100               # login attempts per LOGIN_BUDGET_WINDOW from all clients together,
-LOGIN_BUDGET_WINDOW = 600        # beyond which every login waits for the next window
+LOGIN_BUDGET_WINDOW = 600        # beyond which every login waits for the next window (but see _login_counters)
+LOGIN_DEVICE_COOKIE = "mmoref_device"   # a browser that logged in before: its own slowdown and budget
+LOGIN_DEVICE_LIFETIME = 180 * 86400     # from its last login; a password change ends every one
 GRACE_CHOICES = {"0": "revoke now", "3600": "1 hour", "86400": "24 hours", "604800": "7 days"}
 OUTCOMES = ("advanced", "no_op", "first_touch_conflict", "owner_action")
 LOG_EVENTS = EVENTS + ("rejected",)  # owner rejections are logged as their own event
+# The dashboard's keys in the session, all under one prefix. Embedded in a host app the session is
+# the host's: mmoref reads and removes only these (never session.clear()), has its own flashed
+# messages, and a host's session.clear() just logs the owner out of the dashboard.
+SESSION_KEY_PREFIX = "mmoref_"
+FLASHES = "mmoref_flashes"
 
 
 def _is_logged_in() -> bool:
@@ -3154,6 +3176,22 @@ def csrf_token() -> str:
     if "mmoref_csrf" not in session:
         session["mmoref_csrf"] = secrets.token_urlsafe(32)
     return session["mmoref_csrf"]
+
+
+def _end_dashboard_session() -> None:
+    """Forget the dashboard's keys in the session (login, CSRF token, waiting results, messages); the rest is
+    a host app's."""
+    for key in [key for key in session if key.startswith(SESSION_KEY_PREFIX)]:
+        session.pop(key)
+
+
+def _flash(message: str) -> None:
+    """A message for the next dashboard page, in the dashboard's own list (not Flask's, which a host app reads)."""
+    session[FLASHES] = [*session.get(FLASHES, []), message]
+
+
+def _take_flashes() -> list[str]:
+    return session.pop(FLASHES, [])
 
 
 @dashboard.before_request
@@ -3189,22 +3227,64 @@ def _no_store(response: Any) -> Any:
     return response
 
 
-def reserve_login_attempt(store: Store, client: str, at: int) -> int:
+def reserve_login_attempt(store: Store, client: str, at: int, budget: str = "*") -> int:
     """Count a login attempt as failed before its password is checked; return the seconds to wait instead.
 
     0 means go ahead (a right password then forgets the client's failures). Counting first,
     in one write transaction, means parallel guesses each see the others' counts, in every
     worker process. After LOGIN_FREE_FAILURES a client waits 1, 2, 4 ... LOGIN_MAX_WAIT s;
-    beyond LOGIN_BUDGET attempts in a window from all clients together, everyone waits.
+    beyond LOGIN_BUDGET attempts in a window against one `budget` ("*": the one all strangers
+    share), everyone counted against it waits.
     """
     with store.transaction() as transaction:
         failures, last_at = transaction.login_failures(client)
-        spent = transaction.hits("login", "*", at, LOGIN_BUDGET_WINDOW)
+        spent = transaction.hits("login", budget, at, LOGIN_BUDGET_WINDOW)
         wait = max(_backoff_wait(failures, last_at, at), _budget_wait(spent, at))
         if not wait:
             transaction.add_login_failure(client, at, keep=LOGIN_CLIENTS_KEPT)
-            transaction.hit("login", "*", at, LOGIN_BUDGET_WINDOW)
+            transaction.hit("login", budget, at, LOGIN_BUDGET_WINDOW)
         return wait
+
+
+def _login_counters(store: Store, device: str | None) -> tuple[str, str]:
+    """What a login attempt counts against: (the client whose failures slow it down, the budget it spends).
+
+    A browser that logged in before (a valid device cookie) is a client of its own with a budget
+    of its own; a loopback address keeps its own budget (its own slowdown still applies); every
+    other client spends the shared one. Strangers who spend the shared budget lock out neither
+    the owner's browser nor the machine itself, and together still try at most LOGIN_BUDGET a window.
+    """
+    if device is not None:
+        return f"device:{device}", f"device:{device}"
+    address = request.remote_addr or ""
+    return client_key(store, address), "loopback" if _is_loopback(address) else "*"
+
+
+def _device_serializer() -> URLSafeTimedSerializer | None:
+    """Signs device cookies under the password tag: a new password makes every one worthless."""
+    tag = _password_tag()
+    return URLSafeTimedSerializer(tag, salt="mmoref.login-device") if tag else None
+
+
+def _known_device() -> str | None:
+    """The id in this request's device cookie when it is valid (signed here, under today's password, recently)."""
+    cookie, serializer = request.cookies.get(LOGIN_DEVICE_COOKIE), _device_serializer()
+    if not cookie or serializer is None:
+        return None
+    try:
+        device = serializer.loads(cookie, max_age=LOGIN_DEVICE_LIFETIME)
+    except BadData:
+        return None
+    return device if isinstance(device, str) else None
+
+
+def _remember_device(response: Any, device: str | None) -> None:
+    """Give a browser that just logged in its device cookie (its old id, or a new one), sent to the login page only."""
+    serializer = _device_serializer()
+    if serializer is not None:
+        response.set_cookie(LOGIN_DEVICE_COOKIE, serializer.dumps(device or secrets.token_urlsafe(16)),
+                            max_age=LOGIN_DEVICE_LIFETIME, path=url_for("mmoref.dashboard.login"),
+                            secure=request.is_secure, httponly=True, samesite="Lax")
 
 
 def _backoff_wait(failures: int, last_at: int, at: int) -> int:
@@ -3229,24 +3309,28 @@ def check_password(password: str) -> bool:
 @dashboard.route("/login", methods=["GET", "POST"])
 def login() -> Any:
     store = get_store()
-    client = client_key(store, request.remote_addr)
     error, status = None, 200
     if request.method == "POST":
-        wait = reserve_login_attempt(store, client, now())
+        device = _known_device()
+        client, budget = _login_counters(store, device)
+        wait = reserve_login_attempt(store, client, now(), budget)
         if wait:
             error, status = f"Too many failed logins: wait {wait} s and try again.", 429
         elif check_password(request.form.get("password", "")):
             store.forget_login_failures(client)
-            session.clear()
+            _end_dashboard_session()  # a new session id and CSRF token: none chosen before the login survives it
             lifetime = int(current_app.permanent_session_lifetime.total_seconds())
             session["mmoref_session"] = store.open_session(_password_tag() or "", now(), lifetime)
             home = url_for("mmoref.dashboard.index")
-            return redirect(_local_target(request.args.get("next", ""), home) or home)
+            response = redirect(_local_target(request.args.get("next", ""), home) or home)
+            _remember_device(response, device)
+            return response
         else:
             store.login_failed_at(client, now())  # the wait runs from the answer, not from the reservation
             error, status = "Wrong password.", 401
     no_password = not current_app.config.get("MMOREF_ADMIN_PASSWORD") and not get_store().admin_password_hash()
-    return _page("login.html", status, title="Log in", error=error, no_password=no_password)
+    return _page("login.html", status, title="Log in", error=error, no_password=no_password,
+                 wrong_password=status == 401)
 
 
 def _local_target(target: str, within: str) -> str | None:
@@ -3262,7 +3346,7 @@ def logout() -> Any:
     session_id = session.get("mmoref_session")
     if isinstance(session_id, str):
         get_store().close_session(session_id)
-    session.clear()
+    _end_dashboard_session()
     return redirect(url_for("mmoref.dashboard.login"))
 
 
@@ -3281,7 +3365,8 @@ def add_server_form() -> Any:
     except ConfigError as exc:
         return _index_page(error=str(exc), status=400)
     _keep_for_next_page(SERVERS_PAGE, new_secret={"server_id": form["server_id"].strip(),
-                                                  "game": form["game"].strip(), "kid": kid})
+                                                  "game": form["game"].strip(), "kid": kid,
+                                                  "no_registration_url": not form.get("registration_url", "").strip()})
     return redirect(url_for("mmoref.dashboard.index"))
 
 
@@ -3432,7 +3517,7 @@ def set_enabled(game: str, server_id: str) -> Any:
     if enable and not store.live_secrets(server_id, now()):  # enabling mints the first secret
         _, kid = store.rotate_secret(server_id, grace=0)
         return _to_tab(server, new_secret={"kid": kid})
-    flash("Referrals enabled." if enable else "Referrals disabled: events now get 404 referrals not enabled.")
+    _flash("Referrals enabled." if enable else "Referrals disabled: events now get 404 referrals not enabled.")
     return redirect(_tab_url(server))
 
 
@@ -3445,8 +3530,24 @@ def rotate_secret_form(game: str, server_id: str) -> Any:
     nonce = request.form.get("rotation", "")[:64] or secrets.token_urlsafe(16)  # a form without one rotates
     kid, rotated = get_store().rotate_secret_once(server_id, int(grace), nonce)
     if not rotated:
-        flash(f"This form was already sent: it made secret {kid}. Nothing was rotated again.")
-    return _to_tab(server, new_secret={"kid": kid, "grace": GRACE_CHOICES[grace]})
+        _flash(f"This form was already sent: it made secret {kid}. Nothing was rotated again.")
+    return _to_tab(server, new_secret={"kid": kid, "previous": _rotated_out(server_id, kid)})
+
+
+def _rotated_out(server_id: str, kid: str) -> dict[str, Any] | None:
+    """What the rotation that made `kid` did to the secret current before it, as stored (a form sent
+    twice shows what its first sending chose): its grace and end, or revoked (`until` None)."""
+    rows = get_store().secret_summaries(server_id)  # newest first
+    made = next((index for index, row in enumerate(rows) if row["kid"] == kid), len(rows))
+    if made + 1 >= len(rows):
+        return None
+    rotated_at, ends = rows[made]["created_at"], rows[made + 1]["expires_at"]
+    if ends is None:
+        return None
+    if ends <= rotated_at:
+        return {"until": None}
+    grace = str(ends - rotated_at)
+    return {"until": iso_utc(ends), "grace": GRACE_CHOICES.get(grace, f"{grace} seconds")}
 
 
 @dashboard.post("/<game>/<server_id>/referrals/settings")
@@ -3460,9 +3561,9 @@ def settings_form(game: str, server_id: str) -> Any:
         get_store().update_server(server_id, registration_url=check_registration_url(url) if url else None,
                                   identity_field=identity_field)
     except ConfigError as exc:
-        flash(str(exc))
+        _flash(str(exc))
     else:
-        flash("Settings saved.")
+        _flash("Settings saved.")
     return redirect(_tab_url(server))
 
 
@@ -3472,7 +3573,7 @@ def mint_token_form(game: str, server_id: str) -> Any:
     try:
         token, referral_id = get_store().mint_referral(server_id, request.form.get("ref", "").strip(), test=True)
     except ConfigError as exc:
-        flash(str(exc))
+        _flash(str(exc))
         return redirect(_tab_url(server))
     return _to_tab(server, new_token={"token": token, "referral_id": referral_id})
 
@@ -3485,7 +3586,7 @@ def send_test_event(game: str, server_id: str) -> Any:
     store = get_store()
     live = store.live_secrets(server_id, now())
     if not live:
-        flash("Generate a secret first: the test event is signed with it.")
+        _flash("Generate a secret first: the test event is signed with it.")
         return redirect(_tab_url(server))
     kid, secret = live[0]
     body = build_body("registered", "dashboard-test-token", server_id, f"test-{secrets.token_hex(4)}",
@@ -3571,9 +3672,9 @@ def owner_action_form(game: str, server_id: str, referral_id: str, action: str) 
         return _page("confirm.html", 200, title=f"{action.capitalize()} referral {referral_id}?", server=server,
                      referral=referral, action=action, next_state=OWNER_ACTIONS[action][1], back=back)
     try:
-        flash(f"Referral {referral_id} is now {owner_action(get_store(), referral_id, action)}.")
+        _flash(f"Referral {referral_id} is now {owner_action(get_store(), referral_id, action)}.")
     except ConfigError as exc:
-        flash(str(exc))
+        _flash(str(exc))
     return redirect(back)
 
 
@@ -3589,11 +3690,11 @@ def forget_form(game: str, server_id: str, referral_id: str) -> Any:
         return _page("forget.html", 200, title="Forget a player", server=server, referral=referral)
     try:
         result = forget(store, server_id, referral["referee_identity"])
-        flash(f"The player of referral {referral_id} is forgotten.")
+        _flash(f"The player of referral {referral_id} is forgotten.")
         if "server_event_id_kept" in result:
-            flash(kept_event_ids_line(result["server_event_id_kept"]))
+            _flash(kept_event_ids_line(result["server_event_id_kept"]))
     except ConfigError as exc:   # a referral whose player is forgotten already
-        flash(str(exc))
+        _flash(str(exc))
     return redirect(_tab_url(server))
 
 
@@ -3634,7 +3735,7 @@ def _chart(series: list[dict[str, Any]]) -> dict[str, Any]:
 def _page(template: str, status: int, **context: Any) -> Any:
     g.mmoref_style_nonce = secrets.token_urlsafe(16)  # the Content-Security-Policy allows this style sheet only
     html = TEMPLATES.get_template(template).render(
-        url_for=url_for, csrf_token=csrf_token, logged_in=_is_logged_in(), messages=get_flashed_messages(),
+        url_for=url_for, csrf_token=csrf_token, logged_in=_is_logged_in(), messages=_take_flashes(),
         mask=mask, iso_utc=iso_utc, style_nonce=g.mmoref_style_nonce, **context)
     return current_app.response_class(html, status=status, mimetype="text/html")
 
@@ -3651,8 +3752,8 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     app.config.update(load_settings())
     app.config.update(SESSION_COOKIE_NAME=SESSION_COOKIE, SESSION_COOKIE_SAMESITE="Lax", SESSION_COOKIE_HTTPONLY=True)
     app.config.update(config or {})
-    if app.config["MMOREF_TRUST_PROXY"]:
-        app.wsgi_app = _ForwardedByTrustedProxy(app.wsgi_app, app.config["MMOREF_TRUSTED_PROXY"])  # type: ignore
+    trusted = app.config["MMOREF_TRUSTED_PROXY"] if app.config["MMOREF_TRUST_PROXY"] else ()
+    app.wsgi_app = _ForwardedByTrustedProxy(app.wsgi_app, trusted)  # type: ignore[method-assign]
     app.session_interface = _SessionInterface()
     app.register_blueprint(blueprint)
     app.add_url_rule("/", "home", _home)
@@ -3713,7 +3814,9 @@ class _ForwardedByTrustedProxy:
 
     Only a request whose peer is a trusted proxy address has them applied, and of each header
     only the last hop (the one that proxy appended): in `X-Forwarded-For: spoofed, real` only
-    `real` counts. A client connecting directly gets its headers ignored.
+    `real` counts. A client connecting directly gets its headers ignored. gunicorn applies
+    X-Forwarded-Proto itself, for peers in its forwarded_allow_ips (loopback by default): its
+    scheme is replaced by the connection's own first, so only the trusted proxy's header counts.
     """
 
     def __init__(self, wsgi_app: Callable, trusted_proxies: Sequence[str] | str):
@@ -3723,6 +3826,9 @@ class _ForwardedByTrustedProxy:
             else tuple(trusted_proxies)
 
     def __call__(self, environ: dict[str, Any], start_response: Callable) -> Any:
+        connection = environ.get("gunicorn.socket")
+        if connection is not None:
+            environ["wsgi.url_scheme"] = "https" if isinstance(connection, ssl.SSLSocket) else "http"
         if environ.get("REMOTE_ADDR") in self.trusted_proxies:
             return self.proxied(environ, start_response)
         return self.direct(environ, start_response)
@@ -4051,6 +4157,9 @@ def add_server_command(server_id: str, game: str, name: str, registration_url: s
     _emit(as_json, {"server_id": server_id, "game": game, "secret": secret, "kid": kid},
           f"server {server_id} created (game {game}), referrals enabled\n"
           f"signing secret (shown once, store it in your game server's config):\n  {secret}\nkid: {kid}")
+    if not registration_url:  # on stderr: --json output stays the documented object
+        click.echo(f"warning: no --registration-url, so the share link /r/{server_id} answers 404 until one is"
+                   f" set: on the dashboard, /dashboard/{game}/{server_id}/referrals, under Registration", err=True)
 
 
 @_server_command("rotate-secret")
@@ -4312,7 +4421,11 @@ button.plain { background: #fff; color: var(--accent); }
 button:disabled { opacity: .5; cursor: not-allowed; }
 .row { display: flex; flex-wrap: wrap; gap: .6rem; align-items: end; }
 .row > * { margin: 0; max-width: 100%; }
-.scroll { overflow-x: auto; }
+.scroll { overflow-x: auto; background: linear-gradient(to right, #fff 2rem, #fff0) left / 3rem 100%,
+          linear-gradient(to left, #fff 2rem, #fff0) right / 3rem 100%,
+          radial-gradient(farthest-side at 0 50%, #0004, #0000) left / 1rem 100%,
+          radial-gradient(farthest-side at 100% 50%, #0004, #0000) right / 1rem 100%;
+          background-repeat: no-repeat; background-attachment: local, local, scroll, scroll; }
 table { border-collapse: collapse; width: 100%; font-size: .9rem; }
 th, td { text-align: left; padding: .3rem .5rem; border-bottom: 1px solid var(--line); white-space: nowrap; }
 .secret { font: 1rem ui-monospace, monospace; background: #fff7d6; border: 1px solid #e6c84f; padding: .6rem;
@@ -4321,7 +4434,7 @@ th, td { text-align: left; padding: .3rem .5rem; border-bottom: 1px solid var(--
 .error { color: var(--bad); }
 .ok { color: var(--ok); }
 .muted { color: var(--muted); }
-pre { background: var(--bg); padding: .6rem; overflow-x: auto; }
+pre { background: var(--bg); padding: .6rem; white-space: pre-wrap; overflow-wrap: anywhere; }
 .funnel { display: flex; gap: 1rem; flex-wrap: wrap; }
 .funnel div { min-width: 7rem; }
 .funnel strong { display: block; font-size: 1.5rem; }
@@ -4334,6 +4447,17 @@ svg .qualified { fill: #1c7c3a; }
 .rejected td:nth-child(n+5) { min-width: 14rem; }
 .rejected code { word-break: break-all; }
 table.wrap td { white-space: normal; overflow-wrap: anywhere; }
+@media (max-width: 40rem) {  /* a phone: each row of a list is a card of labelled cells, nothing scrolls sideways */
+  .scroll > table thead { display: none; }
+  .scroll > table, .scroll > table tbody { display: block; }
+  .scroll > table tr { display: flex; flex-wrap: wrap; gap: .1rem 1rem; padding: .5rem 0;
+                       border-bottom: 1px solid var(--line); }
+  .scroll > table td { display: block; min-width: 0; max-width: 100%; padding: 0; border: 0;
+                       white-space: normal; overflow-wrap: anywhere; }
+  .scroll > table td[data-label]::before { content: attr(data-label) ": "; color: var(--muted); }
+  .scroll > table td:empty { display: none; }
+  .rejected td:nth-child(n+5) { min-width: 0; flex-basis: 100%; }
+}
 form.inline { display: inline; }
 .axis { display: flex; justify-content: space-between; margin: 0; font-size: .8rem; }
 """
@@ -4356,6 +4480,14 @@ TEMPLATES = jinja2.Environment(autoescape=True, trim_blocks=True, lstrip_blocks=
       {{ caller() }}
     </tbody>
   </table>
+</div>
+{% endmacro %}
+
+{% macro name_field(name, label, value) %}
+<div>
+  <label for="{{ name }}">{{ label }}</label>
+  <input id="{{ name }}" name="{{ name }}" required pattern="[A-Za-z0-9_.\\-]{1,64}" value="{{ value or '' }}"
+         title="1-64 characters: letters A-Z a-z, digits 0-9 and _ . - (not only dots)">
 </div>
 {% endmacro %}
 
@@ -4445,6 +4577,11 @@ the player still cannot be registered through another referrer. It cannot be und
   {% if error %}
   <p class="error" role="alert">{{ error }}</p>
   {% endif %}
+  {% if wrong_password %}
+  <p class="muted" id="reset-password">Forgotten it? On the server, run
+    <code>python mmoref_server.py set-password</code> (with <code>--db</code> when its database is not
+    <code>./referrals.db</code>); when <code>MMOREF_ADMIN_PASSWORD</code> is set, change that and restart.</p>
+  {% endif %}
   {% if no_password %}
   <p class="error">No dashboard password is set yet: run <code>{{ set_password_command() }}</code>
     or set <code>MMOREF_ADMIN_PASSWORD</code>.</p>
@@ -4469,6 +4606,10 @@ the player still cannot be registered through another referrer. It cannot be und
   <p>Its signing secret, shown <strong>once</strong>: copy it into your game server's config now.</p>
   <p class="secret" id="secret-value">{{ new_secret.secret }}</p>
   <p class="muted">kid {{ new_secret.kid }}</p>
+  {% if new_secret.no_registration_url %}
+  <p class="error" id="no-registration-url">No registration URL yet: its share link answers 404 until you set
+    one under Registration on its Referrals tab.</p>
+  {% endif %}
   <p><a href="{{ url_for('mmoref.dashboard.referrals_tab', game=new_secret.game,
                           server_id=new_secret.server_id) }}">Open its Referrals tab</a></p>
 </section>
@@ -4482,16 +4623,17 @@ the player still cannot be registered through another referrer. It cannot be und
     {% for server in servers %}
     {% set f = funnels.get(server.server_id) %}
     <tr data-server="{{ server.server_id }}">
-      <td>
+      <td data-label="Server">
         <a href="{{ url_for('mmoref.dashboard.referrals_tab', game=server.game, server_id=server.server_id) }}">
           {{- server.name or server.server_id }}</a>
         {% if server.name %}
         <span class="muted">{{ server.server_id }}</span>
         {% endif %}
       </td>
-      <td>{{ server.game }}</td>
-      <td>{{ "on" if server.referrals_enabled else "off" }}</td>
-      <td>{{ f.clicked if f else 0 }} → {{ f.registered if f else 0 }} → {{ f.qualified if f else 0 }}
+      <td data-label="Game">{{ server.game }}</td>
+      <td data-label="Referrals">{{ "on" if server.referrals_enabled else "off" }}</td>
+      <td data-label="Clicks → registered → qualified (reversed)">
+        {{- f.clicked if f else 0 }} → {{ f.registered if f else 0 }} → {{ f.qualified if f else 0 }}
         ({{ f.reversed if f else 0 }})</td>
     </tr>
     {% else %}
@@ -4509,15 +4651,8 @@ the player still cannot be registered through another referrer. It cannot be und
   {% endif %}
   <form method="post" action="{{ url_for('mmoref.dashboard.add_server_form') }}" class="row">
     """ + _CSRF_FIELD + """
-    <div>
-      <label for="server_id">Server id</label>
-      <input id="server_id" name="server_id" required pattern="[A-Za-z0-9_.\\-]{1,64}"
-             value="{{ form.server_id or '' }}">
-    </div>
-    <div>
-      <label for="game">Game</label>
-      <input id="game" name="game" required pattern="[A-Za-z0-9_.\\-]{1,64}" value="{{ form.game or '' }}">
-    </div>
+    {{ name_field("server_id", "Server id", form.server_id) }}
+    {{ name_field("game", "Game", form.game) }}
     <div>
       <label for="name">Name</label>
       <input id="name" name="name" value="{{ form.name or '' }}">
@@ -4541,15 +4676,15 @@ the player still cannot be registered through another referrer. It cannot be und
 {% call scroll_table(["Time", "Status", "Error", "Reason", "Hint", "Body"], css_class="rejected") %}
   {% for r in rows %}
   <tr data-status="{{ r.status }}">
-    <td>{{ iso_utc(r.last_seen_at) }}{% if r.repeats > 1 %}<br><span class="repeats">{{ r.repeats }} times
-      since {{ iso_utc(r.received_at) }}</span>{% endif %}</td>
-    <td>{{ r.status }}</td>
-    <td>{{ r.error }}</td>
-    <td>{{ r.reason or "" }}</td>
-    <td>{{ r.hint }}
+    <td data-label="Time">{{ iso_utc(r.last_seen_at) }}{% if r.repeats > 1 %}<br><span class="repeats">
+      {{- r.repeats }} times since {{ iso_utc(r.received_at) }}</span>{% endif %}</td>
+    <td data-label="Status">{{ r.status }}</td>
+    <td data-label="Error">{{ r.error }}</td>
+    <td data-label="Reason">{{ r.reason or "" }}</td>
+    <td data-label="Hint">{{ r.hint }}
       {% if r.diagnosis %}<br><strong class="diagnosis">{{ r.diagnosis }}</strong>{% endif %}
     </td>
-    <td><code>{{ r.snippet[:120] }}</code></td>
+    <td data-label="Body"><code>{{ r.snippet[:120] }}</code></td>
   </tr>
   {% endfor %}
 {% endcall %}
@@ -4566,7 +4701,12 @@ the player still cannot be registered through another referrer. It cannot be und
 <section id="new-secret">
   <h2>New signing secret</h2>
   <p>Shown <strong>once</strong>: copy it into your game server's config now.
-    {% if new_secret.grace %}The previous secret: {{ new_secret.grace }}.{% endif %}</p>
+    {% if new_secret.previous %}
+    <span id="previous-secret">The previous secret
+      {%- if new_secret.previous.until %} stays valid for {{ new_secret.previous.grace }} (until
+      {{- " " ~ new_secret.previous.until }}).{% else %} is revoked.{% endif %}</span>
+    {% endif %}
+  </p>
   <p class="secret" id="secret-value">{{ new_secret.secret }}</p>
   <p class="muted">kid {{ new_secret.kid }}</p>
 </section>
@@ -4622,9 +4762,9 @@ the player still cannot be registered through another referrer. It cannot be und
   {% call scroll_table(["kid", "Secret", "Status"]) %}
     {% for s in secrets[:5] %}
     <tr>
-      <td>{{ s.kid }}</td>
-      <td>…{{ s.last4 }}</td>
-      <td>
+      <td data-label="kid">{{ s.kid }}</td>
+      <td data-label="Secret">…{{ s.last4 }}</td>
+      <td data-label="Status">
         {%- if s.expires_at is none %}current
         {%- elif s.expires_at > now %}valid until {{ iso_utc(s.expires_at) }}
         {%- else %}revoked{% endif -%}
@@ -4665,6 +4805,10 @@ the player still cannot be registered through another referrer. It cannot be und
     {{ registration_fields(server.registration_url, server.identity_field, identity_fields) }}
     <div><button>Save</button></div>
   </form>
+  {% if not server.registration_url %}
+  <p class="error" id="no-registration-url">No registration URL yet: the share link answers 404 until you set
+    one here.</p>
+  {% endif %}
   <label for="share-link">Share link (players add their code)</label>
   <input id="share-link" readonly size="50" value="{{ share_link }}PLAYERCODE">
   <form method="post" class="row" action="{{ url_for('mmoref.dashboard.mint_token_form', game=server.game,
@@ -4737,10 +4881,10 @@ the player still cannot be registered through another referrer. It cannot be und
   {% call scroll_table(["Referrer", "Clicks", "Registered", "Qualified"], id="leaderboard") %}
     {% for r in analytics.leaders %}
     <tr>
-      <td>{{ r.referrer_code }}</td>
-      <td>{{ r.clicked }}</td>
-      <td>{{ r.registered }}</td>
-      <td>{{ r.qualified }}</td>
+      <td data-label="Referrer">{{ r.referrer_code }}</td>
+      <td data-label="Clicks">{{ r.clicked }}</td>
+      <td data-label="Registered">{{ r.registered }}</td>
+      <td data-label="Qualified">{{ r.qualified }}</td>
     </tr>
     {% else %}
     <tr><td colspan="4">No qualified referrals yet.</td></tr>
@@ -4767,14 +4911,14 @@ the player still cannot be registered through another referrer. It cannot be und
     {% for row in log_rows %}
     <tr data-id="{{ row.id }}" data-event="{{ row.event }}" data-state="{{ row.state }}"
         data-outcome="{{ row.outcome }}">
-      <td>{{ row.received }}</td>
-      <td>{{ row.event }}</td>
-      <td>{{ row.state }}</td>
-      <td>{{ row.outcome }}</td>
-      <td>{{ row.server_event_id or "" }}</td>
-      <td>{{ row.referrer_code }}</td>
-      <td>{{ row.referee_masked }}</td>
-      <td>{{ row.token_masked }}</td>
+      <td data-label="Received">{{ row.received }}</td>
+      <td data-label="Event">{{ row.event }}</td>
+      <td data-label="State now">{{ row.state }}</td>
+      <td data-label="Outcome">{{ row.outcome }}</td>
+      <td data-label="server_event_id">{{ row.server_event_id or "" }}</td>
+      <td data-label="Referrer">{{ row.referrer_code }}</td>
+      <td data-label="Referee">{{ row.referee_masked }}</td>
+      <td data-label="Token">{{ row.token_masked }}</td>
       <td><a class="detail" href="{{ url_for('mmoref.dashboard.log_detail', game=server.game,
                                              server_id=server.server_id, row_id=row.id) }}">details</a></td>
     </tr>
@@ -4894,8 +5038,8 @@ the player still cannot be registered through another referrer. It cannot be und
 }))
 # the macros, for every template: {% call scroll_table(["Time", "Status"], id="log") %}<tr>…{% endcall %}
 _MACROS = TEMPLATES.get_template("macros.html").module
-TEMPLATES.globals.update(scroll_table=_MACROS.scroll_table, log_filter=_MACROS.log_filter,
-                         registration_fields=_MACROS.registration_fields)
+TEMPLATES.globals.update({name: getattr(_MACROS, name)
+                          for name in ("scroll_table", "log_filter", "registration_fields", "name_field")})
 # the hint on the login page names this app's database when it is not ./referrals.db
 TEMPLATES.globals["set_password_command"] = lambda: set_password_command_line(current_app.config["MMOREF_DB"])
 

@@ -433,9 +433,11 @@ def csrf(page: Doc) -> str:
     return values.pop()
 
 
-def login(client: Any, password: str = PASSWORD, next_url: str | None = None, **request: Any) -> Any:
-    """Open the login page (for its CSRF token) and post the password; the answer."""
-    url = "/dashboard/login" + (f"?{urlencode({'next': next_url})}" if next_url is not None else "")
+def login(client: Any, password: str = PASSWORD, next_url: str | None = None, prefix: str = "",
+          **request: Any) -> Any:
+    """Open the login page (for its CSRF token) and post the password; the answer. `prefix`: where a
+    host app mounts the blueprint."""
+    url = prefix + "/dashboard/login" + (f"?{urlencode({'next': next_url})}" if next_url is not None else "")
     token = csrf(html(client.get(url, **request)))
     return client.post(url, data={"csrf_token": token, "password": password}, **request)
 
@@ -716,10 +718,17 @@ class HttpClient:
 
 
 class Browser:
-    """One client of the real server: keeps the session cookie whatever its Secure flag says."""
+    """One client of the real server: keeps every cookie it is given (the session's, the login's device
+    cookie) whatever its Secure flag and path say."""
 
     def __init__(self, port: int, **headers: str):
-        self.port, self.headers, self.cookie = port, headers, ""
+        self.port, self.headers = port, headers
+        self.cookies: dict[str, str] = {}
+
+    @property
+    def cookie(self) -> str:
+        """The Cookie header this client sends."""
+        return "; ".join(f"{name}={value}" for name, value in self.cookies.items())
 
     def request(self, method: str, path: str, form: dict[str, str] | None = None,
                 **headers: str) -> tuple[int, http.client.HTTPMessage, str]:
@@ -742,9 +751,8 @@ class Browser:
             text = response.read().decode("utf-8", "replace")
         finally:
             connection.close()
-        session = SimpleCookie(response.headers.get("Set-Cookie", "")).get(mm.SESSION_COOKIE)
-        if session is not None:
-            self.cookie = f"{mm.SESSION_COOKIE}={session.value}"
+        for header in response.headers.get_all("Set-Cookie") or []:
+            self.cookies.update({name: morsel.value for name, morsel in SimpleCookie(header).items()})
         return response.status, response.headers, text
 
     def log_in(self, password: str) -> tuple[int, http.client.HTTPMessage, str]:

@@ -6,22 +6,32 @@ import urllib.parse
 
 import pytest
 from flask import Flask
+from flask import flash
+from flask import get_flashed_messages
+from flask import session
 
 import mmoref_server as mm
 from tests.support import INGEST
+from tests.support import PASSWORD
 from tests.support import assert_good_hint
+from tests.support import csrf
+from tests.support import html
+from tests.support import location
+from tests.support import login
 from tests.support import send
 from tests.support import signed_post
 
 PREFIX = "/mmoref"
+DASHBOARD = PREFIX + "/dashboard/"
 SERVER = "srv_1"
+HOST_KEY = "the owner's own secret key"
 
 
 @pytest.fixture
 def host(db_path) -> Flask:
     """The owner's app: its own routes and JSON settings, our blueprint under /mmoref."""
     app = Flask("owners_site")
-    app.config.update(MMOREF_DB=db_path, TESTING=True)
+    app.config.update(MMOREF_DB=db_path, TESTING=True, SECRET_KEY=HOST_KEY, MMOREF_ADMIN_PASSWORD=PASSWORD)
     app.json.sort_keys = True     # would put "error" before "ok" if it reached our bodies
     app.json.compact = False
 
@@ -32,6 +42,21 @@ def host(db_path) -> Flask:
     @app.get("/api/status")
     def status():
         return {"zeta": 1, "alpha": 2}
+
+    @app.post("/account/login")  # the host's own login, in the host's own session
+    def host_login():
+        session["user"] = "host-user"
+        flash("Welcome back")
+        return "logged in"
+
+    @app.post("/account/logout")
+    def host_logout():
+        session.clear()
+        return "logged out"
+
+    @app.get("/account")
+    def account():
+        return {"user": session.get("user"), "messages": get_flashed_messages()}
 
     app.register_blueprint(mm.blueprint, url_prefix=PREFIX)
     return app
@@ -112,7 +137,7 @@ def test_nothing_is_served_outside_the_prefix(client, secret, path):
 
 def test_mmoref_settings_default_without_overriding_the_hosts(db_path):
     app = Flask("owners_site")
-    app.config.update(MMOREF_DB=db_path, MMOREF_TOKEN_TTL=60)
+    app.config.update(MMOREF_DB=db_path, MMOREF_TOKEN_TTL=60, SECRET_KEY=HOST_KEY)
     app.register_blueprint(mm.blueprint, url_prefix=PREFIX)
     assert app.config["MMOREF_TOKEN_TTL"] == 60
     assert app.config["MMOREF_REPLAY_WINDOW"] == mm.SETTINGS["MMOREF_REPLAY_WINDOW"][1]
@@ -120,3 +145,49 @@ def test_mmoref_settings_default_without_overriding_the_hosts(db_path):
         mm.get_store().add_server(SERVER, "g", "", "https://game.example/join")
     cookie = app.test_client().get(f"{PREFIX}/r/{SERVER}", query_string={"ref": "a"}).headers["Set-Cookie"]
     assert "Max-Age=60" in cookie
+
+
+# The host's session: the dashboard keeps its own keys in it, and touches no other ##
+
+def dashboard_csrf(client) -> str:
+    return csrf(html(client.get(DASHBOARD)))
+
+
+def test_logging_in_and_out_of_the_dashboard_leaves_the_hosts_user_logged_in(client):
+    assert client.post("/account/login").status_code == 200
+    assert location(login(client, prefix=PREFIX)) == DASHBOARD
+    assert client.get("/account").json["user"] == "host-user"
+
+    assert location(client.post(PREFIX + "/dashboard/logout", data={"csrf_token": dashboard_csrf(client)})) \
+        == PREFIX + "/dashboard/login"
+    assert location(client.get(DASHBOARD)).startswith(PREFIX + "/dashboard/login")  # the owner is logged out
+    assert client.get("/account").json["user"] == "host-user"
+
+
+def test_the_host_and_the_dashboard_each_keep_their_flashed_messages(client, secret):
+    assert client.post("/account/login").status_code == 200  # flashes "Welcome back" for the host's next page
+    assert location(login(client, prefix=PREFIX)) == DASHBOARD
+    assert html(client.get(DASHBOARD)).flashes == []
+    disabled = client.post(f"{PREFIX}/dashboard/g/{SERVER}/referrals/enabled",
+                           data={"csrf_token": dashboard_csrf(client), "enabled": "0"})
+    assert client.get("/account").json["messages"] == ["Welcome back"]  # the host's only, untouched
+    assert html(client.get(location(disabled))).flashes == [
+        "Referrals disabled: events now get 404 referrals not enabled."]
+
+
+def test_the_hosts_session_clear_logs_the_owner_out_and_a_new_login_works(client):
+    assert location(login(client, prefix=PREFIX)) == DASHBOARD
+    assert client.post("/account/logout").data == b"logged out"
+    assert location(client.get(DASHBOARD)) == f"{PREFIX}/dashboard/login?next={DASHBOARD}"
+    assert location(login(client, prefix=PREFIX)) == DASHBOARD
+    assert html(client.get(DASHBOARD)).one("h1").text == "Servers"
+
+
+def test_a_host_without_a_secret_key_is_refused_in_one_line_at_registration(db_path):
+    app = Flask("owners_site")
+    app.config.update(MMOREF_DB=db_path)
+    with pytest.raises(mm.ConfigError) as refused:
+        app.register_blueprint(mm.blueprint, url_prefix=PREFIX)
+    message = str(refused.value)
+    assert "\n" not in message
+    assert "SECRET_KEY" in message and "before register_blueprint()" in message

@@ -53,6 +53,20 @@ def test_add_server_text_output_shows_the_secret_once(runner):
     assert result.stdout.count("mmsk_") == 1
 
 
+@pytest.mark.parametrize("as_json", [[], ["--json"]], ids=["text", "json"])
+def test_add_server_without_a_registration_url_warns_that_the_share_link_is_404(runner, client, as_json):
+    result = ok(runner("add-server", SERVER, "--game", "g", *as_json))
+    assert result.stderr == (f"warning: no --registration-url, so the share link /r/{SERVER} answers 404 until one"
+                             f" is set: on the dashboard, /dashboard/g/{SERVER}/referrals, under Registration\n")
+    if as_json:
+        assert set(result.json()) == {"server_id", "game", "secret", "kid"}  # stdout is still the one object
+    assert client.get(f"/r/{SERVER}?ref=alice").status_code == 404  # what the warning says
+
+
+def test_add_server_with_a_registration_url_warns_of_nothing(runner):
+    assert ok(runner("add-server", SERVER, "--game", "g", "--registration-url", REGISTRATION_URL)).stderr == ""
+
+
 @pytest.mark.parametrize(("grace", "old_secret_status"), [("86400", 200), ("0", 401)])
 def test_rotate_secret_json_and_grace(runner, client, server, grace, old_secret_status):
     rotated = ok(runner("rotate-secret", SERVER, "--grace", grace, "--json")).json()

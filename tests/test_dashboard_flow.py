@@ -61,6 +61,7 @@ def test_the_same_rotate_form_sent_twice_rotates_once(owner: Owner, kit: Any, db
     assert page.flashes == [f"This form was already sent: it made secret {new_kid}. Nothing was rotated again."]
     secret = shown_secret(page)  # the second answer replaced the first's session: the secret still shows, once
     assert secret is not None
+    assert page.by_id("previous-secret").text.startswith("The previous secret stays valid for 24 hours (until ")
     assert shown_secret(owner.page(KIT_TAB)) is None
 
     # the previous secret kept its grace: the second submission did not revoke it
@@ -70,6 +71,28 @@ def test_the_same_rotate_form_sent_twice_rotates_once(owner: Owner, kit: Any, db
     again = owner.follow(owner.post(f"{KIT_TAB}/secret", grace="86400", rotation=nonce))
     assert shown_secret(again) is None and secret not in again.raw  # never the secret again
     assert "already sent" in again.flashes[0]
+
+
+def test_a_second_rotation_seconds_after_the_first_keeps_the_game_servers_secret(clock: Any, owner: Owner, kit: Any,
+                                                                                   db_path: str) -> None:
+    """A double click landing on the first rotation's result page sends its new form at once."""
+    shown = []
+    for _ in range(2):
+        nonce = owner.page(KIT_TAB).by_id("secrets").one("form").one("input", name="rotation").attrs["value"]
+        assert location(owner.post(f"{KIT_TAB}/secret", grace="86400", rotation=nonce)) == KIT_TAB
+        shown.append(shown_secret(owner.page(KIT_TAB)))
+    assert secret_count(db_path) == 3
+    token = kit.token()
+    in_use = kit.post(kit.body("registered", token, "e-1"), secret=kit.secret)  # the secret the game server has
+    assert in_use.status_code == 200 and in_use.get_json()["state"] == "registered"
+
+    clock.t += mm.ROTATION_SETTLE  # later on, a rotation revokes what is in its grace period, as before
+    nonce = owner.page(KIT_TAB).by_id("secrets").one("form").one("input", name="rotation").attrs["value"]
+    owner.post(f"{KIT_TAB}/secret", grace="86400", rotation=nonce)
+    for old in (kit.secret, shown[0]):
+        refused = kit.post(kit.body("qualified", token, "e-2"), secret=old)
+        assert refused.status_code == 401 and refused.get_json()["reason"] == "mac_mismatch"
+    assert kit.post(kit.body("qualified", token, "e-2"), secret=shown[1]).get_json()["state"] == "qualified"
 
 
 def test_a_second_rotation_in_the_grace_period_names_what_it_revokes(owner: Owner, kit: Any) -> None:

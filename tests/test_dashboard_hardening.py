@@ -40,7 +40,7 @@ def test_other_paths_keep_the_html_404(client: Any) -> None:
 
 def test_under_a_host_app_only_the_blueprints_api_paths_answer_json(db_path: str) -> None:
     host = Flask("owners_site")
-    host.config.update(MMOREF_DB=db_path, TESTING=True)
+    host.config.update(MMOREF_DB=db_path, TESTING=True, SECRET_KEY="the host's own key")  # registering needs one
     host.register_blueprint(mm.blueprint, url_prefix="/mmoref")
     client = host.test_client()
     inside = client.get("/mmoref/api/referral/event")

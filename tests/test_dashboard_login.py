@@ -82,6 +82,9 @@ def test_login_next_only_leads_inside_the_dashboard(client: Any, kit: Any, next_
 def test_wrong_password_is_401_and_logs_nobody_in(client: Any) -> None:
     page = html(login(client, "not-the-password"), 401)
     assert page.one("p", role="alert").text == "Wrong password."
+    assert page.by_id("reset-password").text == (  # how the owner resets it, whichever way it is set
+        "Forgotten it? On the server, run python mmoref_server.py set-password (with --db when its database is"
+        " not ./referrals.db ); when MMOREF_ADMIN_PASSWORD is set, change that and restart.")
     assert page.has_id("password")
     assert not is_logged_in(client)
 
@@ -200,6 +203,14 @@ def test_login_needs_the_csrf_token(client: Any, bad: str | None) -> None:
     data = {"password": PASSWORD} if bad is None else {"password": PASSWORD, "csrf_token": bad}
     page = html(client.post("/dashboard/login", data=data), 400)
     assert page.one("h1").text == "Form expired"
+    assert not is_logged_in(client)
+
+
+def test_login_without_a_session_refuses_an_empty_csrf_token(client: Any) -> None:
+    """A client that never opened the login page has no token in its session: an empty one must not match it."""
+    page = html(client.post("/dashboard/login", data={"password": PASSWORD, "csrf_token": ""}), 400)
+    assert page.one("h1").text == "Form expired"
+    assert "security token is missing or out of date" in page.text
     assert not is_logged_in(client)
 
 

@@ -81,6 +81,36 @@ def test_a_form_for_a_server_of_another_game_is_404(owner: Owner, kit: Any, db_p
     assert snapshot(db_path) == before
 
 
+NAME_RULE = "1-64 characters: letters A-Z a-z, digits 0-9 and _ . - (not only dots)"
+
+
+def test_every_input_with_a_pattern_says_what_it_allows(owner: Owner, kit: Any) -> None:
+    for path in ("/dashboard/", KIT_TAB):
+        patterned = [node for node in owner.page(path).all("input") if "pattern" in node.attrs]
+        assert all(node.attrs.get("title") == NAME_RULE for node in patterned), [n.attrs for n in patterned]
+    assert len([node for node in owner.page("/dashboard/").all("input") if "pattern" in node.attrs]) == 2
+
+
+def test_a_server_added_without_a_registration_url_says_its_share_link_is_404(owner: Owner, client: Any) -> None:
+    page = owner.post_page("/dashboard/servers", server_id="srv_new", game="g2")
+    assert page.by_id("no-registration-url").text == (
+        "No registration URL yet: its share link answers 404 until you set one under Registration on its"
+        " Referrals tab.")
+    assert client.get("/r/srv_new?ref=alice").status_code == 404
+    tab = owner.page("/dashboard/g2/srv_new/referrals")
+    assert "answers 404 until you set one here" in tab.by_id("no-registration-url").text
+    assert tab.by_id("no-registration-url").ancestor("section").attrs["id"] == "settings"
+
+    saved = owner.post("/dashboard/g2/srv_new/referrals/settings", registration_url="https://new.example/join",
+                       identity_field="username")
+    assert location(saved) == "/dashboard/g2/srv_new/referrals"
+    assert not owner.page("/dashboard/g2/srv_new/referrals").has_id("no-registration-url")
+    assert client.get("/r/srv_new?ref=alice").status_code == 302
+    added = owner.post_page("/dashboard/servers", server_id="srv_other", game="g2",
+                            registration_url="https://new.example/join")
+    assert added.has_id("new-secret") and not added.has_id("no-registration-url")
+
+
 # Referrals tab: enable, secrets, settings, test token ###########################
 
 def test_disabling_referrals_makes_ingest_answer_404(owner: Owner, kit: Any) -> None:
@@ -122,13 +152,16 @@ GRACES = [("0", False, "revoke now"), ("3600", True, "1 hour"), ("86400", True, 
 
 
 @pytest.mark.parametrize(("grace", "old_still_valid", "label"), GRACES, ids=[g[0] for g in GRACES])
-def test_rotating_the_secret(owner: Owner, kit: Any, grace: str, old_still_valid: bool, label: str) -> None:
+def test_rotating_the_secret(clock: Any, owner: Owner, kit: Any, grace: str, old_still_valid: bool,
+                             label: str) -> None:
     old = kit.secret
     page = owner.post_page(f"{KIT_TAB}/secret", grace=grace)
     new = page.by_id("secret-value").text
     new_kid = page.by_id("new-secret").one("p", class_="muted").text.removeprefix("kid ")
     assert new.startswith("mmsk_") and new != old
-    assert f"The previous secret: {label}." in page.by_id("new-secret").text
+    assert page.by_id("previous-secret").text == (
+        f"The previous secret stays valid for {label} (until {mm.iso_utc(clock.t + int(grace))})."
+        if old_still_valid else "The previous secret is revoked.")
 
     token = kit.token()
     with_old = kit.post(kit.body("registered", token, "e-old"), secret=old)

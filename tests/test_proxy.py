@@ -10,7 +10,9 @@ import http.client
 import pytest
 
 import mmoref_server as mm
+from tests.support import INGEST
 from tests.support import Browser
+from tests.support import gunicorn_command
 
 pytestmark = pytest.mark.slow
 
@@ -22,13 +24,14 @@ FORWARDED_HTTPS = {"X-Forwarded-Proto": "https", "X-Forwarded-Host": "refer.game
 
 @pytest.fixture
 def proxied_server(live_server, db_path):
-    """start(env) -> the port of a real server with srv_proxy and a known dashboard password."""
+    """start(command=None, **env) -> the port of a real server (`serve`, or `command`) with srv_proxy and a
+    known dashboard password."""
     store = mm.Store(db_path)
     store.add_server(SERVER, "mygame", "Proxy", "https://game.example/register")
     store.set_admin_password(PASSWORD)
 
-    def start(**env: str) -> int:
-        return live_server(env=env).port
+    def start(command: list[str] | None = None, **env: str) -> int:
+        return live_server(env=env, command=command).port
     return start
 
 
@@ -109,3 +112,25 @@ def test_forwarded_headers_from_an_untrusted_peer_are_ignored(proxied_server, en
         assert status == 401, page
     status, _, page = Browser(port, **{"X-Forwarded-For": "203.0.113.99"}).log_in(PASSWORD)
     assert status == 429, page
+
+
+TRUST = {"setting-off": ({}, False),
+         "not-the-trusted-proxy": ({"MMOREF_TRUST_PROXY": "1", "MMOREF_TRUSTED_PROXY": "192.0.2.1"}, False),
+         "trusted-proxy": ({"MMOREF_TRUST_PROXY": "1"}, True)}
+
+
+@pytest.mark.parametrize(("env", "trusted"), TRUST.values(), ids=TRUST.keys())
+def test_under_gunicorn_the_forwarded_scheme_counts_only_from_the_trusted_proxy(proxied_server, env, trusted):
+    """gunicorn applies X-Forwarded-Proto from loopback itself (its forwarded_allow_ips): mmoref decides again."""
+    port = proxied_server(command=gunicorn_command(), **env)
+    browser = Browser(port, **FORWARDED_HTTPS)
+    status, headers, _ = browser.request("GET", f"/r/{SERVER}?ref=alice")
+    assert status == 302
+    assert is_secure(set_cookie(headers, "mmref")) is trusted
+    status, headers, page = browser.log_in(PASSWORD)
+    assert status == 302, page
+    assert is_secure(set_cookie(headers, mm.SESSION_COOKIE)) is trusted
+    status, _, page = browser.request("GET", f"/dashboard/mygame/{SERVER}/referrals")
+    assert status == 200, page
+    origin = "https://refer.game.example" if trusted else f"http://127.0.0.1:{port}"
+    assert f'<code id="connect-url">{origin}{INGEST}</code>' in page

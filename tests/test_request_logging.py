@@ -54,7 +54,7 @@ def test_gunicorn_error_log_has_each_ingest_request(live_server, tmp_path):
 
 def test_embedded_app_logging_decides(db_path, caplog):
     host = Flask("host")
-    host.config.update(MMOREF_DB=db_path)
+    host.config.update(MMOREF_DB=db_path, SECRET_KEY="the host's own key")  # registering needs one
     host.register_blueprint(mm.blueprint, url_prefix="/mmoref")
 
     with caplog.at_level(logging.INFO):

@@ -137,6 +137,54 @@ def test_the_global_budget_makes_everyone_wait(client: Any, clock: Clock, monkey
     assert location(login(client, PASSWORD, **address(99))) == "/dashboard/"
 
 
+def test_strangers_spending_the_budget_lock_out_neither_the_owners_browser_nor_loopback(app: Any,
+                                                                                       clock: Clock) -> None:
+    """120 wrong passwords from 24 addresses: every stranger waits, the owner does not."""
+    clock.t -= clock.t % mm.LOGIN_BUDGET_WINDOW + 86400  # yesterday, at the start of a window
+    owner = app.test_client()
+    first_login = login(owner, **address(200))
+    assert location(first_login) == "/dashboard/"
+    assert location(Owner(owner).post("/dashboard/logout")) == "/dashboard/login"
+    clock.t += 86400
+
+    statuses = []
+    for n in range(24):
+        stranger = app.test_client()
+        statuses += [login(stranger, "guess", **address(n)).status_code for _ in range(mm.LOGIN_FREE_FAILURES)]
+    assert sorted(statuses) == [401] * mm.LOGIN_BUDGET + [429] * (24 * mm.LOGIN_FREE_FAILURES - mm.LOGIN_BUDGET)
+
+    assert location(login(owner, **address(200))) == "/dashboard/"  # the browser that logged in before
+    assert is_logged_in(owner)
+    on_the_machine = app.test_client()  # 127.0.0.1: an SSH tunnel, say
+    assert location(login(on_the_machine)) == "/dashboard/"
+    assert is_logged_in(on_the_machine)
+
+    forged = app.test_client()
+    forged.set_cookie(mm.LOGIN_DEVICE_COOKIE, "made-up", path="/dashboard/login")
+    for newcomer in (app.test_client(), forged):  # the budget still holds for every other browser
+        refused = html(login(newcomer, PASSWORD, **address(300)), 429)
+        assert refused.one("p", role="alert").text.startswith("Too many failed logins: wait")
+    device_cookie = [c for c in first_login.headers.getlist("Set-Cookie") if c.startswith(f"{mm.LOGIN_DEVICE_COOKIE}=")]
+    assert len(device_cookie) == 1
+    assert {"HttpOnly", "Path=/dashboard/login", f"Max-Age={mm.LOGIN_DEVICE_LIFETIME}"} \
+        <= {part.strip() for part in device_cookie[0].split(";")}
+
+
+def test_a_device_cookie_from_before_a_password_change_spends_the_shared_budget(bare_app: Any, clock: Clock,
+                                                                                monkeypatch: Any) -> None:
+    monkeypatch.setattr(mm, "LOGIN_BUDGET", 3)
+    clock.t -= clock.t % mm.LOGIN_BUDGET_WINDOW + 86400  # yesterday, at the start of a window
+    store = bare_app.extensions["mmoref"]
+    store.set_admin_password(PASSWORD)
+    owner = bare_app.test_client()
+    assert location(login(owner, **address(200))) == "/dashboard/"
+    store.set_admin_password("a-new-password")
+    clock.t += 86400
+    for n in range(3):
+        html(login(bare_app.test_client(), "guess", **address(n)), 401)
+    html(login(owner, "a-new-password", **address(200)), 429)
+
+
 def post_login(port: int, password: str) -> tuple[int, str]:
     """Log in to a real server over HTTP (login page for the cookie and CSRF token, then the post)."""
     connection = http.client.HTTPConnection("127.0.0.1", port, timeout=HTTP_TIMEOUT)
