@@ -893,6 +893,7 @@ class Transaction:
     """
 
     __slots__ = ("db",)
+    SECRETS_NEWEST_FIRST = "SELECT server_id, kid, secret, expires_at FROM secrets ORDER BY created_at DESC, rowid DESC"
     ROW_LOCK = ""  # PostgreSQL: " FOR UPDATE" (SQLite's BEGIN IMMEDIATE already serialises every writer)
     SHARE_LOCK = ""  # PostgreSQL: " FOR SHARE"
 
@@ -907,7 +908,7 @@ class Transaction:
 
     def secrets(self) -> list[Row]:
         """Every secret of the installation, newest first (see live_secrets)."""
-        return self.db.execute(SECRETS_NEWEST_FIRST).fetchall()
+        return self.db.execute(self.SECRETS_NEWEST_FIRST).fetchall()
 
     def server_exists(self, server_id: str) -> bool:
         return self.db.execute("SELECT 1 FROM servers WHERE server_id = ?", (server_id,)).fetchone() is not None
@@ -1025,9 +1026,6 @@ class Transaction:
         if excess > 0:
             self.db.execute("DELETE FROM login_failures WHERE client IN (SELECT client FROM login_failures"
                             " ORDER BY failures, last_at LIMIT ?)", (excess,))
-
-
-SECRETS_NEWEST_FIRST = "SELECT server_id, kid, secret, expires_at FROM secrets ORDER BY created_at DESC, rowid DESC"
 
 
 def live_secrets(secrets_newest_first: Sequence[Row], server_id: str, at: int) -> list[tuple[str, str]]:
@@ -1241,13 +1239,7 @@ class Store:
 
     def live_secrets(self, server_id: str, at: int) -> list[tuple[str, str]]:
         """[(kid, secret), ...] valid at `at`, current first (two; more just after rotations seconds apart)."""
-        return live_secrets(self._all(SECRETS_NEWEST_FIRST), server_id, at)
-
-    def revoked_secrets(self, server_id: str, at: int, limit: int = 5) -> list[str]:
-        """The newest secrets no longer valid at `at` (to explain a MAC made with one)."""
-        return [row["secret"] for row in self._all(
-            "SELECT secret FROM secrets WHERE server_id = ? AND expires_at <= ?"
-            " ORDER BY created_at DESC, rowid DESC LIMIT ?", (server_id, at, limit))]
+        return live_secrets(self._all(Transaction.SECRETS_NEWEST_FIRST), server_id, at)
 
     def all_secrets(self) -> list[str]:
         """Every secret of the installation, live or not: what a stored snippet must never hold."""
@@ -1755,7 +1747,8 @@ class SQLiteStore(Store):
                     item.run_in_savepoint(transaction)
         except Exception as exc:  # BEGIN or COMMIT failed, or SQLite rolled everything back: nothing was written
             for item in batch:
-                item.result, item.error = None, exc
+                if item.error is None:  # a piece that raised keeps its own error: it had nothing to write
+                    item.result, item.error = None, exc
         finally:
             for item in batch:
                 item.done.set()
@@ -1773,7 +1766,8 @@ class SQLiteStore(Store):
         moved = self.moved()
         if moved:
             error = database_error(self.path, moved)
-            log.error("%s", error)
+            if self._write_failure is None or self._write_failure[0] != moved:  # logged once, not per request
+                log.error("%s", error)
             raise error
 
     def _quick_check(self) -> None:
@@ -2316,7 +2310,7 @@ def _verified_delivery(store: Store, transaction: Transaction, parsed: ParsedSig
     try:
         verify(parsed, raw_body, live, at, window)
     except SignatureError as exc:
-        raise _bad_signature(store, exc, parsed, raw_body, live, fields, at, window) from None
+        raise _bad_signature(exc, parsed, raw_body, every_secret, fields, at, window) from None
     # 7. a verified dry run stops here
     if fields.test:
         return None
@@ -2357,13 +2351,15 @@ def _known_server_id(store: Store, body: dict[str, Any]) -> str | None:
     return server_id.strip()
 
 
-def _bad_signature(store: Store, exc: SignatureError, parsed: ParsedSignature, raw_body: bytes,
-                   live: Sequence[tuple[str, str]], fields: EventFields, at: int, window: int) -> ApiError:
+def _bad_signature(exc: SignatureError, parsed: ParsedSignature, raw_body: bytes, every_secret: Sequence[Row],
+                   fields: EventFields, at: int, window: int) -> ApiError:
     """The 401 for a signature that fails step 6; a MAC mismatch says why, when a usual mistake explains it."""
     hint = HINTS[exc.reason].format(window=window)
     diagnosis = None
     if exc.reason == "mac_mismatch":
-        revoked = store.revoked_secrets(fields.server_id, at)
+        live = live_secrets(every_secret, fields.server_id, at)
+        revoked = [row["secret"] for row in every_secret if row["server_id"] == fields.server_id
+                   and row["expires_at"] is not None and row["expires_at"] <= at][:5]  # the newest five
         diagnosis = diagnose_mac_mismatch(parsed, raw_body, live, revoked, fields.ts)
     return ApiError(401, "bad_signature", hint, diagnosis=diagnosis, server_id=fields.server_id, reason=exc.reason)
 
@@ -2717,8 +2713,8 @@ def _remember_rejection(store: Store, exc: ApiError, raw_body: bytes, client: st
     """Keep the refusal for the dashboard: reason, hint, a masked snippet, never a secret."""
     # A sender may paste a secret into the body by mistake, and a body that does not parse
     # names no server: scrub every secret of the installation, before cutting the snippet.
-    snippet = _scrubbed_snippet(raw_body, store.all_secrets(), limit=REJECTED_SNIPPET_CHARS)
     try:
+        snippet = _scrubbed_snippet(raw_body, store.all_secrets(), limit=REJECTED_SNIPPET_CHARS)
         store.record_rejected(exc.server_id, exc.status, exc.error, exc.extra.get("reason"), exc.hint,
                               exc.diagnosis, snippet, client=client, per_client_minute=REJECTIONS_PER_CLIENT_MINUTE)
     except (sqlite3.Error, StoreError) as exc:  # the answer stands; /healthz says what the database lacks

@@ -46,9 +46,9 @@ def test_healthz_says_malformed_once_a_request_hit_the_damage(store, db_path, li
 
 
 def test_a_refusal_that_cannot_be_recorded_is_one_warning_line(store, db_path, live_server):
-    """Issue 20.10: the database deleted while serving, requests signed with a wrong secret still get
-    their 401 (the kept configuration needs no file), and each refusal the list cannot keep is one
-    log line, not a traceback."""
+    """The database deleted while serving: requests signed with a wrong secret still get their 401
+    (the open connections still read the unlinked file), and each refusal the list cannot keep is
+    one log line, not a traceback."""
     secret = add_server(store)
     [token] = mint_tokens(store, ["alice"])
     store.close()
