@@ -4097,7 +4097,7 @@ def _exposure_lines(host: str, port: int) -> list[str]:
                      f"http://<this machine's address>:{port}")
     lines.append(f"  warning    the dashboard and the ingest endpoint are reachable from the network on {host}, "
                  "over plain HTTP: for anything public, listen on 127.0.0.1 behind a TLS proxy "
-                 "(README: Running in production)")
+                 "(docs/production.md)")
     return lines
 
 
