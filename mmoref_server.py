@@ -993,7 +993,7 @@ class Transaction:
                         f" CONFLICT (server_id, referrer_code) DO UPDATE SET {column} = referrer_counts.{column} + 1",
                         (server_id, referrer_code))
 
-    # per-client limits (docs/README "Security notes"): fixed windows, stale ones deleted as they pass
+    # per-client limits (docs/security.md, "Security notes"): fixed windows, stale ones deleted as they pass
 
     def hit(self, scope: str, client: str, at: int, window: int) -> int:
         """Count one request of `client` in `scope`'s current `window`-second window; return the window's count."""
