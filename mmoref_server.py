@@ -994,7 +994,7 @@ class Transaction:
                         f" CONFLICT (server_id, referrer_code) DO UPDATE SET {column} = referrer_counts.{column} + 1",
                         (server_id, referrer_code))
 
-    # per-client limits (docs/README "Security notes"): fixed windows, stale ones deleted as they pass
+    # per-client limits (docs/security.md, "Security notes"): fixed windows, stale ones deleted as they pass
 
     def hit(self, scope: str, client: str, at: int, window: int) -> int:
         """Count one request of `client` in `scope`'s current `window`-second window; return the window's count."""
@@ -4093,7 +4093,7 @@ def _exposure_lines(host: str, port: int) -> list[str]:
                      f"http://<this machine's address>:{port}")
     lines.append(f"  warning    the dashboard and the ingest endpoint are reachable from the network on {host}, "
                  "over plain HTTP: for anything public, listen on 127.0.0.1 behind a TLS proxy "
-                 "(README: Running in production)")
+                 "(docs/production.md)")
     return lines
 
 

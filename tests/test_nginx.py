@@ -311,14 +311,14 @@ def test_the_shipped_site_file_passes_nginx_t(tmp_path):
 
 
 def readme_gunicorn_command() -> list[str]:
-    """The README's recommended gunicorn line, run with this Python, listening on "{port}"."""
-    found = re.search(r"^gunicorn -w .*-k gthread.*$", (ROOT / "README.md").read_text(), re.MULTILINE)
-    assert found, "the README no longer recommends a gthread gunicorn line"
+    """docs/production.md's recommended gunicorn line, run with this Python, listening on "{port}"."""
+    found = re.search(r"^gunicorn -w .*-k gthread.*$", (ROOT / "docs" / "production.md").read_text(), re.MULTILINE)
+    assert found, "docs/production.md no longer recommends a gthread gunicorn line"
     return [sys.executable, "-m", *shlex.split(found[0]), "-b", "127.0.0.1:{port}"]
 
 
 def test_gunicorn_behind_nginx_answers_while_200_connections_idle_or_trickle(behind_nginx):
-    """Issue 8.3: the README's production setup (gthread gunicorn behind the buffering nginx)."""
+    """Issue 8.3: docs/production.md's setup (gthread gunicorn behind the buffering nginx)."""
     pytest.importorskip("gunicorn", reason="gunicorn is not installed (pip install gunicorn)")
     proxied = behind_nginx(trust_proxy=True, command=readme_gunicorn_command())
     store = mm.Store(proxied.db_path)
