@@ -1,26 +1,27 @@
-"""Ingest benchmark: one command, numbers for the README's Performance table.
+"""Ingest benchmark: one command, the figures of docs/performance.md.
 
-    python bench/bench_ingest.py                 # full run (1,000,000 prefilled rows)
-    python bench/bench_ingest.py --rows 100000   # quicker
-    python bench/bench_ingest.py --db postgresql://user:pass@host/dbname --nodes 1,2,4
-    python bench/bench_ingest.py --start-postgres --nodes 1,2,4   # a throwaway local cluster
+    python bench/bench_ingest.py                               # full run (1,000,000 prefilled rows)
+    python bench/bench_ingest.py --rows 100000                 # quicker
+    python bench/bench_ingest.py --baseline ../other-checkout  # also against another version, at 1, 8, 16 connections
+    python bench/bench_ingest.py --start-postgres --nodes 1,2,4   # several nodes on a throwaway PostgreSQL
 
-In one run it:
-1. starts `python mmoref_server.py serve` on a fresh database on 127.0.0.1, mints unique
-   tokens through the share link, then alternates rounds of signed unique `registered`
-   events and `GET /healthz` (wrk when installed, else a keep-alive Python client), and
-   prints events/s, p50/p99 and the ratio ingest/healthz;
-2. prefills a second database with --rows delivery-log rows through the server's own
-   storage and transition code (in-process, batched), serves it, repeats the ingest
-   rounds and prints the ratio to the empty-database figure;
-3. times dashboard pages on the big database (server time from Server-Timing) and a
-   10,000-row CSV export; prints each server's peak RSS.
+Every comparison runs its contenders in alternating rounds in one run (wrk when installed, else
+a keep-alive Python client), and prints medians: rate, p50/p99, and the server's CPU per request
+from /proc, user and system apart (steadier than rates on a shared machine), each over the first
+contender's, round by round. In one run it compares, on SQLite with synchronous=FULL:
+1. a no-op JSON route (bench/noop_server.py: `create_app()` plus that route, the same waitress
+   options), signed unique `registered` events on `python mmoref_server.py serve`, and
+   `GET /healthz` on the same server; then ingest over one connection (latency);
+2. with --baseline: the same ingest on other checkouts (other designs) at 1, 8 and 16 connections;
+3. the default server against `gunicorn -w 2`, sync and gthread;
+4. a database prefilled with --rows delivery-log rows against an empty one; dashboard pages
+   (server time from Server-Timing), a CSV export and peak RSS on the big one.
 
-With --db postgresql://... (or --start-postgres) it instead compares, in one run, signed
-unique `registered` events/s with 1, 2, 4 (--nodes) mmoref processes sharing that PostgreSQL
-and a single process on SQLite, each next to /healthz on the same processes. Each figure gets
-a fresh database, created beside the one the URL names (the role needs CREATEDB) and dropped
-afterwards; --start-postgres runs initdb/pg_ctl from Debian's packages, fsync on.
+With --db postgresql://... (or --start-postgres) it instead compares signed unique `registered`
+events/s with 1, 2, 4 (--nodes) mmoref processes sharing that PostgreSQL and a single process on
+SQLite, each next to /healthz on the same processes. Each figure gets a fresh database, created
+beside the one the URL names (the role needs CREATEDB) and dropped afterwards; --start-postgres
+runs initdb/pg_ctl from Debian's packages, fsync on.
 
 Only 127.0.0.1; every load loop is bounded in count and time.
 """
