@@ -424,19 +424,20 @@ class Dashboard:
 
     def __init__(self, port: int):
         self.conn = http.client.HTTPConnection(HOST, port, timeout=120)
-        self.cookie = ""
+        self.cookies: dict[str, str] = {}
         page = self.get("/dashboard/login")[1]
         self.post("/dashboard/login", {"password": PASSWORD, "csrf_token": _csrf(page)})
 
     def _send(self, method: str, path: str, body: bytes | None, headers: dict) -> tuple[int, str, float, float]:
         started = time.perf_counter()
-        self.conn.request(method, path, body=body, headers={**headers, "Cookie": self.cookie})
+        cookie = "; ".join(f"{name}={value}" for name, value in self.cookies.items())
+        self.conn.request(method, path, body=body, headers={**headers, "Cookie": cookie})
         response = self.conn.getresponse()
         text = response.read().decode()
         wall = (time.perf_counter() - started) * 1000
-        cookie = response.getheader("Set-Cookie")
-        if cookie:
-            self.cookie = cookie.split(";", 1)[0]
+        for set_cookie in response.msg.get_all("Set-Cookie") or []:
+            name, value = set_cookie.split(";", 1)[0].split("=", 1)
+            self.cookies[name] = value
         timing = re.search(r"dur=([\d.]+)", response.getheader("Server-Timing", "") or "")
         return response.status, text, float(timing.group(1)) if timing else wall, wall
 
