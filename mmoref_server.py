@@ -80,6 +80,7 @@ except ModuleNotFoundError as missing:  # `python mmoref_server.py` before `pip 
 
 __version__ = "1.1.0"
 log = logging.getLogger("mmoref")
+COMMAND = "python mmoref_server.py"  # how messages and pages name the CLI; main() names the way it was started
 
 
 # Configuration ###############################################################
@@ -2813,7 +2814,7 @@ def start_auto_prune(store: Store, older_than: int) -> threading.Thread:
                 result = prune(store, older_than, convert=False)
                 log.info("pruned rows older than %s s: %s", older_than, result["deleted"])
                 if not result["space_reclaimed"]:
-                    log.warning("run `python mmoref_server.py prune` once, server stopped or not, to let the"
+                    log.warning(f"run `{COMMAND} prune` once, server stopped or not, to let the"
                                 " database file shrink (it was made by an older mmoref)")
             except (sqlite3.Error, StoreError):
                 log.exception("automatic prune failed; it runs again in a day")
@@ -3475,7 +3476,7 @@ def _connect_box(server_id: str, kid: str | None) -> dict[str, str]:
              "MAC=$(printf '%s.%s' \"$T\" \"$BODY\" | openssl dgst -sha256 -hmac \"$SECRET\" | sed 's/^.* //')\n"
              f"curl -sS -X POST '{url}' -H 'Content-Type: application/json' \\\n"
              f"  -H \"{SIGNATURE_HEADER}: t=$T,v1=sha256=$MAC{kid_part}\" --data-binary \"$BODY\"")
-    python = (f"python mmoref_server.py send registered --endpoint '{url}' \\\n"
+    python = (f"{COMMAND} send registered --endpoint '{url}' \\\n"
               f"  --server-id {server_id} --secret \"$SECRET\"{f' --kid {kid}' if kid else ''} \\\n"
               "  --token TOKEN_FROM_THE_SHARE_LINK --referee-identity player-1")
     return {"url": url, "server_id": server_id, "kid": kid or "", "shell": shell, "python": python}
@@ -3908,7 +3909,7 @@ def _store_with_server(db_path: str | None, server_id: str) -> Store:
 
 def set_password_command_line(db_path: str) -> str:
     """How to run set-password on this database: with --db unless it is ./referrals.db."""
-    command = "python mmoref_server.py set-password"
+    command = f"{COMMAND} set-password"
     if is_postgres_url(db_path):
         return f"{command} --db <the postgresql:// URL>"
     if os.path.abspath(db_path) == os.path.abspath(SETTINGS["MMOREF_DB"][1]):
@@ -4575,7 +4576,7 @@ the player still cannot be registered through another referrer. It cannot be und
   {% endif %}
   {% if wrong_password %}
   <p class="muted" id="reset-password">Forgotten it? On the server, run
-    <code>python mmoref_server.py set-password</code> (with <code>--db</code> when its database is not
+    <code>{{ mmoref_command() }} set-password</code> (with <code>--db</code> when its database is not
     <code>./referrals.db</code>); when <code>MMOREF_ADMIN_PASSWORD</code> is set, change that and restart.</p>
   {% endif %}
   {% if no_password %}
@@ -4728,7 +4729,7 @@ the player still cannot be registered through another referrer. It cannot be und
   </table>
   <h3>With curl and openssl</h3>
   <pre id="connect-shell">{{ connect.shell }}</pre>
-  <h3>With Python (this file's <code>send</code> command)</h3>
+  <h3>With Python (mmoref's <code>send</code> command)</h3>
   <pre id="connect-python">{{ connect.python }}</pre>
 </section>
 {% endblock %}
@@ -5037,6 +5038,7 @@ _MACROS = TEMPLATES.get_template("macros.html").module
 TEMPLATES.globals.update({name: getattr(_MACROS, name)
                           for name in ("scroll_table", "log_filter", "registration_fields", "name_field")})
 # the hint on the login page names this app's database when it is not ./referrals.db
+TEMPLATES.globals["mmoref_command"] = lambda: COMMAND
 TEMPLATES.globals["set_password_command"] = lambda: set_password_command_line(current_app.config["MMOREF_DB"])
 
 
@@ -5044,8 +5046,18 @@ TEMPLATES.globals["set_password_command"] = lambda: set_password_command_line(cu
 
 def main() -> None:
     """`python mmoref_server.py` and the installed `mmoref` command (pyproject.toml): one CLI, whose
-    usage lines name the way it was started (click reads argv[0])."""
+    usage lines name the way it was started (click reads argv[0]), as its messages and pages do."""
+    global COMMAND
+    COMMAND = command_started_as(__name__, __spec__, sys.argv[0])
     cli()
+
+
+def command_started_as(module_name: str, spec: Any, program: str) -> str:
+    """How the owner started mmoref, for the commands it tells them to run: the installed console
+    script, `python -m mmoref_server`, or the file (also what `flask --app` users and hosts are told)."""
+    if module_name != "__main__":
+        return "mmoref" if Path(program).stem == "mmoref" else COMMAND
+    return f"python -m {spec.name}" if spec is not None else COMMAND
 
 
 if __name__ == "__main__":

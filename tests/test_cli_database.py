@@ -3,6 +3,7 @@ their errors name the database they looked in, set-password hints carry --db, `l
 from __future__ import annotations
 
 import subprocess
+from types import SimpleNamespace
 
 import pytest
 
@@ -75,3 +76,27 @@ def test_serve_banner_hint_carries_the_database(live_server, db_path):
     server = live_server()
     banner = server.stop()
     assert f"change it with python mmoref_server.py set-password --db {db_path})" in banner
+
+
+def test_serve_banner_names_python_m_when_started_that_way(live_server, db_path):
+    server = live_server(command=[PYTHON, "-m", "mmoref_server", "serve", "--port", "{port}"])
+    banner = server.stop()
+    assert f"change it with python -m mmoref_server set-password --db {db_path})" in banner
+    assert "mmoref_server.py" not in banner
+
+
+@pytest.mark.parametrize(("module_name", "spec", "program", "command"), [
+    ("mmoref_server", None, "/home/owner/.local/bin/mmoref", "mmoref"),   # the console script (pip, pipx)
+    ("__main__", None, "mmoref_server.py", "python mmoref_server.py"),   # the file
+    ("__main__", SimpleNamespace(name="mmoref_server"), "/srv/mmoref_server.py", "python -m mmoref_server"),
+    ("mmoref_server", None, "manage.py", "python mmoref_server.py"),     # a host's own script calling main()
+])
+def test_the_command_messages_name_is_the_way_mmoref_was_started(module_name, spec, program, command):
+    assert mm.command_started_as(module_name, spec, program) == command
+
+
+def test_pages_and_hints_name_the_command_main_found(monkeypatch, bare_app, db_path):
+    monkeypatch.setattr(mm, "COMMAND", "mmoref")
+    assert mm.set_password_command_line("referrals.db") == "mmoref set-password"
+    page = bare_app.test_client().get("/dashboard/login").get_data(as_text=True)
+    assert f"<code>mmoref set-password --db {db_path}</code>" in page

@@ -175,6 +175,12 @@ def test_connect_box_shows_what_a_kit_needs_and_never_the_secret(owner: Owner, k
     assert f"--kid {kit.kid}" in page.by_id("connect-python").raw_text
 
 
+def test_connect_box_names_the_command_the_owner_started(owner: Owner, kit: Any, monkeypatch: Any) -> None:
+    monkeypatch.setattr(mm, "COMMAND", "python -m mmoref_server")   # as main() sets it under `python -m`
+    snippet = owner.page(KIT_TAB).by_id("connect-python").raw_text
+    assert snippet.startswith("python -m mmoref_server send registered --endpoint "), snippet
+
+
 def test_connect_box_url_keeps_the_prefix_the_request_came_through(owner: Owner, kit: Any) -> None:
     prefixed = owner.client.get(KIT_TAB, base_url="http://localhost/referrals")
     assert prefixed.status_code == 200

@@ -89,6 +89,12 @@ def test_wrong_password_is_401_and_logs_nobody_in(client: Any) -> None:
     assert not is_logged_in(client)
 
 
+def test_the_wrong_password_page_names_the_command_the_owner_started(client: Any, monkeypatch: Any) -> None:
+    monkeypatch.setattr(mm, "COMMAND", "mmoref")   # as main() sets it under the installed command
+    page = html(login(client, "not-the-password"), 401)
+    assert page.by_id("reset-password").text.startswith("Forgotten it? On the server, run mmoref set-password (")
+
+
 def test_failed_logins_are_slowed_down(client: Any, clock: Clock) -> None:
     for _ in range(mm.LOGIN_FREE_FAILURES):
         html(login(client, "guess"), 401)

@@ -20,6 +20,7 @@ import mmoref_server as mm
 from tests.support import PYTHON
 from tests.support import ROOT
 from tests.support import SERVER_SCRIPT
+from tests.support import Browser
 from tests.support import HttpClient
 from tests.support import run_ok
 
@@ -30,6 +31,7 @@ pytestmark = pytest.mark.slow
 SOURCES = ("*.py", "*.toml", "*.txt", "*.md")
 SECRET = re.compile(r"mmsk_[A-Za-z0-9_-]{43}")
 KID = re.compile(r"k_[0-9a-f]{8}")
+BANNER_PASSWORD = re.compile(r"^  login      password (\S+)   \(shown once", re.MULTILINE)
 
 
 @dataclass(frozen=True)
@@ -141,6 +143,27 @@ def test_mmoref_add_server_then_serve_use_referrals_db_in_the_current_folder(
     finally:
         client.close()
     assert answer == (200, {"ok": True, "test": True})
+    # the pages name the command the owner started, as the banner does
+    password = BANNER_PASSWORD.search(server.output())
+    assert password is not None, server.output()
+    owner = Browser(server.port)
+    status, _, wrong = owner.log_in("not-the-password")
+    assert status == 401 and "<code>mmoref set-password</code>" in wrong, wrong
+    assert owner.log_in(password[1])[0] == 302
+    status, _, tab = owner.request("GET", "/dashboard/mygame/srv_pkg/referrals")
+    assert status == 200, tab
+    assert '<pre id="connect-python">mmoref send registered --endpoint ' in tab, tab
+    assert "mmoref_server" not in wrong + tab
+
     printed = server.stop().splitlines()
-    assert f"mmoref {mm.__version__}: referral ingest server" in printed   # the banner
-    assert f"  database   {folder / 'referrals.db'}" in printed
+    base = f"http://127.0.0.1:{server.port}"
+    assert printed[:6] == [   # the banner, whole: the command it names is the one the owner ran
+        f"mmoref {mm.__version__}: referral ingest server",
+        f"  ingest     POST {base}/api/referral/events",
+        f"  dashboard  {base}/dashboard",
+        f"  database   {folder / 'referrals.db'}",
+        f"  try        curl -i {base}/api/referral/events -d '{{}}'    "
+        "# 400 missing signature header: the server is up",
+        f"  login      password {password[1]}   (shown once, stored hashed; change it with mmoref set-password)",
+    ]
+    assert [line for line in printed if "mmoref_server" in line or "python" in line] == []
