@@ -164,6 +164,7 @@ MAX_BODY_BYTES = 64 * 1024          # larger bodies get 413
 MAX_FIELD_CHARS = 256               # string fields, after trimming
 REJECTED_KEPT_PER_SERVER = 200      # rejected-requests list length (per server, and installation-wide)
 REJECTED_SNIPPET_CHARS = 300        # a rejected request keeps the start of its body, this long
+DELIVERY_PAYLOAD_CHARS = 2000       # a delivery-log row keeps the start of its body (its payload), this long
 CUT_IDENTITY_MIN_CHARS = 3          # `forget`: a snippet cut short that ends with this much of an identity holds it
 REJECTIONS_PER_CLIENT_MINUTE = 30   # refusals remembered per client a minute; later ones are answered only
 CLICKS_PER_CLIENT_MINUTE = 30       # share-link clicks recorded per client a minute; later ones get no token
@@ -1486,8 +1487,8 @@ class Store:
                         spellings: Sequence[str]) -> dict[str, int]:
         """Replace a referee identity by its forgotten form in one transaction: in referrals and
         anchors (where it is the whole value), and in stored payloads and rejected snippets
-        (where it appears as any of `spellings`, or, at the end of a snippet cut short, as the
-        start of one). Returns the rows changed per table."""
+        (where it appears as any of `spellings`, or, at the end of a payload or snippet cut
+        short, as the start of one). Returns the rows changed per table."""
         def scrub(text: str, cut_at: int | None = None) -> str:
             was_cut = cut_at is not None and len(text) >= cut_at
             for spelling in spellings:
@@ -1500,8 +1501,9 @@ class Store:
                                          " WHERE server_id = ? AND referee_identity = ?",
                                          (forgotten, server_id, identity)).rowcount
                        for table in ("referrals", "anchors")}
-            for table, column, scope, cut_at in (("delivery_log", "payload", "server_id = ? AND ", None),
-                                                 ("rejected_requests", "snippet", "", REJECTED_SNIPPET_CHARS)):
+            for table, column, scope, cut_at in (
+                    ("delivery_log", "payload", "server_id = ? AND ", DELIVERY_PAYLOAD_CHARS),
+                    ("rejected_requests", "snippet", "", REJECTED_SNIPPET_CHARS)):
                 cut = f" OR length({column}) >= ?" if cut_at else ""  # maybe cut inside a spelling
                 params = ((server_id,) if scope else ()) + tuple(spellings) + ((cut_at,) if cut_at else ())
                 found = db.execute(f"SELECT id, {column} FROM {table} WHERE {scope}"
@@ -2321,7 +2323,7 @@ def _verified_delivery(store: Store, transaction: Transaction, parsed: ParsedSig
         raise ApiError(404, "unknown token", HINTS["unknown token"], server_id=server_id)
     forgotten = (forgotten_form(store.identity_key, server_id, fields.referee_identity)
                  if fields.referee_identity is not None else None)
-    snippet = _scrubbed_snippet(raw_body, [row["secret"] for row in every_secret], limit=2000)
+    snippet = _scrubbed_snippet(raw_body, [row["secret"] for row in every_secret], limit=DELIVERY_PAYLOAD_CHARS)
     return Delivery(server_id, fields.event, claims, fields.server_event_id, fields.referee_identity, fields.ts,
                     snippet, forgotten)
 

@@ -222,6 +222,26 @@ def test_a_rejected_snippet_cut_inside_the_identity_is_forgotten_too(runner, kit
     assert snippet == head + forgotten.json()["forgotten_as"]
 
 
+def test_a_stored_payload_cut_inside_the_identity_is_forgotten_too(runner, kit, db_path):
+    """A delivery-log row keeps 2,000 characters of the body: here the first 20 of the identity."""
+    around = ('{"note": "', '", "referee_identity": "')
+    head = around[0] + "x" * (mm.DELIVERY_PAYLOAD_CHARS - 20 - len("".join(around))) + around[1]
+    raw = (f'{head}{VICTIM}", "event": "registered", "token": "{kit.token("alice")}",'
+           f' "server_id": "{kit.server_id}", "server_event_id": "reg-1"}}')
+    assert kit.post(raw.encode()).get_json()["state"] == "registered"
+    [(payload,)] = rows(db_path, "SELECT payload FROM delivery_log")
+    assert payload == head + VICTIM[:20]   # (set up as meant)
+
+    forgotten = runner("forget", "--server", kit.server_id, "--identity", VICTIM, "--json")
+
+    assert forgotten.exit_code == 0, forgotten.stderr
+    assert forgotten.json()["rows_changed"] == {"referrals": 1, "anchors": 1, "delivery_log": 1,
+                                                "rejected_requests": 0}
+    [(payload,)] = rows(db_path, "SELECT payload FROM delivery_log")
+    assert payload == head + forgotten.json()["forgotten_as"]
+    assert not [VICTIM[:length] for length in range(3, len(VICTIM) + 1) if VICTIM[:length] in payload]
+
+
 def test_forget_lists_the_log_rows_whose_server_event_id_holds_the_identity(runner, kit, db_path):
     token = kit.token("alice")
     send_ok(kit, "registered", token, f"reg-{VICTIM}", referee_identity=VICTIM)
