@@ -46,6 +46,8 @@ from pathlib import Path
 from typing import Any
 from typing import Callable
 
+REQUIRED_PACKAGES = ("Flask", "waitress")   # requirements.txt's, named to an owner with no requirements.txt
+
 try:
     import click
     import jinja2
@@ -74,6 +76,9 @@ except ModuleNotFoundError as missing:  # `python mmoref_server.py` before `pip 
     if __name__ != "__main__":
         raise
     requirements = Path(__file__).resolve().with_name("requirements.txt")
+    if not requirements.is_file():  # the file copied alone (the drop-in way)
+        sys.exit(f"error: {missing}: mmoref needs {' and '.join(REQUIRED_PACKAGES)};"
+                 f" run: pip install {' '.join(REQUIRED_PACKAGES)}")
     shown = "requirements.txt" if Path.cwd() == requirements.parent else str(requirements)
     shown = f'"{shown}"' if " " in shown else shown
     sys.exit(f"error: {missing}: mmoref needs the packages in requirements.txt; run: pip install -r {shown}")

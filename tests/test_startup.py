@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import http.client
 import os
+import re
+import shutil
 import socket
 import subprocess
 import time
@@ -165,6 +167,25 @@ def test_before_pip_install_one_line_says_what_to_run(tmp_path):
     embedded = subprocess.run([PYTHON, "-I", "-S", "-c", importing], capture_output=True, text=True,
                               timeout=START_TIMEOUT)   # a host app that imports it gets the exception as is
     assert embedded.returncode == 1 and "ModuleNotFoundError: No module named 'click'" in embedded.stderr
+
+
+def test_a_lone_copy_before_pip_install_names_the_packages(tmp_path):
+    """The drop-in way: the file copied alone, no requirements.txt beside it to point at."""
+    lone = tmp_path / "game-backend"
+    lone.mkdir()
+    shutil.copy2(SERVER_SCRIPT, lone / SERVER_SCRIPT.name)
+    result = subprocess.run([PYTHON, "-I", "-S", SERVER_SCRIPT.name], cwd=lone, capture_output=True, text=True,
+                            timeout=START_TIMEOUT)
+    assert_one_error_line(result.returncode, result.stderr, "No module named 'click'",
+                          "mmoref needs Flask and waitress; run: pip install Flask waitress")
+    assert "requirements.txt" not in result.stderr
+    assert sorted(os.listdir(lone)) == [SERVER_SCRIPT.name]
+
+
+def test_the_packages_a_lone_copy_names_are_requirements_txts():
+    lines = (SERVER_SCRIPT.parent / "requirements.txt").read_text().splitlines()
+    names = [re.match(r"[A-Za-z0-9._-]+", line)[0] for line in lines if line.strip() and not line.startswith("#")]
+    assert names == list(mm.REQUIRED_PACKAGES)
 
 
 def healthz_over(address: str, port: int) -> tuple[int, bytes]:
