@@ -5021,20 +5021,16 @@ the player still cannot be registered through another referrer. It cannot be und
 {% block history %}
 <section>
   <h2>History of this referral</h2>
-  <div class="scroll">
-    <table id="history">
-      <tbody>
-        {% for h in history %}
-        <tr data-event="{{ h.event }}" data-outcome="{{ h.outcome }}">
-          <td>{{ h.received }}</td>
-          <td>{{ h.event }}</td>
-          <td>{{ h.outcome }}</td>
-          <td>{{ h.server_event_id or "" }}</td>
-        </tr>
-        {% endfor %}
-      </tbody>
-    </table>
-  </div>
+  {% call scroll_table(["Received", "Event", "Outcome", "server_event_id"], id="history") %}
+    {% for h in history %}
+    <tr data-event="{{ h.event }}" data-outcome="{{ h.outcome }}">
+      <td data-label="Received">{{ h.received }}</td>
+      <td data-label="Event">{{ h.event }}</td>
+      <td data-label="Outcome">{{ h.outcome }}</td>
+      <td data-label="server_event_id">{{ h.server_event_id or "" }}</td>
+    </tr>
+    {% endfor %}
+  {% endcall %}
 </section>
 {% endblock %}
 {% endblock %}

@@ -194,7 +194,8 @@ def test_log_detail_shows_payload_history_and_actions(owner: Owner, kit: Any) ->
     payload = json.loads(page.one("pre").raw_text)
     assert payload["token"] == token[:4] + "…" and payload["server_event_id"] == "e-reg"
     assert token not in page.raw
-    assert [(tr.attrs["data-event"], tr.attrs["data-outcome"]) for tr in page.by_id("history").all("tr")] == [
+    history = page.by_id("history").one("tbody").all("tr")   # (the header row is in <thead>)
+    assert [(tr.attrs["data-event"], tr.attrs["data-outcome"]) for tr in history] == [
         ("registered", "advanced"), ("qualified", "advanced")]
     assert page.by_id("action-reverse").text == "Reverse referral"
     assert page.by_id("action-reject").text == "Reject referral"
