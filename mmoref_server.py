@@ -18,6 +18,7 @@ import errno
 import functools
 import hashlib
 import hmac
+import importlib
 import io
 import ipaddress
 import json
@@ -747,14 +748,6 @@ COPIED_TABLES = {"meta": "key", "servers": "server_id", "secrets": "created_at, 
                  "dashboard_sessions": "session_id", "login_failures": "client", "client_hits": "scope, client",
                  "event_counts": "server_id, event, outcome", "rejection_counts": "status, error, reason",
                  "ingest_latency": "le"}
-POSTGRES_URL = re.compile(r"postgres(ql)?://", re.IGNORECASE)
-
-
-def is_postgres_url(location: str) -> bool:
-    """MMOREF_DB names a PostgreSQL database (a URL) rather than a SQLite file."""
-    return POSTGRES_URL.match(location) is not None
-
-
 def _with_cut_identity_replaced(text: str, spellings: Sequence[str], forgotten: str) -> str:
     """`text` (cut short) with any start of a spelling at its very end, at least
     CUT_IDENTITY_MIN_CHARS long, replaced by `forgotten` (what `forget` does to a cut snippet)."""
@@ -767,7 +760,7 @@ def _with_cut_identity_replaced(text: str, spellings: Sequence[str], forgotten: 
 
 def database_label(location: str) -> str:
     """Where the data lives, to show: a SQLite file's full path, or the URL without its password."""
-    if not is_postgres_url(location):
+    if not is_database_url(location):
         return os.path.abspath(location)
     parts = urllib.parse.urlsplit(location)
     if parts.password is None:
@@ -1035,10 +1028,10 @@ def live_secrets(secrets_newest_first: Sequence[Row], server_id: str, at: int) -
 
 
 class Store:
-    """Every read and write of the server; `Store(location)` opens the engine the location names.
+    """Every read and write of the server; `open_store(location)` opens the engine the location names.
 
-    A path opens SQLiteStore, a postgresql:// URL PostgresStore. The statements here are
-    shared; each engine supplies connections, transactions, health, the schema and its few
+    The statements here are shared; each engine (SQLiteStore, or one that a companion file
+    registers in ENGINES) supplies connections, transactions, health, the schema and its few
     differing statements.
     """
 
@@ -1046,11 +1039,6 @@ class Store:
     CONTAINS = "instr({column}, ?) > 0"   # the column's text holds the parameter
     CONFLICTS: tuple[type[BaseException], ...] = ()   # errors after which a write is tried again
     TRANSACTION: type[Transaction] = Transaction
-
-    def __new__(cls, location: str, *args: Any, **kwargs: Any) -> Store:
-        if cls is Store:
-            cls = PostgresStore if is_postgres_url(location) else SQLiteStore
-        return super().__new__(cls)
 
     def __init__(self, location: str):
         self.location = location
@@ -1564,6 +1552,55 @@ class Store:
         """What the engine must do after rows came in with their own ids."""
 
 
+# Which store opens a location: a path is a SQLite file (SQLiteStore); a URL opens the engine
+# registered in ENGINES for its scheme. An engine kept in a companion file registers itself there
+# when the file is loaded, the first time a location names it.
+ENGINES: dict[str, Callable[[str, float], Store]] = {}   # URL scheme -> store class (location, busy_timeout)
+ENGINE_COMPANIONS = {"postgresql": "mmoref_postgres.py", "postgres": "mmoref_postgres.py"}  # scheme -> its file
+_URL_SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://")
+
+
+def url_scheme(location: str) -> str | None:
+    """The scheme of a database URL that an engine is known for ("postgresql"); None for a SQLite file."""
+    match = _URL_SCHEME.match(location)
+    scheme = match.group(1).lower() if match else None
+    return scheme if scheme in ENGINES or scheme in ENGINE_COMPANIONS else None
+
+
+def is_database_url(location: str) -> bool:
+    """MMOREF_DB names a database server (a URL) rather than a SQLite file."""
+    return url_scheme(location) is not None
+
+
+def open_store(location: str, *, synchronous: str = "FULL", busy_timeout: float = CLI_BUSY_TIMEOUT) -> Store:
+    """The store of a SQLite file or a database URL, open (created or migrated); a StoreError says what
+    is wrong. `synchronous` is SQLite's (MMOREF_SYNCHRONOUS); `busy_timeout` is how long a write waits
+    for another process's lock (SQLite) or for a pooled connection (a database server)."""
+    scheme = url_scheme(location)
+    if scheme is None:
+        return SQLiteStore(location, synchronous, busy_timeout)
+    if scheme not in ENGINES:
+        load_companion(ENGINE_COMPANIONS[scheme], f"a {scheme}:// database")
+    return ENGINES[scheme](location, busy_timeout)
+
+
+def load_companion(filename: str, needed_for: str) -> None:
+    """Import a companion file beside this one; it registers what it brings (an engine, a command).
+    Without the file, a StoreError names it."""
+    # Run as `python mmoref_server.py`, this module is __main__: the companion's `import mmoref_server`
+    # must find it, not load a second copy with registries of its own that nothing here reads.
+    sys.modules.setdefault("mmoref_server", sys.modules[__name__])
+    module = filename.removesuffix(".py")
+    try:
+        importlib.import_module(module)
+    except ModuleNotFoundError as missing:
+        if missing.name != module:
+            raise
+        folder = Path(__file__).resolve().parent
+        raise StoreError(f"{needed_for} needs {filename}, which is not beside mmoref_server.py in {folder}:"
+                         " copy it there from the same mmoref release") from None
+
+
 class SQLiteStore(Store):
     """The default engine: one SQLite file in WAL mode. Reads use one connection per thread;
     every write transaction runs on the request's own thread, one at a time, on one writing
@@ -1978,7 +2015,7 @@ class PostgresStore(Store):
     MIGRATION_LOCK = 0x6D6D6F72  # pg_advisory_xact_lock key: one node migrates, the others wait
     POOL_SIZE = 16
 
-    def __init__(self, url: str, synchronous: str = "FULL", busy_timeout: float = CLI_BUSY_TIMEOUT):
+    def __init__(self, url: str, busy_timeout: float = CLI_BUSY_TIMEOUT):
         """Connect, migrate, open the pool; `busy_timeout`: how long a request waits for a connection."""
         super().__init__(url)
         try:
@@ -2106,6 +2143,9 @@ class PostgresStore(Store):
         if column:
             db.execute(f"SELECT setval(pg_get_serial_sequence('{table}', '{column}'),"
                        f" coalesce(max({column}), 0) + 1, false) FROM {table}")
+
+
+ENGINES["postgresql"] = ENGINES["postgres"] = PostgresStore
 
 
 # State machine (docs/contract.md §2) #########################################
@@ -2764,7 +2804,7 @@ def write_backup(store: Store, dest: str, force: bool = False) -> dict[str, Any]
 def restore_database(source: str, db_path: str) -> dict[str, Any]:
     """Put a backup in place of `db_path` (the server must be stopped); the current file is kept
     beside it as `<db>.before-restore-<time>`. Returns what was restored and what was kept."""
-    if is_postgres_url(db_path):
+    if is_database_url(db_path):
         raise ConfigError("restore puts a SQLite backup in place; restore a PostgreSQL database with pg_restore,"
                           " or move a SQLite backup into PostgreSQL with copy-db")
     rows = SQLiteStore.check_copy(source)
@@ -2906,8 +2946,9 @@ def get_store() -> Store:
     if "mmoref" not in extensions:
         with _store_lock:
             if "mmoref" not in extensions:
-                extensions["mmoref"] = Store(current_app.config["MMOREF_DB"], current_app.config["MMOREF_SYNCHRONOUS"],
-                                             busy_timeout=REQUEST_BUSY_TIMEOUT)
+                extensions["mmoref"] = open_store(current_app.config["MMOREF_DB"],
+                                                  synchronous=current_app.config["MMOREF_SYNCHRONOUS"],
+                                                  busy_timeout=REQUEST_BUSY_TIMEOUT)
     return extensions["mmoref"]
 
 
@@ -3882,15 +3923,15 @@ class _OneLineErrors(click.Group):
         sys.exit(result if isinstance(result, int) else 0)
 
 
-def _open_store(db_path: str | None, create: bool = False) -> Store:
+def _command_store(db_path: str | None, create: bool = False) -> Store:
     """The command's database, closed when the command ends, however it ends (a PostgreSQL
     pool left open would hold the exit for seconds and print warnings). Only commands that set
     an installation up (`create`) may make one."""
     settings = load_settings()
     path = db_path or settings["MMOREF_DB"]
-    if not create and not is_postgres_url(path) and not os.path.exists(path):
+    if not create and not is_database_url(path) and not os.path.exists(path):
         raise ConfigError(f"no database at {os.path.abspath(path)}: pass --db or set MMOREF_DB")
-    store = Store(path, settings["MMOREF_SYNCHRONOUS"])
+    store = open_store(path, synchronous=settings["MMOREF_SYNCHRONOUS"])
     context = click.get_current_context(silent=True)
     if context is not None:
         context.call_on_close(store.close)
@@ -3899,7 +3940,7 @@ def _open_store(db_path: str | None, create: bool = False) -> Store:
 
 def _store_with_server(db_path: str | None, server_id: str) -> Store:
     """The command's database; a server id it lacks is refused, naming the database looked in."""
-    store = _open_store(db_path)
+    store = _command_store(db_path)
     if store.server(server_id) is None:
         raise ConfigError(f"unknown server {server_id!r} in {database_label(store.location)}: "
                           "check the id, or pass --db with the right database")
@@ -3909,7 +3950,7 @@ def _store_with_server(db_path: str | None, server_id: str) -> Store:
 def set_password_command_line(db_path: str) -> str:
     """How to run set-password on this database: with --db unless it is ./referrals.db."""
     command = "python mmoref_server.py set-password"
-    if is_postgres_url(db_path):
+    if is_database_url(db_path):
         return f"{command} --db <the postgresql:// URL>"
     if os.path.abspath(db_path) == os.path.abspath(SETTINGS["MMOREF_DB"][1]):
         return command
@@ -4116,7 +4157,7 @@ def _login_lines(app: Flask) -> list[str]:
               help="the new password (prompted for when omitted)")
 def set_password_command(db_path: str | None, password: str) -> None:
     """Set the dashboard password (stored as a salted hash); logs every session out."""
-    _open_store(db_path, create=True).set_admin_password(password)
+    _command_store(db_path, create=True).set_admin_password(password)
     click.echo("dashboard password changed")
 
 
@@ -4132,7 +4173,7 @@ def copy_db_command(source: str, destination: str) -> None:
     """
     if source == destination:
         raise ConfigError("SOURCE and DEST are the same database")
-    counts = _open_store(destination, create=True).copy_from(_open_store(source))
+    counts = _command_store(destination, create=True).copy_from(_command_store(source))
     click.echo(f"copied {database_label(source)} to {database_label(destination)}: "
                + ", ".join(f"{count} {table}" for table, count in counts.items()))
 
@@ -4148,7 +4189,7 @@ def copy_db_command(source: str, destination: str) -> None:
 def add_server_command(server_id: str, game: str, name: str, registration_url: str | None, identity_field: str,
                        db_path: str | None, as_json: bool) -> None:
     """Create a server with referrals enabled; print its first secret once."""
-    secret, kid = _open_store(db_path, create=True).add_server(server_id, game, name, registration_url,
+    secret, kid = _command_store(db_path, create=True).add_server(server_id, game, name, registration_url,
                                                                identity_field)
     _emit(as_json, {"server_id": server_id, "game": game, "secret": secret, "kid": kid},
           f"server {server_id} created (game {game}), referrals enabled\n"
@@ -4202,7 +4243,7 @@ def _owner_command(action: str) -> Callable:
     @_json_option
     @click.argument("referral_id")
     def owner_action_command(referral_id: str, db_path: str | None, as_json: bool) -> None:
-        store = _open_store(db_path)
+        store = _command_store(db_path)
         try:
             state = owner_action(store, referral_id, action)
         except ConfigError as exc:
@@ -4265,7 +4306,7 @@ def backup_command(dest: str, force: bool, db_path: str | None, as_json: bool) -
     The copy is one consistent snapshot (SQLite's backup API: ingest goes on), checked
     with PRAGMA integrity_check before it is renamed into place.
     """
-    store = _open_store(db_path)
+    store = _command_store(db_path)
     try:
         result = write_backup(store, dest, force)
     finally:
@@ -4301,7 +4342,7 @@ def prune_command(older_than: int, db_path: str | None, as_json: bool) -> None:
     Deletes in batches of 1,000 rows (ingest waits at most one batch), then gives the
     space back. Safe while the server runs.
     """
-    result = prune(_open_store(db_path), older_than)
+    result = prune(_command_store(db_path), older_than)
     deleted = result["deleted"]
     _emit(as_json, result, f"deleted {deleted['delivery_log']:,} delivery-log and {deleted['rejected_requests']:,}"
                            f" rejected-request rows in {result['seconds']} s\ndatabase: {result['bytes_before']:,}"
@@ -4320,7 +4361,7 @@ def forget_command(server_id: str, identity: str, db_path: str | None, as_json: 
     through another referrer. Rewrites the database file (VACUUM) so no copy is left.
     """
     try:
-        result = forget(_open_store(db_path), server_id, identity)
+        result = forget(_command_store(db_path), server_id, identity)
     except NothingToForget as exc:
         if as_json:
             click.echo(json.dumps(exc.answer))
@@ -4364,7 +4405,7 @@ def write_demo_database(path: str, force: bool = False) -> None:
         for suffix in ("", "-wal", "-shm"):
             with contextlib.suppress(FileNotFoundError):
                 os.remove(path + suffix)
-    store = Store(path)
+    store = open_store(path)
     store.add_server(DEMO_SERVER_ID, DEMO_GAME, "Demo Server", "http://localhost:8080/register", "username")
     store.set_secret(DEMO_SERVER_ID, DEMO_SECRET)  # a well-known secret, so the README can show it
     ttl = SETTINGS["MMOREF_TOKEN_TTL"][1]

@@ -272,7 +272,7 @@ def database(path: str | Path, *, read_only: bool = False) -> Iterator[sqlite3.C
 
 def rows(path: str | Path, sql: str, *params: Any) -> list[tuple]:
     """All rows of one query (written with ? placeholders) against the SQLite file or PostgreSQL URL."""
-    if mm.is_postgres_url(str(path)):
+    if mm.is_database_url(str(path)):
         import psycopg
         with psycopg.connect(str(path), autocommit=True) as db:
             cursor = db.execute(mm._postgres_sql(sql), params)
@@ -297,7 +297,7 @@ def scalar(path: str | Path, sql: str, *params: Any) -> Any:
 
 def snapshot(db_path: str | Path) -> dict[str, list[tuple]]:
     """Every row of every table: to show a refused request changed nothing."""
-    if mm.is_postgres_url(str(db_path)):
+    if mm.is_database_url(str(db_path)):
         tables = [row[0] for row in rows(db_path, "SELECT table_name FROM information_schema.tables"
                                                   " WHERE table_schema = 'public' ORDER BY table_name")]
     else:

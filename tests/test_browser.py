@@ -140,7 +140,7 @@ def open_tab(page: Any, base_url: str, game: str, server_id: str) -> None:
 
 def new_server(db_path: str, server_id: str = "srv_browser", game: str = "browsergame") -> str:
     """Create a server in the database before the live server starts; return its first secret."""
-    store = mm.Store(db_path)
+    store = mm.open_store(db_path)
     try:
         return store.add_server(server_id, game, "", "http://127.0.0.1/register")[0]
     finally:

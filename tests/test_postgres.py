@@ -43,7 +43,7 @@ def pg_url(postgres_cluster) -> str:
 
 @pytest.fixture
 def pg_store(pg_url: str) -> mm.Store:
-    store = mm.Store(pg_url)
+    store = mm.open_store(pg_url)
     yield store
     store.close()
 
@@ -84,10 +84,10 @@ def test_nodes_starting_together_migrate_once(live_server, pg_url):
 
 
 def test_a_newer_schema_is_refused(pg_url, runner):
-    mm.Store(pg_url).close()
+    mm.open_store(pg_url).close()
     rows(pg_url, "UPDATE schema_version SET version = ?", mm.SCHEMA_VERSION + 1)
     with pytest.raises(mm.StoreError, match=rf"newer mmoref \(schema v{mm.SCHEMA_VERSION + 1}.*upgrade"):
-        mm.Store(pg_url)
+        mm.open_store(pg_url)
     result = runner("log", "srv_1", "--db", pg_url, db=False)
     assert_one_error_line(result.exit_code, result.stderr, "newer mmoref", "upgrade")
     assert scalar(pg_url, "SELECT version FROM schema_version") == mm.SCHEMA_VERSION + 1
@@ -337,7 +337,7 @@ def test_healthz_is_503_while_postgresql_is_unreachable(postgres_cluster, pg_url
 def test_copy_db_round_trip_sqlite_postgresql_sqlite(tmp_path, runner, pg_url):
     original, back = str(tmp_path / "original.db"), str(tmp_path / "back.db")
     assert runner("demo", original, db=False).exit_code == 0   # every state, through the real pipeline
-    store = mm.Store(original)
+    store = mm.open_store(original)
     store.set_admin_password("a long enough password")
     session_key = store.installation_key("session_key")
     fresh = mint_tokens(store, ["zed", "yan"], server_id=mm.DEMO_SERVER_ID)   # minted before both moves
@@ -354,7 +354,7 @@ def test_copy_db_round_trip_sqlite_postgresql_sqlite(tmp_path, runner, pg_url):
     assert rows(back, "SELECT kid, created_at, expires_at FROM secrets ORDER BY created_at, rowid") == rows(
         original, "SELECT kid, created_at, expires_at FROM secrets ORDER BY created_at, rowid")
     for location in (pg_url, back):
-        moved = mm.Store(location)
+        moved = mm.open_store(location)
         assert moved.installation_key("session_key") == session_key
         assert mm.check_password_hash(moved.admin_password_hash(), "a long enough password")
         moved.close()
@@ -378,7 +378,7 @@ def test_copy_db_refuses_a_database_that_holds_data(tmp_path, runner, pg_url):
 
 
 def test_backup_and_restore_name_postgresqls_own_tools(runner, pg_url, tmp_path):
-    mm.Store(pg_url).close()
+    mm.open_store(pg_url).close()
     result = runner("backup", str(tmp_path / "copy.db"), "--db", pg_url, db=False)
     assert_one_error_line(result.exit_code, result.stderr, "pg_dump")
     assert not (tmp_path / "copy.db").exists()

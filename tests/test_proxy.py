@@ -26,7 +26,7 @@ FORWARDED_HTTPS = {"X-Forwarded-Proto": "https", "X-Forwarded-Host": "refer.game
 def proxied_server(live_server, db_path):
     """start(command=None, **env) -> the port of a real server (`serve`, or `command`) with srv_proxy and a
     known dashboard password."""
-    store = mm.Store(db_path)
+    store = mm.open_store(db_path)
     store.add_server(SERVER, "mygame", "Proxy", "https://game.example/register")
     store.set_admin_password(PASSWORD)
 

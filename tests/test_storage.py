@@ -102,7 +102,7 @@ def test_v1_database_is_migrated_with_data_intact_and_counters_backfilled(tmp_pa
     v1_rows = dump(target, V1_TABLES)
     assert all(v1_rows[table] for table in ("servers", "referrals", "anchors", "delivery_log"))
 
-    mm.Store(target).close()
+    mm.open_store(target).close()
 
     assert scalar(target, "PRAGMA user_version") == mm.SCHEMA_VERSION
     assert dump(target, V1_TABLES, columns_of=v1_copy) == v1_rows
@@ -124,14 +124,14 @@ def test_migrated_database_keeps_working(tmp_path, runner):
 
 @pytest.fixture
 def newer_database(db_path) -> str:
-    mm.Store(db_path).close()
+    mm.open_store(db_path).close()
     with database(db_path) as db:
         db.execute(f"PRAGMA user_version = {mm.SCHEMA_VERSION + 1}")
     return db_path
 
 
 @pytest.mark.sqlite_only
-@pytest.mark.parametrize("opener", [mm.Store, lambda path: mm.create_app({"MMOREF_DB": path})],
+@pytest.mark.parametrize("opener", [mm.open_store, lambda path: mm.create_app({"MMOREF_DB": path})],
                          ids=["Store", "create_app"])
 def test_newer_database_is_refused(newer_database, opener):
     with pytest.raises(mm.StoreError, match=rf"newer mmoref \(schema v{mm.SCHEMA_VERSION + 1}.*upgrade"):
