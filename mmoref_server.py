@@ -3,6 +3,7 @@
 Run it:        python mmoref_server.py          (serves http://127.0.0.1:5000, ./referrals.db)
 Commands:      python mmoref_server.py --help   (or: flask --app mmoref_server --help)
 Embed it:      app.register_blueprint(mmoref_server.blueprint, url_prefix="/mmoref")
+PostgreSQL:    mmoref_postgres.py beside this file (MMOREF_DB=postgresql://..., and copy-db)
 The contract:  docs/contract.md (summarised in README.md). Sections below follow the data:
 configuration, errors and hints, signing, tokens, storage, state machine, ingest pipeline,
 routes, dashboard views, app factory, CLI, kit-side sender, main; the templates and the
@@ -38,7 +39,6 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-import weakref
 from collections.abc import Iterator
 from collections.abc import Mapping
 from collections.abc import Sequence
@@ -60,6 +60,7 @@ try:
     from flask import session
     from flask import stream_with_context
     from flask import url_for
+    from flask.cli import AppGroup
     from flask.cli import ScriptInfo
     from flask.sessions import SecureCookieSessionInterface
     from itsdangerous import BadData
@@ -527,11 +528,11 @@ def mask(value: str | None, keep_start: int = 4, keep_end: int = 0) -> str:
 
 
 # Storage #####################################################################
-# One Store interface, two engines: SQLite (the default, standard library only) and
-# PostgreSQL (psycopg 3, for many mmoref nodes sharing one database). Every SQL
-# statement of the server is in this section. Statements are written once, with ?
-# placeholders, where the dialects agree; the schema and the few statements that differ
-# are per engine. Rows are mappings by column name.
+# One Store interface; SQLite is its engine here (standard library only), and PostgreSQL's, for
+# many mmoref nodes sharing one database, is in the companion file mmoref_postgres.py. Every SQL
+# statement of this file is in this section. Statements are written once, with ? placeholders,
+# where the dialects agree; the schema and the few statements that differ are per engine.
+# Rows are mappings by column name.
 
 MIGRATIONS: list[list[str]] = [
     [  # v1: servers, secrets, referrals, anchors, delivery log, rejected requests
@@ -670,84 +671,7 @@ COUNTED = ("clicked", "registered", "qualified", "reversed")
 
 Row = Mapping[str, Any]  # a row by column name (sqlite3.Row, or a dict from psycopg)
 
-# PostgreSQL: the same tables, created at once (PostgreSQL support began at schema v6).
-# Each later version adds its statements to both MIGRATIONS and POSTGRES_MIGRATIONS.
-POSTGRES_SCHEMA: list[str] = [
-    "CREATE TABLE schema_version (version INTEGER NOT NULL)",
-    "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
-    """CREATE TABLE servers (
-        server_id TEXT PRIMARY KEY, game TEXT NOT NULL, name TEXT NOT NULL DEFAULT '',
-        registration_url TEXT, identity_field TEXT NOT NULL DEFAULT 'username',
-        referrals_enabled INTEGER NOT NULL DEFAULT 1, created_at BIGINT NOT NULL)""",
-    # rowid: the creation order, which SQLite keeps implicitly (secrets made in one second)
-    """CREATE TABLE secrets (
-        kid TEXT PRIMARY KEY, server_id TEXT NOT NULL, secret TEXT NOT NULL,
-        created_at BIGINT NOT NULL, expires_at BIGINT, rowid BIGSERIAL NOT NULL,
-        rotation_nonce TEXT, revealed_at BIGINT)""",
-    "CREATE INDEX secrets_by_server ON secrets (server_id, created_at)",
-    "CREATE UNIQUE INDEX secrets_by_rotation_nonce ON secrets (server_id, rotation_nonce)",
-    """CREATE TABLE referrals (
-        referral_id TEXT PRIMARY KEY, server_id TEXT NOT NULL, referrer_code TEXT NOT NULL,
-        state TEXT NOT NULL, referee_identity TEXT, issued_at BIGINT NOT NULL,
-        updated_at BIGINT NOT NULL, ip_hash TEXT, user_agent TEXT, anchor_referral_id TEXT,
-        test INTEGER NOT NULL DEFAULT 0)""",
-    "CREATE INDEX referrals_by_server ON referrals (server_id, issued_at)",
-    """CREATE TABLE anchors (
-        server_id TEXT NOT NULL, referee_identity TEXT NOT NULL, referral_id TEXT NOT NULL,
-        created_at BIGINT NOT NULL, PRIMARY KEY (server_id, referee_identity))""",
-    """CREATE TABLE delivery_log (
-        id BIGSERIAL PRIMARY KEY, server_id TEXT NOT NULL, referral_id TEXT NOT NULL,
-        token_referral_id TEXT, event TEXT NOT NULL, server_event_id TEXT,
-        outcome TEXT NOT NULL, received_at BIGINT NOT NULL, payload TEXT, referrer_code TEXT, ts NUMERIC,
-        UNIQUE (token_referral_id, event, server_event_id))""",
-    "CREATE INDEX delivery_log_by_server ON delivery_log (server_id, id)",
-    "CREATE INDEX delivery_log_by_event ON delivery_log (server_id, event, id)",
-    "CREATE INDEX delivery_log_by_outcome ON delivery_log (server_id, outcome, id)",
-    "CREATE INDEX delivery_log_by_event_id ON delivery_log (server_id, server_event_id, id)",
-    "CREATE INDEX delivery_log_by_code ON delivery_log (server_id, referrer_code, id)",
-    "CREATE INDEX delivery_log_by_referral ON delivery_log (referral_id)",
-    """CREATE TABLE rejected_requests (
-        id BIGSERIAL PRIMARY KEY, server_id TEXT, status INTEGER NOT NULL, error TEXT NOT NULL,
-        reason TEXT, hint TEXT, diagnosis TEXT, snippet TEXT, received_at BIGINT NOT NULL,
-        repeats INTEGER NOT NULL DEFAULT 1, last_seen_at BIGINT)""",
-    "CREATE INDEX rejected_by_server ON rejected_requests (server_id, id)",
-    "CREATE INDEX rejected_by_last_seen ON rejected_requests (server_id, last_seen_at, id)",
-    """CREATE TABLE daily_counts (
-        server_id TEXT NOT NULL, day TEXT NOT NULL, clicked INTEGER NOT NULL DEFAULT 0,
-        registered INTEGER NOT NULL DEFAULT 0, qualified INTEGER NOT NULL DEFAULT 0,
-        reversed INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (server_id, day))""",
-    """CREATE TABLE referrer_counts (
-        server_id TEXT NOT NULL, referrer_code TEXT NOT NULL, clicked INTEGER NOT NULL DEFAULT 0,
-        registered INTEGER NOT NULL DEFAULT 0, qualified INTEGER NOT NULL DEFAULT 0,
-        reversed INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (server_id, referrer_code))""",
-    "CREATE INDEX referrer_counts_by_qualified ON referrer_counts (server_id, qualified DESC, referrer_code)",
-    """CREATE TABLE dashboard_sessions (
-        session_id TEXT PRIMARY KEY, password_tag TEXT NOT NULL, created_at BIGINT NOT NULL)""",
-    "CREATE TABLE login_failures (client TEXT PRIMARY KEY, failures INTEGER NOT NULL, last_at BIGINT NOT NULL)",
-    "CREATE INDEX login_failures_by_weight ON login_failures (failures, last_at)",
-    """CREATE TABLE client_hits (
-        scope TEXT NOT NULL, client TEXT NOT NULL, window_start BIGINT NOT NULL,
-        hits INTEGER NOT NULL, PRIMARY KEY (scope, client))""",
-    "CREATE INDEX client_hits_by_window ON client_hits (scope, window_start)",
-    """CREATE TABLE event_counts (
-        server_id TEXT NOT NULL, event TEXT NOT NULL, outcome TEXT NOT NULL, count BIGINT NOT NULL,
-        PRIMARY KEY (server_id, event, outcome))""",
-    """CREATE TABLE rejection_counts (
-        status INTEGER NOT NULL, error TEXT NOT NULL, reason TEXT NOT NULL, count BIGINT NOT NULL,
-        PRIMARY KEY (status, error, reason))""",
-    "CREATE TABLE ingest_latency (le TEXT PRIMARY KEY, count BIGINT NOT NULL, seconds DOUBLE PRECISION NOT NULL)",
-]
-POSTGRES_SCHEMA_VERSION = 6
-POSTGRES_MIGRATIONS: dict[int, list[str]] = {}  # version: its statements, for every version after 6
-assert sorted(POSTGRES_MIGRATIONS) == list(range(POSTGRES_SCHEMA_VERSION + 1, SCHEMA_VERSION + 1)), \
-    "every migration needs its PostgreSQL form"
-# What copy-db moves (every table), parents first, each in an order that keeps ids and ties
-COPIED_TABLES = {"meta": "key", "servers": "server_id", "secrets": "created_at, rowid", "referrals": "referral_id",
-                 "anchors": "server_id, referee_identity", "delivery_log": "id", "rejected_requests": "id",
-                 "daily_counts": "server_id, day", "referrer_counts": "server_id, referrer_code",
-                 "dashboard_sessions": "session_id", "login_failures": "client", "client_hits": "scope, client",
-                 "event_counts": "server_id, event, outcome", "rejection_counts": "status, error, reason",
-                 "ingest_latency": "le"}
+
 def _with_cut_identity_replaced(text: str, spellings: Sequence[str], forgotten: str) -> str:
     """`text` (cut short) with any start of a spelling at its very end, at least
     CUT_IDENTITY_MIN_CHARS long, replaced by `forgotten` (what `forget` does to a cut snippet)."""
@@ -1516,42 +1440,6 @@ class Store:
                          f" UNION ALL SELECT 1 FROM rejected_requests WHERE {self.CONTAINS.format(column='snippet')}"
                          " LIMIT 1", (server_id, text, server_id, text, text)) is not None
 
-    # copy-db: a whole installation, from one engine to the other
-
-    def table_rows(self, table: str) -> list[Row]:
-        """Every row of one of COPIED_TABLES, in the order copy-db inserts them."""
-        return self._all(f"SELECT * FROM {table} ORDER BY {COPIED_TABLES[table]}")
-
-    def copy_from(self, source: Store) -> dict[str, int]:
-        """Copy every row of `source` into this empty store, in one transaction; rows per table.
-
-        Rows keep their ids, keys and values: the token key (tokens minted before still
-        verify), the password hash and session key, secrets with their kids and expiries.
-        """
-        counts = {}
-        keys = ", ".join("?" * len(INSTALLATION_KEYS))
-        with self._writing() as db:
-            if db.execute(f"SELECT 1 AS found FROM meta WHERE key NOT IN ({keys}) LIMIT 1",
-                          INSTALLATION_KEYS).fetchone() or any(
-                    db.execute(f"SELECT 1 AS found FROM {table} LIMIT 1").fetchone()
-                    for table in COPIED_TABLES if table != "meta"):
-                raise ConfigError(f"{database_label(self.location)} already holds data:"
-                                  " copy into a new, empty database")
-            db.execute("DELETE FROM meta")  # the keys made when this store opened give way to SOURCE's
-            for table in COPIED_TABLES:
-                rows = source.table_rows(table)
-                for row in rows:
-                    columns = list(row.keys())  # (iterating a sqlite3.Row gives its values)
-                    db.execute(f"INSERT INTO {table} ({', '.join(columns)})"
-                               f" VALUES ({', '.join('?' * len(columns))})", tuple(row[column] for column in columns))
-                self._after_insert_rows(db, table)
-                counts[table] = len(rows)
-        return counts
-
-    def _after_insert_rows(self, db: Any, table: str) -> None:
-        """What the engine must do after rows came in with their own ids."""
-
-
 # Which store opens a location: a path is a SQLite file (SQLiteStore); a URL opens the engine
 # registered in ENGINES for its scheme. An engine kept in a companion file registers itself there
 # when the file is loaded, the first time a location names it.
@@ -1960,192 +1848,6 @@ class SQLiteStore(Store):
         """Copy the write-ahead log into the database and truncate it; False if readers kept it."""
         busy = self.connect().execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
         return not busy
-
-
-@functools.lru_cache(maxsize=1024)  # each statement is converted once
-def _postgres_sql(sql: str) -> str:
-    """A shared statement in psycopg's placeholder style: ? becomes %s (a literal % is doubled)."""
-    return sql.replace("%", "%%").replace("?", "%s")
-
-
-class _PostgresConnection:
-    """A psycopg connection that takes the statements as written for both engines."""
-
-    __slots__ = ("connection",)
-
-    def __init__(self, connection: Any):
-        self.connection = connection
-
-    def execute(self, sql: str, params: Sequence[Any] = ()) -> Any:
-        return self.connection.execute(_postgres_sql(sql), params)
-
-
-class _PostgresTransaction(Transaction):
-    """Where SQLite's BEGIN IMMEDIATE serialises every writer, PostgreSQL locks the rows read to decide."""
-
-    __slots__ = ()
-    ROW_LOCK = " FOR UPDATE"
-    SHARE_LOCK = " FOR SHARE"
-
-    def referral_for_event(self, referral_id: str, event: str, server_event_id: str) -> Row | None:
-        # Lock first: the read that follows then sees whatever the lock's previous holder committed.
-        self.referral(referral_id)
-        return super().referral_for_event(referral_id, event, server_event_id)
-
-
-def _number(text: bytes | memoryview) -> int | float:
-    """A NUMERIC value (sum() of integers, the sender's ts) as the int or float SQLite would give."""
-    value = bytes(text).decode()
-    return int(value) if value.lstrip("-").isdigit() else float(value)
-
-
-class PostgresStore(Store):
-    """Many mmoref nodes on one PostgreSQL database: psycopg 3 and a connection pool.
-
-    Each write is its own READ COMMITTED transaction (PostgreSQL's own group commit batches
-    the fsyncs). The state machine's read-then-write holds because it locks the referral's
-    row first (SELECT ... FOR UPDATE); the UNIQUE constraints are the last line, and a
-    write that loses a race to one, to a deadlock or to a serialization failure is tried
-    again. Installation-wide values live in the database, so a node needs only the URL.
-    """
-
-    NULL_SAFE_EQUAL = "IS NOT DISTINCT FROM"
-    CONTAINS = "strpos({column}, ?) > 0"
-    TRANSACTION = _PostgresTransaction
-    MIGRATION_LOCK = 0x6D6D6F72  # pg_advisory_xact_lock key: one node migrates, the others wait
-    POOL_SIZE = 16
-
-    def __init__(self, url: str, busy_timeout: float = CLI_BUSY_TIMEOUT):
-        """Connect, migrate, open the pool; `busy_timeout`: how long a request waits for a connection."""
-        super().__init__(url)
-        try:
-            import psycopg
-            import psycopg_pool
-        except ImportError:
-            raise StoreError("a postgresql:// MMOREF_DB needs psycopg: pip install -r requirements-postgres.txt") \
-                from None
-        self._psycopg = psycopg
-        self.CONFLICTS = (psycopg.errors.UniqueViolation, psycopg.errors.TransactionRollback)
-        self._unavailable = (psycopg.OperationalError, psycopg_pool.PoolTimeout)
-
-        class NumberLoader(psycopg.adapt.Loader):
-            def load(self, data: bytes | memoryview) -> int | float:
-                return _number(data)
-
-        self._number_loader = NumberLoader
-        self._migrate()
-        self._pool = psycopg_pool.ConnectionPool(
-            url, min_size=1, max_size=self.POOL_SIZE, timeout=busy_timeout, open=True,
-            kwargs={"autocommit": True, "row_factory": psycopg.rows.dict_row},
-            configure=self._configure, check=psycopg_pool.ConnectionPool.check_connection)
-        # Closed by close(), or at exit at the latest: left to its __del__ at interpreter
-        # shutdown, the pool waits 5 s for each of its threads, which no longer run there
-        # (Python 3.13: a gunicorn worker took 20 s to stop).
-        self._close_pool = weakref.finalize(self, self._pool.close)
-        self._load_installation_keys()
-
-    def _configure(self, connection: Any) -> None:
-        connection.adapters.register_loader("numeric", self._number_loader)
-
-    def close(self) -> None:
-        self._close_pool()  # once: later calls, and the finalizer at exit, do nothing
-
-    @contextlib.contextmanager
-    def _connection(self) -> Iterator[_PostgresConnection]:
-        """A pooled connection; PostgreSQL out of reach is a StoreError with problem "unreachable"."""
-        try:
-            with self._pool.connection() as connection:
-                yield _PostgresConnection(connection)
-        except self._psycopg.errors.TransactionRollback:
-            raise  # a deadlock or serialization failure: the caller tries again
-        except self._unavailable as exc:
-            raise self._unreachable(exc) from exc
-
-    def _unreachable(self, exc: Exception) -> StoreError:
-        detail = " ".join(str(exc).split()) or type(exc).__name__
-        return StoreError(f"PostgreSQL at {database_label(self.location)} cannot be reached ({detail}):"
-                          " check that it is running and that MMOREF_DB is right", "unreachable")
-
-    def health(self) -> StoreError | None:
-        try:
-            self._one("SELECT 1 AS up")
-        except StoreError as exc:
-            return exc
-        return None
-
-    def problem_of(self, exc: Exception) -> str:
-        return exc.problem if isinstance(exc, StoreError) else "unusable"
-
-    _reading = _connection
-
-    @contextlib.contextmanager
-    def _writing(self) -> Iterator[_PostgresConnection]:
-        with self._connection() as db, db.connection.transaction():
-            yield db
-
-    @contextlib.contextmanager
-    def _snapshot(self) -> Iterator[_PostgresConnection]:
-        with self._connection() as db, db.connection.transaction():
-            db.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
-            yield db
-
-    def group_commit(self, work: Callable[[Transaction], Any]) -> Any:
-        """Each piece of work is its own transaction: PostgreSQL's own group commit batches the fsyncs."""
-        with self.transaction() as transaction:
-            return work(transaction)
-
-    def database_bytes(self) -> int:
-        return self._one("SELECT pg_database_size(current_database()) AS size")["size"]
-
-    def reclaim_space(self, convert: bool) -> bool:
-        """PostgreSQL's autovacuum makes freed space reusable by itself."""
-        return True
-
-    def erase_freed_bytes(self) -> None:
-        """VACUUM FULL rewrites the tables forget changed, leaving no old row version behind."""
-        with self._connection() as db:
-            db.execute("VACUUM FULL referrals, anchors, delivery_log, rejected_requests")
-
-    def backup_to(self, path: str) -> None:
-        raise StoreError("back a PostgreSQL database up with pg_dump (and put it back with pg_restore)")
-
-    def _migrate(self) -> None:
-        """Bring the schema up to date, once, however many nodes start together."""
-        psycopg = self._psycopg
-        try:
-            connection = psycopg.connect(self.location, autocommit=True, connect_timeout=10)
-        except psycopg.Error as exc:
-            raise self._unreachable(exc) from None
-        with connection, connection.transaction():
-            connection.execute("SELECT pg_advisory_xact_lock(%s)", (self.MIGRATION_LOCK,))
-            version = 0
-            if connection.execute("SELECT to_regclass('schema_version')").fetchone()[0] is not None:
-                version = connection.execute("SELECT version FROM schema_version").fetchone()[0]
-            if version > SCHEMA_VERSION:
-                raise StoreError(
-                    f"{database_label(self.location)} was written by a newer mmoref (schema v{version}; this one "
-                    f"knows up to v{SCHEMA_VERSION}): upgrade mmoref_server.py")
-            if version == 0:
-                for statement in POSTGRES_SCHEMA:
-                    connection.execute(statement)
-                connection.execute("INSERT INTO schema_version VALUES (%s)", (POSTGRES_SCHEMA_VERSION,))
-                version = POSTGRES_SCHEMA_VERSION
-            for number in range(version + 1, SCHEMA_VERSION + 1):
-                for statement in POSTGRES_MIGRATIONS[number]:
-                    connection.execute(statement)
-            connection.execute("UPDATE schema_version SET version = %s", (SCHEMA_VERSION,))
-
-    _SERIAL_COLUMNS = {"secrets": "rowid", "delivery_log": "id", "rejected_requests": "id"}
-
-    def _after_insert_rows(self, db: Any, table: str) -> None:
-        """Rows copied in kept their ids: move the table's id sequence past them."""
-        column = self._SERIAL_COLUMNS.get(table)
-        if column:
-            db.execute(f"SELECT setval(pg_get_serial_sequence('{table}', '{column}'),"
-                       f" coalesce(max({column}), 0) + 1, false) FROM {table}")
-
-
-ENGINES["postgresql"] = ENGINES["postgres"] = PostgresStore
 
 
 # State machine (docs/contract.md §2) #########################################
@@ -3800,9 +3502,19 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
             store = get_store()  # create or migrate the schema now; refuse a newer database at start-up
             if not app.config.get("SECRET_KEY"):  # per installation, never a constant
                 app.config["SECRET_KEY"] = store.installation_key("session_key")
-    for command in cli.commands.values():  # so `flask --app mmoref_server add-server ...` works too
-        app.cli.add_command(command)
+    app.cli = _FlaskFindsOurCommands(app.name)
     return app
+
+
+class _FlaskFindsOurCommands(AppGroup):
+    """The app's `cli`, so that `flask --app mmoref_server COMMAND` finds every command that
+    `python mmoref_server.py COMMAND` finds (a companion file's among them)."""
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        return super().get_command(ctx, cmd_name) or cli.get_command(ctx, cmd_name)
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *cli.list_commands(ctx)})
 
 
 def _loaded_by_flask_command() -> bool:
@@ -3977,14 +3689,26 @@ def _emit(as_json: bool, data: Any, text: str) -> None:
     click.echo(json.dumps(data) if as_json else text)
 
 
+COMMAND_COMPANIONS = {"copy-db": "mmoref_postgres.py"}   # a command a companion file brings -> that file
+
+
 class _ServeByDefault(_OneLineErrors):
-    """No command, or serve's options without it (`python mmoref_server.py --port 5055`), means `serve`."""
+    """No command, or serve's options without it (`python mmoref_server.py --port 5055`), means `serve`.
+    A command of a companion file is found by loading the file (COMMAND_COMPANIONS)."""
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
         starts_with_option = bool(args) and args[0].startswith("-")
         if not args or (starts_with_option and args[0] not in (*ctx.help_option_names, "--version")):
             args = ["serve", *args]
         return super().parse_args(ctx, args)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name not in self.commands and cmd_name in COMMAND_COMPANIONS:
+            try:
+                load_companion(COMMAND_COMPANIONS[cmd_name], f"the {cmd_name} command")
+            except StoreError as exc:  # one line, under `flask` too
+                raise click.ClickException(str(exc)) from None
+        return super().get_command(ctx, cmd_name)
 
 
 @click.group(cls=_ServeByDefault)
@@ -3993,6 +3717,7 @@ def cli() -> None:
     """mmoref: the MMOLove Referral Kit ingest server.
 
     With no command, or with only serve's options (--host, --port, --db): serve.
+    PostgreSQL databases and copy-db come with mmoref_postgres.py, beside this file.
     """
 
 
@@ -4159,23 +3884,6 @@ def set_password_command(db_path: str | None, password: str) -> None:
     """Set the dashboard password (stored as a salted hash); logs every session out."""
     _command_store(db_path, create=True).set_admin_password(password)
     click.echo("dashboard password changed")
-
-
-@cli.command("copy-db")
-@click.argument("source", metavar="SOURCE")
-@click.argument("destination", metavar="DEST")
-def copy_db_command(source: str, destination: str) -> None:
-    """Copy a whole installation into an empty database: SQLite file or postgresql:// URL, either way.
-
-    Servers, secrets, the token key (tokens minted before still verify), the dashboard
-    password and session key, referrals, anchors, the delivery log and the counters. Stop
-    the servers using SOURCE first, so that nothing is written during the copy.
-    """
-    if source == destination:
-        raise ConfigError("SOURCE and DEST are the same database")
-    counts = _command_store(destination, create=True).copy_from(_command_store(source))
-    click.echo(f"copied {database_label(source)} to {database_label(destination)}: "
-               + ", ".join(f"{count} {table}" for table, count in counts.items()))
 
 
 @cli.command("add-server")

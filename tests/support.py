@@ -274,8 +274,10 @@ def rows(path: str | Path, sql: str, *params: Any) -> list[tuple]:
     """All rows of one query (written with ? placeholders) against the SQLite file or PostgreSQL URL."""
     if mm.is_database_url(str(path)):
         import psycopg
+
+        import mmoref_postgres
         with psycopg.connect(str(path), autocommit=True) as db:
-            cursor = db.execute(mm._postgres_sql(sql), params)
+            cursor = db.execute(mmoref_postgres._postgres_sql(sql), params)
             found = cursor.fetchall() if cursor.description else []  # (an UPDATE returns no rows)
             return [tuple(_as_sqlite_value(value) for value in row) for row in found]
     with database(path) as db:

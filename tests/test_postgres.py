@@ -14,8 +14,12 @@ from typing import Any
 
 import pytest
 
+import mmoref_postgres as pg
 import mmoref_server as mm
+from tests.support import PYTHON
 from tests.support import REFEREE
+from tests.support import ROOT
+from tests.support import SERVER_SCRIPT
 from tests.support import HttpClient
 from tests.support import LiveServer
 from tests.support import add_server
@@ -28,6 +32,7 @@ from tests.support import poster
 from tests.support import race
 from tests.support import referral_id_of
 from tests.support import rows
+from tests.support import run_ok
 from tests.support import scalar
 from tests.support import snapshot
 
@@ -108,10 +113,40 @@ def test_copy_db_moves_every_table():
     """A table added to the schema must be added to COPIED_TABLES (copy-db would leave it behind)."""
     sqlite_tables = {statement.split()[2] for migration in mm.MIGRATIONS for statement in migration
                      if statement.startswith("CREATE TABLE")}
-    postgres_tables = {statement.split()[2] for statement in mm.POSTGRES_SCHEMA if statement.startswith("CREATE TABLE")}
-    postgres_tables |= {statement.split()[2] for migration in mm.POSTGRES_MIGRATIONS.values()
+    postgres_tables = {statement.split()[2] for statement in pg.POSTGRES_SCHEMA if statement.startswith("CREATE TABLE")}
+    postgres_tables |= {statement.split()[2] for migration in pg.POSTGRES_MIGRATIONS.values()
                         for statement in migration if statement.startswith("CREATE TABLE")}
-    assert sqlite_tables == set(mm.COPIED_TABLES) == postgres_tables - {"schema_version"}
+    assert sqlite_tables == set(pg.COPIED_TABLES) == postgres_tables - {"schema_version"}
+
+
+# The companion file under `python mmoref_server.py` #############################
+
+def test_run_as_a_script_the_companion_registers_into_the_one_running_copy(live_server, pg_url):
+    """As a script, mmoref_server.py is the module __main__: the companion's `import mmoref_server` must
+    find it rather than load a second copy, whose engine registry the server would never read."""
+    script = [PYTHON, "-X", "importtime", str(SERVER_SCRIPT), "serve", "--port", "{port}"]
+    server = live_server(db_path=pg_url, command=script)   # healthy: its store is the companion's
+    imported = [line.rsplit("|", 1)[1].strip() for line in server.output().splitlines()
+                if line.startswith("import time:")]
+    assert "psycopg" in imported           # the companion was loaded, and with it its driver,
+    assert "mmoref_server" not in imported  # without importing mmoref_server.py a second time
+
+
+def test_copy_db_is_found_as_a_command_of_the_script(tmp_path, pg_url):
+    source = tmp_path / "source.db"
+    run_ok([PYTHON, SERVER_SCRIPT, "demo", source])
+    copied = run_ok([PYTHON, SERVER_SCRIPT, "copy-db", source, pg_url])
+    assert copied.stdout.startswith(f"copied {source} to postgresql://"), copied.stdout
+    assert scalar(pg_url, "SELECT server_id FROM servers") == mm.DEMO_SERVER_ID
+
+
+def test_without_psycopg_a_postgresql_database_is_one_error_line():
+    url = "postgresql://mmoref@127.0.0.1:1/referrals"
+    without_psycopg = ("import runpy, sys; sys.modules['psycopg'] = None;"   # `import psycopg` then fails
+                       " sys.argv.pop(0); runpy.run_path(sys.argv[0], run_name='__main__')")
+    result = subprocess.run([PYTHON, "-c", without_psycopg, str(SERVER_SCRIPT), "log", "srv_1", "--db", url],
+                            cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert_one_error_line(result.returncode, result.stderr, "needs psycopg", "pip install -r requirements-postgres.txt")
 
 
 # Races across three nodes, each invariant counted in the database afterwards ##########
