@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import re
 import weakref
 from collections.abc import Iterator
 from collections.abc import Sequence
@@ -31,78 +32,28 @@ except ModuleNotFoundError:
 
 
 # Schema ######################################################################
+# mmoref_server.SCHEMA (and each migration after v6) is written once, in SQLite's words; these are
+# PostgreSQL's for the few that differ. SQLite keeps any INTEGER in up to 64 bits and PostgreSQL's
+# INTEGER has 32: Unix times (*_at, window_start) and the metrics counters (count) are BIGINT here,
+# the small numbers stay INTEGER.
 
-# PostgreSQL: the same tables, created at once (PostgreSQL support began at schema v6).
-# Each later version adds its statements to both MIGRATIONS and POSTGRES_MIGRATIONS.
-POSTGRES_SCHEMA: list[str] = [
-    "CREATE TABLE schema_version (version INTEGER NOT NULL)",
-    "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
-    """CREATE TABLE servers (
-        server_id TEXT PRIMARY KEY, game TEXT NOT NULL, name TEXT NOT NULL DEFAULT '',
-        registration_url TEXT, identity_field TEXT NOT NULL DEFAULT 'username',
-        referrals_enabled INTEGER NOT NULL DEFAULT 1, created_at BIGINT NOT NULL)""",
-    # rowid: the creation order, which SQLite keeps implicitly (secrets made in one second)
-    """CREATE TABLE secrets (
-        kid TEXT PRIMARY KEY, server_id TEXT NOT NULL, secret TEXT NOT NULL,
-        created_at BIGINT NOT NULL, expires_at BIGINT, rowid BIGSERIAL NOT NULL,
-        rotation_nonce TEXT, revealed_at BIGINT)""",
-    "CREATE INDEX secrets_by_server ON secrets (server_id, created_at)",
-    "CREATE UNIQUE INDEX secrets_by_rotation_nonce ON secrets (server_id, rotation_nonce)",
-    """CREATE TABLE referrals (
-        referral_id TEXT PRIMARY KEY, server_id TEXT NOT NULL, referrer_code TEXT NOT NULL,
-        state TEXT NOT NULL, referee_identity TEXT, issued_at BIGINT NOT NULL,
-        updated_at BIGINT NOT NULL, ip_hash TEXT, user_agent TEXT, anchor_referral_id TEXT,
-        test INTEGER NOT NULL DEFAULT 0)""",
-    "CREATE INDEX referrals_by_server ON referrals (server_id, issued_at)",
-    """CREATE TABLE anchors (
-        server_id TEXT NOT NULL, referee_identity TEXT NOT NULL, referral_id TEXT NOT NULL,
-        created_at BIGINT NOT NULL, PRIMARY KEY (server_id, referee_identity))""",
-    """CREATE TABLE delivery_log (
-        id BIGSERIAL PRIMARY KEY, server_id TEXT NOT NULL, referral_id TEXT NOT NULL,
-        token_referral_id TEXT, event TEXT NOT NULL, server_event_id TEXT,
-        outcome TEXT NOT NULL, received_at BIGINT NOT NULL, payload TEXT, referrer_code TEXT, ts NUMERIC,
-        UNIQUE (token_referral_id, event, server_event_id))""",
-    "CREATE INDEX delivery_log_by_server ON delivery_log (server_id, id)",
-    "CREATE INDEX delivery_log_by_event ON delivery_log (server_id, event, id)",
-    "CREATE INDEX delivery_log_by_outcome ON delivery_log (server_id, outcome, id)",
-    "CREATE INDEX delivery_log_by_event_id ON delivery_log (server_id, server_event_id, id)",
-    "CREATE INDEX delivery_log_by_code ON delivery_log (server_id, referrer_code, id)",
-    "CREATE INDEX delivery_log_by_referral ON delivery_log (referral_id)",
-    """CREATE TABLE rejected_requests (
-        id BIGSERIAL PRIMARY KEY, server_id TEXT, status INTEGER NOT NULL, error TEXT NOT NULL,
-        reason TEXT, hint TEXT, diagnosis TEXT, snippet TEXT, received_at BIGINT NOT NULL,
-        repeats INTEGER NOT NULL DEFAULT 1, last_seen_at BIGINT)""",
-    "CREATE INDEX rejected_by_server ON rejected_requests (server_id, id)",
-    "CREATE INDEX rejected_by_last_seen ON rejected_requests (server_id, last_seen_at, id)",
-    """CREATE TABLE daily_counts (
-        server_id TEXT NOT NULL, day TEXT NOT NULL, clicked INTEGER NOT NULL DEFAULT 0,
-        registered INTEGER NOT NULL DEFAULT 0, qualified INTEGER NOT NULL DEFAULT 0,
-        reversed INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (server_id, day))""",
-    """CREATE TABLE referrer_counts (
-        server_id TEXT NOT NULL, referrer_code TEXT NOT NULL, clicked INTEGER NOT NULL DEFAULT 0,
-        registered INTEGER NOT NULL DEFAULT 0, qualified INTEGER NOT NULL DEFAULT 0,
-        reversed INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (server_id, referrer_code))""",
-    "CREATE INDEX referrer_counts_by_qualified ON referrer_counts (server_id, qualified DESC, referrer_code)",
-    """CREATE TABLE dashboard_sessions (
-        session_id TEXT PRIMARY KEY, password_tag TEXT NOT NULL, created_at BIGINT NOT NULL)""",
-    "CREATE TABLE login_failures (client TEXT PRIMARY KEY, failures INTEGER NOT NULL, last_at BIGINT NOT NULL)",
-    "CREATE INDEX login_failures_by_weight ON login_failures (failures, last_at)",
-    """CREATE TABLE client_hits (
-        scope TEXT NOT NULL, client TEXT NOT NULL, window_start BIGINT NOT NULL,
-        hits INTEGER NOT NULL, PRIMARY KEY (scope, client))""",
-    "CREATE INDEX client_hits_by_window ON client_hits (scope, window_start)",
-    """CREATE TABLE event_counts (
-        server_id TEXT NOT NULL, event TEXT NOT NULL, outcome TEXT NOT NULL, count BIGINT NOT NULL,
-        PRIMARY KEY (server_id, event, outcome))""",
-    """CREATE TABLE rejection_counts (
-        status INTEGER NOT NULL, error TEXT NOT NULL, reason TEXT NOT NULL, count BIGINT NOT NULL,
-        PRIMARY KEY (status, error, reason))""",
-    "CREATE TABLE ingest_latency (le TEXT PRIMARY KEY, count BIGINT NOT NULL, seconds DOUBLE PRECISION NOT NULL)",
+POSTGRES_WORDS = [
+    (re.compile(r"\bINTEGER PRIMARY KEY\b"), "BIGSERIAL PRIMARY KEY"),  # SQLite's rowid alias: ids in insert order
+    (re.compile(r"\b(\w+_at|window_start|count) INTEGER\b"), r"\1 BIGINT"),
+    (re.compile(r"\bREAL\b"), "DOUBLE PRECISION"),
+    (re.compile(r"\s*WITHOUT ROWID$"), ""),  # SQLite's choice of table layout; PostgreSQL has one
 ]
-POSTGRES_SCHEMA_VERSION = 6
-POSTGRES_MIGRATIONS: dict[int, list[str]] = {}  # version: its statements, for every version after 6
-assert sorted(POSTGRES_MIGRATIONS) == list(range(POSTGRES_SCHEMA_VERSION + 1, mm.SCHEMA_VERSION + 1)), \
-    "every migration needs its PostgreSQL form"
+ROWID_TABLES = ("secrets",)  # read in SQLite's implicit rowid order (secrets made in one second): a column here
+
+
+def postgres_schema(statement: str) -> str:
+    """A statement of mmoref_server.SCHEMA or MIGRATIONS in PostgreSQL's words."""
+    for pattern, words in POSTGRES_WORDS:
+        statement = pattern.sub(words, statement)
+    created = re.match(r"CREATE TABLE (\w+) \(", statement)
+    if created and created.group(1) in ROWID_TABLES:
+        statement = statement[:-1] + ", rowid BIGSERIAL NOT NULL)"
+    return statement
 
 
 # The engine ##################################################################
@@ -255,20 +206,13 @@ class PostgresStore(mm.Store):
             version = 0
             if connection.execute("SELECT to_regclass('schema_version')").fetchone()[0] is not None:
                 version = connection.execute("SELECT version FROM schema_version").fetchone()[0]
-            if version > mm.SCHEMA_VERSION:
-                raise mm.StoreError(
-                    f"{mm.database_label(self.location)} was written by a newer mmoref (schema v{version}; this one "
-                    f"knows up to v{mm.SCHEMA_VERSION}): upgrade mmoref_server.py")
+            statements = mm.schema_statements(version, mm.database_label(self.location))
             if version == 0:
-                for statement in POSTGRES_SCHEMA:
-                    connection.execute(statement)
-                connection.execute("INSERT INTO schema_version VALUES (%s)", (POSTGRES_SCHEMA_VERSION,))
-                version = POSTGRES_SCHEMA_VERSION
-            for number in range(version + 1, mm.SCHEMA_VERSION + 1):
-                for statement in POSTGRES_MIGRATIONS[number]:
-                    connection.execute(statement)
+                connection.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
+                connection.execute("INSERT INTO schema_version VALUES (0)")
+            for statement in statements:
+                connection.execute(postgres_schema(statement))
             connection.execute("UPDATE schema_version SET version = %s", (mm.SCHEMA_VERSION,))
-
 
     def follow_copied_ids(self, db: _PostgresConnection, table: str) -> None:
         """Rows copied in kept their ids: move the table's id sequence past them."""

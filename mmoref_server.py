@@ -534,6 +534,96 @@ def mask(value: str | None, keep_start: int = 4, keep_end: int = 0) -> str:
 # where the dialects agree; the schema and the few statements that differ are per engine.
 # Rows are mappings by column name.
 
+# The tables of a new database in their final form, written once for both engines in SQLite's words
+# (mmoref_postgres.py translates the few that PostgreSQL spells otherwise). A new schema version
+# changes them here and appends its statements to MIGRATIONS for the databases made before it;
+# tests/test_storage.py checks that both give the same tables.
+SCHEMA: list[str] = [
+    "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
+    """CREATE TABLE servers (
+        server_id TEXT PRIMARY KEY, game TEXT NOT NULL, name TEXT NOT NULL DEFAULT '',
+        registration_url TEXT, identity_field TEXT NOT NULL DEFAULT 'username',
+        referrals_enabled INTEGER NOT NULL DEFAULT 1, created_at INTEGER NOT NULL)""",
+    # expires_at NULL: the current secret; otherwise valid until then (<= now: revoked).
+    # rotation_nonce: the rotate form's one-time value (a re-sent form finds its rotation instead of
+    # rotating again); revealed_at: when the dashboard showed the secret (its one time), NULL until then
+    """CREATE TABLE secrets (
+        kid TEXT PRIMARY KEY, server_id TEXT NOT NULL, secret TEXT NOT NULL,
+        created_at INTEGER NOT NULL, expires_at INTEGER, rotation_nonce TEXT, revealed_at INTEGER)""",
+    "CREATE INDEX secrets_by_server ON secrets (server_id, created_at)",
+    "CREATE UNIQUE INDEX secrets_by_rotation_nonce ON secrets (server_id, rotation_nonce)",
+    # anchor_referral_id: a second click by the same referrer, whose token follows the referee's
+    # anchored referral; test: minted by the dashboard's "Mint a test token", left out of every counter
+    """CREATE TABLE referrals (
+        referral_id TEXT PRIMARY KEY, server_id TEXT NOT NULL, referrer_code TEXT NOT NULL,
+        state TEXT NOT NULL, referee_identity TEXT, issued_at INTEGER NOT NULL,
+        updated_at INTEGER NOT NULL, ip_hash TEXT, user_agent TEXT, anchor_referral_id TEXT,
+        test INTEGER NOT NULL DEFAULT 0)""",
+    "CREATE INDEX referrals_by_server ON referrals (server_id, issued_at)",
+    """CREATE TABLE anchors (
+        server_id TEXT NOT NULL, referee_identity TEXT NOT NULL, referral_id TEXT NOT NULL,
+        created_at INTEGER NOT NULL, PRIMARY KEY (server_id, referee_identity)) WITHOUT ROWID""",
+    # token_referral_id is the referral the request's token names: one token = one referral, so
+    # (token_referral_id, event, server_event_id) is the idempotency key. referrer_code: the referral's
+    # (it never changes), so a search by code is one index scan; ts: the sender's own event time, as sent
+    """CREATE TABLE delivery_log (
+        id INTEGER PRIMARY KEY, server_id TEXT NOT NULL, referral_id TEXT NOT NULL,
+        token_referral_id TEXT, event TEXT NOT NULL, server_event_id TEXT,
+        outcome TEXT NOT NULL, received_at INTEGER NOT NULL, payload TEXT, referrer_code TEXT, ts NUMERIC,
+        UNIQUE (token_referral_id, event, server_event_id))""",
+    "CREATE INDEX delivery_log_by_server ON delivery_log (server_id, id)",
+    "CREATE INDEX delivery_log_by_event ON delivery_log (server_id, event, id)",
+    "CREATE INDEX delivery_log_by_outcome ON delivery_log (server_id, outcome, id)",
+    "CREATE INDEX delivery_log_by_event_id ON delivery_log (server_id, server_event_id, id)",
+    "CREATE INDEX delivery_log_by_code ON delivery_log (server_id, referrer_code, id)",
+    "CREATE INDEX delivery_log_by_referral ON delivery_log (referral_id)",
+    # identical rejections share one row: how many (repeats), and when the last one came
+    """CREATE TABLE rejected_requests (
+        id INTEGER PRIMARY KEY, server_id TEXT, status INTEGER NOT NULL, error TEXT NOT NULL,
+        reason TEXT, hint TEXT, diagnosis TEXT, snippet TEXT, received_at INTEGER NOT NULL,
+        repeats INTEGER NOT NULL DEFAULT 1, last_seen_at INTEGER)""",
+    "CREATE INDEX rejected_by_server ON rejected_requests (server_id, id)",
+    "CREATE INDEX rejected_by_last_seen ON rejected_requests (server_id, last_seen_at, id)",
+    # counters kept in the same transaction as each change, for analytics
+    """CREATE TABLE daily_counts (
+        server_id TEXT NOT NULL, day TEXT NOT NULL, clicked INTEGER NOT NULL DEFAULT 0,
+        registered INTEGER NOT NULL DEFAULT 0, qualified INTEGER NOT NULL DEFAULT 0,
+        reversed INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (server_id, day)) WITHOUT ROWID""",
+    """CREATE TABLE referrer_counts (
+        server_id TEXT NOT NULL, referrer_code TEXT NOT NULL, clicked INTEGER NOT NULL DEFAULT 0,
+        registered INTEGER NOT NULL DEFAULT 0, qualified INTEGER NOT NULL DEFAULT 0,
+        reversed INTEGER NOT NULL DEFAULT 0,
+        PRIMARY KEY (server_id, referrer_code)) WITHOUT ROWID""",
+    # the Referrals tab's leaderboard: WHERE server_id = ? AND qualified > 0 ORDER BY qualified DESC
+    "CREATE INDEX referrer_counts_by_qualified ON referrer_counts (server_id, qualified DESC, referrer_code)",
+    # a dashboard login: the cookie holds only the random id; logout deletes the row, and
+    # password_tag (an HMAC of the password's basis) no longer matches once the password changes
+    """CREATE TABLE dashboard_sessions (
+        session_id TEXT PRIMARY KEY, password_tag TEXT NOT NULL, created_at INTEGER NOT NULL)""",
+    # failed logins per client (a keyed hash of the address), counted before the password is checked
+    """CREATE TABLE login_failures (
+        client TEXT PRIMARY KEY, failures INTEGER NOT NULL, last_at INTEGER NOT NULL)""",
+    "CREATE INDEX login_failures_by_weight ON login_failures (failures, last_at)",
+    # requests per (scope, client) in the current fixed window: clicks, recorded rejections, logins
+    """CREATE TABLE client_hits (
+        scope TEXT NOT NULL, client TEXT NOT NULL, window_start INTEGER NOT NULL,
+        hits INTEGER NOT NULL, PRIMARY KEY (scope, client))""",
+    "CREATE INDEX client_hits_by_window ON client_hits (scope, window_start)",
+    # what /metrics reads, counted in the same transaction as the rows they count, so the numbers
+    # are exact across worker processes and survive pruning the log; reason '' when a refusal has none
+    """CREATE TABLE event_counts (
+        server_id TEXT NOT NULL, event TEXT NOT NULL, outcome TEXT NOT NULL, count INTEGER NOT NULL,
+        PRIMARY KEY (server_id, event, outcome)) WITHOUT ROWID""",
+    """CREATE TABLE rejection_counts (
+        status INTEGER NOT NULL, error TEXT NOT NULL, reason TEXT NOT NULL, count INTEGER NOT NULL,
+        PRIMARY KEY (status, error, reason)) WITHOUT ROWID""",
+    # ingest latency: observations and seconds per histogram bucket (not cumulative)
+    """CREATE TABLE ingest_latency (
+        le TEXT PRIMARY KEY, count INTEGER NOT NULL, seconds REAL NOT NULL) WITHOUT ROWID""",
+]
+# What brings a database made by an earlier version to SCHEMA, version by version. A released
+# migration never changes (databases ran it). PostgreSQL support began at v6: a later migration
+# runs on PostgreSQL too (translated like SCHEMA), so write it in SQL both engines speak.
 MIGRATIONS: list[list[str]] = [
     [  # v1: servers, secrets, referrals, anchors, delivery log, rejected requests
         "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
@@ -541,7 +631,6 @@ MIGRATIONS: list[list[str]] = [
             server_id TEXT PRIMARY KEY, game TEXT NOT NULL, name TEXT NOT NULL DEFAULT '',
             registration_url TEXT, identity_field TEXT NOT NULL DEFAULT 'username',
             referrals_enabled INTEGER NOT NULL DEFAULT 1, created_at INTEGER NOT NULL)""",
-        # expires_at NULL: the current secret; otherwise valid until then (<= now: revoked)
         """CREATE TABLE secrets (
             kid TEXT PRIMARY KEY, server_id TEXT NOT NULL, secret TEXT NOT NULL,
             created_at INTEGER NOT NULL, expires_at INTEGER)""",
@@ -554,8 +643,6 @@ MIGRATIONS: list[list[str]] = [
         """CREATE TABLE anchors (
             server_id TEXT NOT NULL, referee_identity TEXT NOT NULL, referral_id TEXT NOT NULL,
             created_at INTEGER NOT NULL, PRIMARY KEY (server_id, referee_identity)) WITHOUT ROWID""",
-        # token_referral_id is the referral the request's token names: one token = one
-        # referral, so (token_referral_id, event, server_event_id) is the idempotency key.
         """CREATE TABLE delivery_log (
             id INTEGER PRIMARY KEY, server_id TEXT NOT NULL, referral_id TEXT NOT NULL,
             token_referral_id TEXT, event TEXT NOT NULL, server_event_id TEXT,
@@ -598,7 +685,6 @@ MIGRATIONS: list[list[str]] = [
             GROUP BY 1, 2""",
     ],
     [  # v3: what the dashboard's filtered, keyset-paged delivery log searches by, indexed
-        # the referral's referrer code (it never changes), so a search by code is one index scan
         "ALTER TABLE delivery_log ADD COLUMN referrer_code TEXT",
         """UPDATE delivery_log SET referrer_code =
             (SELECT referrer_code FROM referrals r WHERE r.referral_id = delivery_log.referral_id)""",
@@ -607,40 +693,29 @@ MIGRATIONS: list[list[str]] = [
         "CREATE INDEX delivery_log_by_event_id ON delivery_log (server_id, server_event_id, id)",
         "CREATE INDEX delivery_log_by_code ON delivery_log (server_id, referrer_code, id)",
         "CREATE INDEX delivery_log_by_referral ON delivery_log (referral_id)",
-        # the sender's own event time, stored as sent (never used for the window)
         "ALTER TABLE delivery_log ADD COLUMN ts NUMERIC",
-        # a second click by the same referrer: its token follows the referee's anchored referral
         "ALTER TABLE referrals ADD COLUMN anchor_referral_id TEXT",
     ],
     [  # v4: the dashboard's test tokens, and rotations made once per form submission
-        # a referral minted by the dashboard's "Mint a test token": left out of every counter
         "ALTER TABLE referrals ADD COLUMN test INTEGER NOT NULL DEFAULT 0",
-        # the rotate form's one-time value: a re-sent form finds its rotation instead of rotating again
         "ALTER TABLE secrets ADD COLUMN rotation_nonce TEXT",
         "CREATE UNIQUE INDEX secrets_by_rotation_nonce ON secrets (server_id, rotation_nonce)",
-        # when the dashboard showed the secret (its one time); NULL: not shown there yet
         "ALTER TABLE secrets ADD COLUMN revealed_at INTEGER",
     ],
     [  # v5: limits and sessions kept where every worker process sees them
-        # a dashboard login: the cookie holds only the random id; logout deletes the row, and
-        # password_tag (an HMAC of the password's basis) no longer matches once the password changes
         """CREATE TABLE dashboard_sessions (
             session_id TEXT PRIMARY KEY, password_tag TEXT NOT NULL, created_at INTEGER NOT NULL)""",
-        # failed logins per client (a keyed hash of the address), counted before the password is checked
         """CREATE TABLE login_failures (
             client TEXT PRIMARY KEY, failures INTEGER NOT NULL, last_at INTEGER NOT NULL)""",
         "CREATE INDEX login_failures_by_weight ON login_failures (failures, last_at)",
-        # requests per (scope, client) in the current fixed window: clicks, recorded rejections, logins
         """CREATE TABLE client_hits (
             scope TEXT NOT NULL, client TEXT NOT NULL, window_start INTEGER NOT NULL,
             hits INTEGER NOT NULL, PRIMARY KEY (scope, client))""",
         "CREATE INDEX client_hits_by_window ON client_hits (scope, window_start)",
-        # identical rejections share one row: how many, and when the last one came
         "ALTER TABLE rejected_requests ADD COLUMN repeats INTEGER NOT NULL DEFAULT 1",
         "ALTER TABLE rejected_requests ADD COLUMN last_seen_at INTEGER",
         "UPDATE rejected_requests SET last_seen_at = received_at",
         "CREATE INDEX rejected_by_last_seen ON rejected_requests (server_id, last_seen_at, id)",
-        # the Referrals tab's leaderboard: WHERE server_id = ? AND qualified > 0 ORDER BY qualified DESC
         "CREATE INDEX referrer_counts_by_qualified ON referrer_counts (server_id, qualified DESC, referrer_code)",
     ],
     [  # v6: what /metrics reads, counted in the same transaction as the rows they count, so the
@@ -650,18 +725,30 @@ MIGRATIONS: list[list[str]] = [
             PRIMARY KEY (server_id, event, outcome)) WITHOUT ROWID""",
         """INSERT INTO event_counts (server_id, event, outcome, count)
             SELECT server_id, event, outcome, count(*) FROM delivery_log GROUP BY 1, 2, 3""",
-        # reason '' when the refusal has none; backfilled from the (capped) list of kept refusals
+        # backfilled from the (capped) list of kept refusals
         """CREATE TABLE rejection_counts (
             status INTEGER NOT NULL, error TEXT NOT NULL, reason TEXT NOT NULL, count INTEGER NOT NULL,
             PRIMARY KEY (status, error, reason)) WITHOUT ROWID""",
         """INSERT INTO rejection_counts (status, error, reason, count)
             SELECT status, error, coalesce(reason, ''), count(*) FROM rejected_requests GROUP BY 1, 2, 3""",
-        # ingest latency: observations and seconds per histogram bucket (not cumulative)
         """CREATE TABLE ingest_latency (
             le TEXT PRIMARY KEY, count INTEGER NOT NULL, seconds REAL NOT NULL) WITHOUT ROWID""",
     ],
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
+
+
+def schema_statements(version: int, where: str) -> list[str]:
+    """What brings a database at schema `version` (0: a new one) to SCHEMA_VERSION: SCHEMA for a new
+    database, the migrations after `version` for an older one. A StoreError refuses a database that
+    a newer mmoref wrote (`where` names it)."""
+    if version > SCHEMA_VERSION:
+        raise StoreError(f"{where} was written by a newer mmoref (schema v{version}; this one knows up to"
+                         f" v{SCHEMA_VERSION}): upgrade mmoref_server.py")
+    if version == 0:
+        return SCHEMA
+    return [statement for migration in MIGRATIONS[version:] for statement in migration]
+
 # random per-installation values kept in `meta`: what signs tokens, sessions, pseudonymous client keys
 INSTALLATION_KEYS = ("token_key", "session_key", "session_binding_key", "ip_salt", "identity_key")
 PRUNED_TABLES = ("delivery_log", "rejected_requests")  # what retention deletes; counters stay
@@ -1707,13 +1794,8 @@ class SQLiteStore(Store):
     def _migrate(self) -> None:
         with self._writing() as db:
             version = db.execute("PRAGMA user_version").fetchone()[0]
-            if version > SCHEMA_VERSION:
-                raise StoreError(
-                    f"{self.path} was written by a newer mmoref (schema v{version}; this one "
-                    f"knows up to v{SCHEMA_VERSION}): upgrade mmoref_server.py")
-            for number in range(version, SCHEMA_VERSION):
-                for statement in MIGRATIONS[number]:
-                    db.execute(statement)
+            for statement in schema_statements(version, self.path):
+                db.execute(statement)
             db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
     def health(self) -> StoreError | None:

@@ -76,6 +76,36 @@ def test_user_version_is_the_schema_version(app, db_path):
     assert scalar(db_path, "PRAGMA user_version") == mm.SCHEMA_VERSION
 
 
+def tables_of(path: str) -> dict[str, tuple]:
+    """Per table: its columns (name, type, not null, default, key), its indexes and whether it has a rowid."""
+    found = {}
+    with database(path) as db:
+        for table, sql in db.execute("SELECT name, sql FROM sqlite_master WHERE type = 'table'").fetchall():
+            columns = [column[1:] for column in db.execute(f"PRAGMA table_info({table})")]
+            indexes = sorted((name, unique, origin, index_keys(db, name))
+                             for _, name, unique, origin, _ in db.execute(f"PRAGMA index_list({table})").fetchall())
+            found[table] = (columns, indexes, "WITHOUT ROWID" not in sql)
+    return found
+
+
+def index_keys(db: sqlite3.Connection, index: str) -> list[tuple]:
+    """The key columns of an index: name, descending, collation."""
+    return [column[2:5] for column in db.execute(f"PRAGMA index_xinfo('{index}')") if column[5]]
+
+
+@pytest.mark.sqlite_only
+def test_a_new_database_gets_the_tables_the_migrations_make(tmp_path):
+    """SCHEMA (what a new database is made with) and MIGRATIONS (what brings an older one there) agree."""
+    migrated, new = str(tmp_path / "v1.db"), str(tmp_path / "new.db")
+    with database(migrated) as db:
+        for statement in mm.MIGRATIONS[0]:
+            db.execute(statement)
+        db.execute("PRAGMA user_version = 1")
+    mm.open_store(migrated).close()
+    mm.open_store(new).close()
+    assert tables_of(new) == tables_of(migrated)
+
+
 def build_v1_copy(source: str, target: str) -> None:
     """`target`: only MIGRATIONS[0] applied, user_version 1, holding `source`'s v1 rows.
 
