@@ -113,7 +113,6 @@ class PostgresStore(mm.Store):
 
     NULL_SAFE_EQUAL = "IS NOT DISTINCT FROM"
     CONTAINS = "strpos({column}, ?) > 0"
-    CONFLICTS = (psycopg.errors.UniqueViolation, psycopg.errors.TransactionRollback)
     TRANSACTION = _PostgresTransaction
     MIGRATION_LOCK = 0x6D6D6F72  # pg_advisory_xact_lock key: one node migrates, the others wait
     POOL_SIZE = 16
@@ -138,19 +137,24 @@ class PostgresStore(mm.Store):
 
     @contextlib.contextmanager
     def _connection(self) -> Iterator[_PostgresConnection]:
-        """A pooled connection; PostgreSQL out of reach is a StoreError with problem "unreachable"."""
+        """A pooled connection. The store's boundary: what psycopg raises leaves as a StoreError."""
         try:
             with self._pool.connection() as connection:
                 yield _PostgresConnection(connection)
-        except psycopg.errors.TransactionRollback:
-            raise  # a deadlock or serialization failure: the caller tries again
-        except (psycopg.OperationalError, psycopg_pool.PoolTimeout) as exc:
-            raise self._unreachable(exc) from exc
+        except (psycopg.Error, psycopg_pool.PoolTimeout) as exc:
+            raise self._store_error(exc) from exc
 
-    def _unreachable(self, exc: Exception) -> mm.StoreError:
+    def _store_error(self, exc: Exception) -> mm.StoreError:
+        """What psycopg raised, as a StoreError: a write that lost a race (a WriteConflict, tried again),
+        PostgreSQL out of reach ("unreachable": a 503, the node recovers by itself), or a statement refused."""
         detail = " ".join(str(exc).split()) or type(exc).__name__
-        return mm.StoreError(f"PostgreSQL at {mm.database_label(self.location)} cannot be reached ({detail}):"
-                          " check that it is running and that MMOREF_DB is right", "unreachable")
+        where = f"PostgreSQL at {mm.database_label(self.location)}"
+        if isinstance(exc, (psycopg.errors.UniqueViolation, psycopg.errors.TransactionRollback)):
+            return mm.WriteConflict(f"{where}: a concurrent write won ({detail})")
+        if isinstance(exc, (psycopg.OperationalError, psycopg_pool.PoolTimeout)):
+            return mm.StoreError(f"{where} cannot be reached ({detail}): check that it is running and that"
+                                 " MMOREF_DB is right", "unreachable")
+        return mm.StoreError(f"{where} refused a statement ({detail})")
 
     def health(self) -> mm.StoreError | None:
         try:
@@ -158,9 +162,6 @@ class PostgresStore(mm.Store):
         except mm.StoreError as exc:
             return exc
         return None
-
-    def problem_of(self, exc: Exception) -> str:
-        return exc.problem if isinstance(exc, mm.StoreError) else "unusable"
 
     _reading = _connection
 
@@ -198,21 +199,25 @@ class PostgresStore(mm.Store):
     def _migrate(self) -> None:
         """Bring the schema up to date, once, however many nodes start together."""
         try:
-            connection = psycopg.connect(self.location, autocommit=True, connect_timeout=10)
+            with psycopg.connect(self.location, autocommit=True, connect_timeout=10) as connection, \
+                    connection.transaction():
+                connection.execute("SELECT pg_advisory_xact_lock(%s)", (self.MIGRATION_LOCK,))
+                self._bring_schema_up_to_date(connection)
         except psycopg.Error as exc:
-            raise self._unreachable(exc) from None
-        with connection, connection.transaction():
-            connection.execute("SELECT pg_advisory_xact_lock(%s)", (self.MIGRATION_LOCK,))
-            version = 0
-            if connection.execute("SELECT to_regclass('schema_version')").fetchone()[0] is not None:
-                version = connection.execute("SELECT version FROM schema_version").fetchone()[0]
-            statements = mm.schema_statements(version, mm.database_label(self.location))
-            if version == 0:
-                connection.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
-                connection.execute("INSERT INTO schema_version VALUES (0)")
-            for statement in statements:
-                connection.execute(postgres_schema(statement))
-            connection.execute("UPDATE schema_version SET version = %s", (mm.SCHEMA_VERSION,))
+            raise self._store_error(exc) from exc
+
+    def _bring_schema_up_to_date(self, connection: psycopg.Connection[Any]) -> None:
+        """Create the tables in a new database, or run the migrations an older one lacks."""
+        version = 0
+        if connection.execute("SELECT to_regclass('schema_version')").fetchone()[0] is not None:
+            version = connection.execute("SELECT version FROM schema_version").fetchone()[0]
+        statements = mm.schema_statements(version, mm.database_label(self.location))
+        if version == 0:
+            connection.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
+            connection.execute("INSERT INTO schema_version VALUES (0)")
+        for statement in statements:
+            connection.execute(postgres_schema(statement))
+        connection.execute("UPDATE schema_version SET version = %s", (mm.SCHEMA_VERSION,))
 
     def follow_copied_ids(self, db: _PostgresConnection, table: str) -> None:
         """Rows copied in kept their ids: move the table's id sequence past them."""

@@ -304,11 +304,20 @@ class SignatureError(Exception):
 
 class StoreError(Exception):
     """The database cannot be used as it is; the message says why and `problem` names the cause
-    (one of DATABASE_PROBLEMS, or "unusable")."""
+    (one of DATABASE_PROBLEMS, "unreachable", "conflict" or "unusable"). Whatever a database driver
+    raises leaves the store as one of these."""
 
     def __init__(self, message: str, problem: str = "unusable"):
         super().__init__(message)
         self.problem = problem
+
+
+class WriteConflict(StoreError):
+    """A write lost a race to another node's (a UNIQUE constraint, a deadlock, a serialization
+    failure): tried again, the same work sees the winner's rows."""
+
+    def __init__(self, message: str):
+        super().__init__(message, "conflict")
 
 
 class ConfigError(Exception):
@@ -1048,7 +1057,6 @@ class Store:
 
     NULL_SAFE_EQUAL = "IS"          # `a IS b`: equal, NULL equal to NULL
     CONTAINS = "instr({column}, ?) > 0"   # the column's text holds the parameter
-    CONFLICTS: tuple[type[BaseException], ...] = ()   # errors after which a write is tried again
     TRANSACTION: type[Transaction] = Transaction
 
     def __init__(self, location: str):
@@ -1057,7 +1065,8 @@ class Store:
         self._latency: dict[str, tuple[int, float]] = {}  # observed, not yet written: le -> (count, seconds)
         self._latency_lock = threading.Lock()
 
-    # what each engine supplies
+    # what each engine supplies; whatever its driver raises leaves the store as a StoreError whose
+    # `problem` names the cause (a WriteConflict when a write lost a race)
 
     def _reading(self) -> contextlib.AbstractContextManager[Any]:
         """A connection for reads: `.execute(sql with ?, params)`."""
@@ -1073,10 +1082,6 @@ class Store:
 
     def health(self) -> StoreError | None:
         """What keeps this database from taking writes now, found quickly."""
-        raise NotImplementedError
-
-    def problem_of(self, exc: Exception) -> str:
-        """Which problem (a DATABASE_PROBLEMS key, "unreachable" or "unusable") a failed request ran into."""
         raise NotImplementedError
 
     def close(self) -> None:
@@ -1582,8 +1587,6 @@ class SQLiteStore(Store):
     connection (BEGIN IMMEDIATE), so the UNIQUE constraints and the read-then-write checks hold
     across threads and worker processes."""
 
-    CONFLICTS = (sqlite3.IntegrityError,)
-
     def __init__(self, path: str, synchronous: str = "FULL", busy_timeout: float = CLI_BUSY_TIMEOUT):
         """Open (creating when missing), check and migrate the database; a StoreError says what is wrong."""
         super().__init__(path)
@@ -1617,6 +1620,14 @@ class SQLiteStore(Store):
     def error_for(self, exc: sqlite3.Error) -> StoreError:
         """The one-line StoreError for an SQLite error on this database."""
         return database_error(self.path, self.problem_of(exc), str(exc))
+
+    @contextlib.contextmanager
+    def _store_errors(self) -> Iterator[None]:
+        """The store's boundary: an SQLite error leaves it as the StoreError that says what is wrong."""
+        try:
+            yield
+        except sqlite3.Error as exc:
+            raise self.error_for(exc) from exc
 
     def problem_of(self, exc: Exception) -> str:
         """Which of DATABASE_PROBLEMS `exc` means. Damage is remembered for /healthz: it does not
@@ -1668,25 +1679,27 @@ class SQLiteStore(Store):
 
     @contextlib.contextmanager
     def _reading(self) -> Iterator[sqlite3.Connection]:
-        yield self.connect()
+        with self._store_errors():
+            yield self.connect()
 
     @contextlib.contextmanager
     def _snapshot(self) -> Iterator[sqlite3.Connection]:
-        db = self.connect()
-        if db.in_transaction:  # this thread's open transaction already reads one moment
-            yield db
-            return
-        db.execute("BEGIN")
-        try:
-            yield db
-        finally:
-            db.execute("COMMIT")
+        with self._store_errors():
+            db = self.connect()
+            if db.in_transaction:  # this thread's open transaction already reads one moment
+                yield db
+                return
+            db.execute("BEGIN")
+            try:
+                yield db
+            finally:
+                db.execute("COMMIT")
 
     @contextlib.contextmanager
     def _writer(self) -> Iterator[sqlite3.Connection]:
         """The writing connection, this thread's alone until the block ends."""
         self._forget_parent_process()
-        with self._write_lock:
+        with self._store_errors(), self._write_lock:
             if self._write_db is None:
                 self._write_db = self._open()
             yield self._write_db
@@ -1736,7 +1749,8 @@ class SQLiteStore(Store):
             self._queued.notify()
         pending.done.wait()
         if pending.error is not None:
-            raise pending.error
+            with self._store_errors():  # an SQLite error, as the StoreError it means
+                raise pending.error
         return pending.result
 
     def _write_queued(self) -> None:
@@ -1858,12 +1872,9 @@ class SQLiteStore(Store):
         and, under steady ingest, might never finish. The copy is one file (no -wal).
         """
         _create_private_file(path)
-        copy = sqlite3.connect(path, isolation_level=None)
-        try:
+        with self._store_errors(), contextlib.closing(sqlite3.connect(path, isolation_level=None)) as copy:
             self.connect().backup(copy)
             copy.execute("PRAGMA journal_mode = DELETE")
-        finally:
-            copy.close()
 
     @staticmethod
     def check_copy(path: str) -> dict[str, int]:
@@ -1910,9 +1921,10 @@ class SQLiteStore(Store):
                     return False
                 db.execute("PRAGMA auto_vacuum = INCREMENTAL")
                 db.execute("VACUUM")
-        while self.connect().execute("PRAGMA freelist_count").fetchone()[0]:
-            with self._writing() as db:
-                db.execute(f"PRAGMA incremental_vacuum({VACUUM_PAGES_PER_STEP})").fetchall()
+        with self._store_errors():
+            while self.connect().execute("PRAGMA freelist_count").fetchone()[0]:
+                with self._writing() as db:
+                    db.execute(f"PRAGMA incremental_vacuum({VACUUM_PAGES_PER_STEP})").fetchall()
         self.truncate_wal()
         return True
 
@@ -1928,7 +1940,8 @@ class SQLiteStore(Store):
 
     def truncate_wal(self) -> bool:
         """Copy the write-ahead log into the database and truncate it; False if readers kept it."""
-        busy = self.connect().execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
+        with self._store_errors():
+            busy = self.connect().execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
         return not busy
 
 
@@ -2096,7 +2109,7 @@ def process_event(store: Store, raw_body: bytes, header: str | None, *, window: 
         try:
             outcome = store.group_commit(
                 lambda transaction: _verify_and_apply(store, transaction, parsed, fields, raw_body, window, ttl))
-        except store.CONFLICTS:  # a concurrent writer won a race our reads could not see (PostgreSQL)
+        except WriteConflict:  # a concurrent writer won a race our reads could not see (PostgreSQL)
             if attempt == WRITE_ATTEMPTS:
                 raise
             continue
@@ -2481,8 +2494,8 @@ def handle_ingest(store: Store, raw_body: bytes, header: str | None, *, window: 
         body, status = exc.body(), exc.status
         if status in (400, 401, 404, 422):
             _remember_rejection(store, exc, raw_body, client)
-    except (sqlite3.Error, StoreError) as exc:  # nothing was written
-        status, body = _database_failure(store, exc)
+    except StoreError as exc:  # nothing was written
+        status, body = _database_failure(exc)
     except Exception:  # 11. anything unexpected: the transaction rolled back
         log.exception("ingest failed")
         status, body = 500, ApiError(500, "internal error", HINTS["internal error"]).body()
@@ -2499,9 +2512,9 @@ def _log_ingest(status: int, error: str | None, **more: str | None) -> None:
     log.info("ingest %s", words, extra={"fields": fields})
 
 
-def _database_failure(store: Store, exc: sqlite3.Error | StoreError) -> tuple[int, dict]:
+def _database_failure(exc: StoreError) -> tuple[int, dict]:
     """503 when the database is locked by another process or no longer the file opened; else 500."""
-    problem = store.problem_of(exc)
+    problem = exc.problem
     if problem == "locked":
         return 503, ApiError(503, "database busy", HINTS["database busy"]).body()
     if problem in ("deleted", "replaced"):
@@ -2509,7 +2522,7 @@ def _database_failure(store: Store, exc: sqlite3.Error | StoreError) -> tuple[in
     if problem == "unreachable":  # PostgreSQL down or restarting: the node recovers by itself
         log.warning("ingest: %s", exc)
         return 503, ApiError(503, "database unavailable", HINTS["database unreachable"]).body()
-    log.exception("ingest failed: %s", exc if isinstance(exc, StoreError) else store.error_for(exc))
+    log.error("ingest failed: %s", exc, exc_info=exc.__cause__ or exc)  # with what the engine raised
     return 500, ApiError(500, "internal error", HINTS["internal error"]).body()
 
 
@@ -2541,7 +2554,7 @@ def _remember_rejection(store: Store, exc: ApiError, raw_body: bytes, client: st
         snippet = _scrubbed_snippet(raw_body, store.all_secrets(), limit=REJECTED_SNIPPET_CHARS)
         store.record_rejected(exc.server_id, exc.status, exc.error, exc.extra.get("reason"), exc.hint,
                               exc.diagnosis, snippet, client=client, per_client_minute=REJECTIONS_PER_CLIENT_MINUTE)
-    except (sqlite3.Error, StoreError) as exc:  # the answer stands; /healthz says what the database lacks
+    except StoreError as exc:  # the answer stands; /healthz says what the database lacks
         log.warning("could not record a rejected request: %s", exc)
 
 
@@ -2639,7 +2652,7 @@ def start_auto_prune(store: Store, older_than: int) -> threading.Thread:
                 if not result["space_reclaimed"]:
                     log.warning("run `python mmoref_server.py prune` once, server stopped or not, to let the"
                                 " database file shrink (it was made by an older mmoref)")
-            except (sqlite3.Error, StoreError):
+            except StoreError:
                 log.exception("automatic prune failed; it runs again in a day")
             time.sleep(PRUNE_EVERY_SECONDS)
 

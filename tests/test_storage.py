@@ -182,6 +182,21 @@ def test_garbage_file_is_refused_by_the_cli(db_path, runner):
     assert_one_error_line(result.exit_code, result.stderr, "not a usable SQLite database")
 
 
+def test_what_the_driver_raises_leaves_the_store_as_a_store_error(store, engine):
+    """The pipeline sees StoreError only: for a statement the database refuses, and for a write that breaks
+    a UNIQUE constraint (on PostgreSQL a WriteConflict: a race lost to another node, tried again)."""
+    def read_nowhere(transaction: mm.Transaction) -> None:
+        transaction.db.execute("SELECT * FROM no_such_table")
+
+    def write_a_key_twice(transaction: mm.Transaction) -> None:
+        transaction.db.execute("INSERT INTO meta (key, value) VALUES ('token_key', 'another')")
+
+    with pytest.raises(mm.StoreError):
+        store.group_commit(read_nowhere)
+    with pytest.raises(mm.WriteConflict if engine == "postgresql" else mm.StoreError):
+        store.group_commit(write_a_key_twice)
+
+
 def test_healthz_ok(client):
     response = client.get("/healthz")
     assert (response.status_code, response.json) == (200, {"ok": True})
