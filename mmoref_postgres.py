@@ -182,7 +182,7 @@ class PostgresStore(mm.Store):
             return work(transaction)
 
     def database_bytes(self) -> int:
-        return self._one("SELECT pg_database_size(current_database()) AS size")["size"]
+        return self._all("SELECT pg_database_size(current_database()) AS size")[0]["size"]
 
     def reclaim_space(self, convert: bool) -> bool:
         """PostgreSQL's autovacuum makes freed space reusable by itself."""
@@ -209,8 +209,8 @@ class PostgresStore(mm.Store):
     def _bring_schema_up_to_date(self, connection: psycopg.Connection[Any]) -> None:
         """Create the tables in a new database, or run the migrations an older one lacks."""
         version = 0
-        if connection.execute("SELECT to_regclass('schema_version')").fetchone()[0] is not None:
-            version = connection.execute("SELECT version FROM schema_version").fetchone()[0]
+        if connection.execute("SELECT to_regclass('schema_version')").fetchall() != [(None,)]:
+            [(version,)] = connection.execute("SELECT version FROM schema_version").fetchall()
         statements = mm.schema_statements(version, mm.database_label(self.location))
         if version == 0:
             connection.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")

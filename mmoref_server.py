@@ -39,6 +39,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Iterable
 from collections.abc import Iterator
 from collections.abc import Mapping
 from collections.abc import Sequence
@@ -46,6 +47,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from typing import Callable
+from typing import NoReturn
+from typing import Protocol
+from typing import TypedDict
+from typing import overload
 
 try:
     import click
@@ -491,7 +496,7 @@ def _token_serializer(key: str, issued_at: int | None = None) -> URLSafeTimedSer
 def _token_reader(key: str) -> tuple[URLSafeTimedSerializer, TimestampSigner]:
     """The serializer and its signer, made once per key (loads() would rebuild the signer)."""
     serializer = _token_serializer(key)
-    return serializer, serializer.make_signer(serializer.salt)
+    return serializer, _IssuedAtSigner(key, salt=serializer.salt)
 
 
 def mint_token(key: str, server_id: str, referral_id: str, issued_at: int) -> str:
@@ -765,7 +770,15 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0
 VACUUM_PAGES_PER_STEP = 2000                           # 8 MB of 4 KiB pages per short transaction
 COUNTED = ("clicked", "registered", "qualified", "reversed")
 
-Row = Mapping[str, Any]  # a row by column name (sqlite3.Row, or a dict from psycopg)
+
+
+class Row(Protocol):
+    """A row read by column name, whichever engine read it (an Row, a dict from psycopg).
+    Only these two are common to both: iterating an sqlite3.Row gives its values, a dict its keys."""
+
+    def __getitem__(self, column: str, /) -> Any: ...
+
+    def keys(self) -> Iterable[str]: ...
 
 
 def _with_cut_identity_replaced(text: str, spellings: Sequence[str], forgotten: str) -> str:
@@ -867,7 +880,7 @@ def _create_private_file(path: str) -> None:
     try:
         os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
     except OSError as exc:
-        raise database_error(path, "read-only" if _cannot_write(path) else "unusable", exc.strerror) from None
+        raise database_error(path, "read-only" if _cannot_write(path) else "unusable", exc.strerror or "") from None
 
 
 class _Pending:
@@ -876,7 +889,10 @@ class _Pending:
     __slots__ = ("work", "result", "error", "done")
 
     def __init__(self, work: Callable[[Transaction], Any]):
-        self.work, self.result, self.error, self.done = work, None, None, threading.Event()
+        self.work = work
+        self.result: Any = None
+        self.error: Exception | None = None
+        self.done = threading.Event()
 
     def run_in_savepoint(self, transaction: Transaction) -> None:
         """Run the work; if it raises, undo its writes alone and keep its error for the caller."""
@@ -1257,6 +1273,16 @@ class Store:
 
     # referrals
 
+    @overload
+    def mint_referral(self, server_id: str, referrer_code: str, ip_hash: str | None = None,
+                      user_agent: str | None = None, issued_at: int | None = None,
+                      test: bool = False, click_limit: None = None) -> tuple[str, str]: ...
+
+    @overload   # only a click under a limit may be refused
+    def mint_referral(self, server_id: str, referrer_code: str, ip_hash: str | None = None,
+                      user_agent: str | None = None, issued_at: int | None = None,
+                      test: bool = False, *, click_limit: tuple[str, int]) -> tuple[str, str] | None: ...
+
     def mint_referral(self, server_id: str, referrer_code: str, ip_hash: str | None = None,
                       user_agent: str | None = None, issued_at: int | None = None,
                       test: bool = False, click_limit: tuple[str, int] | None = None) -> tuple[str, str] | None:
@@ -1329,10 +1355,10 @@ class Store:
 
     def funnel(self, server_id: str) -> Row:
         """One server's all-time clicked, registered, qualified and reversed counts (0 when none)."""
-        return self._one(
+        return self._all(
             "SELECT coalesce(sum(clicked), 0) AS clicked, coalesce(sum(registered), 0) AS registered,"
             " coalesce(sum(qualified), 0) AS qualified, coalesce(sum(reversed), 0) AS reversed"
-            " FROM daily_counts WHERE server_id = ?", (server_id,))
+            " FROM daily_counts WHERE server_id = ?", (server_id,))[0]   # (an aggregate: one row)
 
     def leaders(self, server_id: str, limit: int = 20) -> list[Row]:
         """The referrers with qualified referrals, most first."""
@@ -1629,7 +1655,7 @@ class SQLiteStore(Store):
         except sqlite3.Error as exc:
             raise self.error_for(exc) from exc
 
-    def problem_of(self, exc: Exception) -> str:
+    def problem_of(self, exc: sqlite3.Error | StoreError) -> str:
         """Which of DATABASE_PROBLEMS `exc` means. Damage is remembered for /healthz: it does not
         heal, and most of it is found only by the request that reads the damaged pages."""
         if isinstance(exc, StoreError):
@@ -2002,7 +2028,9 @@ def apply_event(transaction: Transaction, delivery: Delivery, ttl: int) -> dict[
         transaction.count_event(delivery.server_id, event, "duplicate")
         return {"ok": True, "duplicate": True}
     if referral["anchor_referral_id"]:  # a second click's token: events apply to the anchored referral
-        referral = transaction.referral(referral["anchor_referral_id"])
+        anchored = transaction.referral(referral["anchor_referral_id"])
+        assert anchored is not None, "an anchor names a referral, and referrals are never deleted"
+        referral = anchored
     state = referral["state"]
     if state == "clicked" and at - delivery.token_claims.issued_at > ttl:
         transaction.set_state(referral["referral_id"], "expired", at)
@@ -2021,7 +2049,7 @@ def apply_event(transaction: Transaction, delivery: Delivery, ttl: int) -> dict[
     return _log_and_answer(transaction, delivery, referral, "advanced", next_state, at)
 
 
-def _register(transaction: Transaction, delivery: Delivery, referral: sqlite3.Row, at: int) -> dict[str, Any]:
+def _register(transaction: Transaction, delivery: Delivery, referral: Row, at: int) -> dict[str, Any]:
     """`registered` on a clicked referral: mint the anchor, unless first touch says otherwise."""
     anchored = transaction.anchored_referral(delivery.server_id, delivery.referee_identity,
                                              delivery.forgotten_identity)
@@ -2038,7 +2066,7 @@ def _register(transaction: Transaction, delivery: Delivery, referral: sqlite3.Ro
     return _log_and_answer(transaction, delivery, anchored, "no_op", anchored["state"], at)
 
 
-def _advance(transaction: Transaction, referral: sqlite3.Row, next_state: str, at: int,
+def _advance(transaction: Transaction, referral: Row, next_state: str, at: int,
              referee_identity: str | None = None) -> None:
     """Move the referral to `next_state` (recording its referee on registration) and count it."""
     transaction.set_state(referral["referral_id"], next_state, at, referee_identity)
@@ -2046,12 +2074,12 @@ def _advance(transaction: Transaction, referral: sqlite3.Row, next_state: str, a
         transaction.count(referral["server_id"], referral["referrer_code"], next_state, at)
 
 
-def _log(transaction: Transaction, delivery: Delivery, referral: sqlite3.Row, outcome: str, at: int) -> None:
+def _log(transaction: Transaction, delivery: Delivery, referral: Row, outcome: str, at: int) -> None:
     transaction.log_delivery(referral, delivery.event, outcome, at, token_referral_id=delivery.token_claims.referral_id,
                              server_event_id=delivery.server_event_id, payload=delivery.payload, ts=delivery.ts)
 
 
-def _log_and_answer(transaction: Transaction, delivery: Delivery, referral: sqlite3.Row, outcome: str, state: str,
+def _log_and_answer(transaction: Transaction, delivery: Delivery, referral: Row, outcome: str, state: str,
                     at: int) -> dict[str, Any]:
     _log(transaction, delivery, referral, outcome, at)
     return {"ok": True, "referral_id": referral["referral_id"], "state": state}
@@ -2389,27 +2417,27 @@ def diagnose_mac_mismatch(parsed: ParsedSignature, raw_body: bytes, live: Sequen
         return is_sent(sign(secret, t, body))
 
     def any_secret_signed(message: bytes) -> bool:
-        return any(is_sent(hmac.new(s.encode("utf-8"), message, hashlib.sha256).hexdigest()) for s in live_secrets)
+        return any(is_sent(hmac.new(s.encode("utf-8"), message, hashlib.sha256).hexdigest()) for s in live_values)
 
-    live_secrets = [secret for _, secret in live]
+    live_values = [secret for _, secret in live]
     trimmed = raw_body.rstrip(b"\r\n")
-    if trimmed != raw_body and any(matches(s, parsed.t, trimmed) for s in live_secrets):
+    if trimmed != raw_body and any(matches(s, parsed.t, trimmed) for s in live_values):
         return "the MAC matches this body without its trailing newline: sign the exact bytes you send"
-    if any(matches(s, parsed.t, raw_body + end) for s in live_secrets for end in (b"\n", b"\r\n")):
+    if any(matches(s, parsed.t, raw_body + end) for s in live_values for end in (b"\n", b"\r\n")):
         return ("the MAC matches this body plus a trailing newline: your HTTP client changed the body"
                 " (curl -d strips newlines); send it with --data-binary")
-    if any(matches(s, parsed.t, codecs.BOM_UTF8 + raw_body) for s in live_secrets):
+    if any(matches(s, parsed.t, codecs.BOM_UTF8 + raw_body) for s in live_values):
         return ("the MAC matches this body with a UTF-8 byte-order mark, EF BB BF, in front (Windows PowerShell 5.1"
                 " writes one at the start of a file): sign the bytes you send, without it")
-    if any(matches(s, parsed.t, other) for s in live_secrets for other in _line_breaks_put_back(raw_body)):
+    if any(matches(s, parsed.t, other) for s in live_values for other in _line_breaks_put_back(raw_body)):
         return ("the MAC matches this body with its line breaks put back: curl -d @file strips newlines;"
                 " send the file with --data-binary @file")
-    if any(matches(s, parsed.t, other) for s in live_secrets for other in _reserialised(raw_body)):
+    if any(matches(s, parsed.t, other) for s in live_values for other in _reserialised(raw_body)):
         return ("the MAC matches the same JSON written differently (spacing or key order): sign the exact"
                 " bytes you send, not a re-serialised copy, and send them unchanged")
     ts = body_ts if isinstance(body_ts, (int, float)) and not isinstance(body_ts, bool) else None
     ts_differs = ts is not None and ts != parsed.timestamp
-    if ts_differs and isinstance(ts, int) and any(matches(s, str(ts), raw_body) for s in live_secrets):
+    if ts_differs and isinstance(ts, int) and any(matches(s, str(ts), raw_body) for s in live_values):
         return "the MAC matches a different t (the body's ts): sign with the t you put in the header"
     if any(matches(s, parsed.t, raw_body) for s in revoked):
         return "this MAC was made with a previous, revoked secret: use the current secret"
@@ -2419,7 +2447,7 @@ def diagnose_mac_mismatch(parsed: ParsedSignature, raw_body: bytes, live: Sequen
         if any_secret_signed(parsed.t.encode("ascii") + separator + raw_body):
             shown = json.dumps(separator.decode("ascii"))[1:-1]
             return f'the MAC matches "<t>{shown}<body>": join t and the body with a dot, "<t>.<body>"'
-    if any(is_sent(hashlib.sha256(text).hexdigest()) for text in _plain_hash_inputs(parsed.t, raw_body, live_secrets)):
+    if any(is_sent(hashlib.sha256(text).hexdigest()) for text in _plain_hash_inputs(parsed.t, raw_body, live_values)):
         return ("v1 is a plain SHA-256 of the signed text, not an HMAC: compute HMAC-SHA256 with the secret as"
                 " the key: hash_hmac in PHP, not hash")
     if ts_differs:  # not proof, but the usual slip when nothing else explains it
@@ -3137,7 +3165,7 @@ def check_password(password: str) -> bool:
     if configured:
         return hmac.compare_digest(password.encode(), configured.encode())
     stored = get_store().admin_password_hash()
-    return bool(stored) and check_password_hash(stored, password)
+    return stored is not None and check_password_hash(stored, password)
 
 
 @dashboard.route("/login", methods=["GET", "POST"])
@@ -3237,24 +3265,24 @@ def _shown_once(page: str) -> dict[str, Any]:
     return results
 
 
-def _rejected_view(row: sqlite3.Row) -> dict[str, Any]:
+def _rejected_view(row: Row) -> dict[str, Any]:
     """A rejected request for display: its hint without the diagnosis, which is shown on its own line."""
     hint, diagnosis = row["hint"] or "", row["diagnosis"]
     return {**dict(row), "hint": hint.removesuffix(f" ({diagnosis})") if diagnosis else hint}
 
 
-def _server_or_404(game: str, server_id: str) -> sqlite3.Row:
+def _server_or_404(game: str, server_id: str) -> Row:
     server = get_store().server(server_id)
     if server is None or server["game"] != game:
         abort(404)
     return server
 
 
-def _tab_url(server: sqlite3.Row, **params: Any) -> str:
+def _tab_url(server: Row, **params: Any) -> str:
     return url_for("mmoref.dashboard.referrals_tab", game=server["game"], server_id=server["server_id"], **params)
 
 
-def _to_tab(server: sqlite3.Row, anchor: str = "", **results: dict[str, Any]) -> Any:
+def _to_tab(server: Row, anchor: str = "", **results: dict[str, Any]) -> Any:
     """Redirect to the server's Referrals tab (at `anchor`, where the result shows), `results` waiting there."""
     if results:
         _keep_for_next_page(server["server_id"], **results)
@@ -3274,7 +3302,7 @@ def referrals_tab(game: str, server_id: str) -> Any:
     return _render_tab(_server_or_404(game, server_id))
 
 
-def _render_tab(server: sqlite3.Row) -> Any:
+def _render_tab(server: Row) -> Any:
     """The Referrals tab, with whatever result a form left for it (a new secret, token or test answer)."""
     store, server_id, game = get_store(), server["server_id"], server["game"]
     filters = _log_filters()
@@ -3319,18 +3347,27 @@ def _connect_box(server_id: str, kid: str | None) -> dict[str, str]:
     return {"url": url, "server_id": server_id, "kid": kid or "", "shell": shell, "python": python}
 
 
-def _log_filters() -> dict[str, str]:
+class LogFilters(TypedDict, total=False):
+    """The delivery-log filters of a dashboard request (Store.delivery_log's), each only when set."""
+    event: str
+    outcome: str
+    q: str
+
+
+def _log_filters() -> LogFilters:
     """The delivery-log filters of this request that are valid, for queries and links."""
-    args = request.args
-    filters = {"event": args.get("event", ""), "outcome": args.get("outcome", ""), "q": args.get("q", "").strip()}
-    if filters["event"] not in LOG_EVENTS:
-        filters["event"] = ""
-    if filters["outcome"] not in OUTCOMES:
-        filters["outcome"] = ""
-    return {key: value[:MAX_FIELD_CHARS] for key, value in filters.items() if value}
+    args, filters = request.args, LogFilters()
+    if args.get("event") in LOG_EVENTS:
+        filters["event"] = args["event"]
+    if args.get("outcome") in OUTCOMES:
+        filters["outcome"] = args["outcome"]
+    q = args.get("q", "").strip()[:MAX_FIELD_CHARS]
+    if q:
+        filters["q"] = q
+    return filters
 
 
-def _log_view(row: sqlite3.Row) -> dict[str, Any]:
+def _log_view(row: Row) -> dict[str, Any]:
     """A delivery-log row for display: PII-light."""
     try:
         payload = json.loads(row["payload"] or "{}")
@@ -3480,9 +3517,9 @@ def log_detail(game: str, server_id: str, row_id: int) -> Any:
     server = _server_or_404(game, server_id)
     store = get_store()
     row = store.delivery_log_row(server_id, row_id)
-    if row is None:
+    referral = store.referral(row["referral_id"]) if row is not None else None
+    if row is None or referral is None:
         abort(404)
-    referral = store.referral(row["referral_id"])
     try:
         payload = json.dumps(json.loads(row["payload"]), indent=2, ensure_ascii=False) if row["payload"] else None
     except ValueError:
@@ -3712,10 +3749,11 @@ class _OneLineErrors(click.Group):
 
     command_class = _Command
 
-    def main(self, args: Any = None, prog_name: Any = None, **extra: Any) -> Any:
-        extra.pop("standalone_mode", None)
+    def main(self, args: Sequence[str] | None = None, prog_name: str | None = None, complete_var: str | None = None,
+             standalone_mode: bool = True, **extra: Any) -> NoReturn:
+        """Run the command and exit with its status, however `standalone_mode` is set."""
         try:
-            result = super().main(args, prog_name, standalone_mode=False, **extra)
+            result = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         except click.exceptions.Abort:
             click.echo("error: aborted", err=True)
             sys.exit(1)
@@ -3847,7 +3885,7 @@ def _configure_logging(log_format: str) -> None:
 
 # waitress's defaults let ~100 idle connections stop the server for two minutes (it stops
 # accepting at 100 and closes an idle one after 120 s). These are chosen, not defaulted:
-WAITRESS_OPTIONS = {
+WAITRESS_OPTIONS: dict[str, Any] = {
     # 400 open connections: room for many kits and browsers, and under the 512 sockets that
     # select() handles on Windows. Idle ones cost a socket each, no thread.
     "connection_limit": 400,

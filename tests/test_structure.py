@@ -110,6 +110,16 @@ def test_the_storage_section_holds_store_and_transaction() -> None:
     assert {"Store", "Transaction"} <= names
 
 
+def test_only_the_storage_section_names_a_database_driver() -> None:
+    """The state machine, the pipeline and the rest see Store, Row and StoreError: sqlite3 (and psycopg,
+    in mmoref_postgres.py) appear only where the store is implemented."""
+    source = SERVER.read_text()
+    start, end = storage_section(source)
+    outside = [f"line {number}: {line.strip()}" for number, line in enumerate(source.splitlines(), start=1)
+               if not start <= number < end and re.search(r"\b(sqlite3|psycopg)\.", line)]
+    assert outside == [], "a database driver named outside the storage section:\n" + "\n".join(outside)
+
+
 def test_no_tracked_file_but_the_contract_mentions_spec_md() -> None:
     spec = b"SPEC" + b".md"  # spelled in two parts so this file does not cite it
     tracked = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True,
