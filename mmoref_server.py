@@ -157,8 +157,8 @@ SETTINGS: dict[str, tuple[Callable[[str], Any], Any, str]] = {
     "MMOREF_TOKEN_TTL": (_whole_number(1), 90 * 24 * 3600, "seconds an mmref token (and a clicked referral) lives"),
     "MMOREF_SYNCHRONOUS": (_one_of("FULL", "NORMAL", "EXTRA"), "FULL",
                            "SQLite synchronous mode: FULL (durable) or NORMAL"),
-    "MMOREF_TRUST_PROXY": (_boolean, False, "trust X-Forwarded-* headers from MMOREF_TRUSTED_PROXY"),
-    "MMOREF_TRUSTED_PROXY": (_ip_addresses, ("127.0.0.1", "::1"), "the proxy's address(es), as mmoref sees them"),
+    "MMOREF_TRUSTED_PROXY": (_ip_addresses, (), "the TLS proxy's address(es), as mmoref sees them: only requests"
+                             " from these have their X-Forwarded-* headers applied; unset: none"),
     "MMOREF_ADMIN_PASSWORD": (str, None, "dashboard password (else generated on first run)"),
     "MMOREF_THREADS": (_whole_number(1, 1000), 8, "waitress worker threads"),
     "MMOREF_LOG_FORMAT": (_one_of("text", "json"), "text", "`serve`'s log lines: text, or json (one object a line)"),
@@ -186,17 +186,39 @@ SESSION_COOKIE = "mmoref_session"   # the standalone dashboard's; not "session",
 
 def load_settings(environ: Mapping[str, str] = os.environ) -> dict[str, Any]:
     """Settings from MMOREF_* environment variables, defaults for the rest; a bad value is a ConfigError."""
-    settings = {}
-    for name, (parse, default, _) in SETTINGS.items():
-        raw = environ.get(name)
-        if raw is None or raw == "":
-            settings[name] = default
-            continue
-        try:
-            settings[name] = parse(raw)
-        except ValueError as accepted:
-            raise ConfigError(f"{name}={raw!r} is not valid: expected {accepted}") from None
+    settings = {name: _setting(environ, name, parse, default) for name, (parse, default, _) in SETTINGS.items()}
+    trust_proxy = _setting(environ, "MMOREF_TRUST_PROXY", _boolean, None)
+    if trust_proxy is not None:
+        settings["MMOREF_TRUSTED_PROXY"] = _trusted_as_before(trust_proxy, settings["MMOREF_TRUSTED_PROXY"])
     return settings
+
+
+def _setting(environ: Mapping[str, str], name: str, parse: Callable[[str], Any], default: Any) -> Any:
+    raw = environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return parse(raw)
+    except ValueError as accepted:
+        raise ConfigError(f"{name}={raw!r} is not valid: expected {accepted}") from None
+
+
+def _trusted_as_before(trust_proxy: bool, trusted: tuple[str, ...]) -> tuple[str, ...]:
+    """The proxies an installation that still sets the deprecated MMOREF_TRUST_PROXY trusted: with it on,
+    MMOREF_TRUSTED_PROXY's addresses, which then defaulted to loopback; with it off, none. A warning
+    line says what to set instead."""
+    meant = (trusted or ("127.0.0.1", "::1")) if trust_proxy else ()
+    if meant:
+        instead = f"set MMOREF_TRUSTED_PROXY={','.join(meant)} and remove MMOREF_TRUST_PROXY"
+    else:
+        instead = "remove MMOREF_TRUST_PROXY and MMOREF_TRUSTED_PROXY (unset, it trusts no proxy)"
+    _warn_once(f"MMOREF_TRUST_PROXY is deprecated: for the same effect, {instead}")
+    return meant
+
+
+@functools.cache  # once per process, however often the settings are read
+def _warn_once(message: str) -> None:
+    log.warning("%s", message)
 
 
 def now() -> int:
@@ -3623,8 +3645,9 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     app.config.update(load_settings())
     app.config.update(SESSION_COOKIE_NAME=SESSION_COOKIE, SESSION_COOKIE_SAMESITE="Lax", SESSION_COOKIE_HTTPONLY=True)
     app.config.update(config or {})
-    trusted = app.config["MMOREF_TRUSTED_PROXY"] if app.config["MMOREF_TRUST_PROXY"] else ()
-    app.wsgi_app = _ForwardedByTrustedProxy(app.wsgi_app, trusted)  # type: ignore[method-assign]
+    proxies = app.config["MMOREF_TRUSTED_PROXY"]
+    # wrapping wsgi_app is Flask's documented way to add middleware; mypy objects to replacing a method
+    app.wsgi_app = _ForwardedByTrustedProxy(app.wsgi_app, proxies)  # type: ignore[method-assign]
     app.session_interface = _SessionInterface()
     app.register_blueprint(blueprint)
     app.add_url_rule("/", "home", _home)

@@ -340,7 +340,7 @@ def test_docs_screenshot_of_demo_dashboard(page: Any, live_server: Any, tmp_path
     done = subprocess.run([PYTHON, str(SERVER_SCRIPT), "demo", str(demo_db)], cwd=ROOT,
                           capture_output=True, text=True, timeout=30)
     assert done.returncode == 0, done.stderr
-    server = live_server(env={**ENV, "MMOREF_DB": str(demo_db), "MMOREF_TRUST_PROXY": "1"})
+    server = live_server(env={**ENV, "MMOREF_DB": str(demo_db), "MMOREF_TRUSTED_PROXY": "127.0.0.1"})
     login(page, server.url)
     # as behind an https proxy: the URLs shown (share link, ingest URL) carry a public address, no test port
     page.set_extra_http_headers({"X-Forwarded-Proto": "https", "X-Forwarded-Host": "referrals.example.org"})

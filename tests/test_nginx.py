@@ -167,8 +167,7 @@ def behind_nginx(live_server, db_path, tmp_path):
 
     def start(trust_proxy: bool, command: list[str] | None = None) -> Proxied:
         """`command` runs mmoref instead of `serve` ("{port}" in it: the port to listen on)."""
-        server = live_server(command=command, env={"MMOREF_TRUST_PROXY": "1" if trust_proxy else "0",
-                                                   "MMOREF_TRUSTED_PROXY": NGINX_ADDRESS})
+        server = live_server(command=command, env={"MMOREF_TRUSTED_PROXY": NGINX_ADDRESS if trust_proxy else ""})
         folder = tmp_path / "nginx"
         folder.mkdir()
         process, port = start_nginx(folder, server.port)
