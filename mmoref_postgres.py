@@ -125,7 +125,6 @@ class PostgresStore(mm.Store):
             url, min_size=1, max_size=self.POOL_SIZE, timeout=busy_timeout, open=True,
             kwargs={"autocommit": True, "row_factory": dict_row},
             configure=_configure, check=psycopg_pool.ConnectionPool.check_connection)
-
         # Closed by close(), or at exit at the latest: left to its __del__ at interpreter
         # shutdown, the pool waits 5 s for each of its threads, which no longer run there
         # (Python 3.13: a gunicorn worker took 20 s to stop).
@@ -219,13 +218,6 @@ class PostgresStore(mm.Store):
             connection.execute(postgres_schema(statement))
         connection.execute("UPDATE schema_version SET version = %s", (mm.SCHEMA_VERSION,))
 
-    def follow_copied_ids(self, db: _PostgresConnection, table: str) -> None:
-        """Rows copied in kept their ids: move the table's id sequence past them."""
-        column = SERIAL_COLUMNS.get(table)
-        if column:
-            db.execute(f"SELECT setval(pg_get_serial_sequence('{table}', '{column}'),"
-                       f" coalesce(max({column}), 0) + 1, false) FROM {table}")
-
 
 # copy-db #####################################################################
 
@@ -273,7 +265,7 @@ def copy_installation(source: mm.Store, destination: mm.Store) -> dict[str, int]
                 db.execute(f"INSERT INTO {table} ({', '.join(columns)})"
                            f" VALUES ({', '.join('?' * len(columns))})", tuple(row[column] for column in columns))
             if isinstance(destination, PostgresStore):
-                destination.follow_copied_ids(db, table)
+                _follow_copied_ids(db, table)
             counts[table] = len(rows)
     return counts
 
@@ -288,4 +280,12 @@ def _refuse_unless_empty(db: Any, destination: mm.Store) -> None:
                              " copy into a new, empty database")
 
 
-mm.ENGINES["postgresql"] = mm.ENGINES["postgres"] = PostgresStore
+def _follow_copied_ids(db: _PostgresConnection, table: str) -> None:
+    """On PostgreSQL, rows copied in kept their ids: move the table's id sequence past them."""
+    column = SERIAL_COLUMNS.get(table)
+    if column:
+        db.execute(f"SELECT setval(pg_get_serial_sequence('{table}', '{column}'),"
+                   f" coalesce(max({column}), 0) + 1, false) FROM {table}")
+
+
+mm.ENGINES["postgresql"] = mm.ENGINES["postgres"] = PostgresStore   # what open_store() opens for these URLs

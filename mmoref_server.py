@@ -11,6 +11,7 @@ style sheet come last.
 """
 from __future__ import annotations
 
+import abc
 import codecs
 import contextlib
 import csv
@@ -1085,7 +1086,7 @@ def live_secrets(secrets_newest_first: Sequence[Row], server_id: str, at: int) -
             if row["server_id"] == server_id and (row["expires_at"] is None or row["expires_at"] > at)]
 
 
-class Store:
+class Store(abc.ABC):
     """Every read and write of the server; `open_store(location)` opens the engine the location names.
 
     The statements here are shared; each engine (SQLiteStore, or one that a companion file
@@ -1106,42 +1107,45 @@ class Store:
     # what each engine supplies; whatever its driver raises leaves the store as a StoreError whose
     # `problem` names the cause (a WriteConflict when a write lost a race)
 
+    @abc.abstractmethod
     def _reading(self) -> contextlib.AbstractContextManager[Any]:
         """A connection for reads: `.execute(sql with ?, params)`."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def _writing(self) -> contextlib.AbstractContextManager[Any]:
         """A connection inside a write transaction, committed at the end, rolled back on any exception."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def group_commit(self, work: Callable[[Transaction], Any]) -> Any:
         """Run `work(transaction)` in a write transaction; return its result (or raise its error)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def health(self) -> StoreError | None:
         """What keeps this database from taking writes now, found quickly."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def close(self) -> None:
-        raise NotImplementedError
+        """Let go of the database connections."""
 
+    @abc.abstractmethod
     def _snapshot(self) -> contextlib.AbstractContextManager[Any]:
         """A connection whose reads all see one moment, taking no write lock."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def database_bytes(self) -> int:
-        raise NotImplementedError
+        """The size of the database, as /metrics and prune report it."""
 
+    @abc.abstractmethod
     def reclaim_space(self, convert: bool) -> bool:
         """Give the space freed by pruning or forgetting back; False when not done."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def erase_freed_bytes(self) -> None:
         """Leave no deleted or overwritten value anywhere in the database's files."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def backup_to(self, path: str) -> None:
-        raise NotImplementedError
+        """Copy the database into the new file `path` (or say how this engine is backed up)."""
 
     # shared
 
