@@ -569,7 +569,7 @@ def mask(value: str | None, keep_start: int = 4, keep_end: int = 0) -> str:
 # many mmoref nodes sharing one database, is in the companion file mmoref_postgres.py. Every SQL
 # statement of this file is in this section. Statements are written once, with ? placeholders,
 # where the dialects agree; the schema and the few statements that differ are per engine.
-# Rows are mappings by column name.
+# Rows are read by column name (Row).
 
 # The tables of a new database in their final form, written once for both engines in SQLite's words
 # (mmoref_postgres.py translates the few that PostgreSQL spells otherwise). A new schema version
@@ -796,7 +796,7 @@ COUNTED = ("clicked", "registered", "qualified", "reversed")
 
 
 class Row(Protocol):
-    """A row read by column name, whichever engine read it (an Row, a dict from psycopg).
+    """A row read by column name, whichever engine read it (an sqlite3.Row, or a dict from psycopg).
     Only these two are common to both: iterating an sqlite3.Row gives its values, a dict its keys."""
 
     def __getitem__(self, column: str, /) -> Any: ...
