@@ -3,6 +3,7 @@
 Run it:        python mmoref_server.py          (serves http://127.0.0.1:5000, ./referrals.db)
 Commands:      python mmoref_server.py --help   (or: flask --app mmoref_server --help)
 Embed it:      app.register_blueprint(mmoref_server.blueprint, url_prefix="/mmoref")
+PostgreSQL:    mmoref_postgres.py beside this file (MMOREF_DB=postgresql://..., and copy-db)
 The contract:  docs/contract.md (summarised in README.md). Sections below follow the data:
 configuration, errors and hints, signing, tokens, storage, state machine, ingest pipeline,
 routes, dashboard views, app factory, CLI, kit-side sender, main; the templates and the
@@ -10,6 +11,7 @@ style sheet come last.
 """
 from __future__ import annotations
 
+import abc
 import codecs
 import contextlib
 import csv
@@ -18,6 +20,7 @@ import errno
 import functools
 import hashlib
 import hmac
+import importlib
 import io
 import ipaddress
 import json
@@ -37,7 +40,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-import weakref
+from collections.abc import Iterable
 from collections.abc import Iterator
 from collections.abc import Mapping
 from collections.abc import Sequence
@@ -45,6 +48,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from typing import Callable
+from typing import NoReturn
+from typing import Protocol
+from typing import TypedDict
+from typing import overload
 
 REQUIRED_PACKAGES = ("Flask", "waitress")   # requirements.txt's, named to an owner with no requirements.txt
 
@@ -61,6 +68,7 @@ try:
     from flask import session
     from flask import stream_with_context
     from flask import url_for
+    from flask.cli import AppGroup
     from flask.cli import ScriptInfo
     from flask.sessions import SecureCookieSessionInterface
     from itsdangerous import BadData
@@ -156,8 +164,8 @@ SETTINGS: dict[str, tuple[Callable[[str], Any], Any, str]] = {
     "MMOREF_TOKEN_TTL": (_whole_number(1), 90 * 24 * 3600, "seconds an mmref token (and a clicked referral) lives"),
     "MMOREF_SYNCHRONOUS": (_one_of("FULL", "NORMAL", "EXTRA"), "FULL",
                            "SQLite synchronous mode: FULL (durable) or NORMAL"),
-    "MMOREF_TRUST_PROXY": (_boolean, False, "trust X-Forwarded-* headers from MMOREF_TRUSTED_PROXY"),
-    "MMOREF_TRUSTED_PROXY": (_ip_addresses, ("127.0.0.1", "::1"), "the proxy's address(es), as mmoref sees them"),
+    "MMOREF_TRUSTED_PROXY": (_ip_addresses, (), "the TLS proxy's address(es), as mmoref sees them: only requests"
+                             " from these have their X-Forwarded-* headers applied; unset: none"),
     "MMOREF_ADMIN_PASSWORD": (str, None, "dashboard password (else generated on first run)"),
     "MMOREF_THREADS": (_whole_number(1, 1000), 8, "waitress worker threads"),
     "MMOREF_LOG_FORMAT": (_one_of("text", "json"), "text", "`serve`'s log lines: text, or json (one object a line)"),
@@ -186,17 +194,39 @@ SESSION_COOKIE = "mmoref_session"   # the standalone dashboard's; not "session",
 
 def load_settings(environ: Mapping[str, str] = os.environ) -> dict[str, Any]:
     """Settings from MMOREF_* environment variables, defaults for the rest; a bad value is a ConfigError."""
-    settings = {}
-    for name, (parse, default, _) in SETTINGS.items():
-        raw = environ.get(name)
-        if raw is None or raw == "":
-            settings[name] = default
-            continue
-        try:
-            settings[name] = parse(raw)
-        except ValueError as accepted:
-            raise ConfigError(f"{name}={raw!r} is not valid: expected {accepted}") from None
+    settings = {name: _setting(environ, name, parse, default) for name, (parse, default, _) in SETTINGS.items()}
+    trust_proxy = _setting(environ, "MMOREF_TRUST_PROXY", _boolean, None)
+    if trust_proxy is not None:
+        settings["MMOREF_TRUSTED_PROXY"] = _trusted_as_before(trust_proxy, settings["MMOREF_TRUSTED_PROXY"])
     return settings
+
+
+def _setting(environ: Mapping[str, str], name: str, parse: Callable[[str], Any], default: Any) -> Any:
+    raw = environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return parse(raw)
+    except ValueError as accepted:
+        raise ConfigError(f"{name}={raw!r} is not valid: expected {accepted}") from None
+
+
+def _trusted_as_before(trust_proxy: bool, trusted: tuple[str, ...]) -> tuple[str, ...]:
+    """The proxies an installation that still sets the deprecated MMOREF_TRUST_PROXY trusted: with it on,
+    MMOREF_TRUSTED_PROXY's addresses, which then defaulted to loopback; with it off, none. A warning
+    line says what to set instead."""
+    meant = (trusted or ("127.0.0.1", "::1")) if trust_proxy else ()
+    if meant:
+        instead = f"set MMOREF_TRUSTED_PROXY={','.join(meant)} and remove MMOREF_TRUST_PROXY"
+    else:
+        instead = "remove MMOREF_TRUST_PROXY and MMOREF_TRUSTED_PROXY (unset, it trusts no proxy)"
+    _warn_once(f"MMOREF_TRUST_PROXY is deprecated: for the same effect, {instead}")
+    return meant
+
+
+@functools.cache  # once per process, however often the settings are read
+def _warn_once(message: str) -> None:
+    log.warning("%s", message)
 
 
 def now() -> int:
@@ -309,11 +339,20 @@ class SignatureError(Exception):
 
 class StoreError(Exception):
     """The database cannot be used as it is; the message says why and `problem` names the cause
-    (one of DATABASE_PROBLEMS, or "unusable")."""
+    (one of DATABASE_PROBLEMS, "unreachable", "conflict" or "unusable"). Whatever a database driver
+    raises leaves the store as one of these."""
 
     def __init__(self, message: str, problem: str = "unusable"):
         super().__init__(message)
         self.problem = problem
+
+
+class WriteConflict(StoreError):
+    """A write lost a race to another node's (a UNIQUE constraint, a deadlock, a serialization
+    failure): tried again, the same work sees the winner's rows."""
+
+    def __init__(self, message: str):
+        super().__init__(message, "conflict")
 
 
 class ConfigError(Exception):
@@ -487,7 +526,7 @@ def _token_serializer(key: str, issued_at: int | None = None) -> URLSafeTimedSer
 def _token_reader(key: str) -> tuple[URLSafeTimedSerializer, TimestampSigner]:
     """The serializer and its signer, made once per key (loads() would rebuild the signer)."""
     serializer = _token_serializer(key)
-    return serializer, serializer.make_signer(serializer.salt)
+    return serializer, _IssuedAtSigner(key, salt=serializer.salt)
 
 
 def mint_token(key: str, server_id: str, referral_id: str, issued_at: int) -> str:
@@ -533,12 +572,102 @@ def mask(value: str | None, keep_start: int = 4, keep_end: int = 0) -> str:
 
 
 # Storage #####################################################################
-# One Store interface, two engines: SQLite (the default, standard library only) and
-# PostgreSQL (psycopg 3, for many mmoref nodes sharing one database). Every SQL
-# statement of the server is in this section. Statements are written once, with ?
-# placeholders, where the dialects agree; the schema and the few statements that differ
-# are per engine. Rows are mappings by column name.
+# One Store interface; SQLite is its engine here (standard library only), and PostgreSQL's, for
+# many mmoref nodes sharing one database, is in the companion file mmoref_postgres.py. Every SQL
+# statement of this file is in this section. Statements are written once, with ? placeholders,
+# where the dialects agree; the schema and the few statements that differ are per engine.
+# Rows are read by column name (Row).
 
+# The tables of a new database in their final form, written once for both engines in SQLite's words
+# (mmoref_postgres.py translates the few that PostgreSQL spells otherwise). A new schema version
+# changes them here and appends its statements to MIGRATIONS for the databases made before it;
+# tests/test_storage.py checks that both give the same tables.
+SCHEMA: list[str] = [
+    "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
+    """CREATE TABLE servers (
+        server_id TEXT PRIMARY KEY, game TEXT NOT NULL, name TEXT NOT NULL DEFAULT '',
+        registration_url TEXT, identity_field TEXT NOT NULL DEFAULT 'username',
+        referrals_enabled INTEGER NOT NULL DEFAULT 1, created_at INTEGER NOT NULL)""",
+    # expires_at NULL: the current secret; otherwise valid until then (<= now: revoked).
+    # rotation_nonce: the rotate form's one-time value (a re-sent form finds its rotation instead of
+    # rotating again); revealed_at: when the dashboard showed the secret (its one time), NULL until then
+    """CREATE TABLE secrets (
+        kid TEXT PRIMARY KEY, server_id TEXT NOT NULL, secret TEXT NOT NULL,
+        created_at INTEGER NOT NULL, expires_at INTEGER, rotation_nonce TEXT, revealed_at INTEGER)""",
+    "CREATE INDEX secrets_by_server ON secrets (server_id, created_at)",
+    "CREATE UNIQUE INDEX secrets_by_rotation_nonce ON secrets (server_id, rotation_nonce)",
+    # anchor_referral_id: a second click by the same referrer, whose token follows the referee's
+    # anchored referral; test: minted by the dashboard's "Mint a test token", left out of every counter
+    """CREATE TABLE referrals (
+        referral_id TEXT PRIMARY KEY, server_id TEXT NOT NULL, referrer_code TEXT NOT NULL,
+        state TEXT NOT NULL, referee_identity TEXT, issued_at INTEGER NOT NULL,
+        updated_at INTEGER NOT NULL, ip_hash TEXT, user_agent TEXT, anchor_referral_id TEXT,
+        test INTEGER NOT NULL DEFAULT 0)""",
+    "CREATE INDEX referrals_by_server ON referrals (server_id, issued_at)",
+    """CREATE TABLE anchors (
+        server_id TEXT NOT NULL, referee_identity TEXT NOT NULL, referral_id TEXT NOT NULL,
+        created_at INTEGER NOT NULL, PRIMARY KEY (server_id, referee_identity)) WITHOUT ROWID""",
+    # token_referral_id is the referral the request's token names: one token = one referral, so
+    # (token_referral_id, event, server_event_id) is the idempotency key. referrer_code: the referral's
+    # (it never changes), so a search by code is one index scan; ts: the sender's own event time, as sent
+    """CREATE TABLE delivery_log (
+        id INTEGER PRIMARY KEY, server_id TEXT NOT NULL, referral_id TEXT NOT NULL,
+        token_referral_id TEXT, event TEXT NOT NULL, server_event_id TEXT,
+        outcome TEXT NOT NULL, received_at INTEGER NOT NULL, payload TEXT, referrer_code TEXT, ts NUMERIC,
+        UNIQUE (token_referral_id, event, server_event_id))""",
+    "CREATE INDEX delivery_log_by_server ON delivery_log (server_id, id)",
+    "CREATE INDEX delivery_log_by_event ON delivery_log (server_id, event, id)",
+    "CREATE INDEX delivery_log_by_outcome ON delivery_log (server_id, outcome, id)",
+    "CREATE INDEX delivery_log_by_event_id ON delivery_log (server_id, server_event_id, id)",
+    "CREATE INDEX delivery_log_by_code ON delivery_log (server_id, referrer_code, id)",
+    "CREATE INDEX delivery_log_by_referral ON delivery_log (referral_id)",
+    # identical rejections share one row: how many (repeats), and when the last one came
+    """CREATE TABLE rejected_requests (
+        id INTEGER PRIMARY KEY, server_id TEXT, status INTEGER NOT NULL, error TEXT NOT NULL,
+        reason TEXT, hint TEXT, diagnosis TEXT, snippet TEXT, received_at INTEGER NOT NULL,
+        repeats INTEGER NOT NULL DEFAULT 1, last_seen_at INTEGER)""",
+    "CREATE INDEX rejected_by_server ON rejected_requests (server_id, id)",
+    "CREATE INDEX rejected_by_last_seen ON rejected_requests (server_id, last_seen_at, id)",
+    # counters kept in the same transaction as each change, for analytics
+    """CREATE TABLE daily_counts (
+        server_id TEXT NOT NULL, day TEXT NOT NULL, clicked INTEGER NOT NULL DEFAULT 0,
+        registered INTEGER NOT NULL DEFAULT 0, qualified INTEGER NOT NULL DEFAULT 0,
+        reversed INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (server_id, day)) WITHOUT ROWID""",
+    """CREATE TABLE referrer_counts (
+        server_id TEXT NOT NULL, referrer_code TEXT NOT NULL, clicked INTEGER NOT NULL DEFAULT 0,
+        registered INTEGER NOT NULL DEFAULT 0, qualified INTEGER NOT NULL DEFAULT 0,
+        reversed INTEGER NOT NULL DEFAULT 0,
+        PRIMARY KEY (server_id, referrer_code)) WITHOUT ROWID""",
+    # the Referrals tab's leaderboard: WHERE server_id = ? AND qualified > 0 ORDER BY qualified DESC
+    "CREATE INDEX referrer_counts_by_qualified ON referrer_counts (server_id, qualified DESC, referrer_code)",
+    # a dashboard login: the cookie holds only the random id; logout deletes the row, and
+    # password_tag (an HMAC of the password's basis) no longer matches once the password changes
+    """CREATE TABLE dashboard_sessions (
+        session_id TEXT PRIMARY KEY, password_tag TEXT NOT NULL, created_at INTEGER NOT NULL)""",
+    # failed logins per client (a keyed hash of the address), counted before the password is checked
+    """CREATE TABLE login_failures (
+        client TEXT PRIMARY KEY, failures INTEGER NOT NULL, last_at INTEGER NOT NULL)""",
+    "CREATE INDEX login_failures_by_weight ON login_failures (failures, last_at)",
+    # requests per (scope, client) in the current fixed window: clicks, recorded rejections, logins
+    """CREATE TABLE client_hits (
+        scope TEXT NOT NULL, client TEXT NOT NULL, window_start INTEGER NOT NULL,
+        hits INTEGER NOT NULL, PRIMARY KEY (scope, client))""",
+    "CREATE INDEX client_hits_by_window ON client_hits (scope, window_start)",
+    # what /metrics reads, counted in the same transaction as the rows they count, so the numbers
+    # are exact across worker processes and survive pruning the log; reason '' when a refusal has none
+    """CREATE TABLE event_counts (
+        server_id TEXT NOT NULL, event TEXT NOT NULL, outcome TEXT NOT NULL, count INTEGER NOT NULL,
+        PRIMARY KEY (server_id, event, outcome)) WITHOUT ROWID""",
+    """CREATE TABLE rejection_counts (
+        status INTEGER NOT NULL, error TEXT NOT NULL, reason TEXT NOT NULL, count INTEGER NOT NULL,
+        PRIMARY KEY (status, error, reason)) WITHOUT ROWID""",
+    # ingest latency: observations and seconds per histogram bucket (not cumulative)
+    """CREATE TABLE ingest_latency (
+        le TEXT PRIMARY KEY, count INTEGER NOT NULL, seconds REAL NOT NULL) WITHOUT ROWID""",
+]
+# What brings a database made by an earlier version to SCHEMA, version by version. A released
+# migration never changes (databases ran it). PostgreSQL support began at v6: a later migration
+# runs on PostgreSQL too (translated like SCHEMA), so write it in SQL both engines speak.
 MIGRATIONS: list[list[str]] = [
     [  # v1: servers, secrets, referrals, anchors, delivery log, rejected requests
         "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
@@ -546,7 +675,6 @@ MIGRATIONS: list[list[str]] = [
             server_id TEXT PRIMARY KEY, game TEXT NOT NULL, name TEXT NOT NULL DEFAULT '',
             registration_url TEXT, identity_field TEXT NOT NULL DEFAULT 'username',
             referrals_enabled INTEGER NOT NULL DEFAULT 1, created_at INTEGER NOT NULL)""",
-        # expires_at NULL: the current secret; otherwise valid until then (<= now: revoked)
         """CREATE TABLE secrets (
             kid TEXT PRIMARY KEY, server_id TEXT NOT NULL, secret TEXT NOT NULL,
             created_at INTEGER NOT NULL, expires_at INTEGER)""",
@@ -559,8 +687,6 @@ MIGRATIONS: list[list[str]] = [
         """CREATE TABLE anchors (
             server_id TEXT NOT NULL, referee_identity TEXT NOT NULL, referral_id TEXT NOT NULL,
             created_at INTEGER NOT NULL, PRIMARY KEY (server_id, referee_identity)) WITHOUT ROWID""",
-        # token_referral_id is the referral the request's token names: one token = one
-        # referral, so (token_referral_id, event, server_event_id) is the idempotency key.
         """CREATE TABLE delivery_log (
             id INTEGER PRIMARY KEY, server_id TEXT NOT NULL, referral_id TEXT NOT NULL,
             token_referral_id TEXT, event TEXT NOT NULL, server_event_id TEXT,
@@ -603,7 +729,6 @@ MIGRATIONS: list[list[str]] = [
             GROUP BY 1, 2""",
     ],
     [  # v3: what the dashboard's filtered, keyset-paged delivery log searches by, indexed
-        # the referral's referrer code (it never changes), so a search by code is one index scan
         "ALTER TABLE delivery_log ADD COLUMN referrer_code TEXT",
         """UPDATE delivery_log SET referrer_code =
             (SELECT referrer_code FROM referrals r WHERE r.referral_id = delivery_log.referral_id)""",
@@ -612,40 +737,29 @@ MIGRATIONS: list[list[str]] = [
         "CREATE INDEX delivery_log_by_event_id ON delivery_log (server_id, server_event_id, id)",
         "CREATE INDEX delivery_log_by_code ON delivery_log (server_id, referrer_code, id)",
         "CREATE INDEX delivery_log_by_referral ON delivery_log (referral_id)",
-        # the sender's own event time, stored as sent (never used for the window)
         "ALTER TABLE delivery_log ADD COLUMN ts NUMERIC",
-        # a second click by the same referrer: its token follows the referee's anchored referral
         "ALTER TABLE referrals ADD COLUMN anchor_referral_id TEXT",
     ],
     [  # v4: the dashboard's test tokens, and rotations made once per form submission
-        # a referral minted by the dashboard's "Mint a test token": left out of every counter
         "ALTER TABLE referrals ADD COLUMN test INTEGER NOT NULL DEFAULT 0",
-        # the rotate form's one-time value: a re-sent form finds its rotation instead of rotating again
         "ALTER TABLE secrets ADD COLUMN rotation_nonce TEXT",
         "CREATE UNIQUE INDEX secrets_by_rotation_nonce ON secrets (server_id, rotation_nonce)",
-        # when the dashboard showed the secret (its one time); NULL: not shown there yet
         "ALTER TABLE secrets ADD COLUMN revealed_at INTEGER",
     ],
     [  # v5: limits and sessions kept where every worker process sees them
-        # a dashboard login: the cookie holds only the random id; logout deletes the row, and
-        # password_tag (an HMAC of the password's basis) no longer matches once the password changes
         """CREATE TABLE dashboard_sessions (
             session_id TEXT PRIMARY KEY, password_tag TEXT NOT NULL, created_at INTEGER NOT NULL)""",
-        # failed logins per client (a keyed hash of the address), counted before the password is checked
         """CREATE TABLE login_failures (
             client TEXT PRIMARY KEY, failures INTEGER NOT NULL, last_at INTEGER NOT NULL)""",
         "CREATE INDEX login_failures_by_weight ON login_failures (failures, last_at)",
-        # requests per (scope, client) in the current fixed window: clicks, recorded rejections, logins
         """CREATE TABLE client_hits (
             scope TEXT NOT NULL, client TEXT NOT NULL, window_start INTEGER NOT NULL,
             hits INTEGER NOT NULL, PRIMARY KEY (scope, client))""",
         "CREATE INDEX client_hits_by_window ON client_hits (scope, window_start)",
-        # identical rejections share one row: how many, and when the last one came
         "ALTER TABLE rejected_requests ADD COLUMN repeats INTEGER NOT NULL DEFAULT 1",
         "ALTER TABLE rejected_requests ADD COLUMN last_seen_at INTEGER",
         "UPDATE rejected_requests SET last_seen_at = received_at",
         "CREATE INDEX rejected_by_last_seen ON rejected_requests (server_id, last_seen_at, id)",
-        # the Referrals tab's leaderboard: WHERE server_id = ? AND qualified > 0 ORDER BY qualified DESC
         "CREATE INDEX referrer_counts_by_qualified ON referrer_counts (server_id, qualified DESC, referrer_code)",
     ],
     [  # v6: what /metrics reads, counted in the same transaction as the rows they count, so the
@@ -655,18 +769,30 @@ MIGRATIONS: list[list[str]] = [
             PRIMARY KEY (server_id, event, outcome)) WITHOUT ROWID""",
         """INSERT INTO event_counts (server_id, event, outcome, count)
             SELECT server_id, event, outcome, count(*) FROM delivery_log GROUP BY 1, 2, 3""",
-        # reason '' when the refusal has none; backfilled from the (capped) list of kept refusals
+        # backfilled from the (capped) list of kept refusals
         """CREATE TABLE rejection_counts (
             status INTEGER NOT NULL, error TEXT NOT NULL, reason TEXT NOT NULL, count INTEGER NOT NULL,
             PRIMARY KEY (status, error, reason)) WITHOUT ROWID""",
         """INSERT INTO rejection_counts (status, error, reason, count)
             SELECT status, error, coalesce(reason, ''), count(*) FROM rejected_requests GROUP BY 1, 2, 3""",
-        # ingest latency: observations and seconds per histogram bucket (not cumulative)
         """CREATE TABLE ingest_latency (
             le TEXT PRIMARY KEY, count INTEGER NOT NULL, seconds REAL NOT NULL) WITHOUT ROWID""",
     ],
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
+
+
+def schema_statements(version: int, where: str) -> list[str]:
+    """What brings a database at schema `version` (0: a new one) to SCHEMA_VERSION: SCHEMA for a new
+    database, the migrations after `version` for an older one. A StoreError refuses a database that
+    a newer mmoref wrote (`where` names it)."""
+    if version > SCHEMA_VERSION:
+        raise StoreError(f"{where} was written by a newer mmoref (schema v{version}; this one knows up to"
+                         f" v{SCHEMA_VERSION}): upgrade mmoref_server.py")
+    if version == 0:
+        return SCHEMA
+    return [statement for migration in MIGRATIONS[version:] for statement in migration]
+
 # random per-installation values kept in `meta`: what signs tokens, sessions, pseudonymous client keys
 INSTALLATION_KEYS = ("token_key", "session_key", "session_binding_key", "ip_salt", "identity_key")
 PRUNED_TABLES = ("delivery_log", "rejected_requests")  # what retention deletes; counters stay
@@ -674,92 +800,15 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0
 VACUUM_PAGES_PER_STEP = 2000                           # 8 MB of 4 KiB pages per short transaction
 COUNTED = ("clicked", "registered", "qualified", "reversed")
 
-Row = Mapping[str, Any]  # a row by column name (sqlite3.Row, or a dict from psycopg)
-
-# PostgreSQL: the same tables, created at once (PostgreSQL support began at schema v6).
-# Each later version adds its statements to both MIGRATIONS and POSTGRES_MIGRATIONS.
-POSTGRES_SCHEMA: list[str] = [
-    "CREATE TABLE schema_version (version INTEGER NOT NULL)",
-    "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
-    """CREATE TABLE servers (
-        server_id TEXT PRIMARY KEY, game TEXT NOT NULL, name TEXT NOT NULL DEFAULT '',
-        registration_url TEXT, identity_field TEXT NOT NULL DEFAULT 'username',
-        referrals_enabled INTEGER NOT NULL DEFAULT 1, created_at BIGINT NOT NULL)""",
-    # rowid: the creation order, which SQLite keeps implicitly (secrets made in one second)
-    """CREATE TABLE secrets (
-        kid TEXT PRIMARY KEY, server_id TEXT NOT NULL, secret TEXT NOT NULL,
-        created_at BIGINT NOT NULL, expires_at BIGINT, rowid BIGSERIAL NOT NULL,
-        rotation_nonce TEXT, revealed_at BIGINT)""",
-    "CREATE INDEX secrets_by_server ON secrets (server_id, created_at)",
-    "CREATE UNIQUE INDEX secrets_by_rotation_nonce ON secrets (server_id, rotation_nonce)",
-    """CREATE TABLE referrals (
-        referral_id TEXT PRIMARY KEY, server_id TEXT NOT NULL, referrer_code TEXT NOT NULL,
-        state TEXT NOT NULL, referee_identity TEXT, issued_at BIGINT NOT NULL,
-        updated_at BIGINT NOT NULL, ip_hash TEXT, user_agent TEXT, anchor_referral_id TEXT,
-        test INTEGER NOT NULL DEFAULT 0)""",
-    "CREATE INDEX referrals_by_server ON referrals (server_id, issued_at)",
-    """CREATE TABLE anchors (
-        server_id TEXT NOT NULL, referee_identity TEXT NOT NULL, referral_id TEXT NOT NULL,
-        created_at BIGINT NOT NULL, PRIMARY KEY (server_id, referee_identity))""",
-    """CREATE TABLE delivery_log (
-        id BIGSERIAL PRIMARY KEY, server_id TEXT NOT NULL, referral_id TEXT NOT NULL,
-        token_referral_id TEXT, event TEXT NOT NULL, server_event_id TEXT,
-        outcome TEXT NOT NULL, received_at BIGINT NOT NULL, payload TEXT, referrer_code TEXT, ts NUMERIC,
-        UNIQUE (token_referral_id, event, server_event_id))""",
-    "CREATE INDEX delivery_log_by_server ON delivery_log (server_id, id)",
-    "CREATE INDEX delivery_log_by_event ON delivery_log (server_id, event, id)",
-    "CREATE INDEX delivery_log_by_outcome ON delivery_log (server_id, outcome, id)",
-    "CREATE INDEX delivery_log_by_event_id ON delivery_log (server_id, server_event_id, id)",
-    "CREATE INDEX delivery_log_by_code ON delivery_log (server_id, referrer_code, id)",
-    "CREATE INDEX delivery_log_by_referral ON delivery_log (referral_id)",
-    """CREATE TABLE rejected_requests (
-        id BIGSERIAL PRIMARY KEY, server_id TEXT, status INTEGER NOT NULL, error TEXT NOT NULL,
-        reason TEXT, hint TEXT, diagnosis TEXT, snippet TEXT, received_at BIGINT NOT NULL,
-        repeats INTEGER NOT NULL DEFAULT 1, last_seen_at BIGINT)""",
-    "CREATE INDEX rejected_by_server ON rejected_requests (server_id, id)",
-    "CREATE INDEX rejected_by_last_seen ON rejected_requests (server_id, last_seen_at, id)",
-    """CREATE TABLE daily_counts (
-        server_id TEXT NOT NULL, day TEXT NOT NULL, clicked INTEGER NOT NULL DEFAULT 0,
-        registered INTEGER NOT NULL DEFAULT 0, qualified INTEGER NOT NULL DEFAULT 0,
-        reversed INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (server_id, day))""",
-    """CREATE TABLE referrer_counts (
-        server_id TEXT NOT NULL, referrer_code TEXT NOT NULL, clicked INTEGER NOT NULL DEFAULT 0,
-        registered INTEGER NOT NULL DEFAULT 0, qualified INTEGER NOT NULL DEFAULT 0,
-        reversed INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (server_id, referrer_code))""",
-    "CREATE INDEX referrer_counts_by_qualified ON referrer_counts (server_id, qualified DESC, referrer_code)",
-    """CREATE TABLE dashboard_sessions (
-        session_id TEXT PRIMARY KEY, password_tag TEXT NOT NULL, created_at BIGINT NOT NULL)""",
-    "CREATE TABLE login_failures (client TEXT PRIMARY KEY, failures INTEGER NOT NULL, last_at BIGINT NOT NULL)",
-    "CREATE INDEX login_failures_by_weight ON login_failures (failures, last_at)",
-    """CREATE TABLE client_hits (
-        scope TEXT NOT NULL, client TEXT NOT NULL, window_start BIGINT NOT NULL,
-        hits INTEGER NOT NULL, PRIMARY KEY (scope, client))""",
-    "CREATE INDEX client_hits_by_window ON client_hits (scope, window_start)",
-    """CREATE TABLE event_counts (
-        server_id TEXT NOT NULL, event TEXT NOT NULL, outcome TEXT NOT NULL, count BIGINT NOT NULL,
-        PRIMARY KEY (server_id, event, outcome))""",
-    """CREATE TABLE rejection_counts (
-        status INTEGER NOT NULL, error TEXT NOT NULL, reason TEXT NOT NULL, count BIGINT NOT NULL,
-        PRIMARY KEY (status, error, reason))""",
-    "CREATE TABLE ingest_latency (le TEXT PRIMARY KEY, count BIGINT NOT NULL, seconds DOUBLE PRECISION NOT NULL)",
-]
-POSTGRES_SCHEMA_VERSION = 6
-POSTGRES_MIGRATIONS: dict[int, list[str]] = {}  # version: its statements, for every version after 6
-assert sorted(POSTGRES_MIGRATIONS) == list(range(POSTGRES_SCHEMA_VERSION + 1, SCHEMA_VERSION + 1)), \
-    "every migration needs its PostgreSQL form"
-# What copy-db moves (every table), parents first, each in an order that keeps ids and ties
-COPIED_TABLES = {"meta": "key", "servers": "server_id", "secrets": "created_at, rowid", "referrals": "referral_id",
-                 "anchors": "server_id, referee_identity", "delivery_log": "id", "rejected_requests": "id",
-                 "daily_counts": "server_id, day", "referrer_counts": "server_id, referrer_code",
-                 "dashboard_sessions": "session_id", "login_failures": "client", "client_hits": "scope, client",
-                 "event_counts": "server_id, event, outcome", "rejection_counts": "status, error, reason",
-                 "ingest_latency": "le"}
-POSTGRES_URL = re.compile(r"postgres(ql)?://", re.IGNORECASE)
 
 
-def is_postgres_url(location: str) -> bool:
-    """MMOREF_DB names a PostgreSQL database (a URL) rather than a SQLite file."""
-    return POSTGRES_URL.match(location) is not None
+class Row(Protocol):
+    """A row read by column name, whichever engine read it (an sqlite3.Row, or a dict from psycopg).
+    Only these two are common to both: iterating an sqlite3.Row gives its values, a dict its keys."""
+
+    def __getitem__(self, column: str, /) -> Any: ...
+
+    def keys(self) -> Iterable[str]: ...
 
 
 def _with_cut_identity_replaced(text: str, spellings: Sequence[str], forgotten: str) -> str:
@@ -774,7 +823,7 @@ def _with_cut_identity_replaced(text: str, spellings: Sequence[str], forgotten: 
 
 def database_label(location: str) -> str:
     """Where the data lives, to show: a SQLite file's full path, or the URL without its password."""
-    if not is_postgres_url(location):
+    if not is_database_url(location):
         return os.path.abspath(location)
     parts = urllib.parse.urlsplit(location)
     if parts.password is None:
@@ -861,7 +910,7 @@ def _create_private_file(path: str) -> None:
     try:
         os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
     except OSError as exc:
-        raise database_error(path, "read-only" if _cannot_write(path) else "unusable", exc.strerror) from None
+        raise database_error(path, "read-only" if _cannot_write(path) else "unusable", exc.strerror or "") from None
 
 
 class _Pending:
@@ -870,7 +919,10 @@ class _Pending:
     __slots__ = ("work", "result", "error", "done")
 
     def __init__(self, work: Callable[[Transaction], Any]):
-        self.work, self.result, self.error, self.done = work, None, None, threading.Event()
+        self.work = work
+        self.result: Any = None
+        self.error: Exception | None = None
+        self.done = threading.Event()
 
     def run_in_savepoint(self, transaction: Transaction) -> None:
         """Run the work; if it raises, undo its writes alone and keep its error for the caller."""
@@ -1041,23 +1093,17 @@ def live_secrets(secrets_newest_first: Sequence[Row], server_id: str, at: int) -
             if row["server_id"] == server_id and (row["expires_at"] is None or row["expires_at"] > at)]
 
 
-class Store:
-    """Every read and write of the server; `Store(location)` opens the engine the location names.
+class Store(abc.ABC):
+    """Every read and write of the server; `open_store(location)` opens the engine the location names.
 
-    A path opens SQLiteStore, a postgresql:// URL PostgresStore. The statements here are
-    shared; each engine supplies connections, transactions, health, the schema and its few
+    The statements here are shared; each engine (SQLiteStore, or one that a companion file
+    registers in ENGINES) supplies connections, transactions, health, the schema and its few
     differing statements.
     """
 
     NULL_SAFE_EQUAL = "IS"          # `a IS b`: equal, NULL equal to NULL
     CONTAINS = "instr({column}, ?) > 0"   # the column's text holds the parameter
-    CONFLICTS: tuple[type[BaseException], ...] = ()   # errors after which a write is tried again
     TRANSACTION: type[Transaction] = Transaction
-
-    def __new__(cls, location: str, *args: Any, **kwargs: Any) -> Store:
-        if cls is Store:
-            cls = PostgresStore if is_postgres_url(location) else SQLiteStore
-        return super().__new__(cls)
 
     def __init__(self, location: str):
         self.location = location
@@ -1065,48 +1111,48 @@ class Store:
         self._latency: dict[str, tuple[int, float]] = {}  # observed, not yet written: le -> (count, seconds)
         self._latency_lock = threading.Lock()
 
-    # what each engine supplies
+    # what each engine supplies; whatever its driver raises leaves the store as a StoreError whose
+    # `problem` names the cause (a WriteConflict when a write lost a race)
 
+    @abc.abstractmethod
     def _reading(self) -> contextlib.AbstractContextManager[Any]:
         """A connection for reads: `.execute(sql with ?, params)`."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def _writing(self) -> contextlib.AbstractContextManager[Any]:
         """A connection inside a write transaction, committed at the end, rolled back on any exception."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def group_commit(self, work: Callable[[Transaction], Any]) -> Any:
         """Run `work(transaction)` in a write transaction; return its result (or raise its error)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def health(self) -> StoreError | None:
         """What keeps this database from taking writes now, found quickly."""
-        raise NotImplementedError
 
-    def problem_of(self, exc: Exception) -> str:
-        """Which problem (a DATABASE_PROBLEMS key, "unreachable" or "unusable") a failed request ran into."""
-        raise NotImplementedError
-
+    @abc.abstractmethod
     def close(self) -> None:
-        raise NotImplementedError
+        """Let go of the database connections."""
 
+    @abc.abstractmethod
     def _snapshot(self) -> contextlib.AbstractContextManager[Any]:
         """A connection whose reads all see one moment, taking no write lock."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def database_bytes(self) -> int:
-        raise NotImplementedError
+        """The size of the database, as /metrics and prune report it."""
 
+    @abc.abstractmethod
     def reclaim_space(self, convert: bool) -> bool:
         """Give the space freed by pruning or forgetting back; False when not done."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def erase_freed_bytes(self) -> None:
         """Leave no deleted or overwritten value anywhere in the database's files."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def backup_to(self, path: str) -> None:
-        raise NotImplementedError
+        """Copy the database into the new file `path` (or say how this engine is backed up)."""
 
     # shared
 
@@ -1260,6 +1306,16 @@ class Store:
 
     # referrals
 
+    @overload
+    def mint_referral(self, server_id: str, referrer_code: str, ip_hash: str | None = None,
+                      user_agent: str | None = None, issued_at: int | None = None,
+                      test: bool = False, click_limit: None = None) -> tuple[str, str]: ...
+
+    @overload   # only a click under a limit may be refused
+    def mint_referral(self, server_id: str, referrer_code: str, ip_hash: str | None = None,
+                      user_agent: str | None = None, issued_at: int | None = None,
+                      test: bool = False, *, click_limit: tuple[str, int]) -> tuple[str, str] | None: ...
+
     def mint_referral(self, server_id: str, referrer_code: str, ip_hash: str | None = None,
                       user_agent: str | None = None, issued_at: int | None = None,
                       test: bool = False, click_limit: tuple[str, int] | None = None) -> tuple[str, str] | None:
@@ -1332,10 +1388,10 @@ class Store:
 
     def funnel(self, server_id: str) -> Row:
         """One server's all-time clicked, registered, qualified and reversed counts (0 when none)."""
-        return self._one(
+        return self._all(
             "SELECT coalesce(sum(clicked), 0) AS clicked, coalesce(sum(registered), 0) AS registered,"
             " coalesce(sum(qualified), 0) AS qualified, coalesce(sum(reversed), 0) AS reversed"
-            " FROM daily_counts WHERE server_id = ?", (server_id,))
+            " FROM daily_counts WHERE server_id = ?", (server_id,))[0]   # (an aggregate: one row)
 
     def leaders(self, server_id: str, limit: int = 20) -> list[Row]:
         """The referrers with qualified referrals, most first."""
@@ -1536,40 +1592,53 @@ class Store:
                          f" UNION ALL SELECT 1 FROM rejected_requests WHERE {self.CONTAINS.format(column='snippet')}"
                          " LIMIT 1", (server_id, text, server_id, text, text)) is not None
 
-    # copy-db: a whole installation, from one engine to the other
+# Which store opens a location: a path is a SQLite file (SQLiteStore); a URL opens the engine
+# registered in ENGINES for its scheme. An engine kept in a companion file registers itself there
+# when the file is loaded, the first time a location names it.
+ENGINES: dict[str, Callable[[str, float], Store]] = {}   # URL scheme -> store class (location, busy_timeout)
+ENGINE_COMPANIONS = {"postgresql": "mmoref_postgres.py", "postgres": "mmoref_postgres.py"}  # scheme -> its file
+_URL_SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://")
 
-    def table_rows(self, table: str) -> list[Row]:
-        """Every row of one of COPIED_TABLES, in the order copy-db inserts them."""
-        return self._all(f"SELECT * FROM {table} ORDER BY {COPIED_TABLES[table]}")
 
-    def copy_from(self, source: Store) -> dict[str, int]:
-        """Copy every row of `source` into this empty store, in one transaction; rows per table.
+def url_scheme(location: str) -> str | None:
+    """The scheme of a database URL that an engine is known for ("postgresql"); None for a SQLite file."""
+    match = _URL_SCHEME.match(location)
+    scheme = match.group(1).lower() if match else None
+    return scheme if scheme in ENGINES or scheme in ENGINE_COMPANIONS else None
 
-        Rows keep their ids, keys and values: the token key (tokens minted before still
-        verify), the password hash and session key, secrets with their kids and expiries.
-        """
-        counts = {}
-        keys = ", ".join("?" * len(INSTALLATION_KEYS))
-        with self._writing() as db:
-            if db.execute(f"SELECT 1 AS found FROM meta WHERE key NOT IN ({keys}) LIMIT 1",
-                          INSTALLATION_KEYS).fetchone() or any(
-                    db.execute(f"SELECT 1 AS found FROM {table} LIMIT 1").fetchone()
-                    for table in COPIED_TABLES if table != "meta"):
-                raise ConfigError(f"{database_label(self.location)} already holds data:"
-                                  " copy into a new, empty database")
-            db.execute("DELETE FROM meta")  # the keys made when this store opened give way to SOURCE's
-            for table in COPIED_TABLES:
-                rows = source.table_rows(table)
-                for row in rows:
-                    columns = list(row.keys())  # (iterating a sqlite3.Row gives its values)
-                    db.execute(f"INSERT INTO {table} ({', '.join(columns)})"
-                               f" VALUES ({', '.join('?' * len(columns))})", tuple(row[column] for column in columns))
-                self._after_insert_rows(db, table)
-                counts[table] = len(rows)
-        return counts
 
-    def _after_insert_rows(self, db: Any, table: str) -> None:
-        """What the engine must do after rows came in with their own ids."""
+def is_database_url(location: str) -> bool:
+    """MMOREF_DB names a database server (a URL) rather than a SQLite file."""
+    return url_scheme(location) is not None
+
+
+def open_store(location: str, *, synchronous: str = "FULL", busy_timeout: float = CLI_BUSY_TIMEOUT) -> Store:
+    """The store of a SQLite file or a database URL, open (created or migrated); a StoreError says what
+    is wrong. `synchronous` is SQLite's (MMOREF_SYNCHRONOUS); `busy_timeout` is how long a write waits
+    for another process's lock (SQLite) or for a pooled connection (a database server)."""
+    scheme = url_scheme(location)
+    if scheme is None:
+        return SQLiteStore(location, synchronous, busy_timeout)
+    if scheme not in ENGINES:
+        load_companion(ENGINE_COMPANIONS[scheme], f"a {scheme}:// database")
+    return ENGINES[scheme](location, busy_timeout)
+
+
+def load_companion(filename: str, needed_for: str) -> None:
+    """Import a companion file beside this one; it registers what it brings (an engine, a command).
+    Without the file, a StoreError names it."""
+    # Run as `python mmoref_server.py`, this module is __main__: the companion's `import mmoref_server`
+    # must find it, not load a second copy with registries of its own that nothing here reads.
+    sys.modules.setdefault("mmoref_server", sys.modules[__name__])
+    module = filename.removesuffix(".py")
+    try:
+        importlib.import_module(module)
+    except ModuleNotFoundError as missing:
+        if missing.name != module:
+            raise
+        folder = Path(__file__).resolve().parent
+        raise StoreError(f"{needed_for} needs {filename}, which is not beside mmoref_server.py in {folder}:"
+                         " copy it there from the same mmoref release") from None
 
 
 class SQLiteStore(Store):
@@ -1577,8 +1646,6 @@ class SQLiteStore(Store):
     every write transaction runs on the request's own thread, one at a time, on one writing
     connection (BEGIN IMMEDIATE), so the UNIQUE constraints and the read-then-write checks hold
     across threads and worker processes."""
-
-    CONFLICTS = (sqlite3.IntegrityError,)
 
     def __init__(self, path: str, synchronous: str = "FULL", busy_timeout: float = CLI_BUSY_TIMEOUT):
         """Open (creating when missing), check and migrate the database; a StoreError says what is wrong."""
@@ -1614,7 +1681,15 @@ class SQLiteStore(Store):
         """The one-line StoreError for an SQLite error on this database."""
         return database_error(self.path, self.problem_of(exc), str(exc))
 
-    def problem_of(self, exc: Exception) -> str:
+    @contextlib.contextmanager
+    def _store_errors(self) -> Iterator[None]:
+        """The store's boundary: an SQLite error leaves it as the StoreError that says what is wrong."""
+        try:
+            yield
+        except sqlite3.Error as exc:
+            raise self.error_for(exc) from exc
+
+    def problem_of(self, exc: sqlite3.Error | StoreError) -> str:
         """Which of DATABASE_PROBLEMS `exc` means. Damage is remembered for /healthz: it does not
         heal, and most of it is found only by the request that reads the damaged pages."""
         if isinstance(exc, StoreError):
@@ -1664,25 +1739,27 @@ class SQLiteStore(Store):
 
     @contextlib.contextmanager
     def _reading(self) -> Iterator[sqlite3.Connection]:
-        yield self.connect()
+        with self._store_errors():
+            yield self.connect()
 
     @contextlib.contextmanager
     def _snapshot(self) -> Iterator[sqlite3.Connection]:
-        db = self.connect()
-        if db.in_transaction:  # this thread's open transaction already reads one moment
-            yield db
-            return
-        db.execute("BEGIN")
-        try:
-            yield db
-        finally:
-            db.execute("COMMIT")
+        with self._store_errors():
+            db = self.connect()
+            if db.in_transaction:  # this thread's open transaction already reads one moment
+                yield db
+                return
+            db.execute("BEGIN")
+            try:
+                yield db
+            finally:
+                db.execute("COMMIT")
 
     @contextlib.contextmanager
     def _writer(self) -> Iterator[sqlite3.Connection]:
         """The writing connection, this thread's alone until the block ends."""
         self._forget_parent_process()
-        with self._write_lock:
+        with self._store_errors(), self._write_lock:
             if self._write_db is None:
                 self._write_db = self._open()
             yield self._write_db
@@ -1732,7 +1809,8 @@ class SQLiteStore(Store):
             self._queued.notify()
         pending.done.wait()
         if pending.error is not None:
-            raise pending.error
+            with self._store_errors():  # an SQLite error, as the StoreError it means
+                raise pending.error
         return pending.result
 
     def _write_queued(self) -> None:
@@ -1790,13 +1868,8 @@ class SQLiteStore(Store):
     def _migrate(self) -> None:
         with self._writing() as db:
             version = db.execute("PRAGMA user_version").fetchone()[0]
-            if version > SCHEMA_VERSION:
-                raise StoreError(
-                    f"{self.path} was written by a newer mmoref (schema v{version}; this one "
-                    f"knows up to v{SCHEMA_VERSION}): upgrade mmoref_server.py")
-            for number in range(version, SCHEMA_VERSION):
-                for statement in MIGRATIONS[number]:
-                    db.execute(statement)
+            for statement in schema_statements(version, self.path):
+                db.execute(statement)
             db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
     def health(self) -> StoreError | None:
@@ -1859,12 +1932,9 @@ class SQLiteStore(Store):
         and, under steady ingest, might never finish. The copy is one file (no -wal).
         """
         _create_private_file(path)
-        copy = sqlite3.connect(path, isolation_level=None)
-        try:
+        with self._store_errors(), contextlib.closing(sqlite3.connect(path, isolation_level=None)) as copy:
             self.connect().backup(copy)
             copy.execute("PRAGMA journal_mode = DELETE")
-        finally:
-            copy.close()
 
     @staticmethod
     def check_copy(path: str) -> dict[str, int]:
@@ -1911,9 +1981,10 @@ class SQLiteStore(Store):
                     return False
                 db.execute("PRAGMA auto_vacuum = INCREMENTAL")
                 db.execute("VACUUM")
-        while self.connect().execute("PRAGMA freelist_count").fetchone()[0]:
-            with self._writing() as db:
-                db.execute(f"PRAGMA incremental_vacuum({VACUUM_PAGES_PER_STEP})").fetchall()
+        with self._store_errors():
+            while self.connect().execute("PRAGMA freelist_count").fetchone()[0]:
+                with self._writing() as db:
+                    db.execute(f"PRAGMA incremental_vacuum({VACUUM_PAGES_PER_STEP})").fetchall()
         self.truncate_wal()
         return True
 
@@ -1929,191 +2000,9 @@ class SQLiteStore(Store):
 
     def truncate_wal(self) -> bool:
         """Copy the write-ahead log into the database and truncate it; False if readers kept it."""
-        busy = self.connect().execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
+        with self._store_errors():
+            busy = self.connect().execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
         return not busy
-
-
-@functools.lru_cache(maxsize=1024)  # each statement is converted once
-def _postgres_sql(sql: str) -> str:
-    """A shared statement in psycopg's placeholder style: ? becomes %s (a literal % is doubled)."""
-    return sql.replace("%", "%%").replace("?", "%s")
-
-
-class _PostgresConnection:
-    """A psycopg connection that takes the statements as written for both engines."""
-
-    __slots__ = ("connection",)
-
-    def __init__(self, connection: Any):
-        self.connection = connection
-
-    def execute(self, sql: str, params: Sequence[Any] = ()) -> Any:
-        return self.connection.execute(_postgres_sql(sql), params)
-
-
-class _PostgresTransaction(Transaction):
-    """Where SQLite's BEGIN IMMEDIATE serialises every writer, PostgreSQL locks the rows read to decide."""
-
-    __slots__ = ()
-    ROW_LOCK = " FOR UPDATE"
-    SHARE_LOCK = " FOR SHARE"
-
-    def referral_for_event(self, referral_id: str, event: str, server_event_id: str) -> Row | None:
-        # Lock first: the read that follows then sees whatever the lock's previous holder committed.
-        self.referral(referral_id)
-        return super().referral_for_event(referral_id, event, server_event_id)
-
-
-def _number(text: bytes | memoryview) -> int | float:
-    """A NUMERIC value (sum() of integers, the sender's ts) as the int or float SQLite would give."""
-    value = bytes(text).decode()
-    return int(value) if value.lstrip("-").isdigit() else float(value)
-
-
-class PostgresStore(Store):
-    """Many mmoref nodes on one PostgreSQL database: psycopg 3 and a connection pool.
-
-    Each write is its own READ COMMITTED transaction (PostgreSQL's own group commit batches
-    the fsyncs). The state machine's read-then-write holds because it locks the referral's
-    row first (SELECT ... FOR UPDATE); the UNIQUE constraints are the last line, and a
-    write that loses a race to one, to a deadlock or to a serialization failure is tried
-    again. Installation-wide values live in the database, so a node needs only the URL.
-    """
-
-    NULL_SAFE_EQUAL = "IS NOT DISTINCT FROM"
-    CONTAINS = "strpos({column}, ?) > 0"
-    TRANSACTION = _PostgresTransaction
-    MIGRATION_LOCK = 0x6D6D6F72  # pg_advisory_xact_lock key: one node migrates, the others wait
-    POOL_SIZE = 16
-
-    def __init__(self, url: str, synchronous: str = "FULL", busy_timeout: float = CLI_BUSY_TIMEOUT):
-        """Connect, migrate, open the pool; `busy_timeout`: how long a request waits for a connection."""
-        super().__init__(url)
-        try:
-            import psycopg
-            import psycopg_pool
-        except ImportError:
-            raise StoreError("a postgresql:// MMOREF_DB needs psycopg: pip install -r requirements-postgres.txt") \
-                from None
-        self._psycopg = psycopg
-        self.CONFLICTS = (psycopg.errors.UniqueViolation, psycopg.errors.TransactionRollback)
-        self._unavailable = (psycopg.OperationalError, psycopg_pool.PoolTimeout)
-
-        class NumberLoader(psycopg.adapt.Loader):
-            def load(self, data: bytes | memoryview) -> int | float:
-                return _number(data)
-
-        self._number_loader = NumberLoader
-        self._migrate()
-        self._pool = psycopg_pool.ConnectionPool(
-            url, min_size=1, max_size=self.POOL_SIZE, timeout=busy_timeout, open=True,
-            kwargs={"autocommit": True, "row_factory": psycopg.rows.dict_row},
-            configure=self._configure, check=psycopg_pool.ConnectionPool.check_connection)
-        # Closed by close(), or at exit at the latest: left to its __del__ at interpreter
-        # shutdown, the pool waits 5 s for each of its threads, which no longer run there
-        # (Python 3.13: a gunicorn worker took 20 s to stop).
-        self._close_pool = weakref.finalize(self, self._pool.close)
-        self._load_installation_keys()
-
-    def _configure(self, connection: Any) -> None:
-        connection.adapters.register_loader("numeric", self._number_loader)
-
-    def close(self) -> None:
-        self._close_pool()  # once: later calls, and the finalizer at exit, do nothing
-
-    @contextlib.contextmanager
-    def _connection(self) -> Iterator[_PostgresConnection]:
-        """A pooled connection; PostgreSQL out of reach is a StoreError with problem "unreachable"."""
-        try:
-            with self._pool.connection() as connection:
-                yield _PostgresConnection(connection)
-        except self._psycopg.errors.TransactionRollback:
-            raise  # a deadlock or serialization failure: the caller tries again
-        except self._unavailable as exc:
-            raise self._unreachable(exc) from exc
-
-    def _unreachable(self, exc: Exception) -> StoreError:
-        detail = " ".join(str(exc).split()) or type(exc).__name__
-        return StoreError(f"PostgreSQL at {database_label(self.location)} cannot be reached ({detail}):"
-                          " check that it is running and that MMOREF_DB is right", "unreachable")
-
-    def health(self) -> StoreError | None:
-        try:
-            self._one("SELECT 1 AS up")
-        except StoreError as exc:
-            return exc
-        return None
-
-    def problem_of(self, exc: Exception) -> str:
-        return exc.problem if isinstance(exc, StoreError) else "unusable"
-
-    _reading = _connection
-
-    @contextlib.contextmanager
-    def _writing(self) -> Iterator[_PostgresConnection]:
-        with self._connection() as db, db.connection.transaction():
-            yield db
-
-    @contextlib.contextmanager
-    def _snapshot(self) -> Iterator[_PostgresConnection]:
-        with self._connection() as db, db.connection.transaction():
-            db.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
-            yield db
-
-    def group_commit(self, work: Callable[[Transaction], Any]) -> Any:
-        """Each piece of work is its own transaction: PostgreSQL's own group commit batches the fsyncs."""
-        with self.transaction() as transaction:
-            return work(transaction)
-
-    def database_bytes(self) -> int:
-        return self._one("SELECT pg_database_size(current_database()) AS size")["size"]
-
-    def reclaim_space(self, convert: bool) -> bool:
-        """PostgreSQL's autovacuum makes freed space reusable by itself."""
-        return True
-
-    def erase_freed_bytes(self) -> None:
-        """VACUUM FULL rewrites the tables forget changed, leaving no old row version behind."""
-        with self._connection() as db:
-            db.execute("VACUUM FULL referrals, anchors, delivery_log, rejected_requests")
-
-    def backup_to(self, path: str) -> None:
-        raise StoreError("back a PostgreSQL database up with pg_dump (and put it back with pg_restore)")
-
-    def _migrate(self) -> None:
-        """Bring the schema up to date, once, however many nodes start together."""
-        psycopg = self._psycopg
-        try:
-            connection = psycopg.connect(self.location, autocommit=True, connect_timeout=10)
-        except psycopg.Error as exc:
-            raise self._unreachable(exc) from None
-        with connection, connection.transaction():
-            connection.execute("SELECT pg_advisory_xact_lock(%s)", (self.MIGRATION_LOCK,))
-            version = 0
-            if connection.execute("SELECT to_regclass('schema_version')").fetchone()[0] is not None:
-                version = connection.execute("SELECT version FROM schema_version").fetchone()[0]
-            if version > SCHEMA_VERSION:
-                raise StoreError(
-                    f"{database_label(self.location)} was written by a newer mmoref (schema v{version}; this one "
-                    f"knows up to v{SCHEMA_VERSION}): upgrade mmoref_server.py")
-            if version == 0:
-                for statement in POSTGRES_SCHEMA:
-                    connection.execute(statement)
-                connection.execute("INSERT INTO schema_version VALUES (%s)", (POSTGRES_SCHEMA_VERSION,))
-                version = POSTGRES_SCHEMA_VERSION
-            for number in range(version + 1, SCHEMA_VERSION + 1):
-                for statement in POSTGRES_MIGRATIONS[number]:
-                    connection.execute(statement)
-            connection.execute("UPDATE schema_version SET version = %s", (SCHEMA_VERSION,))
-
-    _SERIAL_COLUMNS = {"secrets": "rowid", "delivery_log": "id", "rejected_requests": "id"}
-
-    def _after_insert_rows(self, db: Any, table: str) -> None:
-        """Rows copied in kept their ids: move the table's id sequence past them."""
-        column = self._SERIAL_COLUMNS.get(table)
-        if column:
-            db.execute(f"SELECT setval(pg_get_serial_sequence('{table}', '{column}'),"
-                       f" coalesce(max({column}), 0) + 1, false) FROM {table}")
 
 
 # State machine (docs/contract.md §2) #########################################
@@ -2173,7 +2062,9 @@ def apply_event(transaction: Transaction, delivery: Delivery, ttl: int) -> dict[
         transaction.count_event(delivery.server_id, event, "duplicate")
         return {"ok": True, "duplicate": True}
     if referral["anchor_referral_id"]:  # a second click's token: events apply to the anchored referral
-        referral = transaction.referral(referral["anchor_referral_id"])
+        anchored = transaction.referral(referral["anchor_referral_id"])
+        assert anchored is not None, "an anchor names a referral, and referrals are never deleted"
+        referral = anchored
     state = referral["state"]
     if state == "clicked" and at - delivery.token_claims.issued_at > ttl:
         transaction.set_state(referral["referral_id"], "expired", at)
@@ -2192,7 +2083,7 @@ def apply_event(transaction: Transaction, delivery: Delivery, ttl: int) -> dict[
     return _log_and_answer(transaction, delivery, referral, "advanced", next_state, at)
 
 
-def _register(transaction: Transaction, delivery: Delivery, referral: sqlite3.Row, at: int) -> dict[str, Any]:
+def _register(transaction: Transaction, delivery: Delivery, referral: Row, at: int) -> dict[str, Any]:
     """`registered` on a clicked referral: mint the anchor, unless first touch says otherwise."""
     anchored = transaction.anchored_referral(delivery.server_id, delivery.referee_identity,
                                              delivery.forgotten_identity)
@@ -2209,7 +2100,7 @@ def _register(transaction: Transaction, delivery: Delivery, referral: sqlite3.Ro
     return _log_and_answer(transaction, delivery, anchored, "no_op", anchored["state"], at)
 
 
-def _advance(transaction: Transaction, referral: sqlite3.Row, next_state: str, at: int,
+def _advance(transaction: Transaction, referral: Row, next_state: str, at: int,
              referee_identity: str | None = None) -> None:
     """Move the referral to `next_state` (recording its referee on registration) and count it."""
     transaction.set_state(referral["referral_id"], next_state, at, referee_identity)
@@ -2217,12 +2108,12 @@ def _advance(transaction: Transaction, referral: sqlite3.Row, next_state: str, a
         transaction.count(referral["server_id"], referral["referrer_code"], next_state, at)
 
 
-def _log(transaction: Transaction, delivery: Delivery, referral: sqlite3.Row, outcome: str, at: int) -> None:
+def _log(transaction: Transaction, delivery: Delivery, referral: Row, outcome: str, at: int) -> None:
     transaction.log_delivery(referral, delivery.event, outcome, at, token_referral_id=delivery.token_claims.referral_id,
                              server_event_id=delivery.server_event_id, payload=delivery.payload, ts=delivery.ts)
 
 
-def _log_and_answer(transaction: Transaction, delivery: Delivery, referral: sqlite3.Row, outcome: str, state: str,
+def _log_and_answer(transaction: Transaction, delivery: Delivery, referral: Row, outcome: str, state: str,
                     at: int) -> dict[str, Any]:
     _log(transaction, delivery, referral, outcome, at)
     return {"ok": True, "referral_id": referral["referral_id"], "state": state}
@@ -2280,7 +2171,7 @@ def process_event(store: Store, raw_body: bytes, header: str | None, *, window: 
         try:
             outcome = store.group_commit(
                 lambda transaction: _verify_and_apply(store, transaction, parsed, fields, raw_body, window, ttl))
-        except store.CONFLICTS:  # a concurrent writer won a race our reads could not see (PostgreSQL)
+        except WriteConflict:  # a concurrent writer won a race our reads could not see (PostgreSQL)
             if attempt == WRITE_ATTEMPTS:
                 raise
             continue
@@ -2560,27 +2451,27 @@ def diagnose_mac_mismatch(parsed: ParsedSignature, raw_body: bytes, live: Sequen
         return is_sent(sign(secret, t, body))
 
     def any_secret_signed(message: bytes) -> bool:
-        return any(is_sent(hmac.new(s.encode("utf-8"), message, hashlib.sha256).hexdigest()) for s in live_secrets)
+        return any(is_sent(hmac.new(s.encode("utf-8"), message, hashlib.sha256).hexdigest()) for s in live_values)
 
-    live_secrets = [secret for _, secret in live]
+    live_values = [secret for _, secret in live]
     trimmed = raw_body.rstrip(b"\r\n")
-    if trimmed != raw_body and any(matches(s, parsed.t, trimmed) for s in live_secrets):
+    if trimmed != raw_body and any(matches(s, parsed.t, trimmed) for s in live_values):
         return "the MAC matches this body without its trailing newline: sign the exact bytes you send"
-    if any(matches(s, parsed.t, raw_body + end) for s in live_secrets for end in (b"\n", b"\r\n")):
+    if any(matches(s, parsed.t, raw_body + end) for s in live_values for end in (b"\n", b"\r\n")):
         return ("the MAC matches this body plus a trailing newline: your HTTP client changed the body"
                 " (curl -d strips newlines); send it with --data-binary")
-    if any(matches(s, parsed.t, codecs.BOM_UTF8 + raw_body) for s in live_secrets):
+    if any(matches(s, parsed.t, codecs.BOM_UTF8 + raw_body) for s in live_values):
         return ("the MAC matches this body with a UTF-8 byte-order mark, EF BB BF, in front (Windows PowerShell 5.1"
                 " writes one at the start of a file): sign the bytes you send, without it")
-    if any(matches(s, parsed.t, other) for s in live_secrets for other in _line_breaks_put_back(raw_body)):
+    if any(matches(s, parsed.t, other) for s in live_values for other in _line_breaks_put_back(raw_body)):
         return ("the MAC matches this body with its line breaks put back: curl -d @file strips newlines;"
                 " send the file with --data-binary @file")
-    if any(matches(s, parsed.t, other) for s in live_secrets for other in _reserialised(raw_body)):
+    if any(matches(s, parsed.t, other) for s in live_values for other in _reserialised(raw_body)):
         return ("the MAC matches the same JSON written differently (spacing or key order): sign the exact"
                 " bytes you send, not a re-serialised copy, and send them unchanged")
     ts = body_ts if isinstance(body_ts, (int, float)) and not isinstance(body_ts, bool) else None
     ts_differs = ts is not None and ts != parsed.timestamp
-    if ts_differs and isinstance(ts, int) and any(matches(s, str(ts), raw_body) for s in live_secrets):
+    if ts_differs and isinstance(ts, int) and any(matches(s, str(ts), raw_body) for s in live_values):
         return "the MAC matches a different t (the body's ts): sign with the t you put in the header"
     if any(matches(s, parsed.t, raw_body) for s in revoked):
         return "this MAC was made with a previous, revoked secret: use the current secret"
@@ -2590,7 +2481,7 @@ def diagnose_mac_mismatch(parsed: ParsedSignature, raw_body: bytes, live: Sequen
         if any_secret_signed(parsed.t.encode("ascii") + separator + raw_body):
             shown = json.dumps(separator.decode("ascii"))[1:-1]
             return f'the MAC matches "<t>{shown}<body>": join t and the body with a dot, "<t>.<body>"'
-    if any(is_sent(hashlib.sha256(text).hexdigest()) for text in _plain_hash_inputs(parsed.t, raw_body, live_secrets)):
+    if any(is_sent(hashlib.sha256(text).hexdigest()) for text in _plain_hash_inputs(parsed.t, raw_body, live_values)):
         return ("v1 is a plain SHA-256 of the signed text, not an HMAC: compute HMAC-SHA256 with the secret as"
                 " the key: hash_hmac in PHP, not hash")
     if ts_differs:  # not proof, but the usual slip when nothing else explains it
@@ -2665,8 +2556,8 @@ def handle_ingest(store: Store, raw_body: bytes, header: str | None, *, window: 
         body, status = exc.body(), exc.status
         if status in (400, 401, 404, 422):
             _remember_rejection(store, exc, raw_body, client)
-    except (sqlite3.Error, StoreError) as exc:  # nothing was written
-        status, body = _database_failure(store, exc)
+    except StoreError as exc:  # nothing was written
+        status, body = _database_failure(exc)
     except Exception:  # 11. anything unexpected: the transaction rolled back
         log.exception("ingest failed")
         status, body = 500, ApiError(500, "internal error", HINTS["internal error"]).body()
@@ -2683,9 +2574,9 @@ def _log_ingest(status: int, error: str | None, **more: str | None) -> None:
     log.info("ingest %s", words, extra={"fields": fields})
 
 
-def _database_failure(store: Store, exc: sqlite3.Error | StoreError) -> tuple[int, dict]:
+def _database_failure(exc: StoreError) -> tuple[int, dict]:
     """503 when the database is locked by another process or no longer the file opened; else 500."""
-    problem = store.problem_of(exc)
+    problem = exc.problem
     if problem == "locked":
         return 503, ApiError(503, "database busy", HINTS["database busy"]).body()
     if problem in ("deleted", "replaced"):
@@ -2693,7 +2584,7 @@ def _database_failure(store: Store, exc: sqlite3.Error | StoreError) -> tuple[in
     if problem == "unreachable":  # PostgreSQL down or restarting: the node recovers by itself
         log.warning("ingest: %s", exc)
         return 503, ApiError(503, "database unavailable", HINTS["database unreachable"]).body()
-    log.exception("ingest failed: %s", exc if isinstance(exc, StoreError) else store.error_for(exc))
+    log.error("ingest failed: %s", exc, exc_info=exc.__cause__ or exc)  # with what the engine raised
     return 500, ApiError(500, "internal error", HINTS["internal error"]).body()
 
 
@@ -2725,7 +2616,7 @@ def _remember_rejection(store: Store, exc: ApiError, raw_body: bytes, client: st
         snippet = _scrubbed_snippet(raw_body, store.all_secrets(), limit=REJECTED_SNIPPET_CHARS)
         store.record_rejected(exc.server_id, exc.status, exc.error, exc.extra.get("reason"), exc.hint,
                               exc.diagnosis, snippet, client=client, per_client_minute=REJECTIONS_PER_CLIENT_MINUTE)
-    except (sqlite3.Error, StoreError) as exc:  # the answer stands; /healthz says what the database lacks
+    except StoreError as exc:  # the answer stands; /healthz says what the database lacks
         log.warning("could not record a rejected request: %s", exc)
 
 
@@ -2772,7 +2663,7 @@ def write_backup(store: Store, dest: str, force: bool = False) -> dict[str, Any]
 def restore_database(source: str, db_path: str) -> dict[str, Any]:
     """Put a backup in place of `db_path` (the server must be stopped); the current file is kept
     beside it as `<db>.before-restore-<time>`. Returns what was restored and what was kept."""
-    if is_postgres_url(db_path):
+    if is_database_url(db_path):
         raise ConfigError("restore puts a SQLite backup in place; restore a PostgreSQL database with pg_restore,"
                           " or move a SQLite backup into PostgreSQL with copy-db")
     rows = SQLiteStore.check_copy(source)
@@ -2823,7 +2714,7 @@ def start_auto_prune(store: Store, older_than: int) -> threading.Thread:
                 if not result["space_reclaimed"]:
                     log.warning(f"run `{COMMAND} prune` once, server stopped or not, to let the"
                                 " database file shrink (it was made by an older mmoref)")
-            except (sqlite3.Error, StoreError):
+            except StoreError:
                 log.exception("automatic prune failed; it runs again in a day")
             time.sleep(PRUNE_EVERY_SECONDS)
 
@@ -2914,8 +2805,9 @@ def get_store() -> Store:
     if "mmoref" not in extensions:
         with _store_lock:
             if "mmoref" not in extensions:
-                extensions["mmoref"] = Store(current_app.config["MMOREF_DB"], current_app.config["MMOREF_SYNCHRONOUS"],
-                                             busy_timeout=REQUEST_BUSY_TIMEOUT)
+                extensions["mmoref"] = open_store(current_app.config["MMOREF_DB"],
+                                                  synchronous=current_app.config["MMOREF_SYNCHRONOUS"],
+                                                  busy_timeout=REQUEST_BUSY_TIMEOUT)
     return extensions["mmoref"]
 
 
@@ -3307,7 +3199,7 @@ def check_password(password: str) -> bool:
     if configured:
         return hmac.compare_digest(password.encode(), configured.encode())
     stored = get_store().admin_password_hash()
-    return bool(stored) and check_password_hash(stored, password)
+    return stored is not None and check_password_hash(stored, password)
 
 
 @dashboard.route("/login", methods=["GET", "POST"])
@@ -3407,24 +3299,24 @@ def _shown_once(page: str) -> dict[str, Any]:
     return results
 
 
-def _rejected_view(row: sqlite3.Row) -> dict[str, Any]:
+def _rejected_view(row: Row) -> dict[str, Any]:
     """A rejected request for display: its hint without the diagnosis, which is shown on its own line."""
     hint, diagnosis = row["hint"] or "", row["diagnosis"]
     return {**dict(row), "hint": hint.removesuffix(f" ({diagnosis})") if diagnosis else hint}
 
 
-def _server_or_404(game: str, server_id: str) -> sqlite3.Row:
+def _server_or_404(game: str, server_id: str) -> Row:
     server = get_store().server(server_id)
     if server is None or server["game"] != game:
         abort(404)
     return server
 
 
-def _tab_url(server: sqlite3.Row, **params: Any) -> str:
+def _tab_url(server: Row, **params: Any) -> str:
     return url_for("mmoref.dashboard.referrals_tab", game=server["game"], server_id=server["server_id"], **params)
 
 
-def _to_tab(server: sqlite3.Row, anchor: str = "", **results: dict[str, Any]) -> Any:
+def _to_tab(server: Row, anchor: str = "", **results: dict[str, Any]) -> Any:
     """Redirect to the server's Referrals tab (at `anchor`, where the result shows), `results` waiting there."""
     if results:
         _keep_for_next_page(server["server_id"], **results)
@@ -3444,7 +3336,7 @@ def referrals_tab(game: str, server_id: str) -> Any:
     return _render_tab(_server_or_404(game, server_id))
 
 
-def _render_tab(server: sqlite3.Row) -> Any:
+def _render_tab(server: Row) -> Any:
     """The Referrals tab, with whatever result a form left for it (a new secret, token or test answer)."""
     store, server_id, game = get_store(), server["server_id"], server["game"]
     filters = _log_filters()
@@ -3489,18 +3381,27 @@ def _connect_box(server_id: str, kid: str | None) -> dict[str, str]:
     return {"url": url, "server_id": server_id, "kid": kid or "", "shell": shell, "python": python}
 
 
-def _log_filters() -> dict[str, str]:
+class LogFilters(TypedDict, total=False):
+    """The delivery-log filters of a dashboard request (Store.delivery_log's), each only when set."""
+    event: str
+    outcome: str
+    q: str
+
+
+def _log_filters() -> LogFilters:
     """The delivery-log filters of this request that are valid, for queries and links."""
-    args = request.args
-    filters = {"event": args.get("event", ""), "outcome": args.get("outcome", ""), "q": args.get("q", "").strip()}
-    if filters["event"] not in LOG_EVENTS:
-        filters["event"] = ""
-    if filters["outcome"] not in OUTCOMES:
-        filters["outcome"] = ""
-    return {key: value[:MAX_FIELD_CHARS] for key, value in filters.items() if value}
+    args, filters = request.args, LogFilters()
+    if args.get("event") in LOG_EVENTS:
+        filters["event"] = args["event"]
+    if args.get("outcome") in OUTCOMES:
+        filters["outcome"] = args["outcome"]
+    q = args.get("q", "").strip()[:MAX_FIELD_CHARS]
+    if q:
+        filters["q"] = q
+    return filters
 
 
-def _log_view(row: sqlite3.Row) -> dict[str, Any]:
+def _log_view(row: Row) -> dict[str, Any]:
     """A delivery-log row for display: PII-light."""
     try:
         payload = json.loads(row["payload"] or "{}")
@@ -3650,9 +3551,9 @@ def log_detail(game: str, server_id: str, row_id: int) -> Any:
     server = _server_or_404(game, server_id)
     store = get_store()
     row = store.delivery_log_row(server_id, row_id)
-    if row is None:
+    referral = store.referral(row["referral_id"]) if row is not None else None
+    if row is None or referral is None:
         abort(404)
-    referral = store.referral(row["referral_id"])
     try:
         payload = json.dumps(json.loads(row["payload"]), indent=2, ensure_ascii=False) if row["payload"] else None
     except ValueError:
@@ -3756,8 +3657,9 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     app.config.update(load_settings())
     app.config.update(SESSION_COOKIE_NAME=SESSION_COOKIE, SESSION_COOKIE_SAMESITE="Lax", SESSION_COOKIE_HTTPONLY=True)
     app.config.update(config or {})
-    trusted = app.config["MMOREF_TRUSTED_PROXY"] if app.config["MMOREF_TRUST_PROXY"] else ()
-    app.wsgi_app = _ForwardedByTrustedProxy(app.wsgi_app, trusted)  # type: ignore[method-assign]
+    proxies = app.config["MMOREF_TRUSTED_PROXY"]
+    # wrapping wsgi_app is Flask's documented way to add middleware; mypy objects to replacing a method
+    app.wsgi_app = _ForwardedByTrustedProxy(app.wsgi_app, proxies)  # type: ignore[method-assign]
     app.session_interface = _SessionInterface()
     app.register_blueprint(blueprint)
     app.add_url_rule("/", "home", _home)
@@ -3767,9 +3669,19 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
             store = get_store()  # create or migrate the schema now; refuse a newer database at start-up
             if not app.config.get("SECRET_KEY"):  # per installation, never a constant
                 app.config["SECRET_KEY"] = store.installation_key("session_key")
-    for command in cli.commands.values():  # so `flask --app mmoref_server add-server ...` works too
-        app.cli.add_command(command)
+    app.cli = _FlaskFindsOurCommands(app.name)
     return app
+
+
+class _FlaskFindsOurCommands(AppGroup):
+    """The app's `cli`, so that `flask --app mmoref_server COMMAND` finds every command that
+    `python mmoref_server.py COMMAND` finds (a companion file's among them)."""
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        return super().get_command(ctx, cmd_name) or cli.get_command(ctx, cmd_name)
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *cli.list_commands(ctx)})
 
 
 def _loaded_by_flask_command() -> bool:
@@ -3872,10 +3784,11 @@ class _OneLineErrors(click.Group):
 
     command_class = _Command
 
-    def main(self, args: Any = None, prog_name: Any = None, **extra: Any) -> Any:
-        extra.pop("standalone_mode", None)
+    def main(self, args: Sequence[str] | None = None, prog_name: str | None = None, complete_var: str | None = None,
+             standalone_mode: bool = True, **extra: Any) -> NoReturn:
+        """Run the command and exit with its status, however `standalone_mode` is set."""
         try:
-            result = super().main(args, prog_name, standalone_mode=False, **extra)
+            result = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         except click.exceptions.Abort:
             click.echo("error: aborted", err=True)
             sys.exit(1)
@@ -3890,15 +3803,15 @@ class _OneLineErrors(click.Group):
         sys.exit(result if isinstance(result, int) else 0)
 
 
-def _open_store(db_path: str | None, create: bool = False) -> Store:
+def _command_store(db_path: str | None, create: bool = False) -> Store:
     """The command's database, closed when the command ends, however it ends (a PostgreSQL
     pool left open would hold the exit for seconds and print warnings). Only commands that set
     an installation up (`create`) may make one."""
     settings = load_settings()
     path = db_path or settings["MMOREF_DB"]
-    if not create and not is_postgres_url(path) and not os.path.exists(path):
+    if not create and not is_database_url(path) and not os.path.exists(path):
         raise ConfigError(f"no database at {os.path.abspath(path)}: pass --db or set MMOREF_DB")
-    store = Store(path, settings["MMOREF_SYNCHRONOUS"])
+    store = open_store(path, synchronous=settings["MMOREF_SYNCHRONOUS"])
     context = click.get_current_context(silent=True)
     if context is not None:
         context.call_on_close(store.close)
@@ -3907,7 +3820,7 @@ def _open_store(db_path: str | None, create: bool = False) -> Store:
 
 def _store_with_server(db_path: str | None, server_id: str) -> Store:
     """The command's database; a server id it lacks is refused, naming the database looked in."""
-    store = _open_store(db_path)
+    store = _command_store(db_path)
     if store.server(server_id) is None:
         raise ConfigError(f"unknown server {server_id!r} in {database_label(store.location)}: "
                           "check the id, or pass --db with the right database")
@@ -3917,7 +3830,7 @@ def _store_with_server(db_path: str | None, server_id: str) -> Store:
 def set_password_command_line(db_path: str) -> str:
     """How to run set-password on this database: with --db unless it is ./referrals.db."""
     command = f"{COMMAND} set-password"
-    if is_postgres_url(db_path):
+    if is_database_url(db_path):
         return f"{command} --db <the postgresql:// URL>"
     if os.path.abspath(db_path) == os.path.abspath(SETTINGS["MMOREF_DB"][1]):
         return command
@@ -3944,14 +3857,26 @@ def _emit(as_json: bool, data: Any, text: str) -> None:
     click.echo(json.dumps(data) if as_json else text)
 
 
+COMMAND_COMPANIONS = {"copy-db": "mmoref_postgres.py"}   # a command a companion file brings -> that file
+
+
 class _ServeByDefault(_OneLineErrors):
-    """No command, or serve's options without it (`python mmoref_server.py --port 5055`), means `serve`."""
+    """No command, or serve's options without it (`python mmoref_server.py --port 5055`), means `serve`.
+    A command of a companion file is found by loading the file (COMMAND_COMPANIONS)."""
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
         starts_with_option = bool(args) and args[0].startswith("-")
         if not args or (starts_with_option and args[0] not in (*ctx.help_option_names, "--version")):
             args = ["serve", *args]
         return super().parse_args(ctx, args)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name not in self.commands and cmd_name in COMMAND_COMPANIONS:
+            try:
+                load_companion(COMMAND_COMPANIONS[cmd_name], f"the {cmd_name} command")
+            except StoreError as exc:  # one line, under `flask` too
+                raise click.ClickException(str(exc)) from None
+        return super().get_command(ctx, cmd_name)
 
 
 @click.group(cls=_ServeByDefault)
@@ -3960,6 +3885,7 @@ def cli() -> None:
     """mmoref: the MMOLove Referral Kit ingest server.
 
     With no command, or with only serve's options (--host, --port, --db): serve.
+    PostgreSQL databases and copy-db come with mmoref_postgres.py, beside this file.
     """
 
 
@@ -3994,7 +3920,7 @@ def _configure_logging(log_format: str) -> None:
 
 # waitress's defaults let ~100 idle connections stop the server for two minutes (it stops
 # accepting at 100 and closes an idle one after 120 s). These are chosen, not defaulted:
-WAITRESS_OPTIONS = {
+WAITRESS_OPTIONS: dict[str, Any] = {
     # 400 open connections: room for many kits and browsers, and under the 512 sockets that
     # select() handles on Windows. Idle ones cost a socket each, no thread.
     "connection_limit": 400,
@@ -4124,25 +4050,8 @@ def _login_lines(app: Flask) -> list[str]:
               help="the new password (prompted for when omitted)")
 def set_password_command(db_path: str | None, password: str) -> None:
     """Set the dashboard password (stored as a salted hash); logs every session out."""
-    _open_store(db_path, create=True).set_admin_password(password)
+    _command_store(db_path, create=True).set_admin_password(password)
     click.echo("dashboard password changed")
-
-
-@cli.command("copy-db")
-@click.argument("source", metavar="SOURCE")
-@click.argument("destination", metavar="DEST")
-def copy_db_command(source: str, destination: str) -> None:
-    """Copy a whole installation into an empty database: SQLite file or postgresql:// URL, either way.
-
-    Servers, secrets, the token key (tokens minted before still verify), the dashboard
-    password and session key, referrals, anchors, the delivery log and the counters. Stop
-    the servers using SOURCE first, so that nothing is written during the copy.
-    """
-    if source == destination:
-        raise ConfigError("SOURCE and DEST are the same database")
-    counts = _open_store(destination, create=True).copy_from(_open_store(source))
-    click.echo(f"copied {database_label(source)} to {database_label(destination)}: "
-               + ", ".join(f"{count} {table}" for table, count in counts.items()))
 
 
 @cli.command("add-server")
@@ -4156,7 +4065,7 @@ def copy_db_command(source: str, destination: str) -> None:
 def add_server_command(server_id: str, game: str, name: str, registration_url: str | None, identity_field: str,
                        db_path: str | None, as_json: bool) -> None:
     """Create a server with referrals enabled; print its first secret once."""
-    secret, kid = _open_store(db_path, create=True).add_server(server_id, game, name, registration_url,
+    secret, kid = _command_store(db_path, create=True).add_server(server_id, game, name, registration_url,
                                                                identity_field)
     _emit(as_json, {"server_id": server_id, "game": game, "secret": secret, "kid": kid},
           f"server {server_id} created (game {game}), referrals enabled\n"
@@ -4210,7 +4119,7 @@ def _owner_command(action: str) -> Callable:
     @_json_option
     @click.argument("referral_id")
     def owner_action_command(referral_id: str, db_path: str | None, as_json: bool) -> None:
-        store = _open_store(db_path)
+        store = _command_store(db_path)
         try:
             state = owner_action(store, referral_id, action)
         except ConfigError as exc:
@@ -4273,7 +4182,7 @@ def backup_command(dest: str, force: bool, db_path: str | None, as_json: bool) -
     The copy is one consistent snapshot (SQLite's backup API: ingest goes on), checked
     with PRAGMA integrity_check before it is renamed into place.
     """
-    store = _open_store(db_path)
+    store = _command_store(db_path)
     try:
         result = write_backup(store, dest, force)
     finally:
@@ -4309,7 +4218,7 @@ def prune_command(older_than: int, db_path: str | None, as_json: bool) -> None:
     Deletes in batches of 1,000 rows (ingest waits at most one batch), then gives the
     space back. Safe while the server runs.
     """
-    result = prune(_open_store(db_path), older_than)
+    result = prune(_command_store(db_path), older_than)
     deleted = result["deleted"]
     _emit(as_json, result, f"deleted {deleted['delivery_log']:,} delivery-log and {deleted['rejected_requests']:,}"
                            f" rejected-request rows in {result['seconds']} s\ndatabase: {result['bytes_before']:,}"
@@ -4328,7 +4237,7 @@ def forget_command(server_id: str, identity: str, db_path: str | None, as_json: 
     through another referrer. Rewrites the database file (VACUUM) so no copy is left.
     """
     try:
-        result = forget(_open_store(db_path), server_id, identity)
+        result = forget(_command_store(db_path), server_id, identity)
     except NothingToForget as exc:
         if as_json:
             click.echo(json.dumps(exc.answer))
@@ -4372,7 +4281,7 @@ def write_demo_database(path: str, force: bool = False) -> None:
         for suffix in ("", "-wal", "-shm"):
             with contextlib.suppress(FileNotFoundError):
                 os.remove(path + suffix)
-    store = Store(path)
+    store = open_store(path)
     store.add_server(DEMO_SERVER_ID, DEMO_GAME, "Demo Server", "http://localhost:8080/register", "username")
     store.set_secret(DEMO_SERVER_ID, DEMO_SECRET)  # a well-known secret, so the README can show it
     ttl = SETTINGS["MMOREF_TOKEN_TTL"][1]

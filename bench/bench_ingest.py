@@ -142,13 +142,18 @@ def request(method: str, port: int, path: str, body: bytes | None = None,
 def mint_tokens(db_path: Path | str, count: int, module: Any = mm) -> list[str]:
     """Record `count` clicks and mint their tokens with the server's own storage code (`module`: the
     mmoref_server under test), in one transaction (the share link's per-client limit is 30 a minute)."""
-    store = module.Store(str(db_path))
+    store = open_store(module, str(db_path))
     issued = module.now()
     with store.transaction() as transaction:
         referral_ids = [transaction.insert_referral(SERVER_ID, f"c{n % CODES}", issued) for n in range(count)]
     tokens = [module.mint_token(store.token_key, SERVER_ID, referral_id, issued) for referral_id in referral_ids]
     store.close()
     return tokens
+
+
+def open_store(module: Any, location: str) -> Any:
+    """`module`'s store for `location` (a checkout older than open_store() opens it with Store())."""
+    return module.open_store(location) if hasattr(module, "open_store") else module.Store(location)
 
 
 def load_checkout(checkout: Path, name: str) -> Any:
@@ -365,7 +370,7 @@ def compare_engines(args: argparse.Namespace, url: str, workdir: Path) -> list[d
     table = []
     for engine, nodes in [("sqlite", 1)] + [("postgresql", n) for n in args.nodes]:
         db = str(workdir / "compare.db") if engine == "sqlite" else fresh_postgres_database(url, f"n{nodes}")
-        store = mm.Store(db)
+        store = mm.open_store(db)
         secret, _ = store.add_server(SERVER_ID, GAME, "Bench", "http://localhost:8080/register")
         store.close()
         servers = [Server(db, args.threads, log_path=workdir / f"{engine}-{nodes}-{i}.log") for i in range(nodes)]
@@ -393,7 +398,7 @@ def _median_round(rounds: list[dict]) -> dict:
 
 def fresh_database(workdir: Path, name: str, module: Any = mm) -> tuple[Path, str]:
     db_path = workdir / name
-    store = module.Store(str(db_path))
+    store = open_store(module, str(db_path))
     secret, _ = store.add_server(SERVER_ID, GAME, "Bench", "http://localhost:8080/register")
     store.close()
     return db_path, secret
@@ -401,7 +406,7 @@ def fresh_database(workdir: Path, name: str, module: Any = mm) -> tuple[Path, st
 
 def prefill(db_path: Path, rows: int) -> tuple[str, float]:
     """Write `rows` registered events through the server's own storage and transition code."""
-    store = mm.Store(str(db_path))
+    store = mm.open_store(str(db_path))
     secret, _ = store.add_server(SERVER_ID, GAME, "Bench", "http://localhost:8080/register")
     ttl = mm.SETTINGS["MMOREF_TOKEN_TTL"][1]
     started = time.perf_counter()

@@ -29,7 +29,7 @@ PAYLOAD = '{"event":"registered","token":"WyJz…","server_id":"srv_robust","ser
 
 
 def build(db_path: str, rows: int) -> mm.Store:
-    store = mm.Store(db_path)
+    store = mm.open_store(db_path)
     old = mm.now() - 400 * 86400
     with store.transaction() as transaction:
         transaction.db.executemany(

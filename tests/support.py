@@ -272,10 +272,12 @@ def database(path: str | Path, *, read_only: bool = False) -> Iterator[sqlite3.C
 
 def rows(path: str | Path, sql: str, *params: Any) -> list[tuple]:
     """All rows of one query (written with ? placeholders) against the SQLite file or PostgreSQL URL."""
-    if mm.is_postgres_url(str(path)):
+    if mm.is_database_url(str(path)):
         import psycopg
+
+        import mmoref_postgres
         with psycopg.connect(str(path), autocommit=True) as db:
-            cursor = db.execute(mm._postgres_sql(sql), params)
+            cursor = db.execute(mmoref_postgres._postgres_sql(sql), params)
             found = cursor.fetchall() if cursor.description else []  # (an UPDATE returns no rows)
             return [tuple(_as_sqlite_value(value) for value in row) for row in found]
     with database(path) as db:
@@ -297,7 +299,7 @@ def scalar(path: str | Path, sql: str, *params: Any) -> Any:
 
 def snapshot(db_path: str | Path) -> dict[str, list[tuple]]:
     """Every row of every table: to show a refused request changed nothing."""
-    if mm.is_postgres_url(str(db_path)):
+    if mm.is_database_url(str(db_path)):
         tables = [row[0] for row in rows(db_path, "SELECT table_name FROM information_schema.tables"
                                                   " WHERE table_schema = 'public' ORDER BY table_name")]
     else:

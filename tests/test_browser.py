@@ -140,7 +140,7 @@ def open_tab(page: Any, base_url: str, game: str, server_id: str) -> None:
 
 def new_server(db_path: str, server_id: str = "srv_browser", game: str = "browsergame") -> str:
     """Create a server in the database before the live server starts; return its first secret."""
-    store = mm.Store(db_path)
+    store = mm.open_store(db_path)
     try:
         return store.add_server(server_id, game, "", "http://127.0.0.1/register")[0]
     finally:
@@ -340,7 +340,7 @@ def test_docs_screenshot_of_demo_dashboard(page: Any, live_server: Any, tmp_path
     done = subprocess.run([PYTHON, str(SERVER_SCRIPT), "demo", str(demo_db)], cwd=ROOT,
                           capture_output=True, text=True, timeout=30)
     assert done.returncode == 0, done.stderr
-    server = live_server(env={**ENV, "MMOREF_DB": str(demo_db), "MMOREF_TRUST_PROXY": "1"})
+    server = live_server(env={**ENV, "MMOREF_DB": str(demo_db), "MMOREF_TRUSTED_PROXY": "127.0.0.1"})
     login(page, server.url)
     # as behind an https proxy: the URLs shown (share link, ingest URL) carry a public address, no test port
     page.set_extra_http_headers({"X-Forwarded-Proto": "https", "X-Forwarded-Host": "referrals.example.org"})

@@ -249,7 +249,7 @@ SUBPROCESS_MISTAKES = {
 
 @pytest.mark.parametrize(("argv", "fragment"), SUBPROCESS_MISTAKES.values(), ids=SUBPROCESS_MISTAKES.keys())
 def test_user_mistakes_in_a_real_process(db_path, argv, fragment):
-    mm.Store(db_path).close()  # these commands refuse a missing database before anything else
+    mm.open_store(db_path).close()  # these commands refuse a missing database before anything else
     completed = subprocess.run([PYTHON, str(SERVER_SCRIPT), *argv, "--db", db_path],
                                capture_output=True, text=True, timeout=60)
     assert_one_error_line(completed.returncode, completed.stderr, fragment)

@@ -36,14 +36,14 @@ def test_command_run_from_the_wrong_folder_creates_nothing(tmp_path, argv):
 @pytest.mark.parametrize("argv", [USING_AN_INSTALLATION["log"], USING_AN_INSTALLATION["mint-token"],
                                   USING_AN_INSTALLATION["rotate-secret"]], ids=["log", "mint-token", "rotate-secret"])
 def test_unknown_server_names_the_database(tmp_path, argv):
-    mm.Store(str(tmp_path / "referrals.db")).close()
+    mm.open_store(str(tmp_path / "referrals.db")).close()
     completed = run(tmp_path, *argv)
     assert_one_error_line(completed.returncode, completed.stderr,
                           f"unknown server 'srv_1' in {tmp_path / 'referrals.db'}")
 
 
 def test_unknown_referral_names_the_database(tmp_path):
-    mm.Store(str(tmp_path / "referrals.db")).close()
+    mm.open_store(str(tmp_path / "referrals.db")).close()
     completed = run(tmp_path, "reject", "ref_x")
     assert_one_error_line(completed.returncode, completed.stderr, "unknown referral 'ref_x'",
                           f"(database {tmp_path / 'referrals.db'})")

@@ -75,7 +75,8 @@ def test_referrals_disabled_by_another_process_are_refused_by_every_worker(worke
 
     disabled = subprocess.run(
         [PYTHON, "-c", "import sys, mmoref_server as mm;"
-                       " mm.Store(sys.argv[1]).update_server(sys.argv[2], referrals_enabled=0)", db_path, SERVER_ID],
+                       " mm.open_store(sys.argv[1]).update_server(sys.argv[2], referrals_enabled=0)",
+         db_path, SERVER_ID],
         cwd=Path(SERVER_SCRIPT).parent, capture_output=True, text=True, timeout=60)
     assert disabled.returncode == 0, disabled.stderr
 

@@ -27,7 +27,7 @@ def kept(client, store, db_path):
     secret = add_server(store)
     token = mint_tokens(store, ["alice"])[0]
     assert reply(signed_post(client, secret, event_body("registered", token, "warm-up")))[0] == 200
-    elsewhere = mm.Store(db_path)
+    elsewhere = mm.open_store(db_path)
     yield secret, elsewhere
     elsewhere.close()
 

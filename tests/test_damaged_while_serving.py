@@ -13,17 +13,18 @@ from tests.test_storage_faults import PAGE
 from tests.test_storage_faults import post
 from tests.test_storage_faults import timed_healthz
 
-FIRST_DAMAGED_PAGE = 8
 DAMAGED_PAGES = 3
 
 
 def damage_pages(db_path: str) -> None:
-    """Checkpoint the WAL into the file, then overwrite a few pages in its middle (header kept)."""
+    """Checkpoint the WAL into the file, then overwrite a few pages in its middle (header kept): from
+    the referrals table's first page on, which every event reads."""
     with sqlite3.connect(db_path) as db:
         assert db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0] == 0  # 0: not blocked
-    assert os.stat(db_path).st_size > (FIRST_DAMAGED_PAGE + DAMAGED_PAGES) * PAGE
+        first_damaged_page = db.execute("SELECT rootpage FROM sqlite_master WHERE name = 'referrals'").fetchone()[0]
+    assert os.stat(db_path).st_size > (first_damaged_page + DAMAGED_PAGES) * PAGE
     with open(db_path, "r+b") as file:
-        file.seek((FIRST_DAMAGED_PAGE - 1) * PAGE)
+        file.seek((first_damaged_page - 1) * PAGE)
         file.write(b"garbage!" * (PAGE // 8) * DAMAGED_PAGES)
 
 

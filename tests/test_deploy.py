@@ -37,7 +37,7 @@ def test_the_unit_runs_as_its_own_user_with_only_the_database_folder_writable():
     assert str(database.parent) in service["ReadWritePaths"]
     assert service["StateDirectory"] == [database.parent.name]   # made and owned for the user
     assert environment["MMOREF_HOST"] == "127.0.0.1"
-    assert environment["MMOREF_TRUST_PROXY"] == "1"
+    assert environment["MMOREF_TRUSTED_PROXY"] == "127.0.0.1,::1"
     assert service["NoNewPrivileges"] == ["yes"]
 
 

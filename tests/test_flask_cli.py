@@ -35,8 +35,16 @@ def test_add_server_through_flask(tmp_path: Path) -> None:
     assert (listed.returncode, json.loads(listed.stdout)) == (0, [])
 
 
+def test_a_companion_files_command_through_flask(tmp_path: Path) -> None:
+    source, copy = tmp_path / "source.db", tmp_path / "copy.db"
+    assert flask_command(tmp_path, "demo", str(source)).returncode == 0
+    result = flask_command(tmp_path, "copy-db", str(source), str(copy))   # found in mmoref_postgres.py
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(f"copied {source} to {copy}: "), result.stdout
+
+
 def test_a_user_error_through_flask_is_one_line(tmp_path: Path) -> None:
-    mm.Store(str(tmp_path / "referrals.db")).close()
+    mm.open_store(str(tmp_path / "referrals.db")).close()
     result = flask_command(tmp_path, "rotate-secret", "nope", "--db", str(tmp_path / "referrals.db"))
     assert result.returncode == 1
     assert result.stdout == ""
@@ -61,4 +69,4 @@ def test_flask_run_opens_the_database_on_first_request_and_keeps_sessions(tmp_pa
     client = app.test_client()
     assert login(client, "pw for flask run").status_code == 302
     assert is_logged_in(client)
-    assert app.secret_key == mm.Store(str(db)).installation_key("session_key")
+    assert app.secret_key == mm.open_store(str(db)).installation_key("session_key")

@@ -120,7 +120,7 @@ def test_the_forget_button_needs_the_csrf_token(owner, registered, db_path):
 @pytest.mark.sqlite_only
 def test_forget_says_so_when_a_reader_keeps_the_write_ahead_log(kit, store, db_path):
     send_ok(kit, "registered", kit.token("alice"), "reg-1", referee_identity=PLAYER)
-    impatient = mm.Store(db_path, busy_timeout=0.2)
+    impatient = mm.open_store(db_path, busy_timeout=0.2)
     with database(db_path) as reader:
         reader.execute("BEGIN")
         reader.execute("SELECT count(*) FROM delivery_log").fetchone()   # a snapshot that needs the log
@@ -134,7 +134,7 @@ def test_forget_says_so_when_a_reader_keeps_the_write_ahead_log(kit, store, db_p
 def rewrite_marker(db_path: str) -> list[tuple]:
     """What forget's rewrite changes: SQLite's schema cookie (VACUUM adds one), PostgreSQL's table
     files (VACUUM FULL gives each table a new one)."""
-    if mm.is_postgres_url(db_path):
+    if mm.is_database_url(db_path):
         return rows(db_path, "SELECT pg_relation_filenode('referrals'), pg_relation_filenode('delivery_log')")
     return rows(db_path, "PRAGMA schema_version")
 

@@ -57,7 +57,7 @@ def open_connections(port: int, count: int, trickling_count: int, deadline: floa
 
 def test_signed_events_are_answered_while_200_connections_idle_or_trickle(live_server, db_path):
     """waitress stopped accepting at 100 connections and closed an idle one after ~2 minutes."""
-    store = mm.Store(db_path)
+    store = mm.open_store(db_path)
     secret = add_server(store)
     tokens = mint_tokens(store, [f"code{i}" for i in range(5)])
     server = live_server()

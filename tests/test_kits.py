@@ -122,7 +122,7 @@ def test_the_sender_signs_every_valid_vector(sender: Sender) -> None:
 @pytest.mark.slow
 def test_the_sender_gets_a_dry_run_a_registered_and_its_duplicate_through_a_live_server(
         sender: Sender, db_path: str, live_server: Any) -> None:
-    store = mm.Store(db_path)
+    store = mm.open_store(db_path)
     secret = add_server(store)
     [token] = mint_tokens(store, ["alice"])
     referral_id = referral_id_of(store, token)

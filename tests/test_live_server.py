@@ -42,7 +42,7 @@ def test_no_arguments_serves_on_loopback_only_with_referrals_db_in_cwd(live_serv
 def prepared(db_path) -> Any:
     """prepared(n) -> (secret, [(token, referral_id)] for n different referrers), written before the server runs."""
     def prepare(referrers: int) -> tuple[str, list[tuple[str, str]]]:
-        store = mm.Store(db_path)
+        store = mm.open_store(db_path)
         secret, _ = store.add_server(SERVER, "g", "", "https://game.example/join")
         minted = [store.mint_referral(SERVER, f"referrer{number}") for number in range(referrers)]
         store.close()

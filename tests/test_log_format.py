@@ -24,7 +24,7 @@ SERVER = "srv_logs"
 
 def serve_events(live_server, db_path: str, **env: str) -> tuple[str, str]:
     """A real server gets one accepted event, one bad signature and one oversized body; (stderr, token)."""
-    store = mm.Store(db_path)
+    store = mm.open_store(db_path)
     secret, _ = store.add_server(SERVER, "mygame", "Logs", "https://game.example/register")
     token, _ = store.mint_referral(SERVER, "alice")
     server = live_server(env=env, stderr_apart=True)

@@ -160,15 +160,14 @@ class Proxied:
 @pytest.fixture
 def behind_nginx(live_server, db_path, tmp_path):
     """start(trust_proxy) -> Proxied: a real server with srv_nginx, behind nginx over TLS."""
-    store = mm.Store(db_path)
+    store = mm.open_store(db_path)
     secret, _ = store.add_server(SERVER, "mygame", "Behind nginx", REGISTRATION_URL)
     store.set_admin_password(PASSWORD)
     started: list[subprocess.Popen] = []
 
     def start(trust_proxy: bool, command: list[str] | None = None) -> Proxied:
         """`command` runs mmoref instead of `serve` ("{port}" in it: the port to listen on)."""
-        server = live_server(command=command, env={"MMOREF_TRUST_PROXY": "1" if trust_proxy else "0",
-                                                   "MMOREF_TRUSTED_PROXY": NGINX_ADDRESS})
+        server = live_server(command=command, env={"MMOREF_TRUSTED_PROXY": NGINX_ADDRESS if trust_proxy else ""})
         folder = tmp_path / "nginx"
         folder.mkdir()
         process, port = start_nginx(folder, server.port)
@@ -204,7 +203,7 @@ def click(proxied: Proxied, prefix: str = "") -> tuple[str, list[str]]:
 
 def recorded_address(proxied: Proxied, token: str) -> str:
     """Which of the candidate addresses the server hashed into the click's ip_hash."""
-    store = mm.Store(proxied.db_path)
+    store = mm.open_store(proxied.db_path)
     referral_id = mm.read_token(store.token_key, token).referral_id
     [(ip_hash,)] = rows(proxied.db_path, "SELECT ip_hash FROM referrals WHERE referral_id = ?", referral_id)
     candidates = {mm._ip_hash(store, address): address for address in (PLAYER, OWNER, NGINX_ADDRESS, SPOOFED)}
@@ -321,7 +320,7 @@ def test_gunicorn_behind_nginx_answers_while_200_connections_idle_or_trickle(beh
     """Issue 8.3: docs/production.md's setup (gthread gunicorn behind the buffering nginx)."""
     pytest.importorskip("gunicorn", reason="gunicorn is not installed (pip install gunicorn)")
     proxied = behind_nginx(trust_proxy=True, command=readme_gunicorn_command())
-    store = mm.Store(proxied.db_path)
+    store = mm.open_store(proxied.db_path)
     tokens = [store.mint_referral(SERVER, f"code{index}")[0] for index in range(5)]
     store.close()
     context = ssl.create_default_context(cafile=str(proxied.certificate))

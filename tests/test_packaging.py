@@ -100,7 +100,8 @@ def test_the_wheel_holds_the_module_its_version_dependencies_and_command(install
         found = email.parser.Parser().parsestr(wheel.read(f"{dist_info}/METADATA").decode())
         entry_points = wheel.read(f"{dist_info}/entry_points.txt").decode()
     assert installed.wheel.name == f"mmoref-{mm.__version__}-py3-none-any.whl"
-    assert {name for name in names if not name.startswith(dist_info + "/")} == {"mmoref_server.py"}
+    modules = {name for name in names if not name.startswith(dist_info + "/")}
+    assert modules == {"mmoref_server.py", "mmoref_postgres.py"}   # the core and its companion
     assert (found["Name"], found["Version"]) == ("mmoref", mm.__version__)
     requires = found.get_all("Requires-Dist") or []
     assert {requirement(line) for line in requires if ";" not in line} == requirements_file("requirements.txt")

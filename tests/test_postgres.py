@@ -14,8 +14,12 @@ from typing import Any
 
 import pytest
 
+import mmoref_postgres as pg
 import mmoref_server as mm
+from tests.support import PYTHON
 from tests.support import REFEREE
+from tests.support import ROOT
+from tests.support import SERVER_SCRIPT
 from tests.support import HttpClient
 from tests.support import LiveServer
 from tests.support import add_server
@@ -28,6 +32,7 @@ from tests.support import poster
 from tests.support import race
 from tests.support import referral_id_of
 from tests.support import rows
+from tests.support import run_ok
 from tests.support import scalar
 from tests.support import snapshot
 
@@ -43,7 +48,7 @@ def pg_url(postgres_cluster) -> str:
 
 @pytest.fixture
 def pg_store(pg_url: str) -> mm.Store:
-    store = mm.Store(pg_url)
+    store = mm.open_store(pg_url)
     yield store
     store.close()
 
@@ -84,10 +89,10 @@ def test_nodes_starting_together_migrate_once(live_server, pg_url):
 
 
 def test_a_newer_schema_is_refused(pg_url, runner):
-    mm.Store(pg_url).close()
+    mm.open_store(pg_url).close()
     rows(pg_url, "UPDATE schema_version SET version = ?", mm.SCHEMA_VERSION + 1)
     with pytest.raises(mm.StoreError, match=rf"newer mmoref \(schema v{mm.SCHEMA_VERSION + 1}.*upgrade"):
-        mm.Store(pg_url)
+        mm.open_store(pg_url)
     result = runner("log", "srv_1", "--db", pg_url, db=False)
     assert_one_error_line(result.exit_code, result.stderr, "newer mmoref", "upgrade")
     assert scalar(pg_url, "SELECT version FROM schema_version") == mm.SCHEMA_VERSION + 1
@@ -106,12 +111,152 @@ def test_the_banner_never_shows_the_password():
 
 def test_copy_db_moves_every_table():
     """A table added to the schema must be added to COPIED_TABLES (copy-db would leave it behind)."""
-    sqlite_tables = {statement.split()[2] for migration in mm.MIGRATIONS for statement in migration
-                     if statement.startswith("CREATE TABLE")}
-    postgres_tables = {statement.split()[2] for statement in mm.POSTGRES_SCHEMA if statement.startswith("CREATE TABLE")}
-    postgres_tables |= {statement.split()[2] for migration in mm.POSTGRES_MIGRATIONS.values()
-                        for statement in migration if statement.startswith("CREATE TABLE")}
-    assert sqlite_tables == set(mm.COPIED_TABLES) == postgres_tables - {"schema_version"}
+    migrated_tables = {statement.split()[2] for migration in mm.MIGRATIONS for statement in migration
+                       if statement.startswith("CREATE TABLE")}
+    new_tables = {statement.split()[2] for statement in mm.SCHEMA if statement.startswith("CREATE TABLE")}
+    assert migrated_tables == set(pg.COPIED_TABLES) == new_tables
+
+
+# What mmoref 1.1.0 created on PostgreSQL (schema v6), as it wrote it: a database made then keeps
+# working, and a new one gets the same tables from the schema both engines share.
+RELEASED_SCHEMA = [
+    "CREATE TABLE schema_version (version INTEGER NOT NULL)",
+    "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
+    """CREATE TABLE servers (
+        server_id TEXT PRIMARY KEY, game TEXT NOT NULL, name TEXT NOT NULL DEFAULT '',
+        registration_url TEXT, identity_field TEXT NOT NULL DEFAULT 'username',
+        referrals_enabled INTEGER NOT NULL DEFAULT 1, created_at BIGINT NOT NULL)""",
+    # rowid: the creation order, which SQLite keeps implicitly (secrets made in one second)
+    """CREATE TABLE secrets (
+        kid TEXT PRIMARY KEY, server_id TEXT NOT NULL, secret TEXT NOT NULL,
+        created_at BIGINT NOT NULL, expires_at BIGINT, rowid BIGSERIAL NOT NULL,
+        rotation_nonce TEXT, revealed_at BIGINT)""",
+    "CREATE INDEX secrets_by_server ON secrets (server_id, created_at)",
+    "CREATE UNIQUE INDEX secrets_by_rotation_nonce ON secrets (server_id, rotation_nonce)",
+    """CREATE TABLE referrals (
+        referral_id TEXT PRIMARY KEY, server_id TEXT NOT NULL, referrer_code TEXT NOT NULL,
+        state TEXT NOT NULL, referee_identity TEXT, issued_at BIGINT NOT NULL,
+        updated_at BIGINT NOT NULL, ip_hash TEXT, user_agent TEXT, anchor_referral_id TEXT,
+        test INTEGER NOT NULL DEFAULT 0)""",
+    "CREATE INDEX referrals_by_server ON referrals (server_id, issued_at)",
+    """CREATE TABLE anchors (
+        server_id TEXT NOT NULL, referee_identity TEXT NOT NULL, referral_id TEXT NOT NULL,
+        created_at BIGINT NOT NULL, PRIMARY KEY (server_id, referee_identity))""",
+    """CREATE TABLE delivery_log (
+        id BIGSERIAL PRIMARY KEY, server_id TEXT NOT NULL, referral_id TEXT NOT NULL,
+        token_referral_id TEXT, event TEXT NOT NULL, server_event_id TEXT,
+        outcome TEXT NOT NULL, received_at BIGINT NOT NULL, payload TEXT, referrer_code TEXT, ts NUMERIC,
+        UNIQUE (token_referral_id, event, server_event_id))""",
+    "CREATE INDEX delivery_log_by_server ON delivery_log (server_id, id)",
+    "CREATE INDEX delivery_log_by_event ON delivery_log (server_id, event, id)",
+    "CREATE INDEX delivery_log_by_outcome ON delivery_log (server_id, outcome, id)",
+    "CREATE INDEX delivery_log_by_event_id ON delivery_log (server_id, server_event_id, id)",
+    "CREATE INDEX delivery_log_by_code ON delivery_log (server_id, referrer_code, id)",
+    "CREATE INDEX delivery_log_by_referral ON delivery_log (referral_id)",
+    """CREATE TABLE rejected_requests (
+        id BIGSERIAL PRIMARY KEY, server_id TEXT, status INTEGER NOT NULL, error TEXT NOT NULL,
+        reason TEXT, hint TEXT, diagnosis TEXT, snippet TEXT, received_at BIGINT NOT NULL,
+        repeats INTEGER NOT NULL DEFAULT 1, last_seen_at BIGINT)""",
+    "CREATE INDEX rejected_by_server ON rejected_requests (server_id, id)",
+    "CREATE INDEX rejected_by_last_seen ON rejected_requests (server_id, last_seen_at, id)",
+    """CREATE TABLE daily_counts (
+        server_id TEXT NOT NULL, day TEXT NOT NULL, clicked INTEGER NOT NULL DEFAULT 0,
+        registered INTEGER NOT NULL DEFAULT 0, qualified INTEGER NOT NULL DEFAULT 0,
+        reversed INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (server_id, day))""",
+    """CREATE TABLE referrer_counts (
+        server_id TEXT NOT NULL, referrer_code TEXT NOT NULL, clicked INTEGER NOT NULL DEFAULT 0,
+        registered INTEGER NOT NULL DEFAULT 0, qualified INTEGER NOT NULL DEFAULT 0,
+        reversed INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (server_id, referrer_code))""",
+    "CREATE INDEX referrer_counts_by_qualified ON referrer_counts (server_id, qualified DESC, referrer_code)",
+    """CREATE TABLE dashboard_sessions (
+        session_id TEXT PRIMARY KEY, password_tag TEXT NOT NULL, created_at BIGINT NOT NULL)""",
+    "CREATE TABLE login_failures (client TEXT PRIMARY KEY, failures INTEGER NOT NULL, last_at BIGINT NOT NULL)",
+    "CREATE INDEX login_failures_by_weight ON login_failures (failures, last_at)",
+    """CREATE TABLE client_hits (
+        scope TEXT NOT NULL, client TEXT NOT NULL, window_start BIGINT NOT NULL,
+        hits INTEGER NOT NULL, PRIMARY KEY (scope, client))""",
+    "CREATE INDEX client_hits_by_window ON client_hits (scope, window_start)",
+    """CREATE TABLE event_counts (
+        server_id TEXT NOT NULL, event TEXT NOT NULL, outcome TEXT NOT NULL, count BIGINT NOT NULL,
+        PRIMARY KEY (server_id, event, outcome))""",
+    """CREATE TABLE rejection_counts (
+        status INTEGER NOT NULL, error TEXT NOT NULL, reason TEXT NOT NULL, count BIGINT NOT NULL,
+        PRIMARY KEY (status, error, reason))""",
+    "CREATE TABLE ingest_latency (le TEXT PRIMARY KEY, count BIGINT NOT NULL, seconds DOUBLE PRECISION NOT NULL)",
+]
+
+
+def make_released_database(url: str) -> None:
+    import psycopg
+    with psycopg.connect(url, autocommit=True) as db:
+        for statement in RELEASED_SCHEMA:
+            db.execute(statement)
+        db.execute("INSERT INTO schema_version VALUES (6)")
+
+
+def tables_of(url: str) -> dict[str, list[tuple]]:
+    """Every column (table, name, type, nullable, default) and index (name, definition) of the database."""
+    return {"columns": sorted(rows(url, "SELECT table_name, column_name, data_type, is_nullable, column_default"
+                                        " FROM information_schema.columns WHERE table_schema = 'public'")),
+            "indexes": sorted(rows(url, "SELECT indexname, indexdef FROM pg_indexes WHERE schemaname = 'public'"))}
+
+
+def test_a_new_database_gets_the_tables_mmoref_1_1_0_made(pg_url, postgres_cluster):
+    mm.open_store(pg_url).close()
+    released = postgres_cluster.new_database()
+    make_released_database(released)
+    assert tables_of(pg_url) == tables_of(released)
+
+
+def test_a_database_mmoref_1_1_0_made_keeps_working(pg_url):
+    make_released_database(pg_url)
+    store = mm.open_store(pg_url)
+    secret, token = add_server(store), mint_tokens(store, ["alice"])[0]
+    body = event_body("registered", token, "reg-1")
+    status, answer = mm.handle_ingest(store, body, mm.signature_header(secret, body), window=300, ttl=3600)
+    store.close()
+    assert (status, answer["state"]) == (200, "registered")
+    assert scalar(pg_url, "SELECT version FROM schema_version") == mm.SCHEMA_VERSION
+
+
+def test_a_later_migration_runs_on_postgresql_in_its_words(pg_url, monkeypatch):
+    mm.open_store(pg_url).close()
+    monkeypatch.setattr(mm, "MIGRATIONS", [*mm.MIGRATIONS, ["ALTER TABLE servers ADD COLUMN paused_at INTEGER"]])
+    monkeypatch.setattr(mm, "SCHEMA_VERSION", mm.SCHEMA_VERSION + 1)
+    mm.open_store(pg_url).close()
+    assert scalar(pg_url, "SELECT version FROM schema_version") == mm.SCHEMA_VERSION
+    assert rows(pg_url, "SELECT data_type FROM information_schema.columns"
+                        " WHERE table_name = 'servers' AND column_name = 'paused_at'") == [("bigint",)]
+
+
+# The companion file under `python mmoref_server.py` #############################
+
+def test_run_as_a_script_the_companion_registers_into_the_one_running_copy(live_server, pg_url):
+    """As a script, mmoref_server.py is the module __main__: the companion's `import mmoref_server` must
+    find it rather than load a second copy, whose engine registry the server would never read."""
+    script = [PYTHON, "-X", "importtime", str(SERVER_SCRIPT), "serve", "--port", "{port}"]
+    server = live_server(db_path=pg_url, command=script)   # healthy: its store is the companion's
+    imported = [line.rsplit("|", 1)[1].strip() for line in server.output().splitlines()
+                if line.startswith("import time:")]
+    assert "psycopg" in imported           # the companion was loaded, and with it its driver,
+    assert "mmoref_server" not in imported  # without importing mmoref_server.py a second time
+
+
+def test_copy_db_is_found_as_a_command_of_the_script(tmp_path, pg_url):
+    source = tmp_path / "source.db"
+    run_ok([PYTHON, SERVER_SCRIPT, "demo", source])
+    copied = run_ok([PYTHON, SERVER_SCRIPT, "copy-db", source, pg_url])
+    assert copied.stdout.startswith(f"copied {source} to postgresql://"), copied.stdout
+    assert scalar(pg_url, "SELECT server_id FROM servers") == mm.DEMO_SERVER_ID
+
+
+def test_without_psycopg_a_postgresql_database_is_one_error_line():
+    url = "postgresql://mmoref@127.0.0.1:1/referrals"
+    without_psycopg = ("import runpy, sys; sys.modules['psycopg'] = None;"   # `import psycopg` then fails
+                       " sys.argv.pop(0); runpy.run_path(sys.argv[0], run_name='__main__')")
+    result = subprocess.run([PYTHON, "-c", without_psycopg, str(SERVER_SCRIPT), "log", "srv_1", "--db", url],
+                            cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert_one_error_line(result.returncode, result.stderr, "needs psycopg", "pip install -r requirements-postgres.txt")
 
 
 # Races across three nodes, each invariant counted in the database afterwards ##########
@@ -337,7 +482,7 @@ def test_healthz_is_503_while_postgresql_is_unreachable(postgres_cluster, pg_url
 def test_copy_db_round_trip_sqlite_postgresql_sqlite(tmp_path, runner, pg_url):
     original, back = str(tmp_path / "original.db"), str(tmp_path / "back.db")
     assert runner("demo", original, db=False).exit_code == 0   # every state, through the real pipeline
-    store = mm.Store(original)
+    store = mm.open_store(original)
     store.set_admin_password("a long enough password")
     session_key = store.installation_key("session_key")
     fresh = mint_tokens(store, ["zed", "yan"], server_id=mm.DEMO_SERVER_ID)   # minted before both moves
@@ -354,7 +499,7 @@ def test_copy_db_round_trip_sqlite_postgresql_sqlite(tmp_path, runner, pg_url):
     assert rows(back, "SELECT kid, created_at, expires_at FROM secrets ORDER BY created_at, rowid") == rows(
         original, "SELECT kid, created_at, expires_at FROM secrets ORDER BY created_at, rowid")
     for location in (pg_url, back):
-        moved = mm.Store(location)
+        moved = mm.open_store(location)
         assert moved.installation_key("session_key") == session_key
         assert mm.check_password_hash(moved.admin_password_hash(), "a long enough password")
         moved.close()
@@ -378,7 +523,7 @@ def test_copy_db_refuses_a_database_that_holds_data(tmp_path, runner, pg_url):
 
 
 def test_backup_and_restore_name_postgresqls_own_tools(runner, pg_url, tmp_path):
-    mm.Store(pg_url).close()
+    mm.open_store(pg_url).close()
     result = runner("backup", str(tmp_path / "copy.db"), "--db", pg_url, db=False)
     assert_one_error_line(result.exit_code, result.stderr, "pg_dump")
     assert not (tmp_path / "copy.db").exists()

@@ -1,4 +1,4 @@
-"""MMOREF_TRUST_PROXY against a real `python mmoref_server.py` process behind a pretend TLS proxy.
+"""MMOREF_TRUSTED_PROXY against a real `python mmoref_server.py` process behind a pretend TLS proxy.
 
 All traffic goes to 127.0.0.1 (the "proxy"); 203.0.113.x and 198.51.100.x are documentation
 addresses that only appear inside X-Forwarded-For headers.
@@ -26,7 +26,7 @@ FORWARDED_HTTPS = {"X-Forwarded-Proto": "https", "X-Forwarded-Host": "refer.game
 def proxied_server(live_server, db_path):
     """start(command=None, **env) -> the port of a real server (`serve`, or `command`) with srv_proxy and a
     known dashboard password."""
-    store = mm.Store(db_path)
+    store = mm.open_store(db_path)
     store.add_server(SERVER, "mygame", "Proxy", "https://game.example/register")
     store.set_admin_password(PASSWORD)
 
@@ -59,7 +59,7 @@ def lock_out(port: int, forwarded_for: str) -> None:
 
 
 def test_share_link_cookie_is_secure_behind_the_trusted_proxy(proxied_server):
-    port = proxied_server(MMOREF_TRUST_PROXY="1")
+    port = proxied_server(MMOREF_TRUSTED_PROXY="127.0.0.1")
     status, headers, _ = Browser(port, **FORWARDED_HTTPS).request("GET", f"/r/{SERVER}?ref=alice")
     assert status == 302
     assert headers["Location"].startswith("https://game.example/register?mmref=")
@@ -67,7 +67,7 @@ def test_share_link_cookie_is_secure_behind_the_trusted_proxy(proxied_server):
 
 
 def test_login_throttle_counts_the_forwarded_client(proxied_server):
-    port = proxied_server(MMOREF_TRUST_PROXY="1")
+    port = proxied_server(MMOREF_TRUSTED_PROXY="127.0.0.1")
     lock_out(port, "203.0.113.9")
     owner = Browser(port, **{"X-Forwarded-For": "203.0.113.10"}, **FORWARDED_HTTPS)
     status, headers, page = owner.log_in(PASSWORD)
@@ -78,7 +78,7 @@ def test_login_throttle_counts_the_forwarded_client(proxied_server):
 
 def test_a_spoofed_hop_before_the_proxy_does_not_count(proxied_server):
     """The proxy appends the real client; what a client put before it is ignored."""
-    port = proxied_server(MMOREF_TRUST_PROXY="1")
+    port = proxied_server(MMOREF_TRUSTED_PROXY="127.0.0.1")
     for spoofed in range(mm.LOGIN_FREE_FAILURES):
         chain = f"198.51.100.{spoofed}, 203.0.113.20"
         status, _, page = Browser(port, **{"X-Forwarded-For": chain}).log_in("wrong password")
@@ -89,7 +89,7 @@ def test_a_spoofed_hop_before_the_proxy_does_not_count(proxied_server):
 
 
 def test_dashboard_share_link_uses_the_forwarded_scheme_and_host(proxied_server):
-    port = proxied_server(MMOREF_TRUST_PROXY="1")
+    port = proxied_server(MMOREF_TRUSTED_PROXY="127.0.0.1")
     owner = Browser(port, **{"X-Forwarded-For": "203.0.113.9"}, **FORWARDED_HTTPS)
     status, _, page = owner.log_in(PASSWORD)
     assert status == 302, page
@@ -99,7 +99,32 @@ def test_dashboard_share_link_uses_the_forwarded_scheme_and_host(proxied_server)
     assert "127.0.0.1" not in page
 
 
-@pytest.mark.parametrize("env", [{}, {"MMOREF_TRUST_PROXY": "1", "MMOREF_TRUSTED_PROXY": "192.0.2.1"}],
+# The old switch, still read: MMOREF_TRUST_PROXY=1 trusted MMOREF_TRUSTED_PROXY, which defaulted to loopback
+OLD_SETTINGS = {
+    "neither": ({}, ()),
+    "addresses-alone": ({"MMOREF_TRUSTED_PROXY": "192.0.2.1"}, ("192.0.2.1",)),
+    "old-switch-on": ({"MMOREF_TRUST_PROXY": "1"}, ("127.0.0.1", "::1")),
+    "old-switch-on-with-addresses": ({"MMOREF_TRUST_PROXY": "on", "MMOREF_TRUSTED_PROXY": "192.0.2.1"}, ("192.0.2.1",)),
+    "old-switch-off-with-addresses": ({"MMOREF_TRUST_PROXY": "0", "MMOREF_TRUSTED_PROXY": "192.0.2.1"}, ()),
+}
+
+
+@pytest.mark.parametrize(("env", "trusted"), OLD_SETTINGS.values(), ids=OLD_SETTINGS.keys())
+def test_the_deprecated_switch_keeps_trusting_what_it_trusted(env, trusted):
+    assert mm.load_settings(env)["MMOREF_TRUSTED_PROXY"] == trusted
+
+
+def test_an_installation_with_the_deprecated_switch_keeps_working_and_is_told_once(proxied_server, live_server):
+    server = live_server(env={"MMOREF_TRUST_PROXY": "1"})   # the database proxied_server set up
+    status, headers, _ = Browser(server.port, **FORWARDED_HTTPS).request("GET", f"/r/{SERVER}?ref=alice")
+    assert status == 302
+    assert is_secure(set_cookie(headers, "mmref"))
+    told = [line for line in server.stop().splitlines() if "MMOREF_TRUST_PROXY" in line]
+    assert told == ["MMOREF_TRUST_PROXY is deprecated: for the same effect, set MMOREF_TRUSTED_PROXY=127.0.0.1,::1"
+                    " and remove MMOREF_TRUST_PROXY"]
+
+
+@pytest.mark.parametrize("env", [{}, {"MMOREF_TRUSTED_PROXY": "192.0.2.1"}],
                          ids=["setting-off", "not-the-trusted-proxy"])
 def test_forwarded_headers_from_an_untrusted_peer_are_ignored(proxied_server, env):
     port = proxied_server(**env)
@@ -115,8 +140,8 @@ def test_forwarded_headers_from_an_untrusted_peer_are_ignored(proxied_server, en
 
 
 TRUST = {"setting-off": ({}, False),
-         "not-the-trusted-proxy": ({"MMOREF_TRUST_PROXY": "1", "MMOREF_TRUSTED_PROXY": "192.0.2.1"}, False),
-         "trusted-proxy": ({"MMOREF_TRUST_PROXY": "1"}, True)}
+         "not-the-trusted-proxy": ({"MMOREF_TRUSTED_PROXY": "192.0.2.1"}, False),
+         "trusted-proxy": ({"MMOREF_TRUSTED_PROXY": "127.0.0.1"}, True)}
 
 
 @pytest.mark.parametrize(("env", "trusted"), TRUST.values(), ids=TRUST.keys())

@@ -85,9 +85,9 @@ def app_with_server(db_path, monkeypatch):
     ("http://localhost", {}, {}, False),
     ("https://localhost", {}, {}, True),
     ("http://localhost", {}, {"X-Forwarded-Proto": "https"}, False),     # untrusted proxy header
-    ("http://localhost", {"MMOREF_TRUST_PROXY": "1"}, {"X-Forwarded-Proto": "https"}, True),
-    ("http://localhost", {"MMOREF_TRUST_PROXY": "1"}, {"X-Forwarded-Proto": "http"}, False),
-    ("http://localhost", {"MMOREF_TRUST_PROXY": "1"}, {}, False),
+    ("http://localhost", {"MMOREF_TRUSTED_PROXY": "127.0.0.1"}, {"X-Forwarded-Proto": "https"}, True),
+    ("http://localhost", {"MMOREF_TRUSTED_PROXY": "127.0.0.1"}, {"X-Forwarded-Proto": "http"}, False),
+    ("http://localhost", {"MMOREF_TRUSTED_PROXY": "127.0.0.1"}, {}, False),
 ], ids=["http", "https", "forwarded-untrusted", "forwarded-trusted", "trusted-http", "trusted-no-header"])
 def test_cookie_attributes(app_with_server, base_url, env, headers, secure):
     response = follow_link(app_with_server(env), base_url=base_url, headers=headers)

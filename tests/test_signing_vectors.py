@@ -86,7 +86,7 @@ def test_a_live_server_answers_each_vector_as_recorded(db_path: str, live_server
     secrets_by_server = {json.loads(entry["body"])["server_id"]: entry["secret"] for entry in entries(vectors)}
     for entry in entries(vectors):   # one secret per server id
         assert secrets_by_server[json.loads(entry["body"])["server_id"]] == entry["secret"], entry["name"]
-    store = mm.Store(db_path)
+    store = mm.open_store(db_path)
     for server_id, secret in secrets_by_server.items():
         store.add_server(server_id, "mygame")
         store.set_secret(server_id, secret)

@@ -50,7 +50,7 @@ def test_busy_port_is_one_error_line_and_no_password_until_a_good_start(tmp_path
 
     output = live_server().stop()
     assert "login      password " in output
-    assert mm.Store(db_path).admin_password_hash() is not None
+    assert mm.open_store(db_path).admin_password_hash() is not None
 
 
 def test_address_not_on_this_machine_is_one_error_line(tmp_path):

@@ -76,6 +76,36 @@ def test_user_version_is_the_schema_version(app, db_path):
     assert scalar(db_path, "PRAGMA user_version") == mm.SCHEMA_VERSION
 
 
+def tables_of(path: str) -> dict[str, tuple]:
+    """Per table: its columns (name, type, not null, default, key), its indexes and whether it has a rowid."""
+    found = {}
+    with database(path) as db:
+        for table, sql in db.execute("SELECT name, sql FROM sqlite_master WHERE type = 'table'").fetchall():
+            columns = [column[1:] for column in db.execute(f"PRAGMA table_info({table})")]
+            indexes = sorted((name, unique, origin, index_keys(db, name))
+                             for _, name, unique, origin, _ in db.execute(f"PRAGMA index_list({table})").fetchall())
+            found[table] = (columns, indexes, "WITHOUT ROWID" not in sql)
+    return found
+
+
+def index_keys(db: sqlite3.Connection, index: str) -> list[tuple]:
+    """The key columns of an index: name, descending, collation."""
+    return [column[2:5] for column in db.execute(f"PRAGMA index_xinfo('{index}')") if column[5]]
+
+
+@pytest.mark.sqlite_only
+def test_a_new_database_gets_the_tables_the_migrations_make(tmp_path):
+    """SCHEMA (what a new database is made with) and MIGRATIONS (what brings an older one there) agree."""
+    migrated, new = str(tmp_path / "v1.db"), str(tmp_path / "new.db")
+    with database(migrated) as db:
+        for statement in mm.MIGRATIONS[0]:
+            db.execute(statement)
+        db.execute("PRAGMA user_version = 1")
+    mm.open_store(migrated).close()
+    mm.open_store(new).close()
+    assert tables_of(new) == tables_of(migrated)
+
+
 def build_v1_copy(source: str, target: str) -> None:
     """`target`: only MIGRATIONS[0] applied, user_version 1, holding `source`'s v1 rows.
 
@@ -102,7 +132,7 @@ def test_v1_database_is_migrated_with_data_intact_and_counters_backfilled(tmp_pa
     v1_rows = dump(target, V1_TABLES)
     assert all(v1_rows[table] for table in ("servers", "referrals", "anchors", "delivery_log"))
 
-    mm.Store(target).close()
+    mm.open_store(target).close()
 
     assert scalar(target, "PRAGMA user_version") == mm.SCHEMA_VERSION
     assert dump(target, V1_TABLES, columns_of=v1_copy) == v1_rows
@@ -124,14 +154,14 @@ def test_migrated_database_keeps_working(tmp_path, runner):
 
 @pytest.fixture
 def newer_database(db_path) -> str:
-    mm.Store(db_path).close()
+    mm.open_store(db_path).close()
     with database(db_path) as db:
         db.execute(f"PRAGMA user_version = {mm.SCHEMA_VERSION + 1}")
     return db_path
 
 
 @pytest.mark.sqlite_only
-@pytest.mark.parametrize("opener", [mm.Store, lambda path: mm.create_app({"MMOREF_DB": path})],
+@pytest.mark.parametrize("opener", [mm.open_store, lambda path: mm.create_app({"MMOREF_DB": path})],
                          ids=["Store", "create_app"])
 def test_newer_database_is_refused(newer_database, opener):
     with pytest.raises(mm.StoreError, match=rf"newer mmoref \(schema v{mm.SCHEMA_VERSION + 1}.*upgrade"):
@@ -150,6 +180,21 @@ def test_garbage_file_is_refused_by_the_cli(db_path, runner):
     Path(db_path).write_bytes(b"this is not a database" * 100)
     result = runner("log", "srv_1")
     assert_one_error_line(result.exit_code, result.stderr, "not a usable SQLite database")
+
+
+def test_what_the_driver_raises_leaves_the_store_as_a_store_error(store, engine):
+    """The pipeline sees StoreError only: for a statement the database refuses, and for a write that breaks
+    a UNIQUE constraint (on PostgreSQL a WriteConflict: a race lost to another node, tried again)."""
+    def read_nowhere(transaction: mm.Transaction) -> None:
+        transaction.db.execute("SELECT * FROM no_such_table")
+
+    def write_a_key_twice(transaction: mm.Transaction) -> None:
+        transaction.db.execute("INSERT INTO meta (key, value) VALUES ('token_key', 'another')")
+
+    with pytest.raises(mm.StoreError):
+        store.group_commit(read_nowhere)
+    with pytest.raises(mm.WriteConflict if engine == "postgresql" else mm.StoreError):
+        store.group_commit(write_a_key_twice)
 
 
 def test_healthz_ok(client):

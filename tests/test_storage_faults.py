@@ -226,7 +226,7 @@ PAGE = 4096
 
 def _damaged_database(db_path: str, first_page: int, pages: int, filler: bytes) -> None:
     """A real database of many pages, then `pages` pages from `first_page` (1-based) overwritten."""
-    store = mm.Store(db_path)
+    store = mm.open_store(db_path)
     secret = add_server(store)
     tokens = mint_tokens(store, [f"code{i}" for i in range(400)])
     store.close()
@@ -284,6 +284,6 @@ def test_healthz_reports_a_full_disk_until_a_write_succeeds(kit, store, client):
 
 
 def test_file_mode_survives_the_checks(db_path):
-    mm.Store(db_path).close()
+    mm.open_store(db_path).close()
     assert stat.S_IMODE(os.stat(db_path).st_mode) == 0o600
     assert scalar(db_path, "PRAGMA journal_mode") == "wal"
