@@ -1,11 +1,13 @@
-"""Loads the fixtures of tests/conftest.py for the top-level contract tests too.
+"""The fixtures of every test, from tests/fixtures.py, and the hooks.
 
-Hooks live here, not there: tests/conftest.py is loaded twice (as a plugin and as the tests
-folder's conftest), and a hook in it would run twice.
+The fixtures are a plugin loaded here once, for the top-level contract tests and tests/ alike.
+They are not in tests/conftest.py: pytest would import that file a second time, as the tests
+folder's conftest, under another module name, and every session fixture in it would run twice
+(two PostgreSQL clusters, one per copy).
 """
 import pytest
 
-pytest_plugins = ["tests.conftest"]
+pytest_plugins = ["tests.fixtures"]
 ENGINES = ("sqlite", "postgresql")
 
 

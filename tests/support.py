@@ -1,5 +1,5 @@
 """The one helper module of the tests: answers, a clock, the CLI, a kit, database peeks, dashboard
-pages and logins, and real server processes on 127.0.0.1. Fixtures built on these live in conftest.py."""
+pages and logins, and real server processes on 127.0.0.1. Fixtures built on these live in fixtures.py."""
 from __future__ import annotations
 
 import contextlib
@@ -841,6 +841,7 @@ class PostgresCluster:
         self.sockets.mkdir()
         self.port = free_port()
         self._names = itertools.count(1)
+        self._given_back: list[str] = []
         if os.geteuid() == 0:
             os.chmod(self.root, 0o755)
             shutil.chown(self.root, "postgres")
@@ -873,12 +874,46 @@ class PostgresCluster:
         return f"postgresql://postgres@127.0.0.1:{self.port}/{database}"
 
     def new_database(self) -> str:
-        """A fresh, empty database; its URL."""
+        """An empty database; its URL. One a finished test gave back, emptied, when there is one.
+
+        CREATE DATABASE copies the template, 7.5 MB in some 300 files: 60 to 300 ms, and the
+        suite's ~380 databases made 3 GB for stop() to delete, in the teardown of the last test
+        (1 s to over 100 s, with the disk busy). Emptying a given-back one takes about 15 ms.
+        """
         import psycopg
+        while self._given_back:
+            url = self._given_back.pop()
+            try:
+                self._empty(url)
+                return url
+            except psycopg.Error:  # then it is not reused
+                with psycopg.connect(self.url(), autocommit=True) as admin:
+                    admin.execute(f"DROP DATABASE IF EXISTS {self._name(url)} WITH (FORCE)")
         name = f"mmoref_test_{os.getpid()}_{next(self._names)}"
         with psycopg.connect(self.url(), autocommit=True) as admin:
             admin.execute(f"CREATE DATABASE {name}")
         return self.url(name)
+
+    def give_back(self, url: str) -> None:
+        """The test that had the database is over: the next new_database() empties it and hands it
+        out, after this test's every teardown (its servers are stopped by then)."""
+        self._given_back.append(url)
+
+    @staticmethod
+    def _name(url: str) -> str:
+        return url.rsplit("/", 1)[1]
+
+    def _empty(self, url: str) -> None:
+        """Cut every connection to the database (a pool a test left open), then drop and create
+        its one schema again: no table, sequence or row of the test that had it is left. The
+        tests connect as the superuser, so the schema's privileges do not matter."""
+        import psycopg
+        with psycopg.connect(self.url(), autocommit=True) as admin:
+            admin.execute("SELECT pg_terminate_backend(pid, 10000) FROM pg_stat_activity"   # waits: PostgreSQL 14+
+                          " WHERE datname = %s AND pid <> pg_backend_pid()", (self._name(url),))
+        with psycopg.connect(url, autocommit=True) as db:
+            db.execute("DROP SCHEMA public CASCADE")
+            db.execute("CREATE SCHEMA public")
 
     def stop(self) -> None:
         """Stop at once (no checkpoint: the folder is deleted next)."""

@@ -1,6 +1,6 @@
 """The owner's dashboard in a real browser: Debian's Chromium driven by Playwright.
 
-Every test starts `python mmoref_server.py serve` on 127.0.0.1 (conftest's `live_server`) and
+Every test starts `python mmoref_server.py serve` on 127.0.0.1 (fixtures.py's `live_server`) and
 asserts what a person sees. Game-server traffic is sent over real HTTP with `mm.send_event`;
 tokens come from the dashboard's "Mint a test token" form or the `mint-token` CLI.
 
@@ -35,7 +35,7 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networki
 ENV = {"MMOREF_ADMIN_PASSWORD": PASSWORD}
 WAIT_MS = 10_000
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-# Read at import: conftest hides every MMOREF_* variable from the tests themselves.
+# Read at import: fixtures.py hides every MMOREF_* variable from the tests themselves.
 UPDATE_DOCS = os.environ.get("MMOREF_UPDATE_DOCS") == "1"
 
 

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -42,8 +43,10 @@ DUPLICATE = {"ok": True, "duplicate": True}
 
 
 @pytest.fixture
-def pg_url(postgres_cluster) -> str:
-    return postgres_cluster.new_database()
+def pg_url(postgres_cluster) -> Iterator[str]:
+    url = postgres_cluster.new_database()
+    yield url
+    postgres_cluster.give_back(url)
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ from tests.support import send
 
 pytestmark = pytest.mark.both_engines  # the same on SQLite and on PostgreSQL
 
-SERVER = "srv_123"   # the conftest kit's server
+SERVER = "srv_123"   # the `kit` fixture's server
 REGISTRATION = urllib.parse.urlsplit("https://game.example/register?lang=en")
 URL_SAFE = re.compile(r"[A-Za-z0-9_.-]+")
 BASE64URL = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"

@@ -23,7 +23,7 @@ from tests.support import SIGNING_VECTORS
 from tests.support import HttpClient
 from tests.support import signing_vectors
 
-# Read at import: conftest hides every MMOREF_* variable from the tests themselves.
+# Read at import: fixtures.py hides every MMOREF_* variable from the tests themselves.
 UPDATE_DOCS = os.environ.get("MMOREF_UPDATE_DOCS") == "1"
 KID = "k_vector"   # any kid: verify() is given the one secret under this name
 

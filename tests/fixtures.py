@@ -1,4 +1,4 @@
-"""The fixtures of every test (the top-level conftest.py loads this file for test_mmoref_server.py too).
+"""The fixtures of every test: a plugin the top-level conftest.py loads once for the whole suite.
 
 Helpers the fixtures build on live in support.py.
 """
@@ -55,23 +55,40 @@ def postgres_cluster() -> Iterator[PostgresCluster]:
 
 
 @pytest.fixture
-def db_path(engine: str, tmp_path: Path, request: pytest.FixtureRequest) -> str:
-    """MMOREF_DB: a SQLite file in the test's folder, or a fresh database on the PostgreSQL cluster."""
+def db_path(engine: str, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[str]:
+    """MMOREF_DB: a SQLite file in the test's folder, or an empty database on the PostgreSQL cluster
+    (given back after the test, for another test to empty and reuse)."""
     if engine == "postgresql":
-        return request.getfixturevalue("postgres_cluster").new_database()
-    return str(tmp_path / "referrals.db")
+        cluster = request.getfixturevalue("postgres_cluster")
+        url = cluster.new_database()
+        yield url
+        cluster.give_back(url)
+    else:
+        yield str(tmp_path / "referrals.db")
+
+
+def close_store(app: Any) -> None:
+    """Close the app's store if the test opened it. On PostgreSQL that closes its connection pool:
+    left open, ~140 pools held 570 threads in the pytest process and a PostgreSQL process or more each."""
+    store = app.extensions.get("mmoref")
+    if store is not None:
+        store.close()
 
 
 @pytest.fixture
-def app(db_path: str) -> Any:
+def app(db_path: str) -> Iterator[Any]:
     """The app under test; its dashboard password is support.PASSWORD (MMOREF_ADMIN_PASSWORD)."""
-    return mm.create_app({"MMOREF_DB": db_path, "TESTING": True, "MMOREF_ADMIN_PASSWORD": PASSWORD})
+    app = mm.create_app({"MMOREF_DB": db_path, "TESTING": True, "MMOREF_ADMIN_PASSWORD": PASSWORD})
+    yield app
+    close_store(app)
 
 
 @pytest.fixture
-def bare_app(db_path: str) -> Any:
+def bare_app(db_path: str) -> Iterator[Any]:
     """An installation with no password configured (the stored-hash and first-run paths)."""
-    return mm.create_app({"MMOREF_DB": db_path, "TESTING": True})
+    app = mm.create_app({"MMOREF_DB": db_path, "TESTING": True})
+    yield app
+    close_store(app)
 
 
 @pytest.fixture
