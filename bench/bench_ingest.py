@@ -12,7 +12,8 @@ contender's, round by round. In one run it compares, on SQLite with synchronous=
 1. a no-op JSON route (bench/noop_server.py: `create_app()` plus that route, the same waitress
    options), signed unique `registered` events on `python mmoref_server.py serve`, and
    `GET /healthz` on the same server; then ingest over one connection (latency);
-2. with --baseline: the same ingest on other checkouts (other designs) at 1, 8 and 16 connections;
+2. ingest at 1, 8 and 16 connections, with --baseline after the same ingest on other checkouts
+   (other designs);
 3. the default server against `gunicorn -w 2`, sync and gthread;
 4. a database prefilled with --rows delivery-log rows against an empty one; dashboard pages
    (server time from Server-Timing), a CSV export and peak RSS on the big one.
@@ -551,15 +552,14 @@ def sqlite_stages(args: argparse.Namespace, workdir: Path, results: dict) -> Non
                                               args, workdir, connections=1)
         _report_table("one connection", results["one_connection"], None)
         results["empty_peak_rss_mb"] = product.peak_rss_mb()
-    if args.baseline:
-        results["baseline"] = baseline_stage(args, workdir)
+    results["connections"] = connections_stage(args, workdir)
     results["gunicorn"] = gunicorn_stage(args, workdir)
     if args.rows:
         results["big"] = big_database_stage(args, workdir)
 
 
-def baseline_stage(args: argparse.Namespace, workdir: Path) -> dict:
-    """Other versions' ingest (--baseline) against this checkout's, at 1, 8 and 16 connections."""
+def connections_stage(args: argparse.Namespace, workdir: Path) -> dict:
+    """This checkout's ingest at 1, 8 and 16 connections, after other versions' (--baseline) when given."""
     table: dict[int, dict] = {}
     with Servers() as servers:
         contenders = {}
@@ -572,7 +572,8 @@ def baseline_stage(args: argparse.Namespace, workdir: Path) -> dict:
         contenders["this checkout"] = Contender(servers.start(db_path, args.threads), secret=secret)
         for connections in (1, 8, 16):
             table[connections] = alternate(contenders, args, workdir, connections=connections)
-            _report_table(f"ingest, {connections} connection(s)", table[connections], "the first")
+            _report_table(f"ingest, {connections} connection(s)", table[connections],
+                          "the first" if args.baseline else None)
     return table
 
 
