@@ -200,18 +200,22 @@ def test_the_forget_button_of_a_forgotten_player_changes_nothing(owner, register
 
 
 VICTIM = "victim.person@example.com"
-SNIPPET_CHARS = 300   # a rejected request keeps the first 300 characters of its body (docs/contract.md §4)
+
+
+def head_cutting_the_victim(kept_chars: int) -> str:
+    """The start of a body that a cut at `kept_chars` characters ends with the first 20 of VICTIM."""
+    around = ('{"note": "', '", "referee_identity": "')
+    return around[0] + "x" * (kept_chars - 20 - len("".join(around))) + around[1]
 
 
 def test_a_rejected_snippet_cut_inside_the_identity_is_forgotten_too(runner, kit, db_path):
     """The snippet keeps 300 characters: here the first 20 of the identity, "victim.person@exampl"."""
-    around = ('{"note": "', '", "referee_identity": "')
-    head = around[0] + "x" * (SNIPPET_CHARS - 20 - len("".join(around))) + around[1]
+    head = head_cutting_the_victim(mm.REJECTED_SNIPPET_CHARS)
     raw = (f'{head}{VICTIM}", "event": "registered", "token": "t", "server_id": "{kit.server_id}",'
            ' "server_event_id": "reg-1"}')
     assert kit.post(raw.encode(), secret="wrong-secret").status_code == 401
     [(snippet,)] = rows(db_path, "SELECT snippet FROM rejected_requests")
-    assert snippet.endswith(VICTIM[:20]) and len(snippet) == SNIPPET_CHARS   # (set up as meant)
+    assert snippet.endswith(VICTIM[:20]) and len(snippet) == mm.REJECTED_SNIPPET_CHARS   # (set up as meant)
 
     forgotten = runner("forget", "--server", kit.server_id, "--identity", VICTIM, "--json")
 
@@ -224,8 +228,7 @@ def test_a_rejected_snippet_cut_inside_the_identity_is_forgotten_too(runner, kit
 
 def test_a_stored_payload_cut_inside_the_identity_is_forgotten_too(runner, kit, db_path):
     """A delivery-log row keeps 2,000 characters of the body: here the first 20 of the identity."""
-    around = ('{"note": "', '", "referee_identity": "')
-    head = around[0] + "x" * (mm.DELIVERY_PAYLOAD_CHARS - 20 - len("".join(around))) + around[1]
+    head = head_cutting_the_victim(mm.DELIVERY_PAYLOAD_CHARS)
     raw = (f'{head}{VICTIM}", "event": "registered", "token": "{kit.token("alice")}",'
            f' "server_id": "{kit.server_id}", "server_event_id": "reg-1"}}')
     assert kit.post(raw.encode()).get_json()["state"] == "registered"
