@@ -926,11 +926,13 @@ class IngestLoad:
     """Signed `registered` events posted by `threads` threads, one per token, while a test does
     something else; each answer is recorded with the monotonic time it arrived.
 
-    Bounded: at most one event per token, and `seconds` in all. Use as a context manager.
+    Bounded: at most one event per token, and `seconds` in all. `pause` seconds between one thread's
+    events spread the tokens over time. Use as a context manager.
     """
 
-    def __init__(self, port: int, secret: str, tokens: Sequence[str], threads: int = 4, seconds: float = 60):
-        self.port, self.secret, self.seconds = port, secret, seconds
+    def __init__(self, port: int, secret: str, tokens: Sequence[str], threads: int = 4, seconds: float = 60,
+                 pause: float = 0):
+        self.port, self.secret, self.seconds, self.pause = port, secret, seconds, pause
         self.todo = list(enumerate(tokens))
         self.answers: list[tuple[str, float, int, float]] = []   # (token, acked at, status, latency)
         self.lock, self.stopping = threading.Lock(), threading.Event()
@@ -949,13 +951,14 @@ class IngestLoad:
                                                                       referee=f"player-{index}"))
                 with self.lock:
                     self.answers.append((token, time.monotonic(), status, time.monotonic() - started))
+                self.stopping.wait(self.pause)
         finally:
             client.close()
 
-    def acked_before(self, moment: float) -> list[str]:
-        """The tokens whose event was answered 200 before `moment` (time.monotonic())."""
+    def acked_between(self, start: float, end: float) -> list[str]:
+        """The tokens whose event was answered 200 from `start` to `end` (time.monotonic())."""
         with self.lock:
-            return [token for token, at, status, _ in self.answers if status == 200 and at < moment]
+            return [token for token, at, status, _ in self.answers if status == 200 and start <= at < end]
 
     def wait_for(self, count: int, seconds: float = 30) -> None:
         deadline = time.monotonic() + seconds

@@ -33,16 +33,19 @@ def run_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
 def test_backup_under_ingest_keeps_every_acknowledged_event_and_restores_working_tokens(
         live_server, store, db_path, tmp_path):
     secret = add_server(store)
-    tokens = mint_tokens(store, [f"code{i}" for i in range(1000)])  # room for 20 more after a slow backup
+    tokens = mint_tokens(store, [f"code{i}" for i in range(2000)])
     server = live_server()
     copy = tmp_path / "copy.db"
 
-    with IngestLoad(server.port, secret, tokens[:-1]) as load:
+    # at most about 400 events a second, so the tokens outlast a backup that is slow on a busy machine
+    with IngestLoad(server.port, secret, tokens[:-1], pause=0.01) as load:
         load.wait_for(60)
         backup_started = time.monotonic()
         result = run_cli("backup", str(copy), "--db", db_path, "--json")
-        load.wait_for(len(load.answers) + 20)  # ingest went on during and after the copy
-    acknowledged = load.acked_before(backup_started)
+        backup_ended = time.monotonic()
+        load.wait_for(min(len(load.answers) + 20, len(tokens) - 1))  # and it goes on after the copy
+    acknowledged = load.acked_between(0, backup_started)
+    assert load.acked_between(backup_started, backup_ended), "no event was answered while the backup ran"
 
     assert result.returncode == 0, result.stderr
     written = json.loads(result.stdout)
