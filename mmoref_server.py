@@ -4,10 +4,14 @@ Run it:        python mmoref_server.py          (serves http://127.0.0.1:5000, .
 Commands:      python mmoref_server.py --help   (or: flask --app mmoref_server --help)
 Embed it:      app.register_blueprint(mmoref_server.blueprint, url_prefix="/mmoref")
 PostgreSQL:    mmoref_postgres.py beside this file (MMOREF_DB=postgresql://..., and copy-db)
-The contract:  docs/contract.md (summarised in README.md). Sections below follow the data:
-configuration, errors and hints, signing, tokens, storage, state machine, ingest pipeline,
-routes, dashboard views, app factory, CLI, kit-side sender, main; the templates and the
-style sheet come last.
+The contract:  docs/contract.md (summarised in README.md).
+
+Sections, each under a `# Title ####` banner: first the contract, in the order one signed event
+flows, then what it stands on and what the owner uses.
+    Configuration, Errors and hints, Signing, Tokens, Storage interface, State machine,
+    Ingest pipeline, Routes;
+    Storage, Maintenance, Dashboard views, App factory, Command line, Kit-side sender,
+    Templates and style sheet, main.
 """
 from __future__ import annotations
 
@@ -445,61 +449,6 @@ def verify(header: ParsedSignature | str, raw_body: bytes, live_secrets: Sequenc
     raise SignatureError("mac_mismatch", "no v1 matches the body")
 
 
-# Kit-side sender #############################################################
-# What a game server does, in the shape of the PHP vote-callback drop-ins owners know; the
-# dashboard's "Send test event", the `send` command and the tests use it too.
-
-
-def build_body(event: str, token: str, server_id: str, server_event_id: str, *,
-               referee_identity: str | None = None, test: bool = False, ts: int | None = None) -> bytes:
-    """Serialise the event once; sign and send exactly these bytes."""
-    body: dict[str, Any] = {"event": event, "token": token, "server_id": server_id,
-                            "server_event_id": server_event_id, "ts": now() if ts is None else ts}
-    if referee_identity is not None:
-        body["referee_identity"] = referee_identity
-    if test:
-        body["test"] = True
-    return json.dumps(body, separators=(",", ":")).encode("utf-8")
-
-
-def send_event(endpoint: str, secret: str, body: bytes, *, kid: str | None = None,
-               timeout: float = 10.0, cafile: str | None = None) -> dict[str, Any]:
-    """POST a signed body; return {"status": int | None, "body": parsed JSON or text, "error": str | None}.
-
-    An https endpoint's certificate must chain to a CA the system trusts (or SSL_CERT_FILE
-    names), or to one in `cafile` (PEM) when given: for a private CA or a self-signed server.
-
-    Worked example (runs as-is against `python mmoref_server.py` after
-    `python mmoref_server.py add-server srv_123 --game mygame` and `mint-token srv_123 --ref alice`):
-
-        body = build_body("registered", TOKEN, "srv_123", "reg-7842", referee_identity="player-7842")
-        result = send_event("http://127.0.0.1:5000/api/referral/events", SECRET, body)
-        # {"status": 200, "body": {"ok": True, "referral_id": "ref_…", "state": "registered"}, "error": None}
-    """
-    request_ = urllib.request.Request(endpoint, data=body, method="POST", headers={
-        "Content-Type": "application/json", SIGNATURE_HEADER: signature_header(secret, body, kid=kid)})
-    try:
-        context = ssl.create_default_context(cafile=cafile) if cafile is not None else None
-    except (ssl.SSLError, OSError) as exc:
-        return {"status": None, "body": None, "error": f"cannot use {cafile} as the CA certificate: {exc}"}
-    try:
-        with urllib.request.urlopen(request_, timeout=timeout, context=context) as response:
-            status, raw = response.status, response.read()
-    except urllib.error.HTTPError as exc:
-        status, raw = exc.code, exc.read()
-    except (urllib.error.URLError, OSError, ValueError) as exc:
-        reason = getattr(exc, "reason", exc)
-        untrusted = ("; to trust the server's certificate, pass --cacert FILE or set SSL_CERT_FILE"
-                     if isinstance(reason, ssl.SSLCertVerificationError) else "")
-        return {"status": None, "body": None, "error": f"cannot reach {endpoint}: {reason}{untrusted}"}
-    text = raw.decode("utf-8", "replace")
-    try:
-        parsed: Any = json.loads(text)
-    except ValueError:
-        parsed = text
-    return {"status": status, "body": parsed, "error": None}
-
-
 # Tokens (docs/contract.md §3) ################################################
 # An mmref token is itsdangerous-signed [server_id, referral_id] plus its issue time,
 # under a per-installation key: forgeries are caught without a database read.
@@ -569,6 +518,1063 @@ def mask(value: str | None, keep_start: int = 4, keep_end: int = 0) -> str:
     if len(value) <= keep_start + keep_end + 2:
         return value[:1] + "…"
     return value[:keep_start] + "…" + (value[-keep_end:] if keep_end else "")
+
+
+# Storage interface ###########################################################
+# What the state machine and the pipeline call: a Row read by column name, the Transaction
+# that one event's reads and writes run in, and the few Store methods the pipeline uses
+# (EventStore). The store itself, and its engines, come after the routes.
+
+COUNTED = ("clicked", "registered", "qualified", "reversed")
+
+
+class Row(Protocol):
+    """A row read by column name, whichever engine read it (an sqlite3.Row, or a dict from psycopg).
+    Only these two are common to both: iterating an sqlite3.Row gives its values, a dict its keys."""
+
+    def __getitem__(self, column: str, /) -> Any: ...
+
+    def keys(self) -> Iterable[str]: ...
+
+
+class EventStore(Protocol):
+    """The Store methods the ingest pipeline calls; Store, after the routes, has them all."""
+
+    @property
+    def token_key(self) -> str:
+        """The per-installation key that signs mmref tokens."""
+
+    @property
+    def identity_key(self) -> str:
+        """The key of forgotten_form."""
+
+    def group_commit(self, work: Callable[[Transaction], Any]) -> Any:
+        """Run `work(transaction)` in a write transaction; return its result once committed (or raise its error)."""
+
+    def server(self, server_id: str) -> Row | None:
+        """The server's row, read outside any transaction (to say whose request a refusal was)."""
+
+    def all_secrets(self) -> list[str]:
+        """Every secret of the installation: what a stored snippet must never hold."""
+
+    def record_rejected(self, server_id: str | None, status: int, error: str, reason: str | None, hint: str,
+                        diagnosis: str | None, snippet: str, *, client: str | None = None,
+                        per_client_minute: int | None = None) -> None:
+        """Remember a refused request for the dashboard."""
+
+
+def live_secrets(secrets_newest_first: Sequence[Row], server_id: str, at: int) -> list[tuple[str, str]]:
+    """[(kid, secret), ...] of the server valid at `at`, current first (at most two)."""
+    return [(row["kid"], row["secret"]) for row in secrets_newest_first
+            if row["server_id"] == server_id and (row["expires_at"] is None or row["expires_at"] > at)]
+
+
+@functools.lru_cache(maxsize=4)
+def _utc_date(day_number: int) -> str:
+    """YYYY-MM-DD of a day counted from 1970-01-01 (UTC)."""
+    return (datetime.date(1970, 1, 1) + datetime.timedelta(days=day_number)).isoformat()
+
+
+class Transaction:
+    """The reads and writes the state machine makes, inside one write transaction.
+
+    `Store.transaction()` hands one to its work. The state machine decides; these methods
+    only read and write. Rows are mappings by column name.
+    """
+
+    __slots__ = ("db",)
+    SECRETS_NEWEST_FIRST = "SELECT server_id, kid, secret, expires_at FROM secrets ORDER BY created_at DESC, rowid DESC"
+    ROW_LOCK = ""  # PostgreSQL: " FOR UPDATE" (SQLite's BEGIN IMMEDIATE already serialises every writer)
+    SHARE_LOCK = ""  # PostgreSQL: " FOR SHARE"
+
+    def __init__(self, db: Any):
+        self.db = db
+
+    def server(self, server_id: str) -> Row | None:
+        """The server's row. No change to the server or its secrets commits before this transaction
+        ends: SQLite's BEGIN IMMEDIATE holds every writer off; on PostgreSQL, FOR SHARE holds the row
+        that such a change locks first."""
+        return self.db.execute(f"SELECT * FROM servers WHERE server_id = ?{self.SHARE_LOCK}", (server_id,)).fetchone()
+
+    def secrets(self) -> list[Row]:
+        """Every secret of the installation, newest first (see live_secrets)."""
+        return self.db.execute(self.SECRETS_NEWEST_FIRST).fetchall()
+
+    def server_exists(self, server_id: str) -> bool:
+        return self.db.execute("SELECT 1 FROM servers WHERE server_id = ?", (server_id,)).fetchone() is not None
+
+    def lock_server(self, server_id: str) -> bool:
+        """Whether the server exists, its row locked until the transaction ends."""
+        return self.db.execute(f"SELECT 1 FROM servers WHERE server_id = ?{self.ROW_LOCK}", (server_id,)).fetchone() \
+            is not None
+
+    def referral(self, referral_id: str) -> Row | None:
+        return self.db.execute(f"SELECT * FROM referrals WHERE referral_id = ?{self.ROW_LOCK}",
+                               (referral_id,)).fetchone()
+
+    def referral_for_event(self, referral_id: str, event: str, server_event_id: str) -> Row | None:
+        """The referral, with `seen` true when the idempotency key (token, event, server_event_id) is used."""
+        return self.db.execute(
+            "SELECT r.*, EXISTS (SELECT 1 FROM delivery_log l WHERE l.token_referral_id = r.referral_id"
+            " AND l.event = ? AND l.server_event_id = ?) AS seen FROM referrals r WHERE r.referral_id = ?",
+            (event, server_event_id, referral_id)).fetchone()
+
+    def anchored_referral(self, server_id: str, referee_identity: str | None,
+                          forgotten_identity: str | None) -> Row | None:
+        """The referral that anchors this referee on this server, if any, by its identity or its
+        forgotten (keyed) form: one lookup of the primary key."""
+        return self.db.execute(
+            "SELECT r.* FROM anchors a JOIN referrals r ON r.referral_id = a.referral_id"
+            " WHERE a.server_id = ? AND a.referee_identity IN (?, ?)",
+            (server_id, referee_identity, forgotten_identity)).fetchone()
+
+    def insert_anchor(self, server_id: str, referee_identity: str | None, referral_id: str, at: int) -> None:
+        self.db.execute("INSERT INTO anchors (server_id, referee_identity, referral_id, created_at)"
+                        " VALUES (?, ?, ?, ?)", (server_id, referee_identity, referral_id, at))
+
+    def follow_anchor(self, referral_id: str, anchor_referral_id: str) -> None:
+        """Let a second click's token reach the referral that anchors its referee."""
+        self.db.execute("UPDATE referrals SET anchor_referral_id = ? WHERE referral_id = ?",
+                        (anchor_referral_id, referral_id))
+
+    def set_state(self, referral_id: str, state: str, at: int, referee_identity: str | None = None) -> None:
+        """Set the referral's state (and its referee, when given)."""
+        self.db.execute("UPDATE referrals SET state = ?, updated_at = ?,"
+                        " referee_identity = coalesce(?, referee_identity) WHERE referral_id = ?",
+                        (state, at, referee_identity, referral_id))
+
+    def insert_referral(self, server_id: str, referrer_code: str, issued_at: int,
+                        ip_hash: str | None = None, user_agent: str | None = None, test: bool = False) -> str:
+        """Write one clicked referral (and, unless it is a test, its click counters); return its new id."""
+        referral_id = "ref_" + secrets.token_urlsafe(9)
+        self.db.execute("INSERT INTO referrals (referral_id, server_id, referrer_code, state, issued_at,"
+                        " updated_at, ip_hash, user_agent, test) VALUES (?, ?, ?, 'clicked', ?, ?, ?, ?, ?)",
+                        (referral_id, server_id, referrer_code, issued_at, issued_at, ip_hash,
+                         (user_agent or "")[:200] or None, int(test)))
+        if not test:
+            self.count(server_id, referrer_code, "clicked", issued_at)
+        return referral_id
+
+    def log_delivery(self, referral: Row, event: str, outcome: str, at: int, *,
+                     token_referral_id: str | None = None, server_event_id: str | None = None,
+                     payload: str | None = None, ts: int | float | None = None) -> None:
+        """Append a delivery-log row about `referral` (an owner action has no token, key or payload)."""
+        self.db.execute(
+            "INSERT INTO delivery_log (server_id, referral_id, referrer_code, token_referral_id, event,"
+            " server_event_id, outcome, received_at, payload, ts) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (referral["server_id"], referral["referral_id"], referral["referrer_code"], token_referral_id,
+             event, server_event_id, outcome, at, payload, ts))
+        self.count_event(referral["server_id"], event, outcome)
+
+    # Counters, in the transaction of what they count. Every transaction bumps them in one table
+    # order (daily_counts, referrer_counts, event_counts): no deadlock between PostgreSQL nodes.
+
+    def count_event(self, server_id: str, event: str, outcome: str) -> None:
+        """Count one answered event for /metrics (outcome: a logged one, or "duplicate")."""
+        self.db.execute("INSERT INTO event_counts (server_id, event, outcome, count) VALUES (?, ?, ?, 1) ON CONFLICT"
+                        " (server_id, event, outcome) DO UPDATE SET count = event_counts.count + 1",
+                        (server_id, event, outcome))
+
+    def count(self, server_id: str, referrer_code: str, column: str, at: int) -> None:
+        """Bump the analytics counters for one click or transition (`column`: one of COUNTED)."""
+        self.db.execute(f"INSERT INTO daily_counts (server_id, day, {column}) VALUES (?, ?, 1) ON CONFLICT"
+                        f" (server_id, day) DO UPDATE SET {column} = daily_counts.{column} + 1",
+                        (server_id, _utc_date(at // 86400)))
+        self.db.execute(f"INSERT INTO referrer_counts (server_id, referrer_code, {column}) VALUES (?, ?, 1) ON"
+                        f" CONFLICT (server_id, referrer_code) DO UPDATE SET {column} = referrer_counts.{column} + 1",
+                        (server_id, referrer_code))
+
+    # per-client limits (docs/security.md, "Security notes"): fixed windows, stale ones deleted as they pass
+
+    def hit(self, scope: str, client: str, at: int, window: int) -> int:
+        """Count one request of `client` in `scope`'s current `window`-second window; return the window's count."""
+        start = at - at % window
+        self.db.execute("DELETE FROM client_hits WHERE scope = ? AND window_start < ?", (scope, start))
+        self.db.execute("INSERT INTO client_hits (scope, client, window_start, hits) VALUES (?, ?, ?, 1)"
+                        " ON CONFLICT (scope, client) DO UPDATE SET hits = client_hits.hits + 1",
+                        (scope, client, start))
+        return self.hits(scope, client, at, window)
+
+    def hits(self, scope: str, client: str, at: int, window: int) -> int:
+        """How many requests `client` made in `scope`'s current window."""
+        row = self.db.execute("SELECT hits FROM client_hits WHERE scope = ? AND client = ? AND window_start = ?"
+                              + self.ROW_LOCK, (scope, client, at - at % window)).fetchone()
+        return row["hits"] if row else 0
+
+    def login_failures(self, client: str) -> tuple[int, int]:
+        """(failed logins, time of the last one) of a client; (0, 0) when none is on record."""
+        row = self.db.execute(f"SELECT failures, last_at FROM login_failures WHERE client = ?{self.ROW_LOCK}",
+                              (client,)).fetchone()
+        return (row["failures"], row["last_at"]) if row else (0, 0)
+
+    def add_login_failure(self, client: str, at: int, keep: int) -> None:
+        """Count one failed login; beyond `keep` clients, forget those with the fewest failures, oldest first."""
+        self.db.execute("INSERT INTO login_failures (client, failures, last_at) VALUES (?, 1, ?)"
+                        " ON CONFLICT (client) DO UPDATE SET failures = login_failures.failures + 1,"
+                        " last_at = excluded.last_at", (client, at))
+        excess = self.db.execute("SELECT count(*) AS n FROM login_failures").fetchone()["n"] - keep
+        if excess > 0:
+            self.db.execute("DELETE FROM login_failures WHERE client IN (SELECT client FROM login_failures"
+                            " ORDER BY failures, last_at LIMIT ?)", (excess,))
+
+
+# State machine (docs/contract.md §2) #########################################
+# The table says what each event does in each state; `apply_event` applies it in one
+# transaction together with the delivery-log row and the idempotency key. It decides;
+# the Transaction it is given reads and writes.
+
+NO_OP, INVALID = "no_op", "invalid"
+TRANSITIONS: dict[str, dict[str, str]] = {
+    #  state         event "registered"   event "qualified"   event "reversed"
+    "clicked":    {"registered": "registered", "qualified": INVALID, "reversed": INVALID},
+    "registered": {"registered": NO_OP, "qualified": "qualified", "reversed": "reversed"},
+    "qualified":  {"registered": NO_OP, "qualified": NO_OP, "reversed": "reversed"},
+    "reversed":   {"registered": INVALID, "qualified": INVALID, "reversed": NO_OP},
+    "expired":    {"registered": INVALID, "qualified": INVALID, "reversed": INVALID},
+    "rejected":   {"registered": INVALID, "qualified": INVALID, "reversed": INVALID},
+}
+# Owner actions (dashboard, CLI): the states they apply to and the state they set.
+OWNER_ACTIONS: dict[str, tuple[tuple[str, ...], str]] = {
+    "reverse": (("registered", "qualified"), "reversed"),
+    "reject": (("clicked", "registered", "qualified"), "rejected"),
+}
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """A verified, well-formed event, ready for the state machine."""
+    server_id: str
+    event: str
+    token_claims: TokenClaims
+    server_event_id: str
+    referee_identity: str | None
+    ts: int | float | None
+    payload: str  # the body for the log: token masked, secrets scrubbed, cut to 2,000 characters
+    forgotten_identity: str | None = None  # what `forget` leaves of referee_identity (see forgotten_form)
+
+    def is_referee(self, stored_identity: str | None) -> bool:
+        """Whether a stored identity is this event's referee, as sent or as forgotten."""
+        return stored_identity in (self.referee_identity, self.forgotten_identity)
+
+
+def forgotten_form(identity_key: str, server_id: str, referee_identity: str) -> str:
+    """The keyed one-way value `forget` stores instead of an identity: equal for equal
+    (server, identity), so first touch still holds, and not reversible without the key."""
+    message = f"{server_id}\0{referee_identity}".encode()
+    return "forgotten:" + hmac.new(identity_key.encode(), message, hashlib.sha256).hexdigest()[:32]
+
+
+def apply_event(transaction: Transaction, delivery: Delivery, ttl: int) -> dict[str, Any] | ApiError:
+    """Steps 9-10 of docs/contract.md §1.4: the 200 body, or the ApiError to raise once the
+    transaction is committed (a detected expiry is stored; nothing else was written)."""
+    at, event = now(), delivery.event
+    referral = transaction.referral_for_event(delivery.token_claims.referral_id, event, delivery.server_event_id)
+    if referral is None or referral["server_id"] != delivery.server_id:
+        return ApiError(404, "unknown token", HINTS["unknown token"], server_id=delivery.server_id)
+    if referral["seen"]:  # the idempotency key (token, event, server_event_id) was used
+        transaction.count_event(delivery.server_id, event, "duplicate")
+        return {"ok": True, "duplicate": True}
+    if referral["anchor_referral_id"]:  # a second click's token: events apply to the anchored referral
+        anchored = transaction.referral(referral["anchor_referral_id"])
+        assert anchored is not None, "an anchor names a referral, and referrals are never deleted"
+        referral = anchored
+    state = referral["state"]
+    if state == "clicked" and at - delivery.token_claims.issued_at > ttl:
+        transaction.set_state(referral["referral_id"], "expired", at)
+        return _invalid_transition(delivery, "expired")
+    next_state = TRANSITIONS[state][event]
+    if event == "registered" and next_state == NO_OP and not delivery.is_referee(referral["referee_identity"]):
+        return ApiError(422, "invalid transition", HINTS["other referee"], server_id=delivery.server_id,
+                        state=state, event=event)
+    if next_state == INVALID:
+        return _invalid_transition(delivery, state)
+    if state == "clicked" and event == "registered":
+        return _register(transaction, delivery, referral, at)
+    if next_state == NO_OP:
+        return _log_and_answer(transaction, delivery, referral, "no_op", state, at)
+    _advance(transaction, referral, next_state, at)
+    return _log_and_answer(transaction, delivery, referral, "advanced", next_state, at)
+
+
+def _register(transaction: Transaction, delivery: Delivery, referral: Row, at: int) -> dict[str, Any]:
+    """`registered` on a clicked referral: mint the anchor, unless first touch says otherwise."""
+    anchored = transaction.anchored_referral(delivery.server_id, delivery.referee_identity,
+                                             delivery.forgotten_identity)
+    if anchored is None:
+        transaction.insert_anchor(delivery.server_id, delivery.referee_identity, referral["referral_id"], at)
+        _advance(transaction, referral, "registered", at, referee_identity=delivery.referee_identity)
+        return _log_and_answer(transaction, delivery, referral, "advanced", "registered", at)
+    if anchored["referrer_code"] != referral["referrer_code"]:
+        _log(transaction, delivery, referral, "first_touch_conflict", at)
+        return {"ok": True, "ignored": "first_touch_conflict"}
+    # the same referrer's link clicked twice: answer with the existing anchor, and let this
+    # token's later events (qualified, reversed) reach that anchored referral too
+    transaction.follow_anchor(referral["referral_id"], anchored["referral_id"])
+    return _log_and_answer(transaction, delivery, anchored, "no_op", anchored["state"], at)
+
+
+def _advance(transaction: Transaction, referral: Row, next_state: str, at: int,
+             referee_identity: str | None = None) -> None:
+    """Move the referral to `next_state` (recording its referee on registration) and count it."""
+    transaction.set_state(referral["referral_id"], next_state, at, referee_identity)
+    if next_state in COUNTED and not referral["test"]:  # the dashboard's test tokens count nowhere
+        transaction.count(referral["server_id"], referral["referrer_code"], next_state, at)
+
+
+def _log(transaction: Transaction, delivery: Delivery, referral: Row, outcome: str, at: int) -> None:
+    transaction.log_delivery(referral, delivery.event, outcome, at, token_referral_id=delivery.token_claims.referral_id,
+                             server_event_id=delivery.server_event_id, payload=delivery.payload, ts=delivery.ts)
+
+
+def _log_and_answer(transaction: Transaction, delivery: Delivery, referral: Row, outcome: str, state: str,
+                    at: int) -> dict[str, Any]:
+    _log(transaction, delivery, referral, outcome, at)
+    return {"ok": True, "referral_id": referral["referral_id"], "state": state}
+
+
+def _invalid_transition(delivery: Delivery, state: str) -> ApiError:
+    hint = HINTS["invalid transition"].format(state=state, event=delivery.event)
+    return ApiError(422, "invalid transition", hint, server_id=delivery.server_id, state=state, event=delivery.event)
+
+
+def owner_action(store: Store, referral_id: str, action: str) -> str:
+    """Reverse or reject a referral as the owner; log it; return the new state."""
+    allowed_from, next_state = OWNER_ACTIONS[action]
+    at = now()
+    with store.transaction() as transaction:
+        referral = transaction.referral(referral_id)
+        if referral is None:
+            raise ConfigError(f"unknown referral {referral_id!r}")
+        if referral["state"] not in allowed_from:
+            raise ConfigError(f"cannot {action} referral {referral_id} in state {referral['state']!r}"
+                              f" (only from {', '.join(allowed_from)})")
+        _advance(transaction, referral, next_state, at)
+        transaction.log_delivery(referral, next_state, "owner_action", at)
+    return next_state
+
+
+# Ingest pipeline (docs/contract.md §1.4) #####################################
+# One function, its steps in the order of docs/contract.md §1.4, each failing early with ApiError.
+
+
+WRITE_ATTEMPTS = 3  # a write that lost a race to another PostgreSQL node is tried again: first touch, a deadlock
+
+
+def process_event(store: EventStore, raw_body: bytes, header: str | None, *, window: int, ttl: int) -> dict[str, Any]:
+    """Steps 2-10 of docs/contract.md §1.4 (step 1, the size cap, happens before the body is read).
+
+    Returns the 200 body or raises ApiError, whose `server_id` names the known server the
+    request is about (None: it names none). Used by the HTTP route and the dashboard's
+    "Send test event" button alike.
+
+    Steps 5-10 run in one write transaction: the server and its secrets are read where the
+    event is written, so a revoked secret or a disabled server is refused from the moment its
+    change commits, and a 200 is sent only after the COMMIT that holds the event.
+    """
+    # 2. signature header present and well-formed
+    try:
+        parsed = parse_signature_header(header)
+    except SignatureError as exc:
+        error = "missing signature header" if exc.reason == "missing" else "malformed signature header"
+        raise ApiError(400, error, f"{exc}; {HINTS['malformed signature header']}",
+                       server_id=_server_named_in(store, raw_body)) from None
+    # 3. body is a JSON object; 4. fields have the documented shape
+    fields = _event_fields(store, raw_body)
+    for attempt in range(1, WRITE_ATTEMPTS + 1):
+        try:
+            outcome = store.group_commit(
+                lambda transaction: _verify_and_apply(store, transaction, parsed, fields, raw_body, window, ttl))
+        except WriteConflict:  # a concurrent writer won a race our reads could not see (PostgreSQL)
+            if attempt == WRITE_ATTEMPTS:
+                raise
+            continue
+        if isinstance(outcome, ApiError):
+            raise outcome
+        return outcome
+    raise AssertionError("unreachable")
+
+
+def _verify_and_apply(store: EventStore, transaction: Transaction, parsed: ParsedSignature, fields: EventFields,
+                      raw_body: bytes, window: int, ttl: int) -> dict[str, Any] | ApiError:
+    # 5-8. the server, its secrets, the signature and the token
+    delivery = _verified_delivery(store, transaction, parsed, fields, raw_body, window)
+    if delivery is None:  # a verified dry run stops here
+        return {"ok": True, "test": True}
+    # 9-10. duplicate check and state machine
+    return apply_event(transaction, delivery, ttl)
+
+
+def _verified_delivery(store: EventStore, transaction: Transaction, parsed: ParsedSignature, fields: EventFields,
+                       raw_body: bytes, window: int) -> Delivery | None:
+    """Steps 5-8: the event, ready for the state machine (None: a verified dry run), or ApiError."""
+    # 5. the server exists, takes referrals and has a secret
+    server_id = fields.server_id
+    server = transaction.server(server_id)
+    if server is None:
+        raise ApiError(404, "unknown server", HINTS["unknown server"])
+    if not server["referrals_enabled"]:
+        raise ApiError(404, "referrals not enabled", HINTS["referrals not enabled"], server_id=server_id)
+    at, every_secret = now(), transaction.secrets()
+    live = live_secrets(every_secret, server_id, at)
+    if not live:
+        raise ApiError(404, "no signing secret", HINTS["no signing secret"], server_id=server_id)
+    # 6. timestamp window, kid, MAC
+    try:
+        verify(parsed, raw_body, live, at, window)
+    except SignatureError as exc:
+        raise _bad_signature(exc, parsed, raw_body, every_secret, fields, at, window) from None
+    # 7. a verified dry run stops here
+    if fields.test:
+        return None
+    # 8. the token is genuine and minted for this server (no database read needed)
+    claims = read_token(store.token_key, fields.token)
+    if claims is None or claims.server_id != server_id:
+        raise ApiError(404, "unknown token", HINTS["unknown token"], server_id=server_id)
+    forgotten = (forgotten_form(store.identity_key, server_id, fields.referee_identity)
+                 if fields.referee_identity is not None else None)
+    snippet = _scrubbed_snippet(raw_body, [row["secret"] for row in every_secret], limit=DELIVERY_PAYLOAD_CHARS)
+    return Delivery(server_id, fields.event, claims, fields.server_event_id, fields.referee_identity, fields.ts,
+                    snippet, forgotten)
+
+
+def _event_fields(store: EventStore, raw_body: bytes) -> EventFields:
+    """Steps 3 and 4: the body, parsed once, and its fields; a refusal names the body's known server."""
+    body = parse_body(raw_body)
+    try:
+        return read_fields(body, _SURROGATE_ESCAPE.search(raw_body) is not None)
+    except ApiError as exc:
+        raise ApiError(exc.status, exc.error, exc.hint, server_id=_known_server_id(store, body), **exc.extra) from None
+
+
+def _server_named_in(store: EventStore, raw_body: bytes) -> str | None:
+    """For a request refused before step 3: the known server its body names, if the body parses."""
+    try:
+        body = parse_body(raw_body)
+    except ApiError:
+        return None
+    return _known_server_id(store, body)
+
+
+def _known_server_id(store: EventStore, body: dict[str, Any]) -> str | None:
+    """The body's server_id, trimmed, if it names a known server (else the installation-wide list)."""
+    server_id = body.get("server_id")
+    if not isinstance(server_id, str) or not _is_valid_unicode(server_id) or store.server(server_id.strip()) is None:
+        return None
+    return server_id.strip()
+
+
+def _bad_signature(exc: SignatureError, parsed: ParsedSignature, raw_body: bytes, every_secret: Sequence[Row],
+                   fields: EventFields, at: int, window: int) -> ApiError:
+    """The 401 for a signature that fails step 6; a MAC mismatch says why, when a usual mistake explains it."""
+    hint = HINTS[exc.reason].format(window=window)
+    diagnosis = None
+    if exc.reason == "mac_mismatch":
+        live = live_secrets(every_secret, fields.server_id, at)
+        revoked = [row["secret"] for row in every_secret if row["server_id"] == fields.server_id
+                   and row["expires_at"] is not None and row["expires_at"] <= at][:5]  # the newest five
+        diagnosis = diagnose_mac_mismatch(parsed, raw_body, live, revoked, fields.ts)
+    return ApiError(401, "bad_signature", hint, diagnosis=diagnosis, server_id=fields.server_id, reason=exc.reason)
+
+
+def _field_error(error: str, field: str, hint: str) -> ApiError:
+    return ApiError(400, error, hint, field=field)
+
+
+class _DuplicateKey(Exception):
+    def __init__(self, key: str):
+        super().__init__(key)
+        self.key = key
+
+
+def _object_without_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in obj:
+            raise _DuplicateKey(key)
+        obj[key] = value
+    return obj
+
+
+def _reject_constant(name: str) -> None:
+    raise ValueError(f"{name} is not JSON")
+
+
+MAX_JSON_DEPTH = 32  # levels of arrays and objects, the body's own object being level 1
+# A JSON string; an unterminated one runs to the end, so stripping strings stays linear in time.
+_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*(?:"|\\?\Z)', re.DOTALL)
+_NOT_BRACKETS = bytes(byte for byte in range(256) if byte not in b"[]{}")
+_OPENING_BRACKETS = frozenset(b"[{")
+
+
+def _nests_too_deep(raw_body: bytes) -> bool:
+    """Do arrays and objects nest deeper than MAX_JSON_DEPTH (brackets inside strings do not count)?
+
+    Our own limit, so every Python answers alike (3.13's parser takes depths that 3.9-3.12 refuse).
+    Hot path: a body with no more opening brackets than the limit cannot be too deep.
+    """
+    if raw_body.count(b"[") + raw_body.count(b"{") <= MAX_JSON_DEPTH:
+        return False
+    depth = 0
+    for bracket in _JSON_STRING.sub(b"", raw_body).translate(None, _NOT_BRACKETS):
+        depth += 1 if bracket in _OPENING_BRACKETS else -1
+        if depth > MAX_JSON_DEPTH:
+            return True
+    return False
+
+
+def parse_body(raw_body: bytes) -> dict[str, Any]:
+    """Strict JSON: UTF-8, nested at most MAX_JSON_DEPTH levels, no NaN/Infinity, no duplicate keys, an object."""
+    if _nests_too_deep(raw_body):
+        raise ApiError(400, "body is not valid JSON", f"{HINTS['body is not valid JSON']};"
+                       f" arrays and objects may nest at most {MAX_JSON_DEPTH} levels deep")
+    try:
+        body = json.loads(raw_body.decode("utf-8"), object_pairs_hook=_object_without_duplicates,
+                          parse_constant=_reject_constant)
+    except _DuplicateKey as exc:
+        raise _field_error("duplicate key", exc.key, HINTS["duplicate key"]) from None
+    except ValueError:  # bad UTF-8, bad JSON, too many digits
+        bom = raw_body.startswith(codecs.BOM_UTF8)
+        raise ApiError(400, "body is not valid JSON", HINTS["body is not valid JSON"], diagnosis=(
+            "the body starts with a UTF-8 byte-order mark, EF BB BF, which Windows PowerShell 5.1 writes:"
+            " send and sign the JSON without it") if bom else None) from None
+    if not isinstance(body, dict):
+        raise ApiError(400, "body must be a JSON object", HINTS["body must be a JSON object"])
+    return body
+
+
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def _is_valid_unicode(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate such as "\ud800"
+        return False
+    return True
+
+
+def _all_strings_valid(value: Any) -> bool:
+    pending = [value]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, str):
+            if not _is_valid_unicode(item):
+                return False
+        elif isinstance(item, dict):
+            pending.extend(item.keys())
+            pending.extend(item.values())
+        elif isinstance(item, list):
+            pending.extend(item)
+    return True
+
+
+def _string_field(body: dict[str, Any], name: str) -> str:
+    value = body.get(name)
+    if value is None or (isinstance(value, str) and not value.strip()):
+        raise _field_error("missing field", name, f"{name} is required: a non-empty string")
+    if not isinstance(value, str) or not _is_valid_unicode(value):
+        raise _field_error("invalid field", name, f"{name} must be a string of valid Unicode")
+    value = value.strip()
+    if len(value) > MAX_FIELD_CHARS:
+        raise _field_error("invalid field", name, f"{name} must be at most {MAX_FIELD_CHARS} characters")
+    return value
+
+
+@dataclass(frozen=True)
+class EventFields:
+    event: str
+    token: str
+    server_id: str
+    server_event_id: str
+    referee_identity: str | None
+    ts: int | float | None
+    test: bool
+
+
+def read_fields(body: dict[str, Any], may_hold_surrogates: bool = True) -> EventFields:
+    """Check the docs/contract.md §1.3 field table, in table order; the first problem is the answer.
+
+    `may_hold_surrogates=False` (the raw text has no surrogate escape) skips the walk over
+    every string of the body: a lone surrogate can only come from a \\uD800-\\uDFFF escape.
+    """
+    event = _string_field(body, "event")
+    if event not in EVENTS:
+        raise _field_error("invalid field", "event", "event must be registered, qualified or reversed")
+    token = _string_field(body, "token")
+    server_id = _string_field(body, "server_id")
+    server_event_id = _string_field(body, "server_event_id")
+    referee_identity = _string_field(body, "referee_identity") if event == "registered" else None
+    ts = body.get("ts")
+    ts_is_number = isinstance(ts, (int, float)) and not isinstance(ts, bool)
+    # range first: math.isfinite turns an int into a float, which overflows from 10**309 on
+    if ts is not None and not (ts_is_number and -(2**63) <= ts < 2**63 and math.isfinite(ts)):
+        raise _field_error("invalid field", "ts", "ts must be a finite number of Unix seconds (64-bit)")
+    test = body.get("test")
+    if test is not None and not isinstance(test, bool):
+        raise _field_error("invalid field", "test", "test must be true or false (a JSON boolean)")
+    for key, value in body.items() if may_hold_surrogates else ():
+        if key != "referee_identity" and not _all_strings_valid([key, value]):
+            raise _field_error("invalid field", key, "strings must be valid Unicode (no lone surrogates)")
+    return EventFields(event, token, server_id, server_event_id, referee_identity, ts, bool(test))
+
+
+def _scrubbed_snippet(raw_body: bytes, secrets_to_hide: Sequence[str], limit: int) -> str:
+    """The body for storage: token masked, any secret replaced (before cutting), `limit` long.
+
+    Secrets are searched for in the decoded text: `mmsk\\u005f...` is the same secret to a
+    JSON reader, so escapes of the characters a secret is made of are decoded first.
+    """
+    text = _JSON_ESCAPE.sub(_decoded_if_secret_character, _with_token_masked(raw_body))
+    for secret in secrets_to_hide:
+        if secret in text:
+            text = text.replace(secret, "[secret]")
+    return text[:limit]
+
+
+_JSON_ESCAPE = re.compile(r"\\u([0-9a-fA-F]{4})")
+_SECRET_CHARACTERS = frozenset(string.ascii_letters + string.digits + "_-")  # mmsk_ + token_urlsafe
+
+
+def _decoded_if_secret_character(escape: re.Match[str]) -> str:
+    """The character a \\uXXXX escape stands for when a secret could contain it; else the escape as is."""
+    character = chr(int(escape.group(1), 16))
+    return character if character in _SECRET_CHARACTERS else escape.group(0)
+
+
+def _with_token_masked(raw_body: bytes) -> str:
+    """The body as text with the token's value masked."""
+    text = raw_body.decode("utf-8", "replace")
+    if "\\u" in text:  # a key spelt "\u0074oken" escapes the pattern below: mask the parsed value instead
+        try:
+            body = json.loads(raw_body)
+        except (ValueError, RecursionError):
+            body = None
+        if isinstance(body, dict) and "token" in body:
+            return json.dumps({**body, "token": mask(str(body["token"]))})
+    return re.sub(r'("token"\s*:\s*")([^"]*)(")', lambda m: m.group(1) + mask(m.group(2)) + m.group(3), text)
+
+
+def diagnose_mac_mismatch(parsed: ParsedSignature, raw_body: bytes, live: Sequence[tuple[str, str]],
+                          revoked: Sequence[str], body_ts: Any) -> str | None:
+    """Why a MAC probably failed, when one of the usual mistakes explains it (docs/contract.md §1.5)."""
+    def is_sent(digest: str) -> bool:
+        return any(hmac.compare_digest(digest, mac) for mac in parsed.macs)
+
+    def matches(secret: str, t: str, body: bytes) -> bool:
+        return is_sent(sign(secret, t, body))
+
+    def any_secret_signed(message: bytes) -> bool:
+        return any(is_sent(hmac.new(s.encode("utf-8"), message, hashlib.sha256).hexdigest()) for s in live_values)
+
+    live_values = [secret for _, secret in live]
+    trimmed = raw_body.rstrip(b"\r\n")
+    if trimmed != raw_body and any(matches(s, parsed.t, trimmed) for s in live_values):
+        return "the MAC matches this body without its trailing newline: sign the exact bytes you send"
+    if any(matches(s, parsed.t, raw_body + end) for s in live_values for end in (b"\n", b"\r\n")):
+        return ("the MAC matches this body plus a trailing newline: your HTTP client changed the body"
+                " (curl -d strips newlines); send it with --data-binary")
+    if any(matches(s, parsed.t, codecs.BOM_UTF8 + raw_body) for s in live_values):
+        return ("the MAC matches this body with a UTF-8 byte-order mark, EF BB BF, in front (Windows PowerShell 5.1"
+                " writes one at the start of a file): sign the bytes you send, without it")
+    if any(matches(s, parsed.t, other) for s in live_values for other in _line_breaks_put_back(raw_body)):
+        return ("the MAC matches this body with its line breaks put back: curl -d @file strips newlines;"
+                " send the file with --data-binary @file")
+    if any(matches(s, parsed.t, other) for s in live_values for other in _reserialised(raw_body)):
+        return ("the MAC matches the same JSON written differently (spacing or key order): sign the exact"
+                " bytes you send, not a re-serialised copy, and send them unchanged")
+    ts = body_ts if isinstance(body_ts, (int, float)) and not isinstance(body_ts, bool) else None
+    ts_differs = ts is not None and ts != parsed.timestamp
+    if ts_differs and isinstance(ts, int) and any(matches(s, str(ts), raw_body) for s in live_values):
+        return "the MAC matches a different t (the body's ts): sign with the t you put in the header"
+    if any(matches(s, parsed.t, raw_body) for s in revoked):
+        return "this MAC was made with a previous, revoked secret: use the current secret"
+    if any_secret_signed(raw_body):
+        return 'the MAC matches the body alone: sign "<t>.<body>", the header\'s t, a dot, then the body'
+    for separator in _WRONG_SEPARATORS:
+        if any_secret_signed(parsed.t.encode("ascii") + separator + raw_body):
+            shown = json.dumps(separator.decode("ascii"))[1:-1]
+            return f'the MAC matches "<t>{shown}<body>": join t and the body with a dot, "<t>.<body>"'
+    if any(is_sent(hashlib.sha256(text).hexdigest()) for text in _plain_hash_inputs(parsed.t, raw_body, live_values)):
+        return ("v1 is a plain SHA-256 of the signed text, not an HMAC: compute HMAC-SHA256 with the secret as"
+                " the key: hash_hmac in PHP, not hash")
+    if ts_differs:  # not proof, but the usual slip when nothing else explains it
+        return (f"the header's t ({parsed.t}) differs from the body's ts ({ts}): "
+                "the MAC must be made with the header's t")
+    return None
+
+
+_WRONG_SEPARATORS = (b":", b"", b" ", b",", b"\n")   # put between t and the body instead of "."
+
+
+def _plain_hash_inputs(t: str, raw_body: bytes, secrets_: Sequence[str]) -> Iterator[bytes]:
+    """What a sender who hashed instead of using an HMAC may have hashed: the signed text or the
+    body, alone or with the secret before or after it."""
+    for text in (t.encode("ascii") + b"." + raw_body, raw_body):
+        yield text
+        for secret in secrets_:
+            yield secret.encode("utf-8") + text
+            yield text + secret.encode("utf-8")
+
+
+def _parsed_or_none(raw_body: bytes) -> Any:
+    try:
+        return json.loads(raw_body)
+    except (ValueError, RecursionError):
+        return None
+
+
+def _reserialised(raw_body: bytes) -> list[bytes]:
+    """The usual other spellings of the same JSON (a sender that signed one and sent another)."""
+    body = _parsed_or_none(raw_body)
+    if body is None:
+        return []
+    spellings = {json.dumps(body, sort_keys=sort_keys, separators=separators, ensure_ascii=ascii_only).encode()
+                 for sort_keys in (False, True) for separators in ((", ", ": "), (",", ":"))
+                 for ascii_only in (True, False)}
+    return [spelling + end for spelling in spellings for end in (b"", b"\n") if spelling + end != raw_body]
+
+
+# a pretty-printed file whose line breaks curl -d @file stripped: "{" and then one level's indentation
+_INDENT_LEFT = re.compile(rb"[{\[](\t| {2,})[^ \t]")
+
+
+def _line_breaks_put_back(raw_body: bytes) -> list[bytes]:
+    """The pretty-printed files (LF or CRLF lines, with or without a last newline) that become
+    `raw_body` once their line breaks are stripped, as `curl -d @file` does. The indentation and
+    the space after each colon are read from the body (json.dumps, jq and JSON.stringify write
+    `": "`, Windows PowerShell 5.1 `":  "`)."""
+    indented = _INDENT_LEFT.match(raw_body)
+    body = _parsed_or_none(raw_body) if indented else None
+    if indented is None or body is None:
+        return []
+    indent, colon = indented.group(1).decode("ascii"), ":  " if b'":  ' in raw_body else ": "
+    text = raw_body.decode("utf-8", "replace")
+    pretty = {json.dumps(body, indent=indent, separators=(",", colon), ensure_ascii=ascii_only)
+              for ascii_only in (True, False)}
+    return [(spelling.replace("\n", line_end) + last).encode("utf-8")
+            for spelling in pretty if spelling.replace("\n", "") == text
+            for line_end in ("\n", "\r\n") for last in ("", line_end)]
+
+
+def handle_ingest(store: EventStore, raw_body: bytes, header: str | None, *, window: int, ttl: int,
+                  client: str | None = None) -> tuple[int, dict]:
+    """Run the pipeline; remember refusals; log one line; return (status, body).
+
+    `client` (a keyed hash of the sender's address) limits how many of its refusals are
+    remembered each minute; None (the dashboard's test button, the demo) remembers them all.
+    """
+    try:
+        body, status = process_event(store, raw_body, header, window=window, ttl=ttl), 200
+    except ApiError as exc:
+        body, status = exc.body(), exc.status
+        if status in (400, 401, 404, 422):
+            _remember_rejection(store, exc, raw_body, client)
+    except StoreError as exc:  # nothing was written
+        status, body = _database_failure(exc)
+    except Exception:  # 11. anything unexpected: the transaction rolled back
+        log.exception("ingest failed")
+        status, body = 500, ApiError(500, "internal error", HINTS["internal error"]).body()
+    _log_ingest(status, body.get("error"), reason=body.get("reason"), outcome=_outcome_word(body),
+               server=_logged_value(_LOGGED_SERVER, raw_body),
+               token=mask(_logged_value(_LOGGED_TOKEN, raw_body)) or None)
+    return status, body
+
+
+def _log_ingest(status: int, error: str | None, **more: str | None) -> None:
+    """The one log line of an ingest request: `key=value` words, or JSON keys (MMOREF_LOG_FORMAT=json)."""
+    fields = {"status": status, "error": error, **more}
+    words = " ".join(f"{name}={'-' if value is None else value}" for name, value in fields.items())
+    log.info("ingest %s", words, extra={"fields": fields})
+
+
+def _database_failure(exc: StoreError) -> tuple[int, dict]:
+    """503 when the database is locked by another process or no longer the file opened; else 500."""
+    problem = exc.problem
+    if problem == "locked":
+        return 503, ApiError(503, "database busy", HINTS["database busy"]).body()
+    if problem in ("deleted", "replaced"):
+        return 503, ApiError(503, "database unavailable", HINTS["database unavailable"]).body()
+    if problem == "unreachable":  # PostgreSQL down or restarting: the node recovers by itself
+        log.warning("ingest: %s", exc)
+        return 503, ApiError(503, "database unavailable", HINTS["database unreachable"]).body()
+    log.error("ingest failed: %s", exc, exc_info=exc.__cause__ or exc)  # with what the engine raised
+    return 500, ApiError(500, "internal error", HINTS["internal error"]).body()
+
+
+def _outcome_word(body: dict[str, Any]) -> str | None:
+    if not body.get("ok"):
+        return None
+    for word in ("duplicate", "test", "ignored"):
+        if word in body:
+            return word if word != "ignored" else body["ignored"]
+    return body.get("state")
+
+
+# For the log line, found without parsing; only characters a real value has, so a hostile
+# body cannot write anything else (a newline, say) into the log.
+_LOGGED_SERVER = re.compile(rb'"server_id"\s*:\s*"\s*([A-Za-z0-9_.-]{1,64})\s*"')
+_LOGGED_TOKEN = re.compile(rb'"token"\s*:\s*"\s*([A-Za-z0-9_.-]{1,256})\s*"')
+
+
+def _logged_value(pattern: re.Pattern[bytes], raw_body: bytes) -> str | None:
+    match = pattern.search(raw_body[:4096])
+    return match.group(1).decode("ascii") if match else None
+
+
+def _remember_rejection(store: EventStore, exc: ApiError, raw_body: bytes, client: str | None) -> None:
+    """Keep the refusal for the dashboard: reason, hint, a masked snippet, never a secret."""
+    # A sender may paste a secret into the body by mistake, and a body that does not parse
+    # names no server: scrub every secret of the installation, before cutting the snippet.
+    try:
+        snippet = _scrubbed_snippet(raw_body, store.all_secrets(), limit=REJECTED_SNIPPET_CHARS)
+        store.record_rejected(exc.server_id, exc.status, exc.error, exc.extra.get("reason"), exc.hint,
+                              exc.diagnosis, snippet, client=client, per_client_minute=REJECTIONS_PER_CLIENT_MINUTE)
+    except StoreError as exc:  # the answer stands; /healthz says what the database lacks
+        log.warning("could not record a rejected request: %s", exc)
+
+
+# Routes: ingest, share link, health ##########################################
+
+blueprint = Blueprint("mmoref", __name__)
+
+
+def _apply_default_settings(state: Any) -> None:
+    """Give a host app that registers the blueprint the MMOREF_* settings it lacks."""
+    for name, value in load_settings().items():
+        state.app.config.setdefault(name, value)
+
+
+def _require_secret_key(state: Any) -> None:
+    """In a host app the dashboard keeps its login in the host's session, which Flask signs with
+    the host's SECRET_KEY: without one, refuse here, in one line, not with a 500 on the login page.
+    (The standalone app's session interface finds its own key.)"""
+    app = state.app
+    if not app.secret_key and not isinstance(app.session_interface, _SessionInterface):
+        raise ConfigError("mmoref_server.blueprint needs the host app's SECRET_KEY (the dashboard's login session"
+                          " is signed with it): set app.config['SECRET_KEY'] before register_blueprint()")
+
+
+blueprint.record_once(_apply_default_settings)
+blueprint.record_once(_require_secret_key)
+_store_lock = threading.Lock()
+
+
+def get_store() -> Store:
+    """The app's Store, opened (and migrated) on first use."""
+    extensions = current_app.extensions
+    if "mmoref" not in extensions:
+        with _store_lock:
+            if "mmoref" not in extensions:
+                extensions["mmoref"] = open_store(current_app.config["MMOREF_DB"],
+                                                  synchronous=current_app.config["MMOREF_SYNCHRONOUS"],
+                                                  busy_timeout=REQUEST_BUSY_TIMEOUT)
+    return extensions["mmoref"]
+
+
+def json_response(body: dict[str, Any], status: int = 200) -> Any:
+    """JSON in the field order docs/contract.md shows ("ok" first), whatever the host app's JSON settings."""
+    return current_app.response_class(json.dumps(body), status=status, mimetype="application/json")
+
+
+@blueprint.app_errorhandler(405)
+def _method_not_allowed(exc: Exception) -> Any:
+    """Methods the route does not list (e.g. PROPFIND) are refused by routing, outside the
+    blueprint: answer them in JSON too on the ingest path, and leave the host's paths alone."""
+    if request.path.endswith(INGEST_PATH):
+        return _api_error(ApiError(405, "method not allowed", HINTS["method not allowed"]))
+    return exc
+
+
+@blueprint.app_errorhandler(404)
+def _not_found(exc: Exception) -> Any:
+    """Near misses of the ingest path (`/api/referral/event`, a trailing slash...) get JSON a kit can
+    read; every other path keeps the app's own 404."""
+    api_root = url_for("mmoref.ingest")[len(request.script_root):-len(INGEST_PATH)] + "/api/"
+    if request.path.startswith(api_root):
+        return json_response({"ok": False, "error": "not found", "hint": f"POST events to {INGEST_PATH}"}, 404)
+    return exc
+
+
+@blueprint.errorhandler(ApiError)
+def _api_error(exc: ApiError) -> Any:
+    """Errors raised outside the pipeline (405, 413); the pipeline's own go through handle_ingest."""
+    _log_ingest(exc.status, exc.error)
+    response = json_response(exc.body(), exc.status)
+    if exc.status == 405:
+        response.headers["Allow"] = "POST"
+    return response
+
+
+@blueprint.route(INGEST_PATH, methods=["GET", "HEAD", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "POST"],
+                 provide_automatic_options=False)
+def ingest() -> Any:
+    if request.method != "POST":
+        raise ApiError(405, "method not allowed", HINTS["method not allowed"])
+    # 1. the size cap, from Content-Length before reading, else while reading
+    if request.content_length is not None and request.content_length > MAX_BODY_BYTES:
+        raise ApiError(413, "body too large", HINTS["body too large"])
+    # Werkzeug stops a streamed body at the limit without raising: read one byte past the cap.
+    request.max_content_length = MAX_BODY_BYTES + 1
+    try:
+        raw_body = request.get_data(cache=False)
+    except RequestEntityTooLarge:
+        raise ApiError(413, "body too large", HINTS["body too large"]) from None
+    if len(raw_body) > MAX_BODY_BYTES:
+        raise ApiError(413, "body too large", HINTS["body too large"])
+    config, store, started = current_app.config, get_store(), time.perf_counter()
+    status, body = handle_ingest(store, raw_body, request.headers.get(SIGNATURE_HEADER),
+                                 window=config["MMOREF_REPLAY_WINDOW"], ttl=config["MMOREF_TOKEN_TTL"],
+                                 client=client_key(store, request.remote_addr))
+    store.observe_latency(time.perf_counter() - started)
+    response = json_response(body, status)
+    if status == 503:
+        response.headers["Retry-After"] = str(RETRY_AFTER_SECONDS)
+    return response
+
+
+NOT_FOUND_PAGE = ("<!doctype html><meta charset=utf-8><title>Link not found</title>"
+                  "<p>This referral link is not valid.</p>")
+
+
+@blueprint.get("/r/<server_id>")
+def share_link(server_id: str) -> Any:
+    """Record a click, mint a token, set the mmref cookie, send the player to register.
+
+    A HEAD request (link previews, crawlers) and a client past CLICKS_PER_CLIENT_MINUTE are
+    sent to the registration URL without a token: nothing is recorded for them.
+    """
+    code = request.args.get("ref", "")
+    store = get_store()
+    server = store.server(server_id) if NAME_PATTERN.fullmatch(code) else None
+    if server is None or not server["referrals_enabled"] or not server["registration_url"]:
+        return NOT_FOUND_PAGE, 404, {"Content-Type": "text/html; charset=utf-8"}
+    minted = None
+    if request.method == "GET":
+        minted = store.mint_referral(server_id, code, ip_hash=_ip_hash(store, request.remote_addr),
+                                     user_agent=request.user_agent.string,
+                                     click_limit=(client_key(store, request.remote_addr), CLICKS_PER_CLIENT_MINUTE))
+    if minted is None:
+        return redirect(server["registration_url"], 302)
+    token, _ = minted
+    response = redirect(_with_query(server["registration_url"], mmref=token), 302)
+    response.set_cookie("mmref", token, max_age=current_app.config["MMOREF_TOKEN_TTL"], samesite="Lax",
+                        httponly=True, secure=request.is_secure)
+    return response
+
+
+def _ip_hash(store: Store, ip: str | None) -> str | None:
+    """A keyed hash of the address: pseudonymous, not anonymous (the key is in the same database)."""
+    if not ip:
+        return None
+    return _keyed_address(store.installation_key("ip_salt"), ip)
+
+
+def client_key(store: Store, ip: str | None) -> str:
+    """Whom a per-client limit counts: the address's keyed hash, an IPv6 client by its /64 network."""
+    return _client_key(store.installation_key("ip_salt"), ip or "")
+
+
+@functools.lru_cache(maxsize=1024)
+def _keyed_address(salt: str, ip: str) -> str:
+    return hmac.new(salt.encode(), ip.encode(), hashlib.sha256).hexdigest()[:16]
+
+
+@functools.lru_cache(maxsize=1024)  # every ingest request asks (a kit sends from a handful of addresses)
+def _client_key(salt: str, ip: str) -> str:
+    try:
+        address = ipaddress.ip_address(ip)
+    except ValueError:
+        return "-"
+    if isinstance(address, ipaddress.IPv6Address):
+        mapped = address.ipv4_mapped
+        counted = mapped if mapped is not None else ipaddress.ip_network(f"{address}/64", strict=False)
+        return _keyed_address(salt, str(counted))
+    return _keyed_address(salt, str(address))
+
+
+def _with_query(url: str, **params: str) -> str:
+    """`url` with `params` set in its query string, other parameters kept."""
+    parts = urllib.parse.urlsplit(url)
+    query = [(k, v) for k, v in urllib.parse.parse_qsl(parts.query, keep_blank_values=True) if k not in params]
+    query.extend(params.items())
+    return urllib.parse.urlunsplit(parts._replace(query=urllib.parse.urlencode(query)))
+
+
+@blueprint.get("/healthz")
+def healthz() -> Any:
+    """200 when the database can take writes; else 503 with the cause. Never waits for the write lock."""
+    try:
+        problem = get_store().health()
+    except StoreError as exc:  # the database could not even be opened
+        problem = exc
+    if problem is None:
+        return json_response({"ok": True})
+    return json_response({"ok": False, "error": "database unavailable", "reason": problem.problem,
+                          "hint": str(problem)}, 503)
+
+
+def _is_loopback(host: str) -> bool:
+    """A loopback address or "localhost": /metrics answers it, and `serve` warns for anything else."""
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+@blueprint.get("/metrics")
+def metrics() -> Any:
+    """Prometheus text format, from the database's counters: the same numbers in every worker.
+
+    Answered to loopback clients that did not come through a proxy, or to anyone with
+    `Authorization: Bearer <MMOREF_METRICS_TOKEN>` when that is set.
+    """
+    token = current_app.config.get("MMOREF_METRICS_TOKEN")
+    if token:
+        sent = request.headers.get("Authorization", "")
+        if not hmac.compare_digest(sent.encode(), f"Bearer {token}".encode()):
+            return json_response({"ok": False, "error": "forbidden",
+                                  "hint": "send Authorization: Bearer <MMOREF_METRICS_TOKEN>"}, 403)
+    elif not _is_loopback(request.remote_addr or "") or "X-Forwarded-For" in request.headers:
+        return json_response({"ok": False, "error": "not found",
+                              "hint": "/metrics answers loopback only; set MMOREF_METRICS_TOKEN to scrape it"
+                                      " from elsewhere"}, 404)
+    store = get_store()
+    text = render_metrics(store.metrics(), store.database_bytes())
+    return current_app.response_class(text, mimetype="text/plain; version=0.0.4")
+
+
+def _label(value: Any) -> str:
+    return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def _metric(lines: list[str], name: str, kind: str, about: str, samples: Sequence[tuple[dict, Any]]) -> None:
+    lines += [f"# HELP {name} {about}", f"# TYPE {name} {kind}"]
+    for labels, value in samples:
+        shown = ",".join(f'{key}="{_label(label)}"' for key, label in labels.items())
+        lines.append(f"{name}{{{shown}}} {value}" if shown else f"{name} {value}")
+
+
+def render_metrics(snapshot: dict[str, Any], database_bytes: int) -> str:
+    """The Prometheus text exposition of Store.metrics()."""
+    lines: list[str] = []
+    _metric(lines, "mmoref_events_total", "counter", "Signed events answered 200, by event and outcome.",
+            [({"server_id": s, "event": e, "outcome": o}, n) for s, e, o, n in snapshot["events"]])
+    _metric(lines, "mmoref_rejections_total", "counter", "Refused ingest requests, by status, error and reason.",
+            [({"status": s, "error": e, "reason": r}, n) for s, e, r, n in snapshot["rejections"]])
+    _metric(lines, "mmoref_share_link_clicks_total", "counter", "Share links followed (referrals minted).",
+            [({"server_id": s}, n) for s, n in snapshot["clicks"]])
+    cumulative, buckets = 0, []
+    for le in [*map(str, LATENCY_BUCKETS), "+Inf"]:
+        cumulative += snapshot["latency"].get(le, 0)
+        buckets.append(({"le": le}, cumulative))
+    _metric(lines, "mmoref_ingest_latency_seconds", "histogram", "Time to answer an ingest request.", [])
+    lines += [f'mmoref_ingest_latency_seconds_bucket{{le="{labels["le"]}"}} {n}' for labels, n in buckets]
+    lines += [f"mmoref_ingest_latency_seconds_sum {snapshot['latency_seconds']}",
+              f"mmoref_ingest_latency_seconds_count {cumulative}"]
+    _metric(lines, "mmoref_database_bytes", "gauge", "Database file plus write-ahead log.", [({}, database_bytes)])
+    _metric(lines, "mmoref_last_event_timestamp_seconds", "gauge", "When the newest delivery-log row was written.",
+            [({}, snapshot["last_event_at"] or 0)])
+    return "\n".join(lines) + "\n"
 
 
 # Storage #####################################################################
@@ -798,17 +1804,9 @@ INSTALLATION_KEYS = ("token_key", "session_key", "session_binding_key", "ip_salt
 PRUNED_TABLES = ("delivery_log", "rejected_requests")  # what retention deletes; counters stay
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)  # seconds, as Prometheus
 VACUUM_PAGES_PER_STEP = 2000                           # 8 MB of 4 KiB pages per short transaction
-COUNTED = ("clicked", "registered", "qualified", "reversed")
 
 
 
-class Row(Protocol):
-    """A row read by column name, whichever engine read it (an sqlite3.Row, or a dict from psycopg).
-    Only these two are common to both: iterating an sqlite3.Row gives its values, a dict its keys."""
-
-    def __getitem__(self, column: str, /) -> Any: ...
-
-    def keys(self) -> Iterable[str]: ...
 
 
 def _with_cut_identity_replaced(text: str, spellings: Sequence[str], forgotten: str) -> str:
@@ -938,159 +1936,10 @@ class _Pending:
         db.execute("RELEASE work")
 
 
-@functools.lru_cache(maxsize=4)
-def _utc_date(day_number: int) -> str:
-    """YYYY-MM-DD of a day counted from 1970-01-01 (UTC)."""
-    return (datetime.date(1970, 1, 1) + datetime.timedelta(days=day_number)).isoformat()
 
 
-class Transaction:
-    """The reads and writes the state machine makes, inside one write transaction.
-
-    `Store.transaction()` hands one to its work. The state machine decides; these methods
-    only read and write. Rows are mappings by column name.
-    """
-
-    __slots__ = ("db",)
-    SECRETS_NEWEST_FIRST = "SELECT server_id, kid, secret, expires_at FROM secrets ORDER BY created_at DESC, rowid DESC"
-    ROW_LOCK = ""  # PostgreSQL: " FOR UPDATE" (SQLite's BEGIN IMMEDIATE already serialises every writer)
-    SHARE_LOCK = ""  # PostgreSQL: " FOR SHARE"
-
-    def __init__(self, db: Any):
-        self.db = db
-
-    def server(self, server_id: str) -> Row | None:
-        """The server's row. No change to the server or its secrets commits before this transaction
-        ends: SQLite's BEGIN IMMEDIATE holds every writer off; on PostgreSQL, FOR SHARE holds the row
-        that such a change locks first."""
-        return self.db.execute(f"SELECT * FROM servers WHERE server_id = ?{self.SHARE_LOCK}", (server_id,)).fetchone()
-
-    def secrets(self) -> list[Row]:
-        """Every secret of the installation, newest first (see live_secrets)."""
-        return self.db.execute(self.SECRETS_NEWEST_FIRST).fetchall()
-
-    def server_exists(self, server_id: str) -> bool:
-        return self.db.execute("SELECT 1 FROM servers WHERE server_id = ?", (server_id,)).fetchone() is not None
-
-    def lock_server(self, server_id: str) -> bool:
-        """Whether the server exists, its row locked until the transaction ends."""
-        return self.db.execute(f"SELECT 1 FROM servers WHERE server_id = ?{self.ROW_LOCK}", (server_id,)).fetchone() \
-            is not None
-
-    def referral(self, referral_id: str) -> Row | None:
-        return self.db.execute(f"SELECT * FROM referrals WHERE referral_id = ?{self.ROW_LOCK}",
-                               (referral_id,)).fetchone()
-
-    def referral_for_event(self, referral_id: str, event: str, server_event_id: str) -> Row | None:
-        """The referral, with `seen` true when the idempotency key (token, event, server_event_id) is used."""
-        return self.db.execute(
-            "SELECT r.*, EXISTS (SELECT 1 FROM delivery_log l WHERE l.token_referral_id = r.referral_id"
-            " AND l.event = ? AND l.server_event_id = ?) AS seen FROM referrals r WHERE r.referral_id = ?",
-            (event, server_event_id, referral_id)).fetchone()
-
-    def anchored_referral(self, server_id: str, referee_identity: str | None,
-                          forgotten_identity: str | None) -> Row | None:
-        """The referral that anchors this referee on this server, if any, by its identity or its
-        forgotten (keyed) form: one lookup of the primary key."""
-        return self.db.execute(
-            "SELECT r.* FROM anchors a JOIN referrals r ON r.referral_id = a.referral_id"
-            " WHERE a.server_id = ? AND a.referee_identity IN (?, ?)",
-            (server_id, referee_identity, forgotten_identity)).fetchone()
-
-    def insert_anchor(self, server_id: str, referee_identity: str | None, referral_id: str, at: int) -> None:
-        self.db.execute("INSERT INTO anchors (server_id, referee_identity, referral_id, created_at)"
-                        " VALUES (?, ?, ?, ?)", (server_id, referee_identity, referral_id, at))
-
-    def follow_anchor(self, referral_id: str, anchor_referral_id: str) -> None:
-        """Let a second click's token reach the referral that anchors its referee."""
-        self.db.execute("UPDATE referrals SET anchor_referral_id = ? WHERE referral_id = ?",
-                        (anchor_referral_id, referral_id))
-
-    def set_state(self, referral_id: str, state: str, at: int, referee_identity: str | None = None) -> None:
-        """Set the referral's state (and its referee, when given)."""
-        self.db.execute("UPDATE referrals SET state = ?, updated_at = ?,"
-                        " referee_identity = coalesce(?, referee_identity) WHERE referral_id = ?",
-                        (state, at, referee_identity, referral_id))
-
-    def insert_referral(self, server_id: str, referrer_code: str, issued_at: int,
-                        ip_hash: str | None = None, user_agent: str | None = None, test: bool = False) -> str:
-        """Write one clicked referral (and, unless it is a test, its click counters); return its new id."""
-        referral_id = "ref_" + secrets.token_urlsafe(9)
-        self.db.execute("INSERT INTO referrals (referral_id, server_id, referrer_code, state, issued_at,"
-                        " updated_at, ip_hash, user_agent, test) VALUES (?, ?, ?, 'clicked', ?, ?, ?, ?, ?)",
-                        (referral_id, server_id, referrer_code, issued_at, issued_at, ip_hash,
-                         (user_agent or "")[:200] or None, int(test)))
-        if not test:
-            self.count(server_id, referrer_code, "clicked", issued_at)
-        return referral_id
-
-    def log_delivery(self, referral: Row, event: str, outcome: str, at: int, *,
-                     token_referral_id: str | None = None, server_event_id: str | None = None,
-                     payload: str | None = None, ts: int | float | None = None) -> None:
-        """Append a delivery-log row about `referral` (an owner action has no token, key or payload)."""
-        self.db.execute(
-            "INSERT INTO delivery_log (server_id, referral_id, referrer_code, token_referral_id, event,"
-            " server_event_id, outcome, received_at, payload, ts) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (referral["server_id"], referral["referral_id"], referral["referrer_code"], token_referral_id,
-             event, server_event_id, outcome, at, payload, ts))
-        self.count_event(referral["server_id"], event, outcome)
-
-    # Counters, in the transaction of what they count. Every transaction bumps them in one table
-    # order (daily_counts, referrer_counts, event_counts): no deadlock between PostgreSQL nodes.
-
-    def count_event(self, server_id: str, event: str, outcome: str) -> None:
-        """Count one answered event for /metrics (outcome: a logged one, or "duplicate")."""
-        self.db.execute("INSERT INTO event_counts (server_id, event, outcome, count) VALUES (?, ?, ?, 1) ON CONFLICT"
-                        " (server_id, event, outcome) DO UPDATE SET count = event_counts.count + 1",
-                        (server_id, event, outcome))
-
-    def count(self, server_id: str, referrer_code: str, column: str, at: int) -> None:
-        """Bump the analytics counters for one click or transition (`column`: one of COUNTED)."""
-        self.db.execute(f"INSERT INTO daily_counts (server_id, day, {column}) VALUES (?, ?, 1) ON CONFLICT"
-                        f" (server_id, day) DO UPDATE SET {column} = daily_counts.{column} + 1",
-                        (server_id, _utc_date(at // 86400)))
-        self.db.execute(f"INSERT INTO referrer_counts (server_id, referrer_code, {column}) VALUES (?, ?, 1) ON"
-                        f" CONFLICT (server_id, referrer_code) DO UPDATE SET {column} = referrer_counts.{column} + 1",
-                        (server_id, referrer_code))
-
-    # per-client limits (docs/security.md, "Security notes"): fixed windows, stale ones deleted as they pass
-
-    def hit(self, scope: str, client: str, at: int, window: int) -> int:
-        """Count one request of `client` in `scope`'s current `window`-second window; return the window's count."""
-        start = at - at % window
-        self.db.execute("DELETE FROM client_hits WHERE scope = ? AND window_start < ?", (scope, start))
-        self.db.execute("INSERT INTO client_hits (scope, client, window_start, hits) VALUES (?, ?, ?, 1)"
-                        " ON CONFLICT (scope, client) DO UPDATE SET hits = client_hits.hits + 1",
-                        (scope, client, start))
-        return self.hits(scope, client, at, window)
-
-    def hits(self, scope: str, client: str, at: int, window: int) -> int:
-        """How many requests `client` made in `scope`'s current window."""
-        row = self.db.execute("SELECT hits FROM client_hits WHERE scope = ? AND client = ? AND window_start = ?"
-                              + self.ROW_LOCK, (scope, client, at - at % window)).fetchone()
-        return row["hits"] if row else 0
-
-    def login_failures(self, client: str) -> tuple[int, int]:
-        """(failed logins, time of the last one) of a client; (0, 0) when none is on record."""
-        row = self.db.execute(f"SELECT failures, last_at FROM login_failures WHERE client = ?{self.ROW_LOCK}",
-                              (client,)).fetchone()
-        return (row["failures"], row["last_at"]) if row else (0, 0)
-
-    def add_login_failure(self, client: str, at: int, keep: int) -> None:
-        """Count one failed login; beyond `keep` clients, forget those with the fewest failures, oldest first."""
-        self.db.execute("INSERT INTO login_failures (client, failures, last_at) VALUES (?, 1, ?)"
-                        " ON CONFLICT (client) DO UPDATE SET failures = login_failures.failures + 1,"
-                        " last_at = excluded.last_at", (client, at))
-        excess = self.db.execute("SELECT count(*) AS n FROM login_failures").fetchone()["n"] - keep
-        if excess > 0:
-            self.db.execute("DELETE FROM login_failures WHERE client IN (SELECT client FROM login_failures"
-                            " ORDER BY failures, last_at LIMIT ?)", (excess,))
 
 
-def live_secrets(secrets_newest_first: Sequence[Row], server_id: str, at: int) -> list[tuple[str, str]]:
-    """[(kid, secret), ...] of the server valid at `at`, current first (at most two)."""
-    return [(row["kid"], row["secret"]) for row in secrets_newest_first
-            if row["server_id"] == server_id and (row["expires_at"] is None or row["expires_at"] > at)]
 
 
 class Store(abc.ABC):
@@ -2005,621 +2854,6 @@ class SQLiteStore(Store):
         return not busy
 
 
-# State machine (docs/contract.md §2) #########################################
-# The table says what each event does in each state; `apply_event` applies it in one
-# transaction together with the delivery-log row and the idempotency key. It decides;
-# the Transaction it is given reads and writes.
-
-NO_OP, INVALID = "no_op", "invalid"
-TRANSITIONS: dict[str, dict[str, str]] = {
-    #  state         event "registered"   event "qualified"   event "reversed"
-    "clicked":    {"registered": "registered", "qualified": INVALID, "reversed": INVALID},
-    "registered": {"registered": NO_OP, "qualified": "qualified", "reversed": "reversed"},
-    "qualified":  {"registered": NO_OP, "qualified": NO_OP, "reversed": "reversed"},
-    "reversed":   {"registered": INVALID, "qualified": INVALID, "reversed": NO_OP},
-    "expired":    {"registered": INVALID, "qualified": INVALID, "reversed": INVALID},
-    "rejected":   {"registered": INVALID, "qualified": INVALID, "reversed": INVALID},
-}
-# Owner actions (dashboard, CLI): the states they apply to and the state they set.
-OWNER_ACTIONS: dict[str, tuple[tuple[str, ...], str]] = {
-    "reverse": (("registered", "qualified"), "reversed"),
-    "reject": (("clicked", "registered", "qualified"), "rejected"),
-}
-
-
-@dataclass(frozen=True)
-class Delivery:
-    """A verified, well-formed event, ready for the state machine."""
-    server_id: str
-    event: str
-    token_claims: TokenClaims
-    server_event_id: str
-    referee_identity: str | None
-    ts: int | float | None
-    payload: str  # the body for the log: token masked, secrets scrubbed, cut to 2,000 characters
-    forgotten_identity: str | None = None  # what `forget` leaves of referee_identity (see forgotten_form)
-
-    def is_referee(self, stored_identity: str | None) -> bool:
-        """Whether a stored identity is this event's referee, as sent or as forgotten."""
-        return stored_identity in (self.referee_identity, self.forgotten_identity)
-
-
-def forgotten_form(identity_key: str, server_id: str, referee_identity: str) -> str:
-    """The keyed one-way value `forget` stores instead of an identity: equal for equal
-    (server, identity), so first touch still holds, and not reversible without the key."""
-    message = f"{server_id}\0{referee_identity}".encode()
-    return "forgotten:" + hmac.new(identity_key.encode(), message, hashlib.sha256).hexdigest()[:32]
-
-
-def apply_event(transaction: Transaction, delivery: Delivery, ttl: int) -> dict[str, Any] | ApiError:
-    """Steps 9-10 of docs/contract.md §1.4: the 200 body, or the ApiError to raise once the
-    transaction is committed (a detected expiry is stored; nothing else was written)."""
-    at, event = now(), delivery.event
-    referral = transaction.referral_for_event(delivery.token_claims.referral_id, event, delivery.server_event_id)
-    if referral is None or referral["server_id"] != delivery.server_id:
-        return ApiError(404, "unknown token", HINTS["unknown token"], server_id=delivery.server_id)
-    if referral["seen"]:  # the idempotency key (token, event, server_event_id) was used
-        transaction.count_event(delivery.server_id, event, "duplicate")
-        return {"ok": True, "duplicate": True}
-    if referral["anchor_referral_id"]:  # a second click's token: events apply to the anchored referral
-        anchored = transaction.referral(referral["anchor_referral_id"])
-        assert anchored is not None, "an anchor names a referral, and referrals are never deleted"
-        referral = anchored
-    state = referral["state"]
-    if state == "clicked" and at - delivery.token_claims.issued_at > ttl:
-        transaction.set_state(referral["referral_id"], "expired", at)
-        return _invalid_transition(delivery, "expired")
-    next_state = TRANSITIONS[state][event]
-    if event == "registered" and next_state == NO_OP and not delivery.is_referee(referral["referee_identity"]):
-        return ApiError(422, "invalid transition", HINTS["other referee"], server_id=delivery.server_id,
-                        state=state, event=event)
-    if next_state == INVALID:
-        return _invalid_transition(delivery, state)
-    if state == "clicked" and event == "registered":
-        return _register(transaction, delivery, referral, at)
-    if next_state == NO_OP:
-        return _log_and_answer(transaction, delivery, referral, "no_op", state, at)
-    _advance(transaction, referral, next_state, at)
-    return _log_and_answer(transaction, delivery, referral, "advanced", next_state, at)
-
-
-def _register(transaction: Transaction, delivery: Delivery, referral: Row, at: int) -> dict[str, Any]:
-    """`registered` on a clicked referral: mint the anchor, unless first touch says otherwise."""
-    anchored = transaction.anchored_referral(delivery.server_id, delivery.referee_identity,
-                                             delivery.forgotten_identity)
-    if anchored is None:
-        transaction.insert_anchor(delivery.server_id, delivery.referee_identity, referral["referral_id"], at)
-        _advance(transaction, referral, "registered", at, referee_identity=delivery.referee_identity)
-        return _log_and_answer(transaction, delivery, referral, "advanced", "registered", at)
-    if anchored["referrer_code"] != referral["referrer_code"]:
-        _log(transaction, delivery, referral, "first_touch_conflict", at)
-        return {"ok": True, "ignored": "first_touch_conflict"}
-    # the same referrer's link clicked twice: answer with the existing anchor, and let this
-    # token's later events (qualified, reversed) reach that anchored referral too
-    transaction.follow_anchor(referral["referral_id"], anchored["referral_id"])
-    return _log_and_answer(transaction, delivery, anchored, "no_op", anchored["state"], at)
-
-
-def _advance(transaction: Transaction, referral: Row, next_state: str, at: int,
-             referee_identity: str | None = None) -> None:
-    """Move the referral to `next_state` (recording its referee on registration) and count it."""
-    transaction.set_state(referral["referral_id"], next_state, at, referee_identity)
-    if next_state in COUNTED and not referral["test"]:  # the dashboard's test tokens count nowhere
-        transaction.count(referral["server_id"], referral["referrer_code"], next_state, at)
-
-
-def _log(transaction: Transaction, delivery: Delivery, referral: Row, outcome: str, at: int) -> None:
-    transaction.log_delivery(referral, delivery.event, outcome, at, token_referral_id=delivery.token_claims.referral_id,
-                             server_event_id=delivery.server_event_id, payload=delivery.payload, ts=delivery.ts)
-
-
-def _log_and_answer(transaction: Transaction, delivery: Delivery, referral: Row, outcome: str, state: str,
-                    at: int) -> dict[str, Any]:
-    _log(transaction, delivery, referral, outcome, at)
-    return {"ok": True, "referral_id": referral["referral_id"], "state": state}
-
-
-def _invalid_transition(delivery: Delivery, state: str) -> ApiError:
-    hint = HINTS["invalid transition"].format(state=state, event=delivery.event)
-    return ApiError(422, "invalid transition", hint, server_id=delivery.server_id, state=state, event=delivery.event)
-
-
-def owner_action(store: Store, referral_id: str, action: str) -> str:
-    """Reverse or reject a referral as the owner; log it; return the new state."""
-    allowed_from, next_state = OWNER_ACTIONS[action]
-    at = now()
-    with store.transaction() as transaction:
-        referral = transaction.referral(referral_id)
-        if referral is None:
-            raise ConfigError(f"unknown referral {referral_id!r}")
-        if referral["state"] not in allowed_from:
-            raise ConfigError(f"cannot {action} referral {referral_id} in state {referral['state']!r}"
-                              f" (only from {', '.join(allowed_from)})")
-        _advance(transaction, referral, next_state, at)
-        transaction.log_delivery(referral, next_state, "owner_action", at)
-    return next_state
-
-
-# Ingest pipeline (docs/contract.md §1.4) #####################################
-# One function, its steps in the order of docs/contract.md §1.4, each failing early with ApiError.
-
-
-WRITE_ATTEMPTS = 3  # a write that lost a race to another PostgreSQL node is tried again: first touch, a deadlock
-
-
-def process_event(store: Store, raw_body: bytes, header: str | None, *, window: int, ttl: int) -> dict[str, Any]:
-    """Steps 2-10 of docs/contract.md §1.4 (step 1, the size cap, happens before the body is read).
-
-    Returns the 200 body or raises ApiError, whose `server_id` names the known server the
-    request is about (None: it names none). Used by the HTTP route and the dashboard's
-    "Send test event" button alike.
-
-    Steps 5-10 run in one write transaction: the server and its secrets are read where the
-    event is written, so a revoked secret or a disabled server is refused from the moment its
-    change commits, and a 200 is sent only after the COMMIT that holds the event.
-    """
-    # 2. signature header present and well-formed
-    try:
-        parsed = parse_signature_header(header)
-    except SignatureError as exc:
-        error = "missing signature header" if exc.reason == "missing" else "malformed signature header"
-        raise ApiError(400, error, f"{exc}; {HINTS['malformed signature header']}",
-                       server_id=_server_named_in(store, raw_body)) from None
-    # 3. body is a JSON object; 4. fields have the documented shape
-    fields = _event_fields(store, raw_body)
-    for attempt in range(1, WRITE_ATTEMPTS + 1):
-        try:
-            outcome = store.group_commit(
-                lambda transaction: _verify_and_apply(store, transaction, parsed, fields, raw_body, window, ttl))
-        except WriteConflict:  # a concurrent writer won a race our reads could not see (PostgreSQL)
-            if attempt == WRITE_ATTEMPTS:
-                raise
-            continue
-        if isinstance(outcome, ApiError):
-            raise outcome
-        return outcome
-    raise AssertionError("unreachable")
-
-
-def _verify_and_apply(store: Store, transaction: Transaction, parsed: ParsedSignature, fields: EventFields,
-                      raw_body: bytes, window: int, ttl: int) -> dict[str, Any] | ApiError:
-    # 5-8. the server, its secrets, the signature and the token
-    delivery = _verified_delivery(store, transaction, parsed, fields, raw_body, window)
-    if delivery is None:  # a verified dry run stops here
-        return {"ok": True, "test": True}
-    # 9-10. duplicate check and state machine
-    return apply_event(transaction, delivery, ttl)
-
-
-def _verified_delivery(store: Store, transaction: Transaction, parsed: ParsedSignature, fields: EventFields,
-                       raw_body: bytes, window: int) -> Delivery | None:
-    """Steps 5-8: the event, ready for the state machine (None: a verified dry run), or ApiError."""
-    # 5. the server exists, takes referrals and has a secret
-    server_id = fields.server_id
-    server = transaction.server(server_id)
-    if server is None:
-        raise ApiError(404, "unknown server", HINTS["unknown server"])
-    if not server["referrals_enabled"]:
-        raise ApiError(404, "referrals not enabled", HINTS["referrals not enabled"], server_id=server_id)
-    at, every_secret = now(), transaction.secrets()
-    live = live_secrets(every_secret, server_id, at)
-    if not live:
-        raise ApiError(404, "no signing secret", HINTS["no signing secret"], server_id=server_id)
-    # 6. timestamp window, kid, MAC
-    try:
-        verify(parsed, raw_body, live, at, window)
-    except SignatureError as exc:
-        raise _bad_signature(exc, parsed, raw_body, every_secret, fields, at, window) from None
-    # 7. a verified dry run stops here
-    if fields.test:
-        return None
-    # 8. the token is genuine and minted for this server (no database read needed)
-    claims = read_token(store.token_key, fields.token)
-    if claims is None or claims.server_id != server_id:
-        raise ApiError(404, "unknown token", HINTS["unknown token"], server_id=server_id)
-    forgotten = (forgotten_form(store.identity_key, server_id, fields.referee_identity)
-                 if fields.referee_identity is not None else None)
-    snippet = _scrubbed_snippet(raw_body, [row["secret"] for row in every_secret], limit=DELIVERY_PAYLOAD_CHARS)
-    return Delivery(server_id, fields.event, claims, fields.server_event_id, fields.referee_identity, fields.ts,
-                    snippet, forgotten)
-
-
-def _event_fields(store: Store, raw_body: bytes) -> EventFields:
-    """Steps 3 and 4: the body, parsed once, and its fields; a refusal names the body's known server."""
-    body = parse_body(raw_body)
-    try:
-        return read_fields(body, _SURROGATE_ESCAPE.search(raw_body) is not None)
-    except ApiError as exc:
-        raise ApiError(exc.status, exc.error, exc.hint, server_id=_known_server_id(store, body), **exc.extra) from None
-
-
-def _server_named_in(store: Store, raw_body: bytes) -> str | None:
-    """For a request refused before step 3: the known server its body names, if the body parses."""
-    try:
-        body = parse_body(raw_body)
-    except ApiError:
-        return None
-    return _known_server_id(store, body)
-
-
-def _known_server_id(store: Store, body: dict[str, Any]) -> str | None:
-    """The body's server_id, trimmed, if it names a known server (else the installation-wide list)."""
-    server_id = body.get("server_id")
-    if not isinstance(server_id, str) or not _is_valid_unicode(server_id) or store.server(server_id.strip()) is None:
-        return None
-    return server_id.strip()
-
-
-def _bad_signature(exc: SignatureError, parsed: ParsedSignature, raw_body: bytes, every_secret: Sequence[Row],
-                   fields: EventFields, at: int, window: int) -> ApiError:
-    """The 401 for a signature that fails step 6; a MAC mismatch says why, when a usual mistake explains it."""
-    hint = HINTS[exc.reason].format(window=window)
-    diagnosis = None
-    if exc.reason == "mac_mismatch":
-        live = live_secrets(every_secret, fields.server_id, at)
-        revoked = [row["secret"] for row in every_secret if row["server_id"] == fields.server_id
-                   and row["expires_at"] is not None and row["expires_at"] <= at][:5]  # the newest five
-        diagnosis = diagnose_mac_mismatch(parsed, raw_body, live, revoked, fields.ts)
-    return ApiError(401, "bad_signature", hint, diagnosis=diagnosis, server_id=fields.server_id, reason=exc.reason)
-
-
-def _field_error(error: str, field: str, hint: str) -> ApiError:
-    return ApiError(400, error, hint, field=field)
-
-
-class _DuplicateKey(Exception):
-    def __init__(self, key: str):
-        super().__init__(key)
-        self.key = key
-
-
-def _object_without_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    obj: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in obj:
-            raise _DuplicateKey(key)
-        obj[key] = value
-    return obj
-
-
-def _reject_constant(name: str) -> None:
-    raise ValueError(f"{name} is not JSON")
-
-
-MAX_JSON_DEPTH = 32  # levels of arrays and objects, the body's own object being level 1
-# A JSON string; an unterminated one runs to the end, so stripping strings stays linear in time.
-_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*(?:"|\\?\Z)', re.DOTALL)
-_NOT_BRACKETS = bytes(byte for byte in range(256) if byte not in b"[]{}")
-_OPENING_BRACKETS = frozenset(b"[{")
-
-
-def _nests_too_deep(raw_body: bytes) -> bool:
-    """Do arrays and objects nest deeper than MAX_JSON_DEPTH (brackets inside strings do not count)?
-
-    Our own limit, so every Python answers alike (3.13's parser takes depths that 3.9-3.12 refuse).
-    Hot path: a body with no more opening brackets than the limit cannot be too deep.
-    """
-    if raw_body.count(b"[") + raw_body.count(b"{") <= MAX_JSON_DEPTH:
-        return False
-    depth = 0
-    for bracket in _JSON_STRING.sub(b"", raw_body).translate(None, _NOT_BRACKETS):
-        depth += 1 if bracket in _OPENING_BRACKETS else -1
-        if depth > MAX_JSON_DEPTH:
-            return True
-    return False
-
-
-def parse_body(raw_body: bytes) -> dict[str, Any]:
-    """Strict JSON: UTF-8, nested at most MAX_JSON_DEPTH levels, no NaN/Infinity, no duplicate keys, an object."""
-    if _nests_too_deep(raw_body):
-        raise ApiError(400, "body is not valid JSON", f"{HINTS['body is not valid JSON']};"
-                       f" arrays and objects may nest at most {MAX_JSON_DEPTH} levels deep")
-    try:
-        body = json.loads(raw_body.decode("utf-8"), object_pairs_hook=_object_without_duplicates,
-                          parse_constant=_reject_constant)
-    except _DuplicateKey as exc:
-        raise _field_error("duplicate key", exc.key, HINTS["duplicate key"]) from None
-    except ValueError:  # bad UTF-8, bad JSON, too many digits
-        bom = raw_body.startswith(codecs.BOM_UTF8)
-        raise ApiError(400, "body is not valid JSON", HINTS["body is not valid JSON"], diagnosis=(
-            "the body starts with a UTF-8 byte-order mark, EF BB BF, which Windows PowerShell 5.1 writes:"
-            " send and sign the JSON without it") if bom else None) from None
-    if not isinstance(body, dict):
-        raise ApiError(400, "body must be a JSON object", HINTS["body must be a JSON object"])
-    return body
-
-
-_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
-
-
-def _is_valid_unicode(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:  # a lone surrogate such as "\ud800"
-        return False
-    return True
-
-
-def _all_strings_valid(value: Any) -> bool:
-    pending = [value]
-    while pending:
-        item = pending.pop()
-        if isinstance(item, str):
-            if not _is_valid_unicode(item):
-                return False
-        elif isinstance(item, dict):
-            pending.extend(item.keys())
-            pending.extend(item.values())
-        elif isinstance(item, list):
-            pending.extend(item)
-    return True
-
-
-def _string_field(body: dict[str, Any], name: str) -> str:
-    value = body.get(name)
-    if value is None or (isinstance(value, str) and not value.strip()):
-        raise _field_error("missing field", name, f"{name} is required: a non-empty string")
-    if not isinstance(value, str) or not _is_valid_unicode(value):
-        raise _field_error("invalid field", name, f"{name} must be a string of valid Unicode")
-    value = value.strip()
-    if len(value) > MAX_FIELD_CHARS:
-        raise _field_error("invalid field", name, f"{name} must be at most {MAX_FIELD_CHARS} characters")
-    return value
-
-
-@dataclass(frozen=True)
-class EventFields:
-    event: str
-    token: str
-    server_id: str
-    server_event_id: str
-    referee_identity: str | None
-    ts: int | float | None
-    test: bool
-
-
-def read_fields(body: dict[str, Any], may_hold_surrogates: bool = True) -> EventFields:
-    """Check the docs/contract.md §1.3 field table, in table order; the first problem is the answer.
-
-    `may_hold_surrogates=False` (the raw text has no surrogate escape) skips the walk over
-    every string of the body: a lone surrogate can only come from a \\uD800-\\uDFFF escape.
-    """
-    event = _string_field(body, "event")
-    if event not in EVENTS:
-        raise _field_error("invalid field", "event", "event must be registered, qualified or reversed")
-    token = _string_field(body, "token")
-    server_id = _string_field(body, "server_id")
-    server_event_id = _string_field(body, "server_event_id")
-    referee_identity = _string_field(body, "referee_identity") if event == "registered" else None
-    ts = body.get("ts")
-    ts_is_number = isinstance(ts, (int, float)) and not isinstance(ts, bool)
-    # range first: math.isfinite turns an int into a float, which overflows from 10**309 on
-    if ts is not None and not (ts_is_number and -(2**63) <= ts < 2**63 and math.isfinite(ts)):
-        raise _field_error("invalid field", "ts", "ts must be a finite number of Unix seconds (64-bit)")
-    test = body.get("test")
-    if test is not None and not isinstance(test, bool):
-        raise _field_error("invalid field", "test", "test must be true or false (a JSON boolean)")
-    for key, value in body.items() if may_hold_surrogates else ():
-        if key != "referee_identity" and not _all_strings_valid([key, value]):
-            raise _field_error("invalid field", key, "strings must be valid Unicode (no lone surrogates)")
-    return EventFields(event, token, server_id, server_event_id, referee_identity, ts, bool(test))
-
-
-def _scrubbed_snippet(raw_body: bytes, secrets_to_hide: Sequence[str], limit: int) -> str:
-    """The body for storage: token masked, any secret replaced (before cutting), `limit` long.
-
-    Secrets are searched for in the decoded text: `mmsk\\u005f...` is the same secret to a
-    JSON reader, so escapes of the characters a secret is made of are decoded first.
-    """
-    text = _JSON_ESCAPE.sub(_decoded_if_secret_character, _with_token_masked(raw_body))
-    for secret in secrets_to_hide:
-        if secret in text:
-            text = text.replace(secret, "[secret]")
-    return text[:limit]
-
-
-_JSON_ESCAPE = re.compile(r"\\u([0-9a-fA-F]{4})")
-_SECRET_CHARACTERS = frozenset(string.ascii_letters + string.digits + "_-")  # mmsk_ + token_urlsafe
-
-
-def _decoded_if_secret_character(escape: re.Match[str]) -> str:
-    """The character a \\uXXXX escape stands for when a secret could contain it; else the escape as is."""
-    character = chr(int(escape.group(1), 16))
-    return character if character in _SECRET_CHARACTERS else escape.group(0)
-
-
-def _with_token_masked(raw_body: bytes) -> str:
-    """The body as text with the token's value masked."""
-    text = raw_body.decode("utf-8", "replace")
-    if "\\u" in text:  # a key spelt "\u0074oken" escapes the pattern below: mask the parsed value instead
-        try:
-            body = json.loads(raw_body)
-        except (ValueError, RecursionError):
-            body = None
-        if isinstance(body, dict) and "token" in body:
-            return json.dumps({**body, "token": mask(str(body["token"]))})
-    return re.sub(r'("token"\s*:\s*")([^"]*)(")', lambda m: m.group(1) + mask(m.group(2)) + m.group(3), text)
-
-
-def diagnose_mac_mismatch(parsed: ParsedSignature, raw_body: bytes, live: Sequence[tuple[str, str]],
-                          revoked: Sequence[str], body_ts: Any) -> str | None:
-    """Why a MAC probably failed, when one of the usual mistakes explains it (docs/contract.md §1.5)."""
-    def is_sent(digest: str) -> bool:
-        return any(hmac.compare_digest(digest, mac) for mac in parsed.macs)
-
-    def matches(secret: str, t: str, body: bytes) -> bool:
-        return is_sent(sign(secret, t, body))
-
-    def any_secret_signed(message: bytes) -> bool:
-        return any(is_sent(hmac.new(s.encode("utf-8"), message, hashlib.sha256).hexdigest()) for s in live_values)
-
-    live_values = [secret for _, secret in live]
-    trimmed = raw_body.rstrip(b"\r\n")
-    if trimmed != raw_body and any(matches(s, parsed.t, trimmed) for s in live_values):
-        return "the MAC matches this body without its trailing newline: sign the exact bytes you send"
-    if any(matches(s, parsed.t, raw_body + end) for s in live_values for end in (b"\n", b"\r\n")):
-        return ("the MAC matches this body plus a trailing newline: your HTTP client changed the body"
-                " (curl -d strips newlines); send it with --data-binary")
-    if any(matches(s, parsed.t, codecs.BOM_UTF8 + raw_body) for s in live_values):
-        return ("the MAC matches this body with a UTF-8 byte-order mark, EF BB BF, in front (Windows PowerShell 5.1"
-                " writes one at the start of a file): sign the bytes you send, without it")
-    if any(matches(s, parsed.t, other) for s in live_values for other in _line_breaks_put_back(raw_body)):
-        return ("the MAC matches this body with its line breaks put back: curl -d @file strips newlines;"
-                " send the file with --data-binary @file")
-    if any(matches(s, parsed.t, other) for s in live_values for other in _reserialised(raw_body)):
-        return ("the MAC matches the same JSON written differently (spacing or key order): sign the exact"
-                " bytes you send, not a re-serialised copy, and send them unchanged")
-    ts = body_ts if isinstance(body_ts, (int, float)) and not isinstance(body_ts, bool) else None
-    ts_differs = ts is not None and ts != parsed.timestamp
-    if ts_differs and isinstance(ts, int) and any(matches(s, str(ts), raw_body) for s in live_values):
-        return "the MAC matches a different t (the body's ts): sign with the t you put in the header"
-    if any(matches(s, parsed.t, raw_body) for s in revoked):
-        return "this MAC was made with a previous, revoked secret: use the current secret"
-    if any_secret_signed(raw_body):
-        return 'the MAC matches the body alone: sign "<t>.<body>", the header\'s t, a dot, then the body'
-    for separator in _WRONG_SEPARATORS:
-        if any_secret_signed(parsed.t.encode("ascii") + separator + raw_body):
-            shown = json.dumps(separator.decode("ascii"))[1:-1]
-            return f'the MAC matches "<t>{shown}<body>": join t and the body with a dot, "<t>.<body>"'
-    if any(is_sent(hashlib.sha256(text).hexdigest()) for text in _plain_hash_inputs(parsed.t, raw_body, live_values)):
-        return ("v1 is a plain SHA-256 of the signed text, not an HMAC: compute HMAC-SHA256 with the secret as"
-                " the key: hash_hmac in PHP, not hash")
-    if ts_differs:  # not proof, but the usual slip when nothing else explains it
-        return (f"the header's t ({parsed.t}) differs from the body's ts ({ts}): "
-                "the MAC must be made with the header's t")
-    return None
-
-
-_WRONG_SEPARATORS = (b":", b"", b" ", b",", b"\n")   # put between t and the body instead of "."
-
-
-def _plain_hash_inputs(t: str, raw_body: bytes, secrets_: Sequence[str]) -> Iterator[bytes]:
-    """What a sender who hashed instead of using an HMAC may have hashed: the signed text or the
-    body, alone or with the secret before or after it."""
-    for text in (t.encode("ascii") + b"." + raw_body, raw_body):
-        yield text
-        for secret in secrets_:
-            yield secret.encode("utf-8") + text
-            yield text + secret.encode("utf-8")
-
-
-def _parsed_or_none(raw_body: bytes) -> Any:
-    try:
-        return json.loads(raw_body)
-    except (ValueError, RecursionError):
-        return None
-
-
-def _reserialised(raw_body: bytes) -> list[bytes]:
-    """The usual other spellings of the same JSON (a sender that signed one and sent another)."""
-    body = _parsed_or_none(raw_body)
-    if body is None:
-        return []
-    spellings = {json.dumps(body, sort_keys=sort_keys, separators=separators, ensure_ascii=ascii_only).encode()
-                 for sort_keys in (False, True) for separators in ((", ", ": "), (",", ":"))
-                 for ascii_only in (True, False)}
-    return [spelling + end for spelling in spellings for end in (b"", b"\n") if spelling + end != raw_body]
-
-
-# a pretty-printed file whose line breaks curl -d @file stripped: "{" and then one level's indentation
-_INDENT_LEFT = re.compile(rb"[{\[](\t| {2,})[^ \t]")
-
-
-def _line_breaks_put_back(raw_body: bytes) -> list[bytes]:
-    """The pretty-printed files (LF or CRLF lines, with or without a last newline) that become
-    `raw_body` once their line breaks are stripped, as `curl -d @file` does. The indentation and
-    the space after each colon are read from the body (json.dumps, jq and JSON.stringify write
-    `": "`, Windows PowerShell 5.1 `":  "`)."""
-    indented = _INDENT_LEFT.match(raw_body)
-    body = _parsed_or_none(raw_body) if indented else None
-    if indented is None or body is None:
-        return []
-    indent, colon = indented.group(1).decode("ascii"), ":  " if b'":  ' in raw_body else ": "
-    text = raw_body.decode("utf-8", "replace")
-    pretty = {json.dumps(body, indent=indent, separators=(",", colon), ensure_ascii=ascii_only)
-              for ascii_only in (True, False)}
-    return [(spelling.replace("\n", line_end) + last).encode("utf-8")
-            for spelling in pretty if spelling.replace("\n", "") == text
-            for line_end in ("\n", "\r\n") for last in ("", line_end)]
-
-
-def handle_ingest(store: Store, raw_body: bytes, header: str | None, *, window: int, ttl: int,
-                  client: str | None = None) -> tuple[int, dict]:
-    """Run the pipeline; remember refusals; log one line; return (status, body).
-
-    `client` (a keyed hash of the sender's address) limits how many of its refusals are
-    remembered each minute; None (the dashboard's test button, the demo) remembers them all.
-    """
-    try:
-        body, status = process_event(store, raw_body, header, window=window, ttl=ttl), 200
-    except ApiError as exc:
-        body, status = exc.body(), exc.status
-        if status in (400, 401, 404, 422):
-            _remember_rejection(store, exc, raw_body, client)
-    except StoreError as exc:  # nothing was written
-        status, body = _database_failure(exc)
-    except Exception:  # 11. anything unexpected: the transaction rolled back
-        log.exception("ingest failed")
-        status, body = 500, ApiError(500, "internal error", HINTS["internal error"]).body()
-    _log_ingest(status, body.get("error"), reason=body.get("reason"), outcome=_outcome_word(body),
-               server=_logged_value(_LOGGED_SERVER, raw_body),
-               token=mask(_logged_value(_LOGGED_TOKEN, raw_body)) or None)
-    return status, body
-
-
-def _log_ingest(status: int, error: str | None, **more: str | None) -> None:
-    """The one log line of an ingest request: `key=value` words, or JSON keys (MMOREF_LOG_FORMAT=json)."""
-    fields = {"status": status, "error": error, **more}
-    words = " ".join(f"{name}={'-' if value is None else value}" for name, value in fields.items())
-    log.info("ingest %s", words, extra={"fields": fields})
-
-
-def _database_failure(exc: StoreError) -> tuple[int, dict]:
-    """503 when the database is locked by another process or no longer the file opened; else 500."""
-    problem = exc.problem
-    if problem == "locked":
-        return 503, ApiError(503, "database busy", HINTS["database busy"]).body()
-    if problem in ("deleted", "replaced"):
-        return 503, ApiError(503, "database unavailable", HINTS["database unavailable"]).body()
-    if problem == "unreachable":  # PostgreSQL down or restarting: the node recovers by itself
-        log.warning("ingest: %s", exc)
-        return 503, ApiError(503, "database unavailable", HINTS["database unreachable"]).body()
-    log.error("ingest failed: %s", exc, exc_info=exc.__cause__ or exc)  # with what the engine raised
-    return 500, ApiError(500, "internal error", HINTS["internal error"]).body()
-
-
-def _outcome_word(body: dict[str, Any]) -> str | None:
-    if not body.get("ok"):
-        return None
-    for word in ("duplicate", "test", "ignored"):
-        if word in body:
-            return word if word != "ignored" else body["ignored"]
-    return body.get("state")
-
-
-# For the log line, found without parsing; only characters a real value has, so a hostile
-# body cannot write anything else (a newline, say) into the log.
-_LOGGED_SERVER = re.compile(rb'"server_id"\s*:\s*"\s*([A-Za-z0-9_.-]{1,64})\s*"')
-_LOGGED_TOKEN = re.compile(rb'"token"\s*:\s*"\s*([A-Za-z0-9_.-]{1,256})\s*"')
-
-
-def _logged_value(pattern: re.Pattern[bytes], raw_body: bytes) -> str | None:
-    match = pattern.search(raw_body[:4096])
-    return match.group(1).decode("ascii") if match else None
-
-
-def _remember_rejection(store: Store, exc: ApiError, raw_body: bytes, client: str | None) -> None:
-    """Keep the refusal for the dashboard: reason, hint, a masked snippet, never a secret."""
-    # A sender may paste a secret into the body by mistake, and a body that does not parse
-    # names no server: scrub every secret of the installation, before cutting the snippet.
-    try:
-        snippet = _scrubbed_snippet(raw_body, store.all_secrets(), limit=REJECTED_SNIPPET_CHARS)
-        store.record_rejected(exc.server_id, exc.status, exc.error, exc.extra.get("reason"), exc.hint,
-                              exc.diagnosis, snippet, client=client, per_client_minute=REJECTIONS_PER_CLIENT_MINUTE)
-    except StoreError as exc:  # the answer stands; /healthz says what the database lacks
-        log.warning("could not record a rejected request: %s", exc)
-
-
 # Maintenance: backup, restore, retention, forgetting a player #################
 # What the backup, restore, prune and forget commands (and the server's daily prune) do;
 # the SQL and the SQLite-only file work are Store methods.
@@ -2771,250 +3005,6 @@ def forget(store: Store, server_id: str, identity: str) -> dict[str, Any]:
             result["forgotten_before"] = True
     store.erase_freed_bytes()
     return result
-
-
-# Routes: ingest, share link, health ##########################################
-
-blueprint = Blueprint("mmoref", __name__)
-
-
-def _apply_default_settings(state: Any) -> None:
-    """Give a host app that registers the blueprint the MMOREF_* settings it lacks."""
-    for name, value in load_settings().items():
-        state.app.config.setdefault(name, value)
-
-
-def _require_secret_key(state: Any) -> None:
-    """In a host app the dashboard keeps its login in the host's session, which Flask signs with
-    the host's SECRET_KEY: without one, refuse here, in one line, not with a 500 on the login page.
-    (The standalone app's session interface finds its own key.)"""
-    app = state.app
-    if not app.secret_key and not isinstance(app.session_interface, _SessionInterface):
-        raise ConfigError("mmoref_server.blueprint needs the host app's SECRET_KEY (the dashboard's login session"
-                          " is signed with it): set app.config['SECRET_KEY'] before register_blueprint()")
-
-
-blueprint.record_once(_apply_default_settings)
-blueprint.record_once(_require_secret_key)
-_store_lock = threading.Lock()
-
-
-def get_store() -> Store:
-    """The app's Store, opened (and migrated) on first use."""
-    extensions = current_app.extensions
-    if "mmoref" not in extensions:
-        with _store_lock:
-            if "mmoref" not in extensions:
-                extensions["mmoref"] = open_store(current_app.config["MMOREF_DB"],
-                                                  synchronous=current_app.config["MMOREF_SYNCHRONOUS"],
-                                                  busy_timeout=REQUEST_BUSY_TIMEOUT)
-    return extensions["mmoref"]
-
-
-def json_response(body: dict[str, Any], status: int = 200) -> Any:
-    """JSON in the field order docs/contract.md shows ("ok" first), whatever the host app's JSON settings."""
-    return current_app.response_class(json.dumps(body), status=status, mimetype="application/json")
-
-
-@blueprint.app_errorhandler(405)
-def _method_not_allowed(exc: Exception) -> Any:
-    """Methods the route does not list (e.g. PROPFIND) are refused by routing, outside the
-    blueprint: answer them in JSON too on the ingest path, and leave the host's paths alone."""
-    if request.path.endswith(INGEST_PATH):
-        return _api_error(ApiError(405, "method not allowed", HINTS["method not allowed"]))
-    return exc
-
-
-@blueprint.app_errorhandler(404)
-def _not_found(exc: Exception) -> Any:
-    """Near misses of the ingest path (`/api/referral/event`, a trailing slash...) get JSON a kit can
-    read; every other path keeps the app's own 404."""
-    api_root = url_for("mmoref.ingest")[len(request.script_root):-len(INGEST_PATH)] + "/api/"
-    if request.path.startswith(api_root):
-        return json_response({"ok": False, "error": "not found", "hint": f"POST events to {INGEST_PATH}"}, 404)
-    return exc
-
-
-@blueprint.errorhandler(ApiError)
-def _api_error(exc: ApiError) -> Any:
-    """Errors raised outside the pipeline (405, 413); the pipeline's own go through handle_ingest."""
-    _log_ingest(exc.status, exc.error)
-    response = json_response(exc.body(), exc.status)
-    if exc.status == 405:
-        response.headers["Allow"] = "POST"
-    return response
-
-
-@blueprint.route(INGEST_PATH, methods=["GET", "HEAD", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "POST"],
-                 provide_automatic_options=False)
-def ingest() -> Any:
-    if request.method != "POST":
-        raise ApiError(405, "method not allowed", HINTS["method not allowed"])
-    # 1. the size cap, from Content-Length before reading, else while reading
-    if request.content_length is not None and request.content_length > MAX_BODY_BYTES:
-        raise ApiError(413, "body too large", HINTS["body too large"])
-    # Werkzeug stops a streamed body at the limit without raising: read one byte past the cap.
-    request.max_content_length = MAX_BODY_BYTES + 1
-    try:
-        raw_body = request.get_data(cache=False)
-    except RequestEntityTooLarge:
-        raise ApiError(413, "body too large", HINTS["body too large"]) from None
-    if len(raw_body) > MAX_BODY_BYTES:
-        raise ApiError(413, "body too large", HINTS["body too large"])
-    config, store, started = current_app.config, get_store(), time.perf_counter()
-    status, body = handle_ingest(store, raw_body, request.headers.get(SIGNATURE_HEADER),
-                                 window=config["MMOREF_REPLAY_WINDOW"], ttl=config["MMOREF_TOKEN_TTL"],
-                                 client=client_key(store, request.remote_addr))
-    store.observe_latency(time.perf_counter() - started)
-    response = json_response(body, status)
-    if status == 503:
-        response.headers["Retry-After"] = str(RETRY_AFTER_SECONDS)
-    return response
-
-
-NOT_FOUND_PAGE = ("<!doctype html><meta charset=utf-8><title>Link not found</title>"
-                  "<p>This referral link is not valid.</p>")
-
-
-@blueprint.get("/r/<server_id>")
-def share_link(server_id: str) -> Any:
-    """Record a click, mint a token, set the mmref cookie, send the player to register.
-
-    A HEAD request (link previews, crawlers) and a client past CLICKS_PER_CLIENT_MINUTE are
-    sent to the registration URL without a token: nothing is recorded for them.
-    """
-    code = request.args.get("ref", "")
-    store = get_store()
-    server = store.server(server_id) if NAME_PATTERN.fullmatch(code) else None
-    if server is None or not server["referrals_enabled"] or not server["registration_url"]:
-        return NOT_FOUND_PAGE, 404, {"Content-Type": "text/html; charset=utf-8"}
-    minted = None
-    if request.method == "GET":
-        minted = store.mint_referral(server_id, code, ip_hash=_ip_hash(store, request.remote_addr),
-                                     user_agent=request.user_agent.string,
-                                     click_limit=(client_key(store, request.remote_addr), CLICKS_PER_CLIENT_MINUTE))
-    if minted is None:
-        return redirect(server["registration_url"], 302)
-    token, _ = minted
-    response = redirect(_with_query(server["registration_url"], mmref=token), 302)
-    response.set_cookie("mmref", token, max_age=current_app.config["MMOREF_TOKEN_TTL"], samesite="Lax",
-                        httponly=True, secure=request.is_secure)
-    return response
-
-
-def _ip_hash(store: Store, ip: str | None) -> str | None:
-    """A keyed hash of the address: pseudonymous, not anonymous (the key is in the same database)."""
-    if not ip:
-        return None
-    return _keyed_address(store.installation_key("ip_salt"), ip)
-
-
-def client_key(store: Store, ip: str | None) -> str:
-    """Whom a per-client limit counts: the address's keyed hash, an IPv6 client by its /64 network."""
-    return _client_key(store.installation_key("ip_salt"), ip or "")
-
-
-@functools.lru_cache(maxsize=1024)
-def _keyed_address(salt: str, ip: str) -> str:
-    return hmac.new(salt.encode(), ip.encode(), hashlib.sha256).hexdigest()[:16]
-
-
-@functools.lru_cache(maxsize=1024)  # every ingest request asks (a kit sends from a handful of addresses)
-def _client_key(salt: str, ip: str) -> str:
-    try:
-        address = ipaddress.ip_address(ip)
-    except ValueError:
-        return "-"
-    if isinstance(address, ipaddress.IPv6Address):
-        mapped = address.ipv4_mapped
-        counted = mapped if mapped is not None else ipaddress.ip_network(f"{address}/64", strict=False)
-        return _keyed_address(salt, str(counted))
-    return _keyed_address(salt, str(address))
-
-
-def _with_query(url: str, **params: str) -> str:
-    """`url` with `params` set in its query string, other parameters kept."""
-    parts = urllib.parse.urlsplit(url)
-    query = [(k, v) for k, v in urllib.parse.parse_qsl(parts.query, keep_blank_values=True) if k not in params]
-    query.extend(params.items())
-    return urllib.parse.urlunsplit(parts._replace(query=urllib.parse.urlencode(query)))
-
-
-@blueprint.get("/healthz")
-def healthz() -> Any:
-    """200 when the database can take writes; else 503 with the cause. Never waits for the write lock."""
-    try:
-        problem = get_store().health()
-    except StoreError as exc:  # the database could not even be opened
-        problem = exc
-    if problem is None:
-        return json_response({"ok": True})
-    return json_response({"ok": False, "error": "database unavailable", "reason": problem.problem,
-                          "hint": str(problem)}, 503)
-
-
-def _is_loopback(host: str) -> bool:
-    """A loopback address or "localhost": /metrics answers it, and `serve` warns for anything else."""
-    try:
-        return host == "localhost" or ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-@blueprint.get("/metrics")
-def metrics() -> Any:
-    """Prometheus text format, from the database's counters: the same numbers in every worker.
-
-    Answered to loopback clients that did not come through a proxy, or to anyone with
-    `Authorization: Bearer <MMOREF_METRICS_TOKEN>` when that is set.
-    """
-    token = current_app.config.get("MMOREF_METRICS_TOKEN")
-    if token:
-        sent = request.headers.get("Authorization", "")
-        if not hmac.compare_digest(sent.encode(), f"Bearer {token}".encode()):
-            return json_response({"ok": False, "error": "forbidden",
-                                  "hint": "send Authorization: Bearer <MMOREF_METRICS_TOKEN>"}, 403)
-    elif not _is_loopback(request.remote_addr or "") or "X-Forwarded-For" in request.headers:
-        return json_response({"ok": False, "error": "not found",
-                              "hint": "/metrics answers loopback only; set MMOREF_METRICS_TOKEN to scrape it"
-                                      " from elsewhere"}, 404)
-    store = get_store()
-    text = render_metrics(store.metrics(), store.database_bytes())
-    return current_app.response_class(text, mimetype="text/plain; version=0.0.4")
-
-
-def _label(value: Any) -> str:
-    return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-
-
-def _metric(lines: list[str], name: str, kind: str, about: str, samples: Sequence[tuple[dict, Any]]) -> None:
-    lines += [f"# HELP {name} {about}", f"# TYPE {name} {kind}"]
-    for labels, value in samples:
-        shown = ",".join(f'{key}="{_label(label)}"' for key, label in labels.items())
-        lines.append(f"{name}{{{shown}}} {value}" if shown else f"{name} {value}")
-
-
-def render_metrics(snapshot: dict[str, Any], database_bytes: int) -> str:
-    """The Prometheus text exposition of Store.metrics()."""
-    lines: list[str] = []
-    _metric(lines, "mmoref_events_total", "counter", "Signed events answered 200, by event and outcome.",
-            [({"server_id": s, "event": e, "outcome": o}, n) for s, e, o, n in snapshot["events"]])
-    _metric(lines, "mmoref_rejections_total", "counter", "Refused ingest requests, by status, error and reason.",
-            [({"status": s, "error": e, "reason": r}, n) for s, e, r, n in snapshot["rejections"]])
-    _metric(lines, "mmoref_share_link_clicks_total", "counter", "Share links followed (referrals minted).",
-            [({"server_id": s}, n) for s, n in snapshot["clicks"]])
-    cumulative, buckets = 0, []
-    for le in [*map(str, LATENCY_BUCKETS), "+Inf"]:
-        cumulative += snapshot["latency"].get(le, 0)
-        buckets.append(({"le": le}, cumulative))
-    _metric(lines, "mmoref_ingest_latency_seconds", "histogram", "Time to answer an ingest request.", [])
-    lines += [f'mmoref_ingest_latency_seconds_bucket{{le="{labels["le"]}"}} {n}' for labels, n in buckets]
-    lines += [f"mmoref_ingest_latency_seconds_sum {snapshot['latency_seconds']}",
-              f"mmoref_ingest_latency_seconds_count {cumulative}"]
-    _metric(lines, "mmoref_database_bytes", "gauge", "Database file plus write-ahead log.", [({}, database_bytes)])
-    _metric(lines, "mmoref_last_event_timestamp_seconds", "gauge", "When the newest delivery-log row was written.",
-            [({}, snapshot["last_event_at"] or 0)])
-    return "\n".join(lines) + "\n"
 
 
 # Dashboard views (docs/contract.md §4, §6) ###################################
@@ -4308,6 +4298,61 @@ def write_demo_database(path: str, force: bool = False) -> None:
     deliver("forged-token", "registered", "reg-forged", referee="player-x")     # 404 unknown token
     handle_ingest(store, b'{"event":"registered"}', None, window=300, ttl=ttl)  # 400, installation-wide
     store.close()
+
+
+# Kit-side sender #############################################################
+# What a game server does, in the shape of the PHP vote-callback drop-ins owners know; the
+# dashboard's "Send test event", the `send` command and the tests use it too.
+
+
+def build_body(event: str, token: str, server_id: str, server_event_id: str, *,
+               referee_identity: str | None = None, test: bool = False, ts: int | None = None) -> bytes:
+    """Serialise the event once; sign and send exactly these bytes."""
+    body: dict[str, Any] = {"event": event, "token": token, "server_id": server_id,
+                            "server_event_id": server_event_id, "ts": now() if ts is None else ts}
+    if referee_identity is not None:
+        body["referee_identity"] = referee_identity
+    if test:
+        body["test"] = True
+    return json.dumps(body, separators=(",", ":")).encode("utf-8")
+
+
+def send_event(endpoint: str, secret: str, body: bytes, *, kid: str | None = None,
+               timeout: float = 10.0, cafile: str | None = None) -> dict[str, Any]:
+    """POST a signed body; return {"status": int | None, "body": parsed JSON or text, "error": str | None}.
+
+    An https endpoint's certificate must chain to a CA the system trusts (or SSL_CERT_FILE
+    names), or to one in `cafile` (PEM) when given: for a private CA or a self-signed server.
+
+    Worked example (runs as-is against `python mmoref_server.py` after
+    `python mmoref_server.py add-server srv_123 --game mygame` and `mint-token srv_123 --ref alice`):
+
+        body = build_body("registered", TOKEN, "srv_123", "reg-7842", referee_identity="player-7842")
+        result = send_event("http://127.0.0.1:5000/api/referral/events", SECRET, body)
+        # {"status": 200, "body": {"ok": True, "referral_id": "ref_…", "state": "registered"}, "error": None}
+    """
+    request_ = urllib.request.Request(endpoint, data=body, method="POST", headers={
+        "Content-Type": "application/json", SIGNATURE_HEADER: signature_header(secret, body, kid=kid)})
+    try:
+        context = ssl.create_default_context(cafile=cafile) if cafile is not None else None
+    except (ssl.SSLError, OSError) as exc:
+        return {"status": None, "body": None, "error": f"cannot use {cafile} as the CA certificate: {exc}"}
+    try:
+        with urllib.request.urlopen(request_, timeout=timeout, context=context) as response:
+            status, raw = response.status, response.read()
+    except urllib.error.HTTPError as exc:
+        status, raw = exc.code, exc.read()
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", exc)
+        untrusted = ("; to trust the server's certificate, pass --cacert FILE or set SSL_CERT_FILE"
+                     if isinstance(reason, ssl.SSLCertVerificationError) else "")
+        return {"status": None, "body": None, "error": f"cannot reach {endpoint}: {reason}{untrusted}"}
+    text = raw.decode("utf-8", "replace")
+    try:
+        parsed: Any = json.loads(text)
+    except ValueError:
+        parsed = text
+    return {"status": status, "body": parsed, "error": None}
 
 
 # Templates and style sheet ###################################################

@@ -21,9 +21,10 @@ SQL_START = re.compile(r"""\s*(
 # module-level schema lists, besides the storage classes
 SQL_HOMES = ("SCHEMA", "MIGRATIONS")
 BANNER = re.compile(r"^# (?P<title>\S.*?) #{5,}$", re.MULTILINE)
-DOCUMENTED_ORDER = ("Configuration", "Errors and hints", "Signing", "Kit-side sender", "Tokens", "Storage",
-                    "State machine", "Ingest pipeline", "Routes", "Dashboard", "App factory", "Command line",
-                    "Templates", "main")
+# the contract first, in the order one signed event flows; then what it stands on and what the owner uses
+DOCUMENTED_ORDER = ("Configuration", "Errors and hints", "Signing", "Tokens", "Storage interface", "State machine",
+                    "Ingest pipeline", "Routes", "Storage", "Maintenance", "Dashboard views", "App factory",
+                    "Command line", "Kit-side sender", "Templates and style sheet", "main")
 
 
 def banners(source: str) -> list[tuple[int, str]]:
@@ -31,20 +32,27 @@ def banners(source: str) -> list[tuple[int, str]]:
     return [(source.count("\n", 0, match.start()) + 1, match["title"]) for match in BANNER.finditer(source)]
 
 
-def storage_section(source: str) -> tuple[int, int]:
-    """The lines from the first `Storage...` banner to the next banner of another section."""
-    found = banners(source)
-    start = next(line for line, title in found if title.startswith("Storage"))
-    end = next((line for line, title in found if line > start and not title.startswith("Storage")),
-               len(source.splitlines()) + 1)
-    return start, end
+def section_title(banner_title: str) -> str:
+    """"Routes: ingest, share link, health" -> "Routes"; "Signing (docs/contract.md §1.1)" -> "Signing"."""
+    return re.split(r"[:(]", banner_title)[0].strip()
 
 
-def sql_homes(tree: ast.Module, section: tuple[int, int]) -> list[ast.AST]:
-    """The classes defined in the storage section, and the assignments named in SQL_HOMES."""
+def storage_sections(source: str) -> list[tuple[int, int]]:
+    """(first line, line after the last) of each `Storage...` section: the interface and the store."""
+    found = banners(source) + [(len(source.splitlines()) + 1, "end of file")]
+    return [(line, found[index + 1][0]) for index, (line, title) in enumerate(found[:-1])
+            if title.startswith("Storage")]
+
+
+def in_storage(line: int, sections: list[tuple[int, int]]) -> bool:
+    return any(start <= line < end for start, end in sections)
+
+
+def sql_homes(tree: ast.Module, sections: list[tuple[int, int]]) -> list[ast.AST]:
+    """The classes defined in the storage sections, and the assignments named in SQL_HOMES."""
     homes: list[ast.AST] = []
     for node in tree.body:
-        if isinstance(node, ast.ClassDef) and section[0] < node.lineno < section[1]:
+        if isinstance(node, ast.ClassDef) and in_storage(node.lineno, sections):
             homes.append(node)
         targets = [node.target] if isinstance(node, ast.AnnAssign) else getattr(node, "targets", [])
         if any(isinstance(target, ast.Name) and target.id in SQL_HOMES for target in targets):
@@ -76,7 +84,7 @@ def strings(tree: ast.Module) -> list[tuple[ast.AST, str]]:
 def sql_offenders(source: str) -> list[str]:
     """`line N: text` of every SQL-looking string outside the storage classes and the schema lists."""
     tree = ast.parse(source)
-    allowed = docstrings(tree) | {id(node) for home in sql_homes(tree, storage_section(source))
+    allowed = docstrings(tree) | {id(node) for home in sql_homes(tree, storage_sections(source))
                                   for node in ast.walk(home)}
     return [f"line {node.lineno}: {text.strip()[:60]!r}" for node, text in strings(tree)
             if SQL_START.match(text) and id(node) not in allowed]
@@ -105,8 +113,8 @@ def stray(db, table):
 
 def test_the_storage_section_holds_store_and_transaction() -> None:
     source = SERVER.read_text()
-    section = storage_section(source)
-    names = {node.name for node in sql_homes(ast.parse(source), section) if isinstance(node, ast.ClassDef)}
+    names = {node.name for node in sql_homes(ast.parse(source), storage_sections(source))
+             if isinstance(node, ast.ClassDef)}
     assert {"Store", "Transaction"} <= names
 
 
@@ -114,9 +122,9 @@ def test_only_the_storage_section_names_a_database_driver() -> None:
     """The state machine, the pipeline and the rest see Store, Row and StoreError: sqlite3 (and psycopg,
     in mmoref_postgres.py) appear only where the store is implemented."""
     source = SERVER.read_text()
-    start, end = storage_section(source)
+    sections = storage_sections(source)
     outside = [f"line {number}: {line.strip()}" for number, line in enumerate(source.splitlines(), start=1)
-               if not start <= number < end and re.search(r"\b(sqlite3|psycopg)\.", line)]
+               if not in_storage(number, sections) and re.search(r"\b(sqlite3|psycopg)\.", line)]
     assert outside == [], "a database driver named outside the storage section:\n" + "\n".join(outside)
 
 
@@ -131,9 +139,28 @@ def test_no_tracked_file_but_the_contract_mentions_spec_md() -> None:
 
 
 def test_banner_sections_follow_the_documented_order() -> None:
-    titles = [title for _, title in banners(SERVER.read_text())]
-    found = [next((title for title in titles if title.startswith(expected)), None) for expected in DOCUMENTED_ORDER]
-    missing = [expected for expected, title in zip(DOCUMENTED_ORDER, found) if title is None]
-    assert missing == [], f"no banner for {missing}; banners: {titles}"
-    positions = [titles.index(title) for title in found]
-    assert positions == sorted(positions), f"banners out of order: {titles}"
+    titles = [section_title(title) for _, title in banners(SERVER.read_text())]
+    assert tuple(titles) == DOCUMENTED_ORDER
+
+
+def docstring_map(source: str) -> list[str]:
+    """The section names the module docstring lists, after its "Sections" line."""
+    listed = ast.get_docstring(ast.parse(source), clean=True).split("Sections", 1)[1].split("\n", 2)[2]
+    return [name.strip().rstrip(".") for name in re.split(r"[,;]", listed) if name.strip()]
+
+
+def test_the_docstring_map_names_the_banners_in_order() -> None:
+    source = SERVER.read_text()
+    assert docstring_map(source) == [section_title(title) for _, title in banners(source)]
+
+
+def test_the_contract_core_comes_first_and_one_event_reads_down_the_page() -> None:
+    """From the route down: the pipeline, the state machine and the Transaction they call are defined
+    above the ingest route, and the store's implementation only after it."""
+    source = SERVER.read_text()
+    lines = {node.name: node.lineno for node in ast.parse(source).body if hasattr(node, "name")}
+    route_line = source.index("def ingest()")
+    route = source.count("\n", 0, route_line) + 1
+    core = ["sign", "verify", "read_token", "Transaction", "apply_event", "process_event", "handle_ingest"]
+    assert [lines[name] for name in core] == sorted(lines[name] for name in core)
+    assert lines["handle_ingest"] < route < lines["Store"] < lines["SQLiteStore"] < lines["create_app"]
