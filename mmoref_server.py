@@ -752,10 +752,6 @@ class Delivery:
     payload: str  # the body for the log: token masked, secrets scrubbed, cut to 2,000 characters
     forgotten_identity: str | None = None  # what `forget` leaves of referee_identity (see forgotten_form)
 
-    def is_referee(self, stored_identity: str | None) -> bool:
-        """Whether a stored identity is this event's referee, as sent or as forgotten."""
-        return stored_identity in (self.referee_identity, self.forgotten_identity)
-
 
 def forgotten_form(identity_key: str, server_id: str, referee_identity: str) -> str:
     """The keyed one-way value `forget` stores instead of an identity: equal for equal
@@ -783,34 +779,29 @@ def apply_event(transaction: Transaction, delivery: Delivery, ttl: int) -> dict[
         transaction.set_state(referral["referral_id"], "expired", at)
         return _invalid_transition(delivery, "expired")
     next_state = TRANSITIONS[state][event]
-    if event == "registered" and next_state == NO_OP and not delivery.is_referee(referral["referee_identity"]):
+    other_referee = referral["referee_identity"] not in (delivery.referee_identity, delivery.forgotten_identity)
+    if next_state == NO_OP and event == "registered" and other_referee:
         return ApiError(422, "invalid transition", HINTS["other referee"], server_id=delivery.server_id,
                         state=state, event=event)
     if next_state == INVALID:
         return _invalid_transition(delivery, state)
-    if state == "clicked" and event == "registered":
-        return _register(transaction, delivery, referral, at)
+    if state == "clicked":  # `registered`: mint the anchor, unless first touch says otherwise
+        anchored = transaction.anchored_referral(delivery.server_id, delivery.referee_identity,
+                                                 delivery.forgotten_identity)
+        if anchored is None:
+            transaction.insert_anchor(delivery.server_id, delivery.referee_identity, referral["referral_id"], at)
+        elif anchored["referrer_code"] != referral["referrer_code"]:
+            _log(transaction, delivery, referral, "first_touch_conflict", at)
+            return {"ok": True, "ignored": "first_touch_conflict"}
+        else:  # the same referrer's link clicked twice: this token's later events reach the anchored referral too
+            transaction.follow_anchor(referral["referral_id"], anchored["referral_id"])
+            referral, next_state = anchored, NO_OP
     if next_state == NO_OP:
-        return _log_and_answer(transaction, delivery, referral, "no_op", state, at)
-    _advance(transaction, referral, next_state, at)
-    return _log_and_answer(transaction, delivery, referral, "advanced", next_state, at)
-
-
-def _register(transaction: Transaction, delivery: Delivery, referral: Row, at: int) -> dict[str, Any]:
-    """`registered` on a clicked referral: mint the anchor, unless first touch says otherwise."""
-    anchored = transaction.anchored_referral(delivery.server_id, delivery.referee_identity,
-                                             delivery.forgotten_identity)
-    if anchored is None:
-        transaction.insert_anchor(delivery.server_id, delivery.referee_identity, referral["referral_id"], at)
-        _advance(transaction, referral, "registered", at, referee_identity=delivery.referee_identity)
-        return _log_and_answer(transaction, delivery, referral, "advanced", "registered", at)
-    if anchored["referrer_code"] != referral["referrer_code"]:
-        _log(transaction, delivery, referral, "first_touch_conflict", at)
-        return {"ok": True, "ignored": "first_touch_conflict"}
-    # the same referrer's link clicked twice: answer with the existing anchor, and let this
-    # token's later events (qualified, reversed) reach that anchored referral too
-    transaction.follow_anchor(referral["referral_id"], anchored["referral_id"])
-    return _log_and_answer(transaction, delivery, anchored, "no_op", anchored["state"], at)
+        _log(transaction, delivery, referral, "no_op", at)
+        return {"ok": True, "referral_id": referral["referral_id"], "state": referral["state"]}
+    _advance(transaction, referral, next_state, at, delivery.referee_identity)  # None unless `registered`
+    _log(transaction, delivery, referral, "advanced", at)
+    return {"ok": True, "referral_id": referral["referral_id"], "state": next_state}
 
 
 def _advance(transaction: Transaction, referral: Row, next_state: str, at: int,
@@ -824,12 +815,6 @@ def _advance(transaction: Transaction, referral: Row, next_state: str, at: int,
 def _log(transaction: Transaction, delivery: Delivery, referral: Row, outcome: str, at: int) -> None:
     transaction.log_delivery(referral, delivery.event, outcome, at, token_referral_id=delivery.token_claims.referral_id,
                              server_event_id=delivery.server_event_id, payload=delivery.payload, ts=delivery.ts)
-
-
-def _log_and_answer(transaction: Transaction, delivery: Delivery, referral: Row, outcome: str, state: str,
-                    at: int) -> dict[str, Any]:
-    _log(transaction, delivery, referral, outcome, at)
-    return {"ok": True, "referral_id": referral["referral_id"], "state": state}
 
 
 def _invalid_transition(delivery: Delivery, state: str) -> ApiError:
@@ -861,136 +846,99 @@ WRITE_ATTEMPTS = 3  # a write that lost a race to another PostgreSQL node is tri
 
 
 def process_event(store: EventStore, raw_body: bytes, header: str | None, *, window: int, ttl: int) -> dict[str, Any]:
-    """Steps 2-10 of docs/contract.md §1.4 (step 1, the size cap, happens before the body is read).
+    """Steps 2-10 of docs/contract.md §1.4 (step 1, the size cap, happens before the body is read), for the
+    HTTP route and the dashboard's "Send test event" button: the 200 body, or ApiError, whose `server_id`
+    names the known server the request is about.
 
-    Returns the 200 body or raises ApiError, whose `server_id` names the known server the
-    request is about (None: it names none). Used by the HTTP route and the dashboard's
-    "Send test event" button alike.
-
-    Steps 5-10 run in one write transaction: the server and its secrets are read where the
-    event is written, so a revoked secret or a disabled server is refused from the moment its
-    change commits, and a 200 is sent only after the COMMIT that holds the event.
-    """
+    Steps 5-10 run in one write transaction: the server and its secrets are read where the event is
+    written, so a revoked secret or a disabled server is refused from the moment its change commits,
+    and a 200 is sent only after the COMMIT that holds the event."""
     # 2. signature header present and well-formed
     try:
         parsed = parse_signature_header(header)
     except SignatureError as exc:
         error = "missing signature header" if exc.reason == "missing" else "malformed signature header"
         raise ApiError(400, error, f"{exc}; {HINTS['malformed signature header']}",
-                       server_id=_server_named_in(store, raw_body)) from None
+                       server_id=_known_server_id(store, raw_body)) from None
     # 3. body is a JSON object; 4. fields have the documented shape
-    fields = _event_fields(store, raw_body)
+    body = parse_body(raw_body)
+    try:
+        fields = read_fields(body, _SURROGATE_ESCAPE.search(raw_body) is not None)
+    except ApiError as exc:
+        exc.server_id = _known_server_id(store, body)
+        raise
+    server_id = fields.server_id
+
+    def verified_and_applied(transaction: Transaction) -> dict[str, Any] | ApiError:
+        # 5. the server exists, takes referrals and has a secret
+        server = transaction.server(server_id)
+        if server is None:
+            raise ApiError(404, "unknown server", HINTS["unknown server"])
+        if not server["referrals_enabled"]:
+            raise ApiError(404, "referrals not enabled", HINTS["referrals not enabled"], server_id=server_id)
+        at, every_secret = now(), transaction.secrets()
+        live = live_secrets(every_secret, server_id, at)
+        if not live:
+            raise ApiError(404, "no signing secret", HINTS["no signing secret"], server_id=server_id)
+        # 6. timestamp window, kid, MAC; a MAC mismatch says why, when a usual mistake explains it
+        try:
+            verify(parsed, raw_body, live, at, window)
+        except SignatureError as exc:
+            revoked = [row["secret"] for row in every_secret if row["server_id"] == server_id
+                       and row["expires_at"] is not None and row["expires_at"] <= at][:5]  # the newest five
+            diagnosis = (diagnose_mac_mismatch(parsed, raw_body, live, revoked, fields.ts)
+                         if exc.reason == "mac_mismatch" else None)
+            raise ApiError(401, "bad_signature", HINTS[exc.reason].format(window=window), diagnosis=diagnosis,
+                           server_id=server_id, reason=exc.reason) from None
+        # 7. a verified dry run stops here
+        if fields.test:
+            return {"ok": True, "test": True}
+        # 8. the token is genuine and minted for this server (no database read needed)
+        claims = read_token(store.token_key, fields.token)
+        if claims is None or claims.server_id != server_id:
+            raise ApiError(404, "unknown token", HINTS["unknown token"], server_id=server_id)
+        forgotten = (forgotten_form(store.identity_key, server_id, fields.referee_identity)
+                     if fields.referee_identity is not None else None)
+        snippet = _scrubbed_snippet(raw_body, [row["secret"] for row in every_secret], limit=DELIVERY_PAYLOAD_CHARS)
+        # 9-10. duplicate check and state machine
+        return apply_event(transaction, Delivery(server_id, fields.event, claims, fields.server_event_id,
+                                                 fields.referee_identity, fields.ts, snippet, forgotten), ttl)
+
     for attempt in range(1, WRITE_ATTEMPTS + 1):
         try:
-            outcome = store.group_commit(
-                lambda transaction: _verify_and_apply(store, transaction, parsed, fields, raw_body, window, ttl))
+            outcome = store.group_commit(verified_and_applied)
+            break
         except WriteConflict:  # a concurrent writer won a race our reads could not see (PostgreSQL)
             if attempt == WRITE_ATTEMPTS:
                 raise
-            continue
-        if isinstance(outcome, ApiError):
-            raise outcome
-        return outcome
-    raise AssertionError("unreachable")
+    if isinstance(outcome, ApiError):
+        raise outcome
+    return outcome
 
 
-def _verify_and_apply(store: EventStore, transaction: Transaction, parsed: ParsedSignature, fields: EventFields,
-                      raw_body: bytes, window: int, ttl: int) -> dict[str, Any] | ApiError:
-    # 5-8. the server, its secrets, the signature and the token
-    delivery = _verified_delivery(store, transaction, parsed, fields, raw_body, window)
-    if delivery is None:  # a verified dry run stops here
-        return {"ok": True, "test": True}
-    # 9-10. duplicate check and state machine
-    return apply_event(transaction, delivery, ttl)
-
-
-def _verified_delivery(store: EventStore, transaction: Transaction, parsed: ParsedSignature, fields: EventFields,
-                       raw_body: bytes, window: int) -> Delivery | None:
-    """Steps 5-8: the event, ready for the state machine (None: a verified dry run), or ApiError."""
-    # 5. the server exists, takes referrals and has a secret
-    server_id = fields.server_id
-    server = transaction.server(server_id)
-    if server is None:
-        raise ApiError(404, "unknown server", HINTS["unknown server"])
-    if not server["referrals_enabled"]:
-        raise ApiError(404, "referrals not enabled", HINTS["referrals not enabled"], server_id=server_id)
-    at, every_secret = now(), transaction.secrets()
-    live = live_secrets(every_secret, server_id, at)
-    if not live:
-        raise ApiError(404, "no signing secret", HINTS["no signing secret"], server_id=server_id)
-    # 6. timestamp window, kid, MAC
-    try:
-        verify(parsed, raw_body, live, at, window)
-    except SignatureError as exc:
-        raise _bad_signature(exc, parsed, raw_body, every_secret, fields, at, window) from None
-    # 7. a verified dry run stops here
-    if fields.test:
-        return None
-    # 8. the token is genuine and minted for this server (no database read needed)
-    claims = read_token(store.token_key, fields.token)
-    if claims is None or claims.server_id != server_id:
-        raise ApiError(404, "unknown token", HINTS["unknown token"], server_id=server_id)
-    forgotten = (forgotten_form(store.identity_key, server_id, fields.referee_identity)
-                 if fields.referee_identity is not None else None)
-    snippet = _scrubbed_snippet(raw_body, [row["secret"] for row in every_secret], limit=DELIVERY_PAYLOAD_CHARS)
-    return Delivery(server_id, fields.event, claims, fields.server_event_id, fields.referee_identity, fields.ts,
-                    snippet, forgotten)
-
-
-def _event_fields(store: EventStore, raw_body: bytes) -> EventFields:
-    """Steps 3 and 4: the body, parsed once, and its fields; a refusal names the body's known server."""
-    body = parse_body(raw_body)
-    try:
-        return read_fields(body, _SURROGATE_ESCAPE.search(raw_body) is not None)
-    except ApiError as exc:
-        raise ApiError(exc.status, exc.error, exc.hint, server_id=_known_server_id(store, body), **exc.extra) from None
-
-
-def _server_named_in(store: EventStore, raw_body: bytes) -> str | None:
-    """For a request refused before step 3: the known server its body names, if the body parses."""
-    try:
-        body = parse_body(raw_body)
-    except ApiError:
-        return None
-    return _known_server_id(store, body)
-
-
-def _known_server_id(store: EventStore, body: dict[str, Any]) -> str | None:
-    """The body's server_id, trimmed, if it names a known server (else the installation-wide list)."""
+def _known_server_id(store: EventStore, body: dict[str, Any] | bytes) -> str | None:
+    """The body's server_id (the body parsed here if need be), trimmed, if it names a known server: whose
+    list a refusal goes to (None: the installation-wide list)."""
+    if isinstance(body, bytes):
+        try:
+            body = parse_body(body)
+        except ApiError:
+            return None
     server_id = body.get("server_id")
     if not isinstance(server_id, str) or not _is_valid_unicode(server_id) or store.server(server_id.strip()) is None:
         return None
     return server_id.strip()
 
 
-def _bad_signature(exc: SignatureError, parsed: ParsedSignature, raw_body: bytes, every_secret: Sequence[Row],
-                   fields: EventFields, at: int, window: int) -> ApiError:
-    """The 401 for a signature that fails step 6; a MAC mismatch says why, when a usual mistake explains it."""
-    hint = HINTS[exc.reason].format(window=window)
-    diagnosis = None
-    if exc.reason == "mac_mismatch":
-        live = live_secrets(every_secret, fields.server_id, at)
-        revoked = [row["secret"] for row in every_secret if row["server_id"] == fields.server_id
-                   and row["expires_at"] is not None and row["expires_at"] <= at][:5]  # the newest five
-        diagnosis = diagnose_mac_mismatch(parsed, raw_body, live, revoked, fields.ts)
-    return ApiError(401, "bad_signature", hint, diagnosis=diagnosis, server_id=fields.server_id, reason=exc.reason)
-
-
 def _field_error(error: str, field: str, hint: str) -> ApiError:
     return ApiError(400, error, hint, field=field)
-
-
-class _DuplicateKey(Exception):
-    def __init__(self, key: str):
-        super().__init__(key)
-        self.key = key
 
 
 def _object_without_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     obj: dict[str, Any] = {}
     for key, value in pairs:
         if key in obj:
-            raise _DuplicateKey(key)
+            raise _field_error("duplicate key", key, HINTS["duplicate key"])
         obj[key] = value
     return obj
 
@@ -1007,12 +955,9 @@ _OPENING_BRACKETS = frozenset(b"[{")
 
 
 def _nests_too_deep(raw_body: bytes) -> bool:
-    """Do arrays and objects nest deeper than MAX_JSON_DEPTH (brackets inside strings do not count)?
-
-    Our own limit, so every Python answers alike (3.13's parser takes depths that 3.9-3.12 refuse).
-    Hot path: a body with no more opening brackets than the limit cannot be too deep.
-    """
-    if raw_body.count(b"[") + raw_body.count(b"{") <= MAX_JSON_DEPTH:
+    """Do arrays and objects nest deeper than MAX_JSON_DEPTH (brackets in strings do not count)? Our own
+    limit, so every Python answers alike (3.13's parser takes depths that 3.9-3.12 refuse)."""
+    if raw_body.count(b"[") + raw_body.count(b"{") <= MAX_JSON_DEPTH:  # the hot path: too few to be too deep
         return False
     depth = 0
     for bracket in _JSON_STRING.sub(b"", raw_body).translate(None, _NOT_BRACKETS):
@@ -1030,8 +975,6 @@ def parse_body(raw_body: bytes) -> dict[str, Any]:
     try:
         body = json.loads(raw_body.decode("utf-8"), object_pairs_hook=_object_without_duplicates,
                           parse_constant=_reject_constant)
-    except _DuplicateKey as exc:
-        raise _field_error("duplicate key", exc.key, HINTS["duplicate key"]) from None
     except ValueError:  # bad UTF-8, bad JSON, too many digits
         bom = raw_body.startswith(codecs.BOM_UTF8)
         raise ApiError(400, "body is not valid JSON", HINTS["body is not valid JSON"], diagnosis=(
@@ -1045,26 +988,12 @@ def parse_body(raw_body: bytes) -> dict[str, Any]:
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 
 
-def _is_valid_unicode(text: str) -> bool:
+def _is_valid_unicode(value: Any) -> bool:
+    """Whether every string in `value` (a str, or what json.loads gives) has no lone surrogate such as "\\ud800"."""
     try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:  # a lone surrogate such as "\ud800"
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
         return False
-    return True
-
-
-def _all_strings_valid(value: Any) -> bool:
-    pending = [value]
-    while pending:
-        item = pending.pop()
-        if isinstance(item, str):
-            if not _is_valid_unicode(item):
-                return False
-        elif isinstance(item, dict):
-            pending.extend(item.keys())
-            pending.extend(item.values())
-        elif isinstance(item, list):
-            pending.extend(item)
     return True
 
 
@@ -1093,10 +1022,7 @@ class EventFields:
 
 def read_fields(body: dict[str, Any], may_hold_surrogates: bool = True) -> EventFields:
     """Check the docs/contract.md §1.3 field table, in table order; the first problem is the answer.
-
-    `may_hold_surrogates=False` (the raw text has no surrogate escape) skips the walk over
-    every string of the body: a lone surrogate can only come from a \\uD800-\\uDFFF escape.
-    """
+    `may_hold_surrogates=False` (the raw text has no \\uD800-\\uDFFF escape) skips the walk over every string."""
     event = _string_field(body, "event")
     if event not in EVENTS:
         raise _field_error("invalid field", "event", "event must be registered, qualified or reversed")
@@ -1113,26 +1039,29 @@ def read_fields(body: dict[str, Any], may_hold_surrogates: bool = True) -> Event
     if test is not None and not isinstance(test, bool):
         raise _field_error("invalid field", "test", "test must be true or false (a JSON boolean)")
     for key, value in body.items() if may_hold_surrogates else ():
-        if key != "referee_identity" and not _all_strings_valid([key, value]):
+        if key != "referee_identity" and not _is_valid_unicode([key, value]):
             raise _field_error("invalid field", key, "strings must be valid Unicode (no lone surrogates)")
     return EventFields(event, token, server_id, server_event_id, referee_identity, ts, bool(test))
 
 
-def _scrubbed_snippet(raw_body: bytes, secrets_to_hide: Sequence[str], limit: int) -> str:
-    """The body for storage: token masked, any secret replaced (before cutting), `limit` long.
-
-    Secrets are searched for in the decoded text: `mmsk\\u005f...` is the same secret to a
-    JSON reader, so escapes of the characters a secret is made of are decoded first.
-    """
-    text = _JSON_ESCAPE.sub(_decoded_if_secret_character, _with_token_masked(raw_body))
-    for secret in secrets_to_hide:
-        if secret in text:
-            text = text.replace(secret, "[secret]")
-    return text[:limit]
-
-
+_TOKEN_VALUE = re.compile(r'("token"\s*:\s*")([^"]*)(")')
 _JSON_ESCAPE = re.compile(r"\\u([0-9a-fA-F]{4})")
 _SECRET_CHARACTERS = frozenset(string.ascii_letters + string.digits + "_-")  # mmsk_ + token_urlsafe
+
+
+def _scrubbed_snippet(raw_body: bytes, secrets_to_hide: Sequence[str], limit: int) -> str:
+    """The body for storage: token masked, any secret replaced (before cutting), `limit` long. Secrets are
+    looked for in the decoded text: `mmsk\\u005f...` is the same secret to a JSON reader."""
+    text = raw_body.decode("utf-8", "replace")
+    body = _parsed_or_none(raw_body) if "\\u" in text else None  # a key spelt "\u0074oken" escapes _TOKEN_VALUE
+    if isinstance(body, dict) and "token" in body:
+        text = json.dumps({**body, "token": mask(str(body["token"]))})
+    else:
+        text = _TOKEN_VALUE.sub(lambda m: m.group(1) + mask(m.group(2)) + m.group(3), text)
+    text = _JSON_ESCAPE.sub(_decoded_if_secret_character, text)
+    for secret in secrets_to_hide:
+        text = text.replace(secret, "[secret]")
+    return text[:limit]
 
 
 def _decoded_if_secret_character(escape: re.Match[str]) -> str:
@@ -1141,60 +1070,49 @@ def _decoded_if_secret_character(escape: re.Match[str]) -> str:
     return character if character in _SECRET_CHARACTERS else escape.group(0)
 
 
-def _with_token_masked(raw_body: bytes) -> str:
-    """The body as text with the token's value masked."""
-    text = raw_body.decode("utf-8", "replace")
-    if "\\u" in text:  # a key spelt "\u0074oken" escapes the pattern below: mask the parsed value instead
-        try:
-            body = json.loads(raw_body)
-        except (ValueError, RecursionError):
-            body = None
-        if isinstance(body, dict) and "token" in body:
-            return json.dumps({**body, "token": mask(str(body["token"]))})
-    return re.sub(r'("token"\s*:\s*")([^"]*)(")', lambda m: m.group(1) + mask(m.group(2)) + m.group(3), text)
-
-
 def diagnose_mac_mismatch(parsed: ParsedSignature, raw_body: bytes, live: Sequence[tuple[str, str]],
                           revoked: Sequence[str], body_ts: Any) -> str | None:
     """Why a MAC probably failed, when one of the usual mistakes explains it (docs/contract.md §1.5)."""
-    def is_sent(digest: str) -> bool:
+    live_values = [secret for _, secret in live]
+
+    def sent(digest: str) -> bool:
         return any(hmac.compare_digest(digest, mac) for mac in parsed.macs)
 
-    def matches(secret: str, t: str, body: bytes) -> bool:
-        return is_sent(sign(secret, t, body))
+    def signed(messages: Iterable[bytes], keys: Sequence[str] = live_values) -> bool:
+        """Whether a v1 of the header is the HMAC of one of `messages` under one of `keys`."""
+        return any(sent(hmac.new(key.encode("utf-8"), message, hashlib.sha256).hexdigest())
+                   for message in messages for key in keys)
 
-    def any_secret_signed(message: bytes) -> bool:
-        return any(is_sent(hmac.new(s.encode("utf-8"), message, hashlib.sha256).hexdigest()) for s in live_values)
-
-    live_values = [secret for _, secret in live]
+    t_dot = parsed.t.encode("ascii") + b"."
     trimmed = raw_body.rstrip(b"\r\n")
-    if trimmed != raw_body and any(matches(s, parsed.t, trimmed) for s in live_values):
+    if trimmed != raw_body and signed([t_dot + trimmed]):
         return "the MAC matches this body without its trailing newline: sign the exact bytes you send"
-    if any(matches(s, parsed.t, raw_body + end) for s in live_values for end in (b"\n", b"\r\n")):
+    if signed(t_dot + raw_body + end for end in (b"\n", b"\r\n")):
         return ("the MAC matches this body plus a trailing newline: your HTTP client changed the body"
                 " (curl -d strips newlines); send it with --data-binary")
-    if any(matches(s, parsed.t, codecs.BOM_UTF8 + raw_body) for s in live_values):
+    if signed([t_dot + codecs.BOM_UTF8 + raw_body]):
         return ("the MAC matches this body with a UTF-8 byte-order mark, EF BB BF, in front (Windows PowerShell 5.1"
                 " writes one at the start of a file): sign the bytes you send, without it")
-    if any(matches(s, parsed.t, other) for s in live_values for other in _line_breaks_put_back(raw_body)):
+    if signed(t_dot + other for other in _line_breaks_put_back(raw_body)):
         return ("the MAC matches this body with its line breaks put back: curl -d @file strips newlines;"
                 " send the file with --data-binary @file")
-    if any(matches(s, parsed.t, other) for s in live_values for other in _reserialised(raw_body)):
+    if signed(t_dot + other for other in _reserialised(raw_body)):
         return ("the MAC matches the same JSON written differently (spacing or key order): sign the exact"
                 " bytes you send, not a re-serialised copy, and send them unchanged")
     ts = body_ts if isinstance(body_ts, (int, float)) and not isinstance(body_ts, bool) else None
     ts_differs = ts is not None and ts != parsed.timestamp
-    if ts_differs and isinstance(ts, int) and any(matches(s, str(ts), raw_body) for s in live_values):
+    if ts_differs and isinstance(ts, int) and signed([f"{ts}.".encode("ascii") + raw_body]):
         return "the MAC matches a different t (the body's ts): sign with the t you put in the header"
-    if any(matches(s, parsed.t, raw_body) for s in revoked):
+    if signed([t_dot + raw_body], revoked):
         return "this MAC was made with a previous, revoked secret: use the current secret"
-    if any_secret_signed(raw_body):
+    if signed([raw_body]):
         return 'the MAC matches the body alone: sign "<t>.<body>", the header\'s t, a dot, then the body'
     for separator in _WRONG_SEPARATORS:
-        if any_secret_signed(parsed.t.encode("ascii") + separator + raw_body):
+        if signed([parsed.t.encode("ascii") + separator + raw_body]):
             shown = json.dumps(separator.decode("ascii"))[1:-1]
             return f'the MAC matches "<t>{shown}<body>": join t and the body with a dot, "<t>.<body>"'
-    if any(is_sent(hashlib.sha256(text).hexdigest()) for text in _plain_hash_inputs(parsed.t, raw_body, live_values)):
+    hashed = _plain_hash_inputs([t_dot + raw_body, raw_body], live_values)
+    if any(sent(hashlib.sha256(text).hexdigest()) for text in hashed):
         return ("v1 is a plain SHA-256 of the signed text, not an HMAC: compute HMAC-SHA256 with the secret as"
                 " the key: hash_hmac in PHP, not hash")
     if ts_differs:  # not proof, but the usual slip when nothing else explains it
@@ -1206,10 +1124,10 @@ def diagnose_mac_mismatch(parsed: ParsedSignature, raw_body: bytes, live: Sequen
 _WRONG_SEPARATORS = (b":", b"", b" ", b",", b"\n")   # put between t and the body instead of "."
 
 
-def _plain_hash_inputs(t: str, raw_body: bytes, secrets_: Sequence[str]) -> Iterator[bytes]:
-    """What a sender who hashed instead of using an HMAC may have hashed: the signed text or the
-    body, alone or with the secret before or after it."""
-    for text in (t.encode("ascii") + b"." + raw_body, raw_body):
+def _plain_hash_inputs(texts: Sequence[bytes], secrets_: Sequence[str]) -> Iterator[bytes]:
+    """What a sender who hashed instead of using an HMAC may have hashed: each text, alone or with a secret
+    before or after it."""
+    for text in texts:
         yield text
         for secret in secrets_:
             yield secret.encode("utf-8") + text
@@ -1239,10 +1157,9 @@ _INDENT_LEFT = re.compile(rb"[{\[](\t| {2,})[^ \t]")
 
 
 def _line_breaks_put_back(raw_body: bytes) -> list[bytes]:
-    """The pretty-printed files (LF or CRLF lines, with or without a last newline) that become
-    `raw_body` once their line breaks are stripped, as `curl -d @file` does. The indentation and
-    the space after each colon are read from the body (json.dumps, jq and JSON.stringify write
-    `": "`, Windows PowerShell 5.1 `":  "`)."""
+    """The pretty-printed files (LF or CRLF lines, with or without a last newline) that become `raw_body`
+    once `curl -d @file` strips their line breaks. Indentation and the space after each colon are read from
+    the body (json.dumps, jq and JSON.stringify write `": "`, Windows PowerShell 5.1 `":  "`)."""
     indented = _INDENT_LEFT.match(raw_body)
     body = _parsed_or_none(raw_body) if indented else None
     if indented is None or body is None:
@@ -1258,11 +1175,8 @@ def _line_breaks_put_back(raw_body: bytes) -> list[bytes]:
 
 def handle_ingest(store: EventStore, raw_body: bytes, header: str | None, *, window: int, ttl: int,
                   client: str | None = None) -> tuple[int, dict]:
-    """Run the pipeline; remember refusals; log one line; return (status, body).
-
-    `client` (a keyed hash of the sender's address) limits how many of its refusals are
-    remembered each minute; None (the dashboard's test button, the demo) remembers them all.
-    """
+    """Run the pipeline; remember refusals; log one line; return (status, body). `client` (a keyed hash of
+    the sender's address) limits the refusals remembered a minute; None (the test button, the demo): all."""
     try:
         body, status = process_event(store, raw_body, header, window=window, ttl=ttl), 200
     except ApiError as exc:

@@ -107,8 +107,8 @@ def test_refusals_against_a_current_configuration_cost_no_retry(client, store, k
     """A refusal is confirmed by one read; it is not run again while nothing changed."""
     secret, _ = kept
     runs: list[int] = []
-    verified_delivery = mm._verified_delivery
-    monkeypatch.setattr(mm, "_verified_delivery", lambda *args: runs.append(1) or verified_delivery(*args))
+    verify = mm.verify   # called once each time the checks of steps 5-8 run
+    monkeypatch.setattr(mm, "verify", lambda *args: runs.append(1) or verify(*args))
 
     status, body = _post(client, "not-the-secret", event_body("registered", mint_tokens(store, ["bob"])[0], "r-1"))
 
