@@ -1252,24 +1252,19 @@ def _remember_rejection(store: EventStore, exc: ApiError, raw_body: bytes, clien
 blueprint = Blueprint("mmoref", __name__)
 
 
-def _apply_default_settings(state: Any) -> None:
-    """Give a host app that registers the blueprint the MMOREF_* settings it lacks."""
-    for name, value in load_settings().items():
-        state.app.config.setdefault(name, value)
-
-
-def _require_secret_key(state: Any) -> None:
-    """In a host app the dashboard keeps its login in the host's session, which Flask signs with
-    the host's SECRET_KEY: without one, refuse here, in one line, not with a 500 on the login page.
-    (The standalone app's session interface finds its own key.)"""
+def _set_up_host_app(state: Any) -> None:
+    """Give a host app that registers the blueprint the MMOREF_* settings it lacks, and refuse one without a
+    SECRET_KEY here, in one line: the dashboard's login session is signed with it (the standalone app's
+    session interface finds its own key)."""
     app = state.app
+    for name, value in load_settings().items():
+        app.config.setdefault(name, value)
     if not app.secret_key and not isinstance(app.session_interface, _SessionInterface):
         raise ConfigError("mmoref_server.blueprint needs the host app's SECRET_KEY (the dashboard's login session"
                           " is signed with it): set app.config['SECRET_KEY'] before register_blueprint()")
 
 
-blueprint.record_once(_apply_default_settings)
-blueprint.record_once(_require_secret_key)
+blueprint.record_once(_set_up_host_app)
 _store_lock = threading.Lock()
 
 
@@ -1292,8 +1287,7 @@ def json_response(body: dict[str, Any], status: int = 200) -> Any:
 
 @blueprint.app_errorhandler(405)
 def _method_not_allowed(exc: Exception) -> Any:
-    """Methods the route does not list (e.g. PROPFIND) are refused by routing, outside the
-    blueprint: answer them in JSON too on the ingest path, and leave the host's paths alone."""
+    """Methods no route lists (e.g. PROPFIND): JSON on the ingest path too; the host's paths keep theirs."""
     if request.path.endswith(INGEST_PATH):
         return _api_error(ApiError(405, "method not allowed", HINTS["method not allowed"]))
     return exc
@@ -1301,8 +1295,7 @@ def _method_not_allowed(exc: Exception) -> Any:
 
 @blueprint.app_errorhandler(404)
 def _not_found(exc: Exception) -> Any:
-    """Near misses of the ingest path (`/api/referral/event`, a trailing slash...) get JSON a kit can
-    read; every other path keeps the app's own 404."""
+    """Near misses of the ingest path (`/api/referral/event`...) get JSON a kit can read; others, the app's 404."""
     api_root = url_for("mmoref.ingest")[len(request.script_root):-len(INGEST_PATH)] + "/api/"
     if request.path.startswith(api_root):
         return json_response({"ok": False, "error": "not found", "hint": f"POST events to {INGEST_PATH}"}, 404)
@@ -1324,16 +1317,14 @@ def _api_error(exc: ApiError) -> Any:
 def ingest() -> Any:
     if request.method != "POST":
         raise ApiError(405, "method not allowed", HINTS["method not allowed"])
-    # 1. the size cap, from Content-Length before reading, else while reading
-    if request.content_length is not None and request.content_length > MAX_BODY_BYTES:
-        raise ApiError(413, "body too large", HINTS["body too large"])
-    # Werkzeug stops a streamed body at the limit without raising: read one byte past the cap.
+    # 1. the size cap: Werkzeug refuses a longer Content-Length, and stops a streamed body at the limit
+    # without raising, so the limit is one byte past the cap
     request.max_content_length = MAX_BODY_BYTES + 1
     try:
-        raw_body = request.get_data(cache=False)
+        raw_body: bytes | None = request.get_data(cache=False)
     except RequestEntityTooLarge:
-        raise ApiError(413, "body too large", HINTS["body too large"]) from None
-    if len(raw_body) > MAX_BODY_BYTES:
+        raw_body = None
+    if raw_body is None or len(raw_body) > MAX_BODY_BYTES:
         raise ApiError(413, "body too large", HINTS["body too large"])
     config, store, started = current_app.config, get_store(), time.perf_counter()
     status, body = handle_ingest(store, raw_body, request.headers.get(SIGNATURE_HEADER),
@@ -1352,11 +1343,8 @@ NOT_FOUND_PAGE = ("<!doctype html><meta charset=utf-8><title>Link not found</tit
 
 @blueprint.get("/r/<server_id>")
 def share_link(server_id: str) -> Any:
-    """Record a click, mint a token, set the mmref cookie, send the player to register.
-
-    A HEAD request (link previews, crawlers) and a client past CLICKS_PER_CLIENT_MINUTE are
-    sent to the registration URL without a token: nothing is recorded for them.
-    """
+    """Record a click, mint a token, set the mmref cookie, send the player to register. A HEAD request (link
+    previews, crawlers) and a client past CLICKS_PER_CLIENT_MINUTE go there with no token, nothing recorded."""
     code = request.args.get("ref", "")
     store = get_store()
     server = store.server(server_id) if NAME_PATTERN.fullmatch(code) else None
@@ -1378,9 +1366,7 @@ def share_link(server_id: str) -> Any:
 
 def _ip_hash(store: Store, ip: str | None) -> str | None:
     """A keyed hash of the address: pseudonymous, not anonymous (the key is in the same database)."""
-    if not ip:
-        return None
-    return _keyed_address(store.installation_key("ip_salt"), ip)
+    return _keyed_address(store.installation_key("ip_salt"), ip) if ip else None
 
 
 def client_key(store: Store, ip: str | None) -> str:
@@ -1399,10 +1385,8 @@ def _client_key(salt: str, ip: str) -> str:
         address = ipaddress.ip_address(ip)
     except ValueError:
         return "-"
-    if isinstance(address, ipaddress.IPv6Address):
-        mapped = address.ipv4_mapped
-        counted = mapped if mapped is not None else ipaddress.ip_network(f"{address}/64", strict=False)
-        return _keyed_address(salt, str(counted))
+    if isinstance(address, ipaddress.IPv6Address):  # an IPv4-mapped one as its IPv4 address
+        return _keyed_address(salt, str(address.ipv4_mapped or ipaddress.ip_network(f"{address}/64", strict=False)))
     return _keyed_address(salt, str(address))
 
 
@@ -1410,8 +1394,7 @@ def _with_query(url: str, **params: str) -> str:
     """`url` with `params` set in its query string, other parameters kept."""
     parts = urllib.parse.urlsplit(url)
     query = [(k, v) for k, v in urllib.parse.parse_qsl(parts.query, keep_blank_values=True) if k not in params]
-    query.extend(params.items())
-    return urllib.parse.urlunsplit(parts._replace(query=urllib.parse.urlencode(query)))
+    return urllib.parse.urlunsplit(parts._replace(query=urllib.parse.urlencode([*query, *params.items()])))
 
 
 @blueprint.get("/healthz")
@@ -1437,11 +1420,8 @@ def _is_loopback(host: str) -> bool:
 
 @blueprint.get("/metrics")
 def metrics() -> Any:
-    """Prometheus text format, from the database's counters: the same numbers in every worker.
-
-    Answered to loopback clients that did not come through a proxy, or to anyone with
-    `Authorization: Bearer <MMOREF_METRICS_TOKEN>` when that is set.
-    """
+    """Prometheus text format from the database's counters (the same in every worker), for loopback clients
+    not behind a proxy, or anyone with `Authorization: Bearer <MMOREF_METRICS_TOKEN>` when that is set."""
     token = current_app.config.get("MMOREF_METRICS_TOKEN")
     if token:
         sent = request.headers.get("Authorization", "")
@@ -1457,15 +1437,15 @@ def metrics() -> Any:
     return current_app.response_class(text, mimetype="text/plain; version=0.0.4")
 
 
-def _label(value: Any) -> str:
-    return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-
-
 def _metric(lines: list[str], name: str, kind: str, about: str, samples: Sequence[tuple[dict, Any]]) -> None:
     lines += [f"# HELP {name} {about}", f"# TYPE {name} {kind}"]
     for labels, value in samples:
         shown = ",".join(f'{key}="{_label(label)}"' for key, label in labels.items())
         lines.append(f"{name}{{{shown}}} {value}" if shown else f"{name} {value}")
+
+
+def _label(value: Any) -> str:
+    return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
 def render_metrics(snapshot: dict[str, Any], database_bytes: int) -> str:
@@ -1477,12 +1457,11 @@ def render_metrics(snapshot: dict[str, Any], database_bytes: int) -> str:
             [({"status": s, "error": e, "reason": r}, n) for s, e, r, n in snapshot["rejections"]])
     _metric(lines, "mmoref_share_link_clicks_total", "counter", "Share links followed (referrals minted).",
             [({"server_id": s}, n) for s, n in snapshot["clicks"]])
-    cumulative, buckets = 0, []
+    _metric(lines, "mmoref_ingest_latency_seconds", "histogram", "Time to answer an ingest request.", [])
+    cumulative = 0
     for le in [*map(str, LATENCY_BUCKETS), "+Inf"]:
         cumulative += snapshot["latency"].get(le, 0)
-        buckets.append(({"le": le}, cumulative))
-    _metric(lines, "mmoref_ingest_latency_seconds", "histogram", "Time to answer an ingest request.", [])
-    lines += [f'mmoref_ingest_latency_seconds_bucket{{le="{labels["le"]}"}} {n}' for labels, n in buckets]
+        lines.append(f'mmoref_ingest_latency_seconds_bucket{{le="{le}"}} {cumulative}')
     lines += [f"mmoref_ingest_latency_seconds_sum {snapshot['latency_seconds']}",
               f"mmoref_ingest_latency_seconds_count {cumulative}"]
     _metric(lines, "mmoref_database_bytes", "gauge", "Database file plus write-ahead log.", [({}, database_bytes)])
