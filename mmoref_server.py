@@ -538,29 +538,23 @@ class Row(Protocol):
 
 
 class EventStore(Protocol):
-    """The Store methods the ingest pipeline calls; Store, after the routes, has them all."""
+    """The Store methods the ingest pipeline calls (Store, after the routes, has them all)."""
 
     @property
-    def token_key(self) -> str:
-        """The per-installation key that signs mmref tokens."""
+    def token_key(self) -> str: ...
 
     @property
-    def identity_key(self) -> str:
-        """The key of forgotten_form."""
+    def identity_key(self) -> str: ...
 
-    def group_commit(self, work: Callable[[Transaction], Any]) -> Any:
-        """Run `work(transaction)` in a write transaction; return its result once committed (or raise its error)."""
+    def group_commit(self, work: Callable[[Transaction], Any]) -> Any: ...
 
-    def server(self, server_id: str) -> Row | None:
-        """The server's row, read outside any transaction (to say whose request a refusal was)."""
+    def server(self, server_id: str) -> Row | None: ...
 
-    def all_secrets(self) -> list[str]:
-        """Every secret of the installation: what a stored snippet must never hold."""
+    def all_secrets(self) -> list[str]: ...
 
     def record_rejected(self, server_id: str | None, status: int, error: str, reason: str | None, hint: str,
                         diagnosis: str | None, snippet: str, *, client: str | None = None,
-                        per_client_minute: int | None = None) -> None:
-        """Remember a refused request for the dashboard."""
+                        per_client_minute: int | None = None) -> None: ...
 
 
 def live_secrets(secrets_newest_first: Sequence[Row], server_id: str, at: int) -> list[tuple[str, str]]:
@@ -576,11 +570,8 @@ def _utc_date(day_number: int) -> str:
 
 
 class Transaction:
-    """The reads and writes the state machine makes, inside one write transaction.
-
-    `Store.transaction()` hands one to its work. The state machine decides; these methods
-    only read and write. Rows are mappings by column name.
-    """
+    """The reads and writes of one write transaction (`Store.transaction()` hands one to its work): the
+    state machine decides, these only read and write. Rows are mappings by column name."""
 
     __slots__ = ("db",)
     SECRETS_NEWEST_FIRST = "SELECT server_id, kid, secret, expires_at FROM secrets ORDER BY created_at DESC, rowid DESC"
@@ -591,9 +582,8 @@ class Transaction:
         self.db = db
 
     def server(self, server_id: str) -> Row | None:
-        """The server's row. No change to the server or its secrets commits before this transaction
-        ends: SQLite's BEGIN IMMEDIATE holds every writer off; on PostgreSQL, FOR SHARE holds the row
-        that such a change locks first."""
+        """No change to the server or its secrets commits before this transaction ends: SQLite's BEGIN
+        IMMEDIATE holds every writer off; on PostgreSQL, FOR SHARE holds the row such a change locks first."""
         return self.db.execute(f"SELECT * FROM servers WHERE server_id = ?{self.SHARE_LOCK}", (server_id,)).fetchone()
 
     def secrets(self) -> list[Row]:
@@ -605,8 +595,8 @@ class Transaction:
 
     def lock_server(self, server_id: str) -> bool:
         """Whether the server exists, its row locked until the transaction ends."""
-        return self.db.execute(f"SELECT 1 FROM servers WHERE server_id = ?{self.ROW_LOCK}", (server_id,)).fetchone() \
-            is not None
+        row = self.db.execute(f"SELECT 1 FROM servers WHERE server_id = ?{self.ROW_LOCK}", (server_id,)).fetchone()
+        return row is not None
 
     def referral(self, referral_id: str) -> Row | None:
         return self.db.execute(f"SELECT * FROM referrals WHERE referral_id = ?{self.ROW_LOCK}",
@@ -621,8 +611,7 @@ class Transaction:
 
     def anchored_referral(self, server_id: str, referee_identity: str | None,
                           forgotten_identity: str | None) -> Row | None:
-        """The referral that anchors this referee on this server, if any, by its identity or its
-        forgotten (keyed) form: one lookup of the primary key."""
+        """The referral anchoring this referee on this server, by identity or forgotten form: one key lookup."""
         return self.db.execute(
             "SELECT r.* FROM anchors a JOIN referrals r ON r.referral_id = a.referral_id"
             " WHERE a.server_id = ? AND a.referee_identity IN (?, ?)",
@@ -638,7 +627,6 @@ class Transaction:
                         (anchor_referral_id, referral_id))
 
     def set_state(self, referral_id: str, state: str, at: int, referee_identity: str | None = None) -> None:
-        """Set the referral's state (and its referee, when given)."""
         self.db.execute("UPDATE referrals SET state = ?, updated_at = ?,"
                         " referee_identity = coalesce(?, referee_identity) WHERE referral_id = ?",
                         (state, at, referee_identity, referral_id))
