@@ -216,9 +216,8 @@ def _setting(environ: Mapping[str, str], name: str, parse: Callable[[str], Any],
 
 
 def _trusted_as_before(trust_proxy: bool, trusted: tuple[str, ...]) -> tuple[str, ...]:
-    """The proxies an installation that still sets the deprecated MMOREF_TRUST_PROXY trusted: with it on,
-    MMOREF_TRUSTED_PROXY's addresses, which then defaulted to loopback; with it off, none. A warning
-    line says what to set instead."""
+    """What the deprecated MMOREF_TRUST_PROXY trusted: on, MMOREF_TRUSTED_PROXY's addresses (then loopback by
+    default); off, none. A warning says what to set instead."""
     meant = (trusted or ("127.0.0.1", "::1")) if trust_proxy else ()
     if meant:
         instead = f"set MMOREF_TRUSTED_PROXY={','.join(meant)} and remove MMOREF_TRUST_PROXY"
@@ -242,8 +241,7 @@ def iso_utc(unix_seconds: int | None) -> str | None:
     """2026-11-23T12:00:00Z, or None."""
     if unix_seconds is None:
         return None
-    moment = datetime.datetime.fromtimestamp(unix_seconds, datetime.timezone.utc)
-    return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
+    return datetime.datetime.fromtimestamp(unix_seconds, datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def check_registration_url(url: str) -> str:
@@ -266,8 +264,7 @@ def check_name(kind: str, value: str) -> str:
 
 
 def check_path_segment(kind: str, value: str) -> str:
-    """A server id or game, which dashboard URLs carry as a path segment: a name, and not only dots
-    (browsers drop a `.` or `..` segment, so its pages could never be reached)."""
+    """A server id or game (a dashboard URL's path segment): a name, not only dots, which browsers drop."""
     check_name(kind, value)
     if not value.strip("."):
         raise ConfigError(f"{kind} {value!r} must not be only dots: browsers drop such a part of a URL")
@@ -280,11 +277,7 @@ def check_path_segment(kind: str, value: str) -> str:
 
 
 class ApiError(Exception):
-    """One error answer: status, stable `error` string, a hint that teaches the fix, extras.
-
-    Only `ok`, `error`, `hint` and the extras are the answer's body; `diagnosis` and
-    `server_id` are for the rejected-requests list.
-    """
+    """One error answer: status, a stable `error`, a hint that teaches the fix, and extras for its body."""
 
     def __init__(self, status: int, error: str, hint: str, *, diagnosis: str | None = None,
                  server_id: str | None = None, **extra: Any):
@@ -330,11 +323,8 @@ RETRY_AFTER_SECONDS = 5   # the Retry-After of a 503
 
 
 class SignatureError(Exception):
-    """A signature header that cannot be accepted.
-
-    `reason` is `missing` or `malformed` (both 400), or one of the 401 reasons
-    `stale_timestamp`, `unknown_kid`, `mac_mismatch`.
-    """
+    """A signature header that cannot be accepted: `reason` is missing or malformed (400), stale_timestamp,
+    unknown_kid or mac_mismatch (401)."""
 
     def __init__(self, reason: str, message: str):
         super().__init__(message)
@@ -352,8 +342,7 @@ class StoreError(Exception):
 
 
 class WriteConflict(StoreError):
-    """A write lost a race to another node's (a UNIQUE constraint, a deadlock, a serialization
-    failure): tried again, the same work sees the winner's rows."""
+    """A write lost a race to another node's (UNIQUE, deadlock, serialization): retried, it sees the winner's rows."""
 
     def __init__(self, message: str):
         super().__init__(message, "conflict")
@@ -401,10 +390,7 @@ def parse_signature_header(header: str | None) -> ParsedSignature:
     if header is None or not header.strip():
         raise SignatureError("missing", f"send the {SIGNATURE_HEADER} header")
     t_values, macs, kids = [], [], []
-    for part in header.split(","):
-        part = part.strip()
-        if not part:
-            continue
+    for part in filter(None, (part.strip() for part in header.split(","))):
         if "=" not in part:
             raise SignatureError("malformed", f"every part must be key=value; {part[:40]!r} is not")
         key, value = (piece.strip() for piece in part.split("=", 1))
@@ -431,11 +417,8 @@ def parse_signature_header(header: str | None) -> ParsedSignature:
 
 def verify(header: ParsedSignature | str, raw_body: bytes, live_secrets: Sequence[tuple[str, str]],
            at: int, window: int) -> str:
-    """Return the kid of the live secret that signed `raw_body`; raise SignatureError.
-
-    `live_secrets` is [(kid, secret), ...], current first. Checks, in the order of docs/contract.md §1.4:
-    the replay window (both directions), the kid, then the MAC in constant time.
-    """
+    """The kid of the live secret ([(kid, secret), ...], current first) that signed `raw_body`, else SignatureError.
+    Checks, in the order of docs/contract.md §1.4: the replay window (both ways), the kid, the MAC in constant time."""
     parsed = header if isinstance(header, ParsedSignature) else parse_signature_header(header)
     if abs(at - parsed.timestamp) > window:
         raise SignatureError("stale_timestamp", f"t is more than {window} s from the server clock")
@@ -510,9 +493,8 @@ def read_token(key: str, token: str) -> TokenClaims | None:
 
 
 def mask(value: str | None, keep_start: int = 4, keep_end: int = 0) -> str:
-    """A PII-light view, never the whole value: the first `keep_start` and last `keep_end`
-    characters around "…" ('player-7842' -> 'play…'; with 2, 2 -> 'pl…42'), or only the
-    first character of a value too short to hide anything."""
+    """A PII-light view, never the whole value: the first `keep_start` and last `keep_end` characters around "…"
+    ('player-7842' -> 'play…'; with 2, 2 -> 'pl…42'), or the first alone of a value too short to hide anything."""
     if not value:
         return ""
     if len(value) <= keep_start + keep_end + 2:
@@ -918,15 +900,11 @@ def _known_server_id(store: EventStore, body: dict[str, Any] | bytes) -> str | N
     return server_id.strip()
 
 
-def _field_error(error: str, field: str, hint: str) -> ApiError:
-    return ApiError(400, error, hint, field=field)
-
-
 def _object_without_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     obj: dict[str, Any] = {}
     for key, value in pairs:
         if key in obj:
-            raise _field_error("duplicate key", key, HINTS["duplicate key"])
+            raise ApiError(400, "duplicate key", HINTS["duplicate key"], field=key)
         obj[key] = value
     return obj
 
@@ -988,12 +966,12 @@ def _is_valid_unicode(value: Any) -> bool:
 def _string_field(body: dict[str, Any], name: str) -> str:
     value = body.get(name)
     if value is None or (isinstance(value, str) and not value.strip()):
-        raise _field_error("missing field", name, f"{name} is required: a non-empty string")
+        raise ApiError(400, "missing field", f"{name} is required: a non-empty string", field=name)
     if not isinstance(value, str) or not _is_valid_unicode(value):
-        raise _field_error("invalid field", name, f"{name} must be a string of valid Unicode")
+        raise ApiError(400, "invalid field", f"{name} must be a string of valid Unicode", field=name)
     value = value.strip()
     if len(value) > MAX_FIELD_CHARS:
-        raise _field_error("invalid field", name, f"{name} must be at most {MAX_FIELD_CHARS} characters")
+        raise ApiError(400, "invalid field", f"{name} must be at most {MAX_FIELD_CHARS} characters", field=name)
     return value
 
 
@@ -1013,7 +991,7 @@ def read_fields(body: dict[str, Any], may_hold_surrogates: bool = True) -> Event
     `may_hold_surrogates=False` (the raw text has no \\uD800-\\uDFFF escape) skips the walk over every string."""
     event = _string_field(body, "event")
     if event not in EVENTS:
-        raise _field_error("invalid field", "event", "event must be registered, qualified or reversed")
+        raise ApiError(400, "invalid field", "event must be registered, qualified or reversed", field="event")
     token = _string_field(body, "token")
     server_id = _string_field(body, "server_id")
     server_event_id = _string_field(body, "server_event_id")
@@ -1022,13 +1000,13 @@ def read_fields(body: dict[str, Any], may_hold_surrogates: bool = True) -> Event
     ts_is_number = isinstance(ts, (int, float)) and not isinstance(ts, bool)
     # range first: math.isfinite turns an int into a float, which overflows from 10**309 on
     if ts is not None and not (ts_is_number and -(2**63) <= ts < 2**63 and math.isfinite(ts)):
-        raise _field_error("invalid field", "ts", "ts must be a finite number of Unix seconds (64-bit)")
+        raise ApiError(400, "invalid field", "ts must be a finite number of Unix seconds (64-bit)", field="ts")
     test = body.get("test")
     if test is not None and not isinstance(test, bool):
-        raise _field_error("invalid field", "test", "test must be true or false (a JSON boolean)")
+        raise ApiError(400, "invalid field", "test must be true or false (a JSON boolean)", field="test")
     for key, value in body.items() if may_hold_surrogates else ():
         if key != "referee_identity" and not _is_valid_unicode([key, value]):
-            raise _field_error("invalid field", key, "strings must be valid Unicode (no lone surrogates)")
+            raise ApiError(400, "invalid field", "strings must be valid Unicode (no lone surrogates)", field=key)
     return EventFields(event, token, server_id, server_event_id, referee_identity, ts, bool(test))
 
 
