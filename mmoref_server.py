@@ -207,7 +207,7 @@ def load_settings(environ: Mapping[str, str] = os.environ) -> dict[str, Any]:
 
 def _setting(environ: Mapping[str, str], name: str, parse: Callable[[str], Any], default: Any) -> Any:
     raw = environ.get(name)
-    if raw is None or raw == "":
+    if not raw:
         return default
     try:
         return parse(raw)
@@ -219,10 +219,8 @@ def _trusted_as_before(trust_proxy: bool, trusted: tuple[str, ...]) -> tuple[str
     """What the deprecated MMOREF_TRUST_PROXY trusted: on, MMOREF_TRUSTED_PROXY's addresses (then loopback by
     default); off, none. A warning says what to set instead."""
     meant = (trusted or ("127.0.0.1", "::1")) if trust_proxy else ()
-    if meant:
-        instead = f"set MMOREF_TRUSTED_PROXY={','.join(meant)} and remove MMOREF_TRUST_PROXY"
-    else:
-        instead = "remove MMOREF_TRUST_PROXY and MMOREF_TRUSTED_PROXY (unset, it trusts no proxy)"
+    instead = (f"set MMOREF_TRUSTED_PROXY={','.join(meant)} and remove MMOREF_TRUST_PROXY" if meant
+               else "remove MMOREF_TRUST_PROXY and MMOREF_TRUSTED_PROXY (unset, it trusts no proxy)")
     _warn_once(f"MMOREF_TRUST_PROXY is deprecated: for the same effect, {instead}")
     return meant
 
@@ -250,9 +248,8 @@ def check_registration_url(url: str) -> str:
     parts = urllib.parse.urlsplit(url)
     local_http = parts.scheme == "http" and parts.hostname in LOCAL_HOSTS
     if not parts.hostname or not (parts.scheme == "https" or local_http):
-        raise ConfigError(
-            f"registration URL {url!r} must start with https:// "
-            "(http:// is allowed only for localhost, 127.0.0.1 and [::1])")
+        raise ConfigError(f"registration URL {url!r} must start with https://"
+                          " (http:// is allowed only for localhost, 127.0.0.1 and [::1])")
     return url
 
 
@@ -816,13 +813,10 @@ WRITE_ATTEMPTS = 3  # a write that lost a race to another PostgreSQL node is tri
 
 
 def process_event(store: EventStore, raw_body: bytes, header: str | None, *, window: int, ttl: int) -> dict[str, Any]:
-    """Steps 2-10 of docs/contract.md §1.4 (step 1, the size cap, happens before the body is read), for the
-    HTTP route and the dashboard's "Send test event" button: the 200 body, or ApiError, whose `server_id`
-    names the known server the request is about.
-
-    Steps 5-10 run in one write transaction: the server and its secrets are read where the event is
-    written, so a revoked secret or a disabled server is refused from the moment its change commits,
-    and a 200 is sent only after the COMMIT that holds the event."""
+    """Steps 2-10 of docs/contract.md §1.4 (step 1, the size cap, is the route's), for the route and the dashboard's
+    "Send test event": the 200 body, or ApiError, whose `server_id` names the known server the request is about.
+    Steps 5-10 run in the write transaction that stores the event, so a revoked secret or a disabled server is
+    refused from the moment its change commits, and a 200 is sent only after the COMMIT that holds the event."""
     # 2. signature header present and well-formed
     try:
         parsed = parse_signature_header(header)
@@ -887,8 +881,7 @@ def process_event(store: EventStore, raw_body: bytes, header: str | None, *, win
 
 
 def _known_server_id(store: EventStore, body: dict[str, Any] | bytes) -> str | None:
-    """The body's server_id (the body parsed here if need be), trimmed, if it names a known server: whose
-    list a refusal goes to (None: the installation-wide list)."""
+    """The body's server_id, trimmed, if it names a known server: whose list a refusal goes to (None: everyone's)."""
     if isinstance(body, bytes):
         try:
             body = parse_body(body)
@@ -1091,8 +1084,7 @@ _WRONG_SEPARATORS = (b":", b"", b" ", b",", b"\n")   # put between t and the bod
 
 
 def _plain_hash_inputs(texts: Sequence[bytes], secrets_: Sequence[str]) -> Iterator[bytes]:
-    """What a sender who hashed instead of using an HMAC may have hashed: each text, alone or with a secret
-    before or after it."""
+    """What a sender that hashed instead of using an HMAC may have hashed: each text, alone or with a secret."""
     for text in texts:
         yield text
         for secret in secrets_:
@@ -1202,9 +1194,8 @@ def _logged_value(pattern: re.Pattern[bytes], raw_body: bytes) -> str | None:
 
 
 def _remember_rejection(store: EventStore, exc: ApiError, raw_body: bytes, client: str | None) -> None:
-    """Keep the refusal for the dashboard: reason, hint, a masked snippet, never a secret."""
-    # A sender may paste a secret into the body by mistake, and a body that does not parse
-    # names no server: scrub every secret of the installation, before cutting the snippet.
+    """Keep the refusal for the dashboard: reason, hint, a masked snippet, never a secret (a body may hold one
+    by mistake, and one that does not parse names no server: every secret of the installation is scrubbed)."""
     try:
         snippet = _scrubbed_snippet(raw_body, store.all_secrets(), limit=REJECTED_SNIPPET_CHARS)
         store.record_rejected(exc.server_id, exc.status, exc.error, exc.extra.get("reason"), exc.hint,
