@@ -365,8 +365,7 @@ class ParsedSignature:
     @property
     def timestamp(self) -> int:
         digits = self.t.lstrip("0")
-        # A timestamp longer than 18 digits is centuries away: stale, not a parse problem.
-        return int(digits) if len(digits) <= 18 else 10**18
+        return int(digits) if len(digits) <= 18 else 10**18  # centuries away: stale, not a parse problem
 
 
 def sign(secret: str, t: int | str, raw_body: bytes) -> str:
@@ -472,9 +471,8 @@ class TokenClaims:
 
 def read_token(key: str, token: str) -> TokenClaims | None:
     """The claims of a genuine token, or None for anything forged or garbled."""
-    # The HMAC covers "payload.timestamp" as text, so those parts cannot be respelled; the
-    # signature is compared after base64 decoding, which forgives spare low bits and stray
-    # characters. Accept only its canonical spelling: exactly the string that was minted.
+    # The HMAC covers "payload.timestamp" as text, but the signature is compared after base64 decoding, which
+    # forgives spare low bits and stray characters: accept only its canonical spelling, the string minted.
     try:
         signature = token.rsplit(".", 1)[-1]
         if base64_encode(base64_decode(signature)) != signature.encode("ascii"):
@@ -500,9 +498,8 @@ def mask(value: str | None, keep_start: int = 4, keep_end: int = 0) -> str:
 
 
 # Storage interface ###########################################################
-# What the state machine and the pipeline call: a Row read by column name, the Transaction
-# that one event's reads and writes run in, and the few Store methods the pipeline uses
-# (EventStore). The store itself, and its engines, come after the routes.
+# What the state machine and the pipeline call: a Row read by column name, the Transaction one event's reads and
+# writes run in, and the few Store methods the pipeline uses (EventStore). The store itself comes after the routes.
 
 COUNTED = ("clicked", "registered", "qualified", "reversed")
 
@@ -686,9 +683,8 @@ class Transaction:
 
 
 # State machine (docs/contract.md §2) #########################################
-# The table says what each event does in each state; `apply_event` applies it in one
-# transaction together with the delivery-log row and the idempotency key. It decides;
-# the Transaction it is given reads and writes.
+# The table says what each event does in each state; `apply_event` applies it, with the delivery-log row and the
+# idempotency key, in one transaction: it decides, and the Transaction it is given reads and writes.
 
 NO_OP, INVALID = "no_op", "invalid"
 TRANSITIONS: dict[str, dict[str, str]] = {
@@ -1274,13 +1270,13 @@ def _api_error(exc: ApiError) -> Any:
 def ingest() -> Any:
     if request.method != "POST":
         raise ApiError(405, "method not allowed", HINTS["method not allowed"])
-    # 1. the size cap: Werkzeug refuses a longer Content-Length, and stops a streamed body at the limit
-    # without raising, so the limit is one byte past the cap
+    # 1. the size cap, from Content-Length before reading, else while reading (Werkzeug stops a streamed body
+    # at the limit without raising: read one byte past the cap)
+    raw_body: bytes | None = None
     request.max_content_length = MAX_BODY_BYTES + 1
-    try:
-        raw_body: bytes | None = request.get_data(cache=False)
-    except RequestEntityTooLarge:
-        raw_body = None
+    if request.content_length is None or request.content_length <= MAX_BODY_BYTES:
+        with contextlib.suppress(RequestEntityTooLarge):
+            raw_body = request.get_data(cache=False)
     if raw_body is None or len(raw_body) > MAX_BODY_BYTES:
         raise ApiError(413, "body too large", HINTS["body too large"])
     config, store, started = current_app.config, get_store(), time.perf_counter()
