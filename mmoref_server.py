@@ -108,13 +108,11 @@ def _whole_number(low: int, high: int | None = None) -> Callable[[str], int]:
     accepted = f"a whole number from {low} to {high}" if high is not None else f"a whole number, at least {low}"
 
     def parse(raw: str) -> int:
-        try:
+        with contextlib.suppress(ValueError):
             value = int(raw.strip())
-        except ValueError:
-            raise ValueError(accepted) from None
-        if value < low or (high is not None and value > high):
-            raise ValueError(accepted)
-        return value
+            if value >= low and (high is None or value <= high):
+                return value
+        raise ValueError(accepted)
     return parse
 
 
@@ -122,10 +120,9 @@ _BOOLEANS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "fals
 
 
 def _boolean(raw: str) -> bool:
-    try:
-        return _BOOLEANS[raw.strip().lower()]
-    except KeyError:
-        raise ValueError(f"one of {', '.join(_BOOLEANS)}") from None
+    if raw.strip().lower() not in _BOOLEANS:
+        raise ValueError(f"one of {', '.join(_BOOLEANS)}")
+    return _BOOLEANS[raw.strip().lower()]
 
 
 def _one_of(*choices: str) -> Callable[[str], str]:
