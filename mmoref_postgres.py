@@ -15,7 +15,6 @@ import weakref
 from collections.abc import Iterator
 from collections.abc import Sequence
 from typing import Any
-from typing import Callable
 
 import click
 
@@ -155,13 +154,6 @@ class PostgresStore(mm.Store):
                                  " MMOREF_DB is right", "unreachable")
         return mm.StoreError(f"{where} refused a statement ({detail})")
 
-    def health(self) -> mm.StoreError | None:
-        try:
-            self._one("SELECT 1 AS up")
-        except mm.StoreError as exc:
-            return exc
-        return None
-
     _reading = _connection
 
     @contextlib.contextmanager
@@ -175,17 +167,8 @@ class PostgresStore(mm.Store):
             db.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
             yield db
 
-    def group_commit(self, work: Callable[[mm.Transaction], Any]) -> Any:
-        """Each piece of work is its own transaction: PostgreSQL's own group commit batches the fsyncs."""
-        with self.transaction() as transaction:
-            return work(transaction)
-
     def database_bytes(self) -> int:
         return self._all("SELECT pg_database_size(current_database()) AS size")[0]["size"]
-
-    def reclaim_space(self, convert: bool) -> bool:
-        """PostgreSQL's autovacuum makes freed space reusable by itself."""
-        return True
 
     def erase_freed_bytes(self) -> None:
         """VACUUM FULL rewrites the tables forget changed, leaving no old row version behind."""
