@@ -2268,21 +2268,17 @@ class Store(abc.ABC):
             with self._writing() as db:
                 self._write_latency(db)
         with self._snapshot() as db:
-            def rows(sql: str, *columns: str) -> list[tuple]:
-                return [tuple(row[column] for column in columns) for row in db.execute(sql).fetchall()]
+            def rows(sql: str) -> list[tuple]:
+                return [tuple(dict(row).values()) for row in db.execute(sql).fetchall()]  # (by column: any Row)
 
             return {
-                "events": rows("SELECT server_id, event, outcome, count FROM event_counts ORDER BY 1, 2, 3",
-                               "server_id", "event", "outcome", "count"),
-                "rejections": rows("SELECT status, error, reason, count FROM rejection_counts ORDER BY 1, 2, 3",
-                                   "status", "error", "reason", "count"),
-                "clicks": rows("SELECT server_id, sum(clicked) AS clicks FROM daily_counts GROUP BY 1 ORDER BY 1",
-                               "server_id", "clicks"),
-                "latency": dict(rows("SELECT le, count FROM ingest_latency", "le", "count")),
-                "latency_seconds": rows("SELECT coalesce(sum(seconds), 0) AS total FROM ingest_latency",
-                                        "total")[0][0],
+                "events": rows("SELECT server_id, event, outcome, count FROM event_counts ORDER BY 1, 2, 3"),
+                "rejections": rows("SELECT status, error, reason, count FROM rejection_counts ORDER BY 1, 2, 3"),
+                "clicks": rows("SELECT server_id, sum(clicked) AS clicks FROM daily_counts GROUP BY 1 ORDER BY 1"),
+                "latency": dict(rows("SELECT le, count FROM ingest_latency")),
+                "latency_seconds": rows("SELECT coalesce(sum(seconds), 0) AS total FROM ingest_latency")[0][0],
                 "last_event_at": rows("SELECT max(received_at) AS at FROM delivery_log WHERE id ="
-                                      " (SELECT max(id) FROM delivery_log)", "at")[0][0],
+                                      " (SELECT max(id) FROM delivery_log)")[0][0],
             }
 
     # retention and forgetting
