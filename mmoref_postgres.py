@@ -179,27 +179,24 @@ class PostgresStore(mm.Store):
         raise mm.StoreError("back a PostgreSQL database up with pg_dump (and put it back with pg_restore)")
 
     def _migrate(self) -> None:
-        """Bring the schema up to date, once, however many nodes start together."""
+        """Create the tables in a new database, or run the migrations an older one lacks: once, however many
+        nodes start together."""
         try:
             with psycopg.connect(self.location, autocommit=True, connect_timeout=10) as connection, \
                     connection.transaction():
                 connection.execute("SELECT pg_advisory_xact_lock(%s)", (self.MIGRATION_LOCK,))
-                self._bring_schema_up_to_date(connection)
+                version = 0
+                if connection.execute("SELECT to_regclass('schema_version')").fetchall() != [(None,)]:
+                    [(version,)] = connection.execute("SELECT version FROM schema_version").fetchall()
+                statements = mm.schema_statements(version, mm.database_label(self.location))
+                if version == 0:
+                    connection.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
+                    connection.execute("INSERT INTO schema_version VALUES (0)")
+                for statement in statements:
+                    connection.execute(postgres_schema(statement))
+                connection.execute("UPDATE schema_version SET version = %s", (mm.SCHEMA_VERSION,))
         except psycopg.Error as exc:
             raise self._store_error(exc) from exc
-
-    def _bring_schema_up_to_date(self, connection: psycopg.Connection[Any]) -> None:
-        """Create the tables in a new database, or run the migrations an older one lacks."""
-        version = 0
-        if connection.execute("SELECT to_regclass('schema_version')").fetchall() != [(None,)]:
-            [(version,)] = connection.execute("SELECT version FROM schema_version").fetchall()
-        statements = mm.schema_statements(version, mm.database_label(self.location))
-        if version == 0:
-            connection.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
-            connection.execute("INSERT INTO schema_version VALUES (0)")
-        for statement in statements:
-            connection.execute(postgres_schema(statement))
-        connection.execute("UPDATE schema_version SET version = %s", (mm.SCHEMA_VERSION,))
 
 
 # copy-db #####################################################################
