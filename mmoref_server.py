@@ -1928,8 +1928,7 @@ class Store(abc.ABC):
         return None
 
     def reclaim_space(self, convert: bool) -> bool:
-        """Give the space freed by pruning or forgetting back; False when not done. Here the database
-        server's own vacuum makes it reusable."""
+        """Give the space freed by pruning or forgetting back; False when not done (database servers vacuum)."""
         return True
 
     @contextlib.contextmanager
