@@ -2292,10 +2292,12 @@ class Store(abc.ABC):
                               " WHERE received_at < ? ORDER BY id LIMIT ?)", (before, limit)).rowcount
 
     def forget_identity(self, server_id: str, identity: str, forgotten: str,
-                        spellings: Sequence[str]) -> dict[str, int]:
+                        spellings: Sequence[str]) -> tuple[dict[str, int], list[int], bool]:
         """Replace a referee identity by its forgotten form in one transaction: in referrals and anchors (the
         whole value), and in stored payloads and rejected snippets (any of `spellings`, or, at the end of a text
-        cut short, the start of one at least CUT_IDENTITY_MIN_CHARS long). Returns the rows changed per table."""
+        cut short, the start of one at least CUT_IDENTITY_MIN_CHARS long). Returns the rows changed per table,
+        the ids of the server's log rows whose server_event_id holds the identity (kept as is), and, when no
+        row changed, whether the forgotten form is stored (as an anchored identity, in a payload or snippet)."""
         def scrub(text: str, cut_at: int) -> str:
             was_cut = len(text) >= cut_at
             for spelling in spellings:
@@ -2306,7 +2308,7 @@ class Store(abc.ABC):
                         return text[:-length] + forgotten
             return text
 
-        mentions = " OR ".join([self.CONTAINS] * len(spellings))
+        contains = self.CONTAINS.format
         with self._writing() as db:
             changed = {table: db.execute(f"UPDATE {table} SET referee_identity = ?"
                                          " WHERE server_id = ? AND referee_identity = ?",
@@ -2315,31 +2317,25 @@ class Store(abc.ABC):
             for table, column, scope, cut_at in (
                     ("delivery_log", "payload", "server_id = ? AND ", DELIVERY_PAYLOAD_CHARS),
                     ("rejected_requests", "snippet", "", REJECTED_SNIPPET_CHARS)):
+                mentions = " OR ".join([contains(column=column)] * len(spellings))
                 params = ((server_id,) if scope else ()) + tuple(spellings) + (cut_at,)  # (cut: maybe in a spelling)
                 found = db.execute(f"SELECT id, {column} FROM {table} WHERE {scope}"
-                                   f"({mentions.format(column=column)} OR length({column}) >= ?)", params).fetchall()
+                                   f"({mentions} OR length({column}) >= ?)", params).fetchall()
                 changed[table] = 0
                 for row in found:
                     scrubbed = scrub(row[column], cut_at)
                     if scrubbed != row[column]:
                         db.execute(f"UPDATE {table} SET {column} = ? WHERE id = ?", (scrubbed, row["id"]))
                         changed[table] += 1
-        return changed
-
-    def log_rows_with_event_id_holding(self, server_id: str, text: str) -> list[int]:
-        """The ids of the server's delivery-log rows whose server_event_id contains `text`."""
-        return [row["id"] for row in self._all(
-            f"SELECT id FROM delivery_log WHERE server_id = ? AND {self.CONTAINS.format(column='server_event_id')}"
-            " ORDER BY id", (server_id, text))]
-
-    def mentions(self, server_id: str, text: str) -> bool:
-        """Whether `text` (a forgotten form) is stored for the server: as an anchored identity, in a stored
-        payload, or in a rejected snippet."""
-        return self._one("SELECT 1 AS found FROM anchors WHERE server_id = ? AND referee_identity = ?"
-                         f" UNION ALL SELECT 1 FROM delivery_log WHERE server_id = ? AND"
-                         f" {self.CONTAINS.format(column='payload')}"
-                         f" UNION ALL SELECT 1 FROM rejected_requests WHERE {self.CONTAINS.format(column='snippet')}"
-                         " LIMIT 1", (server_id, text, server_id, text, text)) is not None
+            kept = [row["id"] for row in db.execute(
+                f"SELECT id FROM delivery_log WHERE server_id = ? AND {contains(column='server_event_id')} ORDER BY id",
+                (server_id, identity)).fetchall()]
+            stored = not any(changed.values()) and db.execute(
+                "SELECT 1 AS found FROM anchors WHERE server_id = ? AND referee_identity = ?"
+                f" UNION ALL SELECT 1 FROM delivery_log WHERE server_id = ? AND {contains(column='payload')}"
+                f" UNION ALL SELECT 1 FROM rejected_requests WHERE {contains(column='snippet')} LIMIT 1",
+                (server_id, forgotten, server_id, forgotten, forgotten)).fetchone() is not None
+        return changed, kept, stored
 
 
 # Which store opens a location: a path is a SQLite file (SQLiteStore); a URL opens the engine registered
@@ -2869,13 +2865,11 @@ def forget(store: Store, server_id: str, identity: str) -> dict[str, Any]:
     if _FORGOTTEN_FORM.fullmatch(identity):
         raise ConfigError(f"{identity} is a forgotten form already: give the identity as the game server sent it")
     forgotten = forgotten_form(store.identity_key, server_id, identity)
-    changed = store.forget_identity(server_id, identity, forgotten, identity_spellings(identity))
+    changed, kept, before = store.forget_identity(server_id, identity, forgotten, identity_spellings(identity))
     result: dict[str, Any] = {"server_id": server_id, "forgotten_as": forgotten, "rows_changed": changed}
-    kept = store.log_rows_with_event_id_holding(server_id, identity)
     if kept:  # the idempotency key of those events: replacing it would make a retry a new event (ids listed)
         result["server_event_id_kept"] = kept
     if not any(changed.values()):
-        before = store.mentions(server_id, forgotten)
         if not before and not kept:
             raise NothingToForget(f"nothing on {server_id} matches {identity!r}: nothing was changed (identities are"
                                   " compared exactly, after trimming: check the spelling and the server)",
