@@ -15,7 +15,6 @@ import weakref
 from collections.abc import Iterator
 from collections.abc import Sequence
 from typing import Any
-from typing import Callable
 
 import click
 
@@ -155,13 +154,6 @@ class PostgresStore(mm.Store):
                                  " MMOREF_DB is right", "unreachable")
         return mm.StoreError(f"{where} refused a statement ({detail})")
 
-    def health(self) -> mm.StoreError | None:
-        try:
-            self._one("SELECT 1 AS up")
-        except mm.StoreError as exc:
-            return exc
-        return None
-
     _reading = _connection
 
     @contextlib.contextmanager
@@ -175,17 +167,8 @@ class PostgresStore(mm.Store):
             db.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
             yield db
 
-    def group_commit(self, work: Callable[[mm.Transaction], Any]) -> Any:
-        """Each piece of work is its own transaction: PostgreSQL's own group commit batches the fsyncs."""
-        with self.transaction() as transaction:
-            return work(transaction)
-
     def database_bytes(self) -> int:
         return self._all("SELECT pg_database_size(current_database()) AS size")[0]["size"]
-
-    def reclaim_space(self, convert: bool) -> bool:
-        """PostgreSQL's autovacuum makes freed space reusable by itself."""
-        return True
 
     def erase_freed_bytes(self) -> None:
         """VACUUM FULL rewrites the tables forget changed, leaving no old row version behind."""
@@ -196,27 +179,24 @@ class PostgresStore(mm.Store):
         raise mm.StoreError("back a PostgreSQL database up with pg_dump (and put it back with pg_restore)")
 
     def _migrate(self) -> None:
-        """Bring the schema up to date, once, however many nodes start together."""
+        """Create the tables in a new database, or run the migrations an older one lacks: once, however many
+        nodes start together."""
         try:
             with psycopg.connect(self.location, autocommit=True, connect_timeout=10) as connection, \
                     connection.transaction():
                 connection.execute("SELECT pg_advisory_xact_lock(%s)", (self.MIGRATION_LOCK,))
-                self._bring_schema_up_to_date(connection)
+                version = 0
+                if connection.execute("SELECT to_regclass('schema_version')").fetchall() != [(None,)]:
+                    [(version,)] = connection.execute("SELECT version FROM schema_version").fetchall()
+                statements = mm.schema_statements(version, mm.database_label(self.location))
+                if version == 0:
+                    connection.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
+                    connection.execute("INSERT INTO schema_version VALUES (0)")
+                for statement in statements:
+                    connection.execute(postgres_schema(statement))
+                connection.execute("UPDATE schema_version SET version = %s", (mm.SCHEMA_VERSION,))
         except psycopg.Error as exc:
             raise self._store_error(exc) from exc
-
-    def _bring_schema_up_to_date(self, connection: psycopg.Connection[Any]) -> None:
-        """Create the tables in a new database, or run the migrations an older one lacks."""
-        version = 0
-        if connection.execute("SELECT to_regclass('schema_version')").fetchall() != [(None,)]:
-            [(version,)] = connection.execute("SELECT version FROM schema_version").fetchall()
-        statements = mm.schema_statements(version, mm.database_label(self.location))
-        if version == 0:
-            connection.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
-            connection.execute("INSERT INTO schema_version VALUES (0)")
-        for statement in statements:
-            connection.execute(postgres_schema(statement))
-        connection.execute("UPDATE schema_version SET version = %s", (mm.SCHEMA_VERSION,))
 
 
 # copy-db #####################################################################

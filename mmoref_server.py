@@ -1421,11 +1421,9 @@ def render_metrics(snapshot: dict[str, Any], database_bytes: int) -> str:
 
 
 # Storage #####################################################################
-# One Store interface; SQLite is its engine here (standard library only), and PostgreSQL's, for
-# many mmoref nodes sharing one database, is in the companion file mmoref_postgres.py. Every SQL
-# statement of this file is in this section. Statements are written once, with ? placeholders,
-# where the dialects agree; the schema and the few statements that differ are per engine.
-# Rows are read by column name (Row).
+# One Store interface; SQLite is its engine here (standard library only), and PostgreSQL's, for many
+# mmoref nodes sharing one database, is in the companion file mmoref_postgres.py. Statements are written
+# once, with ? placeholders, where the dialects agree; rows are read by column name (Row).
 
 # The tables of a new database in their final form, written once for both engines in SQLite's words
 # (mmoref_postgres.py translates the few that PostgreSQL spells otherwise). A new schema version
@@ -1632,9 +1630,8 @@ SCHEMA_VERSION = len(MIGRATIONS)
 
 
 def schema_statements(version: int, where: str) -> list[str]:
-    """What brings a database at schema `version` (0: a new one) to SCHEMA_VERSION: SCHEMA for a new
-    database, the migrations after `version` for an older one. A StoreError refuses a database that
-    a newer mmoref wrote (`where` names it)."""
+    """What brings a database at schema `version` (0: a new one) to SCHEMA_VERSION; a StoreError refuses a
+    database that a newer mmoref wrote (`where` names it)."""
     if version > SCHEMA_VERSION:
         raise StoreError(f"{where} was written by a newer mmoref (schema v{version}; this one knows up to"
                          f" v{SCHEMA_VERSION}): upgrade mmoref_server.py")
@@ -1642,40 +1639,16 @@ def schema_statements(version: int, where: str) -> list[str]:
         return SCHEMA
     return [statement for migration in MIGRATIONS[version:] for statement in migration]
 
+
 # random per-installation values kept in `meta`: what signs tokens, sessions, pseudonymous client keys
 INSTALLATION_KEYS = ("token_key", "session_key", "session_binding_key", "ip_salt", "identity_key")
 PRUNED_TABLES = ("delivery_log", "rejected_requests")  # what retention deletes; counters stay
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)  # seconds, as Prometheus
 VACUUM_PAGES_PER_STEP = 2000                           # 8 MB of 4 KiB pages per short transaction
-
-
-
-
-
-def _with_cut_identity_replaced(text: str, spellings: Sequence[str], forgotten: str) -> str:
-    """`text` (cut short) with any start of a spelling at its very end, at least
-    CUT_IDENTITY_MIN_CHARS long, replaced by `forgotten` (what `forget` does to a cut snippet)."""
-    for spelling in spellings:
-        for length in range(len(spelling) - 1, CUT_IDENTITY_MIN_CHARS - 1, -1):
-            if text.endswith(spelling[:length]):
-                return text[:-length] + forgotten
-    return text
-
-
-def database_label(location: str) -> str:
-    """Where the data lives, to show: a SQLite file's full path, or the URL without its password."""
-    if not is_database_url(location):
-        return os.path.abspath(location)
-    parts = urllib.parse.urlsplit(location)
-    if parts.password is None:
-        return location
-    return urllib.parse.urlunsplit(parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", ":…@", 1)))
-
-# How long a write waits for another process's write lock (the sqlite3 shell, a backup, a
-# stuck worker): a request answers 503 "database busy" after REQUEST_BUSY_TIMEOUT instead of
-# holding its thread; a CLI command can afford to wait longer.
+# How long a write waits for another process's write lock (the sqlite3 shell, a backup, a stuck worker):
+# a request answers 503 "database busy" after REQUEST_BUSY_TIMEOUT instead of holding its thread.
 REQUEST_BUSY_TIMEOUT = 3
-CLI_BUSY_TIMEOUT = 30
+CLI_BUSY_TIMEOUT = 30            # a CLI command can afford to wait longer
 WRITER_IDLE_SECONDS = 5          # an SQLiteStore's writer thread ends after this long without a write
 HEALTH_READ_TIMEOUT_MS = 500     # /healthz reads with this busy timeout; it never takes the write lock
 HEALTH_CHECK_SECONDS = 1         # /healthz checks the file, folder and disk at most this often
@@ -1717,24 +1690,6 @@ def _cannot_write(path: str) -> bool:
     return hasattr(os, "statvfs") and bool(os.statvfs(folder).f_flag & os.ST_RDONLY)
 
 
-def _low_on_disk(path: str) -> bool:
-    if not hasattr(os, "statvfs"):
-        return False
-    found = os.statvfs(os.path.dirname(os.path.abspath(path)))
-    return found.f_bavail * found.f_frsize < LOW_DISK_BYTES
-
-
-def database_problem(path: str, exc: sqlite3.Error) -> str:
-    """Which of DATABASE_PROBLEMS an SQLite error means ("unusable" when none)."""
-    message = str(exc)
-    for problem, (words, _) in DATABASE_PROBLEMS.items():
-        if words and words in message:
-            return problem
-    if path != ":memory:" and _cannot_write(path):  # "unable to open database file", and the like
-        return "read-only"
-    return "unusable"
-
-
 def database_error(path: str, problem: str, detail: str = "") -> StoreError:
     """A StoreError whose message is one line: which file, what is wrong, what to do."""
     _, advice = DATABASE_PROBLEMS.get(problem, (None, "{path} cannot be used ({detail})"))
@@ -1765,33 +1720,11 @@ class _Pending:
         self.error: Exception | None = None
         self.done = threading.Event()
 
-    def run_in_savepoint(self, transaction: Transaction) -> None:
-        """Run the work; if it raises, undo its writes alone and keep its error for the caller."""
-        db = transaction.db
-        db.execute("SAVEPOINT work")
-        try:
-            self.result = self.work(transaction)
-        except Exception as exc:
-            self.error = exc
-            if not db.in_transaction:  # SQLite rolled the whole transaction back (disk full, I/O error)
-                raise
-            db.execute("ROLLBACK TO work")
-        db.execute("RELEASE work")
-
-
-
-
-
-
-
 
 class Store(abc.ABC):
     """Every read and write of the server; `open_store(location)` opens the engine the location names.
-
-    The statements here are shared; each engine (SQLiteStore, or one that a companion file
-    registers in ENGINES) supplies connections, transactions, health, the schema and its few
-    differing statements.
-    """
+    The statements here are shared; each engine (SQLiteStore, or one a companion file registers in ENGINES)
+    supplies connections, transactions, health, the schema and its few differing statements."""
 
     NULL_SAFE_EQUAL = "IS"          # `a IS b`: equal, NULL equal to NULL
     CONTAINS = "instr({column}, ?) > 0"   # the column's text holds the parameter
@@ -1803,55 +1736,47 @@ class Store(abc.ABC):
         self._latency: dict[str, tuple[int, float]] = {}  # observed, not yet written: le -> (count, seconds)
         self._latency_lock = threading.Lock()
 
-    # what each engine supplies; whatever its driver raises leaves the store as a StoreError whose
-    # `problem` names the cause (a WriteConflict when a write lost a race)
+    # What each engine supplies: connections that `.execute(sql with ?, params)` for reads (_reading), in a
+    # write transaction committed at the end and rolled back on any exception (_writing), or whose reads all
+    # see one moment without taking the write lock (_snapshot). Whatever its driver raises leaves the store as
+    # a StoreError whose `problem` names the cause (a WriteConflict when a write lost a race).
 
     @abc.abstractmethod
-    def _reading(self) -> contextlib.AbstractContextManager[Any]:
-        """A connection for reads: `.execute(sql with ?, params)`."""
-
+    def _reading(self) -> contextlib.AbstractContextManager[Any]: ...
     @abc.abstractmethod
-    def _writing(self) -> contextlib.AbstractContextManager[Any]:
-        """A connection inside a write transaction, committed at the end, rolled back on any exception."""
-
+    def _writing(self) -> contextlib.AbstractContextManager[Any]: ...
     @abc.abstractmethod
+    def _snapshot(self) -> contextlib.AbstractContextManager[Any]: ...
+    @abc.abstractmethod
+    def close(self) -> None: ...
+    @abc.abstractmethod
+    def database_bytes(self) -> int: ...   # the size of the database, as /metrics and prune report it
+    @abc.abstractmethod
+    def erase_freed_bytes(self) -> None: ...   # leave no deleted or overwritten value in the database's files
+    @abc.abstractmethod
+    def backup_to(self, path: str) -> None: ...   # copy into the new file `path` (or say how to back up)
+
     def group_commit(self, work: Callable[[Transaction], Any]) -> Any:
-        """Run `work(transaction)` in a write transaction; return its result (or raise its error)."""
+        """Run `work(transaction)` in a write transaction; return its result (or raise its error). Here each is
+        its own transaction: a database server's own group commit batches the fsyncs."""
+        with self.transaction() as transaction:
+            return work(transaction)
 
-    @abc.abstractmethod
     def health(self) -> StoreError | None:
-        """What keeps this database from taking writes now, found quickly."""
+        """What keeps this database from taking writes now, found quickly: here, whether it answers a read."""
+        try:
+            self._one("SELECT 1 AS up")
+        except StoreError as exc:
+            return exc
+        return None
 
-    @abc.abstractmethod
-    def close(self) -> None:
-        """Let go of the database connections."""
-
-    @abc.abstractmethod
-    def _snapshot(self) -> contextlib.AbstractContextManager[Any]:
-        """A connection whose reads all see one moment, taking no write lock."""
-
-    @abc.abstractmethod
-    def database_bytes(self) -> int:
-        """The size of the database, as /metrics and prune report it."""
-
-    @abc.abstractmethod
     def reclaim_space(self, convert: bool) -> bool:
-        """Give the space freed by pruning or forgetting back; False when not done."""
-
-    @abc.abstractmethod
-    def erase_freed_bytes(self) -> None:
-        """Leave no deleted or overwritten value anywhere in the database's files."""
-
-    @abc.abstractmethod
-    def backup_to(self, path: str) -> None:
-        """Copy the database into the new file `path` (or say how this engine is backed up)."""
-
-    # shared
+        """Give the space freed by pruning or forgetting back; False when not done (database servers vacuum)."""
+        return True
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[Transaction]:
-        """One write transaction, for the state machine's reads and writes (and the ingest
-        latencies observed since the last one)."""
+        """One write transaction for the state machine (which also writes the ingest latencies observed since)."""
         with self._writing() as db:
             yield self.TRANSACTION(db)
             if self._latency:
@@ -1873,18 +1798,14 @@ class Store(abc.ABC):
             self.installation_key(name)  # makes the missing ones (on a new database)
 
     def installation_key(self, name: str) -> str:
-        """A random per-installation value (INSTALLATION_KEYS), made once.
-
-        All of them are made when the store opens, so a request never needs the write lock
-        (which another process may hold) just to read one.
-        """
+        """A random per-installation value (INSTALLATION_KEYS), made once. All are made when the store opens,
+        so a request never needs the write lock (which another process may hold) just to read one."""
         if name not in self._keys:
             with self._writing() as db:
                 db.execute("INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO NOTHING",
                            (name, secrets.token_urlsafe(32)))
                 self._keys[name] = db.execute("SELECT value FROM meta WHERE key = ?", (name,)).fetchone()["value"]
         return self._keys[name]
-
 
     @property
     def token_key(self) -> str:
@@ -1939,10 +1860,8 @@ class Store(abc.ABC):
             return self._new_secret(transaction.db, server_id, grace)
 
     def rotate_secret_once(self, server_id: str, grace: int, nonce: str) -> tuple[str, bool]:
-        """Rotate unless a rotation with this form's `nonce` was made: (its kid, whether it is new).
-
-        The nonce is written with the new secret in the same transaction, so a form sent twice,
-        by two clicks or two worker processes, rotates once."""
+        """Rotate unless a rotation with this form's `nonce` was made: (its kid, whether it is new). The nonce
+        is written with the new secret, so a form sent twice (two clicks, two worker processes) rotates once."""
         with self.transaction() as transaction:
             if not transaction.lock_server(server_id):
                 raise ConfigError(f"unknown server {server_id!r}")
@@ -2011,11 +1930,8 @@ class Store(abc.ABC):
     def mint_referral(self, server_id: str, referrer_code: str, ip_hash: str | None = None,
                       user_agent: str | None = None, issued_at: int | None = None,
                       test: bool = False, click_limit: tuple[str, int] | None = None) -> tuple[str, str] | None:
-        """Record a click and return (token, referral_id); a `test` one is left out of analytics.
-
-        With `click_limit` (client key, clicks a minute), a client past its clicks this minute
-        gets None and nothing but its counter is written.
-        """
+        """Record a click and return (token, referral_id); a `test` one is left out of analytics. With
+        `click_limit` (client key, clicks a minute), a client past it gets None and only its counter is written."""
         check_name("referrer code", referrer_code)
         issued_at = now() if issued_at is None else issued_at
         with self.transaction() as transaction:
@@ -2029,7 +1945,7 @@ class Store(abc.ABC):
     def referral(self, referral_id: str) -> Row | None:
         return self._one("SELECT * FROM referrals WHERE referral_id = ?", (referral_id,))
 
-    # delivery log and rejected requests
+    # delivery log
 
     _LOG_SELECT = ("SELECT l.*, r.state, r.referrer_code, r.referee_identity FROM delivery_log l"
                    " JOIN referrals r ON r.referral_id = l.referral_id")
@@ -2037,30 +1953,23 @@ class Store(abc.ABC):
     def delivery_log(self, server_id: str, limit: int = 100, before_id: int | None = None,
                      after_id: int | None = None, event: str | None = None, outcome: str | None = None,
                      q: str | None = None) -> list[Row]:
-        """Accepted events, newest first, each with its referral's current state.
-
-        Keyset-paged: `before_id` gives older rows, `after_id` newer ones. `q` matches a
-        server_event_id or a referrer code exactly.
-        """
-        conditions = [("l.server_id = ?", server_id)] + [
+        """Accepted events, newest first, each with its referral's current state; keyset-paged (`before_id`
+        gives older rows, `after_id` newer ones). `q` matches a server_event_id or a referrer code exactly."""
+        conditions: list[tuple[str, Any]] = [("l.server_id = ?", server_id)] + [
             (clause, value) for clause, value in (("l.id < ?", before_id), ("l.id > ?", after_id),
                                                   ("l.event = ?", event), ("l.outcome = ?", outcome))
             if value is not None and value != ""]
-        if not q:
-            return self._log_page(conditions, newer=after_id is not None, limit=limit)
-        # a server_event_id or a referrer code: two index range scans, merged
-        pages = [self._log_page(conditions + [(clause, q)], newer=after_id is not None, limit=limit)
-                 for clause in ("l.server_event_id = ?", "l.referrer_code = ?")]
-        rows = sorted({row["id"]: row for page in pages for row in page}.values(), key=lambda row: -row["id"])
-        return rows[-limit:] if after_id is not None else rows[:limit]
-
-    def _log_page(self, conditions: list[tuple[str, Any]], newer: bool, limit: int) -> list[Row]:
-        """Up to `limit` rows matching every condition, newest first; `newer`: those just above `l.id > ?`."""
-        where = " AND ".join(clause for clause, _ in conditions)
-        order = "ASC" if newer else "DESC"
-        rows = self._all(f"{self._LOG_SELECT} WHERE {where} ORDER BY l.id {order} LIMIT ?",
-                         (*(value for _, value in conditions), limit))
-        return rows[::-1] if newer else rows
+        newer = after_id is not None  # then the rows just above after_id, read upwards
+        # `q`: a server_event_id or a referrer code, two index range scans merged
+        searches = [[("l.server_event_id = ?", q)], [("l.referrer_code = ?", q)]] if q else [[]]
+        found: dict[int, Row] = {}
+        for search in searches:
+            where = conditions + search
+            found.update((row["id"], row) for row in self._all(
+                f"{self._LOG_SELECT} WHERE {' AND '.join(clause for clause, _ in where)}"
+                f" ORDER BY l.id {'ASC' if newer else 'DESC'} LIMIT ?", (*(value for _, value in where), limit)))
+        rows = sorted(found.values(), key=lambda row: -row["id"])
+        return rows[-limit:] if newer else rows[:limit]
 
     def delivery_log_row(self, server_id: str, row_id: int) -> Row | None:
         return self._one(f"{self._LOG_SELECT} WHERE l.server_id = ? AND l.id = ?", (server_id, row_id))
@@ -2098,7 +2007,7 @@ class Store(abc.ABC):
             "SELECT day, clicked, registered, qualified FROM daily_counts WHERE server_id = ? AND day >= ?",
             (server_id, first_day))}
 
-    # dashboard password
+    # dashboard password, sessions and failed logins: in the database, so every worker process sees them
 
     def admin_password_hash(self) -> str | None:
         row = self._one("SELECT value FROM meta WHERE key = 'admin_password_hash'")
@@ -2112,8 +2021,6 @@ class Store(abc.ABC):
             db.execute("INSERT INTO meta (key, value) VALUES ('admin_password_hash', ?) ON CONFLICT (key)"
                        " DO UPDATE SET value = excluded.value", (generate_password_hash(password),))
             db.execute("DELETE FROM dashboard_sessions")
-
-    # dashboard sessions and failed logins: in the database, so every worker process sees them
 
     def open_session(self, password_tag: str, at: int, lifetime: int) -> str:
         """A new dashboard session bound to the password (by its tag); return its random id."""
@@ -2148,15 +2055,11 @@ class Store(abc.ABC):
     def record_rejected(self, server_id: str | None, status: int, error: str, reason: str | None,
                         hint: str, diagnosis: str | None, snippet: str, *, client: str | None = None,
                         per_client_minute: int | None = None) -> None:
-        """Remember a refused request, keeping only the most recently seen kinds per server.
-
-        A refusal identical to a kept one (same status, error, reason, hint and diagnosis) adds
-        to that row's `repeats` and takes the newer snippet. With `per_client_minute`, a client
-        past that many this minute is not recorded at all.
-        """
+        """Remember a refused request, keeping the most recently seen kinds per server: one identical to a kept
+        one (status, error, reason, hint, diagnosis) adds to its `repeats` and takes the newer snippet. With
+        `per_client_minute`, a client past that many this minute is not recorded at all."""
         same_kind = (f"server_id {self.NULL_SAFE_EQUAL} ? AND status = ? AND error = ? AND reason"
                      f" {self.NULL_SAFE_EQUAL} ? AND hint = ? AND diagnosis {self.NULL_SAFE_EQUAL} ?")
-
         with self.transaction() as transaction:
             at, db = now(), transaction.db
             db.execute("INSERT INTO rejection_counts (status, error, reason, count) VALUES (?, ?, ?, 1)"
@@ -2201,35 +2104,30 @@ class Store(abc.ABC):
                        " seconds = ingest_latency.seconds + excluded.seconds", (le, count, total))
 
     def metrics(self) -> dict[str, Any]:
-        """What /metrics shows: every counter table, read in one snapshot (this process's
-        pending latencies written first)."""
+        """What /metrics shows: every counter table, read in one snapshot (this process's pending latencies
+        written first)."""
         if self._latency:
             with self._writing() as db:
                 self._write_latency(db)
         with self._snapshot() as db:
-            def rows(sql: str, *columns: str) -> list[tuple]:
-                return [tuple(row[column] for column in columns) for row in db.execute(sql).fetchall()]
+            def rows(sql: str) -> list[tuple]:
+                return [tuple(dict(row).values()) for row in db.execute(sql).fetchall()]  # (by column: any Row)
 
             return {
-                "events": rows("SELECT server_id, event, outcome, count FROM event_counts ORDER BY 1, 2, 3",
-                               "server_id", "event", "outcome", "count"),
-                "rejections": rows("SELECT status, error, reason, count FROM rejection_counts ORDER BY 1, 2, 3",
-                                   "status", "error", "reason", "count"),
-                "clicks": rows("SELECT server_id, sum(clicked) AS clicks FROM daily_counts GROUP BY 1 ORDER BY 1",
-                               "server_id", "clicks"),
-                "latency": dict(rows("SELECT le, count FROM ingest_latency", "le", "count")),
-                "latency_seconds": rows("SELECT coalesce(sum(seconds), 0) AS total FROM ingest_latency",
-                                        "total")[0][0],
+                "events": rows("SELECT server_id, event, outcome, count FROM event_counts ORDER BY 1, 2, 3"),
+                "rejections": rows("SELECT status, error, reason, count FROM rejection_counts ORDER BY 1, 2, 3"),
+                "clicks": rows("SELECT server_id, sum(clicked) AS clicks FROM daily_counts GROUP BY 1 ORDER BY 1"),
+                "latency": dict(rows("SELECT le, count FROM ingest_latency")),
+                "latency_seconds": rows("SELECT coalesce(sum(seconds), 0) AS total FROM ingest_latency")[0][0],
                 "last_event_at": rows("SELECT max(received_at) AS at FROM delivery_log WHERE id ="
-                                      " (SELECT max(id) FROM delivery_log)", "at")[0][0],
+                                      " (SELECT max(id) FROM delivery_log)")[0][0],
             }
 
     # retention and forgetting
 
     def prune_batch(self, table: str, before: int, limit: int) -> int:
-        """Delete up to `limit` of the oldest rows of `table` (one of PRUNED_TABLES) received
-        before `before`, in one short transaction; return how many. Rows are found from the
-        lowest id up, where old rows are, so each batch reads little more than it deletes."""
+        """Delete up to `limit` of the oldest rows of `table` (one of PRUNED_TABLES) received before `before`, in
+        one short transaction; return how many. Found from the lowest id up, where old rows are."""
         if table not in PRUNED_TABLES:
             raise ValueError(f"only {PRUNED_TABLES} are pruned")
         with self._writing() as db:
@@ -2237,18 +2135,23 @@ class Store(abc.ABC):
                               " WHERE received_at < ? ORDER BY id LIMIT ?)", (before, limit)).rowcount
 
     def forget_identity(self, server_id: str, identity: str, forgotten: str,
-                        spellings: Sequence[str]) -> dict[str, int]:
-        """Replace a referee identity by its forgotten form in one transaction: in referrals and
-        anchors (where it is the whole value), and in stored payloads and rejected snippets
-        (where it appears as any of `spellings`, or, at the end of a payload or snippet cut
-        short, as the start of one). Returns the rows changed per table."""
-        def scrub(text: str, cut_at: int | None = None) -> str:
-            was_cut = cut_at is not None and len(text) >= cut_at
+                        spellings: Sequence[str]) -> tuple[dict[str, int], list[int], bool]:
+        """Replace a referee identity by its forgotten form in one transaction: in referrals and anchors (the
+        whole value), and in stored payloads and rejected snippets (any of `spellings`, or, at the end of a text
+        cut short, the start of one at least CUT_IDENTITY_MIN_CHARS long). Returns the rows changed per table,
+        the ids of the server's log rows whose server_event_id holds the identity (kept as is), and, when no
+        row changed, whether the forgotten form is stored (as an anchored identity, in a payload or snippet)."""
+        def scrub(text: str, cut_at: int) -> str:
+            was_cut = len(text) >= cut_at
             for spelling in spellings:
                 text = text.replace(spelling, forgotten)
-            return _with_cut_identity_replaced(text, spellings, forgotten) if was_cut else text
+            for spelling in spellings if was_cut else ():
+                for length in range(len(spelling) - 1, CUT_IDENTITY_MIN_CHARS - 1, -1):
+                    if text.endswith(spelling[:length]):
+                        return text[:-length] + forgotten
+            return text
 
-        mentions = " OR ".join([self.CONTAINS] * len(spellings))
+        contains = self.CONTAINS.format
         with self._writing() as db:
             changed = {table: db.execute(f"UPDATE {table} SET referee_identity = ?"
                                          " WHERE server_id = ? AND referee_identity = ?",
@@ -2257,36 +2160,29 @@ class Store(abc.ABC):
             for table, column, scope, cut_at in (
                     ("delivery_log", "payload", "server_id = ? AND ", DELIVERY_PAYLOAD_CHARS),
                     ("rejected_requests", "snippet", "", REJECTED_SNIPPET_CHARS)):
-                cut = f" OR length({column}) >= ?" if cut_at else ""  # maybe cut inside a spelling
-                params = ((server_id,) if scope else ()) + tuple(spellings) + ((cut_at,) if cut_at else ())
+                mentions = " OR ".join([contains(column=column)] * len(spellings))
+                params = ((server_id,) if scope else ()) + tuple(spellings) + (cut_at,)  # (cut: maybe in a spelling)
                 found = db.execute(f"SELECT id, {column} FROM {table} WHERE {scope}"
-                                   f"({mentions.format(column=column)}{cut})", params).fetchall()
+                                   f"({mentions} OR length({column}) >= ?)", params).fetchall()
                 changed[table] = 0
                 for row in found:
                     scrubbed = scrub(row[column], cut_at)
                     if scrubbed != row[column]:
                         db.execute(f"UPDATE {table} SET {column} = ? WHERE id = ?", (scrubbed, row["id"]))
                         changed[table] += 1
-        return changed
+            kept = [row["id"] for row in db.execute(
+                f"SELECT id FROM delivery_log WHERE server_id = ? AND {contains(column='server_event_id')} ORDER BY id",
+                (server_id, identity)).fetchall()]
+            stored = not any(changed.values()) and db.execute(
+                "SELECT 1 AS found FROM anchors WHERE server_id = ? AND referee_identity = ?"
+                f" UNION ALL SELECT 1 FROM delivery_log WHERE server_id = ? AND {contains(column='payload')}"
+                f" UNION ALL SELECT 1 FROM rejected_requests WHERE {contains(column='snippet')} LIMIT 1",
+                (server_id, forgotten, server_id, forgotten, forgotten)).fetchone() is not None
+        return changed, kept, stored
 
-    def log_rows_with_event_id_holding(self, server_id: str, text: str) -> list[int]:
-        """The ids of the server's delivery-log rows whose server_event_id contains `text`."""
-        return [row["id"] for row in self._all(
-            f"SELECT id FROM delivery_log WHERE server_id = ? AND {self.CONTAINS.format(column='server_event_id')}"
-            " ORDER BY id", (server_id, text))]
 
-    def mentions(self, server_id: str, text: str) -> bool:
-        """Whether `text` (a forgotten form) is stored for the server: as an anchored identity, in a
-        stored payload, or in a rejected snippet."""
-        return self._one("SELECT 1 AS found FROM anchors WHERE server_id = ? AND referee_identity = ?"
-                         f" UNION ALL SELECT 1 FROM delivery_log WHERE server_id = ? AND"
-                         f" {self.CONTAINS.format(column='payload')}"
-                         f" UNION ALL SELECT 1 FROM rejected_requests WHERE {self.CONTAINS.format(column='snippet')}"
-                         " LIMIT 1", (server_id, text, server_id, text, text)) is not None
-
-# Which store opens a location: a path is a SQLite file (SQLiteStore); a URL opens the engine
-# registered in ENGINES for its scheme. An engine kept in a companion file registers itself there
-# when the file is loaded, the first time a location names it.
+# Which store opens a location: a path is a SQLite file (SQLiteStore); a URL opens the engine registered
+# in ENGINES for its scheme, which a companion file registers when loaded, the first time a location names it.
 ENGINES: dict[str, Callable[[str, float], Store]] = {}   # URL scheme -> store class (location, busy_timeout)
 ENGINE_COMPANIONS = {"postgresql": "mmoref_postgres.py", "postgres": "mmoref_postgres.py"}  # scheme -> its file
 _URL_SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://")
@@ -2304,10 +2200,20 @@ def is_database_url(location: str) -> bool:
     return url_scheme(location) is not None
 
 
+def database_label(location: str) -> str:
+    """Where the data lives, to show: a SQLite file's full path, or the URL without its password."""
+    if not is_database_url(location):
+        return os.path.abspath(location)
+    parts = urllib.parse.urlsplit(location)
+    if parts.password is None:
+        return location
+    return urllib.parse.urlunsplit(parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", ":…@", 1)))
+
+
 def open_store(location: str, *, synchronous: str = "FULL", busy_timeout: float = CLI_BUSY_TIMEOUT) -> Store:
-    """The store of a SQLite file or a database URL, open (created or migrated); a StoreError says what
-    is wrong. `synchronous` is SQLite's (MMOREF_SYNCHRONOUS); `busy_timeout` is how long a write waits
-    for another process's lock (SQLite) or for a pooled connection (a database server)."""
+    """The store of a SQLite file or a database URL, open (created or migrated); a StoreError says what is
+    wrong. `synchronous` is SQLite's (MMOREF_SYNCHRONOUS); `busy_timeout` is how long a write waits for
+    another process's lock (SQLite) or for a pooled connection (a database server)."""
     scheme = url_scheme(location)
     if scheme is None:
         return SQLiteStore(location, synchronous, busy_timeout)
@@ -2317,8 +2223,8 @@ def open_store(location: str, *, synchronous: str = "FULL", busy_timeout: float 
 
 
 def load_companion(filename: str, needed_for: str) -> None:
-    """Import a companion file beside this one; it registers what it brings (an engine, a command).
-    Without the file, a StoreError names it."""
+    """Import a companion file beside this one, which registers what it brings (an engine, a command);
+    without the file, a StoreError names it."""
     # Run as `python mmoref_server.py`, this module is __main__: the companion's `import mmoref_server`
     # must find it, not load a second copy with registries of its own that nothing here reads.
     sys.modules.setdefault("mmoref_server", sys.modules[__name__])
@@ -2334,10 +2240,9 @@ def load_companion(filename: str, needed_for: str) -> None:
 
 
 class SQLiteStore(Store):
-    """The default engine: one SQLite file in WAL mode. Reads use one connection per thread;
-    every write transaction runs on the request's own thread, one at a time, on one writing
-    connection (BEGIN IMMEDIATE), so the UNIQUE constraints and the read-then-write checks hold
-    across threads and worker processes."""
+    """The default engine: one SQLite file in WAL mode. Reads use one connection per thread; every write
+    transaction runs on one writing connection (BEGIN IMMEDIATE) under one lock per process, so the UNIQUE
+    constraints and the read-then-write checks hold across threads and worker processes."""
 
     def __init__(self, path: str, synchronous: str = "FULL", busy_timeout: float = CLI_BUSY_TIMEOUT):
         """Open (creating when missing), check and migrate the database; a StoreError says what is wrong."""
@@ -2345,16 +2250,8 @@ class SQLiteStore(Store):
         self.path = path
         self.synchronous = synchronous.upper()
         self.busy_timeout = busy_timeout
-        self._local = threading.local()
-        self._pid = os.getpid()
-        # The threads of this process write one at a time: they queue on this lock and wake as soon
-        # as it is free, where SQLite's busy handler would have them sleep and poll. A forked worker
-        # process (gunicorn) opens its own writing connection; processes meet at SQLite's lock.
-        self._write_lock = threading.Lock()
-        self._write_db: sqlite3.Connection | None = None  # whose page cache stays warm between writes
-        self._queue: list[_Pending] = []    # group_commit's work, waiting for the writer thread
-        self._queued = threading.Condition()
-        self._writer_thread: threading.Thread | None = None
+        self._pid = 0
+        self._forget_parent_process()  # sets up this process's connections, lock and writer queue
         self._write_failure: tuple[str, float] | None = None   # (problem, monotonic time) of the last write
         self._damage: str | None = None   # SQLite's words when a read or write found the file malformed
         self._health: tuple[float, StoreError | None] = (-math.inf, None)  # (monotonic time, what /healthz said)
@@ -2363,8 +2260,17 @@ class SQLiteStore(Store):
         # mode=rw: a deleted file is never silently re-created empty by a new thread's connection
         self._uri = "file::memory:" if path == ":memory:" else Path(os.path.abspath(path)).as_uri() + "?mode=rw"
         try:
-            self._quick_check()
-            self._migrate()
+            db = self.connect()
+            db.execute("PRAGMA auto_vacuum = INCREMENTAL")  # takes effect only on a new, empty file
+            db.execute("PRAGMA journal_mode = WAL")  # kept in the file: every later connection is in WAL mode
+            found = db.execute("PRAGMA quick_check(1)").fetchone()[0]  # a damaged file is refused, not served
+            if found != "ok":
+                raise database_error(self.path, "malformed", "quick_check: " + " ".join(found.split()))
+            with self._writing() as db:
+                version = db.execute("PRAGMA user_version").fetchone()[0]
+                for statement in schema_statements(version, self.path):
+                    db.execute(statement)
+                db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
             self._load_installation_keys()
         except sqlite3.Error as exc:
             raise self.error_for(exc) from None
@@ -2382,14 +2288,26 @@ class SQLiteStore(Store):
             raise self.error_for(exc) from exc
 
     def problem_of(self, exc: sqlite3.Error | StoreError) -> str:
-        """Which of DATABASE_PROBLEMS `exc` means. Damage is remembered for /healthz: it does not
-        heal, and most of it is found only by the request that reads the damaged pages."""
+        """Which of DATABASE_PROBLEMS `exc` means ("unusable" when none). Damage is remembered for /healthz:
+        it does not heal, and most of it is found only by the request that reads the damaged pages."""
         if isinstance(exc, StoreError):
             return self.moved() or exc.problem
-        problem = self.moved() or database_problem(self.path, exc)
+        problem = self.moved() or next((name for name, (words, _) in DATABASE_PROBLEMS.items()
+                                        if words and words in str(exc)), None)
+        if problem is None:  # "unable to open database file", and the like
+            problem = "read-only" if self.path != ":memory:" and _cannot_write(self.path) else "unusable"
         if problem == "malformed":
             self._damage = str(exc)
         return problem
+
+    def moved(self) -> str | None:
+        """"deleted" or "replaced" when the path no longer names the file opened at start, else None."""
+        if self._identity is None:
+            return None
+        identity = _file_identity(self.path)
+        if identity == self._identity:
+            return None
+        return "deleted" if identity is None else "replaced"
 
     # connections and transactions
 
@@ -2412,11 +2330,17 @@ class SQLiteStore(Store):
         return db
 
     def _forget_parent_process(self) -> None:
-        """In a forked worker, drop the connections of the parent process."""
+        """In a new process (a forked worker: it opens its own connections), drop those of the parent."""
         if os.getpid() != self._pid:
-            self._local, self._pid = threading.local(), os.getpid()
-            self._write_lock, self._write_db = threading.Lock(), None
-            self._queue, self._queued, self._writer_thread = [], threading.Condition(), None
+            self._pid = os.getpid()
+            self._local = threading.local()
+            # The threads of a process write one at a time: they queue on this lock and wake as soon as it is
+            # free, where SQLite's busy handler would have them sleep and poll. Processes meet at SQLite's lock.
+            self._write_lock = threading.Lock()
+            self._write_db: sqlite3.Connection | None = None  # whose page cache stays warm between writes
+            self._queue: list[_Pending] = []    # group_commit's work, waiting for the writer thread
+            self._queued = threading.Condition()
+            self._writer_thread: threading.Thread | None = None
 
     def close(self) -> None:
         """Close this thread's connection and the writing one (both open again when next used)."""
@@ -2458,17 +2382,20 @@ class SQLiteStore(Store):
 
     @contextlib.contextmanager
     def _writing(self) -> Iterator[sqlite3.Connection]:
-        """BEGIN IMMEDIATE ... COMMIT, rolled back on any exception (a failed COMMIT too).
-
-        Nothing is committed into a file the path no longer names (one os.stat, ~1 µs): a
-        restore by `mv` or a deletion while serving gets StoreError "replaced"/"deleted".
-        """
+        """BEGIN IMMEDIATE ... COMMIT, rolled back on any exception (a failed COMMIT too). Nothing is committed
+        into a file the path no longer names (one os.stat, ~1 µs): a restore by `mv` or a deletion while
+        serving gets StoreError "replaced"/"deleted"."""
         with self._writer() as db:
             try:
                 db.execute("BEGIN IMMEDIATE")
                 try:
                     yield db
-                    self._refuse_moved_file()
+                    moved = self.moved()
+                    if moved:
+                        error = database_error(self.path, moved)
+                        if self._write_failure is None or self._write_failure[0] != moved:  # logged once
+                            log.error("%s", error)
+                        raise error
                     db.execute("COMMIT")
                 except BaseException:
                     if db.in_transaction:  # SQLite may already have rolled back after an I/O error
@@ -2482,15 +2409,10 @@ class SQLiteStore(Store):
             self._write_failure, self._health = None, (-math.inf, None)
 
     def group_commit(self, work: Callable[[Transaction], Any]) -> Any:
-        """Run `work(transaction)` in a write transaction shared with concurrent callers; return its
-        result, or raise its error, once the COMMIT that holds it has returned.
-
-        Each COMMIT writes every page it changed to the write-ahead log and, with synchronous=FULL,
-        waits for the disk. An event changes a dozen pages, half of them the same for every event
-        (counters, the ends of the delivery log's indexes). One writer thread runs the work queued
-        meanwhile in one transaction, each piece in its own SAVEPOINT (one that raises is undone
-        alone), and commits once: those pages and the disk wait are paid once per batch.
-        """
+        """Run `work(transaction)` in a write transaction shared with concurrent callers; return its result, or
+        raise its error, once the COMMIT holding it returned. An event changes a dozen pages, half of them the
+        same for every event (counters, the ends of the log's indexes): one writer thread runs the work queued
+        meanwhile in one transaction and commits once, so those pages and the disk wait are paid per batch."""
         pending = _Pending(work)
         self._forget_parent_process()
         with self._queued:
@@ -2519,10 +2441,20 @@ class SQLiteStore(Store):
             self._commit_batch(batch)
 
     def _commit_batch(self, batch: list[_Pending]) -> None:
+        """One transaction, each piece of work in its own SAVEPOINT: one that raises is undone alone."""
         try:
             with self.transaction() as transaction:
+                db = transaction.db
                 for item in batch:
-                    item.run_in_savepoint(transaction)
+                    db.execute("SAVEPOINT work")
+                    try:
+                        item.result = item.work(transaction)
+                    except Exception as exc:
+                        item.error = exc
+                        if not db.in_transaction:  # SQLite rolled the whole transaction back (disk full, I/O error)
+                            raise
+                        db.execute("ROLLBACK TO work")
+                    db.execute("RELEASE work")
         except Exception as exc:  # BEGIN or COMMIT failed, or SQLite rolled everything back: nothing was written
             for item in batch:
                 if item.error is None:  # a piece that raised keeps its own error: it had nothing to write
@@ -2531,47 +2463,15 @@ class SQLiteStore(Store):
             for item in batch:
                 item.done.set()
 
-    def moved(self) -> str | None:
-        """"deleted" or "replaced" when the path no longer names the file opened at start, else None."""
-        if self._identity is None:
-            return None
-        identity = _file_identity(self.path)
-        if identity == self._identity:
-            return None
-        return "deleted" if identity is None else "replaced"
-
-    def _refuse_moved_file(self) -> None:
-        moved = self.moved()
-        if moved:
-            error = database_error(self.path, moved)
-            if self._write_failure is None or self._write_failure[0] != moved:  # logged once, not per request
-                log.error("%s", error)
-            raise error
-
-    def _quick_check(self) -> None:
-        """PRAGMA quick_check: refuse a damaged file at start instead of serving it (~0.1 s per 100 MB)."""
-        db = self.connect()
-        db.execute("PRAGMA auto_vacuum = INCREMENTAL")  # takes effect only on a new, empty file
-        db.execute("PRAGMA journal_mode = WAL")  # kept in the file: every later connection is in WAL mode
-        found = db.execute("PRAGMA quick_check(1)").fetchone()[0]
-        if found != "ok":
-            raise database_error(self.path, "malformed", "quick_check: " + " ".join(found.split()))
-
-    def _migrate(self) -> None:
-        with self._writing() as db:
-            version = db.execute("PRAGMA user_version").fetchone()[0]
-            for statement in schema_statements(version, self.path):
-                db.execute(statement)
-            db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-
     def health(self) -> StoreError | None:
-        """What keeps this database from taking writes, found without the write lock.
-
-        What a request's write ran into (damage, a full disk, a lock) is known at once. The
-        file, folder and disk checks and a read cost a few system calls: /healthz makes them
-        at most once every HEALTH_CHECK_SECONDS, so it answers nearly as cheaply as a no-op.
-        """
-        known = ("malformed" if self._damage else None) or self._recent_write_failure()
+        """What keeps this database from taking writes, found without the write lock. What a write ran into is
+        known at once (a lock for LOCKED_REMEMBERED_SECONDS); the file, folder, disk and a read cost a few system
+        calls, made at most once every HEALTH_CHECK_SECONDS, so /healthz answers nearly as cheaply as a no-op."""
+        known = "malformed" if self._damage else None
+        if known is None and self._write_failure is not None:
+            problem, at = self._write_failure
+            if problem != "locked" or time.monotonic() - at <= LOCKED_REMEMBERED_SECONDS:
+                known = problem
         if known:
             return database_error(self.path, self.moved() or known, self._damage or "")
         checked_at, found = self._health
@@ -2583,31 +2483,23 @@ class SQLiteStore(Store):
     def _check_file(self) -> StoreError | None:
         problem = self.moved()
         if problem is None and self._identity is not None:
-            problem = "read-only" if _cannot_write(self.path) else "disk full" if _low_on_disk(self.path) else None
+            if _cannot_write(self.path):
+                problem = "read-only"
+            elif hasattr(os, "statvfs"):
+                disk = os.statvfs(os.path.dirname(os.path.abspath(self.path)))
+                problem = "disk full" if disk.f_bavail * disk.f_frsize < LOW_DISK_BYTES else None
         if problem:
             return database_error(self.path, problem)
         try:
-            self._read_quickly()
+            db = self.connect()
+            db.execute(f"PRAGMA busy_timeout = {HEALTH_READ_TIMEOUT_MS}")
+            try:
+                db.execute("SELECT count(*) FROM meta").fetchone()
+            finally:
+                db.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
         except (sqlite3.Error, StoreError) as exc:
             return exc if isinstance(exc, StoreError) else self.error_for(exc)
         return None
-
-    def _recent_write_failure(self) -> str | None:
-        """The problem of the last write when it failed (a lock counts for LOCKED_REMEMBERED_SECONDS)."""
-        if self._write_failure is None:
-            return None
-        problem, at = self._write_failure
-        if problem == "locked" and time.monotonic() - at > LOCKED_REMEMBERED_SECONDS:
-            return None
-        return problem
-
-    def _read_quickly(self) -> None:
-        db = self.connect()
-        db.execute(f"PRAGMA busy_timeout = {HEALTH_READ_TIMEOUT_MS}")
-        try:
-            db.execute("SELECT count(*) FROM meta").fetchone()
-        finally:
-            db.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
 
     # SQLite only: files, copies and space
 
@@ -2617,12 +2509,8 @@ class SQLiteStore(Store):
                    if os.path.exists(self.path + suffix))
 
     def backup_to(self, path: str) -> None:
-        """Copy the database into the new file `path`, from one read snapshot.
-
-        In WAL mode a reader blocks no writer, so all pages are copied in one step while
-        ingest goes on; a stepped backup would restart whenever another connection writes
-        and, under steady ingest, might never finish. The copy is one file (no -wal).
-        """
+        """Copy the database into the new file `path` (one file, no -wal), all pages in one step from one read
+        snapshot: in WAL mode it blocks no writer, where a stepped backup restarts whenever another writes."""
         _create_private_file(path)
         with self._store_errors(), contextlib.closing(sqlite3.connect(path, isolation_level=None)) as copy:
             self.connect().backup(copy)
@@ -2630,10 +2518,8 @@ class SQLiteStore(Store):
 
     @staticmethod
     def check_copy(path: str) -> dict[str, int]:
-        """Check a backup (or any mmoref database file) without changing it; its row counts.
-
-        A StoreError says what is wrong: not SQLite, damaged, not mmoref's, or newer than us.
-        """
+        """Check a backup (or any mmoref database file) without changing it; its row counts. A StoreError
+        says what is wrong: not SQLite, damaged, not mmoref's, or newer than us."""
         if not os.path.isfile(path):
             raise StoreError(f"{path} is not a file")
         try:
@@ -2661,12 +2547,8 @@ class SQLiteStore(Store):
             raise StoreError(f"{path} is in use ({exc}): stop the server first") from None
 
     def reclaim_space(self, convert: bool) -> bool:
-        """Give the pages freed by pruning or forgetting back to the file system; False when not done.
-
-        Databases made by this version use incremental auto-vacuum: freed pages go in short
-        steps. An older database needs one full VACUUM (which blocks writers while it runs) to
-        switch: only when `convert` is true.
-        """
+        """Give the pages freed by pruning or forgetting back to the file system, in short incremental-vacuum
+        steps; an older database first needs one full VACUUM (blocking writers) to switch: only if `convert`."""
         with self._writer() as db:
             if db.execute("PRAGMA auto_vacuum").fetchone()[0] != 2:  # 2: INCREMENTAL
                 if not convert:
@@ -2681,9 +2563,8 @@ class SQLiteStore(Store):
         return True
 
     def erase_freed_bytes(self) -> None:
-        """Rewrite the whole file (VACUUM) and empty the write-ahead log, so no deleted or
-        overwritten value is left anywhere in the database's files. Blocks writers while it runs;
-        a StoreError when a reader kept the log (old values may still stand in it)."""
+        """Rewrite the whole file (VACUUM, blocking writers) and empty the write-ahead log, so no deleted or
+        overwritten value is left; a StoreError when a reader kept the log (old values may still stand in it)."""
         with self._writer() as db:
             db.execute("VACUUM")
         if not self.truncate_wal():
@@ -2710,15 +2591,16 @@ def _utc_stamp() -> str:
     return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
 
 
-def _fsync(path: str) -> None:
-    with open(path, "rb+") as file:
+def _move_into_place(partial: str, dest: str) -> None:
+    """Put the file `partial`, written beside `dest`, on disk and then in place: `dest` is never half-written."""
+    with open(partial, "rb+") as file:
         os.fsync(file.fileno())
+    os.replace(partial, dest)
 
 
 def write_backup(store: Store, dest: str, force: bool = False) -> dict[str, Any]:
-    """Copy the live database to `dest` (a file, or a folder to put a dated file in), check the
-    copy and return what was written. The copy is made beside `dest` and renamed into place,
-    so `dest` is never a half-written file."""
+    """Copy the live database to `dest` (a file, or a folder to put a dated file in), check the copy and
+    return what was written."""
     if os.path.isdir(dest):
         dest = os.path.join(dest, f"referrals-{_utc_stamp()}.db")
     if os.path.exists(dest) and not force:
@@ -2728,8 +2610,7 @@ def write_backup(store: Store, dest: str, force: bool = False) -> dict[str, Any]
     try:
         store.backup_to(partial)
         rows = SQLiteStore.check_copy(partial)
-        _fsync(partial)
-        os.replace(partial, dest)
+        _move_into_place(partial, dest)
     finally:
         if os.path.exists(partial):
             os.remove(partial)
@@ -2757,9 +2638,7 @@ def restore_database(source: str, db_path: str) -> dict[str, Any]:
     with open(source, "rb") as src, open(partial, "wb") as out:
         while chunk := src.read(1 << 20):
             out.write(chunk)
-        out.flush()
-        os.fsync(out.fileno())
-    os.replace(partial, db_path)
+    _move_into_place(partial, db_path)
     return {"path": os.path.abspath(db_path), "restored_from": os.path.abspath(source), "previous": kept,
             "rows": rows}
 
@@ -2807,8 +2686,7 @@ def identity_spellings(identity: str) -> list[str]:
 
 
 class NothingToForget(ConfigError):
-    """`forget` found the identity nowhere: nothing was changed, nothing rewritten. `answer` is
-    what `forget --json` prints for it."""
+    """`forget` found the identity nowhere: nothing was changed, nothing rewritten; `answer` is what `--json` prints."""
 
     def __init__(self, message: str, answer: dict[str, Any]):
         super().__init__(message)
@@ -2819,11 +2697,8 @@ _FORGOTTEN_FORM = re.compile(r"forgotten:[0-9a-f]{32}")   # what forgotten_form 
 
 
 def forget(store: Store, server_id: str, identity: str) -> dict[str, Any]:
-    """Erase a referee identity everywhere it is stored, keeping its forgotten form so first
-    touch still holds; then rewrite the database files so the raw bytes are gone too.
-
-    Log rows whose server_event_id holds the identity keep it (their ids are listed): it is what
-    makes a retry of those events a duplicate. NothingToForget when the identity is stored
+    """Erase a referee identity everywhere it is stored, keeping its forgotten form so first touch still holds;
+    then rewrite the database files so the raw bytes are gone too. NothingToForget when the identity is stored
     nowhere and was never forgotten (a typo): then nothing is rewritten either."""
     if store.server(server_id) is None:
         raise ConfigError(f"unknown server {server_id!r}")
@@ -2833,13 +2708,11 @@ def forget(store: Store, server_id: str, identity: str) -> dict[str, Any]:
     if _FORGOTTEN_FORM.fullmatch(identity):
         raise ConfigError(f"{identity} is a forgotten form already: give the identity as the game server sent it")
     forgotten = forgotten_form(store.identity_key, server_id, identity)
-    changed = store.forget_identity(server_id, identity, forgotten, identity_spellings(identity))
+    changed, kept, before = store.forget_identity(server_id, identity, forgotten, identity_spellings(identity))
     result: dict[str, Any] = {"server_id": server_id, "forgotten_as": forgotten, "rows_changed": changed}
-    kept = store.log_rows_with_event_id_holding(server_id, identity)
-    if kept:  # the idempotency key of those events: replacing it would make a retry a new event
+    if kept:  # the idempotency key of those events: replacing it would make a retry a new event (ids listed)
         result["server_event_id_kept"] = kept
     if not any(changed.values()):
-        before = store.mentions(server_id, forgotten)
         if not before and not kept:
             raise NothingToForget(f"nothing on {server_id} matches {identity!r}: nothing was changed (identities are"
                                   " compared exactly, after trimming: check the spelling and the server)",
