@@ -3850,8 +3850,7 @@ def cli() -> None:
     """mmoref: the MMOLove Referral Kit ingest server.
 
     With no command, or with only serve's options (--host, --port, --db): serve.
-    PostgreSQL databases and copy-db come with mmoref_postgres.py, beside this file.
-    """
+    PostgreSQL databases and copy-db come with mmoref_postgres.py, beside this file."""
 
 
 @cli.command("serve")
@@ -4056,8 +4055,8 @@ def _owner_command(action: str) -> Callable:
         except ConfigError as exc:
             raise ConfigError(f"{exc} (database {database_label(store.location)})") from None
         _emit(as_json, {"referral_id": referral_id, "state": state}, f"{referral_id} is now {state}")
-    owner_action_command.__doc__ = f"{action.capitalize()} a referral as the owner (logged as an owner action)."
-    return cli.command(action)(owner_action_command)
+    return cli.command(action, help=f"{action.capitalize()} a referral as the owner (logged as an owner action).")(
+        owner_action_command)
 
 
 for _action in OWNER_ACTIONS:
@@ -4184,13 +4183,7 @@ DEMO_SERVER_ID, DEMO_GAME, DEMO_SECRET = "demo-server", "demo-game", "demo-secre
 @click.option("--force", is_flag=True, help="replace PATH if it exists")
 def demo_command(path: str, force: bool) -> None:
     """Write a demo database (how referrals.db.example is made)."""
-    write_demo_database(path, force)
-    click.echo(f"demo database written to {path}; demo server {DEMO_SERVER_ID}, demo secret {DEMO_SECRET}")
-
-
-def write_demo_database(path: str, force: bool = False) -> None:
-    """A database with a demo server, referrals in every state, log rows and rejections, all written through
-    the real store and pipeline, so the demo shows exactly what the server writes."""
+    # a demo server, referrals in every state, log rows and rejections, all through the real store and pipeline
     if os.path.exists(path):
         if not force:
             raise ConfigError(f"{path} exists; pass --force to replace it")
@@ -4224,6 +4217,7 @@ def write_demo_database(path: str, force: bool = False) -> None:
     deliver("forged-token", "registered", "reg-forged", referee="player-x")     # 404 unknown token
     handle_ingest(store, b'{"event":"registered"}', None, window=300, ttl=ttl)  # 400, installation-wide
     store.close()
+    click.echo(f"demo database written to {path}; demo server {DEMO_SERVER_ID}, demo secret {DEMO_SECRET}")
 
 
 # Kit-side sender #############################################################
@@ -4928,16 +4922,14 @@ TEMPLATES.globals["set_password_command"] = lambda: set_password_command_line(cu
 # main ########################################################################
 
 def main() -> None:
-    """`python mmoref_server.py` and the installed `mmoref` command (pyproject.toml): one CLI, whose
-    usage lines name the way it was started (click reads argv[0]), as its messages and pages do."""
+    """`python mmoref_server.py` and the installed `mmoref` (pyproject.toml): one CLI, named the way it was started."""
     global COMMAND
     COMMAND = command_started_as(__name__, __spec__, sys.argv[0])
     cli()
 
 
 def command_started_as(module_name: str, spec: Any, program: str) -> str:
-    """How the owner started mmoref, for the commands it tells them to run: the installed console
-    script, `python -m mmoref_server`, or the file (also what `flask --app` users and hosts are told)."""
+    """How the owner started mmoref, for the commands it tells them to run (the file's way under `flask --app`)."""
     if module_name != "__main__":
         return "mmoref" if Path(program).stem == "mmoref" else COMMAND
     return f"python -m {spec.name}" if spec is not None else COMMAND
