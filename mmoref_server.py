@@ -3861,10 +3861,13 @@ def serve_command(db_path: str | None = None, host: str | None = None, port: int
     """Serve the ingest endpoint, share links and dashboard (waitress)."""
     settings = load_settings()
     host, port = host or settings["MMOREF_HOST"], port or settings["MMOREF_PORT"]
-    bound_first = _AppMadeAfterBinding()
-    server = _listen(bound_first, host, port, settings["MMOREF_THREADS"])
+
+    def app_made_after_binding(environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
+        return app(environ, start_response)  # called only once server.run() below serves, after `app` is made
+
+    server = _listen(app_made_after_binding, host, port, settings["MMOREF_THREADS"])
     # only now: a start on a busy port creates no database and never shows (or makes) a password
-    app = bound_first.app = create_app({"MMOREF_DB": db_path or settings["MMOREF_DB"]})
+    app = create_app({"MMOREF_DB": db_path or settings["MMOREF_DB"]})
     _configure_logging(settings["MMOREF_LOG_FORMAT"])
     click.echo(_banner(app, host, port))
     if settings["MMOREF_PRUNE_AFTER"]:
@@ -3893,17 +3896,6 @@ WAITRESS_OPTIONS: dict[str, Any] = {
     "max_request_body_size": 4 * MAX_BODY_BYTES,
     "ident": "mmoref",
 }
-
-
-class _AppMadeAfterBinding:
-    """What `serve` binds its port with: it forwards to `app`, made (opening the database) once the port is ours."""
-
-    def __init__(self) -> None:
-        self.app: Flask | None = None
-
-    def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
-        assert self.app is not None, "serve runs the server only after the app is made"
-        return self.app(environ, start_response)
 
 
 def _listen(app: Callable[..., Any], host: str, port: int, threads: int) -> Any:
@@ -4199,16 +4191,12 @@ def demo_command(path: str, force: bool) -> None:
         body = build_body(event, token, DEMO_SERVER_ID, event_id, referee_identity=referee)
         handle_ingest(store, body, signature_header(secret, body), window=300, ttl=ttl)
 
-    plan = [("alice", "clicked"), ("alice", "registered"), ("alice", "qualified"), ("bob", "qualified"),
-            ("bob", "reversed"), ("carol", "registered"), ("dave", "rejected")]
-    for number, (code, final_state) in enumerate(plan):
+    plan = [("alice", 0), ("alice", 1), ("alice", 2), ("bob", 2), ("bob", 3), ("carol", 1), ("dave", 1)]  # code, events
+    for number, (code, events) in enumerate(plan):
         token, referral_id = store.mint_referral(DEMO_SERVER_ID, code)
-        steps = {"clicked": [], "registered": ["registered"], "qualified": ["registered", "qualified"],
-                 "reversed": ["registered", "qualified", "reversed"], "rejected": ["registered"]}[final_state]
-        for event in steps:
+        for event in EVENTS[:events]:
             deliver(token, event, f"{event[:3]}-{number}", referee=f"player-{1000 + number}")
-        if final_state == "rejected":
-            owner_action(store, referral_id, "reject")
+    owner_action(store, referral_id, "reject")  # the last one, dave's
     old_token, _ = store.mint_referral(DEMO_SERVER_ID, "erin", issued_at=now() - ttl - 3600)
     deliver(old_token, "registered", "reg-old", referee="player-late")           # -> expired (422)
     rival, _ = store.mint_referral(DEMO_SERVER_ID, "frank")
