@@ -3775,9 +3775,6 @@ class _ServeByDefault(click.Group):
             more = f" (see {usage.command_path} --help)" if usage is not None else ""
             click.echo(f"error: {exc.format_message()}{more}", err=True)
             sys.exit(exc.exit_code)
-        except (ConfigError, StoreError) as exc:  # from `serve`, run when no command is named
-            click.echo(f"error: {exc}", err=True)
-            sys.exit(1)
         sys.exit(result if isinstance(result, int) else 0)
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
@@ -3795,9 +3792,10 @@ class _ServeByDefault(click.Group):
         return super().get_command(ctx, cmd_name)
 
 
-def _command_store(db_path: str | None, create: bool = False) -> Store:
+def _command_store(db_path: str | None, create: bool = False, server_id: str | None = None) -> Store:
     """The command's database, closed however the command ends (an open PostgreSQL pool would hold the exit
-    for seconds and print warnings). Only commands that set an installation up (`create`) may make one."""
+    for seconds and print warnings). Only commands that set an installation up (`create`) may make one;
+    a `server_id` it lacks is refused, naming the database looked in."""
     settings = load_settings()
     path = db_path or settings["MMOREF_DB"]
     if not create and not is_database_url(path) and not os.path.exists(path):
@@ -3806,13 +3804,7 @@ def _command_store(db_path: str | None, create: bool = False) -> Store:
     context = click.get_current_context(silent=True)
     if context is not None:
         context.call_on_close(store.close)
-    return store
-
-
-def _store_with_server(db_path: str | None, server_id: str) -> Store:
-    """The command's database; a server id it lacks is refused, naming the database looked in."""
-    store = _command_store(db_path)
-    if store.server(server_id) is None:
+    if server_id is not None and store.server(server_id) is None:
         raise ConfigError(f"unknown server {server_id!r} in {database_label(store.location)}: "
                           "check the id, or pass --db with the right database")
     return store
@@ -4007,8 +3999,7 @@ def add_server_command(server_id: str, game: str, name: str, registration_url: s
               help="seconds the previous secret stays valid; 0 revokes it now")
 def rotate_secret_command(server_id: str, grace: int, db_path: str | None, as_json: bool) -> None:
     """Make a new signing secret; print it once."""
-    store = _store_with_server(db_path, server_id)
-    secret, kid = store.rotate_secret(server_id, grace)
+    secret, kid = _command_store(db_path, server_id=server_id).rotate_secret(server_id, grace)
     previous = "revoked now" if grace == 0 else f"valid for {grace} more seconds"
     _emit(as_json, {"secret": secret, "kid": kid},
           f"new signing secret (shown once):\n  {secret}\nkid: {kid}\nprevious secret: {previous}")
@@ -4018,8 +4009,7 @@ def rotate_secret_command(server_id: str, grace: int, db_path: str | None, as_js
 @click.option("--ref", "code", required=True, help="the referrer's code")
 def mint_token_command(server_id: str, code: str, db_path: str | None, as_json: bool) -> None:
     """Mint an mmref token as if the share link were followed."""
-    store = _store_with_server(db_path, server_id)
-    token, referral_id = store.mint_referral(server_id, code)
+    token, referral_id = _command_store(db_path, server_id=server_id).mint_referral(server_id, code)
     _emit(as_json, {"token": token, "referral_id": referral_id}, f"token: {token}\nreferral: {referral_id}")
 
 
@@ -4027,7 +4017,7 @@ def mint_token_command(server_id: str, code: str, db_path: str | None, as_json: 
 @click.option("--limit", type=click.IntRange(1, 10_000), default=100, show_default=True)
 def log_command(server_id: str, limit: int, db_path: str | None, as_json: bool) -> None:
     """Print the delivery log, newest first."""
-    store = _store_with_server(db_path, server_id)
+    store = _command_store(db_path, server_id=server_id)
     rows = [{"id": r["id"], "event": r["event"], "state": r["state"], "outcome": r["outcome"],
              "server_event_id": r["server_event_id"], "received_at": iso_utc(r["received_at"]),
              "referral_id": r["referral_id"], "ts": r["ts"]} for r in store.delivery_log(server_id, limit)]
@@ -4036,7 +4026,8 @@ def log_command(server_id: str, limit: int, db_path: str | None, as_json: bool) 
     _emit(as_json, rows, "\n".join(lines) or "(no events yet)")
 
 
-def _owner_command(action: str) -> Callable:
+def _owner_command(action: str) -> None:
+    @cli.command(action, help=f"{action.capitalize()} a referral as the owner (logged as an owner action).")
     @_db_option
     @_json_option
     @click.argument("referral_id")
@@ -4047,8 +4038,6 @@ def _owner_command(action: str) -> Callable:
         except ConfigError as exc:
             raise ConfigError(f"{exc} (database {database_label(store.location)})") from None
         _emit(as_json, {"referral_id": referral_id, "state": state}, f"{referral_id} is now {state}")
-    return cli.command(action, help=f"{action.capitalize()} a referral as the owner (logged as an owner action).")(
-        owner_action_command)
 
 
 for _action in OWNER_ACTIONS:
