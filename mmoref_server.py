@@ -4054,9 +4054,8 @@ for _action in OWNER_ACTIONS:
 @click.option("--server-event-id", help="idempotency key [default: a new random one]")
 @click.option("--kid", help="which secret signs (optional)")
 @click.option("--test", is_flag=True, help="dry run: verified, nothing written")
-@click.option("--cacert", type=click.Path(exists=True, dir_okay=False), metavar="FILE",
-              help="trust the CA certificates in FILE (PEM) for an https endpoint, instead of the system's"
-                   " (or SSL_CERT_FILE's)")
+@click.option("--cacert", type=click.Path(exists=True, dir_okay=False), metavar="FILE", help="trust the CA "
+              "certificates in FILE (PEM) for an https endpoint, instead of the system's (or SSL_CERT_FILE's)")
 @_json_option
 def send_command(event: str, endpoint: str, server_id: str, secret: str, token: str, referee_identity: str | None,
                  server_event_id: str | None, kid: str | None, test: bool, cacert: str | None, as_json: bool) -> None:
