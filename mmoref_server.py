@@ -3706,9 +3706,8 @@ class JsonLines(logging.Formatter):
 
 
 class _ForwardedByTrustedProxy:
-    """The one place X-Forwarded-* headers are read: only from a trusted proxy peer, and only the last hop (in
-    `X-Forwarded-For: spoofed, real` only `real` counts). gunicorn applies X-Forwarded-Proto itself (for its
-    forwarded_allow_ips), so the scheme is first reset to the connection's own."""
+    """The one place X-Forwarded-* headers are read: only from a trusted proxy, only its hop (`spoofed, real`: `real`);
+    gunicorn applies X-Forwarded-Proto itself (for its forwarded_allow_ips), so the scheme is reset first."""
 
     def __init__(self, wsgi_app: Callable, trusted_proxies: Sequence[str] | str):
         self.direct = wsgi_app
@@ -4197,8 +4196,7 @@ def demo_command(path: str, force: bool) -> None:
 
 
 # Kit-side sender #############################################################
-# What a game server does, in the shape of the PHP vote-callback drop-ins owners know; the
-# dashboard's "Send test event", the `send` command and the tests use it too.
+# What a game server does (like the PHP vote-callback drop-ins owners know); "Send test event" and `send` use it.
 
 
 def build_body(event: str, token: str, server_id: str, server_event_id: str, *,
