@@ -3370,7 +3370,9 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     app.register_blueprint(blueprint)
     app.add_url_rule("/", "home", _home)
     _log_through_gunicorn(app.config["MMOREF_LOG_FORMAT"])
-    if not _loaded_by_flask_command():  # `flask --app mmoref_server log ...` opens only the database it names
+    context = click.get_current_context(silent=True)
+    # the `flask` command loads the app for each command it runs: `flask --app mmoref_server log` opens only its --db
+    if context is None or context.find_object(ScriptInfo) is None:
         with app.app_context():
             store = get_store()  # create or migrate the schema now; refuse a newer database at start-up
             if not app.config.get("SECRET_KEY"):  # per installation, never a constant
@@ -3380,8 +3382,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
 
 
 class _FlaskFindsOurCommands(AppGroup):
-    """The app's `cli`, so that `flask --app mmoref_server COMMAND` finds every command that
-    `python mmoref_server.py COMMAND` finds (a companion file's among them)."""
+    """`flask --app mmoref_server COMMAND` finds every command `python mmoref_server.py COMMAND` finds."""
 
     def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
         return super().get_command(ctx, cmd_name) or cli.get_command(ctx, cmd_name)
@@ -3390,25 +3391,14 @@ class _FlaskFindsOurCommands(AppGroup):
         return sorted({*super().list_commands(ctx), *cli.list_commands(ctx)})
 
 
-def _loaded_by_flask_command() -> bool:
-    """True while the `flask` command loads this app (it does so for every command it runs)."""
-    context = click.get_current_context(silent=True)
-    return context is not None and context.find_object(ScriptInfo) is not None
-
-
 def _home() -> Any:
     """The standalone server's `/`: its dashboard (an app embedding the blueprint keeps its own `/`)."""
     return redirect(url_for("mmoref.dashboard.index"))
 
 
 def _log_through_gunicorn(log_format: str) -> None:
-    """Under gunicorn, write the "mmoref" log lines to its error log at its --log-level; with
-    MMOREF_LOG_FORMAT=json the whole error log is JSON lines (gunicorn's own lines too).
-
-    gunicorn gives only its own loggers handlers; ours would reach an unconfigured root logger
-    and its INFO lines (one per ingest request) would vanish. `serve` configures the root
-    logger itself, and an app that embeds the blueprint keeps its own logging configuration.
-    """
+    """Under gunicorn, our log lines go to its error log at its --log-level (all of it JSON lines with
+    MMOREF_LOG_FORMAT=json): gunicorn configures only its own loggers, so ours would vanish."""
     gunicorn_log = logging.getLogger("gunicorn.error")
     if gunicorn_log.handlers and not log.handlers:
         if log_format == "json":
@@ -3432,14 +3422,8 @@ class JsonLines(logging.Formatter):
 
 
 class _ForwardedByTrustedProxy:
-    """The one place X-Forwarded-* headers are read, the same under waitress, gunicorn or any WSGI server.
-
-    Only a request whose peer is a trusted proxy address has them applied, and of each header
-    only the last hop (the one that proxy appended): in `X-Forwarded-For: spoofed, real` only
-    `real` counts. A client connecting directly gets its headers ignored. gunicorn applies
-    X-Forwarded-Proto itself, for peers in its forwarded_allow_ips (loopback by default): its
-    scheme is replaced by the connection's own first, so only the trusted proxy's header counts.
-    """
+    """The one place X-Forwarded-* headers are read: only from a trusted proxy, only its hop (`spoofed, real`: `real`);
+    gunicorn applies X-Forwarded-Proto itself (for its forwarded_allow_ips), so the scheme is reset first."""
 
     def __init__(self, wsgi_app: Callable, trusted_proxies: Sequence[str] | str):
         self.direct = wsgi_app
@@ -3457,8 +3441,7 @@ class _ForwardedByTrustedProxy:
 
 
 class _SessionInterface(SecureCookieSessionInterface):
-    """The session cookie is Secure whenever the request came over https, and is sent only to
-    this app's own path (under a proxy's /mmoref prefix: not to the rest of the site)."""
+    """The session cookie is Secure over https, and sent only to this app's own path (under a proxy's prefix)."""
 
     def get_cookie_secure(self, app: Flask) -> bool:
         return bool(super().get_cookie_secure(app) or request.is_secure)
@@ -3485,8 +3468,12 @@ class _Command(click.Command):
             raise click.ClickException(str(exc)) from None
 
 
-class _OneLineErrors(click.Group):
-    """A click group whose user errors are one line on stderr and a non-zero exit."""
+COMMAND_COMPANIONS = {"copy-db": "mmoref_postgres.py"}   # a command a companion file brings -> that file
+
+
+class _ServeByDefault(click.Group):
+    """User errors are one line on stderr and a non-zero exit. No command, or serve's options without it
+    (`python mmoref_server.py --port 5055`), means `serve`; a companion file's command loads that file."""
 
     command_class = _Command
 
@@ -3503,72 +3490,7 @@ class _OneLineErrors(click.Group):
             more = f" (see {usage.command_path} --help)" if usage is not None else ""
             click.echo(f"error: {exc.format_message()}{more}", err=True)
             sys.exit(exc.exit_code)
-        except (ConfigError, StoreError) as exc:  # from `serve`, run when no command is named
-            click.echo(f"error: {exc}", err=True)
-            sys.exit(1)
         sys.exit(result if isinstance(result, int) else 0)
-
-
-def _command_store(db_path: str | None, create: bool = False) -> Store:
-    """The command's database, closed when the command ends, however it ends (a PostgreSQL
-    pool left open would hold the exit for seconds and print warnings). Only commands that set
-    an installation up (`create`) may make one."""
-    settings = load_settings()
-    path = db_path or settings["MMOREF_DB"]
-    if not create and not is_database_url(path) and not os.path.exists(path):
-        raise ConfigError(f"no database at {os.path.abspath(path)}: pass --db or set MMOREF_DB")
-    store = open_store(path, synchronous=settings["MMOREF_SYNCHRONOUS"])
-    context = click.get_current_context(silent=True)
-    if context is not None:
-        context.call_on_close(store.close)
-    return store
-
-
-def _store_with_server(db_path: str | None, server_id: str) -> Store:
-    """The command's database; a server id it lacks is refused, naming the database looked in."""
-    store = _command_store(db_path)
-    if store.server(server_id) is None:
-        raise ConfigError(f"unknown server {server_id!r} in {database_label(store.location)}: "
-                          "check the id, or pass --db with the right database")
-    return store
-
-
-def set_password_command_line(db_path: str) -> str:
-    """How to run set-password on this database: with --db unless it is ./referrals.db."""
-    command = f"{COMMAND} set-password"
-    if is_database_url(db_path):
-        return f"{command} --db <the postgresql:// URL>"
-    if os.path.abspath(db_path) == os.path.abspath(SETTINGS["MMOREF_DB"][1]):
-        return command
-    return f"{command} --db {shlex.quote(os.path.abspath(db_path))}"
-
-
-def _db_option(command: Callable) -> Callable:
-    return click.option("--db", "db_path", metavar="PATH|URL",
-                        help="SQLite file or postgresql:// URL [env MMOREF_DB; ./referrals.db]")(command)
-
-
-def _json_option(command: Callable) -> Callable:
-    return click.option("--json", "as_json", is_flag=True, help="machine-readable output")(command)
-
-
-def _server_command(name: str) -> Callable:
-    """A command about one server: SERVER_ID, then --db and --json, then its own options."""
-    def register(command: Callable) -> Callable:
-        return cli.command(name)(click.argument("server_id")(_db_option(_json_option(command))))
-    return register
-
-
-def _emit(as_json: bool, data: Any, text: str) -> None:
-    click.echo(json.dumps(data) if as_json else text)
-
-
-COMMAND_COMPANIONS = {"copy-db": "mmoref_postgres.py"}   # a command a companion file brings -> that file
-
-
-class _ServeByDefault(_OneLineErrors):
-    """No command, or serve's options without it (`python mmoref_server.py --port 5055`), means `serve`.
-    A command of a companion file is found by loading the file (COMMAND_COMPANIONS)."""
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
         starts_with_option = bool(args) and args[0].startswith("-")
@@ -3585,14 +3507,57 @@ class _ServeByDefault(_OneLineErrors):
         return super().get_command(ctx, cmd_name)
 
 
+def _command_store(db_path: str | None, create: bool = False, server_id: str | None = None) -> Store:
+    """The command's database, closed however the command ends (an open PostgreSQL pool would hold the exit
+    for seconds and print warnings). Only commands that set an installation up (`create`) may make one;
+    a `server_id` it lacks is refused, naming the database looked in."""
+    settings = load_settings()
+    path = db_path or settings["MMOREF_DB"]
+    if not create and not is_database_url(path) and not os.path.exists(path):
+        raise ConfigError(f"no database at {os.path.abspath(path)}: pass --db or set MMOREF_DB")
+    store = open_store(path, synchronous=settings["MMOREF_SYNCHRONOUS"])
+    context = click.get_current_context(silent=True)
+    if context is not None:
+        context.call_on_close(store.close)
+    if server_id is not None and store.server(server_id) is None:
+        raise ConfigError(f"unknown server {server_id!r} in {database_label(store.location)}: "
+                          "check the id, or pass --db with the right database")
+    return store
+
+
+def set_password_command_line(db_path: str) -> str:
+    """How to run set-password on this database: with --db unless it is ./referrals.db."""
+    command = f"{COMMAND} set-password"
+    if is_database_url(db_path):
+        return f"{command} --db <the postgresql:// URL>"
+    if os.path.abspath(db_path) == os.path.abspath(SETTINGS["MMOREF_DB"][1]):
+        return command
+    return f"{command} --db {shlex.quote(os.path.abspath(db_path))}"
+
+
+_db_option = click.option("--db", "db_path", metavar="PATH|URL",
+                          help="SQLite file or postgresql:// URL [env MMOREF_DB; ./referrals.db]")
+_json_option = click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+
+
+def _server_command(name: str) -> Callable:
+    """A command about one server: SERVER_ID, then --db and --json, then its own options."""
+    def register(command: Callable) -> Callable:
+        return cli.command(name)(click.argument("server_id")(_db_option(_json_option(command))))
+    return register
+
+
+def _emit(as_json: bool, data: Any, text: str) -> None:
+    click.echo(json.dumps(data) if as_json else text)
+
+
 @click.group(cls=_ServeByDefault)
 @click.version_option(__version__, prog_name="mmoref")
 def cli() -> None:
     """mmoref: the MMOLove Referral Kit ingest server.
 
     With no command, or with only serve's options (--host, --port, --db): serve.
-    PostgreSQL databases and copy-db come with mmoref_postgres.py, beside this file.
-    """
+    PostgreSQL databases and copy-db come with mmoref_postgres.py, beside this file."""
 
 
 @cli.command("serve")
@@ -3603,10 +3568,13 @@ def serve_command(db_path: str | None = None, host: str | None = None, port: int
     """Serve the ingest endpoint, share links and dashboard (waitress)."""
     settings = load_settings()
     host, port = host or settings["MMOREF_HOST"], port or settings["MMOREF_PORT"]
-    bound_first = _AppMadeAfterBinding()
-    server = _listen(bound_first, host, port, settings["MMOREF_THREADS"])
+
+    def app_made_after_binding(environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
+        return app(environ, start_response)  # called only once server.run() below serves, after `app` is made
+
+    server = _listen(app_made_after_binding, host, port, settings["MMOREF_THREADS"])
     # only now: a start on a busy port creates no database and never shows (or makes) a password
-    app = bound_first.app = create_app({"MMOREF_DB": db_path or settings["MMOREF_DB"]})
+    app = create_app({"MMOREF_DB": db_path or settings["MMOREF_DB"]})
     _configure_logging(settings["MMOREF_LOG_FORMAT"])
     click.echo(_banner(app, host, port))
     if settings["MMOREF_PRUNE_AFTER"]:
@@ -3624,41 +3592,17 @@ def _configure_logging(log_format: str) -> None:
     logging.getLogger("waitress.queue").setLevel(logging.ERROR)  # "Task queue depth is N" on every busy request
 
 
-# waitress's defaults let ~100 idle connections stop the server for two minutes (it stops
-# accepting at 100 and closes an idle one after 120 s). These are chosen, not defaulted:
+# Chosen, not defaulted: with waitress's, ~100 idle connections stop the server for two minutes. A client sending
+# a byte every few seconds on all 400 still holds them: only a buffering proxy (nginx, Caddy) in front stops that.
 WAITRESS_OPTIONS: dict[str, Any] = {
-    # 400 open connections: room for many kits and browsers, and under the 512 sockets that
-    # select() handles on Windows. Idle ones cost a socket each, no thread.
-    "connection_limit": 400,
-    # A connection silent for 30 s is closed (checked every 10 s): a kit's keep-alive between
-    # events is shorter, and an abandoned socket holds its slot for at most ~40 s.
-    "channel_timeout": 30,
+    "connection_limit": 400,  # many kits and browsers, under the 512 sockets of select() on Windows; idle: no thread
+    "channel_timeout": 30,  # longer than a kit's keep-alive; an abandoned socket holds its slot ~40 s at most
     "cleanup_interval": 10,
-    # poll() has no 1024-descriptor ceiling; Windows has no poll() and keeps select().
-    "asyncore_use_poll": hasattr(select, "poll"),
-    # Forwarded headers reach the app, which trusts them only from MMOREF_TRUSTED_PROXY
-    # (see _ForwardedByTrustedProxy), instead of waitress deleting them first.
-    "clear_untrusted_proxy_headers": False,
+    "asyncore_use_poll": hasattr(select, "poll"),  # no 1024-descriptor ceiling; Windows has no poll()
+    "clear_untrusted_proxy_headers": False,  # the app trusts them only from MMOREF_TRUSTED_PROXY
     "max_request_body_size": 4 * MAX_BODY_BYTES,
     "ident": "mmoref",
 }
-# What waitress cannot do: a client that sends one byte every few seconds on each of 400
-# connections keeps them all open. Only a buffering proxy (nginx, Caddy) in front stops that.
-
-
-class _AppMadeAfterBinding:
-    """The WSGI callable `serve` binds its port with: it forwards to `app`, set once bound.
-
-    Creating the app opens (and creates or migrates) the database, so it waits until the port is
-    ours. Nothing is served before `app` is set: requests are handled only once the server runs.
-    """
-
-    def __init__(self) -> None:
-        self.app: Flask | None = None
-
-    def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
-        assert self.app is not None, "serve runs the server only after the app is made"
-        return self.app(environ, start_response)
 
 
 def _listen(app: Callable[..., Any], host: str, port: int, threads: int) -> Any:
@@ -3671,18 +3615,15 @@ def _listen(app: Callable[..., Any], host: str, port: int, threads: int) -> Any:
     try:
         return waitress.create_server(app, threads=threads, **where, **WAITRESS_OPTIONS)
     except ValueError:  # waitress: getaddrinfo() found no such address
-        raise ConfigError(f"cannot listen on {host}: not a local address or host name: "
-                          "pass --host or set MMOREF_HOST") from None
+        cause = "not a local address or host name"
     except OSError as exc:
-        raise ConfigError(_listen_error(host, port, exc)) from None
-
-
-def _listen_error(host: str, port: int, exc: OSError) -> str:
-    if exc.errno == errno.EADDRINUSE:
-        return f"port {port} on {host} is in use: pass --port or set MMOREF_PORT"
-    if exc.errno == errno.EACCES:
-        return f"no permission to listen on port {port} on {host}: pass --port (above 1023) or set MMOREF_PORT"
-    return f"cannot listen on {host}: {exc.strerror or exc}: pass --host or set MMOREF_HOST"
+        if exc.errno == errno.EADDRINUSE:
+            raise ConfigError(f"port {port} on {host} is in use: pass --port or set MMOREF_PORT") from None
+        if exc.errno == errno.EACCES:
+            raise ConfigError(f"no permission to listen on port {port} on {host}: pass --port (above 1023) or set"
+                              " MMOREF_PORT") from None
+        cause = exc.strerror or str(exc)
+    raise ConfigError(f"cannot listen on {host}: {cause}: pass --host or set MMOREF_HOST")
 
 
 def _allow_open_files(wanted: int) -> None:
@@ -3698,8 +3639,12 @@ def _allow_open_files(wanted: int) -> None:
             resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
 
 
+ANY_ADDRESS = {"0.0.0.0": "127.0.0.1", "::": "::1"}  # listening everywhere -> what this machine's browser uses
+
+
 def _banner(app: Flask, host: str, port: int) -> str:
-    base = f"http://{_browser_host(host)}:{port}"
+    shown = ANY_ADDRESS.get(host, host)
+    base = f"http://[{shown}]:{port}" if ":" in shown else f"http://{shown}:{port}"
     lines = [
         f"mmoref {__version__}: referral ingest server",
         f"  ingest     POST {base}/api/referral/events",
@@ -3707,34 +3652,17 @@ def _banner(app: Flask, host: str, port: int) -> str:
         f"  database   {database_label(app.config['MMOREF_DB'])}",
         f"  try        curl -i {base}/api/referral/events -d '{{}}'    "
         "# 400 missing signature header: the server is up",
+        *_login_lines(app),
     ]
-    lines.extend(_login_lines(app))
-    lines.extend(_exposure_lines(host, port))
-    return "\n".join(lines)
-
-
-ANY_ADDRESS = {"0.0.0.0": "127.0.0.1", "::": "::1"}  # listening everywhere -> what this machine's browser uses
-
-
-def _browser_host(host: str) -> str:
-    """The host part of a URL a browser on this machine can open (IPv6 in brackets)."""
-    shown = ANY_ADDRESS.get(host, host)
-    return f"[{shown}]" if ":" in shown else shown
-
-
-def _exposure_lines(host: str, port: int) -> list[str]:
-    """Listening beyond loopback: say how other machines reach it, and that they now can."""
-    if _is_loopback(host):
-        return []
-    lines = []
-    if host in ANY_ADDRESS:
+    if host in ANY_ADDRESS:  # how other machines reach it
         families = ":: and 0.0.0.0: IPv6 and IPv4" if host == "::" else "0.0.0.0: IPv4; --host :: adds IPv6"
         lines.append(f"  note       listening on every network interface ({families}); other machines use "
                      f"http://<this machine's address>:{port}")
-    lines.append(f"  warning    the dashboard and the ingest endpoint are reachable from the network on {host}, "
-                 "over plain HTTP: for anything public, listen on 127.0.0.1 behind a TLS proxy "
-                 "(docs/production.md)")
-    return lines
+    if not _is_loopback(host):
+        lines.append(f"  warning    the dashboard and the ingest endpoint are reachable from the network on {host}, "
+                     "over plain HTTP: for anything public, listen on 127.0.0.1 behind a TLS proxy "
+                     "(docs/production.md)")
+    return "\n".join(lines)
 
 
 def _login_lines(app: Flask) -> list[str]:
@@ -3786,8 +3714,7 @@ def add_server_command(server_id: str, game: str, name: str, registration_url: s
               help="seconds the previous secret stays valid; 0 revokes it now")
 def rotate_secret_command(server_id: str, grace: int, db_path: str | None, as_json: bool) -> None:
     """Make a new signing secret; print it once."""
-    store = _store_with_server(db_path, server_id)
-    secret, kid = store.rotate_secret(server_id, grace)
+    secret, kid = _command_store(db_path, server_id=server_id).rotate_secret(server_id, grace)
     previous = "revoked now" if grace == 0 else f"valid for {grace} more seconds"
     _emit(as_json, {"secret": secret, "kid": kid},
           f"new signing secret (shown once):\n  {secret}\nkid: {kid}\nprevious secret: {previous}")
@@ -3797,8 +3724,7 @@ def rotate_secret_command(server_id: str, grace: int, db_path: str | None, as_js
 @click.option("--ref", "code", required=True, help="the referrer's code")
 def mint_token_command(server_id: str, code: str, db_path: str | None, as_json: bool) -> None:
     """Mint an mmref token as if the share link were followed."""
-    store = _store_with_server(db_path, server_id)
-    token, referral_id = store.mint_referral(server_id, code)
+    token, referral_id = _command_store(db_path, server_id=server_id).mint_referral(server_id, code)
     _emit(as_json, {"token": token, "referral_id": referral_id}, f"token: {token}\nreferral: {referral_id}")
 
 
@@ -3806,21 +3732,17 @@ def mint_token_command(server_id: str, code: str, db_path: str | None, as_json: 
 @click.option("--limit", type=click.IntRange(1, 10_000), default=100, show_default=True)
 def log_command(server_id: str, limit: int, db_path: str | None, as_json: bool) -> None:
     """Print the delivery log, newest first."""
-    store = _store_with_server(db_path, server_id)
+    store = _command_store(db_path, server_id=server_id)
     rows = [{"id": r["id"], "event": r["event"], "state": r["state"], "outcome": r["outcome"],
              "server_event_id": r["server_event_id"], "received_at": iso_utc(r["received_at"]),
              "referral_id": r["referral_id"], "ts": r["ts"]} for r in store.delivery_log(server_id, limit)]
-    if as_json:
-        click.echo(json.dumps(rows))
-        return
-    for row in rows:
-        click.echo(f"{row['received_at']}  {row['event']:<10} {row['outcome']:<20} {row['state']:<10} "
-                   f"{row['referral_id']}  {row['server_event_id'] or '-'}")
-    if not rows:
-        click.echo("(no events yet)")
+    lines = [f"{row['received_at']}  {row['event']:<10} {row['outcome']:<20} {row['state']:<10} "
+             f"{row['referral_id']}  {row['server_event_id'] or '-'}" for row in rows]
+    _emit(as_json, rows, "\n".join(lines) or "(no events yet)")
 
 
-def _owner_command(action: str) -> Callable:
+def _owner_command(action: str) -> None:
+    @cli.command(action, help=f"{action.capitalize()} a referral as the owner (logged as an owner action).")
     @_db_option
     @_json_option
     @click.argument("referral_id")
@@ -3831,8 +3753,6 @@ def _owner_command(action: str) -> Callable:
         except ConfigError as exc:
             raise ConfigError(f"{exc} (database {database_label(store.location)})") from None
         _emit(as_json, {"referral_id": referral_id, "state": state}, f"{referral_id} is now {state}")
-    owner_action_command.__doc__ = f"{action.capitalize()} a referral as the owner (logged as an owner action)."
-    return cli.command(action)(owner_action_command)
 
 
 for _action in OWNER_ACTIONS:
@@ -3849,9 +3769,8 @@ for _action in OWNER_ACTIONS:
 @click.option("--server-event-id", help="idempotency key [default: a new random one]")
 @click.option("--kid", help="which secret signs (optional)")
 @click.option("--test", is_flag=True, help="dry run: verified, nothing written")
-@click.option("--cacert", type=click.Path(exists=True, dir_okay=False), metavar="FILE",
-              help="trust the CA certificates in FILE (PEM) for an https endpoint, instead of the system's"
-                   " (or SSL_CERT_FILE's)")
+@click.option("--cacert", type=click.Path(exists=True, dir_okay=False), metavar="FILE", help="trust the CA "
+              "certificates in FILE (PEM) for an https endpoint, instead of the system's (or SSL_CERT_FILE's)")
 @_json_option
 def send_command(event: str, endpoint: str, server_id: str, secret: str, token: str, referee_identity: str | None,
                  server_event_id: str | None, kid: str | None, test: bool, cacert: str | None, as_json: bool) -> None:
@@ -3861,11 +3780,8 @@ def send_command(event: str, endpoint: str, server_id: str, secret: str, token: 
     result = send_event(endpoint, secret, body, kid=kid, cafile=cacert)
     if result["error"]:
         raise ConfigError(result["error"])
-    if as_json:
-        click.echo(json.dumps({"status": result["status"], "body": result["body"]}))
-    else:
-        shown = json.dumps(result["body"]) if not isinstance(result["body"], str) else result["body"]
-        click.echo(f"HTTP {result['status']}\n{shown}")
+    shown = json.dumps(result["body"]) if not isinstance(result["body"], str) else result["body"]
+    _emit(as_json, {"status": result["status"], "body": result["body"]}, f"HTTP {result['status']}\n{shown}")
     if not 200 <= result["status"] < 300:
         sys.exit(1)
 
@@ -3885,14 +3801,9 @@ def _duration_option(ctx: click.Context, param: click.Parameter, value: str) -> 
 def backup_command(dest: str, force: bool, db_path: str | None, as_json: bool) -> None:
     """Copy the database to DEST (a file, or a folder for a dated file) while the server runs.
 
-    The copy is one consistent snapshot (SQLite's backup API: ingest goes on), checked
-    with PRAGMA integrity_check before it is renamed into place.
-    """
-    store = _command_store(db_path)
-    try:
-        result = write_backup(store, dest, force)
-    finally:
-        store.close()  # the file is free for a `restore` straight after
+    The copy is one consistent snapshot (SQLite's backup API: ingest goes on), checked with PRAGMA integrity_check
+    before it is renamed into place."""
+    result = write_backup(_command_store(db_path), dest, force)
     _emit(as_json, result, f"backup written: {result['path']}\n{result['bytes']:,} bytes in {result['seconds']} s,"
                            f" integrity ok\nrows: " + ", ".join(f"{k} {v:,}" for k, v in result["rows"].items()))
 
@@ -3904,9 +3815,7 @@ def backup_command(dest: str, force: bool, db_path: str | None, as_json: bool) -
 def restore_command(source: str, db_path: str | None, as_json: bool) -> None:
     """Replace the database with the backup SRC (stop the server first).
 
-    SRC must pass the integrity check; the current database is kept beside it as
-    <db>.before-restore-<time>.
-    """
+    SRC must pass the integrity check; the current database is kept beside it as <db>.before-restore-<time>."""
     result = restore_database(source, db_path or load_settings()["MMOREF_DB"])
     _emit(as_json, result, f"restored {result['path']} from {result['restored_from']}\n"
                            f"previous database kept as {result['previous'] or '(there was none)'}\nrows: "
@@ -3921,9 +3830,8 @@ def restore_command(source: str, db_path: str | None, as_json: bool) -> None:
 def prune_command(older_than: int, db_path: str | None, as_json: bool) -> None:
     """Delete old delivery-log and rejected-request rows; keep referrals, anchors, counters.
 
-    Deletes in batches of 1,000 rows (ingest waits at most one batch), then gives the
-    space back. Safe while the server runs.
-    """
+    Deletes in batches of 1,000 rows (ingest waits at most one batch), then gives the space back. Safe while the
+    server runs."""
     result = prune(_command_store(db_path), older_than)
     deleted = result["deleted"]
     _emit(as_json, result, f"deleted {deleted['delivery_log']:,} delivery-log and {deleted['rejected_requests']:,}"
@@ -3939,9 +3847,8 @@ def prune_command(older_than: int, db_path: str | None, as_json: bool) -> None:
 def forget_command(server_id: str, identity: str, db_path: str | None, as_json: bool) -> None:
     """Erase a player's identity (personal data) from everything stored.
 
-    It is replaced by a keyed one-way value, so the player still cannot be registered
-    through another referrer. Rewrites the database file (VACUUM) so no copy is left.
-    """
+    It is replaced by a keyed one-way value, so the player still cannot be registered through another referrer.
+    Rewrites the database file (VACUUM) so no copy is left."""
     try:
         result = forget(_command_store(db_path), server_id, identity)
     except NothingToForget as exc:
@@ -3971,16 +3878,7 @@ DEMO_SERVER_ID, DEMO_GAME, DEMO_SECRET = "demo-server", "demo-game", "demo-secre
 @click.option("--force", is_flag=True, help="replace PATH if it exists")
 def demo_command(path: str, force: bool) -> None:
     """Write a demo database (how referrals.db.example is made)."""
-    write_demo_database(path, force)
-    click.echo(f"demo database written to {path}; demo server {DEMO_SERVER_ID}, demo secret {DEMO_SECRET}")
-
-
-def write_demo_database(path: str, force: bool = False) -> None:
-    """A database with a demo server, referrals in every state, log rows and rejections.
-
-    Everything goes through the real store and pipeline, so the demo shows exactly what
-    the server writes.
-    """
+    # a demo server, referrals in every state, log rows and rejections, all through the real store and pipeline
     if os.path.exists(path):
         if not force:
             raise ConfigError(f"{path} exists; pass --force to replace it")
@@ -3996,16 +3894,12 @@ def write_demo_database(path: str, force: bool = False) -> None:
         body = build_body(event, token, DEMO_SERVER_ID, event_id, referee_identity=referee)
         handle_ingest(store, body, signature_header(secret, body), window=300, ttl=ttl)
 
-    plan = [("alice", "clicked"), ("alice", "registered"), ("alice", "qualified"), ("bob", "qualified"),
-            ("bob", "reversed"), ("carol", "registered"), ("dave", "rejected")]
-    for number, (code, final_state) in enumerate(plan):
+    plan = [("alice", 0), ("alice", 1), ("alice", 2), ("bob", 2), ("bob", 3), ("carol", 1), ("dave", 1)]  # code, events
+    for number, (code, events) in enumerate(plan):
         token, referral_id = store.mint_referral(DEMO_SERVER_ID, code)
-        steps = {"clicked": [], "registered": ["registered"], "qualified": ["registered", "qualified"],
-                 "reversed": ["registered", "qualified", "reversed"], "rejected": ["registered"]}[final_state]
-        for event in steps:
+        for event in EVENTS[:events]:
             deliver(token, event, f"{event[:3]}-{number}", referee=f"player-{1000 + number}")
-        if final_state == "rejected":
-            owner_action(store, referral_id, "reject")
+    owner_action(store, referral_id, "reject")  # the last one, dave's
     old_token, _ = store.mint_referral(DEMO_SERVER_ID, "erin", issued_at=now() - ttl - 3600)
     deliver(old_token, "registered", "reg-old", referee="player-late")           # -> expired (422)
     rival, _ = store.mint_referral(DEMO_SERVER_ID, "frank")
@@ -4014,11 +3908,11 @@ def write_demo_database(path: str, force: bool = False) -> None:
     deliver("forged-token", "registered", "reg-forged", referee="player-x")     # 404 unknown token
     handle_ingest(store, b'{"event":"registered"}', None, window=300, ttl=ttl)  # 400, installation-wide
     store.close()
+    click.echo(f"demo database written to {path}; demo server {DEMO_SERVER_ID}, demo secret {DEMO_SECRET}")
 
 
 # Kit-side sender #############################################################
-# What a game server does, in the shape of the PHP vote-callback drop-ins owners know; the
-# dashboard's "Send test event", the `send` command and the tests use it too.
+# What a game server does (like the PHP vote-callback drop-ins owners know); "Send test event" and `send` use it.
 
 
 def build_body(event: str, token: str, server_id: str, server_event_id: str, *,
@@ -4718,16 +4612,14 @@ TEMPLATES.globals["set_password_command"] = lambda: set_password_command_line(cu
 # main ########################################################################
 
 def main() -> None:
-    """`python mmoref_server.py` and the installed `mmoref` command (pyproject.toml): one CLI, whose
-    usage lines name the way it was started (click reads argv[0]), as its messages and pages do."""
+    """`python mmoref_server.py` and the installed `mmoref` (pyproject.toml): one CLI, named the way it was started."""
     global COMMAND
     COMMAND = command_started_as(__name__, __spec__, sys.argv[0])
     cli()
 
 
 def command_started_as(module_name: str, spec: Any, program: str) -> str:
-    """How the owner started mmoref, for the commands it tells them to run: the installed console
-    script, `python -m mmoref_server`, or the file (also what `flask --app` users and hosts are told)."""
+    """How the owner started mmoref, for the commands it tells them to run (the file's way under `flask --app`)."""
     if module_name != "__main__":
         return "mmoref" if Path(program).stem == "mmoref" else COMMAND
     return f"python -m {spec.name}" if spec is not None else COMMAND
