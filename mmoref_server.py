@@ -4335,12 +4335,11 @@ def send_event(endpoint: str, secret: str, body: bytes, *, kid: str | None = Non
 STYLE_SHEET = """
 :root { --ink: #1d2330; --muted: #5c6475; --line: #d9dde5; --bg: #f6f7f9; --accent: #2f5bd3; --ok: #1c7c3a;
         --bad: #b3261e; }
-* { box-sizing: border-box; }
+* { box-sizing: border-box; }  main { max-width: 72rem; margin: 0 auto; padding: 1rem; }
 body { margin: 0; font: 15px/1.5 system-ui, sans-serif; color: var(--ink); background: var(--bg); }
 header { display: flex; justify-content: space-between; align-items: center; padding: .6rem 1rem; background: #fff;
          border-bottom: 1px solid var(--line); }
 header a { font-weight: 700; text-decoration: none; color: var(--ink); }
-main { max-width: 72rem; margin: 0 auto; padding: 1rem; }
 section { background: #fff; border: 1px solid var(--line); border-radius: 8px; padding: 1rem; margin: 0 0 1rem; }
 h1 { font-size: 1.4rem; margin: .2rem 0 1rem; }  h2 { font-size: 1.1rem; margin: 0 0 .6rem; }
 label { display: block; margin: .4rem 0 .1rem; font-weight: 600; }
@@ -4363,25 +4362,21 @@ th, td { text-align: left; padding: .3rem .5rem; border-bottom: 1px solid var(--
 .error { color: var(--bad); }  .ok { color: var(--ok); }  .muted { color: var(--muted); }
 pre { background: var(--bg); padding: .6rem; white-space: pre-wrap; overflow-wrap: anywhere; }
 .funnel { display: flex; gap: 1rem; flex-wrap: wrap; }  .funnel div { min-width: 7rem; }
-.funnel strong { display: block; font-size: 1.5rem; }
+.funnel strong { display: block; font-size: 1.5rem; }  .pager { display: flex; gap: 1rem; margin-top: .5rem; }
 svg .clicked { fill: #9fb4ee; }  svg .registered { fill: #2f5bd3; }  svg .qualified { fill: #1c7c3a; }
-.pager { display: flex; gap: 1rem; margin-top: .5rem; }
 .rejected td { white-space: normal; vertical-align: top; }  .rejected td:first-child { white-space: nowrap; }
 .rejected td:nth-child(n+5) { min-width: 14rem; }  .rejected code { word-break: break-all; }
 table.wrap td { white-space: normal; overflow-wrap: anywhere; }
 @media (max-width: 40rem) {  /* a phone: each row of a list is a card of labelled cells, nothing scrolls sideways */
-  .scroll > table thead { display: none; }
-  .scroll > table, .scroll > table tbody { display: block; }
+  .scroll > table thead { display: none; }  .scroll > table, .scroll > table tbody { display: block; }
   .scroll > table tr { display: flex; flex-wrap: wrap; gap: .1rem 1rem; padding: .5rem 0;
                        border-bottom: 1px solid var(--line); }
   .scroll > table td { display: block; min-width: 0; max-width: 100%; padding: 0; border: 0;
                        white-space: normal; overflow-wrap: anywhere; }
   .scroll > table td[data-label]::before { content: attr(data-label) ": "; color: var(--muted); }
-  .scroll > table td:empty { display: none; }
-  .rejected td:nth-child(n+5) { min-width: 0; flex-basis: 100%; }
+  .scroll > table td:empty { display: none; }  .rejected td:nth-child(n+5) { min-width: 0; flex-basis: 100%; }
 }
-form.inline { display: inline; }
-.axis { display: flex; justify-content: space-between; margin: 0; font-size: .8rem; }
+form.inline { display: inline; }  .axis { display: flex; justify-content: space-between; margin: 0; font-size: .8rem; }
 """
 
 TEMPLATES = jinja2.Environment(autoescape=True, trim_blocks=True, lstrip_blocks=True, loader=jinja2.DictLoader({
@@ -4390,8 +4385,7 @@ TEMPLATES = jinja2.Environment(autoescape=True, trim_blocks=True, lstrip_blocks=
 {% macro csrf_field() %}<input type="hidden" name="csrf_token" value="{{ csrf_token() }}">{% endmacro %}
 {% macro scroll_table(columns, id=none, css_class=none) %}
 <div class="scroll"><table{% if id %} id="{{ id }}"{% endif %}{% if css_class %} class="{{ css_class }}"{% endif %}>
-<thead><tr>{% for column in columns %}<th>{{ column }}</th>{% endfor %}</tr></thead>
-<tbody>
+<thead><tr>{% for column in columns %}<th>{{ column }}</th>{% endfor %}</tr></thead><tbody>
 {{ caller() }}
 </tbody></table></div>
 {% endmacro %}
@@ -4413,42 +4407,29 @@ TEMPLATES = jinja2.Environment(autoescape=True, trim_blocks=True, lstrip_blocks=
 {{ select("identity_field", "identity_field", "Identity field", choices, identity_field) }}
 {% endmacro %}
 {% macro rejected_table(rows) %}
-{% if rows %}
 {% call scroll_table(["Time", "Status", "Error", "Reason", "Hint", "Body"], css_class="rejected") %}
 {% for r in rows %}
 <tr data-status="{{ r.status }}"><td data-label="Time">{{ iso_utc(r.last_seen_at) }}{% if r.repeats > 1 %}<br>
   <span class="repeats">{{ r.repeats }} times since {{ iso_utc(r.received_at) }}</span>{% endif %}</td>
   <td data-label="Status">{{ r.status }}</td><td data-label="Error">{{ r.error }}</td>
-  <td data-label="Reason">{{ r.reason or "" }}</td>
-  <td data-label="Hint">{{ r.hint }}
+  <td data-label="Reason">{{ r.reason or "" }}</td><td data-label="Hint">{{ r.hint }}
     {%- if r.diagnosis %}<br><strong class="diagnosis">{{ r.diagnosis }}</strong>{% endif %}</td>
   <td data-label="Body"><code>{{ r.snippet[:120] }}</code></td></tr>
 {% endfor %}
 {% endcall %}
-{% else %}
-<p class="muted">None.</p>
-{% endif %}
 {% endmacro %}""",
 
     "base.html": """<!doctype html>
-<html lang="en">
-<head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
+<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
 <title>{{ title }} · mmoref</title><style nonce="{{ style_nonce }}">""" + STYLE_SHEET + """</style></head>
-<body>
-<header><a href="{{ url_for('mmoref.dashboard.index') }}">mmoref</a>
-{% if logged_in %}
-<form method="post" action="{{ url_for('mmoref.dashboard.logout') }}">{{ csrf_field() }}
-  <button class="plain">Log out</button></form>
-{% endif %}
+<body><header><a href="{{ url_for('mmoref.dashboard.index') }}">mmoref</a>
+{% if logged_in %}<form method="post" action="{{ url_for('mmoref.dashboard.logout') }}">{{ csrf_field() }}
+  <button class="plain">Log out</button></form>{% endif %}
 </header>
 <main>
-{% for message in messages %}
-<p class="flash" role="status">{{ message }}</p>
-{% endfor %}
+{% for message in messages %}<p class="flash" role="status">{{ message }}</p>{% endfor %}
 {% block main %}{% endblock %}
-</main>
-</body>
-</html>
+</main></body></html>
 """,
 
     "message.html": """{% extends "base.html" %}
@@ -4470,19 +4451,14 @@ TEMPLATES = jinja2.Environment(autoescape=True, trim_blocks=True, lstrip_blocks=
 {% block main %}
 <section><h1>Log in</h1>
 {% if error %}<p class="error" role="alert">{{ error }}</p>{% endif %}
-{% if wrong_password %}
-<p class="muted" id="reset-password">Forgotten it? On the server, run <code>{{ command }} set-password</code> (with
-  <code>--db</code> when its database is not <code>./referrals.db</code>); when <code>MMOREF_ADMIN_PASSWORD</code> is
-  set, change that and restart.</p>
-{% endif %}
-{% if no_password %}
-<p class="error">No dashboard password is set yet: run <code>{{ set_password_command }}</code>
-  or set <code>MMOREF_ADMIN_PASSWORD</code>.</p>
-{% endif %}
+{% if wrong_password %}<p class="muted" id="reset-password">Forgotten it? On the server, run
+  <code>{{ command }} set-password</code> (with <code>--db</code> when its database is not <code>./referrals.db</code>);
+  when <code>MMOREF_ADMIN_PASSWORD</code> is set, change that and restart.</p>{% endif %}
+{% if no_password %}<p class="error">No dashboard password is set yet: run <code>{{ set_password_command }}</code>
+  or set <code>MMOREF_ADMIN_PASSWORD</code>.</p>{% endif %}
 <form method="post">{{ csrf_field() }}<label for="password">Password</label>
   <input id="password" name="password" type="password" autocomplete="current-password" required autofocus>
-  <button>Log in</button></form>
-</section>
+  <button>Log in</button></form></section>
 {% endblock %}
 """,
 
@@ -4493,12 +4469,9 @@ TEMPLATES = jinja2.Environment(autoescape=True, trim_blocks=True, lstrip_blocks=
 <section id="new-secret"><h2>Server {{ new_secret.server_id }} created</h2>
 <p>Its signing secret, shown <strong>once</strong>: copy it into your game server's config now.</p>
 <p class="secret" id="secret-value">{{ new_secret.secret }}</p><p class="muted">kid {{ new_secret.kid }}</p>
-{% if new_secret.no_registration_url %}
-<p class="error" id="no-registration-url">No registration URL yet: its share link answers 404 until you set one under
-  Registration on its Referrals tab.</p>
-{% endif %}
-<p><a href="{{ tab_url(new_secret) }}">Open its Referrals tab</a></p>
-</section>
+{% if new_secret.no_registration_url %}<p class="error" id="no-registration-url">No registration URL yet: its share
+  link answers 404 until you set one under Registration on its Referrals tab.</p>{% endif %}
+<p><a href="{{ tab_url(new_secret) }}">Open its Referrals tab</a></p></section>
 {% endif %}
 <section>
 {% call scroll_table(["Server", "Game", "Referrals", "Funnel: clicks → registered → qualified (reversed)"],
@@ -4519,15 +4492,12 @@ TEMPLATES = jinja2.Environment(autoescape=True, trim_blocks=True, lstrip_blocks=
 <section><h2>Add server</h2>
 {% if error %}<p class="error" role="alert">{{ error }}</p>{% endif %}
 <form method="post" action="{{ url_for('mmoref.dashboard.add_server_form') }}" class="row">{{ csrf_field() }}
-{{ name_field("server_id", "Server id", form.server_id) }}
-{{ name_field("game", "Game", form.game) }}
+{{ name_field("server_id", "Server id", form.server_id) }}{{ name_field("game", "Game", form.game) }}
 <div><label for="name">Name</label><input id="name" name="name" value="{{ form.name or '' }}"></div>
 {{ registration_fields(form.registration_url, form.identity_field, identity_fields) }}
-<div><button>Add server</button></div>
-</form>
-</section>
+<div><button>Add server</button></div></form></section>
 <section><h2>Rejected requests naming no known server</h2>
-{{ rejected_table(rejected) }}
+{% if rejected %}{{ rejected_table(rejected) }}{% else %}<p class="muted">None.</p>{% endif %}
 </section>
 {% endblock %}
 """,
@@ -4544,36 +4514,27 @@ TEMPLATES = jinja2.Environment(autoescape=True, trim_blocks=True, lstrip_blocks=
     {{- " " ~ previous.until }}).{% else %}is revoked.{% endif %}</span>
 {% endif %}
 </p>
-<p class="secret" id="secret-value">{{ new_secret.secret }}</p><p class="muted">kid {{ new_secret.kid }}</p>
-</section>
+<p class="secret" id="secret-value">{{ new_secret.secret }}</p><p class="muted">kid {{ new_secret.kid }}</p></section>
 {% endif %}
 {% if new_token %}
 <section id="new-token"><h2>Test token for referral {{ new_token.referral_id }}</h2>
 <p class="secret" id="token-value">{{ new_token.token }}</p>
-<p class="muted">A test referral: its click and events are left out of the analytics.</p>
-</section>
+<p class="muted">A test referral: its click and events are left out of the analytics.</p></section>
 {% endif %}
-
 <section id="connect"><h2>Connect your game server</h2>
 <p>Your game server POSTs signed events to this address, with this server id and the secret shown once when it was
   made (this page never shows it again).</p>
-<table class="wrap">
-<tr><th>Ingest URL</th><td><code id="connect-url">{{ connect.url }}</code></td></tr>
+<table class="wrap"><tr><th>Ingest URL</th><td><code id="connect-url">{{ connect.url }}</code></td></tr>
 <tr><th>server_id</th><td><code id="connect-server-id">{{ connect.server_id }}</code></td></tr>
-<tr><th>kid</th><td><code id="connect-kid">{{ connect.kid or "no secret yet" }}</code></td></tr>
-</table>
-<h3>With curl and openssl</h3>
-<pre id="connect-shell">{{ connect.shell }}</pre>
-<h3>With Python (mmoref's <code>send</code> command)</h3>
-<pre id="connect-python">{{ connect.python }}</pre>
-</section>
+<tr><th>kid</th><td><code id="connect-kid">{{ connect.kid or "no secret yet" }}</code></td></tr></table>
+<h3>With curl and openssl</h3><pre id="connect-shell">{{ connect.shell }}</pre>
+<h3>With Python (mmoref's <code>send</code> command)</h3><pre id="connect-python">{{ connect.python }}</pre></section>
 <section id="status"><h2>Status</h2>
 <form method="post" action="{{ server_url('set_enabled', server) }}">{{ csrf_field() }}
 {% set enabled = server.referrals_enabled %}
 <p class="{{ 'ok' if enabled else 'error' }}">Referrals are {{ "enabled" if enabled else "disabled" }}.</p>
 <input type="hidden" name="enabled" value="{{ 0 if enabled else 1 }}">
-<button{% if enabled %} class="plain"{% endif %}>{{ "Disable" if enabled else "Enable" }} referrals</button>
-</form>
+<button{% if enabled %} class="plain"{% endif %}>{{ "Disable" if enabled else "Enable" }} referrals</button></form>
 </section>
 <section id="secrets"><h2>Signing secret</h2>
 {% call scroll_table(["kid", "Secret", "Status"]) %}
@@ -4597,25 +4558,18 @@ TEMPLATES = jinja2.Environment(autoescape=True, trim_blocks=True, lstrip_blocks=
   {{- "revoke now" if value == "0" else "stays valid " ~ label }}</option>
 {% endfor %}
 </select></div>
-<div><button>{{ "Rotate secret" if has_secret else "Generate secret" }}</button></div>
-</form>
-</section>
+<div><button>{{ "Rotate secret" if has_secret else "Generate secret" }}</button></div></form></section>
 <section id="settings"><h2>Registration</h2>
 <form method="post" class="row" action="{{ server_url('settings_form', server) }}">{{ csrf_field() }}
 {{ registration_fields(server.registration_url, server.identity_field, identity_fields) }}
-<div><button>Save</button></div>
-</form>
-{% if not server.registration_url %}
-<p class="error" id="no-registration-url">No registration URL yet: the share link answers 404 until you set one
-  here.</p>
-{% endif %}
+<div><button>Save</button></div></form>
+{% if not server.registration_url %}<p class="error" id="no-registration-url">No registration URL yet: the share link
+  answers 404 until you set one here.</p>{% endif %}
 <label for="share-link">Share link (players add their code)</label>
 <input id="share-link" readonly size="50" value="{{ share_link }}PLAYERCODE">
 <form method="post" class="row" action="{{ server_url('mint_token_form', server) }}">{{ csrf_field() }}
 <div><label for="ref">Referrer code</label><input id="ref" name="ref" required value="tester"></div>
-<div><button class="plain">Mint a test token</button></div>
-</form>
-</section>
+<div><button class="plain">Mint a test token</button></div></form></section>
 <section id="test-event"><h2>Send test event</h2>
 <p class="muted">Signs a <code>"test": true</code> registered event with the current secret and runs it through the
   real ingest pipeline. Nothing is written to the delivery log.</p>
@@ -4623,21 +4577,16 @@ TEMPLATES = jinja2.Environment(autoescape=True, trim_blocks=True, lstrip_blocks=
 <button id="send-test-event"{% if not has_secret %} disabled{% endif %}>Send test event</button>
 {% if not has_secret %}<span class="muted">Generate a secret first: the test event is signed with it.</span>{% endif %}
 </form>
-{% if test_result %}
-<div id="test-result" data-status="{{ test_result.status }}">
+{% if test_result %}<div id="test-result" data-status="{{ test_result.status }}">
 <p class="{{ 'ok' if test_result.status == 200 else 'error' }}">HTTP {{ test_result.status }}</p>
-<pre>{{ test_result.body }}</pre>
-</div>
-{% endif %}
+<pre>{{ test_result.body }}</pre></div>{% endif %}
 </section>
 {% set f, chart = analytics.funnel, analytics.chart %}
 <section id="analytics"><h2>Analytics</h2>
-<div class="funnel">
-<div>Clicks<strong id="funnel-clicked">{{ f.clicked }}</strong></div>
+<div class="funnel"><div>Clicks<strong id="funnel-clicked">{{ f.clicked }}</strong></div>
 <div>Registered<strong id="funnel-registered">{{ f.registered }}</strong>{{ analytics.registered_rate }} of clicks</div>
 <div>Qualified<strong id="funnel-qualified">{{ f.qualified }}</strong>{{ analytics.qualified_rate }} of registered</div>
-<div>Reversed<strong id="funnel-reversed">{{ f.reversed }}</strong></div>
-</div>
+<div>Reversed<strong id="funnel-reversed">{{ f.reversed }}</strong></div></div>
 <h3>Last 30 days</h3>
 <svg id="daily-chart" role="img" aria-label="Daily clicks, registrations and qualifications"
      viewBox="0 0 {{ chart.width }} 112" width="100%" height="140" preserveAspectRatio="none">
@@ -4646,18 +4595,9 @@ TEMPLATES = jinja2.Environment(autoescape=True, trim_blocks=True, lstrip_blocks=
   <title>{{ bar.label }}</title></rect>
 {% endfor %}
 </svg>
-<p class="axis muted" id="chart-axis">
-{% for day in chart.axis %}
-<span>{{ day }}</span>
-{% endfor %}
-</p>
-<p class="muted" id="chart-note">
-{% if chart.peak %}
-  Bars per day: clicks (light), registered (blue), qualified (green); peak {{ chart.peak }}.
-{% else %}
-  No clicks, registrations or qualifications in the last 30 days.
-{% endif %}
-</p>
+<p class="axis muted" id="chart-axis">{% for day in chart.axis %} <span>{{ day }}</span>{% endfor %}</p>
+<p class="muted" id="chart-note">{% if chart.peak %}Bars per day: clicks (light), registered (blue), qualified (green);
+  peak {{ chart.peak }}.{% else %}No clicks, registrations or qualifications in the last 30 days.{% endif %}</p>
 <h3>Top referrers (by qualified)</h3>
 {% call scroll_table(["Referrer", "Clicks", "Registered", "Qualified"], id="leaderboard") %}
 {% for r in analytics.leaders %}
@@ -4673,10 +4613,7 @@ TEMPLATES = jinja2.Environment(autoescape=True, trim_blocks=True, lstrip_blocks=
 {{ select("f-event", "event", "Event", log_events, filters.event, any=true) }}
 {{ select("f-outcome", "outcome", "Outcome", outcomes, filters.outcome, any=true) }}
 <div><label for="f-q">server_event_id or referrer code</label><input id="f-q" name="q" value="{{ filters.q or '' }}">
-</div>
-<div><button class="plain">Filter</button></div>
-<div><a href="{{ csv_url }}">Export CSV</a></div>
-</form>
+</div><div><button class="plain">Filter</button></div><div><a href="{{ csv_url }}">Export CSV</a></div></form>
 {% call scroll_table(["Received", "Event", "State now", "Outcome", "server_event_id", "Referrer", "Referee", "Token",
                       ""], id="delivery-log") %}
 {% for row in log_rows %}
@@ -4691,17 +4628,10 @@ TEMPLATES = jinja2.Environment(autoescape=True, trim_blocks=True, lstrip_blocks=
 <tr><td colspan="9">No events{{ " match these filters" if filters else " yet" }}.</td></tr>
 {% endfor %}
 {% endcall %}
-<nav class="pager">
-{% if newer_url %}
-<a id="newer" href="{{ newer_url }}">← newer</a>
-{% endif %}
-{% if older_url %}
-<a id="older" href="{{ older_url }}">older →</a>
-{% endif %}
-</nav>
-</section>
+<nav class="pager">{% if newer_url %}<a id="newer" href="{{ newer_url }}">← newer</a>{% endif %}
+  {% if older_url %}<a id="older" href="{{ older_url }}">older →</a>{% endif %}</nav></section>
 <section id="rejected"><h2>Rejected requests</h2>
-{{ rejected_table(rejected) }}
+{% if rejected %}{{ rejected_table(rejected) }}{% else %}<p class="muted">None.</p>{% endif %}
 </section>
 {% endblock %}
 """,
@@ -4713,8 +4643,7 @@ TEMPLATES = jinja2.Environment(autoescape=True, trim_blocks=True, lstrip_blocks=
   <strong>{{ next_state }}</strong>: this is final and cannot be undone.</p>
 <form method="post" class="row">{{ csrf_field() }}<input type="hidden" name="back" value="{{ back }}">
   <input type="hidden" name="confirmed" value="yes">
-  <button id="confirm-action">Yes, {{ action }} referral</button> <a href="{{ back }}">Cancel</a></form>
-</section>
+  <button id="confirm-action">Yes, {{ action }} referral</button> <a href="{{ back }}">Cancel</a></form></section>
 {% endblock %}
 """,
 
@@ -4722,19 +4651,13 @@ TEMPLATES = jinja2.Environment(autoescape=True, trim_blocks=True, lstrip_blocks=
 {% block main %}
 <p><a href="{{ tab_url(server) }}">← Referrals</a></p>
 <h1>Event {{ row.id }}: {{ row.event }}</h1>
-<section>
-<table id="event-detail" class="wrap">
-<tr><th>Received</th><td>{{ row.received }}</td></tr>
-<tr><th>Outcome</th><td>{{ row.outcome }}</td></tr>
+<section><table id="event-detail" class="wrap">
+<tr><th>Received</th><td>{{ row.received }}</td></tr><tr><th>Outcome</th><td>{{ row.outcome }}</td></tr>
 <tr><th>server_event_id</th><td>{{ row.server_event_id or "" }}</td></tr>
 <tr><th>Referral</th><td>{{ referral.referral_id }} (referrer {{ referral.referrer_code }})</td></tr>
 <tr><th>Referral state now</th><td id="referral-state">{{ referral.state }}</td></tr>
-<tr><th>Referee</th><td>{{ referral.referee_identity or "" }}</td></tr>
-</table>
-{% if payload %}
-<h2>Stored payload (token masked)</h2>
-<pre>{{ payload }}</pre>
-{% endif %}
+<tr><th>Referee</th><td>{{ referral.referee_identity or "" }}</td></tr></table>
+{% if payload %}<h2>Stored payload (token masked)</h2><pre>{{ payload }}</pre>{% endif %}
 </section>
 <section><h2>Owner actions</h2>
 {% for action in actions %}
@@ -4746,14 +4669,11 @@ TEMPLATES = jinja2.Environment(autoescape=True, trim_blocks=True, lstrip_blocks=
 <p class="muted">None: a {{ referral.state }} referral is final or not yet registered.</p>
 {% endfor %}
 </section>
-
 {% if referral.referee_identity and not referral.referee_identity.startswith("forgotten:") %}
 <section><h2>Personal data</h2>
 <form method="post" action="{{ server_url('forget_form', server, referral_id=referral.referral_id) }}">
-  {{- csrf_field() }}<button class="plain" id="forget">Forget this player…</button></form>
-</section>
+  {{- csrf_field() }}<button class="plain" id="forget">Forget this player…</button></form></section>
 {% endif %}
-
 <section><h2>History of this referral</h2>
 {% call scroll_table(["Received", "Event", "Outcome", "server_event_id"], id="history") %}
 {% for h in history %}
