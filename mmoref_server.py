@@ -3107,13 +3107,10 @@ def _no_store(response: Any) -> Any:
 
 
 def reserve_login_attempt(store: Store, client: str, at: int, budget: str = "*") -> int:
-    """Count a login attempt as failed before its password is checked; return the seconds to wait instead.
-
-    0 means go ahead (a right password then forgets the client's failures). Counting first, in one write
-    transaction, means parallel guesses each see the others' counts, in every worker process. After
-    LOGIN_FREE_FAILURES a client waits 1, 2, 4 ... LOGIN_MAX_WAIT s; beyond LOGIN_BUDGET attempts in a window
-    against one `budget` ("*": the one all strangers share), everyone counted against it waits.
-    """
+    """Count a login attempt as failed before its password is checked (so parallel guesses, in any worker, see
+    each other); return the seconds to wait instead, 0 to go ahead. After LOGIN_FREE_FAILURES a client waits
+    1, 2, 4 ... LOGIN_MAX_WAIT s; beyond LOGIN_BUDGET attempts a window against one `budget` ("*": the one all
+    strangers share), everyone counted against it waits."""
     with store.transaction() as transaction:
         failures, last_at = transaction.login_failures(client)
         wait = 0
@@ -3128,12 +3125,9 @@ def reserve_login_attempt(store: Store, client: str, at: int, budget: str = "*")
 
 
 def _login_counters(store: Store, device: str | None) -> tuple[str, str]:
-    """What a login attempt counts against: (the client whose failures slow it down, the budget it spends).
-
-    A browser that logged in before (a valid device cookie) is a client with a budget of its own; a loopback
-    address keeps its own budget (not its own slowdown); every other client spends the shared one. Strangers
-    lock out neither the owner's browser nor the machine itself, and together still try at most LOGIN_BUDGET.
-    """
+    """(The client whose failures slow a login down, the budget it spends): a browser that logged in before is
+    a client with a budget of its own, a loopback address has its own budget, every other client spends the
+    shared one. So strangers lock out neither the owner's browser nor the machine itself."""
     if device is not None:
         return f"device:{device}", f"device:{device}"
     address = request.remote_addr or ""
@@ -3233,8 +3227,8 @@ def add_server_form() -> Any:
         _, kid = get_store().add_server(server_id, game, name, url, request.form.get("identity_field", "username"))
     except ConfigError as exc:
         return _index_page(error=str(exc), status=400)
-    _keep_for_next_page(SERVERS_PAGE, new_secret={"server_id": server_id, "game": game, "kid": kid,
-                                                  "no_registration_url": not url})
+    session[SHOWN_ONCE] = {"page": SERVERS_PAGE, "new_secret": {"server_id": server_id, "game": game, "kid": kid,
+                                                                "no_registration_url": not url}}
     return redirect(url_for("mmoref.dashboard.index"))
 
 
@@ -3251,10 +3245,6 @@ def _index_page(status: int = 200, **extra: Any) -> Any:
 # Store.reveal_secret gives its value once, however many pages ask.
 SHOWN_ONCE = "mmoref_shown_once"
 SERVERS_PAGE = ""  # the servers list's key; a server's Referrals tab is keyed by its server id
-
-
-def _keep_for_next_page(page: str, **results: dict[str, Any]) -> None:
-    session[SHOWN_ONCE] = {"page": page, **results}
 
 
 def _shown_once(page: str) -> dict[str, Any]:
@@ -3294,12 +3284,11 @@ def _tab_url(server: Row, **params: Any) -> str:
 
 
 def _to_tab(server: Row, *messages: str, anchor: str = "", **results: dict[str, Any]) -> Any:
-    """Redirect to the server's Referrals tab (at `anchor`, where the result shows), `messages` flashed and
-    `results` waiting there."""
+    """Redirect to the server's Referrals tab (at `anchor`, where a result shows), with messages and results."""
     for message in messages:
         _flash(message)
     if results:
-        _keep_for_next_page(server["server_id"], **results)
+        session[SHOWN_ONCE] = {"page": server["server_id"], **results}
     return redirect(_tab_url(server) + (f"#{anchor}" if anchor else ""))
 
 
@@ -3457,8 +3446,7 @@ def mint_token_form(game: str, server_id: str) -> Any:
 
 @dashboard.post("/<game>/<server_id>/referrals/test-event")
 def send_test_event(game: str, server_id: str) -> Any:
-    """Sign a test `registered` with the current secret, exactly as the kit does, and run
-    it through the same pipeline as POST /api/referral/events."""
+    """Sign a test `registered` with the current secret, as the kit does, and run it through the ingest pipeline."""
     server = _server_or_404(game, server_id)
     store = get_store()
     live = store.live_secrets(server_id, now())
@@ -3503,14 +3491,12 @@ def log_csv(game: str, server_id: str) -> Any:
 
 
 def _csv_cell(value: Any) -> Any:
-    """Neutralise spreadsheet formulas: identities and codes come from players. A spreadsheet may split a line
-    on `;`, a tab, `|` or a space as well as on `,`, so a formula can start after any of them (`x;=1+1`): each
-    such start gets a leading `'`."""
+    """Neutralise spreadsheet formulas (identities and codes come from players) with a leading `'`."""
     return _FORMULA_START.sub(r"'\1", value) if isinstance(value, str) else value
 
 
-# what makes a formula, at the cell's start or after a separator (not after any other character);
-# spreadsheets read the fullwidth ＝ ＋ － ＠ (U+FF1D, U+FF0B, U+FF0D, U+FF20) like = + - @
+# A formula starts a cell or follows a separator: a spreadsheet may split on `;`, a tab, `|` or a space as well
+# as on `,` (`x;=1+1`); it reads the fullwidth ＝ ＋ － ＠ (U+FF1D, U+FF0B, U+FF0D, U+FF20) like = + - @
 _FORMULA_START = re.compile(r"(?<![^,;|\s\"'])([=+\-@\t\r\uff1d\uff0b\uff0d\uff20])")
 
 
