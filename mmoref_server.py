@@ -4369,10 +4369,15 @@ TEMPLATES = jinja2.Environment(autoescape=True, trim_blocks=True, lstrip_blocks=
     "macros.html": """
 {# every form carries the session's CSRF token #}
 {% macro csrf_field() %}<input type="hidden" name="csrf_token" value="{{ csrf_token() }}">{% endmacro %}
-{% macro scroll_table(columns, id=none, css_class=none) %}
+{# a list, each row's cells from the call block ({% call(row) scroll_table(...) %}), `data` its data-* attributes #}
+{% macro scroll_table(columns, rows, empty=none, id=none, css_class=none, data={}) %}
 <div class="scroll"><table{% if id %} id="{{ id }}"{% endif %}{% if css_class %} class="{{ css_class }}"{% endif %}>
 <thead><tr>{% for column in columns %}<th>{{ column }}</th>{% endfor %}</tr></thead><tbody>
-{{ caller() }}
+{% for row in rows %}
+<tr{% for name, key in data.items() %} data-{{ name }}="{{ row[key] }}"{% endfor %}>{{ caller(row) }}</tr>
+{% else %}
+{% if empty %}<tr><td colspan="{{ columns|length }}">{{ empty }}</td></tr>{% endif %}
+{% endfor %}
 </tbody></table></div>
 {% endmacro %}
 {% macro name_field(name, label, value) %}
@@ -4393,15 +4398,14 @@ TEMPLATES = jinja2.Environment(autoescape=True, trim_blocks=True, lstrip_blocks=
 {{ select("identity_field", "identity_field", "Identity field", choices, identity_field) }}
 {% endmacro %}
 {% macro rejected_table(rows) %}
-{% call scroll_table(["Time", "Status", "Error", "Reason", "Hint", "Body"], css_class="rejected") %}
-{% for r in rows %}
-<tr data-status="{{ r.status }}"><td data-label="Time">{{ iso_utc(r.last_seen_at) }}{% if r.repeats > 1 %}<br>
+{% call(r) scroll_table(["Time", "Status", "Error", "Reason", "Hint", "Body"], rows, css_class="rejected",
+                        data={"status": "status"}) %}
+<td data-label="Time">{{ iso_utc(r.last_seen_at) }}{% if r.repeats > 1 %}<br>
   <span class="repeats">{{ r.repeats }} times since {{ iso_utc(r.received_at) }}</span>{% endif %}</td>
-  <td data-label="Status">{{ r.status }}</td><td data-label="Error">{{ r.error }}</td>
-  <td data-label="Reason">{{ r.reason or "" }}</td><td data-label="Hint">{{ r.hint }}
-    {%- if r.diagnosis %}<br><strong class="diagnosis">{{ r.diagnosis }}</strong>{% endif %}</td>
-  <td data-label="Body"><code>{{ r.snippet[:120] }}</code></td></tr>
-{% endfor %}
+<td data-label="Status">{{ r.status }}</td><td data-label="Error">{{ r.error }}</td>
+<td data-label="Reason">{{ r.reason or "" }}</td><td data-label="Hint">{{ r.hint }}
+  {%- if r.diagnosis %}<br><strong class="diagnosis">{{ r.diagnosis }}</strong>{% endif %}</td>
+<td data-label="Body"><code>{{ r.snippet[:120] }}</code></td>
 {% endcall %}
 {% endmacro %}""",
 
@@ -4460,19 +4464,15 @@ TEMPLATES = jinja2.Environment(autoescape=True, trim_blocks=True, lstrip_blocks=
 <p><a href="{{ tab_url(new_secret) }}">Open its Referrals tab</a></p></section>
 {% endif %}
 <section>
-{% call scroll_table(["Server", "Game", "Referrals", "Funnel: clicks → registered → qualified (reversed)"],
-                     id="servers") %}
-{% for server in servers %}
+{% call(server) scroll_table(["Server", "Game", "Referrals", "Funnel: clicks → registered → qualified (reversed)"],
+                             servers, "No servers yet: add one below.", id="servers", data={"server": "server_id"}) %}
 {% set f = funnels.get(server.server_id, {}) %}
-<tr data-server="{{ server.server_id }}"><td data-label="Server"><a href="{{ tab_url(server) }}">
-  {{- server.name or server.server_id }}</a>{% if server.name %} <span class="muted">{{ server.server_id }}</span>
-  {%- endif %}</td><td data-label="Game">{{ server.game }}</td>
-  <td data-label="Referrals">{{ "on" if server.referrals_enabled else "off" }}</td>
-  <td data-label="Clicks → registered → qualified (reversed)">{{ f.clicked or 0 }} → {{ f.registered or 0 }} →
-    {{- " " ~ (f.qualified or 0) }} ({{ f.reversed or 0 }})</td></tr>
-{% else %}
-<tr><td colspan="4">No servers yet: add one below.</td></tr>
-{% endfor %}
+<td data-label="Server"><a href="{{ tab_url(server) }}">{{ server.name or server.server_id }}</a>
+  {%- if server.name %} <span class="muted">{{ server.server_id }}</span>{% endif %}</td>
+<td data-label="Game">{{ server.game }}</td>
+<td data-label="Referrals">{{ "on" if server.referrals_enabled else "off" }}</td>
+<td data-label="Clicks → registered → qualified (reversed)">{{ f.clicked or 0 }} → {{ f.registered or 0 }} →
+  {{- " " ~ (f.qualified or 0) }} ({{ f.reversed or 0 }})</td>
 {% endcall %}
 </section>
 <section><h2>Add server</h2>
@@ -4523,14 +4523,10 @@ TEMPLATES = jinja2.Environment(autoescape=True, trim_blocks=True, lstrip_blocks=
 <button{% if enabled %} class="plain"{% endif %}>{{ "Disable" if enabled else "Enable" }} referrals</button></form>
 </section>
 <section id="secrets"><h2>Signing secret</h2>
-{% call scroll_table(["kid", "Secret", "Status"]) %}
-{% for s in secrets[:5] %}
-<tr><td data-label="kid">{{ s.kid }}</td><td data-label="Secret">…{{ s.last4 }}</td><td data-label="Status">
+{% call(s) scroll_table(["kid", "Secret", "Status"], secrets[:5], "No secret yet.") %}
+<td data-label="kid">{{ s.kid }}</td><td data-label="Secret">…{{ s.last4 }}</td><td data-label="Status">
   {%- if s.expires_at is none %}current{% elif s.expires_at > now %}valid until {{ iso_utc(s.expires_at) }}
-  {%- else %}revoked{% endif %}</td></tr>
-{% else %}
-<tr><td colspan="3">No secret yet.</td></tr>
-{% endfor %}
+  {%- else %}revoked{% endif %}</td>
 {% endcall %}
 {% for s in in_grace %}
 <p class="error" id="rotation-revokes">Rotating again now revokes secret {{ s.kid }} (ends in …{{ s.last4 }}, valid
@@ -4585,13 +4581,10 @@ TEMPLATES = jinja2.Environment(autoescape=True, trim_blocks=True, lstrip_blocks=
 <p class="muted" id="chart-note">{% if chart.peak %}Bars per day: clicks (light), registered (blue), qualified (green);
   peak {{ chart.peak }}.{% else %}No clicks, registrations or qualifications in the last 30 days.{% endif %}</p>
 <h3>Top referrers (by qualified)</h3>
-{% call scroll_table(["Referrer", "Clicks", "Registered", "Qualified"], id="leaderboard") %}
-{% for r in analytics.leaders %}
-<tr><td data-label="Referrer">{{ r.referrer_code }}</td><td data-label="Clicks">{{ r.clicked }}</td>
-  <td data-label="Registered">{{ r.registered }}</td><td data-label="Qualified">{{ r.qualified }}</td></tr>
-{% else %}
-<tr><td colspan="4">No qualified referrals yet.</td></tr>
-{% endfor %}
+{% call(r) scroll_table(["Referrer", "Clicks", "Registered", "Qualified"], analytics.leaders,
+                        "No qualified referrals yet.", id="leaderboard") %}
+<td data-label="Referrer">{{ r.referrer_code }}</td><td data-label="Clicks">{{ r.clicked }}</td>
+<td data-label="Registered">{{ r.registered }}</td><td data-label="Qualified">{{ r.qualified }}</td>
 {% endcall %}
 </section>
 <section id="log"><h2>Delivery log</h2>
@@ -4600,19 +4593,16 @@ TEMPLATES = jinja2.Environment(autoescape=True, trim_blocks=True, lstrip_blocks=
 {{ select("f-outcome", "outcome", "Outcome", outcomes, filters.outcome, any=true) }}
 <div><label for="f-q">server_event_id or referrer code</label><input id="f-q" name="q" value="{{ filters.q or '' }}">
 </div><div><button class="plain">Filter</button></div><div><a href="{{ csv_url }}">Export CSV</a></div></form>
-{% call scroll_table(["Received", "Event", "State now", "Outcome", "server_event_id", "Referrer", "Referee", "Token",
-                      ""], id="delivery-log") %}
-{% for row in log_rows %}
-<tr data-id="{{ row.id }}" data-event="{{ row.event }}" data-state="{{ row.state }}" data-outcome="{{ row.outcome }}">
-  <td data-label="Received">{{ row.received }}</td><td data-label="Event">{{ row.event }}</td>
-  <td data-label="State now">{{ row.state }}</td><td data-label="Outcome">{{ row.outcome }}</td>
-  <td data-label="server_event_id">{{ row.server_event_id or "" }}</td>
-  <td data-label="Referrer">{{ row.referrer_code }}</td><td data-label="Referee">{{ row.referee_masked }}</td>
-  <td data-label="Token">{{ row.token_masked }}</td>
-  <td><a class="detail" href="{{ server_url('log_detail', server, row_id=row.id) }}">details</a></td></tr>
-{% else %}
-<tr><td colspan="9">No events{{ " match these filters" if filters else " yet" }}.</td></tr>
-{% endfor %}
+{% call(row) scroll_table(["Received", "Event", "State now", "Outcome", "server_event_id", "Referrer", "Referee",
+                          "Token", ""], log_rows, "No events" ~ (" match these filters" if filters else " yet") ~ ".",
+                          id="delivery-log", data={"id": "id", "event": "event", "state": "state",
+                                                   "outcome": "outcome"}) %}
+<td data-label="Received">{{ row.received }}</td><td data-label="Event">{{ row.event }}</td>
+<td data-label="State now">{{ row.state }}</td><td data-label="Outcome">{{ row.outcome }}</td>
+<td data-label="server_event_id">{{ row.server_event_id or "" }}</td>
+<td data-label="Referrer">{{ row.referrer_code }}</td><td data-label="Referee">{{ row.referee_masked }}</td>
+<td data-label="Token">{{ row.token_masked }}</td>
+<td><a class="detail" href="{{ server_url('log_detail', server, row_id=row.id) }}">details</a></td>
 {% endcall %}
 <nav class="pager">{% if newer_url %}<a id="newer" href="{{ newer_url }}">← newer</a>{% endif %}
   {% if older_url %}<a id="older" href="{{ older_url }}">older →</a>{% endif %}</nav></section>
@@ -4661,12 +4651,10 @@ TEMPLATES = jinja2.Environment(autoescape=True, trim_blocks=True, lstrip_blocks=
   {{- csrf_field() }}<button class="plain" id="forget">Forget this player…</button></form></section>
 {% endif %}
 <section><h2>History of this referral</h2>
-{% call scroll_table(["Received", "Event", "Outcome", "server_event_id"], id="history") %}
-{% for h in history %}
-<tr data-event="{{ h.event }}" data-outcome="{{ h.outcome }}"><td data-label="Received">{{ h.received }}</td>
-  <td data-label="Event">{{ h.event }}</td><td data-label="Outcome">{{ h.outcome }}</td>
-  <td data-label="server_event_id">{{ h.server_event_id or "" }}</td></tr>
-{% endfor %}
+{% call(h) scroll_table(["Received", "Event", "Outcome", "server_event_id"], history, id="history",
+                        data={"event": "event", "outcome": "outcome"}) %}
+<td data-label="Received">{{ h.received }}</td><td data-label="Event">{{ h.event }}</td>
+<td data-label="Outcome">{{ h.outcome }}</td><td data-label="server_event_id">{{ h.server_event_id or "" }}</td>
 {% endcall %}
 </section>
 {% endblock %}
