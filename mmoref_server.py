@@ -3214,11 +3214,6 @@ def logout() -> Any:
     return redirect(url_for("mmoref.dashboard.login"))
 
 
-@dashboard.get("/")
-def index() -> Any:
-    return _index_page()
-
-
 @dashboard.post("/servers")
 def add_server_form() -> Any:
     server_id, game, name, url = (request.form.get(field, "").strip()
@@ -3226,13 +3221,15 @@ def add_server_form() -> Any:
     try:
         _, kid = get_store().add_server(server_id, game, name, url, request.form.get("identity_field", "username"))
     except ConfigError as exc:
-        return _index_page(error=str(exc), status=400)
+        return index(error=str(exc), status=400)
     session[SHOWN_ONCE] = {"page": SERVERS_PAGE, "new_secret": {"server_id": server_id, "game": game, "kid": kid,
                                                                 "no_registration_url": not url}}
     return redirect(url_for("mmoref.dashboard.index"))
 
 
-def _index_page(status: int = 200, **extra: Any) -> Any:
+@dashboard.get("/")
+def index(status: int = 200, **extra: Any) -> Any:
+    """The servers page; add_server_form shows it again with its error (in `extra`)."""
     store = get_store()
     return _page("index.html", status, title="Servers", servers=store.servers(), funnels=store.funnels(),
                  rejected=[_rejected_view(row) for row in store.rejected_requests(None, 20)],
@@ -4397,7 +4394,11 @@ TEMPLATES = jinja2.Environment(autoescape=True, trim_blocks=True, lstrip_blocks=
          placeholder="https://yourgame.example/register"></div>
 {{ select("identity_field", "identity_field", "Identity field", choices, identity_field) }}
 {% endmacro %}
-{% macro rejected_table(rows) %}
+{% macro rejected_section(title, rows, id=none) %}
+<section{% if id %} id="{{ id }}"{% endif %}><h2>{{ title }}</h2>
+{% if not rows %}
+<p class="muted">None.</p>
+{% else %}
 {% call(r) scroll_table(["Time", "Status", "Error", "Reason", "Hint", "Body"], rows, css_class="rejected",
                         data={"status": "status"}) %}
 <td data-label="Time">{{ iso_utc(r.last_seen_at) }}{% if r.repeats > 1 %}<br>
@@ -4407,6 +4408,8 @@ TEMPLATES = jinja2.Environment(autoescape=True, trim_blocks=True, lstrip_blocks=
   {%- if r.diagnosis %}<br><strong class="diagnosis">{{ r.diagnosis }}</strong>{% endif %}</td>
 <td data-label="Body"><code>{{ r.snippet[:120] }}</code></td>
 {% endcall %}
+{% endif %}
+</section>
 {% endmacro %}""",
 
     "base.html": """<!doctype html>
@@ -4482,9 +4485,7 @@ TEMPLATES = jinja2.Environment(autoescape=True, trim_blocks=True, lstrip_blocks=
 <div><label for="name">Name</label><input id="name" name="name" value="{{ form.name or '' }}"></div>
 {{ registration_fields(form.registration_url, form.identity_field, identity_fields) }}
 <div><button>Add server</button></div></form></section>
-<section><h2>Rejected requests naming no known server</h2>
-{% if rejected %}{{ rejected_table(rejected) }}{% else %}<p class="muted">None.</p>{% endif %}
-</section>
+{{ rejected_section("Rejected requests naming no known server", rejected) }}
 {% endblock %}
 """,
 
@@ -4606,9 +4607,7 @@ TEMPLATES = jinja2.Environment(autoescape=True, trim_blocks=True, lstrip_blocks=
 {% endcall %}
 <nav class="pager">{% if newer_url %}<a id="newer" href="{{ newer_url }}">← newer</a>{% endif %}
   {% if older_url %}<a id="older" href="{{ older_url }}">older →</a>{% endif %}</nav></section>
-<section id="rejected"><h2>Rejected requests</h2>
-{% if rejected %}{{ rejected_table(rejected) }}{% else %}<p class="muted">None.</p>{% endif %}
-</section>
+{{ rejected_section("Rejected requests", rejected, id="rejected") }}
 {% endblock %}
 """,
 
@@ -4665,7 +4664,7 @@ TEMPLATES.globals.update(url_for=url_for, csrf_token=csrf_token, iso_utc=iso_utc
                          tab_url=_tab_url)
 _MACROS = TEMPLATES.get_template("macros.html").module
 TEMPLATES.globals.update({name: getattr(_MACROS, name) for name in (
-    "csrf_field", "scroll_table", "name_field", "select", "registration_fields", "rejected_table")})
+    "csrf_field", "scroll_table", "name_field", "select", "registration_fields", "rejected_section")})
 
 
 # main ########################################################################
