@@ -3376,9 +3376,8 @@ def _log_view(row: Row) -> dict[str, Any]:
 
 @dashboard.post("/<game>/<server_id>/referrals/enabled")
 def set_enabled(game: str, server_id: str) -> Any:
-    server = _server_or_404(game, server_id)
+    server, store = _server_or_404(game, server_id), get_store()
     enable = request.form.get("enabled") == "1"
-    store = get_store()
     store.update_server(server_id, referrals_enabled=int(enable))
     if enable and not store.live_secrets(server_id, now()):  # enabling mints the first secret
         _, kid = store.rotate_secret(server_id, grace=0)
@@ -3405,11 +3404,9 @@ def _rotated_out(server_id: str, kid: str) -> dict[str, Any] | None:
     twice shows what its first sending chose): its grace and end, or revoked (`until` None)."""
     rows = get_store().secret_summaries(server_id)  # newest first
     made = next((index for index, row in enumerate(rows) if row["kid"] == kid), len(rows))
-    if made + 1 >= len(rows):
+    if made + 1 >= len(rows) or rows[made + 1]["expires_at"] is None:
         return None
     rotated_at, ends = rows[made]["created_at"], rows[made + 1]["expires_at"]
-    if ends is None:
-        return None
     if ends <= rotated_at:
         return {"until": None}
     grace = str(ends - rotated_at)
@@ -3444,8 +3441,7 @@ def mint_token_form(game: str, server_id: str) -> Any:
 @dashboard.post("/<game>/<server_id>/referrals/test-event")
 def send_test_event(game: str, server_id: str) -> Any:
     """Sign a test `registered` with the current secret, as the kit does, and run it through the ingest pipeline."""
-    server = _server_or_404(game, server_id)
-    store = get_store()
+    server, store = _server_or_404(game, server_id), get_store()
     live = store.live_secrets(server_id, now())
     if not live:
         return _to_tab(server, "Generate a secret first: the test event is signed with it.")
@@ -3499,8 +3495,7 @@ _FORMULA_START = re.compile(r"(?<![^,;|\s\"'])([=+\-@\t\r\uff1d\uff0b\uff0d\uff2
 
 @dashboard.get(f"/<game>/<server_id>/referrals/log/<int(max={MAX_ROW_ID}):row_id>")
 def log_detail(game: str, server_id: str, row_id: int) -> Any:
-    server = _server_or_404(game, server_id)
-    store = get_store()
+    server, store = _server_or_404(game, server_id), get_store()
     row = store.delivery_log_row(server_id, row_id)
     referral = store.referral(row["referral_id"]) if row is not None else None
     if row is None or referral is None:
@@ -3537,8 +3532,7 @@ def owner_action_form(game: str, server_id: str, referral_id: str, action: str) 
 @dashboard.post("/<game>/<server_id>/referrals/forget/<referral_id>")
 def forget_form(game: str, server_id: str, referral_id: str) -> Any:
     """Forget the referral's player: a confirm page first, then `forget` (as the CLI does)."""
-    server = _server_or_404(game, server_id)
-    store = get_store()
+    server, store = _server_or_404(game, server_id), get_store()
     referral = store.referral(referral_id)
     if referral is None or referral["server_id"] != server_id or not referral["referee_identity"]:
         abort(404)
