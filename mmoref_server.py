@@ -4490,11 +4490,8 @@ TEMPLATES = jinja2.Environment(autoescape=True, trim_blocks=True, lstrip_blocks=
 {% set previous = new_secret.previous %}
 <section id="new-secret"><h2>New signing secret</h2>
 <p>Shown <strong>once</strong>: copy it into your game server's config now.
-{% if previous %}
-  <span id="previous-secret">The previous secret {% if previous.until %}stays valid for {{ previous.grace }} (until
-    {{- " " ~ previous.until }}).{% else %}is revoked.{% endif %}</span>
-{% endif %}
-</p>
+  {%- if previous %} <span id="previous-secret">The previous secret {% if previous.until %}stays valid for
+  {{- " " ~ previous.grace }} (until {{ previous.until }}).{% else %}is revoked.{% endif %}</span>{% endif %}</p>
 <p class="secret" id="secret-value">{{ new_secret.secret }}</p><p class="muted">kid {{ new_secret.kid }}</p></section>
 {% endif %}
 {% if new_token %}
@@ -4515,8 +4512,8 @@ TEMPLATES = jinja2.Environment(autoescape=True, trim_blocks=True, lstrip_blocks=
 {% set enabled = server.referrals_enabled %}
 <p class="{{ 'ok' if enabled else 'error' }}">Referrals are {{ "enabled" if enabled else "disabled" }}.</p>
 <input type="hidden" name="enabled" value="{{ 0 if enabled else 1 }}">
-<button{% if enabled %} class="plain"{% endif %}>{{ "Disable" if enabled else "Enable" }} referrals</button></form>
-</section>
+<button{% if enabled %} class="plain"{% endif %}>{{ "Disable" if enabled else "Enable" }} referrals</button>
+</form></section>
 <section id="secrets"><h2>Signing secret</h2>
 {% call(s) scroll_table(["kid", "Secret", "Status"], secrets[:5], "No secret yet.") %}
 <td data-label="kid">{{ s.kid }}</td><td data-label="Secret">…{{ s.last4 }}</td><td data-label="Status">
@@ -4556,8 +4553,7 @@ TEMPLATES = jinja2.Environment(autoescape=True, trim_blocks=True, lstrip_blocks=
 </form>
 {% if test_result %}<div id="test-result" data-status="{{ test_result.status }}">
 <p class="{{ 'ok' if test_result.status == 200 else 'error' }}">HTTP {{ test_result.status }}</p>
-<pre>{{ test_result.body }}</pre></div>{% endif %}
-</section>
+<pre>{{ test_result.body }}</pre></div>{% endif %}</section>
 {% set f, chart = analytics.funnel, analytics.chart %}
 <section id="analytics"><h2>Analytics</h2>
 <div class="funnel"><div>Clicks<strong id="funnel-clicked">{{ f.clicked }}</strong></div>
