@@ -3193,8 +3193,8 @@ def login() -> Any:
             store.login_failed_at(client, now())  # the wait runs from the answer, not from the reservation
             error, status = "Wrong password.", 401
     return _page("login.html", status, title="Log in", error=error, wrong_password=status == 401,
-                 no_password=_password_tag() is None, command=COMMAND,  # the hints name this app's database
-                 set_password_command=set_password_command_line(current_app.config["MMOREF_DB"]))
+                 no_password=_password_tag() is None, command=COMMAND,
+                 set_password_command=set_password_command_line(current_app.config["MMOREF_DB"]))  # names this db
 
 
 def _local_target(target: str, within: str) -> str | None:
