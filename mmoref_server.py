@@ -4419,12 +4419,11 @@ TEMPLATES = jinja2.Environment(autoescape=True, trim_blocks=True, lstrip_blocks=
 </main></body></html>
 """,
 
-    "message.html": """{% extends "base.html" %}
-{% block main %}<section><h1>{{ title }}</h1><p>{{ message }}</p></section>{% endblock %}
+    "message.html": """{% extends "base.html" %}{% block main %}
+<section><h1>{{ title }}</h1><p>{{ message }}</p></section>{% endblock %}
 """,
 
-    "forget.html": """{% extends "base.html" %}
-{% block main %}
+    "forget.html": """{% extends "base.html" %}{% block main %}
 <h1>Forget {{ referral.referee_identity }}?</h1>
 <p>This erases the identity from referrals, anchors, stored payloads and rejected requests on {{ server.server_id }},
   and rewrites the database file. A keyed one-way value takes its place, so the player still cannot be registered
@@ -4434,8 +4433,7 @@ TEMPLATES = jinja2.Environment(autoescape=True, trim_blocks=True, lstrip_blocks=
 {% endblock %}
 """,
 
-    "login.html": """{% extends "base.html" %}
-{% block main %}
+    "login.html": """{% extends "base.html" %}{% block main %}
 <section><h1>Log in</h1>
 {% if error %}<p class="error" role="alert">{{ error }}</p>{% endif %}
 {% if wrong_password %}<p class="muted" id="reset-password">Forgotten it? On the server, run
@@ -4449,8 +4447,7 @@ TEMPLATES = jinja2.Environment(autoescape=True, trim_blocks=True, lstrip_blocks=
 {% endblock %}
 """,
 
-    "index.html": """{% extends "base.html" %}
-{% block main %}
+    "index.html": """{% extends "base.html" %}{% block main %}
 <h1>Servers</h1>
 {% if new_secret %}
 <section id="new-secret"><h2>Server {{ new_secret.server_id }} created</h2>
@@ -4483,8 +4480,7 @@ TEMPLATES = jinja2.Environment(autoescape=True, trim_blocks=True, lstrip_blocks=
 {% endblock %}
 """,
 
-    "referrals.html": """{% extends "base.html" %}
-{% block main %}
+    "referrals.html": """{% extends "base.html" %}{% block main %}
 <h1>{{ server.name or server.server_id }} <span class="muted">· {{ server.game }} · Referrals</span></h1>
 {% if new_secret %}
 {% set previous = new_secret.previous %}
@@ -4601,8 +4597,7 @@ TEMPLATES = jinja2.Environment(autoescape=True, trim_blocks=True, lstrip_blocks=
 {% endblock %}
 """,
 
-    "confirm.html": """{% extends "base.html" %}
-{% block main %}
+    "confirm.html": """{% extends "base.html" %}{% block main %}
 <section id="confirm"><h1>{{ action|capitalize }} referral {{ referral.referral_id }}?</h1>
 <p>Referral {{ referral.referral_id }} (referrer {{ referral.referrer_code }}) is {{ referral.state }}. It becomes
   <strong>{{ next_state }}</strong>: this is final and cannot be undone.</p>
@@ -4612,8 +4607,7 @@ TEMPLATES = jinja2.Environment(autoescape=True, trim_blocks=True, lstrip_blocks=
 {% endblock %}
 """,
 
-    "detail.html": """{% extends "base.html" %}
-{% block main %}
+    "detail.html": """{% extends "base.html" %}{% block main %}
 <p><a href="{{ tab_url(server) }}">← Referrals</a></p>
 <h1>Event {{ row.id }}: {{ row.event }}</h1>
 <section><table id="event-detail" class="wrap">
