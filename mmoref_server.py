@@ -2741,6 +2741,7 @@ LOGIN_DEVICE_LIFETIME = 180 * 86400     # from its last login; a password change
 GRACE_CHOICES = {"0": "revoke now", "3600": "1 hour", "86400": "24 hours", "604800": "7 days"}
 OUTCOMES = ("advanced", "no_op", "first_touch_conflict", "owner_action")
 LOG_EVENTS = EVENTS + ("rejected",)  # owner rejections are logged as their own event
+CHART_KINDS = ("clicked", "registered", "qualified")
 # The dashboard's keys in the session, all under one prefix. Embedded in a host app the session is
 # the host's: mmoref reads and removes only these (never session.clear()), has its own flashed
 # messages, and a host's session.clear() just logs the owner out of the dashboard.
@@ -2761,11 +2762,8 @@ def _is_logged_in() -> bool:
 
 
 def _password_tag() -> str | None:
-    """An HMAC of the password (as configured, or its stored hash) under a key kept in the database.
-
-    It never leaves the server (the cookie holds a random session id), and it changes when
-    the password changes, which logs every session out.
-    """
+    """An HMAC of the password (as configured, or its stored hash) under a key kept in the database: it never
+    leaves the server (the cookie holds a random session id), and a new password logs every session out."""
     configured = current_app.config.get("MMOREF_ADMIN_PASSWORD")
     basis = f"env:{configured}" if configured else get_store().admin_password_hash()
     if not basis:
@@ -2781,8 +2779,7 @@ def csrf_token() -> str:
 
 
 def _end_dashboard_session() -> None:
-    """Forget the dashboard's keys in the session (login, CSRF token, waiting results, messages); the rest is
-    a host app's."""
+    """Forget the dashboard's keys in the session (login, CSRF token, results, messages); the rest is a host's."""
     for key in [key for key in session if key.startswith(SESSION_KEY_PREFIX)]:
         session.pop(key)
 
@@ -2790,10 +2787,6 @@ def _end_dashboard_session() -> None:
 def _flash(message: str) -> None:
     """A message for the next dashboard page, in the dashboard's own list (not Flask's, which a host app reads)."""
     session[FLASHES] = [*session.get(FLASHES, []), message]
-
-
-def _take_flashes() -> list[str]:
-    return session.pop(FLASHES, [])
 
 
 @dashboard.before_request
@@ -2830,18 +2823,17 @@ def _no_store(response: Any) -> Any:
 
 
 def reserve_login_attempt(store: Store, client: str, at: int, budget: str = "*") -> int:
-    """Count a login attempt as failed before its password is checked; return the seconds to wait instead.
-
-    0 means go ahead (a right password then forgets the client's failures). Counting first,
-    in one write transaction, means parallel guesses each see the others' counts, in every
-    worker process. After LOGIN_FREE_FAILURES a client waits 1, 2, 4 ... LOGIN_MAX_WAIT s;
-    beyond LOGIN_BUDGET attempts in a window against one `budget` ("*": the one all strangers
-    share), everyone counted against it waits.
-    """
+    """Count a login attempt as failed before its password is checked (so parallel guesses, in any worker, see
+    each other); return the seconds to wait instead, 0 to go ahead. After LOGIN_FREE_FAILURES a client waits
+    1, 2, 4 ... LOGIN_MAX_WAIT s; beyond LOGIN_BUDGET attempts a window against one `budget` ("*": the one all
+    strangers share), everyone counted against it waits."""
     with store.transaction() as transaction:
         failures, last_at = transaction.login_failures(client)
-        spent = transaction.hits("login", budget, at, LOGIN_BUDGET_WINDOW)
-        wait = max(_backoff_wait(failures, last_at, at), _budget_wait(spent, at))
+        wait = 0
+        if failures >= LOGIN_FREE_FAILURES:
+            wait = max(0, last_at + min(2 ** (failures - LOGIN_FREE_FAILURES), LOGIN_MAX_WAIT) - at)
+        if transaction.hits("login", budget, at, LOGIN_BUDGET_WINDOW) >= LOGIN_BUDGET:
+            wait = max(wait, LOGIN_BUDGET_WINDOW - at % LOGIN_BUDGET_WINDOW)
         if not wait:
             transaction.add_login_failure(client, at, keep=LOGIN_CLIENTS_KEPT)
             transaction.hit("login", budget, at, LOGIN_BUDGET_WINDOW)
@@ -2849,13 +2841,9 @@ def reserve_login_attempt(store: Store, client: str, at: int, budget: str = "*")
 
 
 def _login_counters(store: Store, device: str | None) -> tuple[str, str]:
-    """What a login attempt counts against: (the client whose failures slow it down, the budget it spends).
-
-    A browser that logged in before (a valid device cookie) is a client of its own with a budget
-    of its own; a loopback address keeps its own budget (its own slowdown still applies); every
-    other client spends the shared one. Strangers who spend the shared budget lock out neither
-    the owner's browser nor the machine itself, and together still try at most LOGIN_BUDGET a window.
-    """
+    """(The client whose failures slow a login down, the budget it spends): a browser that logged in before is
+    a client with a budget of its own, a loopback address has its own budget, every other client spends the
+    shared one. So strangers lock out neither the owner's browser nor the machine itself."""
     if device is not None:
         return f"device:{device}", f"device:{device}"
     address = request.remote_addr or ""
@@ -2889,16 +2877,6 @@ def _remember_device(response: Any, device: str | None) -> None:
                             secure=request.is_secure, httponly=True, samesite="Lax")
 
 
-def _backoff_wait(failures: int, last_at: int, at: int) -> int:
-    if failures < LOGIN_FREE_FAILURES:
-        return 0
-    return max(0, last_at + min(2 ** (failures - LOGIN_FREE_FAILURES), LOGIN_MAX_WAIT) - at)
-
-
-def _budget_wait(spent: int, at: int) -> int:
-    return LOGIN_BUDGET_WINDOW - at % LOGIN_BUDGET_WINDOW if spent >= LOGIN_BUDGET else 0
-
-
 def check_password(password: str) -> bool:
     """Constant-time check against MMOREF_ADMIN_PASSWORD or the stored hash."""
     configured = current_app.config.get("MMOREF_ADMIN_PASSWORD")
@@ -2930,9 +2908,9 @@ def login() -> Any:
         else:
             store.login_failed_at(client, now())  # the wait runs from the answer, not from the reservation
             error, status = "Wrong password.", 401
-    no_password = not current_app.config.get("MMOREF_ADMIN_PASSWORD") and not get_store().admin_password_hash()
-    return _page("login.html", status, title="Log in", error=error, no_password=no_password,
-                 wrong_password=status == 401)
+    return _page("login.html", status, title="Log in", error=error, wrong_password=status == 401,
+                 no_password=_password_tag() is None, command=COMMAND,
+                 set_password_command=set_password_command_line(current_app.config["MMOREF_DB"]))  # names this db
 
 
 def _local_target(target: str, within: str) -> str | None:
@@ -2952,27 +2930,22 @@ def logout() -> Any:
     return redirect(url_for("mmoref.dashboard.login"))
 
 
-@dashboard.get("/")
-def index() -> Any:
-    return _index_page()
-
-
 @dashboard.post("/servers")
 def add_server_form() -> Any:
-    form = request.form
+    server_id, game, name, url = (request.form.get(field, "").strip()
+                                  for field in ("server_id", "game", "name", "registration_url"))
     try:
-        secret, kid = get_store().add_server(form.get("server_id", "").strip(), form.get("game", "").strip(),
-                                             form.get("name", "").strip(), form.get("registration_url", "").strip(),
-                                             form.get("identity_field", "username"))
+        _, kid = get_store().add_server(server_id, game, name, url, request.form.get("identity_field", "username"))
     except ConfigError as exc:
-        return _index_page(error=str(exc), status=400)
-    _keep_for_next_page(SERVERS_PAGE, new_secret={"server_id": form["server_id"].strip(),
-                                                  "game": form["game"].strip(), "kid": kid,
-                                                  "no_registration_url": not form.get("registration_url", "").strip()})
+        return index(error=str(exc), status=400)
+    session[SHOWN_ONCE] = {"page": SERVERS_PAGE, "new_secret": {"server_id": server_id, "game": game, "kid": kid,
+                                                                "no_registration_url": not url}}
     return redirect(url_for("mmoref.dashboard.index"))
 
 
-def _index_page(status: int = 200, **extra: Any) -> Any:
+@dashboard.get("/")
+def index(status: int = 200, **extra: Any) -> Any:
+    """The servers page; add_server_form shows it again with its error (in `extra`)."""
     store = get_store()
     return _page("index.html", status, title="Servers", servers=store.servers(), funnels=store.funnels(),
                  rejected=[_rejected_view(row) for row in store.rejected_requests(None, 20)],
@@ -2985,10 +2958,6 @@ def _index_page(status: int = 200, **extra: Any) -> Any:
 # Store.reveal_secret gives its value once, however many pages ask.
 SHOWN_ONCE = "mmoref_shown_once"
 SERVERS_PAGE = ""  # the servers list's key; a server's Referrals tab is keyed by its server id
-
-
-def _keep_for_next_page(page: str, **results: dict[str, Any]) -> None:
-    session[SHOWN_ONCE] = {"page": page, **results}
 
 
 def _shown_once(page: str) -> dict[str, Any]:
@@ -3018,14 +2987,21 @@ def _server_or_404(game: str, server_id: str) -> Row:
     return server
 
 
+def _server_url(endpoint: str, server: Row, **params: Any) -> str:
+    """The URL of one of a server's dashboard pages (`server`: a Row, or a dict with its game and server id)."""
+    return url_for(f"mmoref.dashboard.{endpoint}", game=server["game"], server_id=server["server_id"], **params)
+
+
 def _tab_url(server: Row, **params: Any) -> str:
-    return url_for("mmoref.dashboard.referrals_tab", game=server["game"], server_id=server["server_id"], **params)
+    return _server_url("referrals_tab", server, **params)
 
 
-def _to_tab(server: Row, anchor: str = "", **results: dict[str, Any]) -> Any:
-    """Redirect to the server's Referrals tab (at `anchor`, where the result shows), `results` waiting there."""
+def _to_tab(server: Row, *messages: str, anchor: str = "", **results: dict[str, Any]) -> Any:
+    """Redirect to the server's Referrals tab (at `anchor`, where a result shows), with messages and results."""
+    for message in messages:
+        _flash(message)
     if results:
-        _keep_for_next_page(server["server_id"], **results)
+        session[SHOWN_ONCE] = {"page": server["server_id"], **results}
     return redirect(_tab_url(server) + (f"#{anchor}" if anchor else ""))
 
 
@@ -3039,13 +3015,8 @@ def _row_id(text: str) -> int:
 
 @dashboard.get("/<game>/<server_id>/referrals")
 def referrals_tab(game: str, server_id: str) -> Any:
-    return _render_tab(_server_or_404(game, server_id))
-
-
-def _render_tab(server: Row) -> Any:
     """The Referrals tab, with whatever result a form left for it (a new secret, token or test answer)."""
-    store, server_id, game = get_store(), server["server_id"], server["game"]
-    filters = _log_filters()
+    server, store, filters = _server_or_404(game, server_id), get_store(), _log_filters()
     before, after = request.args.get("before", type=_row_id), request.args.get("after", type=_row_id)
     rows = store.delivery_log(server_id, limit=LOG_PAGE_SIZE + 1, before_id=before, after_id=after, **filters)
     has_more = len(rows) > LOG_PAGE_SIZE
@@ -3061,9 +3032,9 @@ def _render_tab(server: Row) -> Any:
                  log_rows=[_log_view(row) for row in rows], filters=filters,
                  older_url=_tab_url(server, before=rows[-1]["id"], **filters) if older else None,
                  newer_url=_tab_url(server, after=rows[0]["id"], **filters) if newer else None,
-                 csv_url=url_for("mmoref.dashboard.log_csv", game=game, server_id=server_id, **filters),
+                 csv_url=_server_url("log_csv", server, **filters),
                  rejected=[_rejected_view(row) for row in store.rejected_requests(server_id, 20)],
-                 analytics=analytics(store, server_id), tab_url=_tab_url(server),
+                 analytics=analytics(store, server_id),
                  share_link=url_for("mmoref.share_link", server_id=server_id, _external=True) + "?ref=",
                  grace_choices=GRACE_CHOICES, identity_fields=IDENTITY_FIELDS, log_events=LOG_EVENTS,
                  outcomes=OUTCOMES, **_shown_once(server_id))
@@ -3121,15 +3092,14 @@ def _log_view(row: Row) -> dict[str, Any]:
 
 @dashboard.post("/<game>/<server_id>/referrals/enabled")
 def set_enabled(game: str, server_id: str) -> Any:
-    server = _server_or_404(game, server_id)
+    server, store = _server_or_404(game, server_id), get_store()
     enable = request.form.get("enabled") == "1"
-    store = get_store()
     store.update_server(server_id, referrals_enabled=int(enable))
     if enable and not store.live_secrets(server_id, now()):  # enabling mints the first secret
         _, kid = store.rotate_secret(server_id, grace=0)
         return _to_tab(server, new_secret={"kid": kid})
-    _flash("Referrals enabled." if enable else "Referrals disabled: events now get 404 referrals not enabled.")
-    return redirect(_tab_url(server))
+    return _to_tab(server, "Referrals enabled." if enable else
+                   "Referrals disabled: events now get 404 referrals not enabled.")
 
 
 @dashboard.post("/<game>/<server_id>/referrals/secret")
@@ -3150,11 +3120,9 @@ def _rotated_out(server_id: str, kid: str) -> dict[str, Any] | None:
     twice shows what its first sending chose): its grace and end, or revoked (`until` None)."""
     rows = get_store().secret_summaries(server_id)  # newest first
     made = next((index for index, row in enumerate(rows) if row["kid"] == kid), len(rows))
-    if made + 1 >= len(rows):
+    if made + 1 >= len(rows) or rows[made + 1]["expires_at"] is None:
         return None
     rotated_at, ends = rows[made]["created_at"], rows[made + 1]["expires_at"]
-    if ends is None:
-        return None
     if ends <= rotated_at:
         return {"until": None}
     grace = str(ends - rotated_at)
@@ -3172,10 +3140,8 @@ def settings_form(game: str, server_id: str) -> Any:
         get_store().update_server(server_id, registration_url=check_registration_url(url) if url else None,
                                   identity_field=identity_field)
     except ConfigError as exc:
-        _flash(str(exc))
-    else:
-        _flash("Settings saved.")
-    return redirect(_tab_url(server))
+        return _to_tab(server, str(exc))
+    return _to_tab(server, "Settings saved.")
 
 
 @dashboard.post("/<game>/<server_id>/referrals/token")
@@ -3184,28 +3150,24 @@ def mint_token_form(game: str, server_id: str) -> Any:
     try:
         token, referral_id = get_store().mint_referral(server_id, request.form.get("ref", "").strip(), test=True)
     except ConfigError as exc:
-        _flash(str(exc))
-        return redirect(_tab_url(server))
+        return _to_tab(server, str(exc))
     return _to_tab(server, new_token={"token": token, "referral_id": referral_id})
 
 
 @dashboard.post("/<game>/<server_id>/referrals/test-event")
 def send_test_event(game: str, server_id: str) -> Any:
-    """Sign a test `registered` with the current secret, exactly as the kit does, and run
-    it through the same pipeline as POST /api/referral/events."""
-    server = _server_or_404(game, server_id)
-    store = get_store()
+    """Sign a test `registered` with the current secret, as the kit does, and run it through the ingest pipeline."""
+    server, store = _server_or_404(game, server_id), get_store()
     live = store.live_secrets(server_id, now())
     if not live:
-        _flash("Generate a secret first: the test event is signed with it.")
-        return redirect(_tab_url(server))
+        return _to_tab(server, "Generate a secret first: the test event is signed with it.")
     kid, secret = live[0]
     body = build_body("registered", "dashboard-test-token", server_id, f"test-{secrets.token_hex(4)}",
                       referee_identity="dashboard-test-player", test=True)
     config = current_app.config
     status, answer = handle_ingest(store, body, signature_header(secret, body, kid=kid),
                                    window=config["MMOREF_REPLAY_WINDOW"], ttl=config["MMOREF_TOKEN_TTL"])
-    return _to_tab(server, "test-result", test_result={"status": status, "body": json.dumps(answer, indent=2)})
+    return _to_tab(server, anchor="test-result", test_result={"status": status, "body": json.dumps(answer, indent=2)})
 
 
 @dashboard.get("/<game>/<server_id>/referrals/log.csv")
@@ -3213,19 +3175,19 @@ def log_csv(game: str, server_id: str) -> Any:
     """The filtered delivery log as CSV, streamed in keyset-paged chunks."""
     _server_or_404(game, server_id)
     store, filters = get_store(), _log_filters()
+    columns = ("id", "received_at", "event", "outcome", "state", "referral_id", "referrer_code", "referee_identity",
+               "server_event_id")
 
     def lines() -> Iterator[str]:
         out = io.StringIO()
         writer = csv.writer(out)
-        writer.writerow(["id", "received_at", "event", "outcome", "state", "referral_id", "referrer_code",
-                         "referee_identity", "server_event_id"])
+        writer.writerow(columns)
         before = None
         while True:
             rows = store.delivery_log(server_id, limit=1000, before_id=before, **filters)
             for row in rows:
-                writer.writerow([_csv_cell(value) for value in (
-                    row["id"], iso_utc(row["received_at"]), row["event"], row["outcome"], row["state"],
-                    row["referral_id"], row["referrer_code"], row["referee_identity"], row["server_event_id"])])
+                writer.writerow([_csv_cell(iso_utc(row[name]) if name == "received_at" else row[name])
+                                 for name in columns])
             yield out.getvalue()
             out.seek(0)
             out.truncate()
@@ -3233,29 +3195,23 @@ def log_csv(game: str, server_id: str) -> Any:
                 return
             before = rows[-1]["id"]
 
-    filename = f"delivery-log-{server_id}.csv"
     return current_app.response_class(stream_with_context(lines()), mimetype="text/csv", headers={
-        "Content-Disposition": f'attachment; filename="{filename}"'})
+        "Content-Disposition": f'attachment; filename="delivery-log-{server_id}.csv"'})
 
 
 def _csv_cell(value: Any) -> Any:
-    """Neutralise spreadsheet formulas: identities and codes come from players.
-
-    A spreadsheet may split a line on `;`, a tab, `|` or a space as well as on `,`, so a
-    formula can start after any of them (`x;=1+1`): each such start gets a leading `'`.
-    """
+    """Neutralise spreadsheet formulas (identities and codes come from players) with a leading `'`."""
     return _FORMULA_START.sub(r"'\1", value) if isinstance(value, str) else value
 
 
-# what makes a formula, at the cell's start or after a separator (not after any other character);
-# spreadsheets read the fullwidth ＝ ＋ － ＠ (U+FF1D, U+FF0B, U+FF0D, U+FF20) like = + - @
+# A formula starts a cell or follows a separator: a spreadsheet may split on `;`, a tab, `|` or a space as well
+# as on `,` (`x;=1+1`); it reads the fullwidth ＝ ＋ － ＠ (U+FF1D, U+FF0B, U+FF0D, U+FF20) like = + - @
 _FORMULA_START = re.compile(r"(?<![^,;|\s\"'])([=+\-@\t\r\uff1d\uff0b\uff0d\uff20])")
 
 
 @dashboard.get(f"/<game>/<server_id>/referrals/log/<int(max={MAX_ROW_ID}):row_id>")
 def log_detail(game: str, server_id: str, row_id: int) -> Any:
-    server = _server_or_404(game, server_id)
-    store = get_store()
+    server, store = _server_or_404(game, server_id), get_store()
     row = store.delivery_log_row(server_id, row_id)
     referral = store.referral(row["referral_id"]) if row is not None else None
     if row is None or referral is None:
@@ -3292,8 +3248,7 @@ def owner_action_form(game: str, server_id: str, referral_id: str, action: str) 
 @dashboard.post("/<game>/<server_id>/referrals/forget/<referral_id>")
 def forget_form(game: str, server_id: str, referral_id: str) -> Any:
     """Forget the referral's player: a confirm page first, then `forget` (as the CLI does)."""
-    server = _server_or_404(game, server_id)
-    store = get_store()
+    server, store = _server_or_404(game, server_id), get_store()
     referral = store.referral(referral_id)
     if referral is None or referral["server_id"] != server_id or not referral["referee_identity"]:
         abort(404)
@@ -3301,25 +3256,22 @@ def forget_form(game: str, server_id: str, referral_id: str) -> Any:
         return _page("forget.html", 200, title="Forget a player", server=server, referral=referral)
     try:
         result = forget(store, server_id, referral["referee_identity"])
-        _flash(f"The player of referral {referral_id} is forgotten.")
-        if "server_event_id_kept" in result:
-            _flash(kept_event_ids_line(result["server_event_id_kept"]))
     except ConfigError as exc:   # a referral whose player is forgotten already
-        _flash(str(exc))
-    return redirect(_tab_url(server))
+        return _to_tab(server, str(exc))
+    kept = [kept_event_ids_line(result["server_event_id_kept"])] if "server_event_id_kept" in result else []
+    return _to_tab(server, f"The player of referral {referral_id} is forgotten.", *kept)
 
 
 def analytics(store: Store, server_id: str, days: int = 30) -> dict[str, Any]:
     """Funnel, leaderboard and daily series from the counter tables (no row scans)."""
     funnel = store.funnel(server_id)
-    today = datetime.datetime.fromtimestamp(now(), datetime.timezone.utc).date()
-    first = today - datetime.timedelta(days=days - 1)
+    first = datetime.datetime.fromtimestamp(now(), datetime.timezone.utc).date() - datetime.timedelta(days=days - 1)
     counted = store.daily_counts(server_id, first.isoformat())
     series = []
     for offset in range(days):
         day = (first + datetime.timedelta(days=offset)).isoformat()
         row = counted.get(day)
-        series.append({"day": day, **{k: row[k] if row else 0 for k in ("clicked", "registered", "qualified")}})
+        series.append({"day": day, **{kind: row[kind] if row else 0 for kind in CHART_KINDS}})
     return {"funnel": funnel, "leaders": store.leaders(server_id), "series": series,
             "registered_rate": _rate(funnel["registered"], funnel["clicked"]),
             "qualified_rate": _rate(funnel["qualified"], funnel["registered"]), "chart": _chart(series)}
@@ -3332,10 +3284,10 @@ def _rate(part: int, whole: int) -> str:
 def _chart(series: list[dict[str, Any]]) -> dict[str, Any]:
     """Bar geometry for the inline SVG: one group of three bars a day; peak 0 when there is nothing to draw.
     `axis` dates the first, middle and last day under it."""
-    peak = max([0] + [day[k] for day in series for k in ("clicked", "registered", "qualified")])
+    peak = max([0] + [day[kind] for day in series for kind in CHART_KINDS])
     bars = []
     for index, day in enumerate(series):
-        for offset, kind in enumerate(("clicked", "registered", "qualified")):
+        for offset, kind in enumerate(CHART_KINDS):
             height = round(100 * day[kind] / peak, 1) if peak else 0
             bars.append({"x": index * 20 + offset * 6, "y": 110 - height, "height": height, "kind": kind,
                          "label": f"{day['day']}: {day[kind]} {kind}"})
@@ -3345,9 +3297,8 @@ def _chart(series: list[dict[str, Any]]) -> dict[str, Any]:
 
 def _page(template: str, status: int, **context: Any) -> Any:
     g.mmoref_style_nonce = secrets.token_urlsafe(16)  # the Content-Security-Policy allows this style sheet only
-    html = TEMPLATES.get_template(template).render(
-        url_for=url_for, csrf_token=csrf_token, logged_in=_is_logged_in(), messages=_take_flashes(),
-        mask=mask, iso_utc=iso_utc, style_nonce=g.mmoref_style_nonce, **context)
+    html = TEMPLATES.get_template(template).render(logged_in=_is_logged_in(), messages=session.pop(FLASHES, []),
+                                                   style_nonce=g.mmoref_style_nonce, **context)
     return current_app.response_class(html, status=status, mimetype="text/html")
 
 
@@ -3966,29 +3917,25 @@ def send_event(endpoint: str, secret: str, body: bytes, *, kid: str | None = Non
 
 
 # Templates and style sheet ###################################################
-# Jinja templates (autoescaped), one per page, a block per section; the style sheet first, as they include it.
+# Jinja templates (autoescaped), one per page; the style sheet first, as the base template includes it.
 
 STYLE_SHEET = """
 :root { --ink: #1d2330; --muted: #5c6475; --line: #d9dde5; --bg: #f6f7f9; --accent: #2f5bd3; --ok: #1c7c3a;
         --bad: #b3261e; }
-* { box-sizing: border-box; }
+* { box-sizing: border-box; }  main { max-width: 72rem; margin: 0 auto; padding: 1rem; }
 body { margin: 0; font: 15px/1.5 system-ui, sans-serif; color: var(--ink); background: var(--bg); }
-header { display: flex; justify-content: space-between; align-items: center; padding: .6rem 1rem;
-         background: #fff; border-bottom: 1px solid var(--line); }
+header { display: flex; justify-content: space-between; align-items: center; padding: .6rem 1rem; background: #fff;
+         border-bottom: 1px solid var(--line); }
 header a { font-weight: 700; text-decoration: none; color: var(--ink); }
-main { max-width: 72rem; margin: 0 auto; padding: 1rem; }
 section { background: #fff; border: 1px solid var(--line); border-radius: 8px; padding: 1rem; margin: 0 0 1rem; }
-h1 { font-size: 1.4rem; margin: .2rem 0 1rem; }
-h2 { font-size: 1.1rem; margin: 0 0 .6rem; }
+h1 { font-size: 1.4rem; margin: .2rem 0 1rem; }  h2 { font-size: 1.1rem; margin: 0 0 .6rem; }
 label { display: block; margin: .4rem 0 .1rem; font-weight: 600; }
 input, select { font: inherit; padding: .35rem .5rem; border: 1px solid var(--line); border-radius: 4px;
                 max-width: 100%; }
-button { font: inherit; padding: .35rem .8rem; border: 1px solid var(--accent); background: var(--accent);
-         color: #fff; border-radius: 4px; cursor: pointer; }
-button.plain { background: #fff; color: var(--accent); }
-button:disabled { opacity: .5; cursor: not-allowed; }
-.row { display: flex; flex-wrap: wrap; gap: .6rem; align-items: end; }
-.row > * { margin: 0; max-width: 100%; }
+button { font: inherit; padding: .35rem .8rem; border: 1px solid var(--accent); background: var(--accent); color: #fff;
+         border-radius: 4px; cursor: pointer; }
+button.plain { background: #fff; color: var(--accent); }  button:disabled { opacity: .5; cursor: not-allowed; }
+.row { display: flex; flex-wrap: wrap; gap: .6rem; align-items: end; }  .row > * { margin: 0; max-width: 100%; }
 .scroll { overflow-x: auto; background: linear-gradient(to right, #fff 2rem, #fff0) left / 3rem 100%,
           linear-gradient(to left, #fff 2rem, #fff0) right / 3rem 100%,
           radial-gradient(farthest-side at 0 50%, #0004, #0000) left / 1rem 100%,
@@ -3999,614 +3946,319 @@ th, td { text-align: left; padding: .3rem .5rem; border-bottom: 1px solid var(--
 .secret { font: 1rem ui-monospace, monospace; background: #fff7d6; border: 1px solid #e6c84f; padding: .6rem;
           word-break: break-all; }
 .flash { background: #eef3ff; border: 1px solid #c9d6fb; padding: .5rem; border-radius: 4px; }
-.error { color: var(--bad); }
-.ok { color: var(--ok); }
-.muted { color: var(--muted); }
+.error { color: var(--bad); }  .ok { color: var(--ok); }  .muted { color: var(--muted); }
 pre { background: var(--bg); padding: .6rem; white-space: pre-wrap; overflow-wrap: anywhere; }
-.funnel { display: flex; gap: 1rem; flex-wrap: wrap; }
-.funnel div { min-width: 7rem; }
-.funnel strong { display: block; font-size: 1.5rem; }
-svg .clicked { fill: #9fb4ee; }
-svg .registered { fill: #2f5bd3; }
-svg .qualified { fill: #1c7c3a; }
-.pager { display: flex; gap: 1rem; margin-top: .5rem; }
-.rejected td { white-space: normal; vertical-align: top; }
-.rejected td:first-child { white-space: nowrap; }
-.rejected td:nth-child(n+5) { min-width: 14rem; }
-.rejected code { word-break: break-all; }
+.funnel { display: flex; gap: 1rem; flex-wrap: wrap; }  .funnel div { min-width: 7rem; }
+.funnel strong { display: block; font-size: 1.5rem; }  .pager { display: flex; gap: 1rem; margin-top: .5rem; }
+svg .clicked { fill: #9fb4ee; }  svg .registered { fill: #2f5bd3; }  svg .qualified { fill: #1c7c3a; }
+.rejected td { white-space: normal; vertical-align: top; }  .rejected td:first-child { white-space: nowrap; }
+.rejected td:nth-child(n+5) { min-width: 14rem; }  .rejected code { word-break: break-all; }
 table.wrap td { white-space: normal; overflow-wrap: anywhere; }
 @media (max-width: 40rem) {  /* a phone: each row of a list is a card of labelled cells, nothing scrolls sideways */
-  .scroll > table thead { display: none; }
-  .scroll > table, .scroll > table tbody { display: block; }
+  .scroll > table thead { display: none; }  .scroll > table, .scroll > table tbody { display: block; }
   .scroll > table tr { display: flex; flex-wrap: wrap; gap: .1rem 1rem; padding: .5rem 0;
                        border-bottom: 1px solid var(--line); }
   .scroll > table td { display: block; min-width: 0; max-width: 100%; padding: 0; border: 0;
                        white-space: normal; overflow-wrap: anywhere; }
   .scroll > table td[data-label]::before { content: attr(data-label) ": "; color: var(--muted); }
-  .scroll > table td:empty { display: none; }
-  .rejected td:nth-child(n+5) { min-width: 0; flex-basis: 100%; }
+  .scroll > table td:empty { display: none; }  .rejected td:nth-child(n+5) { min-width: 0; flex-basis: 100%; }
 }
-form.inline { display: inline; }
-.axis { display: flex; justify-content: space-between; margin: 0; font-size: .8rem; }
+form.inline { display: inline; }  .axis { display: flex; justify-content: space-between; margin: 0; font-size: .8rem; }
 """
 
-# Every form carries the session's CSRF token; the templates below join this field in.
-_CSRF_FIELD = '<input type="hidden" name="csrf_token" value="{{ csrf_token() }}">'
-
 TEMPLATES = jinja2.Environment(autoescape=True, trim_blocks=True, lstrip_blocks=True, loader=jinja2.DictLoader({
-    "macros.html": """{% macro scroll_table(columns, id=none, css_class=none) %}
-<div class="scroll">
-  <table{% if id %} id="{{ id }}"{% endif %}{% if css_class %} class="{{ css_class }}"{% endif %}>
-    <thead>
-      <tr>
-        {% for column in columns %}
-        <th>{{ column }}</th>
-        {% endfor %}
-      </tr>
-    </thead>
-    <tbody>
-      {{ caller() }}
-    </tbody>
-  </table>
-</div>
+    "macros.html": """
+{# every form carries the session's CSRF token #}
+{% macro csrf_field() %}<input type="hidden" name="csrf_token" value="{{ csrf_token() }}">{% endmacro %}
+{# a list, each row's cells from the call block ({% call(row) scroll_table(...) %}), `data` its data-* attributes #}
+{% macro scroll_table(columns, rows, empty=none, id=none, css_class=none, data={}) %}
+<div class="scroll"><table{% if id %} id="{{ id }}"{% endif %}{% if css_class %} class="{{ css_class }}"{% endif %}>
+<thead><tr>{% for column in columns %}<th>{{ column }}</th>{% endfor %}</tr></thead><tbody>
+{% for row in rows %}
+<tr{% for name, key in data.items() %} data-{{ name }}="{{ row[key] }}"{% endfor %}>{{ caller(row) }}</tr>
+{% else %}
+{% if empty %}<tr><td colspan="{{ columns|length }}">{{ empty }}</td></tr>{% endif %}
+{% endfor %}
+</tbody></table></div>
 {% endmacro %}
-
 {% macro name_field(name, label, value) %}
-<div>
-  <label for="{{ name }}">{{ label }}</label>
+<div><label for="{{ name }}">{{ label }}</label>
   <input id="{{ name }}" name="{{ name }}" required pattern="[A-Za-z0-9_.\\-]{1,64}" value="{{ value or '' }}"
-         title="1-64 characters: letters A-Z a-z, digits 0-9 and _ . - (not only dots)">
-</div>
+         title="1-64 characters: letters A-Z a-z, digits 0-9 and _ . - (not only dots)"></div>
 {% endmacro %}
-
+{% macro select(id, name, label, choices, chosen, any=false) %}
+<div><label for="{{ id }}">{{ label }}</label><select id="{{ id }}" name="{{ name }}">
+{% if any %}<option value="">any</option>{% endif %}
+{% for choice in choices %}<option{% if choice == chosen %} selected{% endif %}>{{ choice }}</option>{% endfor %}
+</select></div>
+{% endmacro %}
 {% macro registration_fields(url, identity_field, choices) %}
-<div>
-  <label for="registration_url">Registration URL</label>
+<div><label for="registration_url">Registration URL</label>
   <input id="registration_url" name="registration_url" type="url" size="40" value="{{ url or '' }}"
-         placeholder="https://yourgame.example/register">
-</div>
-<div>
-  <label for="identity_field">Identity field</label>
-  <select id="identity_field" name="identity_field">
-    {% for field in choices %}
-    <option{% if field == identity_field %} selected{% endif %}>{{ field }}</option>
-    {% endfor %}
-  </select>
-</div>
+         placeholder="https://yourgame.example/register"></div>
+{{ select("identity_field", "identity_field", "Identity field", choices, identity_field) }}
 {% endmacro %}
-
-{% macro log_filter(name, label, choices, chosen) %}
-<div>
-  <label for="f-{{ name }}">{{ label }}</label>
-  <select id="f-{{ name }}" name="{{ name }}">
-    <option value="">any</option>
-    {% for choice in choices %}
-    <option{% if chosen == choice %} selected{% endif %}>{{ choice }}</option>
-    {% endfor %}
-  </select>
-</div>
+{% macro rejected_section(title, rows, id=none) %}
+<section{% if id %} id="{{ id }}"{% endif %}><h2>{{ title }}</h2>
+{% if not rows %}
+<p class="muted">None.</p>
+{% else %}
+{% call(r) scroll_table(["Time", "Status", "Error", "Reason", "Hint", "Body"], rows, css_class="rejected",
+                        data={"status": "status"}) %}
+<td data-label="Time">{{ iso_utc(r.last_seen_at) }}{% if r.repeats > 1 %}<br>
+  <span class="repeats">{{ r.repeats }} times since {{ iso_utc(r.received_at) }}</span>{% endif %}</td>
+<td data-label="Status">{{ r.status }}</td><td data-label="Error">{{ r.error }}</td>
+<td data-label="Reason">{{ r.reason or "" }}</td><td data-label="Hint">{{ r.hint }}
+  {%- if r.diagnosis %}<br><strong class="diagnosis">{{ r.diagnosis }}</strong>{% endif %}</td>
+<td data-label="Body"><code>{{ r.snippet[:120] }}</code></td>
+{% endcall %}
+{% endif %}
+</section>
 {% endmacro %}""",
 
     "base.html": """<!doctype html>
-<html lang="en">
-<head>
-  <meta charset="utf-8">
-  <meta name="viewport" content="width=device-width, initial-scale=1">
-  <title>{{ title }} · mmoref</title>
-  <style nonce="{{ style_nonce }}">""" + STYLE_SHEET + """</style>
-</head>
-<body>
-<header>
-  <a href="{{ url_for('mmoref.dashboard.index') }}">mmoref</a>
-  {% if logged_in %}
-  <form method="post" action="{{ url_for('mmoref.dashboard.logout') }}">
-    """ + _CSRF_FIELD + """
-    <button class="plain">Log out</button>
-  </form>
-  {% endif %}
+<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
+<title>{{ title }} · mmoref</title><style nonce="{{ style_nonce }}">""" + STYLE_SHEET + """</style></head>
+<body><header><a href="{{ url_for('mmoref.dashboard.index') }}">mmoref</a>
+{% if logged_in %}<form method="post" action="{{ url_for('mmoref.dashboard.logout') }}">{{ csrf_field() }}
+  <button class="plain">Log out</button></form>{% endif %}
 </header>
 <main>
-  {% for message in messages %}
-  <p class="flash" role="status">{{ message }}</p>
-  {% endfor %}
-  {% block main %}{% endblock %}
-</main>
-</body>
-</html>
+{% for message in messages %}<p class="flash" role="status">{{ message }}</p>{% endfor %}
+{% block main %}{% endblock %}
+</main></body></html>
 """,
 
-    "forget.html": """{% extends "base.html" %}
-{% block main %}
+    "message.html": """{% extends "base.html" %}{% block main %}
+<section><h1>{{ title }}</h1><p>{{ message }}</p></section>{% endblock %}
+""",
+
+    "forget.html": """{% extends "base.html" %}{% block main %}
 <h1>Forget {{ referral.referee_identity }}?</h1>
-<p>This erases the identity from referrals, anchors, stored payloads and rejected requests on
-{{ server.server_id }}, and rewrites the database file. A keyed one-way value takes its place, so
-the player still cannot be registered through another referrer. It cannot be undone.</p>
-<form method="post" id="confirm-forget">
-  """ + _CSRF_FIELD + """
-  <input type="hidden" name="confirm" value="yes">
-  <button id="forget-confirm">Forget this player</button>
-  <a href="{{ url_for('mmoref.dashboard.referrals_tab', game=server.game, server_id=server.server_id) }}">Cancel</a>
-</form>
-{% endblock %}
-""",
-    "message.html": """{% extends "base.html" %}
-{% block main %}
-<section>
-  <h1>{{ title }}</h1>
-  <p>{{ message }}</p>
-</section>
+<p>This erases the identity from referrals, anchors, stored payloads and rejected requests on {{ server.server_id }},
+  and rewrites the database file. A keyed one-way value takes its place, so the player still cannot be registered
+  through another referrer. It cannot be undone.</p>
+<form method="post" id="confirm-forget">{{ csrf_field() }}<input type="hidden" name="confirm" value="yes">
+  <button id="forget-confirm">Forget this player</button> <a href="{{ tab_url(server) }}">Cancel</a></form>
 {% endblock %}
 """,
 
-    "login.html": """{% extends "base.html" %}
-{% block main %}
-<section>
-  <h1>Log in</h1>
-  {% if error %}
-  <p class="error" role="alert">{{ error }}</p>
-  {% endif %}
-  {% if wrong_password %}
-  <p class="muted" id="reset-password">Forgotten it? On the server, run
-    <code>{{ mmoref_command() }} set-password</code> (with <code>--db</code> when its database is not
-    <code>./referrals.db</code>); when <code>MMOREF_ADMIN_PASSWORD</code> is set, change that and restart.</p>
-  {% endif %}
-  {% if no_password %}
-  <p class="error">No dashboard password is set yet: run <code>{{ set_password_command() }}</code>
-    or set <code>MMOREF_ADMIN_PASSWORD</code>.</p>
-  {% endif %}
-  <form method="post">
-    """ + _CSRF_FIELD + """
-    <label for="password">Password</label>
-    <input id="password" name="password" type="password" autocomplete="current-password" required autofocus>
-    <button>Log in</button>
-  </form>
-</section>
+    "login.html": """{% extends "base.html" %}{% block main %}
+<section><h1>Log in</h1>
+{% if error %}<p class="error" role="alert">{{ error }}</p>{% endif %}
+{% if wrong_password %}<p class="muted" id="reset-password">Forgotten it? On the server, run
+  <code>{{ command }} set-password</code> (with <code>--db</code> when its database is not <code>./referrals.db</code>);
+  when <code>MMOREF_ADMIN_PASSWORD</code> is set, change that and restart.</p>{% endif %}
+{% if no_password %}<p class="error">No dashboard password is set yet: run <code>{{ set_password_command }}</code>
+  or set <code>MMOREF_ADMIN_PASSWORD</code>.</p>{% endif %}
+<form method="post">{{ csrf_field() }}<label for="password">Password</label>
+  <input id="password" name="password" type="password" autocomplete="current-password" required autofocus>
+  <button>Log in</button></form></section>
 {% endblock %}
 """,
 
-    "index.html": """{% extends "base.html" %}
-{% block main %}
+    "index.html": """{% extends "base.html" %}{% block main %}
 <h1>Servers</h1>
-{% block new_secret %}
 {% if new_secret %}
-<section id="new-secret">
-  <h2>Server {{ new_secret.server_id }} created</h2>
-  <p>Its signing secret, shown <strong>once</strong>: copy it into your game server's config now.</p>
-  <p class="secret" id="secret-value">{{ new_secret.secret }}</p>
-  <p class="muted">kid {{ new_secret.kid }}</p>
-  {% if new_secret.no_registration_url %}
-  <p class="error" id="no-registration-url">No registration URL yet: its share link answers 404 until you set
-    one under Registration on its Referrals tab.</p>
-  {% endif %}
-  <p><a href="{{ url_for('mmoref.dashboard.referrals_tab', game=new_secret.game,
-                          server_id=new_secret.server_id) }}">Open its Referrals tab</a></p>
-</section>
+<section id="new-secret"><h2>Server {{ new_secret.server_id }} created</h2>
+<p>Its signing secret, shown <strong>once</strong>: copy it into your game server's config now.</p>
+<p class="secret" id="secret-value">{{ new_secret.secret }}</p><p class="muted">kid {{ new_secret.kid }}</p>
+{% if new_secret.no_registration_url %}<p class="error" id="no-registration-url">No registration URL yet: its share
+  link answers 404 until you set one under Registration on its Referrals tab.</p>{% endif %}
+<p><a href="{{ tab_url(new_secret) }}">Open its Referrals tab</a></p></section>
 {% endif %}
-{% endblock %}
-
-{% block servers %}
 <section>
-  {% call scroll_table(["Server", "Game", "Referrals", "Funnel: clicks → registered → qualified (reversed)"],
-                       id="servers") %}
-    {% for server in servers %}
-    {% set f = funnels.get(server.server_id) %}
-    <tr data-server="{{ server.server_id }}">
-      <td data-label="Server">
-        <a href="{{ url_for('mmoref.dashboard.referrals_tab', game=server.game, server_id=server.server_id) }}">
-          {{- server.name or server.server_id }}</a>
-        {% if server.name %}
-        <span class="muted">{{ server.server_id }}</span>
-        {% endif %}
-      </td>
-      <td data-label="Game">{{ server.game }}</td>
-      <td data-label="Referrals">{{ "on" if server.referrals_enabled else "off" }}</td>
-      <td data-label="Clicks → registered → qualified (reversed)">
-        {{- f.clicked if f else 0 }} → {{ f.registered if f else 0 }} → {{ f.qualified if f else 0 }}
-        ({{ f.reversed if f else 0 }})</td>
-    </tr>
-    {% else %}
-    <tr><td colspan="4">No servers yet: add one below.</td></tr>
-    {% endfor %}
-  {% endcall %}
-</section>
-{% endblock %}
-
-{% block add_server %}
-<section>
-  <h2>Add server</h2>
-  {% if error %}
-  <p class="error" role="alert">{{ error }}</p>
-  {% endif %}
-  <form method="post" action="{{ url_for('mmoref.dashboard.add_server_form') }}" class="row">
-    """ + _CSRF_FIELD + """
-    {{ name_field("server_id", "Server id", form.server_id) }}
-    {{ name_field("game", "Game", form.game) }}
-    <div>
-      <label for="name">Name</label>
-      <input id="name" name="name" value="{{ form.name or '' }}">
-    </div>
-    {{ registration_fields(form.registration_url, form.identity_field, identity_fields) }}
-    <div><button>Add server</button></div>
-  </form>
-</section>
-{% endblock %}
-
-{% block rejected %}
-<section>
-  <h2>Rejected requests naming no known server</h2>
-  {% with rows = rejected %}{% include "rejected.html" %}{% endwith %}
-</section>
-{% endblock %}
-{% endblock %}
-""",
-
-    "rejected.html": """{% if rows %}
-{% call scroll_table(["Time", "Status", "Error", "Reason", "Hint", "Body"], css_class="rejected") %}
-  {% for r in rows %}
-  <tr data-status="{{ r.status }}">
-    <td data-label="Time">{{ iso_utc(r.last_seen_at) }}{% if r.repeats > 1 %}<br><span class="repeats">
-      {{- r.repeats }} times since {{ iso_utc(r.received_at) }}</span>{% endif %}</td>
-    <td data-label="Status">{{ r.status }}</td>
-    <td data-label="Error">{{ r.error }}</td>
-    <td data-label="Reason">{{ r.reason or "" }}</td>
-    <td data-label="Hint">{{ r.hint }}
-      {% if r.diagnosis %}<br><strong class="diagnosis">{{ r.diagnosis }}</strong>{% endif %}
-    </td>
-    <td data-label="Body"><code>{{ r.snippet[:120] }}</code></td>
-  </tr>
-  {% endfor %}
+{% call(server) scroll_table(["Server", "Game", "Referrals", "Funnel: clicks → registered → qualified (reversed)"],
+                             servers, "No servers yet: add one below.", id="servers", data={"server": "server_id"}) %}
+{% set f = funnels.get(server.server_id, {}) %}
+<td data-label="Server"><a href="{{ tab_url(server) }}">{{ server.name or server.server_id }}</a>
+  {%- if server.name %} <span class="muted">{{ server.server_id }}</span>{% endif %}</td>
+<td data-label="Game">{{ server.game }}</td>
+<td data-label="Referrals">{{ "on" if server.referrals_enabled else "off" }}</td>
+<td data-label="Clicks → registered → qualified (reversed)">{{ f.clicked or 0 }} → {{ f.registered or 0 }} →
+  {{- " " ~ (f.qualified or 0) }} ({{ f.reversed or 0 }})</td>
 {% endcall %}
-{% else %}
-<p class="muted">None.</p>
-{% endif %}
+</section>
+<section><h2>Add server</h2>
+{% if error %}<p class="error" role="alert">{{ error }}</p>{% endif %}
+<form method="post" action="{{ url_for('mmoref.dashboard.add_server_form') }}" class="row">{{ csrf_field() }}
+{{ name_field("server_id", "Server id", form.server_id) }}{{ name_field("game", "Game", form.game) }}
+<div><label for="name">Name</label><input id="name" name="name" value="{{ form.name or '' }}"></div>
+{{ registration_fields(form.registration_url, form.identity_field, identity_fields) }}
+<div><button>Add server</button></div></form></section>
+{{ rejected_section("Rejected requests naming no known server", rejected) }}
+{% endblock %}
 """,
 
-    "referrals.html": """{% extends "base.html" %}
-{% block main %}
+    "referrals.html": """{% extends "base.html" %}{% block main %}
 <h1>{{ server.name or server.server_id }} <span class="muted">· {{ server.game }} · Referrals</span></h1>
-{% block shown_once %}
 {% if new_secret %}
-<section id="new-secret">
-  <h2>New signing secret</h2>
-  <p>Shown <strong>once</strong>: copy it into your game server's config now.
-    {% if new_secret.previous %}
-    <span id="previous-secret">The previous secret
-      {%- if new_secret.previous.until %} stays valid for {{ new_secret.previous.grace }} (until
-      {{- " " ~ new_secret.previous.until }}).{% else %} is revoked.{% endif %}</span>
-    {% endif %}
-  </p>
-  <p class="secret" id="secret-value">{{ new_secret.secret }}</p>
-  <p class="muted">kid {{ new_secret.kid }}</p>
-</section>
+{% set previous = new_secret.previous %}
+<section id="new-secret"><h2>New signing secret</h2>
+<p>Shown <strong>once</strong>: copy it into your game server's config now.
+  {%- if previous %} <span id="previous-secret">The previous secret {% if previous.until %}stays valid for
+  {{- " " ~ previous.grace }} (until {{ previous.until }}).{% else %}is revoked.{% endif %}</span>{% endif %}</p>
+<p class="secret" id="secret-value">{{ new_secret.secret }}</p><p class="muted">kid {{ new_secret.kid }}</p></section>
 {% endif %}
 {% if new_token %}
-<section id="new-token">
-  <h2>Test token for referral {{ new_token.referral_id }}</h2>
-  <p class="secret" id="token-value">{{ new_token.token }}</p>
-  <p class="muted">A test referral: its click and events are left out of the analytics.</p>
-</section>
+<section id="new-token"><h2>Test token for referral {{ new_token.referral_id }}</h2>
+<p class="secret" id="token-value">{{ new_token.token }}</p>
+<p class="muted">A test referral: its click and events are left out of the analytics.</p></section>
 {% endif %}
-{% endblock %}
-
-{% block connect %}
-<section id="connect">
-  <h2>Connect your game server</h2>
-  <p>Your game server POSTs signed events to this address, with this server id and the secret shown once
-    when it was made (this page never shows it again).</p>
-  <table class="wrap">
-    <tr><th>Ingest URL</th><td><code id="connect-url">{{ connect.url }}</code></td></tr>
-    <tr><th>server_id</th><td><code id="connect-server-id">{{ connect.server_id }}</code></td></tr>
-    <tr><th>kid</th><td><code id="connect-kid">{{ connect.kid or "no secret yet" }}</code></td></tr>
-  </table>
-  <h3>With curl and openssl</h3>
-  <pre id="connect-shell">{{ connect.shell }}</pre>
-  <h3>With Python (mmoref's <code>send</code> command)</h3>
-  <pre id="connect-python">{{ connect.python }}</pre>
+<section id="connect"><h2>Connect your game server</h2>
+<p>Your game server POSTs signed events to this address, with this server id and the secret shown once when it was
+  made (this page never shows it again).</p>
+<table class="wrap"><tr><th>Ingest URL</th><td><code id="connect-url">{{ connect.url }}</code></td></tr>
+<tr><th>server_id</th><td><code id="connect-server-id">{{ connect.server_id }}</code></td></tr>
+<tr><th>kid</th><td><code id="connect-kid">{{ connect.kid or "no secret yet" }}</code></td></tr></table>
+<h3>With curl and openssl</h3><pre id="connect-shell">{{ connect.shell }}</pre>
+<h3>With Python (mmoref's <code>send</code> command)</h3><pre id="connect-python">{{ connect.python }}</pre></section>
+<section id="status"><h2>Status</h2>
+<form method="post" action="{{ server_url('set_enabled', server) }}">{{ csrf_field() }}
+{% set enabled = server.referrals_enabled %}
+<p class="{{ 'ok' if enabled else 'error' }}">Referrals are {{ "enabled" if enabled else "disabled" }}.</p>
+<input type="hidden" name="enabled" value="{{ 0 if enabled else 1 }}">
+<button{% if enabled %} class="plain"{% endif %}>{{ "Disable" if enabled else "Enable" }} referrals</button>
+</form></section>
+<section id="secrets"><h2>Signing secret</h2>
+{% call(s) scroll_table(["kid", "Secret", "Status"], secrets[:5], "No secret yet.") %}
+<td data-label="kid">{{ s.kid }}</td><td data-label="Secret">…{{ s.last4 }}</td><td data-label="Status">
+  {%- if s.expires_at is none %}current{% elif s.expires_at > now %}valid until {{ iso_utc(s.expires_at) }}
+  {%- else %}revoked{% endif %}</td>
+{% endcall %}
+{% for s in in_grace %}
+<p class="error" id="rotation-revokes">Rotating again now revokes secret {{ s.kid }} (ends in …{{ s.last4 }}, valid
+  until {{ iso_utc(s.expires_at) }}) at once: game servers still signing with it will be refused.</p>
+{% endfor %}
+<form method="post" class="row" action="{{ server_url('rotate_secret_form', server) }}">{{ csrf_field() }}
+<input type="hidden" name="rotation" value="{{ rotation_nonce }}">
+<div><label for="grace">The previous secret</label><select id="grace" name="grace">
+{% for value, label in grace_choices.items() %}
+<option value="{{ value }}"{% if value == "86400" %} selected{% endif %}>
+  {{- "revoke now" if value == "0" else "stays valid " ~ label }}</option>
+{% endfor %}
+</select></div>
+<div><button>{{ "Rotate secret" if has_secret else "Generate secret" }}</button></div></form></section>
+<section id="settings"><h2>Registration</h2>
+<form method="post" class="row" action="{{ server_url('settings_form', server) }}">{{ csrf_field() }}
+{{ registration_fields(server.registration_url, server.identity_field, identity_fields) }}
+<div><button>Save</button></div></form>
+{% if not server.registration_url %}<p class="error" id="no-registration-url">No registration URL yet: the share link
+  answers 404 until you set one here.</p>{% endif %}
+<label for="share-link">Share link (players add their code)</label>
+<input id="share-link" readonly size="50" value="{{ share_link }}PLAYERCODE">
+<form method="post" class="row" action="{{ server_url('mint_token_form', server) }}">{{ csrf_field() }}
+<div><label for="ref">Referrer code</label><input id="ref" name="ref" required value="tester"></div>
+<div><button class="plain">Mint a test token</button></div></form></section>
+<section id="test-event"><h2>Send test event</h2>
+<p class="muted">Signs a <code>"test": true</code> registered event with the current secret and runs it through the
+  real ingest pipeline. Nothing is written to the delivery log.</p>
+<form method="post" action="{{ server_url('send_test_event', server) }}">{{ csrf_field() }}
+<button id="send-test-event"{% if not has_secret %} disabled{% endif %}>Send test event</button>
+{% if not has_secret %}<span class="muted">Generate a secret first: the test event is signed with it.</span>{% endif %}
+</form>
+{% if test_result %}<div id="test-result" data-status="{{ test_result.status }}">
+<p class="{{ 'ok' if test_result.status == 200 else 'error' }}">HTTP {{ test_result.status }}</p>
+<pre>{{ test_result.body }}</pre></div>{% endif %}</section>
+{% set f, chart = analytics.funnel, analytics.chart %}
+<section id="analytics"><h2>Analytics</h2>
+<div class="funnel"><div>Clicks<strong id="funnel-clicked">{{ f.clicked }}</strong></div>
+<div>Registered<strong id="funnel-registered">{{ f.registered }}</strong>{{ analytics.registered_rate }} of clicks</div>
+<div>Qualified<strong id="funnel-qualified">{{ f.qualified }}</strong>{{ analytics.qualified_rate }} of registered</div>
+<div>Reversed<strong id="funnel-reversed">{{ f.reversed }}</strong></div></div>
+<h3>Last 30 days</h3>
+<svg id="daily-chart" role="img" aria-label="Daily clicks, registrations and qualifications"
+     viewBox="0 0 {{ chart.width }} 112" width="100%" height="140" preserveAspectRatio="none">
+{% for bar in chart.bars %}
+<rect class="{{ bar.kind }}" x="{{ bar.x }}" y="{{ bar.y }}" width="5" height="{{ bar.height }}">
+  <title>{{ bar.label }}</title></rect>
+{% endfor %}
+</svg>
+<p class="axis muted" id="chart-axis">{% for day in chart.axis %} <span>{{ day }}</span>{% endfor %}</p>
+<p class="muted" id="chart-note">{% if chart.peak %}Bars per day: clicks (light), registered (blue), qualified (green);
+  peak {{ chart.peak }}.{% else %}No clicks, registrations or qualifications in the last 30 days.{% endif %}</p>
+<h3>Top referrers (by qualified)</h3>
+{% call(r) scroll_table(["Referrer", "Clicks", "Registered", "Qualified"], analytics.leaders,
+                        "No qualified referrals yet.", id="leaderboard") %}
+<td data-label="Referrer">{{ r.referrer_code }}</td><td data-label="Clicks">{{ r.clicked }}</td>
+<td data-label="Registered">{{ r.registered }}</td><td data-label="Qualified">{{ r.qualified }}</td>
+{% endcall %}
 </section>
-{% endblock %}
-
-{% block status %}
-<section id="status">
-  <h2>Status</h2>
-  <form method="post" action="{{ url_for('mmoref.dashboard.set_enabled', game=server.game,
-                                         server_id=server.server_id) }}">
-    """ + _CSRF_FIELD + """
-    {% if server.referrals_enabled %}
-    <p class="ok">Referrals are enabled.</p>
-    <input type="hidden" name="enabled" value="0">
-    <button class="plain">Disable referrals</button>
-    {% else %}
-    <p class="error">Referrals are disabled.</p>
-    <input type="hidden" name="enabled" value="1">
-    <button>Enable referrals</button>
-    {% endif %}
-  </form>
-</section>
-{% endblock %}
-
-{% block secrets %}
-<section id="secrets">
-  <h2>Signing secret</h2>
-  {% call scroll_table(["kid", "Secret", "Status"]) %}
-    {% for s in secrets[:5] %}
-    <tr>
-      <td data-label="kid">{{ s.kid }}</td>
-      <td data-label="Secret">…{{ s.last4 }}</td>
-      <td data-label="Status">
-        {%- if s.expires_at is none %}current
-        {%- elif s.expires_at > now %}valid until {{ iso_utc(s.expires_at) }}
-        {%- else %}revoked{% endif -%}
-      </td>
-    </tr>
-    {% else %}
-    <tr><td colspan="3">No secret yet.</td></tr>
-    {% endfor %}
-  {% endcall %}
-  {% for s in in_grace %}
-  <p class="error" id="rotation-revokes">Rotating again now revokes secret {{ s.kid }} (ends in …{{ s.last4 }},
-    valid until {{ iso_utc(s.expires_at) }}) at once: game servers still signing with it will be refused.</p>
-  {% endfor %}
-  <form method="post" class="row" action="{{ url_for('mmoref.dashboard.rotate_secret_form', game=server.game,
-                                                     server_id=server.server_id) }}">
-    """ + _CSRF_FIELD + """
-    <input type="hidden" name="rotation" value="{{ rotation_nonce }}">
-    <div>
-      <label for="grace">The previous secret</label>
-      <select id="grace" name="grace">
-        {% for value, label in grace_choices.items() %}
-        <option value="{{ value }}"{% if value == "86400" %} selected{% endif %}>
-          {{- "revoke now" if value == "0" else "stays valid " ~ label }}</option>
-        {% endfor %}
-      </select>
-    </div>
-    <div><button>{{ "Rotate secret" if has_secret else "Generate secret" }}</button></div>
-  </form>
-</section>
-{% endblock %}
-
-{% block settings %}
-<section id="settings">
-  <h2>Registration</h2>
-  <form method="post" class="row" action="{{ url_for('mmoref.dashboard.settings_form', game=server.game,
-                                                     server_id=server.server_id) }}">
-    """ + _CSRF_FIELD + """
-    {{ registration_fields(server.registration_url, server.identity_field, identity_fields) }}
-    <div><button>Save</button></div>
-  </form>
-  {% if not server.registration_url %}
-  <p class="error" id="no-registration-url">No registration URL yet: the share link answers 404 until you set
-    one here.</p>
-  {% endif %}
-  <label for="share-link">Share link (players add their code)</label>
-  <input id="share-link" readonly size="50" value="{{ share_link }}PLAYERCODE">
-  <form method="post" class="row" action="{{ url_for('mmoref.dashboard.mint_token_form', game=server.game,
-                                                     server_id=server.server_id) }}">
-    """ + _CSRF_FIELD + """
-    <div>
-      <label for="ref">Referrer code</label>
-      <input id="ref" name="ref" required value="tester">
-    </div>
-    <div><button class="plain">Mint a test token</button></div>
-  </form>
-</section>
-{% endblock %}
-
-{% block test_event %}
-<section id="test-event">
-  <h2>Send test event</h2>
-  <p class="muted">Signs a <code>"test": true</code> registered event with the current secret and runs it through
-    the real ingest pipeline. Nothing is written to the delivery log.</p>
-  <form method="post" action="{{ url_for('mmoref.dashboard.send_test_event', game=server.game,
-                                         server_id=server.server_id) }}">
-    """ + _CSRF_FIELD + """
-    <button id="send-test-event"{% if not has_secret %} disabled{% endif %}>Send test event</button>
-    {% if not has_secret %}
-    <span class="muted">Generate a secret first: the test event is signed with it.</span>
-    {% endif %}
-  </form>
-  {% if test_result %}
-  <div id="test-result" data-status="{{ test_result.status }}">
-    <p class="{{ 'ok' if test_result.status == 200 else 'error' }}">HTTP {{ test_result.status }}</p>
-    <pre>{{ test_result.body }}</pre>
-  </div>
-  {% endif %}
-</section>
-{% endblock %}
-
-{% block analytics %}
-{% set f = analytics.funnel %}
-<section id="analytics">
-  <h2>Analytics</h2>
-  <div class="funnel">
-    <div>Clicks<strong id="funnel-clicked">{{ f.clicked }}</strong></div>
-    <div>Registered<strong id="funnel-registered">{{ f.registered }}</strong>
-      {{- analytics.registered_rate }} of clicks</div>
-    <div>Qualified<strong id="funnel-qualified">{{ f.qualified }}</strong>
-      {{- analytics.qualified_rate }} of registered</div>
-    <div>Reversed<strong id="funnel-reversed">{{ f.reversed }}</strong></div>
-  </div>
-  <h3>Last 30 days</h3>
-  <svg id="daily-chart" role="img" aria-label="Daily clicks, registrations and qualifications"
-       viewBox="0 0 {{ analytics.chart.width }} 112" width="100%" height="140" preserveAspectRatio="none">
-    {% for bar in analytics.chart.bars %}
-    <rect class="{{ bar.kind }}" x="{{ bar.x }}" y="{{ bar.y }}" width="5" height="{{ bar.height }}">
-      <title>{{ bar.label }}</title>
-    </rect>
-    {% endfor %}
-  </svg>
-  <p class="axis muted" id="chart-axis">
-    {% for day in analytics.chart.axis %}
-    <span>{{ day }}</span>
-    {% endfor %}
-  </p>
-  {% if analytics.chart.peak %}
-  <p class="muted" id="chart-note">Bars per day: clicks (light), registered (blue), qualified (green);
-    peak {{ analytics.chart.peak }}.</p>
-  {% else %}
-  <p class="muted" id="chart-note">No clicks, registrations or qualifications in the last 30 days.</p>
-  {% endif %}
-  <h3>Top referrers (by qualified)</h3>
-  {% call scroll_table(["Referrer", "Clicks", "Registered", "Qualified"], id="leaderboard") %}
-    {% for r in analytics.leaders %}
-    <tr>
-      <td data-label="Referrer">{{ r.referrer_code }}</td>
-      <td data-label="Clicks">{{ r.clicked }}</td>
-      <td data-label="Registered">{{ r.registered }}</td>
-      <td data-label="Qualified">{{ r.qualified }}</td>
-    </tr>
-    {% else %}
-    <tr><td colspan="4">No qualified referrals yet.</td></tr>
-    {% endfor %}
-  {% endcall %}
-</section>
-{% endblock %}
-
-{% block log %}
-<section id="log">
-  <h2>Delivery log</h2>
-  <form method="get" class="row" action="{{ tab_url }}">
-    {{ log_filter("event", "Event", log_events, filters.event) }}
-    {{ log_filter("outcome", "Outcome", outcomes, filters.outcome) }}
-    <div>
-      <label for="f-q">server_event_id or referrer code</label>
-      <input id="f-q" name="q" value="{{ filters.q or '' }}">
-    </div>
-    <div><button class="plain">Filter</button></div>
-    <div><a href="{{ csv_url }}">Export CSV</a></div>
-  </form>
-  {% call scroll_table(["Received", "Event", "State now", "Outcome", "server_event_id", "Referrer", "Referee",
-                        "Token", ""], id="delivery-log") %}
-    {% for row in log_rows %}
-    <tr data-id="{{ row.id }}" data-event="{{ row.event }}" data-state="{{ row.state }}"
-        data-outcome="{{ row.outcome }}">
-      <td data-label="Received">{{ row.received }}</td>
-      <td data-label="Event">{{ row.event }}</td>
-      <td data-label="State now">{{ row.state }}</td>
-      <td data-label="Outcome">{{ row.outcome }}</td>
-      <td data-label="server_event_id">{{ row.server_event_id or "" }}</td>
-      <td data-label="Referrer">{{ row.referrer_code }}</td>
-      <td data-label="Referee">{{ row.referee_masked }}</td>
-      <td data-label="Token">{{ row.token_masked }}</td>
-      <td><a class="detail" href="{{ url_for('mmoref.dashboard.log_detail', game=server.game,
-                                             server_id=server.server_id, row_id=row.id) }}">details</a></td>
-    </tr>
-    {% else %}
-    <tr><td colspan="9">No events{{ " match these filters" if filters else " yet" }}.</td></tr>
-    {% endfor %}
-  {% endcall %}
-  <nav class="pager">
-    {% if newer_url %}
-    <a id="newer" href="{{ newer_url }}">← newer</a>
-    {% endif %}
-    {% if older_url %}
-    <a id="older" href="{{ older_url }}">older →</a>
-    {% endif %}
-  </nav>
-</section>
-{% endblock %}
-
-{% block rejected %}
-<section id="rejected">
-  <h2>Rejected requests</h2>
-  {% with rows = rejected %}{% include "rejected.html" %}{% endwith %}
-</section>
-{% endblock %}
+<section id="log"><h2>Delivery log</h2>
+<form method="get" class="row" action="{{ tab_url(server) }}">
+{{ select("f-event", "event", "Event", log_events, filters.event, any=true) }}
+{{ select("f-outcome", "outcome", "Outcome", outcomes, filters.outcome, any=true) }}
+<div><label for="f-q">server_event_id or referrer code</label><input id="f-q" name="q" value="{{ filters.q or '' }}">
+</div><div><button class="plain">Filter</button></div><div><a href="{{ csv_url }}">Export CSV</a></div></form>
+{% call(row) scroll_table(["Received", "Event", "State now", "Outcome", "server_event_id", "Referrer", "Referee",
+                          "Token", ""], log_rows, "No events" ~ (" match these filters" if filters else " yet") ~ ".",
+                          id="delivery-log", data={"id": "id", "event": "event", "state": "state",
+                                                   "outcome": "outcome"}) %}
+<td data-label="Received">{{ row.received }}</td><td data-label="Event">{{ row.event }}</td>
+<td data-label="State now">{{ row.state }}</td><td data-label="Outcome">{{ row.outcome }}</td>
+<td data-label="server_event_id">{{ row.server_event_id or "" }}</td>
+<td data-label="Referrer">{{ row.referrer_code }}</td><td data-label="Referee">{{ row.referee_masked }}</td>
+<td data-label="Token">{{ row.token_masked }}</td>
+<td><a class="detail" href="{{ server_url('log_detail', server, row_id=row.id) }}">details</a></td>
+{% endcall %}
+<nav class="pager">{% if newer_url %}<a id="newer" href="{{ newer_url }}">← newer</a>{% endif %}
+  {% if older_url %}<a id="older" href="{{ older_url }}">older →</a>{% endif %}</nav></section>
+{{ rejected_section("Rejected requests", rejected, id="rejected") }}
 {% endblock %}
 """,
 
-    "confirm.html": """{% extends "base.html" %}
-{% block main %}
-<section id="confirm">
-  <h1>{{ action|capitalize }} referral {{ referral.referral_id }}?</h1>
-  <p>Referral {{ referral.referral_id }} (referrer {{ referral.referrer_code }}) is {{ referral.state }}.
-    It becomes <strong>{{ next_state }}</strong>: this is final and cannot be undone.</p>
-  <form method="post" class="row">
-    """ + _CSRF_FIELD + """
-    <input type="hidden" name="back" value="{{ back }}">
-    <input type="hidden" name="confirmed" value="yes">
-    <button id="confirm-action">Yes, {{ action }} referral</button>
-    <a href="{{ back }}">Cancel</a>
-  </form>
-</section>
+    "confirm.html": """{% extends "base.html" %}{% block main %}
+<section id="confirm"><h1>{{ action|capitalize }} referral {{ referral.referral_id }}?</h1>
+<p>Referral {{ referral.referral_id }} (referrer {{ referral.referrer_code }}) is {{ referral.state }}. It becomes
+  <strong>{{ next_state }}</strong>: this is final and cannot be undone.</p>
+<form method="post" class="row">{{ csrf_field() }}<input type="hidden" name="back" value="{{ back }}">
+  <input type="hidden" name="confirmed" value="yes">
+  <button id="confirm-action">Yes, {{ action }} referral</button> <a href="{{ back }}">Cancel</a></form></section>
 {% endblock %}
 """,
 
-    "detail.html": """{% extends "base.html" %}
-{% block main %}
-<p><a href="{{ url_for('mmoref.dashboard.referrals_tab', game=server.game, server_id=server.server_id) }}">
-  ← Referrals</a></p>
+    "detail.html": """{% extends "base.html" %}{% block main %}
+<p><a href="{{ tab_url(server) }}">← Referrals</a></p>
 <h1>Event {{ row.id }}: {{ row.event }}</h1>
-{% block event %}
-<section>
-  <table id="event-detail" class="wrap">
-    <tr><th>Received</th><td>{{ row.received }}</td></tr>
-    <tr><th>Outcome</th><td>{{ row.outcome }}</td></tr>
-    <tr><th>server_event_id</th><td>{{ row.server_event_id or "" }}</td></tr>
-    <tr><th>Referral</th><td>{{ referral.referral_id }} (referrer {{ referral.referrer_code }})</td></tr>
-    <tr><th>Referral state now</th><td id="referral-state">{{ referral.state }}</td></tr>
-    <tr><th>Referee</th><td>{{ referral.referee_identity or "" }}</td></tr>
-  </table>
-  {% if payload %}
-  <h2>Stored payload (token masked)</h2>
-  <pre>{{ payload }}</pre>
-  {% endif %}
+<section><table id="event-detail" class="wrap">
+<tr><th>Received</th><td>{{ row.received }}</td></tr><tr><th>Outcome</th><td>{{ row.outcome }}</td></tr>
+<tr><th>server_event_id</th><td>{{ row.server_event_id or "" }}</td></tr>
+<tr><th>Referral</th><td>{{ referral.referral_id }} (referrer {{ referral.referrer_code }})</td></tr>
+<tr><th>Referral state now</th><td id="referral-state">{{ referral.state }}</td></tr>
+<tr><th>Referee</th><td>{{ referral.referee_identity or "" }}</td></tr></table>
+{% if payload %}<h2>Stored payload (token masked)</h2><pre>{{ payload }}</pre>{% endif %}
 </section>
-{% endblock %}
-
-{% block owner_actions %}
-<section>
-  <h2>Owner actions</h2>
-  {% for action in actions %}
-  <form method="get" class="inline" action="{{ url_for('mmoref.dashboard.owner_action_form',
-      game=server.game, server_id=server.server_id, referral_id=referral.referral_id, action=action) }}">
-    <input type="hidden" name="back" value="{{ url_for('mmoref.dashboard.log_detail', game=server.game,
-                                                       server_id=server.server_id, row_id=row.id) }}">
-    <button class="plain" id="action-{{ action }}">{{ action|capitalize }} referral</button>
-  </form>
-  {% else %}
-  <p class="muted">None: a {{ referral.state }} referral is final or not yet registered.</p>
-  {% endfor %}
+<section><h2>Owner actions</h2>
+{% for action in actions %}
+<form method="get" class="inline"
+      action="{{ server_url('owner_action_form', server, referral_id=referral.referral_id, action=action) }}">
+  <input type="hidden" name="back" value="{{ server_url('log_detail', server, row_id=row.id) }}">
+  <button class="plain" id="action-{{ action }}">{{ action|capitalize }} referral</button></form>
+{% else %}
+<p class="muted">None: a {{ referral.state }} referral is final or not yet registered.</p>
+{% endfor %}
 </section>
-{% endblock %}
-
-{% block forget %}
 {% if referral.referee_identity and not referral.referee_identity.startswith("forgotten:") %}
-<section>
-  <h2>Personal data</h2>
-  <form method="post" action="{{ url_for('mmoref.dashboard.forget_form', game=server.game,
-      server_id=server.server_id, referral_id=referral.referral_id) }}">
-    """ + _CSRF_FIELD + """
-    <button class="plain" id="forget">Forget this player…</button>
-  </form>
-</section>
+<section><h2>Personal data</h2>
+<form method="post" action="{{ server_url('forget_form', server, referral_id=referral.referral_id) }}">
+  {{- csrf_field() }}<button class="plain" id="forget">Forget this player…</button></form></section>
 {% endif %}
-{% endblock %}
-
-{% block history %}
-<section>
-  <h2>History of this referral</h2>
-  {% call scroll_table(["Received", "Event", "Outcome", "server_event_id"], id="history") %}
-    {% for h in history %}
-    <tr data-event="{{ h.event }}" data-outcome="{{ h.outcome }}">
-      <td data-label="Received">{{ h.received }}</td>
-      <td data-label="Event">{{ h.event }}</td>
-      <td data-label="Outcome">{{ h.outcome }}</td>
-      <td data-label="server_event_id">{{ h.server_event_id or "" }}</td>
-    </tr>
-    {% endfor %}
-  {% endcall %}
+<section><h2>History of this referral</h2>
+{% call(h) scroll_table(["Received", "Event", "Outcome", "server_event_id"], history, id="history",
+                        data={"event": "event", "outcome": "outcome"}) %}
+<td data-label="Received">{{ h.received }}</td><td data-label="Event">{{ h.event }}</td>
+<td data-label="Outcome">{{ h.outcome }}</td><td data-label="server_event_id">{{ h.server_event_id or "" }}</td>
+{% endcall %}
 </section>
-{% endblock %}
 {% endblock %}
 """,
 }))
-# the macros, for every template: {% call scroll_table(["Time", "Status"], id="log") %}<tr>…{% endcall %}
+# url_for, the CSRF token and the dashboard's links serve every template and macro; the macros, every template
+TEMPLATES.globals.update(url_for=url_for, csrf_token=csrf_token, iso_utc=iso_utc, server_url=_server_url,
+                         tab_url=_tab_url)
 _MACROS = TEMPLATES.get_template("macros.html").module
-TEMPLATES.globals.update({name: getattr(_MACROS, name)
-                          for name in ("scroll_table", "log_filter", "registration_fields", "name_field")})
-# the hint on the login page names this app's database when it is not ./referrals.db
-TEMPLATES.globals["mmoref_command"] = lambda: COMMAND
-TEMPLATES.globals["set_password_command"] = lambda: set_password_command_line(current_app.config["MMOREF_DB"])
+TEMPLATES.globals.update({name: getattr(_MACROS, name) for name in (
+    "csrf_field", "scroll_table", "name_field", "select", "registration_fields", "rejected_section")})
 
 
 # main ########################################################################
