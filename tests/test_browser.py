@@ -25,6 +25,7 @@ from tests.support import PASSWORD
 from tests.support import PYTHON
 from tests.support import ROOT
 from tests.support import SERVER_SCRIPT
+from tests.support import unavailable
 
 pytestmark = pytest.mark.browser
 
@@ -41,21 +42,14 @@ UPDATE_DOCS = os.environ.get("MMOREF_UPDATE_DOCS") == "1"
 
 # Browser ##########################################################################################
 
-def _unavailable(reason: str) -> None:
-    """Skip locally; on CI (CI=true) a missing browser is a failure, never a silent skip."""
-    if os.environ.get("CI") == "true":
-        pytest.fail(f"browser tests cannot run: {reason} (CI=true requires them)", pytrace=False)
-    pytest.skip(f"browser tests skipped: {reason}")
-
-
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
     try:
         from playwright.sync_api import sync_playwright
     except ImportError:
-        _unavailable("the playwright package is not installed (pip install playwright)")
+        unavailable("browser tests: the playwright package is not installed (pip install playwright)")
     if not CHROMIUM.is_file():
-        _unavailable(f"no Chromium at {CHROMIUM} (apt-get install chromium)")
+        unavailable(f"browser tests: no Chromium at {CHROMIUM} (apt-get install chromium)")
     playwright = sync_playwright().start()
     try:
         chromium = playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS,

@@ -104,7 +104,7 @@ def test_a_revocation_cannot_commit_between_verification_and_the_events_commit(c
 
 
 def test_refusals_against_a_current_configuration_cost_no_retry(client, store, kept, monkeypatch):
-    """A refusal is confirmed by one read; it is not run again while nothing changed."""
+    """A refusal is answered from one run of the checks: only a lost race to another node (WriteConflict) is retried."""
     secret, _ = kept
     runs: list[int] = []
     verify = mm.verify   # called once each time the checks of steps 5-8 run

