@@ -802,9 +802,6 @@ def owner_action(store: Store, referral_id: str, action: str) -> str:
 # One function, its steps in the order of docs/contract.md §1.4, each failing early with ApiError.
 
 
-WRITE_ATTEMPTS = 3  # a write that lost a race to another PostgreSQL node is tried again: first touch, a deadlock
-
-
 def process_event(store: EventStore, raw_body: bytes, header: str | None, *, window: int, ttl: int) -> dict[str, Any]:
     """Steps 2-10 of docs/contract.md §1.4 (step 1, the size cap, is the route's), for the route and the dashboard's
     "Send test event": the 200 body, or ApiError, whose `server_id` names the known server the request is about.
@@ -825,6 +822,8 @@ def process_event(store: EventStore, raw_body: bytes, header: str | None, *, win
         exc.server_id = _known_server_id(store, body)
         raise
     server_id = fields.server_id
+    # a MAC mismatch's (live, revoked secrets), diagnosed after the transaction instead of holding it
+    mismatched: list[tuple[list[tuple[str, str]], list[str]]] = []
 
     def verified_and_applied(transaction: Transaction) -> dict[str, Any] | ApiError:
         # 5. the server exists, takes referrals and has a secret
@@ -841,12 +840,12 @@ def process_event(store: EventStore, raw_body: bytes, header: str | None, *, win
         try:
             verify(parsed, raw_body, live, at, window)
         except SignatureError as exc:
-            revoked = [row["secret"] for row in every_secret if row["server_id"] == server_id
-                       and row["expires_at"] is not None and row["expires_at"] <= at][:5]  # the newest five
-            diagnosis = (diagnose_mac_mismatch(parsed, raw_body, live, revoked, fields.ts)
-                         if exc.reason == "mac_mismatch" else None)
-            raise ApiError(401, "bad_signature", HINTS[exc.reason].format(window=window), diagnosis=diagnosis,
-                           server_id=server_id, reason=exc.reason) from None
+            if exc.reason == "mac_mismatch":
+                revoked = [row["secret"] for row in every_secret if row["server_id"] == server_id
+                           and row["expires_at"] is not None and row["expires_at"] <= at][:5]  # the newest five
+                mismatched[:] = [(live, revoked)]
+            raise ApiError(401, "bad_signature", HINTS[exc.reason].format(window=window), server_id=server_id,
+                           reason=exc.reason) from None
         # 7. a verified dry run stops here
         if fields.test:
             return {"ok": True, "test": True}
@@ -861,13 +860,12 @@ def process_event(store: EventStore, raw_body: bytes, header: str | None, *, win
         return apply_event(transaction, Delivery(server_id, fields.event, claims, fields.server_event_id,
                                                  fields.referee_identity, fields.ts, snippet, forgotten), ttl)
 
-    for attempt in range(1, WRITE_ATTEMPTS + 1):
-        try:
-            outcome = store.group_commit(verified_and_applied)
-            break
-        except WriteConflict:  # a concurrent writer won a race our reads could not see (PostgreSQL)
-            if attempt == WRITE_ATTEMPTS:
-                raise
+    try:
+        outcome = store.group_commit(verified_and_applied)
+    except ApiError as exc:
+        if mismatched:  # why, when a usual mistake explains it
+            exc.diagnosis = diagnose_mac_mismatch(parsed, raw_body, *mismatched[0], fields.ts)
+        raise
     if isinstance(outcome, ApiError):
         raise outcome
     return outcome
@@ -1654,6 +1652,7 @@ HEALTH_READ_TIMEOUT_MS = 500     # /healthz reads with this busy timeout; it nev
 HEALTH_CHECK_SECONDS = 1         # /healthz checks the file, folder and disk at most this often
 LOW_DISK_BYTES = 1024 * 1024     # less free space than this on the database's filesystem: "disk full"
 LOCKED_REMEMBERED_SECONDS = 10   # /healthz reports a write that found the database locked for this long
+WRITE_ATTEMPTS = 3               # how often a database server's write that lost a race to another node is tried
 
 # The causes the owner must fix, each with the words SQLite uses for it and the one line
 # that says what to do. "deleted" and "replaced" are found by comparing the file's identity.
@@ -1758,9 +1757,18 @@ class Store(abc.ABC):
 
     def group_commit(self, work: Callable[[Transaction], Any]) -> Any:
         """Run `work(transaction)` in a write transaction; return its result (or raise its error). Here each is
-        its own transaction: a database server's own group commit batches the fsyncs."""
-        with self.transaction() as transaction:
-            return work(transaction)
+        its own transaction: a database server's own group commit batches the fsyncs. Work that lost a race to
+        another node (WriteConflict: first touch, a deadlock) runs again, in a new transaction that sees the
+        winner's rows, up to WRITE_ATTEMPTS times in all."""
+        attempts_left = WRITE_ATTEMPTS
+        while True:
+            try:
+                with self.transaction() as transaction:
+                    return work(transaction)
+            except WriteConflict:
+                attempts_left -= 1
+                if not attempts_left:
+                    raise
 
     def health(self) -> StoreError | None:
         """What keeps this database from taking writes now, found quickly: here, whether it answers a read."""
@@ -1934,12 +1942,17 @@ class Store(abc.ABC):
         `click_limit` (client key, clicks a minute), a client past it gets None and only its counter is written."""
         check_name("referrer code", referrer_code)
         issued_at = now() if issued_at is None else issued_at
-        with self.transaction() as transaction:
+
+        def click(transaction: Transaction) -> str | None:
             if not transaction.server_exists(server_id):
                 raise ConfigError(f"unknown server {server_id!r}")
             if click_limit is not None and transaction.hit("click", click_limit[0], issued_at, 60) > click_limit[1]:
                 return None
-            referral_id = transaction.insert_referral(server_id, referrer_code, issued_at, ip_hash, user_agent, test)
+            return transaction.insert_referral(server_id, referrer_code, issued_at, ip_hash, user_agent, test)
+
+        referral_id = self.group_commit(click)
+        if referral_id is None:
+            return None
         return mint_token(self.token_key, server_id, referral_id, issued_at), referral_id
 
     def referral(self, referral_id: str) -> Row | None:
@@ -2060,7 +2073,8 @@ class Store(abc.ABC):
         `per_client_minute`, a client past that many this minute is not recorded at all."""
         same_kind = (f"server_id {self.NULL_SAFE_EQUAL} ? AND status = ? AND error = ? AND reason"
                      f" {self.NULL_SAFE_EQUAL} ? AND hint = ? AND diagnosis {self.NULL_SAFE_EQUAL} ?")
-        with self.transaction() as transaction:
+
+        def remember(transaction: Transaction) -> None:
             at, db = now(), transaction.db
             db.execute("INSERT INTO rejection_counts (status, error, reason, count) VALUES (?, ?, ?, 1)"
                        " ON CONFLICT (status, error, reason) DO UPDATE SET count = rejection_counts.count + 1",
@@ -2080,6 +2094,7 @@ class Store(abc.ABC):
             db.execute(f"DELETE FROM rejected_requests WHERE id IN (SELECT id FROM rejected_requests WHERE"
                        f" server_id {self.NULL_SAFE_EQUAL} ? ORDER BY last_seen_at DESC, id DESC LIMIT ? OFFSET ?)",
                        (server_id, 2**31, REJECTED_KEPT_PER_SERVER))
+        self.group_commit(remember)
 
     def rejected_requests(self, server_id: str | None, limit: int = 50) -> list[Row]:
         """The kept refusals, most recently seen first."""

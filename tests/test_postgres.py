@@ -537,3 +537,29 @@ def test_backup_and_restore_name_postgresqls_own_tools(runner, pg_url, tmp_path)
     assert runner("demo", sqlite_backup, db=False).exit_code == 0
     result = runner("restore", sqlite_backup, "--db", pg_url, db=False)
     assert_one_error_line(result.exit_code, result.stderr, "pg_restore", "copy-db")
+
+
+def test_a_write_that_lost_a_race_runs_again_in_a_new_transaction(pg_url):
+    """The store retries a WriteConflict itself, for every write through group_commit (an event, a click,
+    a refusal), up to WRITE_ATTEMPTS times in all."""
+    store = mm.open_store(pg_url)
+    tries: list[int] = []
+
+    def loses_the_first_race(transaction: mm.Transaction) -> str:
+        tries.append(1)
+        if len(tries) == 1:
+            raise mm.WriteConflict("a concurrent write won")
+        return "written"
+
+    def always_loses(transaction: mm.Transaction) -> None:
+        tries.append(1)
+        raise mm.WriteConflict("a concurrent write won")
+
+    try:
+        assert (store.group_commit(loses_the_first_race), len(tries)) == ("written", 2)
+        tries.clear()
+        with pytest.raises(mm.WriteConflict):
+            store.group_commit(always_loses)
+        assert len(tries) == mm.WRITE_ATTEMPTS
+    finally:
+        store.close()
