@@ -1697,7 +1697,7 @@ def database_error(path: str, problem: str, detail: str = "") -> StoreError:
 
 def _create_private_file(path: str) -> None:
     """Create the database file owner-only (0600) before SQLite touches it."""
-    if path == ":memory:" or os.path.exists(path):
+    if os.path.exists(path):
         return
     directory = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(directory):
@@ -1716,7 +1716,7 @@ class _Pending:
     def __init__(self, work: Callable[[Transaction], Any]):
         self.work = work
         self.result: Any = None
-        self.error: Exception | None = None
+        self.error: BaseException | None = None
         self.done = threading.Event()
 
 
@@ -2261,6 +2261,8 @@ class SQLiteStore(Store):
 
     def __init__(self, path: str, synchronous: str = "FULL", busy_timeout: float = CLI_BUSY_TIMEOUT):
         """Open (creating when missing), check and migrate the database; a StoreError says what is wrong."""
+        if path == ":memory:":  # each connection would see a database of its own, and every referral is lost at exit
+            raise StoreError(":memory: cannot hold mmoref's database: name a file (the default is referrals.db)")
         super().__init__(path)
         self.path = path
         self.synchronous = synchronous.upper()
@@ -2271,9 +2273,9 @@ class SQLiteStore(Store):
         self._damage: str | None = None   # SQLite's words when a read or write found the file malformed
         self._health: tuple[float, StoreError | None] = (-math.inf, None)  # (monotonic time, what /healthz said)
         _create_private_file(path)
-        self._identity = None if path == ":memory:" else _file_identity(path)
+        self._identity = _file_identity(path)
         # mode=rw: a deleted file is never silently re-created empty by a new thread's connection
-        self._uri = "file::memory:" if path == ":memory:" else Path(os.path.abspath(path)).as_uri() + "?mode=rw"
+        self._uri = Path(os.path.abspath(path)).as_uri() + "?mode=rw"
         try:
             db = self.connect()
             db.execute("PRAGMA auto_vacuum = INCREMENTAL")  # takes effect only on a new, empty file
@@ -2310,7 +2312,7 @@ class SQLiteStore(Store):
         problem = self.moved() or next((name for name, (words, _) in DATABASE_PROBLEMS.items()
                                         if words and words in str(exc)), None)
         if problem is None:  # "unable to open database file", and the like
-            problem = "read-only" if self.path != ":memory:" and _cannot_write(self.path) else "unusable"
+            problem = "read-only" if _cannot_write(self.path) else "unusable"
         if problem == "malformed":
             self._damage = str(exc)
         return problem
@@ -2444,16 +2446,21 @@ class SQLiteStore(Store):
 
     def _write_queued(self) -> None:
         """The writer thread: commit what is queued, batch after batch; end after WRITER_IDLE_SECONDS
-        without work, so an idle Store holds no thread."""
-        while True:
+        without work, so an idle Store holds no thread (and a dying one lets the next write start another)."""
+        try:
+            while True:
+                with self._queued:
+                    if not self._queue:
+                        self._queued.wait(WRITER_IDLE_SECONDS)
+                    if not self._queue:
+                        self._writer_thread = None
+                        return
+                    batch, self._queue = self._queue, []
+                self._commit_batch(batch)
+        finally:
             with self._queued:
-                if not self._queue:
-                    self._queued.wait(WRITER_IDLE_SECONDS)
-                if not self._queue:
+                if self._writer_thread is threading.current_thread():
                     self._writer_thread = None
-                    return
-                batch, self._queue = self._queue, []
-            self._commit_batch(batch)
 
     def _commit_batch(self, batch: list[_Pending]) -> None:
         """One transaction, each piece of work in its own SAVEPOINT: one that raises is undone alone."""
@@ -2470,10 +2477,12 @@ class SQLiteStore(Store):
                             raise
                         db.execute("ROLLBACK TO work")
                     db.execute("RELEASE work")
-        except Exception as exc:  # BEGIN or COMMIT failed, or SQLite rolled everything back: nothing was written
+        except BaseException as exc:  # BEGIN or COMMIT failed, or SQLite rolled everything back: nothing was written
             for item in batch:
                 if item.error is None:  # a piece that raised keeps its own error: it had nothing to write
                     item.result, item.error = None, exc
+            if not isinstance(exc, Exception):  # SystemExit, KeyboardInterrupt: the thread ends, its callers know
+                raise
         finally:
             for item in batch:
                 item.done.set()

@@ -7,11 +7,13 @@ import os
 import shutil
 import sqlite3
 import stat
+import threading
 from pathlib import Path
 
 import pytest
 
 import mmoref_server as mm
+from tests.support import Runner
 from tests.support import assert_one_error_line
 from tests.support import database
 from tests.support import permissive_umask
@@ -223,3 +225,33 @@ def test_healthz_503_when_the_database_is_unusable(client, store, monkeypatch, b
     assert response.status_code == 503
     assert response.mimetype == "application/json"
     assert (response.json["ok"], response.json["error"]) == (False, "database unavailable")
+
+
+def test_memory_is_refused_in_one_line():
+    """Each connection would open a database of its own, and every referral would be lost at exit."""
+    with pytest.raises(mm.StoreError, match=r"^:memory: cannot hold mmoref's database: name a file"):
+        mm.open_store(":memory:")
+    result = Runner(":memory:")("add-server", "srv_1", "--game", "g")
+    assert_one_error_line(result.exit_code, result.stderr, ":memory: cannot hold mmoref's database")
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the writer's end, as meant
+def test_a_writer_thread_that_dies_leaves_later_writes_working(tmp_path):
+    """A BaseException (SystemExit) in a piece of work ends the writer thread: its caller gets it, and the
+    next write starts a new writer instead of waiting for the dead one."""
+    store = mm.open_store(str(tmp_path / "referrals.db"))
+
+    def stops(transaction: mm.Transaction) -> None:
+        raise SystemExit("stop")
+
+    answers: list[object] = []
+    later = threading.Thread(target=lambda: answers.append(store.group_commit(
+        lambda transaction: transaction.server_exists("srv_1"))), daemon=True)
+    try:
+        with pytest.raises(SystemExit):
+            store.group_commit(stops)
+        later.start()
+        later.join(10)
+        assert answers == [False]
+    finally:
+        store.close()
