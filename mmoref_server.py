@@ -3348,12 +3348,18 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     context = click.get_current_context(silent=True)
     # the `flask` command loads the app for each command it runs: `flask --app mmoref_server log` opens only its --db
     if context is None or context.find_object(ScriptInfo) is None:
-        with app.app_context():
-            store = get_store()  # create or migrate the schema now; refuse a newer database at start-up
-            if not app.config.get("SECRET_KEY"):  # per installation, never a constant
-                app.config["SECRET_KEY"] = store.installation_key("session_key")
+        _open_database(app)
     app.cli = _FlaskFindsOurCommands(app.name)
     return app
+
+
+def _open_database(app: Flask) -> None:
+    """Create or migrate the schema now, so a newer database is refused at start-up, and give the app its
+    per-installation SECRET_KEY (never a constant)."""
+    with app.app_context():
+        store = get_store()
+        if not app.config.get("SECRET_KEY"):
+            app.config["SECRET_KEY"] = store.installation_key("session_key")
 
 
 class _FlaskFindsOurCommands(AppGroup):
@@ -3550,6 +3556,7 @@ def serve_command(db_path: str | None = None, host: str | None = None, port: int
     server = _listen(app_made_after_binding, host, port, settings["MMOREF_THREADS"])
     # only now: a start on a busy port creates no database and never shows (or makes) a password
     app = create_app({"MMOREF_DB": db_path or settings["MMOREF_DB"]})
+    _open_database(app)  # create_app leaves it to the first request when the `flask` command loads it
     _configure_logging(settings["MMOREF_LOG_FORMAT"])
     click.echo(_banner(app, host, port))
     if settings["MMOREF_PRUNE_AFTER"]:

@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import click
@@ -12,6 +13,8 @@ from flask.cli import ScriptInfo
 
 import mmoref_server as mm
 from tests.support import ROOT
+from tests.support import HttpClient
+from tests.support import free_port
 from tests.support import is_logged_in
 from tests.support import login
 
@@ -70,3 +73,24 @@ def test_flask_run_opens_the_database_on_first_request_and_keeps_sessions(tmp_pa
     assert login(client, "pw for flask run").status_code == 302
     assert is_logged_in(client)
     assert app.secret_key == mm.open_store(str(db)).installation_key("session_key")
+
+
+def test_serve_through_flask_prints_the_banner_and_serves(tmp_path: Path) -> None:
+    """`flask --app mmoref_server serve` opens its database before the banner, as `python mmoref_server.py` does."""
+    port, log_path = free_port(), tmp_path / "serve.log"
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("MMOREF_", "FLASK_"))}
+    with open(log_path, "w") as log_file:
+        process = subprocess.Popen([sys.executable, "-m", "flask", "--app", "mmoref_server", "serve", "--port",
+                                    str(port), "--db", str(tmp_path / "referrals.db")], cwd=tmp_path,
+                                   env={**env, "PYTHONPATH": str(ROOT)}, stdout=log_file, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 30
+        while "  login " not in log_path.read_text() and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert "  login      password " in log_path.read_text(), log_path.read_text()
+        client = HttpClient(port)
+        assert client.request("GET", "/healthz") == (200, {"ok": True})
+        client.close()
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
