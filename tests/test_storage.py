@@ -241,7 +241,10 @@ def test_a_writer_thread_that_dies_leaves_later_writes_working(tmp_path):
     next write starts a new writer instead of waiting for the dead one."""
     store = mm.open_store(str(tmp_path / "referrals.db"))
 
+    writers: list[threading.Thread] = []
+
     def stops(transaction: mm.Transaction) -> None:
+        writers.append(threading.current_thread())
         raise SystemExit("stop")
 
     answers: list[object] = []
@@ -250,6 +253,7 @@ def test_a_writer_thread_that_dies_leaves_later_writes_working(tmp_path):
     try:
         with pytest.raises(SystemExit):
             store.group_commit(stops)
+        writers[0].join(10)   # its end is reported within this test
         later.start()
         later.join(10)
         assert answers == [False]
